@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny canonical event log (about 200 events, 12 users, 21 days)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def make_tiny_events(seed: int = 0, n_users: int = 12, days: int = 21) -> pd.DataFrame:
+    """Canonical events: user_id, ts (UTC, tz-naive), event, item_id, category, price, session_id."""
+    rng = np.random.default_rng(seed)
+    start = pd.Timestamp("2024-03-01 00:00:00")
+    rows = []
+    for u in range(n_users):
+        n_sessions = rng.integers(2, 6)
+        for s in range(n_sessions):
+            t = start + pd.Timedelta(seconds=int(rng.integers(0, days * 86400 - 7200)))
+            for k in range(int(rng.integers(1, 8))):
+                t = t + pd.Timedelta(seconds=int(rng.integers(5, 600)))
+                ev = rng.choice(["view", "view", "view", "cart", "wishlist", "purchase"], p=[0.3, 0.2, 0.2, 0.15, 0.05, 0.1])
+                item = int(rng.integers(0, 40))
+                rows.append(
+                    dict(
+                        user_id=f"u{u}",
+                        ts=t,
+                        event=str(ev),
+                        item_id=f"i{item}",
+                        category=f"c{item % 7}",
+                        price=float(np.round(5 + item * 1.5, 2)),
+                        session_id=f"u{u}-s{s}",
+                    )
+                )
+    df = pd.DataFrame(rows).sort_values(["ts", "user_id"], kind="stable").reset_index(drop=True)
+    df["ts"] = df["ts"].astype("datetime64[us]")
+    return df
+
+
+@pytest.fixture
+def tiny_events() -> pd.DataFrame:
+    return make_tiny_events()
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
