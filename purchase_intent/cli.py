@@ -1,0 +1,262 @@
+"""The `purchase-intent` command: a thin argparse layer over `purchase_intent.pipeline`.
+
+    purchase-intent quickstart
+    purchase-intent ingest data/events.csv.gz --format csv --map user_id=visitor --map ts=event_time
+    purchase-intent build --task user --lookback 28d --horizon 7d --step 7d
+    purchase-intent train --model lightgbm
+    purchase-intent evaluate --run lightgbm --backtest 3
+    purchase-intent run --data UserBehavior.csv.gz --format taobao --lookback 3d --horizon 1d --step 1d
+
+Flags map 1:1 onto the fields of the config dataclasses in `purchase_intent.config`; a flag not
+given keeps the dataclass default. The workspace is `--workspace DIR`, else the environment variable
+PURCHASE_INTENT_WORKSPACE, else ./pi-workspace.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig
+
+
+def _pairs(values: Optional[list[str]], flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values or []:
+        if "=" not in v:
+            raise SystemExit(f"error: {flag} expects KEY=VALUE, got {v!r}")
+        k, val = v.split("=", 1)
+        out[k.strip()] = val.strip()
+    return out
+
+
+def _params(values: Optional[list[str]]) -> dict[str, Any]:
+    """--param key=value; values are parsed as JSON when they can be (numbers, true/false, lists)."""
+    out: dict[str, Any] = {}
+    for k, v in _pairs(values, "--param").items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# flag groups, one per config dataclass
+def _add_data_flags(p: argparse.ArgumentParser, positional: bool) -> None:
+    if positional:
+        p.add_argument("paths", nargs="+", metavar="PATH", help="raw event files (CSV, CSV.gz, Parquet, JSON Lines)")
+    p.add_argument("--format", default="csv",
+                   help="taobao | retailrocket | rees46 | otto | csv | parquet | jsonl (default: csv)")
+    p.add_argument("--map", action="append", metavar="CANON=COLUMN",
+                   help="map a canonical field (user_id, ts, event, item_id, category, price, session_id) to a source column; repeatable")
+    p.add_argument("--event-map", action="append", metavar="RAW=CANON",
+                   help="map a raw event name to view|cart|remove_from_cart|wishlist|purchase|other; repeatable")
+    p.add_argument("--ts-unit", choices=["s", "ms", "us", "iso"], help="timestamp unit (default: the preset's, else detected)")
+    p.add_argument("--strict", action="store_true", help="fail (and store nothing) if any row is rejected")
+    p.add_argument("--since", help="keep events at or after this ISO time; earlier ones are counted as filtered")
+    p.add_argument("--until", help="keep events before this ISO time; later ones are counted as filtered")
+
+
+def _data_cfg(a: argparse.Namespace) -> DataConfig:
+    return DataConfig(format=a.format, mapping=_pairs(a.map, "--map"), event_map=_pairs(a.event_map, "--event-map"),
+                      ts_unit=a.ts_unit, strict=a.strict, since=a.since, until=a.until)
+
+
+def _add_label_flags(p: argparse.ArgumentParser) -> None:
+    d = LabelConfig()
+    p.add_argument("--task", choices=["user", "session"], default=d.task,
+                   help="user: will the user buy in [cutoff, cutoff+horizon); session: does the session contain a purchase")
+    p.add_argument("--lookback", default=d.lookback, help=f"active-user window before each cutoff (default {d.lookback})")
+    p.add_argument("--horizon", default=d.horizon, help=f"label window after each cutoff (default {d.horizon})")
+    p.add_argument("--step", default=d.step, help=f"distance between cutoffs / width of a split period (default {d.step})")
+    p.add_argument("--tz", default=d.tz, help="time zone whose midnight day-based cutoffs fall on (default UTC)")
+    p.add_argument("--session-gap", help="session task: start a new session after this inactivity gap (e.g. 30min)")
+    p.add_argument("--prefix", type=int, help="session task: the model sees at most the first K events of a session")
+    p.add_argument("--valid-cutoffs", type=int, default=d.valid_cutoffs, help="cutoffs (periods) in the validation split")
+    p.add_argument("--test-cutoffs", type=int, default=d.test_cutoffs, help="cutoffs (periods) in the test split")
+    f = FeatureConfig()
+    p.add_argument("--windows", default=",".join(f.windows), help=f"feature count windows (default {','.join(f.windows)})")
+    p.add_argument("--history", help="how far back any feature looks (default: all history)")
+
+
+def _label_cfg(a: argparse.Namespace) -> LabelConfig:
+    return LabelConfig(task=a.task, lookback=a.lookback, horizon=a.horizon, step=a.step, tz=a.tz,
+                       session_gap=a.session_gap, prefix=a.prefix, valid_cutoffs=a.valid_cutoffs,
+                       test_cutoffs=a.test_cutoffs)
+
+
+def _feature_cfg(a: argparse.Namespace) -> FeatureConfig:
+    return FeatureConfig(windows=tuple(w.strip() for w in a.windows.split(",") if w.strip()), history=a.history)
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--min-positives", type=int, default=d.min_positives, help="refuse to train with fewer positives in train")
+    p.add_argument("--min-negatives", type=int, default=d.min_negatives, help="refuse to train with fewer negatives in train")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="model hyperparameter (e.g. --param C=0.5, --param preset=small); repeatable")
+
+
+def _train_cfg(a: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(min_positives=a.min_positives, min_negatives=a.min_negatives, seed=a.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+def cmd_ingest(a: argparse.Namespace) -> int:
+    from . import pipeline
+
+    report = pipeline.ingest(a.paths, _data_cfg(a), a.workspace)
+    print(report.summary())
+    return 0
+
+
+def cmd_pseudonym(a: argparse.Namespace) -> int:
+    from .privacy import pseudonym_for
+    from .workspace import Workspace
+
+    for raw, pseudo in pseudonym_for(Workspace(a.workspace), a.ids).items():
+        print(f"{raw}\t{pseudo}")
+    return 0
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    from . import pipeline
+
+    pipeline.build(_label_cfg(a), _feature_cfg(a), a.workspace)
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from . import pipeline
+
+    pipeline.train(a.model, run=a.run, params=_params(a.param), train_cfg=_train_cfg(a), workspace=a.workspace)
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from . import pipeline
+
+    pipeline.evaluate(a.run, a.workspace, backtest=a.backtest, n_boot=a.n_boot)
+    print(pipeline.compare([a.run], a.workspace, n_boot=a.n_boot))
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from . import pipeline
+
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    if a.table:
+        from .tabular import run_table
+
+        if not a.label:
+            raise SystemExit("error: --table needs --label COLUMN")
+        result = run_table(a.table, a.label, time_column=a.time_column, models=models, seed=a.seed)
+        print(result["table"] if isinstance(result, dict) and "table" in result else json.dumps(result, indent=2, default=str))
+        return 0
+    if not a.data:
+        raise SystemExit("error: run needs --data PATH (or --table FILE --label COLUMN)")
+    params = {m: _params(a.param) for m in models} if a.param else None
+    pipeline.run(a.data, _data_cfg(a), _label_cfg(a), _feature_cfg(a), models=models, backtest=a.backtest,
+                 train_cfg=_train_cfg(a), params=params, workspace=a.workspace, n_boot=a.n_boot)
+    return 0
+
+
+def cmd_quickstart(a: argparse.Namespace) -> int:
+    from . import pipeline
+
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    pipeline.quickstart(a.workspace, models=models, n_users=a.users, days=a.days, seed=a.seed)
+    return 0
+
+
+def cmd_simulate(a: argparse.Namespace) -> int:
+    from .simulate import SimConfig, write_events
+
+    n = write_events(SimConfig(n_users=a.users, days=a.days, seed=a.seed), a.out)
+    print(f"wrote {n:,} simulated events to {a.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="purchase-intent",
+        description="Leak-free purchase-intent models from shop behaviour logs. "
+        "Flags override the config defaults; nothing else is read.",
+    )
+    parser.add_argument("--workspace", default=os.environ.get("PURCHASE_INTENT_WORKSPACE", "pi-workspace"),
+                        help="workspace folder (default: $PURCHASE_INTENT_WORKSPACE or ./pi-workspace)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ingest", help="read, validate, pseudonymise and store raw event files")
+    _add_data_flags(p, positional=True)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("pseudonym", help="print the pseudonyms of your own user ids (needs the workspace key)")
+    p.add_argument("ids", nargs="+", metavar="USER_ID")
+    p.set_defaults(func=cmd_pseudonym)
+
+    p = sub.add_parser("build", help="examples + time split + features from the ingested events")
+    _add_label_flags(p)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("train", help="fit one model on the built train split")
+    p.add_argument("--model", required=True, choices=["logreg", "lightgbm", "transformer"])
+    p.add_argument("--run", help="run name (default: the model name)")
+    _add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="held-out metrics of a run -> runs/NAME/metrics.json")
+    p.add_argument("--run", required=True, help="run name under <workspace>/runs/ or a path to a run directory")
+    p.add_argument("--backtest", type=int, default=0, metavar="K", help="also rolling-origin evaluation over the last K cutoffs")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("run", help="ingest -> build -> train -> evaluate in one go, one table at the end")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="raw event files")
+    _add_data_flags(p, positional=False)
+    _add_label_flags(p)
+    _add_train_flags(p)
+    p.add_argument("--models", default="logreg,lightgbm", help="comma-separated: logreg,lightgbm,transformer,ensemble")
+    p.add_argument("--backtest", type=int, default=0, metavar="K", help="rolling-origin evaluation over the last K cutoffs")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--table", help="tabular mode: a file that already has one row per session or user")
+    p.add_argument("--label", help="tabular mode: the label column")
+    p.add_argument("--time-column", help="tabular mode: split by this column's order (else a seeded stratified split)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("quickstart", help="`run` on the built-in seeded shop simulator")
+    p.add_argument("--users", type=int, default=20_000)
+    p.add_argument("--days", type=int, default=90)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models", default="logreg,lightgbm,transformer")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("simulate", help="write the simulated shop's events to a file (CSV, CSV.gz or Parquet)")
+    p.add_argument("--users", type=int, default=20_000)
+    p.add_argument("--days", type=int, default=90)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted; the workspace is unchanged by the unfinished step", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
