@@ -1,0 +1,289 @@
+"""Ingest: presets, mapping, rejects with line numbers, idempotence, atomicity, strict, window."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from purchase_intent import events as ev
+from purchase_intent.config import DataConfig
+from purchase_intent.events import IngestRejectedError, ingest
+from purchase_intent.privacy import pseudonym_for
+from purchase_intent.workspace import Workspace
+
+DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parents[1]
+RAW_USERS = ["alice-raw", "bob-raw", "carol-raw", "dave-raw", "erin-raw", "frank-raw", "grace-raw",
+             "heidi-raw", "ivan-raw", "judy-raw", "mallory-raw", "niaj-raw", "olivia-raw", "peggy-raw"]
+JSONL_CFG = DataConfig(format="jsonl", mapping=dict(user_id="visitor", ts="when", event="action", item_id="sku",
+                                                    price="amount"),
+                       event_map=dict(buy="purchase", addtocart="cart"))
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under the workspace except the lock, by relative path."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def _rejects(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_reject_reason_with_line_numbers(tmp_path):
+    r = ingest(tmp_path, [DATA / "rejects.csv"], DataConfig(format="csv", since="2024-01-01"), progress=False)
+    assert r.accepted == 4 and r.filtered == 1
+    assert r.rejected == {"bad_price": 1, "bad_ts": 1, "implausible_ts": 2, "malformed_line": 2, "missing_ts": 1,
+                          "missing_user": 1, "negative_price": 1, "unknown_event": 1}
+    n_rows = len((DATA / "rejects.csv").read_text().splitlines()) - 1
+    f = r.files[0]
+    assert f.rows_read == n_rows == f.accepted + f.filtered + sum(f.rejected.values())
+    rows = _rejects(r.rejects_paths[0])
+    assert [(int(x["line"]), x["reason"]) for x in rows] == [
+        (3, "missing_user"), (4, "missing_ts"), (5, "bad_ts"), (6, "implausible_ts"), (7, "unknown_event"),
+        (8, "bad_price"), (9, "negative_price"), (10, "malformed_line"), (12, "malformed_line"),
+        (14, "implausible_ts")]
+    assert all(x["source_file"].endswith("rejects.csv") for x in rows)
+    assert "teleport" in rows[4]["raw"] and rows[7]["raw"].endswith(",EXTRA")
+    # the raw user and session ids are replaced by their pseudonyms in the rejects file
+    text = r.rejects_paths[0].read_text()
+    assert not any(u in text for u in RAW_USERS)
+    assert pseudonym_for(tmp_path, ["bob-raw"])["bob-raw"] in rows[1]["raw"]
+
+    con = Workspace(tmp_path).connect()
+    df = con.sql("SELECT * FROM events ORDER BY ts").df()
+    assert list(df.columns[:7]) == ["user_id", "ts", "event", "item_id", "category", "price", "session_id"]
+    assert "brand_name" in df.columns  # extra column kept, snake_case
+    assert df["ts"].astype(str).tolist() == ["2024-03-01 10:00:00", "2024-03-01 10:00:00",
+                                            "2024-03-01 10:00:00", "2024-03-02 08:00:00"]
+    assert sorted(df["event"]) == ["cart", "purchase", "view", "wishlist"]
+    assert df["price"].isna().sum() == 1  # empty price is allowed
+
+
+def test_raw_ids_absent_from_workspace(tmp_path):
+    ingest(tmp_path, [DATA / "rejects.csv"], DataConfig(format="csv"), progress=False)
+    ingest(tmp_path, [DATA / "mapped.jsonl"], JSONL_CFG, progress=False)
+    con = Workspace(tmp_path).connect()
+    values = set()
+    for col in ("user_id", "session_id", "item_id", "category", "brand_name", "page_type"):
+        values |= {str(v) for (v,) in con.sql(f"SELECT DISTINCT {col} FROM events").fetchall()}
+    assert not any(u in v for u in RAW_USERS for v in values)
+    pids = set(pseudonym_for(tmp_path, RAW_USERS).values())
+    users = {v for (v,) in con.sql("SELECT DISTINCT user_id FROM events").fetchall()}
+    assert users <= pids and len(users) == 8
+    for p in tmp_path.rglob("*.csv"):
+        assert not any(u in p.read_text() for u in RAW_USERS)
+
+
+def test_jsonl_mapping_iso_zones(tmp_path):
+    r = ingest(tmp_path, [DATA / "mapped.jsonl"], JSONL_CFG, progress=False)
+    assert r.accepted == 4 and r.rejected == {"malformed_line": 1}
+    assert [int(x["line"]) for x in _rejects(r.rejects_paths[0])] == [5]  # line 4 is blank
+    df = Workspace(tmp_path).connect().sql("SELECT * FROM events ORDER BY item_id").df()
+    assert df["item_id"].tolist() == ["10", "7", "8", "9"]
+    assert df["ts"].astype(str).tolist() == ["2024-03-01 10:00:00", "2024-03-01 09:00:00",
+                                            "2024-03-01 10:00:00", "2024-03-01 15:00:00"]
+    assert df["event"].tolist() == ["view", "cart", "view", "purchase"]
+    assert "page_type" in df.columns and df["price"].iloc[1] == 9.5 and df["price"].isna().sum() == 3
+
+
+def test_parquet_source(tmp_path, tiny_events):
+    src = tmp_path / "in.parquet"
+    df = tiny_events.rename(columns={"user_id": "customer", "event": "kind"})
+    df["kind"] = df["kind"].replace({"purchase": "order"})
+    df.to_parquet(src)
+    cfg = DataConfig(format="parquet", mapping={"user_id": "customer", "event": "kind"}, event_map={"order": "purchase"})
+    r = ingest(tmp_path / "ws", [src], cfg, progress=False)
+    assert r.accepted == len(df) and not r.rejected
+    out = Workspace(tmp_path / "ws").connect().sql("SELECT * FROM events ORDER BY ts, user_id").df()
+    assert (out["ts"].values == tiny_events.sort_values(["ts", "user_id"])["ts"].values).all()
+    assert out["event"].value_counts().to_dict() == tiny_events["event"].value_counts().to_dict()
+
+
+def test_taobao_slices(tmp_path, shared_data):
+    d = shared_data / "taobao_userbehavior"
+    r = ingest(tmp_path, [d / "UserBehavior_head.csv.gz", d / "UserBehavior_tail.csv.gz"],
+               DataConfig(format="taobao"), progress=False)
+    head, tail = r.files
+    assert (head.accepted, head.rejected, head.filtered) == (84_475, {"malformed_line": 1}, 0)
+    assert (tail.accepted, tail.rejected) == (10_000, {})
+    [row] = _rejects(r.rejects_paths[0])
+    assert (int(row["line"]), row["reason"]) == (84_476, "malformed_line")
+    assert row["raw"].endswith(",1968385,1875258,pv") and not row["raw"].startswith("100370,")
+    con = Workspace(tmp_path).connect()
+    counts = dict(con.sql("SELECT event, count(*) FROM events GROUP BY ALL").fetchall())
+    assert counts == {"view": 75_872 + 9_046, "cart": 4_497 + 536, "wishlist": 2_356 + 212, "purchase": 1_750 + 206}
+    assert con.sql("SELECT count(DISTINCT user_id) FROM events").fetchall()[0][0] == 815 + 114
+    assert str(con.sql("SELECT min(ts) FROM events").fetchall()[0][0]) == "2017-09-11 08:16:39"
+
+
+def test_otto_sample(tmp_path, shared_data):
+    r = ingest(tmp_path, [shared_data / "otto_recsys_sample" / "train_first20sessions.jsonl"],
+               DataConfig(format="otto"), progress=False)
+    assert r.accepted == 862 and not r.rejected
+    con = Workspace(tmp_path).connect()
+    assert dict(con.sql("SELECT event, count(*) FROM events GROUP BY ALL").fetchall()) == {
+        "view": 800, "cart": 52, "purchase": 10}
+    assert con.sql("SELECT count(*) FROM events WHERE user_id <> session_id").fetchall()[0][0] == 0
+    assert con.sql("SELECT count(DISTINCT user_id) FROM events").fetchall()[0][0] == 20
+    lo, hi = con.sql("SELECT min(ts), max(ts) FROM events").fetchall()[0]
+    assert str(lo).startswith("2022-07-31 22:00:00") and str(hi).startswith("2022-08-28 21:59:5")
+
+
+def test_presets_retailrocket_rees46(tmp_path):
+    rr = tmp_path / "events.csv"
+    rr.write_text("timestamp,visitorid,event,itemid,transactionid\n1433221332117,257597,view,355908,\n"
+                  "1433224214164,992329,addtocart,248676,\n1433221999827,111016,transaction,318965,4000\n")
+    r = ingest(tmp_path / "ws", [rr], DataConfig(format="retailrocket"), progress=False)
+    assert r.accepted == 3
+    df = Workspace(tmp_path / "ws").connect().sql("SELECT * FROM events ORDER BY ts").df()
+    assert df["event"].tolist() == ["view", "purchase", "cart"] and df["transactionid"].tolist()[1] == "4000"
+    assert str(df["ts"].iloc[0]) == "2015-06-02 05:02:12.117000"
+    rees = tmp_path / "rees.csv"
+    rees.write_text("event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session\n"
+                    "2019-10-01 00:00:00 UTC,view,44600062,2103807459595387724,,shiseido,35.79,541312140,72d76fde\n"
+                    "2019-10-01 00:00:04 UTC,remove_from_cart,3900821,2053013552326770905,appliances.water_heater,aqua,33.20,554748717,9333dfbd\n")
+    r = ingest(tmp_path / "ws", [rees], DataConfig(format="rees46"), progress=False)
+    assert r.accepted == 2
+    df = Workspace(tmp_path / "ws").connect().sql("SELECT * FROM events WHERE brand IS NOT NULL ORDER BY ts").df()
+    assert df["event"].tolist() == ["view", "remove_from_cart"] and df["category_code"].iloc[1] == "appliances.water_heater"
+    assert df["session_id"].str.len().tolist() == [32, 32] and df["price"].tolist() == [35.79, 33.2]
+
+
+def test_idempotent(tmp_path):
+    ws = Workspace(tmp_path)
+    ingest(ws, [DATA / "rejects.csv"], DataConfig(format="csv"), progress=False)
+    before = _snapshot(tmp_path)
+    r = ingest(ws, [DATA / "rejects.csv"], DataConfig(format="csv"), progress=False)
+    assert r.skipped == [str(DATA / "rejects.csv")] and r.accepted == 0
+    assert _snapshot(tmp_path) == before
+    copy = tmp_path.parent / "same_content.csv"
+    copy.write_bytes((DATA / "rejects.csv").read_bytes())
+    assert ingest(ws, [copy], DataConfig(format="csv"), progress=False).skipped == [str(copy)]
+    assert ws.connect().sql("SELECT count(*) FROM events").fetchall()[0][0] == 5
+
+
+def test_since_until_filtered(tmp_path, tiny_events):
+    src = tmp_path / "in.csv"
+    tiny_events.to_csv(src, index=False)
+    cfg = DataConfig(format="csv", since="2024-03-05", until="2024-03-10T00:00:00+00:00")
+    r = ingest(tmp_path / "ws", [src], cfg, progress=False)
+    inside = ((tiny_events["ts"] >= "2024-03-05") & (tiny_events["ts"] < "2024-03-10")).sum()
+    assert r.accepted == inside and r.filtered == len(tiny_events) - inside and not r.rejected
+    assert r.files[0].rows_read == len(tiny_events)
+
+
+def test_strict_stores_nothing(tmp_path):
+    ws = Workspace(tmp_path)
+    ingest(ws, [DATA / "mapped.jsonl"], JSONL_CFG, progress=False)
+    before = _snapshot(tmp_path)
+    with pytest.raises(IngestRejectedError) as e:
+        ingest(ws, [DATA / "rejects.csv"], DataConfig(format="csv", strict=True), progress=False)
+    assert e.value.report.rejected["malformed_line"] == 2
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("target", ["atomic_write_json", "_fsync_file"])
+def test_failure_midway_leaves_workspace_unchanged(tmp_path, monkeypatch, target):
+    ws = Workspace(tmp_path)
+    ingest(ws, [DATA / "mapped.jsonl"], JSONL_CFG, progress=False)
+    before = _snapshot(tmp_path)
+    calls = []
+
+    def boom(*a, **k):
+        calls.append(a)
+        if len(calls) == 2 or target == "atomic_write_json":
+            raise OSError("disk full")
+        return real(*a, **k)
+
+    real = getattr(ev, target)
+    monkeypatch.setattr(ev, target, boom)
+    src2 = tmp_path.parent / "other.csv"
+    src2.write_text("user_id,ts,event\nzed,2024-01-01T00:00:00Z,view\n")
+    with pytest.raises(OSError, match="disk full"):
+        ingest(ws, [DATA / "rejects.csv", src2], DataConfig(format="csv"), progress=False)
+    assert _snapshot(tmp_path) == before
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]
+    monkeypatch.undo()
+    r = ingest(ws, [DATA / "rejects.csv", src2], DataConfig(format="csv"), progress=False)
+    assert r.accepted == 5 + 1
+
+
+def test_sigkill_leaves_workspace_unchanged(tmp_path, tiny_events):
+    ws = Workspace(tmp_path / "ws")
+    ingest(ws, [DATA / "mapped.jsonl"], JSONL_CFG, progress=False)
+    before = _snapshot(ws.root)
+    src = tmp_path / "in.csv"
+    tiny_events.to_csv(src, index=False)
+    # the child stops right before the commit (parts already moved in, manifest not yet replaced)
+    script = textwrap.dedent(f"""
+        import sys, time
+        from purchase_intent import events as ev
+        from purchase_intent.config import DataConfig
+        def stop(d):
+            print("READY", flush=True); time.sleep(60)
+        ev.fsync_dir = stop
+        ev.ingest({str(ws.root)!r}, [{str(src)!r}], DataConfig(format="csv"), progress=False)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "READY"
+        assert list(ws.events_dir.glob("part-*.parquet")) != []  # the new part is there, uncommitted
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert ws.manifest_path.read_bytes() == before["events/manifest.json"]
+    assert ws.connect().sql("SELECT count(*) FROM events").fetchall()[0][0] == 4
+    r = ingest(ws, [src], DataConfig(format="csv"), progress=False)  # next ingest cleans up and works
+    assert r.accepted == len(tiny_events)
+    after = _snapshot(ws.root)
+    assert {k: v for k, v in after.items() if k in before and k != "events/manifest.json"} == \
+        {k: v for k, v in before.items() if k != "events/manifest.json"}
+    assert len(list(ws.events_dir.glob("part-*.parquet"))) == 2
+    assert not [p for p in ws.root.rglob("*") if p.name.startswith(".tmp-")]
+
+
+def test_csv_line_numbers_follow_file_order(tmp_path):
+    # a larger plain CSV, read in parallel: semantic rejects after malformed lines keep exact lines
+    n = 60_000
+    lines = ["user_id,ts,event,price"]
+    expected = {}
+    for i in range(2, n + 2):
+        if i % 9_973 == 0:
+            lines.append(f"u{i},1709287200")  # malformed
+            expected[i] = "malformed_line"
+        elif i % 7_919 == 0:
+            lines.append(f"u{i},1709287200,view,-1")
+            expected[i] = "negative_price"
+        else:
+            lines.append(f"u{i},1709287200,view,{i % 50}")
+    src = tmp_path / "big.csv"
+    src.write_text("\n".join(lines) + "\n")
+    r = ingest(tmp_path / "ws", [src], DataConfig(format="csv"), progress=False)
+    got = {int(x["line"]): x["reason"] for x in _rejects(r.rejects_paths[0])}
+    assert got == expected and r.accepted == n - len(expected)
+
+
+def test_unknown_mapping_errors(tmp_path):
+    with pytest.raises(ValueError, match="not in the file"):
+        ingest(tmp_path, [DATA / "rejects.csv"], DataConfig(format="csv", mapping={"user_id": "nope"}), progress=False)
+    with pytest.raises(ValueError, match="unknown format"):
+        ingest(tmp_path, [DATA / "rejects.csv"], DataConfig(format="xml"), progress=False)
+    assert not Workspace(tmp_path).manifest_path.exists()
+
+
+def test_key_change_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("PURCHASE_INTENT_PSEUDONYM_KEY", "11" * 32)
+    ingest(tmp_path, [DATA / "mapped.jsonl"], JSONL_CFG, progress=False)
+    monkeypatch.setenv("PURCHASE_INTENT_PSEUDONYM_KEY", "22" * 32)
+    with pytest.raises(ValueError, match="key differs"):
+        ingest(tmp_path, [DATA / "rejects.csv"], DataConfig(format="csv"), progress=False)
