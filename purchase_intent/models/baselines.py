@@ -1,0 +1,372 @@
+"""The two tabular baselines: logistic regression P(B=1|X) = sigmoid(theta^T x) and LightGBM.
+
+Both follow the sklearn estimator contract (``__init__`` stores parameters, ``fit`` returns
+``self``, fitted state ends in ``_``, ``predict_proba`` returns (n, 2)) and are binary only.
+Both save to a directory without pickle: the logistic model as one JSON file, LightGBM as its
+own text model file plus a small JSON. ``contributions(X)`` returns per-feature additive terms of
+the log-odds (last column: the bias) for explanations.
+
+Missing values: the logistic model imputes each feature's train median; LightGBM handles NaN
+natively.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets, type_of_target
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+LOGREG_FILE = "logreg.json"
+LIGHTGBM_FILE = "lightgbm.txt"
+LIGHTGBM_META = "lightgbm.json"
+
+
+class NotEnoughData(ValueError):
+    """Raised when the training data has too few positives or negatives to fit a model."""
+
+
+def check_min_data(y, min_positives: int = 100, min_negatives: int = 100, what: str = "train") -> tuple[int, int]:
+    """Refuse to train on too few examples of either class.
+
+    Parameters
+    ----------
+    y : array-like of shape (n,)
+        Labels, 0/1 (or booleans).
+    min_positives, min_negatives : int
+        The gate; ``TrainConfig.min_positives`` / ``min_negatives``.
+    what : str
+        Name of the data set in the message.
+
+    Returns
+    -------
+    (positives, negatives) : tuple of int
+
+    Raises
+    ------
+    NotEnoughData
+        With the counts and the flags that change the gate.
+    """
+    y = np.asarray(y).astype(np.int64).ravel()
+    positives, negatives = int((y == 1).sum()), int((y == 0).sum())
+    if positives < min_positives or negatives < min_negatives:
+        raise NotEnoughData(
+            f"not enough data in {what}: {positives} positives and {negatives} negatives, but at least "
+            f"{min_positives} positives and {min_negatives} negatives are required. Use more data (a longer "
+            f"period, more cutoffs) or lower the gate with --min-positives / --min-negatives."
+        )
+    return positives, negatives
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    out = np.empty_like(z)
+    pos = z >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-z[pos]))
+    ez = np.exp(z[~pos])
+    out[~pos] = ez / (1.0 + ez)
+    return out
+
+
+def _validate_fit(est, X, y) -> tuple[np.ndarray, np.ndarray]:
+    """Check X/y, set classes_, n_features_in_, feature_names_; return float X and 0/1 y."""
+    X, y = validate_data(est, X, y, dtype=np.float64, ensure_all_finite="allow-nan")
+    check_classification_targets(y)
+    y_type = type_of_target(y, input_name="y", raise_unknown=True)
+    if y_type != "binary":
+        raise ValueError(f"Only binary classification is supported. The type of the target is {y_type}.")
+    classes, y01 = np.unique(y, return_inverse=True)
+    if classes.size != 2:
+        raise ValueError(f"{type(est).__name__} needs both classes in y; got one class: {classes.tolist()}")
+    est.classes_ = classes
+    names = getattr(est, "feature_names_in_", None)
+    est.feature_names_ = [str(c) for c in names] if names is not None else [f"x{i}" for i in range(X.shape[1])]
+    return X, y01.astype(np.int64)
+
+
+def _encode_valid(est, X_valid, y_valid) -> tuple[np.ndarray, np.ndarray]:
+    X_valid = validate_data(est, X_valid, reset=False, dtype=np.float64, ensure_all_finite="allow-nan")
+    y_valid = np.asarray(y_valid).ravel()
+    if not np.isin(y_valid, est.classes_).all():
+        raise ValueError(f"y_valid has labels that are not in y: {np.setdiff1d(y_valid, est.classes_)[:5].tolist()}")
+    return X_valid, np.searchsorted(est.classes_, y_valid).astype(np.int64)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _state_common(est) -> dict:
+    params = est.get_params()
+    if not (params["random_state"] is None or isinstance(params["random_state"], (int, np.integer))):
+        params["random_state"] = None  # a RandomState object is not JSON; the fitted state is saved anyway
+    return {
+        "params": {k: (v.item() if isinstance(v, np.generic) else v) for k, v in params.items()},
+        "classes": est.classes_.tolist(),
+        "feature_names": est.feature_names_,
+        "feature_names_in": hasattr(est, "feature_names_in_"),
+        "n_features_in": int(est.n_features_in_),
+    }
+
+
+def _restore_common(est, state: dict) -> None:
+    est.classes_ = np.asarray(state["classes"])
+    est.feature_names_ = list(state["feature_names"])
+    est.n_features_in_ = int(state["n_features_in"])
+    if state.get("feature_names_in"):
+        est.feature_names_in_ = np.asarray(est.feature_names_, dtype=object)
+
+
+class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
+    """L2 logistic regression on median-imputed, standardised features: P(B=1|x) = sigmoid(theta^T x).
+
+    Parameters
+    ----------
+    C : float
+        Inverse L2 regularisation strength (sklearn's ``LogisticRegression(C=...)``).
+    max_iter : int
+        Iterations of the L-BFGS solver.
+    random_state : int, RandomState or None
+        Passed to the solver (L-BFGS itself is deterministic).
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (2,)
+    medians_, mean_, scale_ : ndarray of shape (n_features,)
+        Train medians (imputation), train mean and standard deviation (standardisation).
+    coef_ : ndarray of shape (n_features,)
+        theta on the standardised features.
+    intercept_ : float
+    feature_names_ : list of str
+    """
+
+    def __init__(self, C: float = 1.0, max_iter: int = 1000, random_state=None):
+        self.C = C
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = True
+        tags.classifier_tags.multi_class = False
+        return tags
+
+    def fit(self, X, y, X_valid=None, y_valid=None) -> "LogisticRegressionModel":
+        """Fit on (X, y); X_valid/y_valid are accepted for the shared contract and not used."""
+        from sklearn.impute import SimpleImputer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import Pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        X, y01 = _validate_fit(self, X, y)
+        pipe = Pipeline([
+            ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
+            ("scale", StandardScaler()),
+            ("clf", LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.random_state)),
+        ]).fit(X, y01)
+        self.medians_ = pipe["impute"].statistics_.astype(np.float64)
+        self.mean_ = pipe["scale"].mean_.astype(np.float64)
+        self.scale_ = pipe["scale"].scale_.astype(np.float64)
+        self.coef_ = pipe["clf"].coef_.ravel().astype(np.float64)
+        self.intercept_ = float(pipe["clf"].intercept_[0])
+        self.n_iter_ = int(np.max(pipe["clf"].n_iter_))
+        return self
+
+    def _standardise(self, X) -> np.ndarray:
+        check_is_fitted(self, "coef_")
+        X = validate_data(self, X, reset=False, dtype=np.float64, ensure_all_finite="allow-nan")
+        X = np.where(np.isnan(X), self.medians_, X)
+        return (X - self.mean_) / self.scale_  # (n, F)
+
+    def decision_function(self, X) -> np.ndarray:
+        """Log-odds of class ``classes_[1]``, shape (n,)."""
+        return self._standardise(X) @ self.coef_ + self.intercept_
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Shape (n, 2): columns are P(classes_[0]), P(classes_[1])."""
+        p1 = _sigmoid(self.decision_function(X))
+        return np.column_stack([1.0 - p1, p1])
+
+    def predict(self, X) -> np.ndarray:
+        positive = self.decision_function(X) > 0
+        return self.classes_[positive.astype(np.int64)]
+
+    def contributions(self, X) -> np.ndarray:
+        """Additive log-odds terms, shape (n, n_features + 1): coef * standardised value, then bias."""
+        Z = self._standardise(X) * self.coef_  # (n, F)
+        return np.column_stack([Z, np.full(Z.shape[0], self.intercept_)])
+
+    def save(self, directory) -> Path:
+        """Write ``logreg.json`` (parameters and all fitted arrays) into ``directory``."""
+        check_is_fitted(self, "coef_")
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {
+            "estimator": "LogisticRegressionModel",
+            **_state_common(self),
+            "medians": self.medians_.tolist(),
+            "mean": self.mean_.tolist(),
+            "scale": self.scale_.tolist(),
+            "coef": self.coef_.tolist(),
+            "intercept": self.intercept_,
+            "n_iter": self.n_iter_,
+        }
+        _atomic_write(path / LOGREG_FILE, json.dumps(state, indent=1))
+        return path / LOGREG_FILE
+
+    @classmethod
+    def load(cls, directory) -> "LogisticRegressionModel":
+        state = json.loads((Path(directory) / LOGREG_FILE).read_text())
+        if state.get("estimator") != "LogisticRegressionModel":
+            raise ValueError(f"{directory} does not hold a LogisticRegressionModel")
+        model = cls(**state["params"])
+        _restore_common(model, state)
+        for name in ("medians", "mean", "scale", "coef"):
+            setattr(model, name + "_", np.asarray(state[name], dtype=np.float64))
+        model.intercept_ = float(state["intercept"])
+        model.n_iter_ = int(state["n_iter"])
+        return model
+
+
+def _import_lightgbm():
+    try:
+        import lightgbm
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the LightGBM model needs the lightgbm package: pip install 'purchase-intent[lgbm]'"
+        ) from e
+    return lightgbm
+
+
+class LightGBMModel(ClassifierMixin, BaseEstimator):
+    """Gradient-boosted trees (LightGBM ``train()`` engine) for binary purchase prediction.
+
+    With ``X_valid``/``y_valid`` in ``fit``, training stops when validation log loss has not improved
+    for ``early_stopping_rounds`` rounds (at most ``n_estimators``); without them it grows exactly
+    ``n_estimators`` trees. Training is deterministic for a fixed ``random_state`` and ``n_jobs``.
+
+    Parameters
+    ----------
+    n_estimators : int
+        Boosting rounds (the maximum when early stopping).
+    learning_rate, num_leaves, min_child_samples, subsample, subsample_freq, colsample_bytree, reg_lambda
+        LightGBM's ``learning_rate``, ``num_leaves``, ``min_data_in_leaf``, ``bagging_fraction``,
+        ``bagging_freq``, ``feature_fraction`` and ``lambda_l2``.
+    early_stopping_rounds : int
+        Patience on the validation set (0 disables early stopping).
+    n_jobs : int
+        Threads.
+    random_state : int, RandomState or None
+
+    Attributes
+    ----------
+    booster_ : lightgbm.Booster
+    best_iteration_ : int
+        Number of trees used for prediction.
+    classes_, feature_names_, n_features_in_
+    """
+
+    def __init__(self, n_estimators: int = 400, learning_rate: float = 0.05, num_leaves: int = 31,
+                 min_child_samples: int = 20, subsample: float = 0.8, subsample_freq: int = 1,
+                 colsample_bytree: float = 0.8, reg_lambda: float = 1.0, early_stopping_rounds: int = 50,
+                 n_jobs: int = 2, random_state=None):
+        self.n_estimators = n_estimators
+        self.learning_rate = learning_rate
+        self.num_leaves = num_leaves
+        self.min_child_samples = min_child_samples
+        self.subsample = subsample
+        self.subsample_freq = subsample_freq
+        self.colsample_bytree = colsample_bytree
+        self.reg_lambda = reg_lambda
+        self.early_stopping_rounds = early_stopping_rounds
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = True
+        tags.classifier_tags.multi_class = False
+        return tags
+
+    def _params(self, seed: int) -> dict:
+        return {
+            "objective": "binary",
+            "metric": "binary_logloss",
+            "learning_rate": self.learning_rate,
+            "num_leaves": self.num_leaves,
+            "min_data_in_leaf": self.min_child_samples,
+            "bagging_fraction": self.subsample,
+            "bagging_freq": self.subsample_freq,
+            "feature_fraction": self.colsample_bytree,
+            "lambda_l2": self.reg_lambda,
+            "num_threads": self.n_jobs,
+            "seed": seed,
+            "deterministic": True,
+            "force_col_wise": True,
+            "verbose": -1,
+        }
+
+    def fit(self, X, y, X_valid=None, y_valid=None) -> "LightGBMModel":
+        """Fit on (X, y), early-stopping on (X_valid, y_valid) when both are given."""
+        lgb = _import_lightgbm()
+        X, y01 = _validate_fit(self, X, y)
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        # Generic names inside the booster: source column names may hold characters LightGBM rejects.
+        booster_names = [f"f{i}" for i in range(X.shape[1])]
+        train = lgb.Dataset(X, label=y01, feature_name=booster_names, free_raw_data=True)
+        valid_sets, callbacks = [], []
+        if X_valid is not None and y_valid is not None and self.early_stopping_rounds > 0:
+            Xv, yv = _encode_valid(self, X_valid, y_valid)
+            valid_sets = [lgb.Dataset(Xv, label=yv, reference=train)]
+            callbacks = [lgb.early_stopping(self.early_stopping_rounds, verbose=False)]
+        self.booster_ = lgb.train(self._params(seed), train, num_boost_round=self.n_estimators,
+                                  valid_sets=valid_sets, callbacks=callbacks)
+        best = self.booster_.best_iteration
+        self.best_iteration_ = int(best) if best and best > 0 else int(self.booster_.num_trees())
+        return self
+
+    def _check_X(self, X) -> np.ndarray:
+        check_is_fitted(self, "booster_")
+        return validate_data(self, X, reset=False, dtype=np.float64, ensure_all_finite="allow-nan")
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Shape (n, 2): columns are P(classes_[0]), P(classes_[1])."""
+        X = self._check_X(X)
+        p1 = self.booster_.predict(X, num_iteration=self.best_iteration_)
+        return np.column_stack([1.0 - p1, p1])
+
+    def predict(self, X) -> np.ndarray:
+        positive = self.predict_proba(X)[:, 1] > 0.5
+        return self.classes_[positive.astype(np.int64)]
+
+    def contributions(self, X) -> np.ndarray:
+        """SHAP values in log-odds, shape (n, n_features + 1), the last column the bias."""
+        X = self._check_X(X)
+        return self.booster_.predict(X, num_iteration=self.best_iteration_, pred_contrib=True)
+
+    def save(self, directory) -> Path:
+        """Write ``lightgbm.txt`` (LightGBM's own model format) and ``lightgbm.json`` into ``directory``."""
+        check_is_fitted(self, "booster_")
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path / LIGHTGBM_FILE, self.booster_.model_to_string(num_iteration=-1))
+        state = {"estimator": "LightGBMModel", **_state_common(self), "best_iteration": self.best_iteration_}
+        _atomic_write(path / LIGHTGBM_META, json.dumps(state, indent=1))
+        return path / LIGHTGBM_FILE
+
+    @classmethod
+    def load(cls, directory) -> "LightGBMModel":
+        lgb = _import_lightgbm()
+        state = json.loads((Path(directory) / LIGHTGBM_META).read_text())
+        if state.get("estimator") != "LightGBMModel":
+            raise ValueError(f"{directory} does not hold a LightGBMModel")
+        model = cls(**state["params"])
+        _restore_common(model, state)
+        model.booster_ = lgb.Booster(model_str=(Path(directory) / LIGHTGBM_FILE).read_text())
+        model.best_iteration_ = int(state["best_iteration"])
+        return model
+

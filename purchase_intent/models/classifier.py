@@ -1,0 +1,268 @@
+"""``TransformerClassifier``: the behaviour-sequence Transformer behind the estimator contract.
+
+A thin adapter: it standardises the tabular features with train statistics, turns arrays into
+batches (trimming each batch's leading padding columns), calls :func:`purchase_intent.train.train`
+and calibrates the logits on valid. ``X`` is a dict of numpy arrays as built by
+:func:`purchase_intent.sequences.build_sequences` plus ``"tabular"`` (N, F) float (NaN allowed)::
+
+    clf = TransformerClassifier(preset="tiny", vocab=vocab).fit(X, y, X_valid=Xv, y_valid=yv)
+    p = clf.predict_proba(X_test)[:, 1]
+    clf.save("runs/transformer"); clf = TransformerClassifier.load("runs/transformer")
+
+A saved directory holds ``model.safetensors`` and ``config.json`` (hyperparameters, the
+architecture and loop configs, tabular statistics, calibration, the sequence vocab): loading
+reads JSON and tensors only, never a pickle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from .. import distributed as D
+from ..calibration import Calibrator, fit_calibrator
+from ..config import from_dict
+from ..sequences import SEQUENCE_FIELDS, SequenceVocab
+from ..train import TrainLoopConfig, TrainResult, predict_logits, resolve_device, train
+from .transformer import BehaviourTransformer, TransformerConfig, preset as make_preset
+
+
+def _as_vocab(vocab: Any) -> Optional[SequenceVocab]:
+    if vocab is None or isinstance(vocab, SequenceVocab):
+        return vocab
+    return SequenceVocab.from_dict(vocab)
+
+
+class TransformerClassifier(ClassifierMixin, BaseEstimator):
+    """Purchase-intent classifier over event sequences and tabular features.
+
+    Parameters
+    ----------
+    preset : {"tiny", "small", "base"}
+        Architecture size; ``d_model``, ``n_layers``, ``n_heads`` override it when not None.
+    dropout : float
+    inputs : {"both", "sequence", "tabular"}
+        Ablation switch: which inputs the model sees.
+    wide : bool
+        Add a linear ("wide") term of the tabular features to the logit.
+    max_seq_len : int or None
+        Keep only the most recent ``max_seq_len`` events of each sequence (None = all columns).
+    pos_weight : float, "balanced" or None
+        BCE weight of positives; "balanced" = n_negative / n_positive of the train labels.
+    max_epochs, lr, batch_size, weight_decay, warmup_frac, patience, grad_clip :
+        The :class:`~purchase_intent.train.TrainLoopConfig` fields of the same names.
+    valid_fraction : float
+        Without ``X_valid``, the last rows (latest cutoffs: rows are in example_id order) are held
+        out for early stopping and calibration.
+    calibration : {"temperature", "platt", "none"}
+    tabular_log : bool
+        ``sign(x) * log1p(|x|)`` before standardising (counts and durations are heavy-tailed).
+    vocab : SequenceVocab, dict or None
+        The vocab the sequences were built with; stored in the saved run. Without one, field
+        sizes are taken from the train arrays.
+    device : {"auto", "cpu", "cuda"}
+    checkpoint_dir : str or None
+        Per-epoch checkpoints (resume after a kill).
+    progress : bool
+    random_state : int
+    """
+
+    def __init__(self, preset: str = "tiny", d_model: Optional[int] = None, n_layers: Optional[int] = None,
+                 n_heads: Optional[int] = None, dropout: float = 0.1, inputs: str = "both", wide: bool = True,
+                 max_seq_len: Optional[int] = None, pos_weight: Any = None, max_epochs: int = 20,
+                 lr: float = 1e-3, batch_size: int = 256, weight_decay: float = 0.05, warmup_frac: float = 0.05,
+                 patience: int = 3, grad_clip: float = 1.0, valid_fraction: float = 0.1,
+                 calibration: str = "temperature", tabular_log: bool = True, vocab: Any = None,
+                 device: str = "auto", checkpoint_dir: Optional[str] = None, progress: bool = False,
+                 random_state: int = 0):
+        self.preset = preset
+        self.d_model = d_model
+        self.n_layers = n_layers
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.inputs = inputs
+        self.wide = wide
+        self.max_seq_len = max_seq_len
+        self.pos_weight = pos_weight
+        self.max_epochs = max_epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.weight_decay = weight_decay
+        self.warmup_frac = warmup_frac
+        self.patience = patience
+        self.grad_clip = grad_clip
+        self.valid_fraction = valid_fraction
+        self.calibration = calibration
+        self.tabular_log = tabular_log
+        self.vocab = vocab
+        self.device = device
+        self.checkpoint_dir = checkpoint_dir
+        self.progress = progress
+        self.random_state = random_state
+
+    # ------------------------------------------------------------------ arrays -> batches
+    def _tabular(self, X: dict) -> Optional[np.ndarray]:
+        if not self.model_config_.use_tabular:
+            return None
+        t = np.asarray(X["tabular"], dtype=np.float64)  # (N, F)
+        if self.tabular_log:
+            t = np.sign(t) * np.log1p(np.abs(t))
+        t = (t - self.tab_mean_) / self.tab_scale_
+        return np.nan_to_num(np.clip(t, -10, 10), nan=0.0).astype(np.float32)  # NaN -> train mean
+
+    def _arrays(self, X: dict, y: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+        """The model's inputs as arrays: fields cut to the last max_seq_len columns, clipped ids."""
+        out: dict[str, np.ndarray] = {}
+        cfg = self.model_config_
+        if cfg.use_sequence:
+            L = cfg.max_seq_len
+            out["mask"] = np.asarray(X["mask"])[:, -L:]
+            for f, size in cfg.field_sizes.items():
+                a = np.asarray(X[f])[:, -L:]
+                out[f] = np.minimum(a, size - 1) if a.max(initial=0) >= size else a  # unseen -> last row
+        if cfg.use_tabular:
+            out["tabular"] = self._tabular(X)
+        if y is not None:
+            out["label"] = np.asarray(y, dtype=np.float32)
+        return out
+
+    @staticmethod
+    def _collate(data: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """Rows idx as tensors; drops the columns that are padding in every row (right-aligned)."""
+        out: dict[str, torch.Tensor] = {}
+        start = 0
+        if "mask" in data:
+            m = data["mask"][idx]  # (B, T)
+            cols = np.flatnonzero(m.any(axis=0))
+            start = int(cols[0]) if len(cols) else m.shape[1] - 1
+            out["mask"] = torch.from_numpy(np.ascontiguousarray(m[:, start:]))
+        for k, v in data.items():
+            if k in ("mask", "label"):
+                continue
+            if k == "tabular":
+                out[k] = torch.from_numpy(v[idx])
+            else:
+                out[k] = torch.from_numpy(v[idx, start:].astype(np.int64))  # (B, T')
+        return out
+
+    # ------------------------------------------------------------------ estimator API
+    def fit(self, X: dict, y, X_valid: Optional[dict] = None, y_valid=None) -> "TransformerClassifier":
+        """Train on (X, y); early stopping and calibration on (X_valid, y_valid) or a temporal holdout."""
+        y = np.asarray(y).astype(int).ravel()
+        self.classes_ = np.array([0, 1])
+        if set(np.unique(y)) - {0, 1}:
+            raise ValueError("TransformerClassifier expects binary 0/1 labels")
+        if X_valid is None:
+            n_valid = max(1, int(round(len(y) * self.valid_fraction)))
+            cut = len(y) - n_valid
+            X_valid = {k: np.asarray(v)[cut:] for k, v in X.items()}
+            y_valid = y[cut:]
+            X = {k: np.asarray(v)[:cut] for k, v in X.items()}
+            y = y[:cut]
+        y_valid = np.asarray(y_valid).astype(int).ravel()
+        self.vocab_ = _as_vocab(self.vocab)
+        fields = [f for f in SEQUENCE_FIELDS if f in X]
+        use_seq = self.inputs in ("both", "sequence") and bool(fields) and "mask" in X
+        use_tab = self.inputs in ("both", "tabular") and "tabular" in X and np.asarray(X["tabular"]).shape[1] > 0
+        if not (use_seq or use_tab):
+            raise ValueError(f"inputs={self.inputs!r} but X has no usable sequence fields / tabular array")
+        if use_seq:
+            sizes = (self.vocab_.field_sizes() if self.vocab_ is not None
+                     else {f: int(np.asarray(X[f]).max(initial=0)) + 1 for f in fields})
+            field_sizes = {f: sizes[f] for f in fields}
+            T = np.asarray(X["mask"]).shape[1]
+            L = min(T, self.max_seq_len) if self.max_seq_len else T
+        else:
+            field_sizes, L = {}, 1
+        n_tab = np.asarray(X["tabular"]).shape[1] if use_tab else 0
+        if use_tab:
+            t = np.asarray(X["tabular"], dtype=np.float64)
+            if self.tabular_log:
+                t = np.sign(t) * np.log1p(np.abs(t))
+            with np.errstate(all="ignore"):
+                mean, std = np.nanmean(t, axis=0), np.nanstd(t, axis=0)
+            self.tab_mean_ = np.nan_to_num(mean, nan=0.0)
+            self.tab_scale_ = np.where(np.isfinite(std) & (std > 1e-12), std, 1.0)
+        pw = self.pos_weight
+        if pw == "balanced":
+            pw = float((y == 0).sum() / max((y == 1).sum(), 1))
+        overrides = {k: getattr(self, k) for k in ("d_model", "n_layers", "n_heads") if getattr(self, k) is not None}
+        self.model_config_ = make_preset(self.preset, field_sizes=field_sizes, n_tabular=n_tab, max_seq_len=L,
+                                         dropout=self.dropout, use_sequence=use_seq, use_tabular=use_tab,
+                                         wide=self.wide, pos_weight=None if pw is None else float(pw), **overrides)
+        self.loop_config_ = TrainLoopConfig(
+            max_epochs=self.max_epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+            warmup_frac=self.warmup_frac, patience=self.patience, grad_clip=self.grad_clip,
+            seed=self.random_state, device=self.device, checkpoint_dir=self.checkpoint_dir, progress=self.progress)
+        torch.manual_seed(self.random_state)
+        self.model_ = BehaviourTransformer(self.model_config_)
+        result: TrainResult = train(self.model_, self._arrays(X, y), self._arrays(X_valid, y_valid),
+                                    self.loop_config_, collate=self._collate)
+        self.train_result_ = dataclasses.asdict(result)
+        self.calibrator_ = fit_calibrator(self.decision_function(X_valid), y_valid, self.calibration)
+        return self
+
+    def decision_function(self, X: dict) -> np.ndarray:
+        """Uncalibrated logits, (N,)."""
+        _, amp = resolve_device(self.loop_config_)
+        return predict_logits(self.model_, self._arrays(X), self.loop_config_.eval_batch_size,
+                              self._collate, next(self.model_.parameters()).device, amp)
+
+    def predict_proba(self, X: dict) -> np.ndarray:
+        """Calibrated probabilities, (N, 2): column 1 is P(purchase)."""
+        p = self.calibrator_.transform(self.decision_function(X))
+        return np.column_stack([1.0 - p, p])
+
+    def predict(self, X: dict) -> np.ndarray:
+        return (self.predict_proba(X)[:, 1] >= 0.5).astype(int)
+
+    # ------------------------------------------------------------------ artifacts
+    def save(self, directory: str | Path) -> None:
+        """Write model.safetensors and config.json into `directory` (main rank only)."""
+        if not D.is_main():
+            return
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        params = self.get_params()
+        params["vocab"] = self.vocab_.to_dict() if self.vocab_ is not None else None
+        tab = ({"mean": self.tab_mean_.tolist(), "scale": self.tab_scale_.tolist()}
+               if self.model_config_.use_tabular else None)
+        meta = {"estimator": "TransformerClassifier", "params": params,
+                "transformer": dataclasses.asdict(self.model_config_),
+                "train_loop": dataclasses.asdict(self.loop_config_), "tabular": tab,
+                "calibration": self.calibrator_.to_dict(), "train_result": self.train_result_}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
+        save_file(state, str(d / "model.safetensors.tmp"))
+        (d / "model.safetensors.tmp").replace(d / "model.safetensors")
+        (d / "config.json.tmp").write_text(json.dumps(meta, indent=2))
+        (d / "config.json.tmp").replace(d / "config.json")
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "cpu") -> "TransformerClassifier":
+        """Rebuild a saved classifier from JSON and safetensors (no pickle)."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        meta = json.loads((d / "config.json").read_text())
+        names = cls().get_params().keys()
+        clf = cls(**{k: v for k, v in meta["params"].items() if k in names})
+        clf.vocab = clf.vocab_ = _as_vocab(clf.vocab)
+        clf.classes_ = np.array([0, 1])
+        clf.model_config_ = from_dict(TransformerConfig, meta["transformer"])
+        clf.loop_config_ = from_dict(TrainLoopConfig, {**meta["train_loop"], "device": device})
+        if meta.get("tabular"):
+            clf.tab_mean_ = np.asarray(meta["tabular"]["mean"], dtype=np.float64)
+            clf.tab_scale_ = np.asarray(meta["tabular"]["scale"], dtype=np.float64)
+        clf.calibrator_ = Calibrator.from_dict(meta["calibration"])
+        clf.train_result_ = meta.get("train_result", {})
+        clf.model_ = BehaviourTransformer(clf.model_config_)
+        clf.model_.load_state_dict(load_file(str(d / "model.safetensors")))
+        clf.model_.to(device).eval()
+        return clf

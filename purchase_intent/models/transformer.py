@@ -1,0 +1,204 @@
+"""The behaviour-sequence Transformer: one logit of purchase intent per example.
+
+A plain ``nn.Module`` that knows nothing about data loading or training. Shape legend:
+
+    B  batch (examples)            T  events per example (right-aligned, padding on the left)
+    F  tabular features            D  d_model
+    nh attention heads             hs head size = D // nh
+
+Input ``batch`` is a dict of tensors: one (B, T) int tensor per sequence field (0 = padding),
+``"mask"`` (B, T) bool (True = real event) and ``"tabular"`` (B, F) float (standardised).
+Tokens are the sum of their field embeddings plus a learned embedding of the recency rank
+(``T - 1 - column``: the rank does not depend on how much padding a batch carries). A learned
+[CLS] vector is prepended; after pre-norm blocks its output summarises the sequence. The tabular
+vector enters through a small MLP ("deep") and a linear term added to the logit ("wide").
+
+Print the presets' sizes with ``python -m purchase_intent.models.transformer``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class TransformerConfig:
+    """Architecture of :class:`BehaviourTransformer` (saved with every run)."""
+
+    field_sizes: dict = field(default_factory=dict)  # sequence field -> embedding rows (incl. 0 = pad)
+    n_tabular: int = 0  # width F of the tabular feature vector
+    max_seq_len: int = 200  # rows of the recency-rank embedding
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    mlp_ratio: int = 4  # hidden width of the block MLP = mlp_ratio * d_model
+    dropout: float = 0.1
+    tabular_hidden: int = 64  # width of the tabular MLP
+    use_sequence: bool = True  # ablation switches: sequence only / features only / both
+    use_tabular: bool = True
+    wide: bool = True  # add a linear term of the tabular features to the logit
+    pos_weight: Optional[float] = None  # BCE weight of positives (rare buyers); None = 1
+
+
+PRESETS = {
+    "tiny": dict(d_model=32, n_layers=1, n_heads=2, mlp_ratio=2, tabular_hidden=32),
+    "small": dict(d_model=64, n_layers=2, n_heads=4, mlp_ratio=4, tabular_hidden=64),
+    "base": dict(d_model=128, n_layers=4, n_heads=4, mlp_ratio=4, tabular_hidden=128),
+}
+
+
+def preset(name: str, **overrides) -> TransformerConfig:
+    """``TransformerConfig`` of preset ``name`` (tiny, small, base) with fields overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return TransformerConfig(**{**PRESETS[name], **overrides})
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        assert cfg.d_model % cfg.n_heads == 0, "d_model must be divisible by n_heads"
+        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model)
+        self.fc_out = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(D, dim=2)  # 3 x (B, T, D)
+        q = q.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+        # attn_mask (B, 1, 1, T): True = may attend; padding keys are hidden from every query
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        x = x + self.drop(self.proj(y))
+        x = x + self.drop(self.fc_out(F.gelu(self.fc(self.ln2(x)))))
+        return x
+
+
+class BehaviourTransformer(nn.Module):
+    """Events (+ tabular features) -> one logit. ``forward(batch, labels=None) -> (logits, loss)``."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        if not (cfg.use_sequence or cfg.use_tabular):
+            raise ValueError("at least one of use_sequence / use_tabular must be True")
+        if cfg.use_tabular and cfg.n_tabular <= 0:
+            raise ValueError("use_tabular=True needs n_tabular > 0")
+        if cfg.use_sequence and not cfg.field_sizes:
+            raise ValueError("use_sequence=True needs field_sizes (SequenceVocab.field_sizes())")
+        self.cfg = cfg
+        D, parts = cfg.d_model, 0
+        if cfg.use_sequence:
+            self.fields = list(cfg.field_sizes)
+            self.embed = nn.ModuleDict({f: nn.Embedding(n, D, padding_idx=0) for f, n in cfg.field_sizes.items()})
+            self.pos = nn.Embedding(cfg.max_seq_len, D)  # recency rank 0 = most recent event
+            self.cls = nn.Parameter(torch.zeros(D))
+            self.drop = nn.Dropout(cfg.dropout)
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+            self.ln_f = nn.LayerNorm(D)
+            parts += 1
+        if cfg.use_tabular:
+            H = cfg.tabular_hidden
+            self.tab_mlp = nn.Sequential(nn.Linear(cfg.n_tabular, H), nn.GELU(), nn.Dropout(cfg.dropout),
+                                         nn.Linear(H, D), nn.LayerNorm(D))
+            self.wide = nn.Linear(cfg.n_tabular, 1) if cfg.wide else None
+            parts += 1
+        self.head = nn.Sequential(nn.Linear(parts * D, D), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(D, 1))
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("proj.weight") or name.endswith("fc_out.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * max(cfg.n_layers, 1)))
+        if cfg.use_sequence:
+            nn.init.normal_(self.cls, std=0.02)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+
+    def num_parameters(self, embeddings: bool = True) -> int:
+        """Parameter count; ``embeddings=False`` leaves out the field and position tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings and self.cfg.use_sequence:
+            n -= sum(p.numel() for p in self.embed.parameters()) + self.pos.weight.numel()
+        return n
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The [CLS] summary of the event sequence, (B, D)."""
+        mask = batch["mask"]  # (B, T) bool
+        B, T = mask.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} > max_seq_len {self.cfg.max_seq_len}")
+        x = sum(self.embed[f](batch[f]) for f in self.fields)  # (B, T, D)
+        rank = torch.arange(T - 1, -1, -1, device=mask.device)  # (T,) recency rank of each column
+        x = x + self.pos(rank)  # (B, T, D)
+        x = torch.cat([self.cls.expand(B, 1, -1).to(x.dtype), x], dim=1)  # (B, 1+T, D)
+        x = self.drop(x)
+        keep = torch.cat([mask.new_ones(B, 1), mask], dim=1)  # (B, 1+T): [CLS] is always visible
+        attn_mask = keep[:, None, None, :]  # (B, 1, 1, 1+T)
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        return self.ln_f(x[:, 0])  # (B, D)
+
+    def forward(self, batch: dict[str, torch.Tensor], labels: Optional[torch.Tensor] = None):
+        """Logits (B,) and, when ``labels`` (B,) 0/1 are given, the mean BCE-with-logits loss."""
+        parts, logits = [], None
+        if self.cfg.use_sequence:
+            parts.append(self.encode(batch))  # (B, D)
+        if self.cfg.use_tabular:
+            tab = batch["tabular"]  # (B, F)
+            parts.append(self.tab_mlp(tab))  # (B, D)
+        logits = self.head(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
+        if self.cfg.use_tabular and self.wide is not None:
+            logits = logits + self.wide(tab).squeeze(-1)  # (B,)
+        loss = None
+        if labels is not None:
+            pw = None
+            if self.cfg.pos_weight is not None:
+                pw = torch.tensor(float(self.cfg.pos_weight), device=logits.device)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=pw)
+        return logits, loss
+
+
+def flops_per_sequence(cfg: TransformerConfig, seq_len: int) -> int:
+    """Analytic matmul FLOPs of one sequence, forward + backward (3x forward), as in PaLM's MFU."""
+    T, D, L = seq_len + 1, cfg.d_model, cfg.n_layers  # +1: the [CLS] token
+    per_layer = 2 * T * (3 * D * D + D * D + 2 * cfg.mlp_ratio * D * D) + 2 * 2 * T * T * D
+    fwd = L * per_layer if cfg.use_sequence else 0
+    return 3 * fwd
+
+
+def _demo_field_sizes() -> dict:
+    from ..sequences import SequenceVocab
+
+    return SequenceVocab(price_edges=[float(i) for i in range(15)]).field_sizes()
+
+
+if __name__ == "__main__":
+    for name in PRESETS:
+        m = BehaviourTransformer(preset(name, field_sizes=_demo_field_sizes(), n_tabular=40))
+        print(f"{name:6s} {dataclasses.asdict(m.cfg)['d_model']:4d}d {m.cfg.n_layers}L "
+              f"params {m.num_parameters():>10,d} (without embeddings {m.num_parameters(False):>9,d}) "
+              f"fwd+bwd MFLOPs/seq@200 {flops_per_sequence(m.cfg, 200) / 1e6:8.1f}")
