@@ -243,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_simulate)
+
+    from .score import add_score_parser
+    from .serve.app import add_serve_parser
+
+    add_score_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

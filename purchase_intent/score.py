@@ -1,0 +1,337 @@
+"""Batch scores and audiences: who is likely to buy, ranked, from a saved run.
+
+    purchase-intent score --run lightgbm --out scores.parquet
+    purchase-intent score --run lightgbm --at 2017-12-03 --out audience.csv --top 10%
+
+At time ``T`` (``--at``, default the end of the data: ``max(ts) + 1us`` so the last event counts)
+every user with an event in ``[T - lookback, T)`` (the run's lookback) is scored with the run's
+model on features of their events with ``ts < T`` -- the same feature and sequence code as
+training (``pipeline.inputs_for_examples``). Users are streamed in chunks and the probabilities
+spilled to a temporary Parquet file; ranks and deciles are then computed by DuckDB, which sorts
+out of core, so memory does not grow with the number of users.
+
+An audience (``--top 10%``, ``--top-n N`` or ``--min-probability P``) keeps only the top of the
+ranking. Its expected precision is the mean probability in the list and its expected number of
+buyers the sum (both assume the probabilities are calibrated). They are printed and written with
+the list to a JSON sidecar, ``<out stem>.summary.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+ONE_US = timedelta(microseconds=1)
+
+
+@dataclass
+class ScoreConfig:
+    """What `purchase-intent score` scores and how the audience is cut."""
+
+    at: Optional[str] = None  # scoring time T (ISO 8601 or epoch seconds); None = max(ts) + 1us
+    chunk_size: int = 50_000  # users per chunk (features + model); bounds memory
+    top: Optional[str] = None  # audience: the top share of users, e.g. "10%" (or a fraction "0.1")
+    top_n: Optional[int] = None  # audience: the N most likely buyers
+    min_probability: Optional[float] = None  # audience: everyone with probability >= P
+
+
+@dataclass
+class ScoreResult:
+    """Summary of one scoring: written next to the scores as ``<stem>.summary.json``."""
+
+    out: str
+    run: str
+    model: str
+    version: str
+    cutoff: str
+    lookback: str
+    n_scored: int  # active users scored
+    n_rows: int  # rows written (the audience size when an audience was asked for)
+    expected_buyers: float  # sum of probabilities over the written rows
+    expected_precision: Optional[float]  # mean probability over the written rows
+    expected_buyers_all: float  # sum over all scored users
+    audience: Optional[dict[str, Any]]  # the selection rule, or None for all users
+    seconds: float
+    users_per_second: float
+
+
+# ---------------------------------------------------------------------------------------------
+# time
+def parse_time(value: Any) -> datetime:
+    """ISO 8601 text or epoch seconds -> tz-naive UTC datetime (microsecond precision).
+
+    Aware times are converted to UTC; naive ISO text is taken as UTC.
+    """
+    if isinstance(value, datetime):
+        t = value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"time {value!r} is not finite")
+        t = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=round(float(value) * 1e6))
+    else:
+        text = str(value).strip()
+        try:
+            t = datetime.fromtimestamp(0, timezone.utc) + timedelta(microseconds=round(float(text) * 1e6))
+        except (ValueError, OverflowError):
+            t = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
+    if t.tzinfo is not None:
+        t = t.astimezone(timezone.utc).replace(tzinfo=None)
+    return t
+
+
+def resolve_cutoff(con, at: Any = None) -> datetime:
+    """The scoring time: ``at`` parsed, else the end of the data (``max(ts) + 1us``)."""
+    if at is not None:
+        return parse_time(at)
+    hi = con.execute("SELECT max(ts) FROM events").fetchall()[0][0]
+    if hi is None:
+        raise ValueError("the workspace has no events: run `purchase-intent ingest` first")
+    return hi + ONE_US
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+def _model_name_version(meta: dict) -> tuple[str, str]:
+    return meta["model"], str(meta.get("version", ""))
+
+
+def predict_users(meta: dict, model: Any, con, user_ids: list[str], cutoff: datetime) -> np.ndarray:
+    """Probabilities of buying for ``user_ids`` at ``cutoff`` over the ``events`` of ``con``.
+
+    Features and sequences come from ``pipeline.inputs_for_examples`` (events with ts < cutoff),
+    so this is exactly what training and the HTTP API compute. Returns shape (len(user_ids),).
+    """
+    from .pipeline import inputs_for_examples
+
+    if not user_ids:
+        return np.zeros(0)
+    ex = pd.DataFrame({"user_id": pd.array(user_ids, dtype=object),
+                       "cutoff": pd.Series([cutoff] * len(user_ids), dtype="datetime64[us]")})
+    X = inputs_for_examples(meta, model, con, ex)
+    return np.asarray(model.predict_proba(X), dtype=np.float64)[:, 1]
+
+
+def _active_users_table(con, cutoff: datetime, lookback: timedelta) -> int:
+    """Materialise the active users at ``cutoff`` (any event in [cutoff - lookback, cutoff)) with a
+    chunk number; DuckDB keeps the table out of core when it is large. Returns the user count."""
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _score_users AS "
+        "SELECT user_id, row_number() OVER (ORDER BY user_id) - 1 AS _i FROM "
+        "(SELECT DISTINCT user_id FROM events WHERE ts >= $lo AND ts < $hi AND user_id IS NOT NULL)",
+        {"lo": cutoff - lookback, "hi": cutoff},
+    )
+    return int(con.execute("SELECT count(*) FROM _score_users").fetchall()[0][0])
+
+
+def _audience_filter(cfg: ScoreConfig, n: int) -> tuple[str, Optional[dict]]:
+    """SQL WHERE clause over the ranked scores, and a description of the rule."""
+    chosen = [x for x in (cfg.top, cfg.top_n, cfg.min_probability) if x is not None]
+    if len(chosen) > 1:
+        raise ValueError("choose one of --top, --top-n, --min-probability")
+    if cfg.top is not None:
+        share = parse_share(cfg.top)
+        k = int(math.ceil(share * n - 1e-9))
+        return f"rank <= {k}", {"rule": "top", "share": share, "max_rank": k}
+    if cfg.top_n is not None:
+        if cfg.top_n < 1:
+            raise ValueError(f"--top-n must be >= 1, got {cfg.top_n}")
+        return f"rank <= {int(cfg.top_n)}", {"rule": "top_n", "n": int(cfg.top_n)}
+    if cfg.min_probability is not None:
+        p = float(cfg.min_probability)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"--min-probability must lie in [0, 1], got {p}")
+        return f"probability >= {p!r}", {"rule": "min_probability", "min_probability": p}
+    return "TRUE", None
+
+
+def parse_share(text: str | float) -> float:
+    """``"10%"`` -> 0.1, ``"0.1"`` -> 0.1; must lie in (0, 1]."""
+    s = str(text).strip()
+    share = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"--top must be a share in (0%, 100%], got {text!r}")
+    return share
+
+
+def _copy_sql(out: Path) -> str:
+    name = out.name.lower()
+    if name.endswith(".csv") or name.endswith(".csv.gz"):
+        return "(FORMAT CSV, HEADER)"
+    if name.endswith(".parquet") or name.endswith(".pq"):
+        return "(FORMAT PARQUET)"
+    raise ValueError(f"--out {out}: use a .parquet, .csv or .csv.gz file name")
+
+
+def summary_path(out: str | Path) -> Path:
+    """``scores.parquet`` -> ``scores.summary.json`` (``.csv.gz`` is stripped whole)."""
+    out = Path(out)
+    stem = out.name[:-7] if out.name.lower().endswith(".csv.gz") else out.stem
+    return out.with_name(stem + ".summary.json")
+
+
+def score(run: str, out: str | Path, cfg: ScoreConfig | None = None, workspace=None,
+          progress: bool = True) -> ScoreResult:
+    """Score every active user at the cutoff with run ``run``; write the ranked list to ``out``.
+
+    Parameters
+    ----------
+    run : a run name under ``<workspace>/runs/`` or a run directory.
+    out : ``.parquet``, ``.csv`` or ``.csv.gz``; columns user_id (pseudonym), probability, rank
+        (1 = most likely), decile (1 = top 10%), cutoff, model, version.
+    cfg : the scoring time, chunk size and the audience rule (at most one of top / top_n /
+        min_probability).
+
+    Returns
+    -------
+    ScoreResult, also written as JSON to ``summary_path(out)``.
+    """
+    from .config import parse_duration
+    from .pipeline import _ws, load_run
+    from .workspace import atomic_write_text
+
+    cfg = cfg or ScoreConfig()
+    if cfg.chunk_size < 1:
+        raise ValueError("chunk size must be >= 1")
+    ws = _ws(workspace)
+    out = Path(out)
+    fmt = _copy_sql(out)
+    meta, model = load_run(run, ws)
+    if meta["label_config"].get("task", "user") != "user":
+        raise ValueError(f"run {run!r} is a {meta['label_config']['task']}-task run; batch scores rank users (user task)")
+    name, version = _model_name_version(meta)
+    lookback_text = meta["label_config"]["lookback"]
+    lookback = parse_duration(lookback_text)
+    t0 = time.perf_counter()
+    con = ws.connect()
+    cutoff = resolve_cutoff(con, cfg.at)
+    n = _active_users_table(con, cutoff, lookback)
+    if n == 0:
+        raise ValueError(f"no user has an event in [{cutoff - lookback}, {cutoff}): nothing to score")
+    where, audience = _audience_filter(cfg, n)
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmpdir = Path(tempfile.mkdtemp(prefix=".score-", dir=out.parent if out.parent.exists() else None))
+    try:
+        raw = tmpdir / "probabilities.parquet"
+        schema = pa.schema([("user_id", pa.string()), ("probability", pa.float64())])
+        n_chunks = (n + cfg.chunk_size - 1) // cfg.chunk_size
+        bar = _progress(n, progress)
+        with pq.ParquetWriter(raw, schema) as writer:
+            for k in range(n_chunks):
+                users = [r[0] for r in con.execute(
+                    "SELECT user_id FROM _score_users WHERE _i >= $a AND _i < $b ORDER BY _i",
+                    {"a": k * cfg.chunk_size, "b": (k + 1) * cfg.chunk_size}).fetchall()]
+                p = predict_users(meta, model, con, users, cutoff)
+                writer.write_table(pa.table({"user_id": pa.array(users, pa.string()),
+                                             "probability": pa.array(p, pa.float64())}, schema=schema))
+                bar.update(len(users))
+        bar.close()
+        seconds = time.perf_counter() - t0
+        ranked = f"""
+            SELECT user_id, probability,
+                   row_number() OVER (ORDER BY probability DESC, user_id) AS rank,
+                   CAST(1 + floor((row_number() OVER (ORDER BY probability DESC, user_id) - 1) * 10 / {n}) AS INTEGER) AS decile,
+                   $cutoff::TIMESTAMP AS cutoff, $model AS model, $version AS version
+            FROM read_parquet('{_sql_path(raw)}')"""
+        params = {"cutoff": cutoff, "model": name, "version": version}
+        sel = f"SELECT * FROM ({ranked}) WHERE {where} ORDER BY rank"
+        tmp_out = tmpdir / ("out" + "".join(out.suffixes[-2:]))
+        con.execute(f"COPY ({sel}) TO '{_sql_path(tmp_out)}' {fmt}", params)
+        rows, buyers = con.execute(f"SELECT count(*), coalesce(sum(probability), 0) FROM ({sel})", params).fetchall()[0]
+        buyers_all = con.execute(f"SELECT coalesce(sum(probability), 0) FROM read_parquet('{_sql_path(raw)}')").fetchall()[0][0]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp_out), str(out))
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        con.execute("DROP TABLE IF EXISTS _score_users")
+    result = ScoreResult(
+        out=str(out), run=str(meta.get("run", run)), model=name, version=version,
+        cutoff=cutoff.isoformat(), lookback=lookback_text, n_scored=n, n_rows=int(rows),
+        expected_buyers=float(buyers), expected_precision=float(buyers) / rows if rows else None,
+        expected_buyers_all=float(buyers_all), audience=audience, seconds=round(seconds, 3),
+        users_per_second=round(n / seconds, 1) if seconds > 0 else float("inf"),
+    )
+    atomic_write_text(summary_path(out), json.dumps(asdict(result), indent=2))
+    return result
+
+
+def _sql_path(p: Path) -> str:
+    return str(p).replace("'", "''")
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="user", desc="scoring", mininterval=0.5)
+
+
+def describe(result: ScoreResult) -> str:
+    """The lines `purchase-intent score` prints."""
+    lines = [f"scored {result.n_scored:,} active users at {result.cutoff} (lookback {result.lookback}) "
+             f"with {result.model} {result.version} in {result.seconds:.1f}s ({result.users_per_second:,.0f} users/s)"]
+    if result.audience is not None:
+        prec = f"{result.expected_precision:.1%}" if result.expected_precision is not None else "n/a"
+        lines.append(f"audience ({_rule_text(result.audience)}): {result.n_rows:,} users, expected precision "
+                     f"{prec}, expected buyers {result.expected_buyers:,.1f} "
+                     f"(of {result.expected_buyers_all:,.1f} among all scored users)")
+    else:
+        lines.append(f"expected buyers among them: {result.expected_buyers_all:,.1f}")
+    lines.append(f"wrote {result.out} and {summary_path(result.out)}")
+    return "\n".join(lines)
+
+
+def _rule_text(a: dict) -> str:
+    if a["rule"] == "top":
+        return f"top {a['share']:.4g} = rank <= {a['max_rank']:,}"
+    if a["rule"] == "top_n":
+        return f"top {a['n']:,}"
+    return f"probability >= {a['min_probability']:g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+def cmd_score(a: argparse.Namespace) -> int:
+    cfg = ScoreConfig(at=a.at, chunk_size=a.chunk_size, top=a.top, top_n=a.top_n, min_probability=a.min_probability)
+    result = score(a.run, a.out, cfg, workspace=a.workspace, progress=not a.quiet)
+    print(describe(result))
+    return 0
+
+
+def add_score_parser(sub) -> argparse.ArgumentParser:
+    """Register `purchase-intent score` on an argparse subparsers object."""
+    d = ScoreConfig()
+    p = sub.add_parser("score", help="score every active user (batch) and optionally cut an audience",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run name under <workspace>/runs/ or a path to a run directory")
+    p.add_argument("--out", required=True, help="output file: .parquet, .csv or .csv.gz")
+    p.add_argument("--at", help="scoring time T, ISO 8601 or epoch seconds (UTC); default: end of the data")
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help=f"users per chunk (default {d.chunk_size:,})")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--top", help="audience: the top share of users, e.g. 10%%")
+    g.add_argument("--top-n", type=int, help="audience: the N most likely buyers")
+    g.add_argument("--min-probability", type=float, help="audience: users with probability >= P")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_score)
+    return p

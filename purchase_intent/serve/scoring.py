@@ -1,0 +1,227 @@
+"""Serving state and the scoring path of the API: the loaded run, auth, hot swap, request scoring.
+
+A request's events become a canonical ``events`` relation (user and session ids pseudonymised
+with the workspace key, as at ingest) in a per-thread in-memory DuckDB, and are scored with
+``pipeline.inputs_for_examples`` + ``predict_proba`` -- the code that built the training features.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .metrics import Metrics
+from .schemas import ScoreRequest
+from .settings import ServeSettings, resolve_run_dir
+
+ONE_US = timedelta(microseconds=1)
+
+
+@dataclass
+class LoadedRun:
+    """A run ready to answer: swapped as one reference, so a request keeps the run it started with."""
+
+    run_dir: Path
+    meta: dict
+    model: Any
+    lookback: timedelta
+
+    @property
+    def info(self) -> dict[str, str]:
+        lc = self.meta["label_config"]
+        return {"run": self.run_dir.name, "model": self.meta["model"], "version": str(self.meta.get("version", "")),
+                "task": lc.get("task", "user"), "lookback": lc["lookback"], "horizon": lc["horizon"]}
+
+
+def load_run_dir(run_dir: Path) -> LoadedRun:
+    """Read run.json and the model of one run directory (never unpickles)."""
+    import json
+
+    from ..config import parse_duration
+    from ..models import load_model
+
+    meta = json.loads((run_dir / "run.json").read_text())
+    model = load_model(meta["model"], run_dir / "model")
+    return LoadedRun(run_dir, meta, model, parse_duration(meta["label_config"]["lookback"]))
+
+
+class ApiError(Exception):
+    """A 4xx answer whose message names the offending field."""
+
+    def __init__(self, status: int, field: str, message: str, kind: str = "validation"):
+        super().__init__(message)
+        self.status, self.field, self.message, self.kind = status, field, message, kind
+
+
+class ServeState:
+    """What the routes share: settings, the current run, the pseudonym key, metrics, DuckDB handles."""
+
+    def __init__(self, settings: ServeSettings):
+        from ..privacy import load_key
+
+        self.settings = settings
+        self.metrics = Metrics()
+        self.key = load_key(Path(settings.workspace))
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in settings.api_keys]
+        self._local = threading.local()
+        self._cons: list = []  # every DuckDB connection handed out, closed at shutdown
+        self._reload_lock = threading.Lock()
+        self.current: Optional[LoadedRun] = None
+        self.current = load_run_dir(resolve_run_dir(settings.runs_path, settings.run))
+
+    # --- auth: every key is compared (constant time), no early exit
+    def authorised(self, header: Optional[str]) -> bool:
+        if not header or not header.startswith("Bearer "):
+            return False
+        presented = hashlib.sha256(header[7:].strip().encode()).digest()
+        ok = False
+        for d in self._digests:
+            ok |= hmac.compare_digest(d, presented)
+        return ok
+
+    # --- hot swap
+    def reload(self, run: Optional[str] = None) -> tuple[LoadedRun, Optional[str]]:
+        """Load ``run`` (default: the current run's name) and swap it in; returns (new, old version)."""
+        with self._reload_lock:
+            old = self.current
+            name = run or (old.run_dir.name if old else self.settings.run)
+            try:
+                new = load_run_dir(resolve_run_dir(self.settings.runs_path, name))
+            except Exception:
+                self.metrics.reload("failed")
+                raise
+            self.current = new  # one reference assignment: in-flight requests keep `old`
+            self.metrics.reload("ok")
+            return new, (old.info["version"] if old else None)
+
+    # --- DuckDB: one connection per worker thread (connections are not shared across threads)
+    def request_con(self):
+        con = getattr(self._local, "mem", None)
+        if con is None:
+            import duckdb
+
+            con = self._local.mem = duckdb.connect(":memory:")
+            con.execute("SET threads = 1")
+            with self._reload_lock:
+                self._cons.append(con)
+        return con
+
+    def workspace_con(self):
+        con = getattr(self._local, "ws", None)
+        if con is None:
+            from ..workspace import Workspace
+
+            con = self._local.ws = Workspace(self.settings.workspace).connect()
+            with self._reload_lock:
+                self._cons.append(con)
+        return con
+
+    def close(self) -> None:
+        with self._reload_lock:
+            for con in self._cons:
+                try:
+                    con.close()
+                except Exception:
+                    pass
+            self._cons.clear()
+
+    def pseudonymise(self, ids: list[str]) -> list[str]:
+        from ..privacy import pseudonymise
+
+        return list(pseudonymise(ids, self.key))
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring (shared by the routes)
+def _events_table(users: list[ScoreRequest], ids: list[str], sessions: dict[str, str]):
+    """The canonical `events` relation of a request: (N_events,) rows over all users, with the
+    user and session ids replaced by their pseudonyms (as ingest stores them)."""
+    import pyarrow as pa
+
+    cols: dict[str, list] = {c: [] for c in ("user_id", "ts", "event", "item_id", "category", "price", "session_id")}
+    for uid, u in zip(ids, users):
+        for e in u.events:
+            cols["user_id"].append(uid)
+            cols["ts"].append(e.ts)
+            cols["event"].append(e.event)
+            cols["item_id"].append(e.item_id)
+            cols["category"].append(e.category)
+            cols["price"].append(e.price)
+            cols["session_id"].append(sessions[e.session_id] if e.session_id is not None else None)
+    schema = pa.schema([("user_id", pa.string()), ("ts", pa.timestamp("us")), ("event", pa.string()),
+                        ("item_id", pa.string()), ("category", pa.string()), ("price", pa.float64()),
+                        ("session_id", pa.string())])
+    return pa.table(cols, schema=schema)
+
+
+def _examples(loaded: LoadedRun, con, ids: list[str], ats: list[datetime]):
+    """One example per user at its cutoff (session task: the user's last session before it)."""
+    import pandas as pd
+
+    from ..config import LabelConfig, from_dict
+    from ..labels import single_example
+
+    lc = from_dict(LabelConfig, loaded.meta["label_config"])
+    if lc.task == "user":
+        return pd.DataFrame({"user_id": pd.array(ids, dtype=object),
+                             "cutoff": pd.Series(ats, dtype="datetime64[us]")})
+    parts = [single_example(con, uid, at, lc).to_pandas() for uid, at in zip(ids, ats)]
+    return pd.concat(parts, ignore_index=True)[["user_id", "cutoff", "session_id", "session_start"]]
+
+
+def predict(state: ServeState, loaded: LoadedRun, con, ids: list[str], ats: list[datetime],
+            timings: dict[str, float]) -> np.ndarray:
+    """Probabilities (len(ids),) with the training feature code over the `events` of `con`."""
+    from ..pipeline import inputs_for_examples
+
+    t0 = time.perf_counter()
+    X = inputs_for_examples(loaded.meta, loaded.model, con, _examples(loaded, con, ids, ats))
+    t1 = time.perf_counter()
+    p = np.asarray(loaded.model.predict_proba(X), dtype=np.float64)[:, 1]
+    t2 = time.perf_counter()
+    timings["features"] = t1 - t0
+    timings["model"] = t2 - t1
+    return p
+
+
+def score_users(state: ServeState, loaded: LoadedRun, users: list[ScoreRequest], where: str,
+                timings: dict[str, float]) -> tuple[np.ndarray, list[datetime], list[int], list[bool], list[str]]:
+    """Score request users on their own events. Returns (p, cutoffs, n_events, active, pseudonyms)."""
+    s = state.settings
+    ids, ats, n_before, active = [], [], [], []
+    given = [u.user_id for u in users if u.user_id is not None]
+    raw_sessions = list(dict.fromkeys(e.session_id for u in users for e in u.events if e.session_id is not None))
+    pseudo = state.pseudonymise(given + raw_sessions)
+    it = iter(pseudo[:len(given)])
+    sessions = dict(zip(raw_sessions, pseudo[len(given):]))
+    seen: set[str] = set()
+    for i, u in enumerate(users):
+        loc = f"{where}[{i}]" if where != "body" else "body"
+        if len(u.events) > s.max_events:
+            raise ApiError(422, f"{loc}.events", f"at most {s.max_events} events per user, got {len(u.events)}")
+        uid = next(it) if u.user_id is not None else f"anonymous-{i}"
+        if uid in seen:
+            raise ApiError(422, f"{loc}.user_id", f"user_id {u.user_id!r} appears twice in the batch")
+        seen.add(uid)
+        at = u.at if u.at is not None else max(e.ts for e in u.events) + ONE_US
+        before = [e.ts for e in u.events if e.ts < at]
+        if not before:
+            raise ApiError(422, f"{loc}.events", f"no event before `at` ({at.isoformat()}): nothing to score")
+        ids.append(uid)
+        ats.append(at)
+        n_before.append(len(before))
+        active.append(max(before) >= at - loaded.lookback)
+    con = state.request_con()
+    con.register("events", _events_table(users, ids, sessions))
+    try:
+        p = predict(state, loaded, con, ids, ats, timings)
+    finally:
+        con.unregister("events")
+    return p, ats, n_before, active, ids

@@ -1,0 +1,151 @@
+"""Batch scores and audiences: who is scored, at which cutoff, ranks, deciles, chunking, audiences."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from datetime import timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import make_tiny_events
+from purchase_intent import pipeline
+from purchase_intent.config import DataConfig, LabelConfig, TrainConfig
+from purchase_intent.privacy import load_key, pseudonymise
+from purchase_intent.score import ScoreConfig, add_score_parser, parse_share, parse_time, score, summary_path
+from purchase_intent.workspace import Workspace
+
+LOOKBACK = timedelta(days=7)
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory):
+    """A workspace with the tiny log ingested, built (7d lookback) and a logreg + LightGBM run."""
+    root = tmp_path_factory.mktemp("score-ws")
+    df = make_tiny_events(n_users=60, days=28)
+    df.to_csv(root / "events.csv", index=False)
+    ws = Workspace(root / "ws")
+    pipeline.ingest(root / "events.csv", DataConfig(format="csv"), ws, progress=False)
+    pipeline.build(LabelConfig(lookback="7d", horizon="3d", step="3d"), workspace=ws, quiet=True)
+    for m in ("logreg", "lightgbm"):
+        pipeline.train(m, train_cfg=TrainConfig(min_positives=1, min_negatives=1), workspace=ws, quiet=True)
+    df["pid"] = pseudonymise(df["user_id"].tolist(), load_key(ws.root))
+    return ws, df, root
+
+
+def _active(df: pd.DataFrame, t) -> set[str]:
+    t = pd.Timestamp(t)
+    m = (df["ts"] >= t - LOOKBACK) & (df["ts"] < t)
+    return set(df.loc[m, "pid"])
+
+
+@pytest.mark.parametrize("model", ["logreg", "lightgbm"])
+def test_scores_every_active_user_with_the_training_feature_path(shop, model, tmp_path):
+    ws, df, _ = shop
+    out = tmp_path / "scores.parquet"
+    res = score(model, out, ScoreConfig(chunk_size=7), workspace=ws, progress=False)
+    got = pd.read_parquet(out)
+    end = df["ts"].max() + pd.Timedelta(microseconds=1)  # default cutoff: the last event counts
+    assert pd.Timestamp(res.cutoff) == end
+    assert (got["cutoff"] == end).all()
+    assert set(got["user_id"]) == _active(df, end) and len(got) == res.n_scored == len(_active(df, end))
+    assert list(got.columns) == ["user_id", "probability", "rank", "decile", "cutoff", "model", "version"]
+    assert got["rank"].tolist() == list(range(1, len(got) + 1))
+    assert got["probability"].is_monotonic_decreasing
+    assert got["decile"].min() == 1 and got["decile"].max() == 10 and got["decile"].is_monotonic_increasing
+    assert (got["model"] == model).all()
+    meta, est = pipeline.load_run(model, ws)
+    assert (got["version"] == meta["version"]).all()
+    # the same probabilities as the shared feature path on the workspace events
+    ex = pd.DataFrame({"user_id": got["user_id"], "cutoff": got["cutoff"].astype("datetime64[us]")})
+    X = pipeline.inputs_for_examples(meta, est, ws.connect(), ex)
+    np.testing.assert_allclose(got["probability"].to_numpy(), est.predict_proba(X)[:, 1], rtol=0, atol=1e-12)
+    summary = json.loads(summary_path(out).read_text())
+    assert summary["n_scored"] == len(got) and summary["audience"] is None
+    assert math.isclose(summary["expected_buyers_all"], got["probability"].sum(), rel_tol=1e-9)
+
+
+def test_chunk_size_does_not_change_the_output(shop, tmp_path):
+    ws, _, _ = shop
+    a = score("lightgbm", tmp_path / "a.parquet", ScoreConfig(chunk_size=4), workspace=ws, progress=False)
+    b = score("lightgbm", tmp_path / "b.parquet", ScoreConfig(chunk_size=10_000), workspace=ws, progress=False)
+    assert a.n_scored == b.n_scored
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "a.parquet"), pd.read_parquet(tmp_path / "b.parquet"))
+
+
+def test_at_sets_the_cutoff_and_later_events_are_not_read(shop, tmp_path):
+    ws, df, root = shop
+    at = pd.Timestamp("2024-03-15 12:00:00")
+    res = score("logreg", tmp_path / "s.csv", ScoreConfig(at="2024-03-15T12:00:00Z"), workspace=ws, progress=False)
+    got = pd.read_csv(tmp_path / "s.csv")
+    assert pd.Timestamp(res.cutoff) == at
+    assert set(got["user_id"]) == _active(df, at)
+    # epoch seconds mean the same instant
+    assert parse_time(str(at.timestamp())) == at.to_pydatetime()
+    # a workspace holding only the events before `at` gives the same scores
+    ws2 = Workspace(root / "ws-before")
+    ws2.root.mkdir()
+    (ws2.root / "pseudonym.key").write_bytes((ws.root / "pseudonym.key").read_bytes())  # same pseudonyms
+    df[df["ts"] < at].drop(columns="pid").to_csv(root / "before.csv", index=False)
+    pipeline.ingest(root / "before.csv", DataConfig(format="csv"), ws2, progress=False)
+    score(str(ws.run_dir("logreg")), tmp_path / "s2.csv", ScoreConfig(at=str(at)), workspace=ws2, progress=False)
+    got2 = pd.read_csv(tmp_path / "s2.csv")
+    np.testing.assert_allclose(got2["probability"], got["probability"], atol=1e-12)
+    assert got2["user_id"].tolist() == got["user_id"].tolist()
+
+
+@pytest.mark.parametrize("rule, expected", [
+    (dict(top="10%"), lambda n, p: int(math.ceil(0.1 * n))),
+    (dict(top="0.5"), lambda n, p: int(math.ceil(0.5 * n))),
+    (dict(top_n=5), lambda n, p: 5),
+    (dict(min_probability=0.1), lambda n, p: int((p >= 0.1).sum())),
+])
+def test_audiences_keep_the_top_and_report_expected_precision_and_buyers(shop, tmp_path, rule, expected):
+    ws, _, _ = shop
+    score("lightgbm", tmp_path / "all.parquet", ScoreConfig(), workspace=ws, progress=False)
+    full = pd.read_parquet(tmp_path / "all.parquet")
+    out = tmp_path / "audience.csv.gz"
+    res = score("lightgbm", out, ScoreConfig(**rule), workspace=ws, progress=False)
+    aud = pd.read_csv(out)
+    k = expected(len(full), full["probability"].to_numpy())
+    assert len(aud) == res.n_rows == k
+    assert aud["user_id"].tolist() == full["user_id"].head(k).tolist()
+    summary = json.loads((tmp_path / "audience.summary.json").read_text())
+    assert summary["audience"]["rule"] == next(iter(rule))
+    assert math.isclose(summary["expected_buyers"], aud["probability"].sum(), rel_tol=1e-9)
+    if k:
+        assert math.isclose(summary["expected_precision"], aud["probability"].mean(), rel_tol=1e-9)
+    assert summary["n_scored"] == len(full)
+
+
+def test_bad_options_fail_with_a_clear_error(shop, tmp_path):
+    ws, _, _ = shop
+    with pytest.raises(ValueError, match="one of"):
+        score("lightgbm", tmp_path / "x.parquet", ScoreConfig(top="10%", top_n=3), workspace=ws, progress=False)
+    with pytest.raises(ValueError, match=".parquet, .csv"):
+        score("lightgbm", tmp_path / "x.xlsx", ScoreConfig(), workspace=ws, progress=False)
+    with pytest.raises(ValueError, match="nothing to score"):
+        score("lightgbm", tmp_path / "x.parquet", ScoreConfig(at="2000-01-01"), workspace=ws, progress=False)
+    with pytest.raises(FileNotFoundError):
+        score("no-such-run", tmp_path / "x.parquet", ScoreConfig(), workspace=ws, progress=False)
+    for bad in ("0%", "150%", "-1", "abc"):
+        with pytest.raises(ValueError):
+            parse_share(bad)
+    assert not list(tmp_path.glob("x.*"))
+
+
+def test_score_command(shop, tmp_path, capsys):
+    ws, _, _ = shop
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workspace")
+    add_score_parser(parser.add_subparsers(dest="command"))
+    a = parser.parse_args(["--workspace", str(ws.root), "score", "--run", "lightgbm", "--out",
+                           str(tmp_path / "top.parquet"), "--top-n", "3", "--quiet"])
+    assert a.func(a) == 0
+    printed = capsys.readouterr().out
+    assert "expected precision" in printed and "expected buyers" in printed
+    assert len(pd.read_parquet(tmp_path / "top.parquet")) == 3
+    with pytest.raises(SystemExit):  # the audience rules exclude each other
+        parser.parse_args(["score", "--run", "x", "--out", "y.csv", "--top", "1%", "--top-n", "3"])
