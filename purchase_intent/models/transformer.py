@@ -38,7 +38,8 @@ class TransformerConfig:
     n_layers: int = 2
     n_heads: int = 4
     mlp_ratio: int = 4  # hidden width of the block MLP = mlp_ratio * d_model
-    dropout: float = 0.1
+    dropout: float = 0.1  # on embeddings, residual branches and the heads
+    attn_dropout: float = 0.0  # on attention weights; > 0 forces the unfused attention path on CPU
     tabular_hidden: int = 64  # width of the tabular MLP
     use_sequence: bool = True  # ablation switches: sequence only / features only / both
     use_tabular: bool = True
@@ -66,7 +67,7 @@ class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         assert cfg.d_model % cfg.n_heads == 0, "d_model must be divisible by n_heads"
-        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
+        self.n_heads, self.attn_dropout = cfg.n_heads, cfg.attn_dropout
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
@@ -83,7 +84,7 @@ class Block(nn.Module):
         v = v.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
         # attn_mask (B, 1, 1, T): True = may attend; padding keys are hidden from every query
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         x = x + self.drop(self.proj(y))
         x = x + self.drop(self.fc_out(F.gelu(self.fc(self.ln2(x)))))

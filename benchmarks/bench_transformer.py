@@ -1,0 +1,130 @@
+"""Throughput of the behaviour-sequence Transformer on this machine, against its matmul rate.
+
+For each preset: training throughput (sequences/s, through the real ``train()`` loop and the
+classifier's batching, with the batching/compute time split), batch inference throughput
+(examples/s), model FLOPs per sequence (forward + backward: analytic, and counted by
+``torch.utils.flop_counter``), and the achieved FLOP/s as a share of the FLOP/s ``torch.matmul``
+reaches in the same run (measured before and after the model runs; the best is used)::
+
+    .venv/bin/python benchmarks/bench_transformer.py                    # all presets, length 200
+    .venv/bin/python benchmarks/bench_transformer.py --presets small --threads 2 --amp bf16
+
+Sequences are full (length 200, no padding): the worst case; real batches are trimmed to their
+longest sequence and run faster.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from purchase_intent.models.classifier import TransformerClassifier
+from purchase_intent.models.transformer import BehaviourTransformer, flops_per_sequence, preset
+from purchase_intent.sequences import SequenceVocab
+from purchase_intent.train import TrainLoopConfig, predict_logits, train
+
+N_TABULAR = 40
+
+
+def matmul_flops(n: int = 1024, dtype=torch.float32, reps: int = 10) -> float:
+    """Best FLOP/s of an (n, n) @ (n, n) matmul."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def make_data(n: int, T: int, sizes: dict, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    data = {f: rng.integers(1, s, size=(n, T)).astype(np.uint8 if s <= 256 else np.int16) for f, s in sizes.items()}
+    data["mask"] = np.ones((n, T), dtype=bool)
+    data["tabular"] = rng.normal(size=(n, N_TABULAR)).astype(np.float32)
+    data["label"] = rng.integers(0, 2, size=n).astype(np.float32)
+    return data
+
+
+def counted_flops(model: BehaviourTransformer, data: dict) -> float:
+    """FLOPs per sequence of one forward + backward, counted by torch (matmuls and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = TransformerClassifier._collate(data, np.arange(2))
+    with FlopCounterMode(display=False) as fc:
+        _, loss = model(batch, torch.from_numpy(data["label"][:2]))
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return fc.get_total_flops() / 2
+
+
+def bench(name: str, T: int, batch: int, steps: int, amp: str) -> dict:
+    sizes = SequenceVocab(price_edges=[float(i) for i in range(15)]).field_sizes()
+    torch.manual_seed(0)
+    model = BehaviourTransformer(preset(name, field_sizes=sizes, n_tabular=N_TABULAR, max_seq_len=T, dropout=0.1))
+    data = make_data(batch * steps, T, sizes)
+    cfg = TrainLoopConfig(max_epochs=1, batch_size=batch, progress=False, device="cpu", amp=amp)
+    warm = {k: v[:batch] for k, v in data.items()}
+    train(model, warm, None, cfg, collate=TransformerClassifier._collate)  # warm-up step
+    r = train(model, data, None, cfg, collate=TransformerClassifier._collate)
+    n_train = batch * steps
+    train_s = r.time_batching_s + r.time_compute_s
+    n_inf = max(4 * batch, 1024)
+    inf_data = make_data(n_inf, T, sizes, seed=1)
+    predict_logits(model, {k: v[:256] for k, v in inf_data.items()}, 256, TransformerClassifier._collate,
+                   amp=amp == "bf16")
+    t = time.perf_counter()
+    predict_logits(model, inf_data, 512, TransformerClassifier._collate, amp=amp == "bf16")
+    inf_s = time.perf_counter() - t
+    flops = flops_per_sequence(model.cfg, T)
+    return {"preset": name, "params": model.num_parameters(), "params_no_emb": model.num_parameters(False),
+            "batch": batch, "seq_len": T, "train_seq_s": n_train / train_s,
+            "batching_share": r.time_batching_s / train_s, "infer_ex_s": n_inf / inf_s,
+            "flops_per_seq": flops, "counted_flops_per_seq": counted_flops(model, data),
+            "train_flop_s": flops * n_train / r.time_compute_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--presets", default="tiny,small,base")
+    ap.add_argument("--seq-len", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--amp", default="off", choices=["off", "bf16"])
+    ap.add_argument("--out", default=None, help="also write the rows as JSON here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mm_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float32
+    mm = [matmul_flops(dtype=mm_dtype)]
+    rows = []
+    for name in args.presets.split(","):
+        batch = args.batch if name != "base" else max(16, args.batch // 4)
+        rows.append(bench(name, args.seq_len, batch, args.steps, args.amp))
+        mm.append(matmul_flops(dtype=mm_dtype))
+    peak = max(mm)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}, "
+          f"matmul {str(mm_dtype)[6:]} 1024^3: {peak / 1e9:.1f} GFLOP/s (runs: "
+          f"{', '.join(f'{x / 1e9:.0f}' for x in mm)})")
+    print("| preset | params (no emb) | batch | train seq/s | batching share | infer ex/s "
+          "| MFLOP/seq fwd+bwd (counted) | train GFLOP/s | % of matmul |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        r["matmul_flop_s"] = peak
+        print(f"| {r['preset']} | {r['params']:,} ({r['params_no_emb']:,}) | {r['batch']} | {r['train_seq_s']:.0f} "
+              f"| {100 * r['batching_share']:.1f}% | {r['infer_ex_s']:.0f} | {r['flops_per_seq'] / 1e6:.0f} "
+              f"({r['counted_flops_per_seq'] / 1e6:.0f}) | {r['train_flop_s'] / 1e9:.1f} "
+              f"| {100 * r['train_flop_s'] / peak:.0f}% |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

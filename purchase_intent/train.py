@@ -1,0 +1,295 @@
+"""The training loop: one explicit function for any ``forward(batch, labels) -> (logits, loss)`` model.
+
+AdamW (weight decay on Linear weights only), linear warmup then cosine decay, gradient clipping,
+evaluation on valid every epoch with early stopping on valid PR-AUC (average precision) and the
+best weights restored, a checkpoint after every epoch (safetensors, no pickle) from which a killed
+run resumes to exactly the result of an uninterrupted one. CPU by default; CUDA with bf16 autocast
+when present. The same code runs under torchrun (rank logic in ``distributed.py``)::
+
+    purchase-intent train --model transformer                         # one process
+    torchrun --nproc_per_node 2 -m purchase_intent.cli train --model transformer   # DDP (gloo on CPU)
+
+Data are dicts of equal-length numpy arrays with a ``"label"`` entry; ``collate(data, idx)``
+turns rows ``idx`` into a dict of tensors (the default converts every non-label array).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import distributed as D
+
+
+@dataclass
+class TrainLoopConfig:
+    """Optimisation settings of :func:`train` (saved with every run)."""
+
+    max_epochs: int = 20
+    batch_size: int = 256  # global batch: all ranks together
+    eval_batch_size: int = 1024
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_frac: float = 0.05  # fraction of all steps spent in linear warmup (at least one step)
+    weight_decay: float = 0.05  # AdamW decay of Linear weights (never norms, biases, embeddings)
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    patience: int = 3  # epochs without a better valid PR-AUC before stopping; 0 = never stop early
+    seed: int = 0
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda
+    amp: str = "auto"  # auto (bf16 on cuda, off on cpu) | bf16 | off
+    checkpoint_dir: Optional[str] = None  # write checkpoint.safetensors here after each epoch
+    resume: bool = True  # continue from checkpoint_dir's checkpoint when it exists
+    progress: bool = True  # tqdm bar on the main rank
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int = -1  # 0-based epoch whose weights were kept
+    best_metric: float = float("nan")  # its valid PR-AUC
+    epochs_run: int = 0
+    steps: int = 0
+    stopped_early: bool = False
+    history: list = field(default_factory=list)  # one dict per epoch
+    time_batching_s: float = 0.0  # collate + host-to-device copies
+    time_compute_s: float = 0.0  # forward, backward, optimiser step
+    time_eval_s: float = 0.0
+
+
+def default_collate(data: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Tensor]:
+    """Rows ``idx`` of every array except ``"label"``: integers as int64, floats as float32."""
+    out = {}
+    for k, v in data.items():
+        if k == "label":
+            continue
+        a = v[idx]
+        if a.dtype == np.bool_:
+            out[k] = torch.from_numpy(a)
+        elif np.issubdtype(a.dtype, np.integer):
+            out[k] = torch.from_numpy(a.astype(np.int64))
+        else:
+            out[k] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    return out
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainLoopConfig) -> float:
+    """Linear warmup to ``cfg.lr``, then cosine decay to ``cfg.lr * cfg.min_lr_ratio``."""
+    warmup = max(1, int(round(cfg.warmup_frac * total_steps)))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainLoopConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on the weights of Linear layers only."""
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) in decay], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def resolve_device(cfg: TrainLoopConfig) -> tuple[torch.device, bool]:
+    """The device to train on and whether to autocast to bf16."""
+    name = cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and D.dist_info().is_distributed:
+        name = f"cuda:{D.dist_info().local_rank}"
+    device = torch.device(name)
+    amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    return device, amp
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: dict[str, np.ndarray], batch_size: int = 1024,
+                   collate: Callable = default_collate, device: torch.device | str = "cpu",
+                   amp: bool = False) -> np.ndarray:
+    """Logits (N,) of `model` on every row of `data`, in order, in eval mode."""
+    model = D.unwrap(model)
+    was_training, device = model.training, torch.device(device)
+    model.eval()
+    n = len(next(iter(data.values())))
+    out = np.empty(n, dtype=np.float32)
+    for lo in range(0, n, batch_size):
+        idx = np.arange(lo, min(n, lo + batch_size))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits, _ = model(_to(collate(data, idx), device))
+        out[idx] = logits.float().cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def valid_scores(logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """PR-AUC (average precision) and mean log loss of logits against 0/1 labels."""
+    from sklearn.metrics import average_precision_score
+
+    y = np.asarray(y, dtype=np.float64)
+    z = logits.astype(np.float64)
+    loss = float(np.mean(np.logaddexp(0, z) - y * z))
+    ap = float(average_precision_score(y, z)) if 0 < y.sum() < len(y) else float("nan")
+    return {"pr_auc": ap, "log_loss": loss}
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints: tensors in safetensors, everything else as JSON in its metadata (no pickle)
+def _save_checkpoint(path: Path, model: nn.Module, best: dict, opt: torch.optim.Optimizer, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"best.{k}": v.cpu().contiguous() for k, v in best.items()})
+    for i, s in opt.state_dict()["state"].items():
+        for k, v in s.items():
+            tensors[f"optim.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"state": json.dumps(state)})
+    os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint intact
+
+
+def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        state = json.loads(f.metadata()["state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    device = next(model.parameters()).device
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    best = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("best.")}
+    opt_state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            opt_state.setdefault(int(i), {})[name] = v if name == "step" else v.to(device)
+    opt.load_state_dict({"state": opt_state, "param_groups": opt.state_dict()["param_groups"]})
+    return state, best
+
+
+def train(model: nn.Module, train_data: dict[str, np.ndarray], valid_data: Optional[dict[str, np.ndarray]] = None,
+          cfg: Optional[TrainLoopConfig] = None, callbacks: Sequence[Callable[[dict], Optional[bool]]] = (),
+          collate: Callable = default_collate) -> TrainResult:
+    """Train `model` in place; return what happened. The best (or last) weights end in `model`.
+
+    Parameters
+    ----------
+    model : nn.Module
+        ``forward(batch, labels=None) -> (logits (B,), loss)``; already on the right device.
+    train_data, valid_data : dict of numpy arrays
+        Equal-length arrays, ``"label"`` (N,) 0/1 included. Without valid data training runs all
+        ``max_epochs`` and keeps the last weights.
+    cfg : TrainLoopConfig
+    callbacks : callables
+        Called after each epoch (and its checkpoint) with a dict ``epoch, step, train_loss,
+        valid_pr_auc, valid_log_loss, lr, model``; returning True stops training.
+    collate : callable
+        ``collate(data, idx) -> dict of tensors`` (the classifier trims padding here).
+
+    Returns
+    -------
+    TrainResult
+    """
+    cfg = cfg or TrainLoopConfig()
+    device, amp = resolve_device(cfg)
+    info = D.setup(device.type)
+    model.to(device)
+    ddp_model = D.wrap(model, device)
+    opt = make_optimizer(model, cfg)
+    y_train = np.asarray(train_data["label"], dtype=np.float32)
+    batches = D.ShardedBatches(len(y_train), cfg.batch_size, cfg.seed, True)
+    total_steps = max(1, cfg.max_epochs * len(batches))
+    res = TrainResult()
+    ckpt = Path(cfg.checkpoint_dir) / "checkpoint.safetensors" if cfg.checkpoint_dir else None
+    best: dict = {}
+    bad_epochs, start_epoch = 0, 0
+    if ckpt is not None and cfg.resume and ckpt.exists():
+        state, best = _load_checkpoint(ckpt, model, opt)
+        if state["config"]["batch_size"] != cfg.batch_size or state["config"]["seed"] != cfg.seed:
+            raise ValueError(f"{ckpt} was written with another batch_size/seed: remove it or set resume=False")
+        start_epoch, bad_epochs = state["epoch"], state["bad_epochs"]
+        res.steps, res.best_epoch, res.best_metric = state["step"], state["best_epoch"], state["best_metric"]
+        res.history, res.stopped_early = state["history"], state["stopped_early"]
+        if res.stopped_early:
+            start_epoch = cfg.max_epochs
+    from tqdm.auto import tqdm
+
+    for epoch in range(start_epoch, cfg.max_epochs):
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 7_919 + info.rank)  # dropout: a function of the epoch
+        batches.set_epoch(epoch)
+        ddp_model.train()
+        bar = tqdm(batches, total=len(batches), desc=f"epoch {epoch}", leave=False,
+                   disable=not (cfg.progress and info.rank == 0))
+        loss_sum, n_seen = 0.0, 0
+        for idx, global_n in bar:
+            t0 = time.perf_counter()
+            batch = _to(collate(train_data, idx), device)
+            labels = torch.from_numpy(y_train[idx]).to(device)
+            t1 = time.perf_counter()
+            lr = lr_at(res.steps, total_steps, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                _, loss = ddp_model(batch, labels)
+            # mean over the local shard -> share of the global batch (DDP averages over ranks)
+            (loss * (len(idx) * info.world_size / global_n)).backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            res.steps += 1
+            loss_sum, n_seen = loss_sum + float(loss.detach()) * len(idx), n_seen + len(idx)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            res.time_batching_s += t1 - t0
+            res.time_compute_s += t2 - t1
+            bar.set_postfix(loss=f"{loss_sum / max(n_seen, 1):.4f}", lr=f"{lr:.2e}")
+        bar.close()
+        row = {"epoch": epoch, "step": res.steps, "train_loss": loss_sum / max(n_seen, 1), "lr": lr,
+               "valid_pr_auc": float("nan"), "valid_log_loss": float("nan")}
+        if valid_data is not None:
+            t0 = time.perf_counter()
+            scores = valid_scores(predict_logits(model, valid_data, cfg.eval_batch_size, collate, device, amp),
+                                  valid_data["label"])
+            res.time_eval_s += time.perf_counter() - t0
+            row.update(valid_pr_auc=scores["pr_auc"], valid_log_loss=scores["log_loss"])
+            # PR-AUC; -log loss when valid has a single class (PR-AUC undefined)
+            metric = scores["pr_auc"] if not math.isnan(scores["pr_auc"]) else -scores["log_loss"]
+            if res.best_epoch < 0 or metric > res.best_metric:
+                res.best_epoch, res.best_metric, bad_epochs = epoch, metric, 0
+                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad_epochs += 1
+        res.history.append(row)
+        if info.rank == 0 and cfg.progress:
+            tqdm.write(f"epoch {epoch}: train loss {row['train_loss']:.4f}  valid PR-AUC "
+                       f"{row['valid_pr_auc']:.4f}  valid log loss {row['valid_log_loss']:.4f}")
+        res.stopped_early = valid_data is not None and cfg.patience > 0 and bad_epochs >= cfg.patience
+        if ckpt is not None and info.rank == 0:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            state = {"epoch": epoch + 1, "step": res.steps, "best_epoch": res.best_epoch,
+                     "best_metric": res.best_metric, "bad_epochs": bad_epochs, "history": res.history,
+                     "stopped_early": res.stopped_early, "config": dataclasses.asdict(cfg)}
+            _save_checkpoint(ckpt, model, best, opt, state)
+        stop = [bool(cb({**row, "model": model})) for cb in callbacks]
+        if res.stopped_early or any(stop):
+            break
+    res.epochs_run = len(res.history)
+    if best:
+        model.load_state_dict(best)
+    return res

@@ -1,0 +1,138 @@
+"""Event sequences: layout, tokens, train-only price edges, chunking, and no leakage past the cutoff."""
+from __future__ import annotations
+
+import json
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+
+from purchase_intent.sequences import (
+    EVENT_CODES, SEQUENCE_FIELDS, SequenceConfig, SequenceVocab, build_sequences, fit_vocab, stable_bucket,
+)
+
+CUTOFFS = ["2024-03-08", "2024-03-15", "2024-03-22"]
+
+
+def _con(events: pd.DataFrame, examples: pd.DataFrame | None = None) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    con.register("events_df", events)
+    con.execute("CREATE TABLE events AS SELECT * FROM events_df")
+    if examples is not None:
+        con.register("examples_df", examples)
+        con.execute("CREATE TABLE examples AS SELECT * FROM examples_df")
+    return con
+
+
+def _examples(events: pd.DataFrame) -> pd.DataFrame:
+    users = sorted(events["user_id"].unique())
+    rows = [(c, u) for c in CUTOFFS for u in users]
+    return pd.DataFrame({"example_id": np.arange(len(rows), dtype=np.int64),
+                         "user_id": [u for _, u in rows],
+                         "cutoff": pd.to_datetime([c for c, _ in rows]).astype("datetime64[us]")})
+
+
+def _build(events, examples, cfg=None, vocab=None):
+    cfg = cfg or SequenceConfig(max_seq_len=8)
+    con = _con(events, examples)
+    vocab = vocab or fit_vocab(con, "examples", cfg)
+    return build_sequences(con, "examples", cfg, vocab), vocab
+
+
+def test_tokens_match_the_events_right_aligned(tiny_events):
+    ex = _examples(tiny_events)
+    cfg = SequenceConfig(max_seq_len=8, item_buckets=97, category_buckets=13)
+    seq, vocab = _build(tiny_events, ex, cfg)
+    assert set(SEQUENCE_FIELDS) | {"mask", "example_id"} == set(seq)
+    assert all(seq[f].shape == (len(ex), 8) for f in SEQUENCE_FIELDS)
+    np.testing.assert_array_equal(seq["example_id"], ex["example_id"])
+    for r in range(len(ex)):
+        u, cut = ex.user_id[r], ex.cutoff[r]
+        ev = tiny_events[(tiny_events.user_id == u) & (tiny_events.ts < cut)].sort_values("ts", kind="stable")
+        n = min(len(ev), 8)
+        m = seq["mask"][r]
+        assert m.sum() == n and (not n or m[-n:].all())  # right-aligned: padding on the left
+        assert (seq["event"][r][~m] == 0).all() and (seq["item"][r][~m] == 0).all()
+        if n == 0:
+            continue
+        last = ev.iloc[-1]
+        assert seq["event"][r, -1] == EVENT_CODES[last.event]
+        assert seq["item"][r, -1] == stable_bucket(last.item_id, 97)
+        assert seq["category"][r, -1] == stable_bucket(last.category, 13)
+        assert seq["hour"][r, -1] == last.ts.hour + 1 and seq["weekday"][r, -1] == last.ts.isoweekday()
+        assert sorted(seq["event"][r, -n:]) == sorted(EVENT_CODES[e] for e in ev.event.iloc[-n:])
+        # time-to-cutoff buckets never increase towards the most recent event
+        assert (np.diff(seq["dt_cutoff"][r, -n:].astype(int)) <= 0).all()
+        if len(ev) <= 8:
+            assert seq["dt_prev"][r, -n] == 1  # the first event of the history has no predecessor
+    assert seq["price"][seq["mask"]].min() >= 1 and seq["price"].max() <= len(vocab.price_edges) + 1
+
+
+def test_no_leakage_from_events_at_or_after_the_cutoff(tiny_events):
+    ex = _examples(tiny_events)
+    base, vocab = _build(tiny_events, ex)
+    cut = pd.Timestamp(CUTOFFS[1])
+    rng = np.random.default_rng(1)
+    ev = tiny_events.copy()
+    after = ev.ts >= cut
+    # change, delete and add events at or after the middle cutoff
+    ev.loc[after, "event"] = "purchase"
+    ev.loc[after, "item_id"] = "changed"
+    ev.loc[after, "price"] = 999.0
+    ev = ev.drop(ev[after].sample(frac=0.3, random_state=0).index)
+    extra = ev.sample(20, random_state=0).copy()
+    extra["ts"] = (cut + pd.to_timedelta(rng.integers(0, 3 * 86400, 20), unit="s")).astype("datetime64[us]")
+    extra.iloc[0, extra.columns.get_loc("ts")] = cut  # exactly at the cutoff: still invisible
+    ev = pd.concat([ev, extra], ignore_index=True)
+    pert, _ = _build(ev, ex, vocab=vocab)
+    early = (ex.cutoff <= cut).to_numpy()
+    for f in list(SEQUENCE_FIELDS) + ["mask"]:
+        np.testing.assert_array_equal(base[f][early], pert[f][early], err_msg=f)
+    assert any((base[f][~early] != pert[f][~early]).any() for f in SEQUENCE_FIELDS)
+
+
+def test_price_edges_use_train_events_only(tiny_events):
+    ex = _examples(tiny_events)
+    con = _con(tiny_events, ex)
+    cfg = SequenceConfig(max_seq_len=8, price_buckets=4)
+    v1 = fit_vocab(con, "examples", cfg)
+    ev = tiny_events.copy()
+    ev.loc[ev.ts >= pd.Timestamp(CUTOFFS[-1]), "price"] = 1e6  # invisible to every train example
+    v2 = fit_vocab(_con(ev, ex), "examples", cfg)
+    assert v1.price_edges == v2.price_edges and len(v1.price_edges) == 3
+    v3 = fit_vocab(con, ex.example_id[ex.cutoff == pd.Timestamp(CUTOFFS[0])].to_numpy(), cfg)
+    assert v3.price_edges != v1.price_edges  # ids select the train examples from `examples`
+    d = json.loads(json.dumps(v1.to_dict()))
+    assert SequenceVocab.from_dict(d) == v1
+
+
+def test_chunking_single_user_and_memmap(tiny_events, tmp_path):
+    ex = _examples(tiny_events)
+    full, vocab = _build(tiny_events, ex)
+    small_chunks = SequenceConfig(max_seq_len=8, chunk_size=5)
+    chunked = build_sequences(_con(tiny_events, ex), "examples", small_chunks, vocab, out_dir=tmp_path)
+    for f in list(SEQUENCE_FIELDS) + ["mask"]:
+        np.testing.assert_array_equal(full[f], np.asarray(chunked[f]))
+    assert (tmp_path / "item.npy").exists()
+    # serving: a connection with one user's events and one example (as a DataFrame) gives the same row
+    r = 5 + len(ex) // 3
+    one = ex.iloc[[r]].assign(example_id=0)
+    con = _con(tiny_events[tiny_events.user_id == ex.user_id[r]])
+    single = build_sequences(con, one, None, vocab)
+    for f in SEQUENCE_FIELDS:
+        np.testing.assert_array_equal(single[f][0], full[f][r])
+
+
+def test_config_mismatch_and_unknown_user(tiny_events):
+    ex = pd.DataFrame({"example_id": [0], "user_id": ["nobody"],
+                       "cutoff": pd.to_datetime(["2024-03-20"]).astype("datetime64[us]")})
+    seq, vocab = _build(tiny_events, ex)
+    assert not seq["mask"].any() and seq["event"].sum() == 0
+    with pytest.raises(ValueError, match="item_buckets"):
+        build_sequences(_con(tiny_events, ex), "examples", SequenceConfig(item_buckets=7), vocab)
+
+
+def test_stable_bucket_is_md5():
+    assert stable_bucket("i1", 1000) == 1 + 706652275669948702 % 1000
+    assert stable_bucket(None, 10) == 0

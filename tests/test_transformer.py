@@ -1,0 +1,142 @@
+"""The Transformer module and its estimator: shapes, padding, ablations, save/load, learning."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from purchase_intent.models.classifier import TransformerClassifier
+from purchase_intent.models.transformer import PRESETS, BehaviourTransformer, flops_per_sequence, preset
+from purchase_intent.sequences import SequenceVocab
+
+SIZES = {"event": 7, "item": 31, "category": 5}
+
+
+def _batch(B=4, T=6, F=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    batch = {f: torch.randint(1, n, (B, T), generator=g) for f, n in SIZES.items()}
+    lengths = torch.tensor([T, 3, 1, 0][:B])
+    batch["mask"] = torch.arange(T)[None, :] >= (T - lengths)[:, None]  # right-aligned
+    for f in SIZES:
+        batch[f] = batch[f] * batch["mask"]
+    batch["tabular"] = torch.randn(B, F, generator=g)
+    return batch
+
+
+def order_task(n, T=16, n_items=20, seed=0):
+    """Label = a cart of item x comes before the view of x (else after): order is the only signal."""
+    rng = np.random.default_rng(seed)
+    L = rng.integers(4, T + 1, size=n)
+    ev = rng.choice([1, 2, 4], size=(n, T), p=[0.7, 0.2, 0.1])
+    item = rng.integers(1, n_items + 1, size=(n, T))
+    y = rng.integers(0, 2, size=n)
+    mask = np.arange(T)[None, :] >= (T - L)[:, None]
+    for r in range(n):
+        a, b = np.sort(rng.choice(np.arange(T - L[r], T), 2, replace=False))
+        x = rng.integers(1, n_items + 1)
+        item[r][item[r] == x] = x % n_items + 1  # x appears only in the pair
+        ev[r, a], ev[r, b] = (2, 1) if y[r] else (1, 2)
+        item[r, a] = item[r, b] = x
+    ev[~mask], item[~mask] = 0, 0
+    tab = np.stack([(ev == k).sum(1) for k in (1, 2, 4)] + [L], 1).astype(np.float32)  # order-blind counts
+    return {"event": ev.astype(np.uint8), "item": item.astype(np.int16), "mask": mask, "tabular": tab}, y
+
+
+def test_forward_backward_shapes_and_loss():
+    torch.manual_seed(0)
+    m = BehaviourTransformer(preset("tiny", field_sizes=SIZES, n_tabular=3, max_seq_len=8))
+    b = _batch()
+    logits, loss = m(b)
+    assert logits.shape == (4,) and loss is None
+    logits, loss = m(b, torch.tensor([1.0, 0, 0, 1]))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for n, p in m.named_parameters() if p.requires_grad)
+    m.cfg.pos_weight = 5.0
+    _, weighted = m(b, torch.tensor([1.0, 0, 0, 1]))
+    assert weighted > loss
+
+
+def test_padding_is_invisible_and_trimming_keeps_logits():
+    torch.manual_seed(0)
+    m = BehaviourTransformer(preset("tiny", field_sizes=SIZES, n_tabular=3, max_seq_len=8)).eval()
+    b = _batch()
+    ref, _ = m(b)
+    noisy = dict(b)
+    for f in SIZES:  # garbage in padded slots must not matter
+        noisy[f] = torch.where(b["mask"], b[f], torch.randint(1, SIZES[f], b[f].shape))
+    out, _ = m(noisy)
+    torch.testing.assert_close(out, ref)
+    wider = {k: (torch.cat([torch.zeros_like(v[:, :2]), v], 1) if k != "tabular" else v) for k, v in b.items()}
+    torch.testing.assert_close(m(wider)[0], ref, rtol=1e-5, atol=1e-6)  # extra left padding: same ranks
+    trimmed = {k: (v[:, 3:] if k != "tabular" else v) for k, v in b.items()}
+    torch.testing.assert_close(m(trimmed)[0][1:], ref[1:], rtol=1e-5, atol=1e-6)
+
+
+def test_ablation_switches_and_presets(capsys):
+    b = _batch()
+    for seq, tab in [(True, False), (False, True), (True, True)]:
+        m = BehaviourTransformer(preset("tiny", field_sizes=SIZES, n_tabular=3, max_seq_len=8,
+                                        use_sequence=seq, use_tabular=tab))
+        assert m(b)[0].shape == (4,)
+        assert hasattr(m, "blocks") == seq and hasattr(m, "tab_mlp") == tab
+    with pytest.raises(ValueError):
+        BehaviourTransformer(preset("tiny", use_sequence=False, use_tabular=False))
+    counts = [BehaviourTransformer(preset(p, field_sizes=SIZES, n_tabular=3)).num_parameters() for p in PRESETS]
+    assert counts == sorted(counts) and preset("small").d_model == 64 and preset("small").n_layers == 2
+    assert flops_per_sequence(preset("small"), 200) > flops_per_sequence(preset("tiny"), 200)
+
+
+def _data(n, seed):
+    rng = np.random.default_rng(seed)
+    X, y = order_task(n, seed=seed)
+    X["tabular"] = np.concatenate([X["tabular"], rng.normal(size=(n, 1))], 1)
+    X["tabular"][rng.random(n) < 0.1, 0] = np.nan  # NaN is imputed inside the estimator
+    return X, y
+
+
+def test_classifier_contract_save_load(tmp_path):
+    X, y = _data(96, 0)
+    Xv, yv = _data(48, 1)
+    vocab = SequenceVocab()
+    clf = TransformerClassifier(max_epochs=2, batch_size=32, vocab=vocab, random_state=3)
+    assert clf.get_params()["vocab"] is vocab
+    assert clf.fit(X, y, X_valid=Xv, y_valid=yv) is clf
+    X_sub = {k: v for k, v in X.items() if k in ("event", "item", "mask", "tabular")}
+    p = clf.predict_proba(X_sub)
+    assert p.shape == (96, 2) and np.allclose(p.sum(1), 1) and np.isfinite(p).all()
+    assert clf.model_config_.field_sizes == {f: vocab.field_sizes()[f] for f in ("event", "item")}
+    clf.save(tmp_path)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["params"]["vocab"]["cfg"]["item_buckets"] == vocab.cfg.item_buckets
+    loaded = TransformerClassifier.load(tmp_path)
+    np.testing.assert_allclose(loaded.predict_proba(X_sub), p, rtol=1e-5, atol=1e-6)
+    assert loaded.vocab_ == vocab
+    # no valid set: a temporal holdout (last rows); ablations and max_seq_len cut
+    for kw in (dict(inputs="sequence", max_seq_len=4), dict(inputs="tabular", calibration="platt")):
+        q = TransformerClassifier(max_epochs=1, batch_size=32, **kw).fit(X, y).predict_proba(X)
+        assert q.shape == (96, 2)
+
+
+def test_same_seed_same_model():
+    X, y = _data(64, 0)
+    a = TransformerClassifier(max_epochs=2, batch_size=16, random_state=1).fit(X, y).decision_function(X)
+    b = TransformerClassifier(max_epochs=2, batch_size=16, random_state=1).fit(X, y).decision_function(X)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_learns_an_order_only_task():
+    """Counts cannot tell the classes apart; the Transformer must read the order (about 2 min)."""
+    X, y = order_task(10000, n_items=10, seed=0)
+    Xv, yv = order_task(1000, n_items=10, seed=1)
+    Xt, yt = order_task(2000, n_items=10, seed=2)
+    kw = dict(max_epochs=15, lr=3e-3, batch_size=128, dropout=0.0, patience=15)
+    seq = TransformerClassifier(preset="tiny", n_layers=2, **kw).fit(X, y, Xv, yv)
+    tab = TransformerClassifier(inputs="tabular", **kw).fit(X, y, Xv, yv)
+    assert roc_auc_score(yt, seq.predict_proba(Xt)[:, 1]) > 0.75
+    assert roc_auc_score(yt, tab.predict_proba(Xt)[:, 1]) < 0.6
