@@ -247,8 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .score import add_score_parser
     from .serve.app import add_serve_parser
 
+    from .explain import add_explain_parser
+    from .report import add_report_parser
+
     add_score_parser(sub)
     add_serve_parser(sub)
+    add_explain_parser(sub)
+    add_report_parser(sub)
     return parser
 
 

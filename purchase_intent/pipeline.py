@@ -84,6 +84,8 @@ def build(label_cfg: LabelConfig, feature_cfg: FeatureConfig | None = None, work
     feature_cfg = feature_cfg or FeatureConfig()
     if label_cfg.task == "session" and label_cfg.session_gap:
         feature_cfg = dataclasses.replace(feature_cfg, session_gap=label_cfg.session_gap)
+    # hour-of-day and weekday features read the clock of the shop's time zone
+    feature_cfg = dataclasses.replace(feature_cfg, tz=label_cfg.tz)
     t0 = time.perf_counter()
     con = ws.connect()
     _log(f"building {label_cfg.task}-task examples ...", quiet)
@@ -422,10 +424,10 @@ def compare(runs: Sequence[str], workspace=None, n_boot: int = 1000, quiet: bool
         metrics[r]["paired"] = entry
         _write_json(ws.run_dir(r) / "metrics.json", metrics[r])
     rows = {r: metrics[r]["test"] for r in runs}
-    table = "test window\n" + comparison_table(rows, {r: {**e.get("test", {})} for r, e in paired.items() if "test" in e})
+    table = "test window\n" + comparison_table(rows, {r: {"reference": reference, **e["test"]} for r, e in paired.items() if "test" in e})
     if all("backtest" in metrics[r] for r in runs):
         rows_bt = {r: metrics[r]["backtest"]["pooled"] for r in runs}
-        pb = {r: e["backtest"] for r, e in paired.items() if "backtest" in e}
+        pb = {r: {"reference": reference, **e["backtest"]} for r, e in paired.items() if "backtest" in e}
         table += "\n\npooled backtest\n" + comparison_table(rows_bt, pb)
     if reference:
         table += f"\n\nΔAUC: difference to {reference} (best baseline by valid ROC-AUC), paired bootstrap 95% CI"
@@ -437,7 +439,7 @@ def compare(runs: Sequence[str], workspace=None, n_boot: int = 1000, quiet: bool
 def run(data: str | Path | Sequence[str | Path] | None, data_cfg: DataConfig, label_cfg: LabelConfig,
         feature_cfg: FeatureConfig | None = None, models: Sequence[str] = BASELINES, backtest: int = 0,
         train_cfg: TrainConfig | None = None, params: dict[str, dict] | None = None, workspace=None,
-        n_boot: int = 1000, quiet: bool = False) -> str:
+        n_boot: int = 1000, report: bool = True, quiet: bool = False) -> str:
     """ingest -> build -> train -> evaluate for each model; returns (and prints) the comparison table.
 
     Each model's run is saved under ``<workspace>/runs/<model>``.
@@ -462,6 +464,10 @@ def run(data: str | Path | Sequence[str | Path] | None, data_cfg: DataConfig, la
         done.append("ensemble")
     table = compare(done, ws, n_boot=n_boot, quiet=quiet)
     _log("\n" + table, quiet)
+    if report:
+        from .report import write_report
+
+        _log(f"\nreport: {write_report(ws, done)}", quiet)
     return table
 
 
