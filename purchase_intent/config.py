@@ -100,6 +100,7 @@ class FeatureConfig:
     windows: tuple[str, ...] = ("1d", "7d", "28d")  # count windows before the cutoff
     history: Optional[str] = None  # how far back any feature looks; None = all history
     session_gap: str = "30min"  # inactivity gap that splits sessions when the data has no session ids
+    tz: str = "UTC"  # time zone of the hour-of-day / weekday activity shares
 
 
 @dataclass

@@ -1,0 +1,120 @@
+"""Tabular features: documented columns, values against a plain pandas reference, one user = batch."""
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+
+from purchase_intent.config import FeatureConfig, LabelConfig
+from purchase_intent.features import FEATURES, compute_features, feature_docs
+from purchase_intent.labels import build_examples, single_example
+
+USER = LabelConfig(task="user", lookback="7d", horizon="3d", step="2d")
+SESSION = LabelConfig(task="session", step="3d")
+CFG = FeatureConfig(windows=("1d", "7d"), tz="Asia/Shanghai")
+
+
+def _con(events: pd.DataFrame) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    con.register("events_df", events)
+    con.execute("CREATE TABLE events AS SELECT * FROM events_df")
+    con.unregister("events_df")
+    return con
+
+
+def _build(events, lcfg, fcfg=CFG):
+    con = _con(events)
+    ex = build_examples(con, lcfg)
+    con.register("examples", ex)
+    return ex.to_pandas(), compute_features(con, "examples", fcfg)
+
+
+def test_every_column_is_documented(tiny_events):
+    for lcfg, session in ((USER, False), (SESSION, True)):
+        ex, X = _build(tiny_events, lcfg)
+        assert list(X.columns) == list(feature_docs(CFG, session))
+        assert X.index.name == "example_id" and list(X.index) == list(ex["example_id"])
+        assert (X.dtypes == "float64").all()
+        assert all(isinstance(d, str) and d for d in feature_docs(CFG, session).values())
+    _, X = _build(tiny_events, SESSION, FeatureConfig())
+    assert list(X.columns) == list(FEATURES)  # FEATURES documents the default configuration
+
+
+def _reference(events: pd.DataFrame, ex: pd.DataFrame) -> pd.DataFrame:
+    """The same features, the slow obvious way, one example at a time."""
+    rows = []
+    for r in ex.itertuples():
+        h = events[(events["user_id"] == r.user_id) & (events["ts"] < r.cutoff)]
+        age_h = (r.cutoff - h["ts"]) / pd.Timedelta(hours=1)
+        local = h["ts"].dt.tz_localize("UTC").dt.tz_convert("Asia/Shanghai")
+        out = {"n_events_all": len(h), "days_since_first_event": age_h.max() / 24,
+               "n_items": h["item_id"].nunique(), "n_categories": h["category"].nunique(),
+               "n_items_carted_not_bought": len(set(h.item_id[h.event == "cart"]) - set(h.item_id[h.event == "purchase"])),
+               "spend": h.price[h.event == "purchase"].sum(), "price_mean": h.price.mean(),
+               "price_max": h.price.max(), "price_std": h.price.std(ddof=1),
+               "n_sessions": h["session_id"].nunique(),
+               "minutes_per_session": h.groupby("session_id")["ts"].agg(lambda t: (t.max() - t.min()).total_seconds()).sum()
+               / 60 / max(h["session_id"].nunique(), 1),
+               "share_night": (local.dt.hour < 6).mean(), "share_sun": (local.dt.day_of_week == 6).mean()}
+        for t in ("view", "cart", "purchase", "wishlist"):
+            out[f"n_{t}_all"] = (h.event == t).sum()
+            out[f"hours_since_last_{t}"] = age_h[h.event == t].min()
+            for w, hours in (("1d", 24), ("7d", 168)):
+                out[f"n_{t}_{w}"] = ((h.event == t) & (age_h <= hours)).sum()
+        if not pd.isna(r.session_start):
+            s = h[h["ts"] >= r.session_start]
+            out.update(ses_n_events=len(s), ses_n_view=(s.event == "view").sum(), ses_n_items=s.item_id.nunique(),
+                       ses_n_items_carted=s.item_id[s.event == "cart"].nunique(),
+                       ses_minutes=(s.ts.max() - r.session_start).total_seconds() / 60)
+        rows.append(out)
+    return pd.DataFrame(rows, index=ex["example_id"]).astype(float)
+
+
+@pytest.mark.parametrize("lcfg", [USER, SESSION], ids=["user", "session"])
+def test_values_match_a_pandas_reference(tiny_events, lcfg):
+    ex, X = _build(tiny_events, lcfg)
+    ref = _reference(tiny_events, ex)
+    assert len(ref.columns) > 20
+    pd.testing.assert_frame_equal(X[ref.columns], ref, check_names=False, rtol=1e-9, atol=1e-9)
+
+
+def test_bounded_history_path_agrees_when_the_bound_is_long(tiny_events):
+    for lcfg in (USER, SESSION):
+        _, X = _build(tiny_events, lcfg)
+        _, Y = _build(tiny_events, lcfg, FeatureConfig(windows=CFG.windows, tz=CFG.tz, history="3650d"))
+        pd.testing.assert_frame_equal(X, Y, rtol=1e-9, atol=1e-9)
+    _, X = _build(tiny_events, USER)
+    _, Z = _build(tiny_events, USER, FeatureConfig(windows=CFG.windows, tz=CFG.tz, history="1d"))
+    assert (Z["n_events_all"] == Z["n_events_1d"]).all() and (Z["n_events_all"] <= X["n_events_all"]).all()
+
+
+@pytest.mark.parametrize("lcfg", [USER, SESSION], ids=["user", "session"])
+def test_one_user_at_serving_equals_batch(tiny_events, lcfg):
+    ex, X = _build(tiny_events, lcfg)
+    for i in (0, len(ex) // 2, len(ex) - 1):
+        row = ex.iloc[i]
+        mine = tiny_events[tiny_events["user_id"] == row["user_id"]]
+        con = _con(mine)  # the request's events only
+        one = single_example(con, row["user_id"], row["cutoff"].to_pydatetime(), lcfg)
+        con.register("examples", one)
+        got = compute_features(con, "examples", CFG)
+        assert got.shape == (1, X.shape[1])
+        np.testing.assert_allclose(got.to_numpy()[0], X.loc[row["example_id"]].to_numpy(), rtol=1e-9, equal_nan=True)
+
+
+def test_missing_values_without_prices_or_history(tiny_events):
+    ev = tiny_events.assign(price=np.nan)
+    ex, X = _build(ev, USER)
+    assert X[["price_mean", "price_max", "price_std", "cart_price_mean"]].isna().all().all()
+    bought = X["n_purchase_all"] > 0
+    assert X.loc[bought, "spend"].isna().all() and (X.loc[~bought, "spend"] == 0).all()
+    assert (X.loc[X["n_cart_all"] == 0, "hours_since_last_cart"].isna()).all()
+    shares = X[[c for c in X.columns if c.startswith("share_") and c[6:] in ("night", "morning", "afternoon", "evening")]]
+    np.testing.assert_allclose(shares.sum(axis=1), 1.0)
+    # an example whose user has no event before the cutoff: zero counts, NaN elsewhere
+    con = _con(tiny_events)
+    con.register("examples", pd.DataFrame({"example_id": [7], "user_id": ["u0"],
+                                           "cutoff": [tiny_events["ts"].min().to_pydatetime()]}))
+    one = compute_features(con, "examples", CFG)
+    assert one.loc[7, "n_events_all"] == 0 and np.isnan(one.loc[7, "hours_since_last_event"])
