@@ -354,7 +354,8 @@ def _assign(cols: dict[str, np.ndarray], groups: list[tuple[str, list[int]]]) ->
     split = np.full(len(cols["period"]), "", dtype="<U5")
     for name, periods in groups:
         split[np.isin(cols["period"], periods)] = name
-    n_gap = 0
+    n_gap = int((split == "").sum())  # periods skipped between splits
+    split[split == ""] = "gap"
     for i, (name, _) in enumerate(groups[:-1]):
         later = np.isin(split, [g for g, _ in groups[i + 1:]])
         if not later.any():
@@ -428,10 +429,33 @@ def split_examples(examples, cfg: LabelConfig) -> tuple[np.ndarray, SplitInfo]:
         raise ValueError(f"{len(periods)} periods cannot hold {n_test} test + {n_valid} valid periods "
                          f"and at least one train period: use more data or a smaller step")
     test = periods[-n_test:]
-    valid = periods[-n_test - n_valid:-n_test] if n_valid else []
-    train = periods[:len(periods) - n_test - n_valid]
+    train, valid = _before(cols, periods[:-n_test], test, n_valid)
     split, n_gap = _assign(cols, [("train", train), ("valid", valid), ("test", test)])
     return split, _info(cols, split, n_gap)
+
+
+def _before(cols: dict[str, np.ndarray], earlier: list[int], test: list[int], n_valid: int) -> tuple[list[int], list[int]]:
+    """(train, valid) periods before the test periods.
+
+    Valid is the latest `n_valid` periods whose label windows close by the first test cutoff; when
+    the horizon is longer than the step, the periods in between would only be gap, so they are
+    skipped (and counted as gap) rather than emptying the validation split.
+    """
+    first_test = cols["cutoff"][np.isin(cols["period"], test)].min()
+    valid: list[int] = []
+    for p in reversed(earlier):
+        if len(valid) == n_valid:
+            break
+        in_p = cols["period"] == p
+        if np.mean(cols["label_end"][in_p] <= first_test) >= 0.5:
+            valid.insert(0, p)
+    if n_valid and len(valid) < n_valid:
+        raise ValueError("no period before the test window has label windows that close before it: "
+                         "use more data, a shorter horizon or a longer step")
+    train = [p for p in earlier if p < min(valid)] if valid else list(earlier)
+    if not train:
+        raise ValueError("no train period is left before the validation window: use more data or a smaller step")
+    return train, valid
 
 
 @dataclass
@@ -460,8 +484,9 @@ def backtest_folds(examples, k: int, cfg: LabelConfig) -> list[Fold]:
     folds = []
     for i, p in enumerate(periods[-k:]):
         j = periods.index(p)
-        valid, train = periods[j - n_valid:j], periods[:j - n_valid]
+        train, valid = _before(cols, periods[:j], [p], n_valid)
         split, n_gap = _assign(cols, [("train", train), ("valid", valid), ("test", [p])])
+        n_gap -= int((cols["period"] > p).sum())  # later periods are outside this fold, not gap
         test = split == "test"
         folds.append(Fold(index=i, test_period=p,
                           cutoff=_EPOCH + timedelta(microseconds=int(cols["cutoff"][test].min())),

@@ -98,10 +98,11 @@ def test_split_orders_by_time_and_applies_the_gap_rule():
     assert info.n_gap == 0 and info.splits["test"]["periods"] == [4]
     assert info.splits["train"]["positive_rate"] == pytest.approx(df["label"][:12].mean())
     assert "valid" in str(info) and info.splits["valid"]["first_cutoff"] == "2024-01-04T00:00:00"
-    # horizon 2d: train period 2 and valid period 3 reach into the next split
+    # horizon 2d: period 3 would reach into test, so valid is period 2 and period 1 (reaching into
+    # valid) is gap too; the validation split is never emptied by the gap rule
     df = _examples(horizon=2 * D)
     split, info = split_examples(df, cfg)
-    assert list(split) == ["train"] * 8 + ["gap"] * 8 + ["test"] * 4
+    assert list(split) == ["train"] * 4 + ["gap"] * 4 + ["valid"] * 4 + ["gap"] * 4 + ["test"] * 4
     assert info.n_gap == 8
     split, _ = split_examples(df, LabelConfig(valid_cutoffs=0, test_cutoffs=2))
     assert list(split) == ["train"] * 8 + ["gap"] * 4 + ["test"] * 8
@@ -222,3 +223,28 @@ def test_taobao_head_user_task(shared_data):
     print("\n" + rates.to_string() + "\n" + info.describe())
     assert (rates["size"] > 300).all() and rates["mean"].between(0.05, 0.4).all()
     assert info.n_gap == 0 and info.splits["test"]["n"] == rates["size"].iloc[-1]
+
+
+def test_horizon_longer_than_step_skips_to_a_clean_valid_period():
+    """With horizon 2d and step 1d the period right before test cannot be valid (its label window
+    reaches into the test window): it becomes gap and the period before it is valid, not an empty split."""
+    from purchase_intent.labels import split_examples
+
+    day = pd.Timedelta("1d")
+    t0 = pd.Timestamp("2024-01-10")
+    rows = []
+    for p in range(6):
+        for u in range(4):
+            rows.append(dict(period=p, cutoff=t0 + p * day, label_end=t0 + p * day + 2 * day, label=u % 2))
+    ex = pd.DataFrame(rows)
+    split, info = split_examples(ex, LabelConfig(horizon="2d", step="1d"))
+    by_period = {p: set(split[ex["period"] == p]) for p in range(6)}
+    assert by_period[5] == {"test"}
+    assert by_period[4] == {"gap"}
+    assert by_period[3] == {"valid"}
+    assert by_period[2] == {"gap"} and by_period[1] == {"train"} and by_period[0] == {"train"}
+    assert info.n_gap == 8
+    valid_end = ex["label_end"][split == "valid"].max()
+    assert valid_end <= ex["cutoff"][split == "test"].min()
+    train_end = ex["label_end"][split == "train"].max()
+    assert train_end <= ex["cutoff"][split == "valid"].min()
