@@ -155,8 +155,9 @@ def cmd_run(a: argparse.Namespace) -> int:
 
         if not a.label:
             raise SystemExit("error: --table needs --label COLUMN")
-        result = run_table(a.table, a.label, time_column=a.time_column, models=models, seed=a.seed)
-        print(result["table"] if isinstance(result, dict) and "table" in result else json.dumps(result, indent=2, default=str))
+        run_table(a.table, a.label, time_column=a.time_column, models=models, seed=a.seed, n_boot=a.n_boot,
+                  min_positives=a.min_positives, min_negatives=a.min_negatives,
+                  out_dir=os.path.join(a.workspace, "runs", "table"))  # prints the comparison table
         return 0
     if not a.data:
         raise SystemExit("error: run needs --data PATH (or --table FILE --label COLUMN)")

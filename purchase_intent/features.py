@@ -24,6 +24,7 @@ whose ``events`` holds one user's events and whose examples table has one row. S
 from __future__ import annotations
 
 import duckdb
+import numpy as np
 import pandas as pd
 
 from .config import FeatureConfig, parse_duration
@@ -34,6 +35,8 @@ _HOUR_US = 3_600_000_000
 _DAY_US = 24 * _HOUR_US
 _DAYPARTS = {"night": (0, 6), "morning": (6, 12), "afternoon": (12, 18), "evening": (18, 24)}
 _WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_TIE_COLUMNS = ("event", "item_id", "category", "price", "session_id")  # after ts, NULLs last
+_TIE_ORDER = ", ".join(["ts"] + [f"{c} NULLS LAST" for c in _TIE_COLUMNS])
 
 
 def _us(text: str) -> int:
@@ -108,7 +111,9 @@ def features_sql(cfg: FeatureConfig, examples: str = "examples", events: str = "
     if session:
         edges.append("SELECT session_start FROM x WHERE session_start IS NOT NULL")
     # seconds since the previous event of the same session (NULL: the event starts a session);
-    # sessions are the data's session_id where the event has one, else inactivity gaps
+    # sessions are the data's session_id where the event has one, else inactivity gaps. Events
+    # with the same ts are ordered by their other columns, so the result never depends on how
+    # the rows happen to be stored (a whole log and one user's request give the same values)
     d_user = "(epoch_us(ts) - epoch_us(lag(ts) OVER wu)) / 1e6"
     by_gap = f"CASE WHEN {d_user} <= {_us(cfg.session_gap) / 1e6} THEN {d_user} END"
     sess_prev = (f"CASE WHEN session_id IS NULL THEN {by_gap} "
@@ -214,7 +219,7 @@ def features_sql(cfg: FeatureConfig, examples: str = "examples", events: str = "
         SELECT user_id, ts, event, item_id, category, price, hour({local}) AS hour, isodow({local}) AS dow,
                {sess_prev} AS sess_prev_s
         FROM {events} WHERE user_id IN (SELECT DISTINCT user_id FROM x)
-        WINDOW wu AS (PARTITION BY user_id ORDER BY ts), ws AS (PARTITION BY user_id, session_id ORDER BY ts)
+        WINDOW wu AS (PARTITION BY user_id ORDER BY {_TIE_ORDER}), ws AS (PARTITION BY user_id, session_id ORDER BY ts)
     ),
     -- "facts" dated by the event that made them true (an item first seen, first carted, carted and
     -- bought); a fact counts at a cutoff iff that event is before it, i.e. iff the fact was true
@@ -258,3 +263,187 @@ def compute_features(con: duckdb.DuckDBPyConnection, examples: str = "examples",
     df = con.sql(features_sql(cfg, examples, events, session=bool(session), session_ids=bool(ids))).df()
     df = df.set_index("example_id")
     return df.astype("float64")
+
+
+# ---------------------------------------------------------------------------------------------
+# the same definitions in numpy, for a few users (serving): no SQL to parse, bind and plan
+_CODES = {t: i for i, t in enumerate(EVENT_TYPES)}  # other / unknown -> len(EVENT_TYPES), NULL -> -1
+
+
+def _col(events, name: str) -> np.ndarray:
+    """One column of a frame or a mapping of lists as a numpy array (NULL: None; price: NaN)."""
+    if name == "ts":
+        return np.asarray(events[name], "datetime64[us]")
+    if name == "price":
+        try:
+            return np.asarray(events[name], np.float64)  # None -> NaN
+        except (TypeError, ValueError):
+            return np.asarray(pd.to_numeric(pd.Series(events[name], dtype=object)), np.float64)
+    col = events[name]
+    out = np.asarray(col, dtype=object)
+    if hasattr(col, "isna"):  # pandas: NaN / NA / None -> None
+        out = out.copy()
+        out[np.asarray(col.isna())] = None
+    return out
+
+
+def _rank(values: np.ndarray) -> np.ndarray:
+    """(E,) int64 sort rank of each value (strings by code point = DuckDB's byte order), NULL
+    last; equal values share a rank, so it also serves as a factorisation."""
+    if values.dtype.kind == "f":
+        uniq, inv = np.unique(values, return_inverse=True)  # NaN sorts last
+        return inv.astype(np.int64)
+    keys = values.tolist()
+    uniq = sorted({k for k in keys if k is not None})
+    rank = {k: i for i, k in enumerate(uniq)}
+    return np.array([rank[k] if k is not None else len(uniq) for k in keys], np.int64)
+
+
+def _session_gaps(uid: np.ndarray, ts: np.ndarray, sid: np.ndarray, gap_s: float) -> np.ndarray:
+    """``sess_prev_s`` of ``features_sql`` for events sorted by (user, ts): seconds since the
+    previous event of the same session (data session id, else the user's previous event within
+    ``gap_s``); NaN where the event starts a session. (E,) float64."""
+    n = len(ts)
+    d_user = np.full(n, np.nan)
+    same = uid[1:] == uid[:-1]
+    d_user[1:][same] = (ts[1:] - ts[:-1])[same] / 1e6
+    out = np.where(d_user <= gap_s, d_user, np.nan)
+    has = np.flatnonzero([v is not None for v in sid.tolist()])
+    if len(has):
+        key = _rank(np.array([f"{u}\x00{v}" for u, v in zip(uid[has].tolist(), sid[has].tolist())], object))
+        order = has[np.lexsort((ts[has], key))]  # by session, then time
+        k = key[np.lexsort((ts[has], key))]
+        d = np.full(len(order), np.nan)
+        d[1:] = np.where(k[1:] == k[:-1], (ts[order][1:] - ts[order][:-1]) / 1e6, np.nan)
+        out[order] = d
+    return out
+
+
+def compute_features_frame(events, examples: pd.DataFrame, cfg: FeatureConfig = FeatureConfig()) -> pd.DataFrame:
+    """``compute_features`` for in-memory events of a few users, in numpy (the serving path).
+
+    The definitions are those of ``features_sql``, written out per example; ``tests/test_features.py``
+    checks both agree on every feature (NaN where the SQL gives NULL) on random logs. Use it for
+    one or a few users (cost is linear in examples x their events); whole logs go through SQL.
+
+    Parameters
+    ----------
+    events : DataFrame or mapping of columns (user_id, ts, event, item_id, category, price,
+        session_id), any order; NaN / None are NULL.
+    examples : DataFrame with example_id, user_id, cutoff[, session_start].
+
+    Returns
+    -------
+    pandas.DataFrame (n_examples, n_features) of float64, exactly as ``compute_features``.
+    """
+    session = "session_start" in examples.columns and bool(examples["session_start"].notna().any())
+    names = list(feature_docs(cfg, session))
+    col = {n: i for i, n in enumerate(names)}
+    x_ids = np.asarray(examples["example_id"], dtype=np.int64)
+    x_users = np.asarray(examples["user_id"], dtype=object)
+    x_cut = np.asarray(examples["cutoff"], dtype="datetime64[us]").astype(np.int64)
+    x_start = (np.asarray(examples["session_start"], dtype="datetime64[us]").astype(np.int64) if session
+               else np.zeros(len(x_ids), np.int64))
+    x_has_start = np.asarray(pd.notna(examples["session_start"])) if session else np.zeros(len(x_ids), bool)
+    out = np.full((len(x_ids), len(names)), np.nan)
+    counts = np.array([n.startswith(("n_", "ses_n_")) for n in names])
+    out[:, counts] = 0.0
+
+    uid = _col(events, "user_id")
+    wanted = set(x_users.tolist())
+    keep = np.array([u in wanted for u in uid.tolist()], bool)
+    uid = uid[keep]
+    ts = _col(events, "ts")[keep].astype(np.int64)
+    cols = {c: _col(events, c)[keep] for c in _TIE_COLUMNS}
+    ties = [_rank(cols[c]) for c in reversed(_TIE_COLUMNS)]  # as ``_TIE_ORDER`` (NULLs last)
+    order = np.lexsort((*ties, ts, _rank(uid))) if len(ts) else np.zeros(0, np.int64)
+    uid, ts = uid[order], ts[order]
+    take = lambda name: cols[name][order]  # noqa: E731
+    ev_raw, sid = take("event"), take("session_id")
+    ev = np.array([-1 if e is None else _CODES.get(e, len(EVENT_TYPES)) for e in ev_raw.tolist()], np.int64)
+    price = take("price")
+    item, cat = take("item_id"), take("category")
+    item = np.where([v is None for v in item.tolist()], -1, _rank(item))  # -1 = NULL
+    cat = np.where([v is None for v in cat.tolist()], -1, _rank(cat))
+    sess = _session_gaps(uid, ts, sid, _us(cfg.session_gap) / 1e6)
+    if cfg.tz == "UTC":
+        hour, dow = (ts // _HOUR_US) % 24, (ts // _DAY_US + 3) % 7 + 1
+    else:
+        loc = pd.DatetimeIndex(ts.astype("datetime64[us]")).tz_localize("UTC").tz_convert(cfg.tz)
+        hour, dow = np.asarray(loc.hour), np.asarray(loc.dayofweek) + 1
+    firsts = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]]) if len(uid) else np.zeros(0, np.int64)
+    starts = {uid[a]: (a, b) for a, b in zip(firsts, np.append(firsts[1:], len(uid)))}  # user -> its rows
+    hist_us = _us(cfg.history) if cfg.history else None
+
+    for r in range(len(x_ids)):
+        if x_users[r] not in starts:
+            continue
+        a, b = starts[x_users[r]]
+        c = x_cut[r]
+        lo = a + np.searchsorted(ts[a:b], c - hist_us, "left") if hist_us else a
+        hi = a + np.searchsorted(ts[a:b], c, "left")
+        if hi <= lo:
+            continue
+        row = out[r]
+        e, t, p = ev[lo:hi], ts[lo:hi], price[lo:hi]
+        real = e >= 0
+        n_ev = float(real.sum())
+        for w in cfg.windows:
+            k = np.searchsorted(t, c - _us(w), "left")
+            cnt = np.bincount(e[k:][e[k:] >= 0], minlength=len(EVENT_TYPES) + 1)
+            row[col[f"n_events_{w}"]] = cnt.sum()
+            for i, name in enumerate(EVENT_TYPES):
+                row[col[f"n_{name}_{w}"]] = cnt[i]
+        cnt = np.bincount(e[real], minlength=len(EVENT_TYPES) + 1).astype(np.float64)
+        row[col["n_events_all"]] = n_ev
+        for i, name in enumerate(EVENT_TYPES):
+            row[col[f"n_{name}_all"]] = cnt[i]
+            if cnt[i]:
+                row[col[f"hours_since_last_{name}"]] = (c - t[e == i].max()) / _HOUR_US
+        if n_ev:
+            row[col["hours_since_last_event"]] = (c - t[real].max()) / _HOUR_US
+            row[col["days_since_first_event"]] = (c - t[real].min()) / _DAY_US
+        it, ca = item[lo:hi], cat[lo:hi]
+        row[col["n_items"]] = np.unique(it[it >= 0]).size
+        row[col["n_categories"]] = np.unique(ca[ca >= 0]).size
+        carted = it[(e == _CODES["cart"]) & (it >= 0)]
+        bought = it[(e == _CODES["purchase"]) & (it >= 0)]
+        row[col["n_items_carted_not_bought"]] = np.setdiff1d(carted, bought).size
+        n_view, n_cart, n_buy = cnt[_CODES["view"]], cnt[_CODES["cart"]], cnt[_CODES["purchase"]]
+        row[col["view_to_cart"]] = n_cart / n_view if n_view else np.nan
+        row[col["cart_to_purchase"]] = n_buy / n_cart if n_cart else np.nan
+        has_p = ~np.isnan(p)
+        spend = p[has_p & (e == _CODES["purchase"])]
+        row[col["spend"]] = 0.0 if n_buy == 0 else (spend.sum() if len(spend) else np.nan)
+        pv = p[has_p]
+        if len(pv):
+            s, sq, n = pv.sum(), (pv * pv).sum(), float(len(pv))
+            row[col["price_mean"]], row[col["price_max"]] = s / n, pv.max()
+            if n > 1:
+                row[col["price_std"]] = np.sqrt(max(sq - s * s / n, 0.0) / (n - 1))
+        cp = p[has_p & (e == _CODES["cart"])]
+        if len(cp):
+            row[col["cart_price_mean"]] = cp.sum() / len(cp)
+        g = sess[lo:hi]
+        n_sess = float((real & np.isnan(g)).sum())
+        row[col["n_sessions"]] = n_sess
+        if n_sess:
+            row[col["events_per_session"]] = n_ev / n_sess
+            row[col["minutes_per_session"]] = np.nansum(g) / 60 / n_sess
+        hr, dw = hour[lo:hi], dow[lo:hi]
+        for name, (h0, h1) in _DAYPARTS.items():
+            row[col[f"share_{name}"]] = ((hr >= h0) & (hr < h1)).sum() / n_ev if n_ev else np.nan
+        for i, d in enumerate(_WEEKDAYS):
+            row[col[f"share_{d}"]] = (dw == i + 1).sum() / n_ev if n_ev else np.nan
+        if session and x_has_start[r]:
+            s0 = np.searchsorted(t, x_start[r], "left")
+            es, its, rs = e[s0:], it[s0:], real[s0:]
+            for i, name in enumerate(SESSION_TYPES):
+                row[col[f"ses_n_{name}"]] = (es == _CODES[name]).sum()
+            row[col["ses_n_events"]] = rs.sum()
+            if rs.any():
+                row[col["ses_minutes"]] = (t[s0:][rs].max() - x_start[r]) / 6e7
+            row[col["ses_n_items"]] = np.unique(its[its >= 0]).size
+            row[col["ses_n_items_carted"]] = np.unique(its[(its >= 0) & (es == _CODES["cart"])]).size
+    df = pd.DataFrame(out, index=pd.Index(x_ids, name="example_id"), columns=names)
+    return df.sort_index()

@@ -18,6 +18,7 @@ import secrets
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import pyarrow as pa
 
 from purchase_intent.workspace import Workspace, fsync_dir, tmp_path
@@ -117,9 +118,34 @@ def pseudonymise(ids: Iterable[str], key: bytes) -> list[str]:
 
 
 def pseudonym_table(ids: pa.Array | pa.ChunkedArray, key: bytes) -> pa.Table:
-    """A mapping table ``(raw VARCHAR, pid VARCHAR)`` for distinct raw ids, to join in DuckDB."""
-    raw = ids.to_pylist()
-    return pa.table({"raw": pa.array(raw, pa.string()), "pid": pa.array(pseudonymise(raw, key), pa.string())})
+    """A mapping table ``(raw VARCHAR, pid VARCHAR)`` for distinct raw ids, to join in DuckDB.
+
+    Null ids map to null. The pseudonyms are built as one buffer of fixed-width hex strings
+    (no Python string per pseudonym), which makes this about twice as fast as
+    :func:`pseudonymise` on millions of ids.
+    """
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks() if ids.num_chunks else pa.array([], pa.string())
+    ids = ids.cast(pa.string())
+    n = len(ids)
+    if ids.null_count:
+        pids = pa.array(pseudonymise(ids.to_pylist(), key), pa.string())
+        return pa.table({"raw": ids, "pid": pids})
+    inner, outer = _hmac_states(key)
+    new_inner, new_outer = inner.copy, outer.copy
+    digests = []
+    append = digests.append
+    for raw in ids.cast(pa.binary()).to_pylist():  # UTF-8 bytes of each id
+        i = new_inner()
+        i.update(raw)
+        o = new_outer()
+        o.update(i.digest())
+        append(o.digest())
+    packed = np.frombuffer(b"".join(digests), np.uint8).reshape(n, 32)[:, : PSEUDONYM_HEX // 2]
+    text = packed.tobytes().hex().encode("ascii")  # (n * PSEUDONYM_HEX,)
+    offsets = np.arange(n + 1, dtype=np.int32) * PSEUDONYM_HEX
+    pids = pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(text))
+    return pa.table({"raw": ids, "pid": pids})
 
 
 def pseudonym_for(workspace: Workspace | str | Path, ids: Iterable[str]) -> dict[str, str]:

@@ -118,3 +118,74 @@ def test_missing_values_without_prices_or_history(tiny_events):
                                            "cutoff": [tiny_events["ts"].min().to_pydatetime()]}))
     one = compute_features(con, "examples", CFG)
     assert one.loc[7, "n_events_all"] == 0 and np.isnan(one.loc[7, "hours_since_last_event"])
+
+
+def _random_log(seed: int, n_users: int = 6, n: int = 400) -> pd.DataFrame:
+    """Events with every awkward case: NULL prices / items / categories / session ids, unknown
+    events, tied timestamps, gaps around the session gap, users absent from the examples."""
+    rng = np.random.default_rng(seed)
+    start = np.datetime64("2024-03-01T00:00:00", "us")
+    step = rng.choice([0, 1, 59, 1799, 1800, 1801, 7200, 86400, 3 * 86400], size=n)  # seconds
+    ts = start + (np.cumsum(step) * 1_000_000 // 3).astype("timedelta64[us]")
+    users = rng.integers(0, n_users, size=n)
+    item = rng.integers(0, 15, size=n)
+    df = pd.DataFrame({
+        "user_id": [f"u{u}" for u in users],
+        "ts": ts[rng.permutation(n)],  # shuffled: the frame path must not rely on order
+        "event": rng.choice(["view", "view", "cart", "remove_from_cart", "wishlist", "purchase", "other"], size=n),
+        "item_id": np.where(rng.random(n) < 0.1, None, np.array([f"i{i}" for i in item], dtype=object)),
+        "category": np.where(rng.random(n) < 0.1, None, np.array([f"c{i % 4}" for i in item], dtype=object)),
+        "price": np.where(rng.random(n) < 0.2, np.nan, np.round(rng.uniform(1, 300, n), 2)),
+        "session_id": np.where(rng.random(n) < 0.4, None, np.array([f"s{u}-{k}" for u, k in
+                                                                      zip(users, rng.integers(0, 4, n))], dtype=object)),
+    })
+    df["ts"] = df["ts"].astype("datetime64[us]")
+    return df
+
+
+def _random_examples(events: pd.DataFrame, seed: int, session: bool) -> pd.DataFrame:
+    rng = np.random.default_rng(seed + 1)
+    lo, hi = events["ts"].min(), events["ts"].max()
+    n = 40
+    cut = lo + (hi - lo) * rng.uniform(-0.05, 1.05, n)
+    cut = np.where(rng.random(n) < 0.2, events["ts"].sample(n, random_state=seed, replace=True).to_numpy(), cut)
+    ex = pd.DataFrame({"example_id": rng.permutation(n).astype(np.int64) + 10,
+                       "user_id": [f"u{u}" for u in rng.integers(0, 8, n)],  # u6, u7: no events
+                       "cutoff": pd.Series(cut).astype("datetime64[us]")})
+    if session:
+        start = ex["cutoff"] - pd.to_timedelta(rng.integers(0, 6 * 3600, n), unit="s")
+        ex["session_start"] = start.where(rng.random(n) < 0.7).astype("datetime64[us]")
+    return ex
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_numpy_path_equals_the_sql_path_on_random_logs(seed):
+    from purchase_intent.features import compute_features_frame
+
+    events = _random_log(seed)
+    session = seed % 2 == 1
+    cfg = [FeatureConfig(), CFG, FeatureConfig(windows=("6h", "2d"), history="4d", session_gap="10min")][seed % 3]
+    ex = _random_examples(events, seed, session)
+    con = _con(events)
+    con.register("examples", ex)
+    want = compute_features(con, "examples", cfg)
+    got = compute_features_frame(events, ex, cfg)
+    assert list(got.columns) == list(want.columns) and list(got.index) == list(want.index)
+    assert (got.dtypes == "float64").all()
+    for c in want.columns:  # feature by feature, NaN where SQL gives NULL
+        np.testing.assert_allclose(got[c].to_numpy(), want[c].to_numpy(), rtol=1e-9, atol=1e-9, equal_nan=True, err_msg=c)
+
+
+@pytest.mark.parametrize("lcfg", [USER, SESSION], ids=["user", "session"])
+def test_numpy_path_equals_the_sql_path_on_the_tiny_log(tiny_events, lcfg):
+    from purchase_intent.features import compute_features_frame
+
+    ex, X = _build(tiny_events, lcfg)
+    got = compute_features_frame(tiny_events, ex, CFG)
+    pd.testing.assert_frame_equal(got, X, rtol=1e-9, atol=1e-9)
+    # one user, from plain column lists (what the API holds), equals the batch row
+    row = ex.iloc[len(ex) // 2]
+    mine = tiny_events[tiny_events["user_id"] == row["user_id"]]
+    cols = {c: mine[c].tolist() for c in mine.columns}
+    one = compute_features_frame(cols, ex.iloc[[len(ex) // 2]], CFG)
+    np.testing.assert_allclose(one.to_numpy()[0], X.loc[row["example_id"]].to_numpy(), rtol=1e-9, equal_nan=True)

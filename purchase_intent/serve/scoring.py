@@ -1,8 +1,12 @@
 """Serving state and the scoring path of the API: the loaded run, auth, hot swap, request scoring.
 
-A request's events become a canonical ``events`` relation (user and session ids pseudonymised
-with the workspace key, as at ingest) in a per-thread in-memory DuckDB, and are scored with
-``pipeline.inputs_for_examples`` + ``predict_proba`` -- the code that built the training features.
+A request's events become canonical event columns (user and session ids pseudonymised with the
+workspace key, as at ingest). User-task runs compute their features with
+``features.compute_features_frame``, the numpy form of the training feature SQL (tests prove both
+agree on every feature), because parsing and planning that SQL costs more than the whole request
+budget; sequences (Transformer) come from ``sequences.build_sequences`` over the events put in a
+per-thread in-memory DuckDB. Session-task runs and the known-user route use
+``pipeline.inputs_for_examples`` over DuckDB, the code that built the training features.
 """
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ class LoadedRun:
     meta: dict
     model: Any
     lookback: timedelta
+    feature_cfg: Any = None  # FeatureConfig of the run
+    task: str = "user"
+    vocab: Any = None  # SequenceVocab of a sequence model, else None
 
     @property
     def info(self) -> dict[str, str]:
@@ -47,9 +54,16 @@ def load_run_dir(run_dir: Path) -> LoadedRun:
     from ..config import parse_duration
     from ..models import load_model
 
+    from ..config import FeatureConfig, from_dict
+    from ..pipeline import _is_sequence_model, _model_vocab
+
     meta = json.loads((run_dir / "run.json").read_text())
     model = load_model(meta["model"], run_dir / "model")
-    return LoadedRun(run_dir, meta, model, parse_duration(meta["label_config"]["lookback"]))
+    fc = from_dict(FeatureConfig, meta["feature_config"])
+    fc.windows = tuple(fc.windows)
+    vocab = _model_vocab(model) if _is_sequence_model(meta["model"]) else None
+    return LoadedRun(run_dir, meta, model, parse_duration(meta["label_config"]["lookback"]), fc,
+                     meta["label_config"].get("task", "user"), vocab)
 
 
 class ApiError(Exception):
@@ -140,24 +154,31 @@ class ServeState:
 
 # ---------------------------------------------------------------------------------------------
 # scoring (shared by the routes)
-def _events_table(users: list[ScoreRequest], ids: list[str], sessions: dict[str, str]):
-    """The canonical `events` relation of a request: (N_events,) rows over all users, with the
+_SCHEMA = (("user_id", "string"), ("ts", "timestamp[us]"), ("event", "string"), ("item_id", "string"),
+           ("category", "string"), ("price", "float64"), ("session_id", "string"))
+
+
+def _event_columns(users: list[ScoreRequest], ids: list[str], sessions: dict[str, str]) -> dict[str, list]:
+    """The canonical events of a request as columns: (N_events,) values over all users, with the
     user and session ids replaced by their pseudonyms (as ingest stores them)."""
+    cols: dict[str, list] = {c: [] for c, _ in _SCHEMA}
+    for uid, u in zip(ids, users):
+        ev = u.events
+        cols["user_id"] += [uid] * len(ev)
+        cols["ts"] += [e.ts for e in ev]
+        cols["event"] += [e.event for e in ev]
+        cols["item_id"] += [e.item_id for e in ev]
+        cols["category"] += [e.category for e in ev]
+        cols["price"] += [e.price for e in ev]
+        cols["session_id"] += [sessions[e.session_id] if e.session_id is not None else None for e in ev]
+    return cols
+
+
+def _events_table(cols: dict[str, list]):
+    """The columns as an Arrow table with the canonical schema (to register as `events`)."""
     import pyarrow as pa
 
-    cols: dict[str, list] = {c: [] for c in ("user_id", "ts", "event", "item_id", "category", "price", "session_id")}
-    for uid, u in zip(ids, users):
-        for e in u.events:
-            cols["user_id"].append(uid)
-            cols["ts"].append(e.ts)
-            cols["event"].append(e.event)
-            cols["item_id"].append(e.item_id)
-            cols["category"].append(e.category)
-            cols["price"].append(e.price)
-            cols["session_id"].append(sessions[e.session_id] if e.session_id is not None else None)
-    schema = pa.schema([("user_id", pa.string()), ("ts", pa.timestamp("us")), ("event", pa.string()),
-                        ("item_id", pa.string()), ("category", pa.string()), ("price", pa.float64()),
-                        ("session_id", pa.string())])
+    schema = pa.schema([(c, pa.type_for_alias(t)) for c, t in _SCHEMA])
     return pa.table(cols, schema=schema)
 
 
@@ -191,9 +212,51 @@ def predict(state: ServeState, loaded: LoadedRun, con, ids: list[str], ats: list
     return p
 
 
+def predict_columns(state: ServeState, loaded: LoadedRun, cols: dict[str, list], ids: list[str],
+                    ats: list[datetime], timings: dict[str, float]) -> np.ndarray:
+    """Probabilities (len(ids),) of user-task examples over a request's event columns.
+
+    Features from ``compute_features_frame`` (numpy; equal to the training SQL), sequences from
+    ``build_sequences`` over the events registered in the thread's in-memory DuckDB.
+    """
+    import pandas as pd
+
+    from ..features import compute_features_frame
+
+    t0 = time.perf_counter()
+    ex = pd.DataFrame({"example_id": np.arange(len(ids), dtype=np.int64), "user_id": pd.array(ids, dtype=object),
+                       "cutoff": np.array(ats, dtype="datetime64[us]")})
+    feats = compute_features_frame(cols, ex, loaded.feature_cfg)
+    missing = [c for c in loaded.meta["feature_names"] if c not in feats.columns]
+    if missing:
+        raise RuntimeError(f"features {missing} of the run are not computed by this version")
+    X = feats[loaded.meta["feature_names"]]
+    t1 = time.perf_counter()
+    if loaded.vocab is not None:
+        from ..sequences import build_sequences
+
+        con = state.request_con()
+        con.register("events", _events_table(cols))
+        try:
+            seq = dict(build_sequences(con, ex[["example_id", "user_id", "cutoff"]], loaded.vocab.cfg, loaded.vocab))
+        finally:
+            con.unregister("events")
+        seq["tabular"] = X.to_numpy(np.float32)
+        X = seq
+    t2 = time.perf_counter()
+    p = np.asarray(loaded.model.predict_proba(X), dtype=np.float64)[:, 1]
+    t3 = time.perf_counter()
+    timings["features"] = t1 - t0
+    if loaded.vocab is not None:
+        timings["sequences"] = t2 - t1
+    timings["model"] = t3 - t2
+    return p
+
+
 def score_users(state: ServeState, loaded: LoadedRun, users: list[ScoreRequest], where: str,
                 timings: dict[str, float]) -> tuple[np.ndarray, list[datetime], list[int], list[bool], list[str]]:
     """Score request users on their own events. Returns (p, cutoffs, n_events, active, pseudonyms)."""
+    t0 = time.perf_counter()
     s = state.settings
     ids, ats, n_before, active = [], [], [], []
     given = [u.user_id for u in users if u.user_id is not None]
@@ -218,8 +281,12 @@ def score_users(state: ServeState, loaded: LoadedRun, users: list[ScoreRequest],
         ats.append(at)
         n_before.append(len(before))
         active.append(max(before) >= at - loaded.lookback)
+    cols = _event_columns(users, ids, sessions)
+    timings["prepare"] = time.perf_counter() - t0  # limits, pseudonyms, event columns
+    if loaded.task == "user":
+        return predict_columns(state, loaded, cols, ids, ats, timings), ats, n_before, active, ids
     con = state.request_con()
-    con.register("events", _events_table(users, ids, sessions))
+    con.register("events", _events_table(cols))
     try:
         p = predict(state, loaded, con, ids, ats, timings)
     finally:
