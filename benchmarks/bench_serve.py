@@ -10,7 +10,8 @@ each model (the Transformer with ``--preset``, one epoch: speed, not accuracy, i
 a separate process on loopback and drive it from this process with ``--concurrency`` client
 threads (one keep-alive HTTP connection each), every request holding ``--events`` events of one
 real user. Prints a Markdown table and writes JSON (``--out``): p50/p95/p99 latency, requests/s,
-errors, and the mean time split inside a request (parse, features, model) read from ``/metrics``.
+errors, and the mean time split inside a request (parse, prepare, features, sequences, model) read
+from ``/metrics``; ``--soak 60`` then holds 32 clients for 60 s per model and counts errors.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 KEY = "bench-key-0123456789"
+STAGES = ("parse", "prepare", "features", "sequences", "model")
 
 
 def _free_port() -> int:
@@ -150,7 +152,7 @@ def stage_split(port: int) -> dict[str, float]:
     c.request("GET", "/metrics", headers={"Authorization": f"Bearer {KEY}"})
     text = c.getresponse().read().decode()
     out = {}
-    for stage in ("parse", "features", "model"):
+    for stage in STAGES:
         s = re.search(rf'purchase_intent_stage_seconds_sum{{stage="{stage}"}} (\S+)', text)
         n = re.search(rf'purchase_intent_stage_seconds_count{{stage="{stage}"}} (\S+)', text)
         if s and n and float(n.group(1)):
@@ -179,6 +181,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per concurrency level")
     ap.add_argument("--reuse", action="store_true", help="use the runs already in the workspace")
+    ap.add_argument("--soak", type=float, default=0.0, help="then hold 32 clients for this many seconds per model")
+    ap.add_argument("--no-batch", action="store_true", help="skip the batch scoring measurement")
     ap.add_argument("--out", default="bench_serve.json")
     a = ap.parse_args()
     ws_root = Path(a.workspace)
@@ -187,7 +191,7 @@ def main() -> None:
     bodies = request_bodies(ws_root, a.events)
     results = []
     for m in models:
-        batch = bench_batch(ws_root, m)
+        batch = {"users_per_s": float("nan")} if a.no_batch else bench_batch(ws_root, m)
         port = _free_port()
         proc = start_server(ws_root, m, port)
         try:
@@ -195,6 +199,8 @@ def main() -> None:
             for conc in [int(c) for c in a.concurrency.split(",")]:
                 row = {"model": m, **load(port, bodies, conc, a.duration)}
                 results.append(row)
+            if a.soak:
+                results.append({"model": m, "soak": True, **load(port, bodies, 32, a.soak)})
             split = stage_split(port)
             for row in results:
                 if row["model"] == m:
@@ -203,12 +209,13 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    print(f"| model | conc | p50 ms | p95 ms | p99 ms | req/s | errors | parse/features/model ms | batch users/s |")
+    print(f"| model | conc | p50 ms | p95 ms | p99 ms | req/s | errors | {'/'.join(STAGES)} ms | batch users/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         s = r.get("split_ms", {})
-        split = "/".join(f"{s.get(k, float('nan')):.1f}" for k in ("parse", "features", "model"))
-        print(f"| {r['model']} | {r['concurrency']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | "
+        split = "/".join(f"{s.get(k, 0.0):.2f}" for k in STAGES)
+        conc = f"{r['concurrency']} (soak {a.soak:.0f}s)" if r.get("soak") else r["concurrency"]
+        print(f"| {r['model']} | {conc} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | "
               f"{r['rps']:.1f} | {r['errors']} | {split} | {r['batch_users_per_s']:,.0f} |")
     Path(a.out).write_text(json.dumps({"config": vars(a), "results": results}, indent=2))
 

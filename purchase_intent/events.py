@@ -589,7 +589,7 @@ def _collect_rejects(con, src: _Source, kind: str, mapping: dict, key: bytes, so
 
 def _ingest_file(path: Path, sha: str, cfg: DataConfig, key: bytes, stage: Path, now: datetime) -> FileReport:
     t0 = time.perf_counter()
-    T = lambda m: print(f'{time.perf_counter()-t0:7.2f} {m}', file=sys.stderr, flush=True)
+    T = lambda m: print(f'{time.perf_counter()-t0:7.2f} cpu {sum(os.times()[:2]):7.2f} {m}', file=sys.stderr, flush=True)
     preset = PRESETS[cfg.format]
     kind = preset["kind"]
     report = FileReport(source=str(path), sha256=sha)

@@ -35,8 +35,8 @@ _HOUR_US = 3_600_000_000
 _DAY_US = 24 * _HOUR_US
 _DAYPARTS = {"night": (0, 6), "morning": (6, 12), "afternoon": (12, 18), "evening": (18, 24)}
 _WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_TIE_COLUMNS = ("event", "item_id", "category", "price", "session_id")  # after ts, NULLs last
-_TIE_ORDER = ", ".join(["ts"] + [f"{c} NULLS LAST" for c in _TIE_COLUMNS])
+# events with the same ts: those without a session id first (see ``features_sql``)
+_TIE_ORDER = "ts, session_id IS NOT NULL"
 
 
 def _us(text: str) -> int:
@@ -111,9 +111,10 @@ def features_sql(cfg: FeatureConfig, examples: str = "examples", events: str = "
     if session:
         edges.append("SELECT session_start FROM x WHERE session_start IS NOT NULL")
     # seconds since the previous event of the same session (NULL: the event starts a session);
-    # sessions are the data's session_id where the event has one, else inactivity gaps. Events
-    # with the same ts are ordered by their other columns, so the result never depends on how
-    # the rows happen to be stored (a whole log and one user's request give the same values)
+    # sessions are the data's session_id where the event has one, else inactivity gaps. Among
+    # events with the same ts, those without a session id come first: then which of them gets
+    # the gap to the previous ts (and which gets 0) never changes a sum or count, so features
+    # do not depend on how rows happen to be stored (a whole log and one request agree)
     d_user = "(epoch_us(ts) - epoch_us(lag(ts) OVER wu)) / 1e6"
     by_gap = f"CASE WHEN {d_user} <= {_us(cfg.session_gap) / 1e6} THEN {d_user} END"
     sess_prev = (f"CASE WHEN session_id IS NULL THEN {by_gap} "
@@ -290,9 +291,6 @@ def _col(events, name: str) -> np.ndarray:
 def _rank(values: np.ndarray) -> np.ndarray:
     """(E,) int64 sort rank of each value (strings by code point = DuckDB's byte order), NULL
     last; equal values share a rank, so it also serves as a factorisation."""
-    if values.dtype.kind == "f":
-        uniq, inv = np.unique(values, return_inverse=True)  # NaN sorts last
-        return inv.astype(np.int64)
     keys = values.tolist()
     uniq = sorted({k for k in keys if k is not None})
     rank = {k: i for i, k in enumerate(uniq)}
@@ -354,9 +352,9 @@ def compute_features_frame(events, examples: pd.DataFrame, cfg: FeatureConfig = 
     keep = np.array([u in wanted for u in uid.tolist()], bool)
     uid = uid[keep]
     ts = _col(events, "ts")[keep].astype(np.int64)
-    cols = {c: _col(events, c)[keep] for c in _TIE_COLUMNS}
-    ties = [_rank(cols[c]) for c in reversed(_TIE_COLUMNS)]  # as ``_TIE_ORDER`` (NULLs last)
-    order = np.lexsort((*ties, ts, _rank(uid))) if len(ts) else np.zeros(0, np.int64)
+    cols = {c: _col(events, c)[keep] for c in ("event", "item_id", "category", "price", "session_id")}
+    has_sid = np.array([v is not None for v in cols["session_id"].tolist()], bool)
+    order = np.lexsort((has_sid, ts, _rank(uid))) if len(ts) else np.zeros(0, np.int64)  # as _TIE_ORDER
     uid, ts = uid[order], ts[order]
     take = lambda name: cols[name][order]  # noqa: E731
     ev_raw, sid = take("event"), take("session_id")

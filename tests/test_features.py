@@ -174,6 +174,12 @@ def test_numpy_path_equals_the_sql_path_on_random_logs(seed):
     assert (got.dtypes == "float64").all()
     for c in want.columns:  # feature by feature, NaN where SQL gives NULL
         np.testing.assert_allclose(got[c].to_numpy(), want[c].to_numpy(), rtol=1e-9, atol=1e-9, equal_nan=True, err_msg=c)
+    # tied timestamps: neither path depends on how the rows happen to be stored
+    flipped = events.iloc[::-1].reset_index(drop=True)
+    con2 = _con(flipped)
+    con2.register("examples", ex)
+    pd.testing.assert_frame_equal(compute_features(con2, "examples", cfg), want, rtol=1e-9, atol=1e-9)
+    pd.testing.assert_frame_equal(compute_features_frame(flipped, ex, cfg), got, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("lcfg", [USER, SESSION], ids=["user", "session"])
