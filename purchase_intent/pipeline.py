@@ -302,11 +302,19 @@ def load_run(run: str | Path, workspace=None):
 
 # ---------------------------------------------------------------------------------------------
 # evaluate
-def _predict(model: Any, name: str, built: Built, idx: np.ndarray, ws: Workspace) -> np.ndarray:
+def _predict(model: Any, name: str, built: Built, idx: np.ndarray, ws: Workspace, uncalibrated: bool = False):
+    """P(purchase) for the built examples at `idx`; with `uncalibrated`, also the model's raw sigmoid(logit)
+    (for models calibrated after fitting, so metrics.json can show ECE before and after)."""
     if len(idx) == 0:
-        return np.zeros(0)
+        return (np.zeros(0), None) if uncalibrated else np.zeros(0)
     X = model_inputs(name, built, idx, ws, _model_vocab(model))
-    return np.asarray(model.predict_proba(X))[:, 1]
+    p = np.asarray(model.predict_proba(X))[:, 1]
+    if not uncalibrated:
+        return p
+    raw = None
+    if hasattr(model, "decision_function") and hasattr(model, "calibrator_"):
+        raw = 1.0 / (1.0 + np.exp(-np.asarray(model.decision_function(X), dtype=np.float64)))
+    return p, raw
 
 
 def _pred_frame(built: Built, idx: np.ndarray, p: np.ndarray, split: str, fold: int | None = None) -> pd.DataFrame:
@@ -343,8 +351,8 @@ def evaluate(run: str, workspace=None, backtest: int = 0, n_boot: int = 1000, qu
         )
     valid_idx = np.flatnonzero(built.mask("valid"))
     test_idx = np.flatnonzero(built.mask("test"))
-    p_valid = _predict(model, name, built, valid_idx, ws)
-    p_test = _predict(model, name, built, test_idx, ws)
+    p_valid, raw_valid = _predict(model, name, built, valid_idx, ws, uncalibrated=True)
+    p_test, raw_test = _predict(model, name, built, test_idx, ws, uncalibrated=True)
     y = built.examples["label"].to_numpy()
     metrics: dict[str, Any] = {
         "model": name,
@@ -353,8 +361,14 @@ def evaluate(run: str, workspace=None, backtest: int = 0, n_boot: int = 1000, qu
         "valid": binary_metrics(y[valid_idx], p_valid, n_boot=n_boot),
         "test": binary_metrics(y[test_idx], p_test, n_boot=n_boot),
     }
-    if hasattr(model, "calibration_report_"):
-        metrics["calibration"] = _jsonable(model.calibration_report_)
+    if raw_test is not None:
+        from .evaluate import expected_calibration_error as ece
+
+        metrics["calibration"] = {
+            "method": getattr(model, "calibration", None), "fitted_on": "valid",
+            "valid_ece_before": ece(y[valid_idx], raw_valid), "valid_ece_after": ece(y[valid_idx], p_valid),
+            "test_ece_before": ece(y[test_idx], raw_test), "test_ece_after": ece(y[test_idx], p_test),
+        }
     preds = [_pred_frame(built, valid_idx, p_valid, "valid"), _pred_frame(built, test_idx, p_test, "test")]
     if backtest:
         folds = labels.backtest_folds(built.examples, backtest, built.label_cfg)
