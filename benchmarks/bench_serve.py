@@ -195,13 +195,15 @@ def main() -> None:
         port = _free_port()
         proc = start_server(ws_root, m, port)
         try:
-            load(port, bodies, 1, 2.0)  # warm-up (its stage times are part of the averaged split)
+            load(port, bodies, 1, 2.0)  # warm-up (its stage times are part of the split)
+            split = {}
             for conc in [int(c) for c in a.concurrency.split(",")]:
                 row = {"model": m, **load(port, bodies, conc, a.duration)}
                 results.append(row)
+                if not split:  # the split of the first (lowest) level: no queueing inside the stages
+                    split = stage_split(port)
             if a.soak:
                 results.append({"model": m, "soak": True, **load(port, bodies, 32, a.soak)})
-            split = stage_split(port)
             for row in results:
                 if row["model"] == m:
                     row["batch_users_per_s"] = batch["users_per_s"]
