@@ -6,12 +6,6 @@
 One pass per source file, all in DuckDB SQL: read every field as text, map columns and event
 names, validate each row with one CASE expression (the first failing check is its reason),
 pseudonymise the distinct user and session ids, and write accepted rows to one Parquet part.
-
-A large CSV file is read as a pipeline on all cores: a background thread decompresses it (gzip)
-and cuts it at line ends outside quoted fields into plain pieces of ``CSV_PIECE_BYTES`` or more;
-DuckDB validates each piece in parallel while another thread computes the pseudonyms of the ids
-first seen in the pieces read so far. The accepted rows of all pieces are then joined to their
-pseudonyms and written as the file's one part.
 Every row read ends up accepted, rejected (with a reason, its line number and raw content in
 ``rejects/<sha>.csv``) or filtered (outside ``since``/``until``); nothing is dropped silently.
 
@@ -21,9 +15,9 @@ is already in the manifest is skipped.
 
 Line numbers are 1-based physical lines of the source file (JSONL and CSV) or 1-based row
 numbers (Parquet). For CSV, rows that DuckDB cannot parse carry DuckDB's own line number; other
-rejected rows are located from their position in the file (or in its piece), which counts one
-line per record: a quoted field spanning several lines, or a blank line in the middle of the file
-(piece), shifts the line numbers reported for later rows of that piece.
+rejected rows are located from their position in the file, which counts one line per record: a
+quoted field spanning several lines, or a blank line in the middle of the file, shifts the line
+numbers reported for later rows.
 
 Raw ids never reach the workspace: in ``rejects/*.csv`` the ``raw`` column has the user and
 session fields replaced by their pseudonyms wherever the field can be located (always for rows
@@ -38,18 +32,15 @@ import hashlib
 import io
 import json
 import os
-import queue
 import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import duckdb
 import pyarrow as pa
@@ -61,9 +52,6 @@ from purchase_intent.workspace import Workspace, atomic_write_json, fsync_dir, t
 REASONS = ("malformed_line", "missing_user", "missing_ts", "bad_ts", "implausible_ts",
            "unknown_event", "bad_price", "negative_price")
 MIN_TS = datetime(1990, 1, 1)
-CSV_SPLIT_BYTES = 16 << 20  # CSV files at least this large (on disk) are read in pieces
-CSV_PIECE_BYTES = 8 << 20  # smallest piece (uncompressed); larger files get about 16 pieces
-CSV_PIECE_MAX_BYTES = 128 << 20
 _MULT = {"s": 1e6, "ms": 1e3, "us": 1.0}
 
 # Presets for public schemas. kind: how the file is read; names: columns of a header-less CSV.
@@ -171,11 +159,10 @@ def _parse_time(text: Optional[str]) -> Optional[datetime]:
     return t.astimezone(timezone.utc).replace(tzinfo=None) if t.tzinfo else t
 
 
-def _ts_sql(col: str, unit: Optional[str]) -> str:
-    """SQL turning a text timestamp into TIMESTAMP (UTC): epoch numbers by unit (or by magnitude
-    when the unit is unknown: < 1e11 seconds, < 1e14 milliseconds, else microseconds), other text
-    as ISO 8601 (a zone-less time is UTC)."""
-    num = f"TRY_CAST({col} AS DOUBLE)"
+def _ts_sql(col: str, num: str, unit: Optional[str]) -> str:
+    """SQL turning a text timestamp ``col`` (``num``: the same as DOUBLE, or NULL) into TIMESTAMP
+    (UTC): epoch numbers by unit (or by magnitude when the unit is unknown: < 1e11 seconds,
+    < 1e14 milliseconds, else microseconds), other text as ISO 8601 (a zone-less time is UTC)."""
     mult = (str(_MULT[unit]) if unit in _MULT else
             f"(CASE WHEN abs({num}) < 1e11 THEN 1e6 WHEN abs({num}) < 1e14 THEN 1e3 ELSE 1 END)")
     return (f"(CASE WHEN {num} IS NOT NULL THEN TRY(make_timestamp(TRY_CAST(round({num} * {mult}) AS BIGINT))) "
@@ -205,6 +192,7 @@ class _Source:
     pos_is_line: bool  # False for CSV: _pos is the record ordinal, mapped to a line afterwards
     delim: str = ","
     header_lines: int = 0
+    read: Optional[str] = None  # CSV: the read_csv(...) call (the rows that parse, as text)
 
 
 def _csv_source(con: duckdb.DuckDBPyConnection, path: Path, preset: dict) -> _Source:
@@ -222,163 +210,10 @@ def _csv_source(con: duckdb.DuckDBPyConnection, path: Path, preset: dict) -> _So
         spec = "{" + ", ".join(f"{_lit(c)}: 'VARCHAR'" for c in cols) + "}"
         opts = (f"header = true, auto_detect = false, columns = {spec}, delim = {_lit(delim)}, "
                 "quote = '\"', escape = '\"'")
-    return _Source(_csv_sql(path, cols, opts), cols, pos_is_line=False, delim=delim, header_lines=header)
-
-
-def _csv_sql(path: Path, cols: list[str], opts: str) -> str:
     read = f"read_csv({_lit(path)}, {opts}, store_rejects = true, parallel = true)"
     sel = ", ".join(f"CAST({_q(c)} AS VARCHAR) AS {_q(c)}" for c in cols)
-    return f"SELECT row_number() OVER () AS _pos, false AS _bad, NULL::VARCHAR AS _raw_text, {sel} FROM {read}"
-
-
-def _piece_source(src: _Source, piece: Path) -> _Source:
-    """The source reading one header-less piece of a CSV file cut by :func:`_csv_pieces`."""
-    spec = "{" + ", ".join(f"{_lit(c)}: 'VARCHAR'" for c in src.columns) + "}"
-    opts = (f"header = false, auto_detect = false, columns = {spec}, delim = {_lit(src.delim)}, "
-            "quote = '\"', escape = '\"'")
-    return _Source(_csv_sql(piece, src.columns, opts), src.columns, pos_is_line=False, delim=src.delim)
-
-
-# --- large CSV files: decompress and cut into pieces in a background thread -------------------
-
-
-def _plain_blocks(path: Path, size: int = 1 << 22) -> Iterator[bytes]:
-    """The bytes of a file, decompressed when it is gzip (all members), in blocks."""
-    with open(path, "rb") as f:
-        if f.read(2) != b"\x1f\x8b":
-            f.seek(0)
-            while block := f.read(size):
-                yield block
-            return
-        f.seek(0)
-        d, fed = zlib.decompressobj(wbits=31), False
-        while raw := f.read(size):
-            while raw:
-                fed = True
-                if block := d.decompress(raw):
-                    yield block
-                if not d.eof:
-                    break
-                raw, d, fed = d.unused_data, zlib.decompressobj(wbits=31), False  # next member
-        if fed:
-            raise EOFError(f"{path}: the gzip stream ends early (truncated file)")
-
-
-def _cut_point(data: bytes) -> int:
-    """Index just past the last line end of ``data`` outside a quoted field (0 if none); ``data``
-    starts outside quotes, and a doubled quote (the escape) keeps the parity."""
-    quotes, end = data.count(b'"'), len(data)
-    while (nl := data.rfind(b"\n", 0, end)) >= 0:
-        quotes -= data.count(b'"', nl + 1, end)
-        if quotes % 2 == 0:
-            return nl + 1
-        end = nl
-    return 0
-
-
-def _cut_csv(path: Path, header_lines: int, workdir: Path, piece_bytes: int) -> Iterator[tuple[Path, int]]:
-    """Write the records of a CSV file as plain header-less pieces; yields (piece, number of source
-    lines before its first line)."""
-    pending: list[bytes] = []
-    size, offset, skip, k = 0, 0, header_lines, 0
-
-    def emit(data: bytes) -> Iterator[tuple[Path, int]]:
-        nonlocal offset, skip, k
-        while skip and data:  # the header line(s) of the first piece
-            nl = data.find(b"\n")
-            data = data[nl + 1:] if nl >= 0 else b""
-            offset, skip = offset + 1, skip - 1
-        if data.strip():
-            piece = workdir / f"piece-{k:05d}.csv"
-            with open(piece, "wb") as f:
-                f.write(data)
-            k += 1
-            yield piece, offset
-        offset += data.count(b"\n")
-
-    for block in _plain_blocks(path):
-        pending.append(block)
-        size += len(block)
-        if size < piece_bytes:
-            continue
-        data = b"".join(pending)
-        cut = _cut_point(data)
-        pending, size = [data[cut:]], len(data) - cut
-        if cut:
-            yield from emit(data[:cut])
-    yield from emit(b"".join(pending))
-
-
-def _csv_pieces(path: Path, header_lines: int, workdir: Path, piece_bytes: int) -> Iterator[tuple[Path, int]]:
-    """:func:`_cut_csv` run in a background thread, at most two pieces ahead of the reader."""
-    q: queue.Queue = queue.Queue(maxsize=2)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def work() -> None:
-        try:
-            for item in _cut_csv(path, header_lines, workdir, piece_bytes):
-                if not put(item):
-                    return
-            put(None)
-        except BaseException as e:  # handed to the reader
-            put(e)
-
-    thread = threading.Thread(target=work, name="csv-pieces", daemon=True)
-    thread.start()
-    try:
-        while (item := q.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
-class _Pseudonymiser:
-    """Pseudonym tables of batches of distinct ids, computed in a background thread (hashing holds
-    the GIL only between DuckDB calls, which release it)."""
-
-    def __init__(self, key: bytes):
-        self.key, self.tables, self.error, self.cancelled = key, [], None, False
-        self.queue: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._work, name="pseudonyms", daemon=True)
-        self.thread.start()
-
-    def _work(self) -> None:
-        while (ids := self.queue.get()) is not None:
-            if self.error is None and not self.cancelled:
-                try:
-                    self.tables.append(pseudonym_table(ids, self.key))
-                except BaseException as e:
-                    self.error = e
-
-    def submit(self, ids: pa.ChunkedArray) -> None:
-        self.queue.put(ids)
-
-    def cancel(self) -> None:
-        """Drop the batches not hashed yet and stop the thread."""
-        self.cancelled = True
-        self.queue.put(None)
-        self.thread.join()
-
-    def result(self) -> pa.Table:
-        """All (raw, pid) rows submitted, once the thread has finished."""
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return pa.concat_tables(self.tables) if self.tables else pa.table(
-            {"raw": pa.array([], pa.string()), "pid": pa.array([], pa.string())})
+    sql = f"SELECT row_number() OVER () AS _pos, false AS _bad, NULL::VARCHAR AS _raw_text, {sel} FROM {read}"
+    return _Source(sql, cols, pos_is_line=False, delim=delim, header_lines=header, read=read)
 
 
 def _read_lines(path: Path) -> pa.Table:
@@ -492,11 +327,16 @@ def _stage_sql(src: _Source, mapping: dict[str, str], events: dict[str, str], ex
         {window}
       END AS _reason
       FROM (
-        SELECT *, NULLIF(trim({col('user_id')}), '') AS _user, NULLIF(trim({col('ts')}), '') AS _ts_raw,
-               {_ts_sql("NULLIF(trim(" + col("ts") + "), '')", ts_unit)} AS _ts, {ev_case} AS _event,
-               NULLIF(trim({col('price')}), '') AS _price_raw, TRY_CAST(_price_raw AS DOUBLE) AS _price,
-               NULLIF({col('item_id')}, '') AS _item, NULLIF({col('category')}, '') AS _cat, NULLIF(trim({col('session_id')}), '') AS _session
-        FROM ({src.sql})
+        SELECT *, {_ts_sql("_ts_raw", "_ts_num", ts_unit)} AS _ts, {ev_case} AS _event,
+               TRY_CAST(_price_raw AS DOUBLE) AS _price
+        FROM (  -- each text field is trimmed and parsed once
+          SELECT *, NULLIF(trim({col('user_id')}), '') AS _user, NULLIF(trim({col('ts')}), '') AS _ts_raw,
+                 TRY_CAST(NULLIF(trim({col('ts')}), '') AS DOUBLE) AS _ts_num,
+                 NULLIF(trim({col('price')}), '') AS _price_raw,
+                 NULLIF({col('item_id')}, '') AS _item, NULLIF({col('category')}, '') AS _cat,
+                 NULLIF(trim({col('session_id')}), '') AS _session
+          FROM ({src.sql})
+        )
       )
     )"""
 
@@ -531,39 +371,26 @@ def _substitute_json(text: str, keys: list[str], key: bytes) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-def _collect_rejects(con, src: _Source, kind: str, mapping: dict, key: bytes, source: str,
-                     pieces: list[tuple[str, int, int]]) -> list[tuple]:
-    """Rows (source_file, line, reason, raw) of every rejected row, ordered by line.
-
-    ``pieces[k]`` is (file read, number of source lines before its first line, header lines in it)
-    for the rows staged with ``_piece = k``.
-    """
+def _collect_rejects(con, src: _Source, kind: str, mapping: dict, key: bytes, source: str) -> list[tuple]:
+    """Rows (source_file, line, reason, raw) of every rejected row, ordered by line."""
     id_cols = [mapping[c] for c in ("user_id", "session_id") if c in mapping]
     id_idx = [src.columns.index(c) for c in id_cols]
     semantic = con.execute(
-        "SELECT s._piece, s._pos, s.reason, s._raw_list, s._raw_text, m.pid, ms.pid FROM staged s "
-        "LEFT JOIN idmap m ON s.user_raw = m.raw LEFT JOIN idmap ms ON s.session_raw = ms.raw "
-        "WHERE s.reason IS NOT NULL AND s.reason <> 'filtered' ORDER BY s._piece, s._pos").fetchall()
-    bad: dict[int, list[tuple[int, str]]] = {}  # piece -> its unparsable (line in piece, text)
+        "SELECT s._pos, s.reason, s._raw_list, s._raw_text, m.pid, ms.pid FROM staged s "
+        "LEFT JOIN user_map m ON s.user_raw = m.raw LEFT JOIN session_map ms ON s.session_raw = ms.raw "
+        "WHERE s.reason IS NOT NULL AND s.reason <> 'filtered' ORDER BY s._pos").fetchall()
+    malformed: list[tuple[int, str]] = []
     if kind == "csv":
-        index = {f: k for k, (f, _, _) in enumerate(pieces)}
-        for f, line, text in con.execute(
-                "SELECT s.file_path, e.line, any_value(e.csv_line) FROM reject_errors e "
-                "JOIN reject_scans s USING (scan_id, file_id) GROUP BY ALL ORDER BY 1, 2").fetchall():
-            bad.setdefault(index[f], []).append((line, text))
-    malformed = [(pieces[k][1] + line, text) for k, rows in bad.items() for line, text in rows]
-    out, j, current = [], 0, None
-    for piece, pos, reason, raw_list, raw_text, upid, spid in semantic:
+        malformed = con.execute("SELECT line, any_value(csv_line) FROM reject_errors GROUP BY line ORDER BY line").fetchall()
+    out, j = [], 0
+    for pos, reason, raw_list, raw_text, upid, spid in semantic:
         if src.pos_is_line:
             line = pos
         else:  # record ordinal -> line: skip the header and the unparsable lines before it
-            if piece != current:
-                current, j, rows, (_, offset, header) = piece, 0, bad.get(piece, []), pieces[piece]
-            line = header + pos + j
-            while j < len(rows) and rows[j][0] <= line:
+            line = src.header_lines + pos + j
+            while j < len(malformed) and malformed[j][0] <= line:
                 j += 1
-                line = header + pos + j
-            line += offset
+                line = src.header_lines + pos + j
         pids = dict(zip(id_idx, [upid, spid][: len(id_idx)]))
         if kind in ("jsonl", "otto"):
             raw = _substitute_json(raw_text, id_cols, key)
@@ -589,15 +416,12 @@ def _collect_rejects(con, src: _Source, kind: str, mapping: dict, key: bytes, so
 
 def _ingest_file(path: Path, sha: str, cfg: DataConfig, key: bytes, stage: Path, now: datetime) -> FileReport:
     t0 = time.perf_counter()
-    T = lambda m: print(f'{time.perf_counter()-t0:7.2f} cpu {sum(os.times()[:2]):7.2f} {m}', file=sys.stderr, flush=True)
     preset = PRESETS[cfg.format]
     kind = preset["kind"]
     report = FileReport(source=str(path), sha256=sha)
     con = duckdb.connect()
-    # DuckDB spills and CSV pieces (raw ids included) go to the system temp dir, never into the workspace
+    # DuckDB spills (raw ids included) go to the system temp dir, never into the workspace
     tmpdir = Path(tempfile.mkdtemp(prefix="purchase-intent-ingest-"))
-    hasher = _Pseudonymiser(key)
-    cutter = None  # the background reader of a CSV file's pieces, if any
     try:
         con.execute(f"SET temp_directory = {_lit(tmpdir)}")
         con.execute("SET TimeZone = 'UTC'")
@@ -611,40 +435,14 @@ def _ingest_file(path: Path, sha: str, cfg: DataConfig, key: bytes, stage: Path,
             src = _jsonl_source(con, path, kind)
         mapping, events, extras = _resolve(cfg, preset, src.columns)
         ts_unit = cfg.ts_unit or preset.get("ts_unit")
-        since, until = _parse_time(cfg.since), _parse_time(cfg.until)
-
-        # stage piece by piece: (source of rows, file read, lines before it, header lines in it)
-        size = path.stat().st_size
-        if kind == "csv" and size >= CSV_SPLIT_BYTES:
-            plain = size * (4 if _is_gzip(path) else 1)  # about the uncompressed size
-            piece_bytes = min(max(plain // 16, CSV_PIECE_BYTES), CSV_PIECE_MAX_BYTES)
-            cutter = _csv_pieces(path, src.header_lines, tmpdir, piece_bytes)
-            parts = ((_piece_source(src, f), f, offset, 0) for f, offset in cutter)
-        else:
-            parts = iter([(src, path, 0, src.header_lines)])
-        con.execute("CREATE TEMP TABLE seen (raw VARCHAR)")
-        pieces: list[tuple[str, int, int]] = []
-        for k, (piece_src, f, offset, header) in enumerate(parts):
-            sql = _stage_sql(piece_src, mapping, events, extras, ts_unit, since, until, now)
-            con.execute(f"CREATE TEMP TABLE staged_{k} AS SELECT {k} AS _piece, * FROM ({sql})")
-            pieces.append((str(f), offset, header)); T(f'staged {k}')
-            if f != path:
-                f.unlink()
-            # ids first seen in this piece are hashed while the next piece is read
-            con.execute(f"CREATE OR REPLACE TEMP TABLE new_ids AS SELECT DISTINCT raw FROM ("
-                        f"SELECT user_raw AS raw FROM staged_{k} UNION ALL SELECT session_raw FROM staged_{k}) c "
-                        "WHERE raw IS NOT NULL AND NOT EXISTS (SELECT 1 FROM seen WHERE seen.raw = c.raw)")
-            hasher.submit(con.sql("SELECT raw FROM new_ids").to_arrow_table().column(0))
-            con.execute("INSERT INTO seen SELECT raw FROM new_ids"); T(f'ids {k} q={hasher.queue.qsize()}')
-        con.execute("CREATE TEMP VIEW staged AS " + " UNION ALL ".join(
-            f"SELECT * FROM staged_{k}" for k in range(len(pieces))))
+        sql = _stage_sql(src, mapping, events, extras, ts_unit, _parse_time(cfg.since), _parse_time(cfg.until), now)
+        con.execute(f"CREATE TEMP TABLE staged AS {sql}")
 
         counts = dict(con.execute("SELECT coalesce(reason, ''), count(*) FROM staged GROUP BY ALL").fetchall())
         report.accepted = counts.pop("", 0)
         report.filtered = counts.pop("filtered", 0)
         if kind == "csv":
-            n_bad = con.execute("SELECT count(*) FROM (SELECT DISTINCT scan_id, file_id, line FROM reject_errors)"
-                                ).fetchall()[0][0]
+            n_bad = con.execute("SELECT count(DISTINCT line) FROM reject_errors").fetchall()[0][0]
             if n_bad:
                 counts["malformed_line"] = counts.get("malformed_line", 0) + n_bad
         report.rejected = {r: counts[r] for r in REASONS if counts.get(r)}
@@ -652,29 +450,29 @@ def _ingest_file(path: Path, sha: str, cfg: DataConfig, key: bytes, stage: Path,
         if cfg.strict and report.rejected:
             return report
 
-        T('counts'); con.register("idmap_arrow", hasher.result()); T('hashed')
-        con.execute("CREATE TEMP TABLE idmap AS SELECT * FROM idmap_arrow")
-        con.unregister("idmap_arrow")
+        # one map per column: the probes of the many rows into the few users' map stay in cache
+        for col, name in (("user_raw", "user_map"), ("session_raw", "session_map")):
+            ids = con.sql(f"SELECT DISTINCT {col} FROM staged WHERE {col} IS NOT NULL").to_arrow_table()
+            con.register("ids_arrow", pseudonym_table(ids.column(0), key))
+            con.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM ids_arrow")
+            con.unregister("ids_arrow")
 
         if report.accepted:
             report.part = f"part-{sha[:16]}.parquet"
             extra_sel = "".join(f", s.{_q(n)}" for n in extras.values())
             con.execute(f"""COPY (
                 SELECT m.pid AS user_id, s.ts, s.event, s.item_id, s.category, s.price, ms.pid AS session_id{extra_sel}
-                FROM staged s JOIN idmap m ON s.user_raw = m.raw LEFT JOIN idmap ms ON s.session_raw = ms.raw
+                FROM staged s JOIN user_map m ON s.user_raw = m.raw LEFT JOIN session_map ms ON s.session_raw = ms.raw
                 WHERE s.reason IS NULL
-            ) TO {_lit(stage / report.part)} (FORMAT parquet)"""); T('written')
+            ) TO {_lit(stage / report.part)} (FORMAT parquet)""")
         if report.rejected:
-            rows = _collect_rejects(con, src, kind, mapping, key, str(path), pieces)
+            rows = _collect_rejects(con, src, kind, mapping, key, str(path))
             report.rejects_path = stage / f"{sha[:16]}.csv"
             with open(report.rejects_path, "w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["source_file", "line", "reason", "raw"])
                 w.writerows(rows)
     finally:
-        if cutter is not None:
-            cutter.close()  # stops and joins its thread
-        hasher.cancel()
         con.close()
         shutil.rmtree(tmpdir, ignore_errors=True)
     report.seconds = time.perf_counter() - t0

@@ -21,6 +21,10 @@ def test_pseudonym_is_truncated_hmac_sha256():
     assert pseudonymise(["a"], long_key) == [hmac.new(long_key, b"a", hashlib.sha256).hexdigest()[:32]]
     t = pseudonym_table(pa.array(["a", "b"]), key)
     assert t.column("pid").to_pylist() == pseudonymise(["a", "b"], key)
+    chunked = pa.chunked_array([ids[:2], ids[2:]])
+    assert pseudonym_table(chunked, key).column("pid").to_pylist() == out
+    assert pseudonym_table(pa.array(["a", None]), key).column("pid").to_pylist() == [pseudonymise(["a"], key)[0], None]
+    assert pseudonym_table(pa.chunked_array([], pa.string()), key).num_rows == 0
 
 
 def test_key_file_created_once_with_mode_0600(tmp_path, monkeypatch):
