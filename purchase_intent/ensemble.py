@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import pandas as pd
 
 from .workspace import Workspace, atomic_write_text
