@@ -19,6 +19,8 @@ import json
 import os
 import time
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the training code does, before torch loads
+
 import numpy as np
 import torch
 

@@ -13,6 +13,10 @@ field          value
 ``dt_prev``    1 = no earlier event; 2..time_buckets+1: log bucket of seconds since the previous one
 ``hour``       1..24: hour of day (UTC) + 1
 ``weekday``    1..7: ISO day of week (Monday = 1)
+``item_state`` 1..16: what the user did with this event's item *before* this event, over the
+               whole history before the cutoff: ``1 + seen + 2 carted + 4 removed + 8 bought``
+               (0 = no item id). A view of an item carted days ago reads ``1 + 1 + 2 = 4``: the
+               revisit that precedes many purchases is one token, not a match attention must find.
 =============  ==========================================================================
 
 Layout: chronological and **right-aligned**: the most recent event sits in the last column
@@ -35,7 +39,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 EVENT_CODES = {"view": 1, "cart": 2, "remove_from_cart": 3, "wishlist": 4, "purchase": 5, "other": 6}
-SEQUENCE_FIELDS = ("event", "item", "category", "price", "dt_cutoff", "dt_prev", "hour", "weekday")
+SEQUENCE_FIELDS = ("event", "item", "category", "price", "dt_cutoff", "dt_prev", "hour", "weekday", "item_state")
 
 
 @dataclass
@@ -70,6 +74,7 @@ class SequenceVocab:
             "dt_prev": c.time_buckets + 2,
             "hour": 25,
             "weekday": 8,
+            "item_state": 17,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -216,9 +221,16 @@ def build_sequences(con, examples: Any = "examples", cfg: Optional[SequenceConfi
               SELECT x.example_id, e.ts, e.event, e.item_id, e.category, e.price,
                      epoch_us(x.cutoff) - epoch_us(e.ts) AS us_cut,
                      epoch_us(e.ts) - epoch_us(lag(e.ts) OVER w_asc) AS us_prev,
-                     row_number() OVER w_desc AS rn
+                     row_number() OVER w_desc AS rn,
+                     count(*) OVER w_item AS it_seen,
+                     max(CASE WHEN e.event = 'cart' THEN 2 ELSE 0 END) OVER w_item AS it_cart,
+                     max(CASE WHEN e.event = 'remove_from_cart' THEN 4 ELSE 0 END) OVER w_item AS it_rm,
+                     max(CASE WHEN e.event = 'purchase' THEN 8 ELSE 0 END) OVER w_item AS it_buy
               FROM x JOIN events e ON e.user_id = x.user_id AND e.ts < x.cutoff
               WINDOW w_asc AS (PARTITION BY x.example_id ORDER BY e.ts, e.event, e.item_id, e.category, e.price),
+                     w_item AS (PARTITION BY x.example_id, e.item_id
+                                ORDER BY e.ts, e.event, e.item_id, e.category, e.price
+                                ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),
                      w_desc AS (PARTITION BY x.example_id
                                 ORDER BY e.ts DESC, e.event DESC, e.item_id DESC, e.category DESC, e.price DESC)
             )
@@ -227,7 +239,10 @@ def build_sequences(con, examples: Any = "examples", cfg: Optional[SequenceConfi
                    {_hash_sql('item_id', cfg.item_buckets)} AS item,
                    {_hash_sql('category', cfg.category_buckets)} AS category,
                    price, us_cut, us_prev,
-                   (hour(ts) + 1)::UTINYINT AS hour, isodow(ts)::UTINYINT AS weekday
+                   (hour(ts) + 1)::UTINYINT AS hour, isodow(ts)::UTINYINT AS weekday,
+                   CASE WHEN item_id IS NULL THEN 0
+                        ELSE 1 + least(it_seen, 1) + coalesce(it_cart, 0) + coalesce(it_rm, 0)
+                             + coalesce(it_buy, 0) END::UTINYINT AS item_state
             FROM j WHERE rn <= {t}
             """
         )
@@ -250,6 +265,7 @@ def build_sequences(con, examples: Any = "examples", cfg: Optional[SequenceConfi
                                             2 + np.searchsorted(edges_t, np.nan_to_num(prev_s), side="right"))
         out["hour"][row, pos] = col["hour"]
         out["weekday"][row, pos] = col["weekday"]
+        out["item_state"][row, pos] = col["item_state"]
         out["mask"][row, pos] = True
     if not isinstance(examples, str):
         con.unregister("_pi_seq_examples")

@@ -136,3 +136,20 @@ def test_config_mismatch_and_unknown_user(tiny_events):
 def test_stable_bucket_is_md5():
     assert stable_bucket("i1", 1000) == 1 + 706652275669948702 % 1000
     assert stable_bucket(None, 10) == 0
+
+
+def test_item_state_reads_what_happened_to_the_item_before_each_event():
+    t = pd.to_datetime(["2024-03-01 10:00", "2024-03-01 10:01", "2024-03-02 09:00", "2024-03-03 09:00",
+                        "2024-03-03 09:01", "2024-03-04 09:00"]).astype("datetime64[us]")
+    events = pd.DataFrame({"user_id": "u1", "ts": t,
+                           "event": ["view", "cart", "view", "view", "purchase", "view"],
+                           "item_id": ["a", "a", "b", "a", "a", None], "category": "c", "price": 1.0,
+                           "session_id": None})
+    ex = pd.DataFrame({"example_id": np.array([0, 1], dtype=np.int64), "user_id": "u1",
+                       "cutoff": pd.to_datetime(["2024-03-03 09:00:30", "2024-03-05 00:00:00"]).astype("datetime64[us]")})
+    seq, _ = _build(events, ex)
+    # before 09:00:30 on 03-03: view a (new), cart a (seen), view b (new), view a (seen + carted)
+    np.testing.assert_array_equal(seq["item_state"][0, -4:], [1, 2, 1, 4])
+    assert not seq["mask"][0, :-4].any()
+    # the later cutoff also sees the purchase (seen + carted) and a view without an item id (0)
+    np.testing.assert_array_equal(seq["item_state"][1, -6:], [1, 2, 1, 4, 4, 0])

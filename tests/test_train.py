@@ -40,7 +40,7 @@ def test_lr_schedule_and_decay_groups():
     opt = make_optimizer(m, c)
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     assert id(m.blocks[0].qkv.weight) in decayed
-    assert not decayed & {id(m.embed["item"].weight), id(m.blocks[0].ln1.weight), id(m.blocks[0].qkv.bias), id(m.cls)}
+    assert not decayed & {id(m.embed.weight), id(m.blocks[0].ln1.weight), id(m.blocks[0].qkv.bias), id(m.cls)}
 
 
 def test_default_collate_types():

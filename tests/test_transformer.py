@@ -140,3 +140,19 @@ def test_learns_an_order_only_task():
     tab = TransformerClassifier(inputs="tabular", **kw).fit(X, y, Xv, yv)
     assert roc_auc_score(yt, seq.predict_proba(Xt)[:, 1]) > 0.75
     assert roc_auc_score(yt, tab.predict_proba(Xt)[:, 1]) < 0.6
+
+
+def test_cls_only_last_block_equals_the_full_block_and_old_embeddings_load():
+    torch.manual_seed(0)
+    m = BehaviourTransformer(preset("tiny", field_sizes=SIZES, n_tabular=3, max_seq_len=8)).eval()
+    b = _batch()
+    x = torch.randn(4, 7, m.cfg.d_model)
+    keep = torch.cat([b["mask"].new_ones(4, 1), b["mask"]], 1)[:, None, None, :]
+    full, first = m.blocks[-1](x, keep), m.blocks[-1](x, keep, first_only=True)
+    torch.testing.assert_close(first[:, 0], full[:, 0], rtol=1e-5, atol=1e-6)
+    state = m.state_dict()  # runs saved with one table per field still load
+    w = state.pop("embed.weight")
+    state.update({f"embed.{f}.weight": t for f, t in zip(SIZES, w.split(list(SIZES.values())))})
+    m2 = BehaviourTransformer(m.cfg).eval()
+    m2.load_state_dict(state)
+    torch.testing.assert_close(m2(b)[0], m(b)[0])

@@ -8,10 +8,15 @@ A plain ``nn.Module`` that knows nothing about data loading or training. Shape l
 
 Input ``batch`` is a dict of tensors: one (B, T) int tensor per sequence field (0 = padding),
 ``"mask"`` (B, T) bool (True = real event) and ``"tabular"`` (B, F) float (standardised).
-Tokens are the sum of their field embeddings plus a learned embedding of the recency rank
-(``T - 1 - column``: the rank does not depend on how much padding a batch carries). A learned
-[CLS] vector is prepended; after pre-norm blocks its output summarises the sequence. The tabular
-vector enters through a small MLP ("deep") and a linear term added to the logit ("wide").
+Tokens are the sum of their field embeddings (one concatenated table, one ``embedding_bag``
+call; row 0 of each field is a learned "missing/padding" row) plus a learned embedding of the
+recency rank (``T - 1 - column``: the rank does not depend on how much padding a batch carries).
+A learned [CLS] vector is prepended; after pre-norm blocks its output summarises the sequence.
+Only the [CLS] output is read, so the last block computes its query, attention and MLP for the
+[CLS] row alone (keys and values for all tokens): the same result as a full block at a fraction
+of the cost. The tabular vector enters through a small MLP ("deep") and a linear term added to
+the logit ("wide"). The batch may carry ``"tokens"`` (B, T, n_fields) instead of one tensor per
+field (the classifier's collate does: one int64 conversion per batch).
 
 Print the presets' sizes with ``python -m purchase_intent.models.transformer``.
 """
@@ -48,7 +53,7 @@ class TransformerConfig:
 
 
 PRESETS = {
-    "tiny": dict(d_model=32, n_layers=1, n_heads=2, mlp_ratio=2, tabular_hidden=32),
+    "tiny": dict(d_model=32, n_layers=2, n_heads=1, mlp_ratio=2, tabular_hidden=32),
     "small": dict(d_model=64, n_layers=2, n_heads=4, mlp_ratio=4, tabular_hidden=64),
     "base": dict(d_model=128, n_layers=4, n_heads=4, mlp_ratio=4, tabular_hidden=128),
 }
@@ -76,19 +81,58 @@ class Block(nn.Module):
         self.fc_out = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, first_only: bool = False) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D); with ``first_only`` only row 0 ([CLS]) is computed: (B, 1, D)."""
         B, T, D = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(D, dim=2)  # 3 x (B, T, D)
-        q = q.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+        h = self.ln1(x)  # (B, T, D)
+        if first_only:  # queries of [CLS] only; keys and values of every token
+            q = F.linear(h[:, :1], self.qkv.weight[:D], self.qkv.bias[:D])  # (B, 1, D)
+            k, v = F.linear(h, self.qkv.weight[D:], self.qkv.bias[D:]).split(D, dim=2)  # 2 x (B, T, D)
+            x = x[:, :1]  # (B, 1, D)
+        else:
+            q, k, v = self.qkv(h).split(D, dim=2)  # 3 x (B, T, D)
+        Tq, hs = x.shape[1], D // self.n_heads
+        q = q.view(B, Tq, self.n_heads, hs).transpose(1, 2)  # (B, nh, Tq, hs)
+        k = k.view(B, T, self.n_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
         # attn_mask (B, 1, 1, T): True = may attend; padding keys are hidden from every query
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.attn_dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        y = y.transpose(1, 2).reshape(B, Tq, D)  # (B, Tq, D)
         x = x + self.drop(self.proj(y))
         x = x + self.drop(self.fc_out(F.gelu(self.fc(self.ln2(x)))))
         return x
+
+
+class FieldEmbeddings(nn.Module):
+    """The embedding tables of all sequence fields as one (sum of sizes, D) table with row offsets.
+
+    ``forward(ids)`` with ids (B, T, n_fields) (field order of ``field_sizes``, offsets not yet
+    added) returns the summed field embeddings (B, T, D) in one ``embedding_bag`` call;
+    ``embed[f](ids_f)`` looks up one field, (B, T) -> (B, T, D).
+    """
+
+    def __init__(self, field_sizes: dict, d_model: int):
+        super().__init__()
+        self.fields = list(field_sizes)
+        sizes = [int(field_sizes[f]) for f in self.fields]
+        self.weight = nn.Parameter(torch.empty(sum(sizes), d_model))
+        self.register_buffer("offsets", torch.tensor([0] + sizes[:-1]).cumsum(0), persistent=False)  # (n_fields,)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        B, T, nf = ids.shape
+        flat = (ids + self.offsets).view(B * T, nf)  # (B*T, n_fields) rows of the big table
+        return F.embedding_bag(flat, self.weight, mode="sum").view(B, T, -1)  # (B, T, D)
+
+    def __getitem__(self, f: str):
+        i = self.fields.index(f)
+        return lambda ids: F.embedding(ids + self.offsets[i], self.weight)  # (..., D)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # runs saved with one nn.Embedding per field ("embed.<field>.weight"): concatenate them
+        if prefix + "weight" not in state_dict and all(f"{prefix}{f}.weight" in state_dict for f in self.fields):
+            state_dict[prefix + "weight"] = torch.cat([state_dict.pop(f"{prefix}{f}.weight") for f in self.fields])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class BehaviourTransformer(nn.Module):
@@ -106,7 +150,7 @@ class BehaviourTransformer(nn.Module):
         D, parts = cfg.d_model, 0
         if cfg.use_sequence:
             self.fields = list(cfg.field_sizes)
-            self.embed = nn.ModuleDict({f: nn.Embedding(n, D, padding_idx=0) for f, n in cfg.field_sizes.items()})
+            self.embed = FieldEmbeddings(cfg.field_sizes, D)
             self.pos = nn.Embedding(cfg.max_seq_len, D)  # recency rank 0 = most recent event
             self.cls = nn.Parameter(torch.zeros(D))
             self.drop = nn.Dropout(cfg.dropout)
@@ -126,6 +170,9 @@ class BehaviourTransformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * max(cfg.n_layers, 1)))
         if cfg.use_sequence:
             nn.init.normal_(self.cls, std=0.02)
+            # unit-scale tokens: the summed fields (std ~ sqrt(n_fields) * 0.3) are of the order of
+            # LayerNorm's output, so the sequence branch starts as loud as the tabular one
+            nn.init.normal_(self.embed.weight, std=0.3)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -143,7 +190,7 @@ class BehaviourTransformer(nn.Module):
         """Parameter count; ``embeddings=False`` leaves out the field and position tables."""
         n = sum(p.numel() for p in self.parameters())
         if not embeddings and self.cfg.use_sequence:
-            n -= sum(p.numel() for p in self.embed.parameters()) + self.pos.weight.numel()
+            n -= self.embed.weight.numel() + self.pos.weight.numel()
         return n
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -152,15 +199,16 @@ class BehaviourTransformer(nn.Module):
         B, T = mask.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} > max_seq_len {self.cfg.max_seq_len}")
-        x = sum(self.embed[f](batch[f]) for f in self.fields)  # (B, T, D)
+        ids = batch["tokens"] if "tokens" in batch else torch.stack([batch[f] for f in self.fields], dim=-1)
+        x = self.embed(ids.long())  # (B, T, D)
         rank = torch.arange(T - 1, -1, -1, device=mask.device)  # (T,) recency rank of each column
         x = x + self.pos(rank)  # (B, T, D)
         x = torch.cat([self.cls.expand(B, 1, -1).to(x.dtype), x], dim=1)  # (B, 1+T, D)
         x = self.drop(x)
         keep = torch.cat([mask.new_ones(B, 1), mask], dim=1)  # (B, 1+T): [CLS] is always visible
         attn_mask = keep[:, None, None, :]  # (B, 1, 1, 1+T)
-        for block in self.blocks:
-            x = block(x, attn_mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, attn_mask, first_only=i == len(self.blocks) - 1)  # last: (B, 1, D)
         return self.ln_f(x[:, 0])  # (B, D)
 
     def forward(self, batch: dict[str, torch.Tensor], labels: Optional[torch.Tensor] = None):
@@ -184,10 +232,14 @@ class BehaviourTransformer(nn.Module):
 
 
 def flops_per_sequence(cfg: TransformerConfig, seq_len: int) -> int:
-    """Analytic matmul FLOPs of one sequence, forward + backward (3x forward), as in PaLM's MFU."""
-    T, D, L = seq_len + 1, cfg.d_model, cfg.n_layers  # +1: the [CLS] token
-    per_layer = 2 * T * (3 * D * D + D * D + 2 * cfg.mlp_ratio * D * D) + 2 * 2 * T * T * D
-    fwd = L * per_layer if cfg.use_sequence else 0
+    """Analytic matmul FLOPs of one sequence, forward + backward (3x forward), as in PaLM's MFU.
+
+    Counts what the model computes: full blocks, then a last block with the [CLS] query only.
+    """
+    T, D, L, r = seq_len + 1, cfg.d_model, cfg.n_layers, cfg.mlp_ratio  # +1: the [CLS] token
+    full = 2 * T * (3 * D * D + D * D + 2 * r * D * D) + 2 * 2 * T * T * D
+    last = 2 * T * 2 * D * D + 2 * (D * D + D * D + 2 * r * D * D) + 2 * 2 * T * D  # k, v of all; rest for [CLS]
+    fwd = ((L - 1) * full + last) if cfg.use_sequence and L > 0 else 0
     return 3 * fwd
 
 
