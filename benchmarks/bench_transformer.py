@@ -19,7 +19,7 @@ import json
 import os
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the training code does, before torch loads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as purchase_intent/__init__.py does, before torch loads
 
 import numpy as np
 import torch

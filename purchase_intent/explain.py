@@ -9,8 +9,8 @@ cart in the last 24 hours"). Contributions are measured against a reference:
 
 - logistic regression: ``coef * standardised value`` (reference: the mean training example);
 - LightGBM: TreeSHAP ``pred_contrib`` (reference: the expected raw score over the training data);
-- Transformer: integrated gradients (Captum) from an empty history (all events masked out, mean
-  tabular features) to the input, over the event embeddings and the tabular inputs; the event
+- Transformer: integrated gradients (Captum) from a zero embedding for every event (the mask
+  kept) and mean tabular features to the input, over the event embeddings and the tabular inputs; the event
   attribution is summed over the embedding dimension, so each reason is one event or one feature.
 
 In every case base + sum(contributions) equals the model's logit (up to the integral's error for
@@ -320,8 +320,8 @@ def _logit_from_embeddings(net, emb, tab, batch: dict):
     """The logit of ``BehaviourTransformer`` with the summed field embeddings ``emb`` (B, T, D) given.
 
     Mirrors ``BehaviourTransformer.forward``/``encode`` (eval mode, no dropout) with the embedding
-    lookup replaced by ``emb``, so integrated gradients can move continuously from the empty
-    (padding) embedding to the real one. ``test_explain`` checks it equals ``net(batch)``.
+    lookup replaced by ``emb``, so integrated gradients can move continuously from a zero
+    embedding to the real one. ``test_explain`` checks it equals ``net(batch)``.
     """
     import torch
 
@@ -347,8 +347,8 @@ def module_integrated_gradients(net, batch: dict, n_steps: int = 32, internal_ba
                                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Integrated gradients of a ``BehaviourTransformer`` for one batch of tensors.
 
-    Baseline: every event's field embeddings at padding (zero; the mask and recency ranks are
-    kept) and the tabular vector at 0 (the training mean, as it is standardised).
+    Baseline: every event's summed embedding at zero (the mask and recency ranks are kept) and
+    the tabular vector at 0 (the training mean, as it is standardised).
 
     Returns
     -------

@@ -14,12 +14,7 @@ turns rows ``idx`` into a dict of tensors (the default converts every non-label 
 """
 from __future__ import annotations
 
-import os
-
-# libgomp's default busy-waiting threads collapse when the cores are shared with other work
-# (measured: 5x slower training with 2 threads on 2 loaded cores); must be set before torch loads
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+import os  # (OMP_WAIT_POLICY is set to PASSIVE by the package's __init__, before torch loads)
 import dataclasses
 import json
 import math

@@ -15,12 +15,6 @@ reads JSON and tensors only, never a pickle.
 """
 from __future__ import annotations
 
-import os
-
-# libgomp's default busy-waiting threads collapse when the cores are shared with other work
-# (measured: 5x slower training with 2 threads on 2 loaded cores); must be set before torch loads
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import dataclasses
 import json
 import warnings
