@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=20_000)
     p.add_argument("--days", type=int, default=90)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--models", default="logreg,lightgbm,transformer")
+    p.add_argument("--models", default="logreg,lightgbm,transformer,ensemble")
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("simulate", help="write the simulated shop's events to a file (CSV, CSV.gz or Parquet)")

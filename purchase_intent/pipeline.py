@@ -482,7 +482,7 @@ def run(data: str | Path | Sequence[str | Path] | None, data_cfg: DataConfig, la
     return table
 
 
-def quickstart(workspace=None, models: Sequence[str] = ("logreg", "lightgbm", "transformer"),
+def quickstart(workspace=None, models: Sequence[str] = ("logreg", "lightgbm", "transformer", "ensemble"),
                n_users: int = 20_000, days: int = 90, seed: int = 0, quiet: bool = False) -> str:
     """`run` on the built-in seeded shop simulator (no data of yours needed)."""
     from .simulate import SimConfig, write_events
