@@ -267,6 +267,10 @@ def train(name: str, run: str | None = None, params: dict | None = None, train_c
     seconds = time.perf_counter() - t0
     y = built.examples["label"].to_numpy()
     run_dir = ws.run_dir(run or name)
+    from .distributed import is_main
+
+    if not is_main():  # under torchrun every rank trains; only rank 0 writes the run
+        return run_dir
     meta = {
         "run": run_dir.name,
         "model": name,

@@ -124,3 +124,28 @@ def test_taobao_head_user_task_end_to_end(shared_data, tmp_path, capsys):
     m = json.loads((ws / "runs" / "lightgbm" / "metrics.json").read_text())
     # next-day purchase of ~800 users is hard: the bar is only "better than chance"
     assert m["test"]["n"] == 813 and m["test"]["roc_auc"] > 0.5
+
+
+def test_transformer_and_ensemble_runs_report_calibration(shop, tmp_path):
+    ws = tmp_path / "ws"
+    pipeline.ingest(shop, DataConfig(format="csv"), ws, progress=False)
+    pipeline.build(LabelConfig(lookback="14d", horizon="7d", step="7d"), workspace=ws, quiet=True)
+    cfg = TrainConfig(min_positives=20, min_negatives=20)
+    for name, params in (("lightgbm", {}), ("transformer", {"max_epochs": 1})):
+        pipeline.train(name, params=params, train_cfg=cfg, workspace=ws, quiet=True)
+        pipeline.evaluate(name, ws, n_boot=50, quiet=True)
+    m = json.loads((ws / "runs" / "transformer" / "metrics.json").read_text())
+    cal = m["calibration"]
+    assert cal["fitted_on"] == "valid"
+    assert cal["valid_ece_after"] <= cal["valid_ece_before"] + 1e-9  # fitted there: can only help
+    assert m["test"]["ece"] == pytest.approx(cal["test_ece_after"])
+    from purchase_intent.ensemble import evaluate_ensemble
+    from purchase_intent.workspace import Workspace
+
+    e = evaluate_ensemble(Workspace(ws), ["transformer", "lightgbm"], n_boot=50)
+    preds = {r: pd.read_parquet(ws / "runs" / r / "predictions.parquet") for r in ("transformer", "lightgbm", "ensemble")}
+    t = preds["transformer"].query("split == 'test'").set_index("example_id")["probability"]
+    g = preds["lightgbm"].query("split == 'test'").set_index("example_id")["probability"]
+    ens = preds["ensemble"].query("split == 'test'").set_index("example_id")["probability"]
+    np.testing.assert_allclose(ens.loc[t.index], (t + g.loc[t.index]) / 2)
+    assert e["test"]["n"] == len(t)
