@@ -1,13 +1,16 @@
 """Shared fixtures: a tiny canonical event log (about 200 events, 12 users, 21 days)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data next to the repository; PURCHASE_INTENT_SHARED_DATA points elsewhere (e.g. a clone in /tmp)
+SHARED_DATA = Path(os.environ.get("PURCHASE_INTENT_SHARED_DATA")
+                   or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 def make_tiny_events(seed: int = 0, n_users: int = 12, days: int = 21) -> pd.DataFrame:
