@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 ONE_US = timedelta(microseconds=1)
 
@@ -43,6 +44,7 @@ class ScoreConfig:
     top: Optional[str] = None  # audience: the top share of users, e.g. "10%" (or a fraction "0.1")
     top_n: Optional[int] = None  # audience: the N most likely buyers
     min_probability: Optional[float] = None  # audience: everyone with probability >= P
+    reasons: int = 0  # add each user's top K reasons as columns reason_k (text) and reason_k_contribution
 
 
 @dataclass
@@ -105,20 +107,45 @@ def _model_name_version(meta: dict) -> tuple[str, str]:
     return meta["model"], str(meta.get("version", ""))
 
 
+def _user_inputs(meta: dict, model: Any, con, user_ids: list[str], cutoff: datetime):
+    from .pipeline import inputs_for_examples
+
+    ex = pd.DataFrame({"user_id": pd.array(user_ids, dtype=object),
+                       "cutoff": pd.Series([cutoff] * len(user_ids), dtype="datetime64[us]")})
+    return inputs_for_examples(meta, model, con, ex)
+
+
 def predict_users(meta: dict, model: Any, con, user_ids: list[str], cutoff: datetime) -> np.ndarray:
     """Probabilities of buying for ``user_ids`` at ``cutoff`` over the ``events`` of ``con``.
 
     Features and sequences come from ``pipeline.inputs_for_examples`` (events with ts < cutoff),
     so this is exactly what training and the HTTP API compute. Returns shape (len(user_ids),).
     """
-    from .pipeline import inputs_for_examples
-
     if not user_ids:
         return np.zeros(0)
-    ex = pd.DataFrame({"user_id": pd.array(user_ids, dtype=object),
-                       "cutoff": pd.Series([cutoff] * len(user_ids), dtype="datetime64[us]")})
-    X = inputs_for_examples(meta, model, con, ex)
+    X = _user_inputs(meta, model, con, user_ids, cutoff)
     return np.asarray(model.predict_proba(X), dtype=np.float64)[:, 1]
+
+
+def predict_users_with_reasons(meta: dict, model: Any, con, user_ids: list[str], cutoff: datetime,
+                               top: int) -> tuple[np.ndarray, list[list[dict]]]:
+    """``predict_users`` plus each user's top reasons (``explain.explain_inputs``) on the same inputs."""
+    from .explain import explain_inputs
+
+    if not user_ids:
+        return np.zeros(0), []
+    X = _user_inputs(meta, model, con, user_ids, cutoff)
+    p = np.asarray(model.predict_proba(X), dtype=np.float64)[:, 1]
+    return p, explain_inputs(meta, model, X, top=top)
+
+
+def _reason_columns(reasons: list[list[dict]], k: int) -> dict:
+    cols: dict[str, pa.Array] = {}
+    for j in range(k):
+        cols[f"reason_{j + 1}"] = pa.array([r[j]["text"] if len(r) > j else None for r in reasons], pa.string())
+        cols[f"reason_{j + 1}_contribution"] = pa.array(
+            [float(r[j]["contribution"]) if len(r) > j else None for r in reasons], pa.float64())
+    return cols
 
 
 def _active_users_table(con, cutoff: datetime, lookback: timedelta) -> int:
@@ -219,13 +246,15 @@ def score(run: str, out: str | Path, cfg: ScoreConfig | None = None, workspace=N
         raise ValueError(f"no user has an event in [{cutoff - lookback}, {cutoff}): nothing to score")
     where, audience = _audience_filter(cfg, n)
 
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     tmpdir = Path(tempfile.mkdtemp(prefix=".score-", dir=out.parent if out.parent.exists() else None))
     try:
         raw = tmpdir / "probabilities.parquet"
-        schema = pa.schema([("user_id", pa.string()), ("probability", pa.float64())])
+        fields = [("user_id", pa.string()), ("probability", pa.float64())]
+        for j in range(cfg.reasons):
+            fields += [(f"reason_{j + 1}", pa.string()), (f"reason_{j + 1}_contribution", pa.float64())]
+        schema = pa.schema(fields)
         n_chunks = (n + cfg.chunk_size - 1) // cfg.chunk_size
         bar = _progress(n, progress)
         with pq.ParquetWriter(raw, schema) as writer:
@@ -233,17 +262,22 @@ def score(run: str, out: str | Path, cfg: ScoreConfig | None = None, workspace=N
                 users = [r[0] for r in con.execute(
                     "SELECT user_id FROM _score_users WHERE _i >= $a AND _i < $b ORDER BY _i",
                     {"a": k * cfg.chunk_size, "b": (k + 1) * cfg.chunk_size}).fetchall()]
-                p = predict_users(meta, model, con, users, cutoff)
-                writer.write_table(pa.table({"user_id": pa.array(users, pa.string()),
-                                             "probability": pa.array(p, pa.float64())}, schema=schema))
+                cols = {"user_id": pa.array(users, pa.string())}
+                if cfg.reasons:
+                    p, why = predict_users_with_reasons(meta, model, con, users, cutoff, cfg.reasons)
+                    cols.update({"probability": pa.array(p, pa.float64()), **_reason_columns(why, cfg.reasons)})
+                else:
+                    cols["probability"] = pa.array(predict_users(meta, model, con, users, cutoff), pa.float64())
+                writer.write_table(pa.table(cols, schema=schema))
                 bar.update(len(users))
         bar.close()
         seconds = time.perf_counter() - t0
+        reason_cols = "".join(f", reason_{j + 1}, reason_{j + 1}_contribution" for j in range(cfg.reasons))
         ranked = f"""
             SELECT user_id, probability,
                    row_number() OVER (ORDER BY probability DESC, user_id) AS rank,
                    CAST(1 + floor((row_number() OVER (ORDER BY probability DESC, user_id) - 1) * 10 / {n}) AS INTEGER) AS decile,
-                   $cutoff::TIMESTAMP AS cutoff, $model AS model, $version AS version
+                   $cutoff::TIMESTAMP AS cutoff, $model AS model, $version AS version{reason_cols}
             FROM read_parquet('{_sql_path(raw)}')"""
         params = {"cutoff": cutoff, "model": name, "version": version}
         sel = f"SELECT * FROM ({ranked}) WHERE {where} ORDER BY rank"
@@ -313,7 +347,8 @@ def _rule_text(a: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # command line
 def cmd_score(a: argparse.Namespace) -> int:
-    cfg = ScoreConfig(at=a.at, chunk_size=a.chunk_size, top=a.top, top_n=a.top_n, min_probability=a.min_probability)
+    cfg = ScoreConfig(at=a.at, chunk_size=a.chunk_size, top=a.top, top_n=a.top_n, min_probability=a.min_probability,
+                      reasons=a.reasons)
     result = score(a.run, a.out, cfg, workspace=a.workspace, progress=not a.quiet)
     print(describe(result))
     return 0
@@ -332,6 +367,8 @@ def add_score_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--top", help="audience: the top share of users, e.g. 10%%")
     g.add_argument("--top-n", type=int, help="audience: the N most likely buyers")
     g.add_argument("--min-probability", type=float, help="audience: users with probability >= P")
+    p.add_argument("--reasons", type=int, default=d.reasons, metavar="K",
+                   help="add each user's top K reasons as columns reason_k and reason_k_contribution (e.g. 3)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_score)
     return p

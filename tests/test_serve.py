@@ -61,7 +61,7 @@ def shop(tmp_path_factory):
     scores = {}
     for m in MODEL_TYPES:
         pipeline.train(m, params=TINY_TRANSFORMER if m == "transformer" else None, train_cfg=cfg, workspace=ws, quiet=True)
-        score(m, root / f"{m}.parquet", ScoreConfig(), workspace=ws, progress=False)
+        score(m, root / f"{m}.parquet", ScoreConfig(reasons=2), workspace=ws, progress=False)
         scores[m] = pd.read_parquet(root / f"{m}.parquet")
     pipeline.train("lightgbm", run="lightgbm-b", params={"n_estimators": 7}, train_cfg=cfg, workspace=ws, quiet=True)
     return ws, df, scores
@@ -117,6 +117,29 @@ def test_api_probability_equals_the_batch_score(shop, model):
         got = [x["probability"] for x in r.json()["results"]]
         np.testing.assert_allclose(got, [batch.loc[p, "probability"] for _, p in users], atol=1e-6, rtol=0)
         assert [x["user_id"] for x in r.json()["results"]] == [u for u, _ in users]
+
+
+@pytest.mark.parametrize("model", MODEL_TYPES)
+def test_explain_true_returns_the_reasons_of_batch_scoring(shop, model):
+    """?explain=true answers the same reasons as `score --reasons`, for the same user and cutoff."""
+    ws, df, scores = shop
+    batch = scores[model].set_index("user_id")
+    at = batch["cutoff"].iloc[0].isoformat() + "Z"
+    (raw, pid), = _raw_users(ws, df, scores[model], 1)
+    with _client(ws, run=model) as c:
+        r = c.post("/v1/score", params={"explain": "true", "top": 2},
+                   json={"user_id": raw, "at": at, "events": _events(df, raw)}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        reasons = r.json()["reasons"]
+        assert 1 <= len(reasons) <= 2 and all({"contribution", "text"} <= set(x) for x in reasons)
+        assert reasons[0]["text"] == batch.loc[pid, "reason_1"]
+        assert abs(reasons[0]["contribution"] - batch.loc[pid, "reason_1_contribution"]) < 1e-4
+        assert c.post("/v1/score", json={"user_id": raw, "at": at, "events": _events(df, raw)},
+                      headers=AUTH).json()["reasons"] is None  # only when asked
+        assert c.post("/v1/score", params={"explain": "true", "top": 0}, headers=AUTH,
+                      json={"user_id": raw, "at": at, "events": _events(df, raw)}).status_code == 422
+        g = c.get(f"/v1/users/{raw}/score", headers=AUTH, params={"at": at, "explain": "true", "top": 2})
+        assert g.status_code == 200 and g.json()["reasons"][0]["text"] == batch.loc[pid, "reason_1"]
 
 
 def test_events_at_or_after_at_are_ignored(shop, client):

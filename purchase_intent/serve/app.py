@@ -33,7 +33,7 @@ from .settings import API_KEYS_ENV, ServeSettings, read_api_keys
 # the app
 def create_app(settings: ServeSettings):
     """The FastAPI app; the run is loaded (and SIGHUP wired to a reload) in `lifespan`."""
-    from fastapi import Depends, FastAPI, HTTPException, Request, Response
+    from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
 
@@ -110,34 +110,42 @@ def create_app(settings: ServeSettings):
         return JSONResponse({"status": "ready", **st.current.info})
 
     @app.post("/v1/score", response_model=ScoreResponse, tags=["score"])
-    def score_one(body: ScoreRequest, request: Request, response: Response, st: ServeState = Depends(require_key)):
+    def score_one(body: ScoreRequest, request: Request, response: Response, explain: bool = False,
+                  top: int = Query(3, ge=1, le=20, description="reasons per user with explain=true"),
+                  st: ServeState = Depends(require_key)):
         timings = {"parse": time.perf_counter() - request.scope["pi.t0"]}
         loaded = st.current
-        p, ats, n, active, ids = score_users(st, loaded, [body], "body", timings)
+        p, ats, n, active, ids, why = score_users(st, loaded, [body], "body", timings, top if explain else 0)
         st.metrics.score(p)
         _stage_header(response, st, request, timings)
         info = loaded.info
         return ScoreResponse(probability=float(p[0]), model=info["model"], version=info["version"], run=info["run"],
                              at=ats[0].isoformat() + "Z", n_events=n[0], active=active[0],
-                             user_id=ids[0] if body.user_id is not None else None)
+                             user_id=ids[0] if body.user_id is not None else None, reasons=why[0] if why else None)
 
     @app.post("/v1/score/batch", response_model=BatchResponse, tags=["score"])
-    def score_batch(body: BatchRequest, request: Request, response: Response, st: ServeState = Depends(require_key)):
+    def score_batch(body: BatchRequest, request: Request, response: Response, explain: bool = False,
+                    top: int = Query(3, ge=1, le=20, description="reasons per user with explain=true"),
+                    st: ServeState = Depends(require_key)):
         timings = {"parse": time.perf_counter() - request.scope["pi.t0"]}
         if len(body.users) > st.settings.max_users:
             raise ApiError(422, "body.users", f"at most {st.settings.max_users} users per batch, got {len(body.users)}")
         loaded = st.current
-        p, ats, n, active, _ = score_users(st, loaded, body.users, "body.users", timings)
+        p, ats, n, active, _, why = score_users(st, loaded, body.users, "body.users", timings, top if explain else 0)
         st.metrics.score(p)
         _stage_header(response, st, request, timings)
         info = loaded.info
-        results = [BatchItem(user_id=u.user_id, probability=float(pi), at=a.isoformat() + "Z", n_events=k, active=ac)
-                   for u, pi, a, k, ac in zip(body.users, p, ats, n, active)]
+        why = why or [None] * len(p)
+        results = [BatchItem(user_id=u.user_id, probability=float(pi), at=a.isoformat() + "Z", n_events=k, active=ac,
+                             reasons=r)
+                   for u, pi, a, k, ac, r in zip(body.users, p, ats, n, active, why)]
         return BatchResponse(model=info["model"], version=info["version"], run=info["run"], results=results)
 
     @app.get("/v1/users/{user_id}/score", response_model=ScoreResponse, tags=["score"])
     def score_known(user_id: str, request: Request, response: Response, at: Optional[str] = None,
-                    pseudonymised: bool = False, st: ServeState = Depends(require_key)):
+                    pseudonymised: bool = False, explain: bool = False,
+                    top: int = Query(3, ge=1, le=20, description="reasons with explain=true"),
+                    st: ServeState = Depends(require_key)):
         """Score a user from the workspace's events (``pseudonymised=true``: the id is already a pseudonym)."""
         from .schemas import MAX_ID_CHARS, parse_timestamp
 
@@ -162,13 +170,13 @@ def create_app(settings: ServeSettings):
                                      {"u": uid, "at": cutoff}).fetchall()[0]
         if not n:
             raise ApiError(422, "query.at", f"the user has no event before {cutoff.isoformat()}")
-        p = predict(st, loaded, con, [uid], [cutoff], timings)
+        p, why = predict(st, loaded, con, [uid], [cutoff], timings, top if explain else 0)
         st.metrics.score(p)
         _stage_header(response, st, request, timings)
         info = loaded.info
         return ScoreResponse(probability=float(p[0]), model=info["model"], version=info["version"], run=info["run"],
                              at=cutoff.isoformat() + "Z", n_events=int(n), active=last_before >= cutoff - loaded.lookback,
-                             user_id=uid)
+                             user_id=uid, reasons=why[0] if why else None)
 
     @app.get("/v1/model", response_model=ModelInfo, tags=["admin"])
     def model_info(st: ServeState = Depends(require_key)):

@@ -114,6 +114,9 @@ class ScoreResponse(BaseModel):
     active: bool = Field(description="the user had an event in the run's lookback before `at` "
                                      "(batch scores cover active users only)")
     user_id: Optional[str] = Field(default=None, description="the pseudonym of the user id")
+    reasons: Optional[list[dict[str, Any]]] = Field(
+        default=None, description="with ?explain=true: the top reasons, each {feature|group, contribution "
+                                  "(signed, log-odds), text}")
 
 
 class BatchItem(BaseModel):
@@ -122,6 +125,7 @@ class BatchItem(BaseModel):
     at: str
     n_events: int
     active: bool
+    reasons: Optional[list[dict[str, Any]]] = Field(default=None, description="with ?explain=true: the top reasons")
 
 
 class BatchResponse(BaseModel):

@@ -198,8 +198,9 @@ def _examples(loaded: LoadedRun, con, ids: list[str], ats: list[datetime]):
 
 
 def predict(state: ServeState, loaded: LoadedRun, con, ids: list[str], ats: list[datetime],
-            timings: dict[str, float]) -> np.ndarray:
-    """Probabilities (len(ids),) with the training feature code over the `events` of `con`."""
+            timings: dict[str, float], explain_top: int = 0) -> tuple[np.ndarray, Optional[list]]:
+    """Probabilities (len(ids),) with the training feature code over the `events` of `con`, and with
+    `explain_top` > 0 each example's top reasons (else None)."""
     from ..pipeline import inputs_for_examples
 
     t0 = time.perf_counter()
@@ -209,11 +210,23 @@ def predict(state: ServeState, loaded: LoadedRun, con, ids: list[str], ats: list
     t2 = time.perf_counter()
     timings["features"] = t1 - t0
     timings["model"] = t2 - t1
-    return p
+    return p, _reasons(loaded, X, explain_top, timings)
+
+
+def _reasons(loaded: LoadedRun, X, top: int, timings: dict[str, float]) -> Optional[list]:
+    if top <= 0:
+        return None
+    from ..explain import explain_inputs
+
+    t0 = time.perf_counter()
+    out = explain_inputs(loaded.meta, loaded.model, X, top=top)
+    timings["explain"] = time.perf_counter() - t0
+    return out
 
 
 def predict_columns(state: ServeState, loaded: LoadedRun, cols: dict[str, list], ids: list[str],
-                    ats: list[datetime], timings: dict[str, float]) -> np.ndarray:
+                    ats: list[datetime], timings: dict[str, float],
+                    explain_top: int = 0) -> tuple[np.ndarray, Optional[list]]:
     """Probabilities (len(ids),) of user-task examples over a request's event columns.
 
     Features from ``compute_features_frame`` (numpy; equal to the training SQL), sequences from
@@ -250,12 +263,15 @@ def predict_columns(state: ServeState, loaded: LoadedRun, cols: dict[str, list],
     if loaded.vocab is not None:
         timings["sequences"] = t2 - t1
     timings["model"] = t3 - t2
-    return p
+    return p, _reasons(loaded, X, explain_top, timings)
 
 
 def score_users(state: ServeState, loaded: LoadedRun, users: list[ScoreRequest], where: str,
-                timings: dict[str, float]) -> tuple[np.ndarray, list[datetime], list[int], list[bool], list[str]]:
-    """Score request users on their own events. Returns (p, cutoffs, n_events, active, pseudonyms)."""
+                timings: dict[str, float], explain_top: int = 0):
+    """Score request users on their own events.
+
+    Returns (p, cutoffs, n_events, active, pseudonyms, reasons); reasons is None unless `explain_top` > 0.
+    """
     t0 = time.perf_counter()
     s = state.settings
     ids, ats, n_before, active = [], [], [], []
@@ -284,11 +300,12 @@ def score_users(state: ServeState, loaded: LoadedRun, users: list[ScoreRequest],
     cols = _event_columns(users, ids, sessions)
     timings["prepare"] = time.perf_counter() - t0  # limits, pseudonyms, event columns
     if loaded.task == "user":
-        return predict_columns(state, loaded, cols, ids, ats, timings), ats, n_before, active, ids
+        p, why = predict_columns(state, loaded, cols, ids, ats, timings, explain_top)
+        return p, ats, n_before, active, ids, why
     con = state.request_con()
     con.register("events", _events_table(cols))
     try:
-        p = predict(state, loaded, con, ids, ats, timings)
+        p, why = predict(state, loaded, con, ids, ats, timings, explain_top)
     finally:
         con.unregister("events")
-    return p, ats, n_before, active, ids
+    return p, ats, n_before, active, ids, why
