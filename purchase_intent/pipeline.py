@@ -274,7 +274,7 @@ def train(name: str, run: str | None = None, params: dict | None = None, train_c
     meta = {
         "run": run_dir.name,
         "model": name,
-        "params": _jsonable({k: v for k, v in params.items()}),
+        "params": _jsonable(params),
         "train_config": asdict(train_cfg),
         "build_id": built.info["build_id"],
         "label_config": built.info["label_config"],
@@ -301,6 +301,9 @@ def load_run(run: str | Path, workspace=None):
     if not (run_dir / "run.json").exists():
         raise FileNotFoundError(f"no run at {run_dir}: train one with `purchase-intent train`")
     meta = json.loads((run_dir / "run.json").read_text())
+    if meta["model"] == "ensemble":
+        raise ValueError(f"run {run!r} averages the held-out predictions of {', '.join(meta['members'])} and has "
+                         "no model of its own: score, serve or explain one of those runs")
     return meta, load_model(meta["model"], run_dir / "model")
 
 
