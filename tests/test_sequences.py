@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from purchase_intent.sequences import (
-    EVENT_CODES, SEQUENCE_FIELDS, SequenceConfig, SequenceVocab, build_sequences, fit_vocab, stable_bucket,
+    EVENT_CODES, SEQUENCE_FIELDS, SequenceConfig, SequenceVocab, build_sequences, build_sequences_frame, fit_vocab,
+    stable_bucket,
 )
 
 CUTOFFS = ["2024-03-08", "2024-03-15", "2024-03-22"]
@@ -153,3 +154,68 @@ def test_item_state_reads_what_happened_to_the_item_before_each_event():
     assert not seq["mask"][0, :-4].any()
     # the later cutoff also sees the purchase (seen + carted) and a view without an item id (0)
     np.testing.assert_array_equal(seq["item_state"][1, -6:], [1, 2, 1, 4, 4, 0])
+
+
+def _assert_same(sql: dict, frame: dict) -> None:
+    assert set(sql) == set(frame)
+    for name, a in sql.items():
+        b = frame[name]
+        assert np.asarray(a).dtype == b.dtype and np.asarray(a).shape == b.shape, name
+        np.testing.assert_array_equal(np.asarray(a), b, err_msg=name)
+
+
+def _random_log(seed: int, n: int = 300) -> pd.DataFrame:
+    """Few users, coarse timestamps (many ties in ts), NULL items/categories/prices/events, unknown
+    event names; no two rows equal on all of (user, ts, event, item_id, category, price)."""
+    rng = np.random.default_rng(seed)
+    t0 = np.datetime64("2024-03-01T00:00:00", "us")
+    ts = t0 + rng.integers(0, 20, n) * np.timedelta64(3600, "s") + rng.integers(0, 3, n) * np.timedelta64(1, "us")
+    pick = lambda values, p_null: [None if rng.random() < p_null else values[i]  # noqa: E731
+                                   for i in rng.integers(0, len(values), n)]
+    df = pd.DataFrame({
+        "user_id": pick(["u1", "u2", "u3", "ü4"], 0.0),
+        "ts": ts.astype("datetime64[us]"),
+        "event": pick(["view", "cart", "remove_from_cart", "wishlist", "purchase", "other", "zoom"], 0.05),
+        "item_id": pick(["a", "b", "c", "B", "é"], 0.2),
+        "category": pick(["x", "y", "z"], 0.3),
+        "price": [None if rng.random() < 0.25 else float(v) for v in rng.choice([1.0, 2.5, 10.0, 99.0], n)],
+        "session_id": None,
+    })
+    return df.drop_duplicates(["user_id", "ts", "event", "item_id", "category", "price"]).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_frame_build_equals_sql_on_random_logs(seed):
+    events = _random_log(seed)
+    rng = np.random.default_rng(100 + seed)
+    users = ["u1", "u2", "u3", "ü4", "nobody"]
+    cut = np.datetime64("2024-03-01T00:00:00", "us") + rng.integers(0, 24 * 3600, 9) * np.timedelta64(1, "s")
+    cut[0] = events.ts.iloc[0]  # exactly at an event: that event is not visible
+    ex = pd.DataFrame({"example_id": rng.permutation(9).astype(np.int64) * 3,  # unordered, with gaps
+                       "user_id": [users[i] for i in rng.integers(0, len(users), 9)],
+                       "cutoff": cut.astype("datetime64[us]")})
+    ex.loc[0, "user_id"] = events.user_id.iloc[0]
+    for max_len in (4, 64):
+        cfg = SequenceConfig(max_seq_len=max_len, item_buckets=7, category_buckets=3, time_buckets=8, time_max="1d")
+        vocab = SequenceVocab(cfg=cfg, price_edges=[2.0, 10.0])
+        sql = build_sequences(_con(events), ex, cfg, vocab)
+        _assert_same(sql, build_sequences_frame(events, ex, cfg, vocab))
+        cols = {c: events[c].tolist() for c in events.columns}  # the serving form: lists, None for NULL
+        cols["ts"] = [t.to_pydatetime() for t in events.ts]
+        cols["price"] = [None if np.isnan(p) else p for p in events.price]
+        _assert_same(sql, build_sequences_frame(cols, ex, cfg, vocab))
+
+
+def test_frame_build_equals_sql_on_tiny_events(tiny_events):
+    ex = _examples(tiny_events)
+    seq, vocab = _build(tiny_events, ex)
+    _assert_same(seq, build_sequences_frame(tiny_events, ex, vocab.cfg, vocab))
+    # no leakage: changing events at or after every cutoff changes nothing
+    ev = tiny_events.copy()
+    late = ev.ts >= pd.Timestamp(CUTOFFS[-1])
+    ev.loc[late, "item_id"] = "changed"
+    _assert_same(seq, build_sequences_frame(ev, ex, vocab.cfg, vocab))
+    empty = build_sequences_frame(tiny_events.iloc[:0], ex, vocab.cfg, vocab)
+    assert not empty["mask"].any() and empty["event"].shape == (len(ex), 8)
+    with pytest.raises(ValueError, match="item_buckets"):
+        build_sequences_frame(tiny_events, ex, SequenceConfig(item_buckets=7), vocab)

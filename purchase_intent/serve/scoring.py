@@ -4,9 +4,10 @@ A request's events become canonical event columns (user and session ids pseudony
 workspace key, as at ingest). User-task runs compute their features with
 ``features.compute_features_frame``, the numpy form of the training feature SQL (tests prove both
 agree on every feature), because parsing and planning that SQL costs more than the whole request
-budget; sequences (Transformer) come from ``sequences.build_sequences`` over the events put in a
-per-thread in-memory DuckDB. Session-task runs and the known-user route use
-``pipeline.inputs_for_examples`` over DuckDB, the code that built the training features.
+budget; sequences (Transformer) likewise come from ``sequences.build_sequences_frame``, the numpy
+form of ``build_sequences`` (tests prove both give the same arrays). Session-task runs and the
+known-user route use ``pipeline.inputs_for_examples`` over the events put in a per-thread
+in-memory DuckDB, the code that built the training features.
 """
 from __future__ import annotations
 
@@ -229,8 +230,8 @@ def predict_columns(state: ServeState, loaded: LoadedRun, cols: dict[str, list],
                     explain_top: int = 0) -> tuple[np.ndarray, Optional[list]]:
     """Probabilities (len(ids),) of user-task examples over a request's event columns.
 
-    Features from ``compute_features_frame`` (numpy; equal to the training SQL), sequences from
-    ``build_sequences`` over the events registered in the thread's in-memory DuckDB.
+    Features from ``compute_features_frame`` and sequences from ``build_sequences_frame`` (numpy;
+    both equal to the training SQL), so no DuckDB query runs on this path.
     """
     import pandas as pd
 
@@ -246,14 +247,9 @@ def predict_columns(state: ServeState, loaded: LoadedRun, cols: dict[str, list],
     X = feats[loaded.meta["feature_names"]]
     t1 = time.perf_counter()
     if loaded.vocab is not None:
-        from ..sequences import build_sequences
+        from ..sequences import build_sequences_frame
 
-        con = state.request_con()
-        con.register("events", _events_table(cols))
-        try:
-            seq = dict(build_sequences(con, ex[["example_id", "user_id", "cutoff"]], loaded.vocab.cfg, loaded.vocab))
-        finally:
-            con.unregister("events")
+        seq = build_sequences_frame(cols, ex, loaded.vocab.cfg, loaded.vocab)
         seq["tabular"] = X.to_numpy(np.float32)
         X = seq
     t2 = time.perf_counter()
