@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from .workspace import Workspace, atomic_write_text
+from .workspace import Workspace, atomic_write_bytes, atomic_write_text
 
 
 def average_predictions(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
@@ -61,6 +61,6 @@ def evaluate_ensemble(workspace: Workspace, members: Sequence[str], n_boot: int 
     meta = {"run": run, "model": "ensemble", "members": list(members), "build_id": metas[0]["build_id"],
             "label_config": metas[0]["label_config"], "version": "ensemble-" + "-".join(m["version"] for m in metas)}
     atomic_write_text(run_dir / "run.json", json.dumps(meta, indent=2))
-    pred.to_parquet(run_dir / "predictions.parquet", index=False)
+    atomic_write_bytes(run_dir / "predictions.parquet", pred.to_parquet(index=False))
     atomic_write_text(run_dir / "metrics.json", json.dumps(json.loads(json.dumps(metrics, default=str)), indent=2))
     return metrics

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig, from_dict
-from .workspace import Workspace, atomic_dir
+from .workspace import Workspace, atomic_dir, atomic_write_bytes, atomic_write_text
 
 BASELINES = ("logreg", "lightgbm")
 
@@ -396,15 +396,12 @@ def evaluate(run: str, workspace=None, backtest: int = 0, n_boot: int = 1000, qu
             "pooled": binary_metrics(np.concatenate(pooled_y), np.concatenate(pooled_p), n_boot=n_boot),
         }
     run_dir = ws.run_dir(run)
-    pd.concat(preds, ignore_index=True).to_parquet(run_dir / "predictions.parquet.tmp", index=False)
-    (run_dir / "predictions.parquet.tmp").replace(run_dir / "predictions.parquet")
+    atomic_write_bytes(run_dir / "predictions.parquet", pd.concat(preds, ignore_index=True).to_parquet(index=False))
     _write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from .workspace import atomic_write_text
-
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=2))
 
 

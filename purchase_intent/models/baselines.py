@@ -12,7 +12,6 @@ natively.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -20,6 +19,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, validate_data
+
+from ..workspace import atomic_write_text
 
 LOGREG_FILE = "logreg.json"
 LIGHTGBM_FILE = "lightgbm.txt"
@@ -108,12 +109,6 @@ def _encode_valid(est, X_valid, y_valid) -> tuple[np.ndarray, np.ndarray]:
     if not np.isin(y_valid, est.classes_).all():
         raise ValueError(f"y_valid has labels that are not in y: {np.setdiff1d(y_valid, est.classes_)[:5].tolist()}")
     return X_valid, np.searchsorted(est.classes_, y_valid).astype(np.int64)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _state_common(est) -> dict:
@@ -231,7 +226,7 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
             "intercept": self.intercept_,
             "n_iter": self.n_iter_,
         }
-        _atomic_write(path / LOGREG_FILE, json.dumps(state, indent=1))
+        atomic_write_text(path / LOGREG_FILE, json.dumps(state, indent=1))
         return path / LOGREG_FILE
 
     @classmethod
@@ -369,9 +364,9 @@ class LightGBMModel(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "booster_")
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path / LIGHTGBM_FILE, self.booster_.model_to_string(num_iteration=-1))
+        atomic_write_text(path / LIGHTGBM_FILE, self.booster_.model_to_string(num_iteration=-1))
         state = {"estimator": "LightGBMModel", **_state_common(self), "best_iteration": self.best_iteration_}
-        _atomic_write(path / LIGHTGBM_META, json.dumps(state, indent=1))
+        atomic_write_text(path / LIGHTGBM_META, json.dumps(state, indent=1))
         return path / LIGHTGBM_FILE
 
     @classmethod
