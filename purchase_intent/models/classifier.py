@@ -10,8 +10,15 @@ and calibrates the logits on valid. ``X`` is a dict of numpy arrays as built by
     clf.save("runs/transformer"); clf = TransformerClassifier.load("runs/transformer")
 
 A saved directory holds ``model.safetensors`` and ``config.json`` (hyperparameters, the
-architecture and loop configs, tabular statistics, calibration, the sequence vocab): loading
-reads JSON and tensors only, never a pickle.
+architecture and loop configs, tabular statistics, calibration, the sequence vocab) and, when the
+``onnx`` extra is installed, ``model.onnx``: the inference graph, checked against PyTorch before
+it is written. Loading reads JSON, tensors and the ONNX graph only, never a pickle.
+
+Inference (``decision_function``, ``predict_proba``) of a loaded model runs in ONNX Runtime
+when the directory has ``model.onnx`` and onnxruntime is installed, and in PyTorch otherwise;
+``PURCHASE_INTENT_INFERENCE=torch|onnx|auto`` chooses (see
+:func:`~purchase_intent.models.onnx_inference.inference_mode`). Training and explanations
+always use the PyTorch module ``model_``.
 """
 from __future__ import annotations
 
@@ -30,7 +37,14 @@ from ..calibration import Calibrator, fit_calibrator
 from ..config import from_dict
 from ..sequences import SEQUENCE_FIELDS, SequenceVocab
 from ..train import TrainLoopConfig, TrainResult, predict_logits, resolve_device, train
+from ..workspace import atomic_write_bytes, atomic_write_text
+from . import onnx_inference as ox
 from .transformer import BehaviourTransformer, TransformerConfig, preset as make_preset
+
+
+# rows per ONNX Runtime call in decision_function: the cost per row is flat from about 64 rows,
+# and the attention scores of 256 rows of length 200 already take 160 MB (small preset)
+ONNX_BATCH_SIZE = 256
 
 
 def _as_vocab(vocab: Any) -> Optional[SequenceVocab]:
@@ -221,8 +235,17 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
 
     def decision_function(self, X: dict) -> np.ndarray:
         """Uncalibrated logits, (N,)."""
+        data = self._arrays(X)
+        n = len(next(iter(data.values())))
+        scorer = self._onnx_scorer(n)
+        if scorer is not None:
+            out = np.empty(n, dtype=np.float32)
+            for lo in range(0, n, ONNX_BATCH_SIZE):
+                idx = np.arange(lo, min(n, lo + ONNX_BATCH_SIZE))
+                out[idx] = scorer.logits(self._collate(data, idx))
+            return out
         _, amp = resolve_device(self.loop_config_)
-        return predict_logits(self.model_, self._arrays(X), self.loop_config_.eval_batch_size,
+        return predict_logits(self.model_, data, self.loop_config_.eval_batch_size,
                               self._collate, next(self.model_.parameters()).device, amp)
 
     def predict_proba(self, X: dict) -> np.ndarray:
@@ -233,12 +256,55 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
     def predict(self, X: dict) -> np.ndarray:
         return (self.predict_proba(X)[:, 1] >= 0.5).astype(int)
 
+    # ------------------------------------------------------------------ ONNX Runtime
+    def _onnx_scorer(self, n_rows: int) -> Optional["ox.OnnxScorer"]:
+        """The ONNX Runtime session to score ``n_rows`` rows with, or None for PyTorch."""
+        mode = ox.inference_mode()
+        if mode == "torch":
+            return None
+        if getattr(self, "onnx_path_", None) is None:
+            if mode == "onnx" and not getattr(self, "_onnx_warned", False):
+                self._onnx_warned = True
+                warnings.warn(f"{ox.INFERENCE_ENV}=onnx but this model has no usable {ox.ONNX_FILE} "
+                              "(or onnxruntime is not installed): running PyTorch", RuntimeWarning, stacklevel=3)
+            return None
+        on_cpu = next(self.model_.parameters()).device.type == "cpu"
+        if mode == "auto" and not (on_cpu and ox.prefer_onnx(n_rows)):
+            return None
+        if getattr(self, "onnx_scorer_", None) is None:
+            try:
+                self.onnx_scorer_ = ox.OnnxScorer(self.onnx_path_)
+            except Exception as e:  # a corrupt file, an unsupported opset: PyTorch still works
+                warnings.warn(f"cannot open {self.onnx_path_} with onnxruntime ({e!r}): running PyTorch",
+                              RuntimeWarning, stacklevel=3)
+                self.onnx_path_ = None
+                return None
+        return self.onnx_scorer_
+
+    def _export_onnx(self) -> Optional[bytes]:
+        """model.onnx of the fitted model, checked against PyTorch; None (with a warning) on failure."""
+        if not ox.onnx_export_available():
+            return None
+        try:
+            data = ox.export_onnx(self.model_)
+            if ox.onnxruntime_available():
+                ox.check_parity(self.model_, data)
+            return data
+        except Exception as e:  # export is an optimisation: a model that only runs in PyTorch is still a model
+            warnings.warn(f"ONNX export failed, the saved model will run with PyTorch only: {e!r}",
+                          RuntimeWarning, stacklevel=3)
+            return None
+
     # ------------------------------------------------------------------ artifacts
     def save(self, directory: str | Path) -> None:
-        """Write model.safetensors and config.json into `directory` (main rank only)."""
+        """Write model.safetensors, model.onnx (when exportable) and config.json into `directory`.
+
+        Each file is written atomically, config.json last: it records the sha256 of the
+        model.onnx written with these weights, so a stale graph is never used. Main rank only.
+        """
         if not D.is_main():
             return
-        from safetensors.torch import save_file
+        from safetensors.torch import save as save_tensors
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -251,14 +317,18 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                 "train_loop": dataclasses.asdict(self.loop_config_), "tabular": tab,
                 "calibration": self.calibrator_.to_dict(), "train_result": self.train_result_}
         state = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
-        save_file(state, str(d / "model.safetensors.tmp"))
-        (d / "model.safetensors.tmp").replace(d / "model.safetensors")
-        (d / "config.json.tmp").write_text(json.dumps(meta, indent=2))
-        (d / "config.json.tmp").replace(d / "config.json")
+        atomic_write_bytes(d / "model.safetensors", save_tensors(state))
+        onnx_bytes = self._export_onnx()
+        if onnx_bytes is not None:
+            atomic_write_bytes(d / ox.ONNX_FILE, onnx_bytes)
+            meta["onnx"] = {"file": ox.ONNX_FILE, "sha256": ox.sha256(onnx_bytes), "opset": ox.OPSET}
+        else:
+            (d / ox.ONNX_FILE).unlink(missing_ok=True)
+        atomic_write_text(d / "config.json", json.dumps(meta, indent=2))
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "cpu") -> "TransformerClassifier":
-        """Rebuild a saved classifier from JSON and safetensors (no pickle)."""
+        """Rebuild a saved classifier from JSON, safetensors and model.onnx (no pickle)."""
         from safetensors.torch import load_file
 
         d = Path(directory)
@@ -277,4 +347,19 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         clf.model_ = BehaviourTransformer(clf.model_config_)
         clf.model_.load_state_dict(load_file(str(d / "model.safetensors")))
         clf.model_.to(device).eval()
+        clf.onnx_path_ = _saved_onnx(d, meta.get("onnx"))
+        if ox.inference_mode() != "torch":
+            clf._onnx_scorer(1)  # open the session now, not in the first request
         return clf
+
+
+def _saved_onnx(directory: Path, entry: Optional[dict]) -> Optional[Path]:
+    """The model.onnx saved with these weights, if onnxruntime can run it; else None."""
+    if not entry or not ox.onnxruntime_available():
+        return None
+    path = directory / entry["file"]
+    if not path.is_file() or ox.sha256(path.read_bytes()) != entry["sha256"]:
+        warnings.warn(f"{path} is missing or does not match the saved weights: running PyTorch",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    return path
