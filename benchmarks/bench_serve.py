@@ -7,9 +7,11 @@
 Steps: simulate a shop (``--users``, ``--days``), ingest, build (28d lookback, 7d horizon), train
 each model (the Transformer with ``--preset``, one epoch: speed, not accuracy, is measured), time
 ``score`` over all active users (users/s), then for each model start ``purchase-intent serve`` as
-a separate process on loopback and drive it from this process with ``--concurrency`` client
-threads (one keep-alive HTTP connection each), every request holding ``--events`` events of one
-real user. Prints a Markdown table and writes JSON (``--out``): p50/p95/p99 latency, requests/s,
+a separate process on loopback and drive it from this process with ``--concurrency`` clients
+(one keep-alive HTTP connection each; ``--client asyncio``, the default, runs them all on one
+event loop writing raw HTTP/1.1, so the load generator takes little of the CPU the server
+shares; ``--client threads`` uses one ``http.client`` thread per client), every request holding
+``--events`` events of one real user. Prints a Markdown table and writes JSON (``--out``): p50/p95/p99 latency, requests/s,
 errors, and the mean time split inside a request (parse, prepare, features, sequences, model) read
 from ``/metrics``; ``--soak 60`` then holds 32 clients for 60 s per model and counts errors.
 """
@@ -106,8 +108,21 @@ def start_server(ws_root: Path, run: str, port: int) -> subprocess.Popen:
     raise SystemExit("server did not become ready")
 
 
-def load(port: int, bodies: list[bytes], concurrency: int, duration: float) -> dict:
-    """`concurrency` threads, each with a keep-alive connection, sending for `duration` seconds."""
+def load(port: int, bodies: list[bytes], concurrency: int, duration: float, client: str = "asyncio") -> dict:
+    """`concurrency` clients, each on one keep-alive connection, sending for `duration` seconds.
+
+    ``client="asyncio"``: one event loop writing pre-built HTTP/1.1 requests on raw sockets (light:
+    it shares the machine with the server); ``"threads"``: one ``http.client`` thread per client.
+    """
+    run = _load_asyncio if client == "asyncio" else _load_threads
+    lat, errors, wall = run(port, bodies, concurrency, duration)
+    all_lat = np.array([x for xs in lat for x in xs]) * 1e3
+    return {"concurrency": concurrency, "requests": int(all_lat.size), "errors": int(errors),
+            "p50_ms": float(np.percentile(all_lat, 50)), "p95_ms": float(np.percentile(all_lat, 95)),
+            "p99_ms": float(np.percentile(all_lat, 99)), "rps": all_lat.size / wall}
+
+
+def _load_threads(port: int, bodies: list[bytes], concurrency: int, duration: float):
     lat: list[list[float]] = [[] for _ in range(concurrency)]
     errors = [0] * concurrency
     stop = time.monotonic() + duration
@@ -139,11 +154,58 @@ def load(port: int, bodies: list[bytes], concurrency: int, duration: float) -> d
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
-    all_lat = np.array([x for xs in lat for x in xs]) * 1e3
-    return {"concurrency": concurrency, "requests": int(all_lat.size), "errors": int(sum(errors)),
-            "p50_ms": float(np.percentile(all_lat, 50)), "p95_ms": float(np.percentile(all_lat, 95)),
-            "p99_ms": float(np.percentile(all_lat, 99)), "rps": all_lat.size / wall}
+    return lat, sum(errors), time.perf_counter() - t0
+
+
+def _load_asyncio(port: int, bodies: list[bytes], concurrency: int, duration: float):
+    import asyncio
+
+    requests = [(f"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(b)}\r\n\r\n").encode() + b
+                for b in bodies]
+    lat: list[list[float]] = [[] for _ in range(concurrency)]
+    errors = [0]
+
+    async def exchange(reader, writer, request: bytes) -> bool:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        await reader.readexactly(length)
+        return head[9:12] == b"200"
+
+    async def client(i: int, stop: float) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        k = i
+        while time.monotonic() < stop:
+            request = requests[k % len(requests)]
+            k += concurrency
+            t0 = time.perf_counter()
+            try:
+                ok = await asyncio.wait_for(exchange(reader, writer, request), 60)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError):
+                ok = False
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            lat[i].append(time.perf_counter() - t0)
+            errors[0] += not ok
+        writer.close()
+
+    async def main() -> float:
+        t0 = time.perf_counter()
+        stop = time.monotonic() + duration
+        await asyncio.gather(*(client(i, stop) for i in range(concurrency)))
+        return time.perf_counter() - t0
+
+    try:
+        import uvloop
+
+        wall = uvloop.run(main())
+    except ImportError:
+        wall = asyncio.run(main())
+    return lat, errors[0], wall
 
 
 def stage_split(port: int) -> dict[str, float]:
@@ -183,6 +245,8 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="use the runs already in the workspace")
     ap.add_argument("--soak", type=float, default=0.0, help="then hold 32 clients for this many seconds per model")
     ap.add_argument("--no-batch", action="store_true", help="skip the batch scoring measurement")
+    ap.add_argument("--client", choices=("asyncio", "threads"), default="asyncio",
+                    help="load generator: one asyncio loop on raw sockets (default, light) or http.client threads")
     ap.add_argument("--out", default="bench_serve.json")
     a = ap.parse_args()
     ws_root = Path(a.workspace)
@@ -195,15 +259,15 @@ def main() -> None:
         port = _free_port()
         proc = start_server(ws_root, m, port)
         try:
-            load(port, bodies, 1, 2.0)  # warm-up (its stage times are part of the split)
+            load(port, bodies, 1, 2.0, a.client)  # warm-up (its stage times are part of the split)
             split = {}
             for conc in [int(c) for c in a.concurrency.split(",")]:
-                row = {"model": m, **load(port, bodies, conc, a.duration)}
+                row = {"model": m, **load(port, bodies, conc, a.duration, a.client)}
                 results.append(row)
                 if not split:  # the split of the first (lowest) level: no queueing inside the stages
                     split = stage_split(port)
             if a.soak:
-                results.append({"model": m, "soak": True, **load(port, bodies, 32, a.soak)})
+                results.append({"model": m, "soak": True, **load(port, bodies, 32, a.soak, a.client)})
             for row in results:
                 if row["model"] == m:
                     row["batch_users_per_s"] = batch["users_per_s"]

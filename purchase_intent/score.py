@@ -108,11 +108,28 @@ def _model_name_version(meta: dict) -> tuple[str, str]:
 
 
 def _user_inputs(meta: dict, model: Any, con, user_ids: list[str], cutoff: datetime):
-    from .pipeline import inputs_for_examples
+    """Model inputs of ``user_ids`` at ``cutoff``, in the order given.
+
+    Tabular models get ``features.compute_features_for_users`` (the numpy form of the feature SQL
+    at one cutoff; tests prove both equal); sequence models ``pipeline.inputs_for_examples``.
+    """
+    from .pipeline import _is_sequence_model, inputs_for_examples
 
     ex = pd.DataFrame({"user_id": pd.array(user_ids, dtype=object),
                        "cutoff": pd.Series([cutoff] * len(user_ids), dtype="datetime64[us]")})
-    return inputs_for_examples(meta, model, con, ex)
+    if _is_sequence_model(meta["model"]):
+        return inputs_for_examples(meta, model, con, ex)
+    from .config import FeatureConfig, from_dict
+    from .features import compute_features_for_users
+
+    cfg = from_dict(FeatureConfig, meta["feature_config"])
+    cfg.windows = tuple(cfg.windows)
+    ex.insert(0, "example_id", np.arange(len(ex), dtype=np.int64))
+    feats = compute_features_for_users(con, ex, cfg)
+    missing = [c for c in meta["feature_names"] if c not in feats.columns]
+    if missing:
+        raise RuntimeError(f"features {missing} of the run are not computed by this version")
+    return feats[meta["feature_names"]]
 
 
 def predict_users(meta: dict, model: Any, con, user_ids: list[str], cutoff: datetime) -> np.ndarray:

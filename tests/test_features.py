@@ -195,3 +195,51 @@ def test_numpy_path_equals_the_sql_path_on_the_tiny_log(tiny_events, lcfg):
     cols = {c: mine[c].tolist() for c in mine.columns}
     one = compute_features_frame(cols, ex.iloc[[len(ex) // 2]], CFG)
     np.testing.assert_allclose(one.to_numpy()[0], X.loc[row["example_id"]].to_numpy(), rtol=1e-9, equal_nan=True)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_numpy_path_reads_arrow_tables(seed):
+    import pyarrow as pa
+
+    from purchase_intent.features import compute_features_frame
+
+    events = _random_log(seed)
+    cfg = [FeatureConfig(), CFG, FeatureConfig(windows=("6h", "2d"), history="4d", session_gap="10min")][seed]
+    ex = _random_examples(events, seed, session=seed == 1)
+    want = compute_features_frame(events, ex, cfg)
+    got = compute_features_frame(pa.Table.from_pandas(events, preserve_index=False), ex, cfg)
+    pd.testing.assert_frame_equal(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_features_for_users_at_one_cutoff_equal_the_sql_and_ignore_later_events(seed):
+    """The batch-scoring path (events read from DuckDB, reduced in numpy) equals the SQL, and
+    events at or after the cutoff (changed, moved, added) do not move a feature."""
+    from purchase_intent.features import compute_features_for_users
+
+    events = _random_log(seed, n_users=8, n=600)
+    cfg = [FeatureConfig(), CFG, FeatureConfig(windows=("6h", "2d"), history="4d", session_gap="10min")][seed % 3]
+    lo, hi = events["ts"].min(), events["ts"].max()
+    cutoff = (lo + (hi - lo) * [0.5, 0.8, 1.0, 0.3][seed]).floor("s")
+    if seed == 2:
+        cutoff = hi  # an event exactly at the cutoff is not read
+    ex = pd.DataFrame({"example_id": np.arange(9, dtype=np.int64) + 100,
+                       "user_id": [f"u{u}" for u in range(9)],  # u8 has no events
+                       "cutoff": pd.Series([cutoff] * 9).astype("datetime64[us]")})
+    con = _con(events)
+    con.register("examples", ex)
+    want = compute_features(con, "examples", cfg)
+    got = compute_features_for_users(con, ex, cfg)
+    assert list(got.columns) == list(want.columns) and list(got.index) == list(want.index)
+    for c in want.columns:
+        np.testing.assert_allclose(got[c].to_numpy(), want[c].to_numpy(), rtol=1e-9, atol=1e-9, equal_nan=True, err_msg=c)
+    # perturb everything at or after the cutoff
+    rng = np.random.default_rng(seed)
+    late = events["ts"] >= cutoff
+    moved = events.copy()
+    moved.loc[late, "event"] = rng.choice(["view", "purchase", "cart", "other"], int(late.sum()))
+    moved.loc[late, "price"] = rng.uniform(1, 999, int(late.sum()))
+    extra = events.sample(20, random_state=seed).assign(ts=cutoff, item_id="new-item", event="purchase")
+    moved = pd.concat([moved, extra], ignore_index=True)
+    got2 = compute_features_for_users(_con(moved), ex, cfg)
+    pd.testing.assert_frame_equal(got2, got, rtol=0, atol=0)

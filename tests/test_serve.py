@@ -196,6 +196,12 @@ BAD_REQUESTS = [
     (_with(price="cheap"), "price"),
     (_with(item_id="x" * 10_000), "item_id"),
     (_with(item_id={"a": 1}), "item_id"),
+    (_with(item_id=True), "item_id"),  # ids are text or integers, not booleans...
+    (_with(session_id=1.5), "session_id"),  # ...or fractions
+    (_with(category=""), "category"),
+    (_with(ts="2024-03-10T10:00:00Zulu"), "ts"),
+    (_with(ts="0001-01-01T00:00:00+01:00"), "ts"),  # before year 1 in UTC
+    ({**_with(), "events": [GOOD, "view"]}, "events"),
     (_with(colour="red"), "colour"),  # unknown field
     ({**_with(), "at": "not a time"}, "at"),
     ({**_with(), "at": "2999-01-01"}, "at"),
@@ -213,6 +219,28 @@ def test_bad_input_gets_a_4xx_naming_the_field(client, body, field):
     r = client.post("/v1/score/batch", json={"users": [body]}, headers=AUTH)
     assert 400 <= r.status_code < 500 and (field in r.json()["message"] or field == "body"), r.text
     assert client.post("/v1/score", json=_with(), headers=AUTH).status_code == 200  # still serving
+
+
+def test_integer_ids_and_time_forms_mean_the_same(client):
+    """Integer ids are read as their decimal text; 'Z', 'z', an offset and epoch seconds are the same instant."""
+    ev = {"ts": "2024-03-10T10:00:00Z", "event": "cart", "item_id": "17", "category": "3", "price": 5.0, "session_id": "9"}
+    want = client.post("/v1/score", json={"user_id": "42", "events": [ev]}, headers=AUTH).json()
+    as_int = {**ev, "item_id": 17, "category": 3, "session_id": 9}
+    got = client.post("/v1/score", json={"user_id": 42, "events": [as_int]}, headers=AUTH).json()
+    assert got["probability"] == want["probability"] and got["user_id"] == want["user_id"]
+    for ts in ("2024-03-10T10:00:00z", "2024-03-10T12:00:00+02:00", 1710064800, "2024-03-10T10:00:00"):
+        r = client.post("/v1/score", json={"user_id": "42", "events": [{**ev, "ts": ts}]}, headers=AUTH)
+        assert r.status_code == 200 and r.json() == want, (ts, r.text)
+
+
+def test_openapi_documents_the_request_bodies(client):
+    spec = client.get("/openapi.json").json()
+    for path, model in (("/v1/score", "ScoreRequest"), ("/v1/score/batch", "BatchRequest")):
+        body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{model}"}
+    schemas = spec["components"]["schemas"]
+    assert {"ScoreRequest", "BatchRequest", "Event", "ScoreResponse"} <= set(schemas)
+    assert set(schemas["Event"]["properties"]) == {"ts", "event", "item_id", "category", "price", "session_id"}
 
 
 def test_malformed_bodies_and_limits(shop):

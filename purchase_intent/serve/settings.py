@@ -30,6 +30,10 @@ class ServeSettings:
     max_body_bytes: int = 8 * 1024 * 1024  # request body size (413 above)
     future_tolerance_s: float = 300.0  # clock skew allowed for `ts` / `at` in the future
     log_level: str = "warning"
+    # after loading the run, move every live object out of the garbage collector's sight
+    # (gc.freeze), so that full collections stop walking the modules and the model; it is
+    # process-wide, so `serve` turns it on and in-process apps (tests) leave it off
+    freeze_gc: bool = False
 
     @property
     def runs_path(self) -> Path:
