@@ -8,6 +8,11 @@ reaches in the same run (measured before and after the model runs; the best is u
 
     .venv/bin/python benchmarks/bench_transformer.py                    # all presets, length 200
     .venv/bin/python benchmarks/bench_transformer.py --presets small --threads 2 --amp bf16
+    .venv/bin/python benchmarks/bench_transformer.py --presets tiny,small --profile   # + top operators
+    .venv/bin/python benchmarks/bench_transformer.py --presets small --compile        # torch.compile
+
+Rates never include the warm-up step; with ``--compile`` the warm-up column holds the compilation.
+The FLOP rate is over compute time only (batching is shown apart, as seconds and share).
 
 Sequences are full (length 200, no padding): the worst case; real batches are trimmed to their
 longest sequence and run faster.
@@ -54,41 +59,80 @@ def make_data(n: int, T: int, sizes: dict, seed: int = 0) -> dict:
 
 
 def counted_flops(model: BehaviourTransformer, data: dict) -> float:
-    """FLOPs per sequence of one forward + backward, counted by torch (matmuls and attention)."""
+    """FLOPs per sequence of one forward + backward, counted by torch (matmuls and attention).
+
+    Attention runs on the math backend here: ``FlopCounterMode`` has no formula for the CPU
+    flash kernel (``_scaled_dot_product_flash_attention_for_cpu``) and would count it as zero.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     batch = TransformerClassifier._collate(data, np.arange(2))
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
         _, loss = model(batch, torch.from_numpy(data["label"][:2]))
         loss.backward()
     model.zero_grad(set_to_none=True)
     return fc.get_total_flops() / 2
 
 
-def bench(name: str, T: int, batch: int, steps: int, amp: str) -> dict:
+def bench(name: str, T: int, batch: int, steps: int, amp: str, infer_batch: int = 512,
+          compile: bool = False) -> dict:
     sizes = SequenceVocab(price_edges=[float(i) for i in range(15)]).field_sizes()
     torch.manual_seed(0)
     model = BehaviourTransformer(preset(name, field_sizes=sizes, n_tabular=N_TABULAR, max_seq_len=T, dropout=0.1))
+    net = torch.compile(model) if compile else model  # same parameters; train() steps `net`
     data = make_data(batch * steps, T, sizes)
     cfg = TrainLoopConfig(max_epochs=1, batch_size=batch, progress=False, device="cpu", amp=amp)
     warm = {k: v[:batch] for k, v in data.items()}
-    train(model, warm, None, cfg, collate=TransformerClassifier._collate)  # warm-up step
-    r = train(model, data, None, cfg, collate=TransformerClassifier._collate)
+    t = time.perf_counter()
+    train(net, warm, None, cfg, collate=TransformerClassifier._collate)  # warm-up step (+ compilation)
+    warmup_s = time.perf_counter() - t
+    r = train(net, data, None, cfg, collate=TransformerClassifier._collate)
     n_train = batch * steps
     train_s = r.time_batching_s + r.time_compute_s
-    n_inf = max(4 * batch, 1024)
+    n_inf = max(4 * infer_batch, 1024)
     inf_data = make_data(n_inf, T, sizes, seed=1)
-    predict_logits(model, {k: v[:256] for k, v in inf_data.items()}, 256, TransformerClassifier._collate,
-                   amp=amp == "bf16")
+    predict_logits(net, {k: v[:infer_batch] for k, v in inf_data.items()}, infer_batch,
+                   TransformerClassifier._collate, amp=amp == "bf16")  # warm-up (+ compilation of eval)
     t = time.perf_counter()
-    predict_logits(model, inf_data, 512, TransformerClassifier._collate, amp=amp == "bf16")
+    predict_logits(net, inf_data, infer_batch, TransformerClassifier._collate, amp=amp == "bf16")
     inf_s = time.perf_counter() - t
     flops = flops_per_sequence(model.cfg, T)
     return {"preset": name, "params": model.num_parameters(), "params_no_emb": model.num_parameters(False),
-            "batch": batch, "seq_len": T, "train_seq_s": n_train / train_s,
-            "batching_share": r.time_batching_s / train_s, "infer_ex_s": n_inf / inf_s,
+            "batch": batch, "seq_len": T, "compile": compile, "warmup_s": warmup_s,
+            "train_seq_s": n_train / train_s, "batching_s": r.time_batching_s, "compute_s": r.time_compute_s,
+            "batching_share": r.time_batching_s / train_s, "infer_batch": infer_batch, "infer_ex_s": n_inf / inf_s,
             "flops_per_seq": flops, "counted_flops_per_seq": counted_flops(model, data),
             "train_flop_s": flops * n_train / r.time_compute_s}
+
+
+def profile(name: str, T: int, batch: int, rows: int = 12) -> None:
+    """Top operators (self CPU time) of two training steps of preset `name`, as shares."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from purchase_intent.train import make_optimizer
+
+    sizes = SequenceVocab(price_edges=[float(i) for i in range(15)]).field_sizes()
+    torch.manual_seed(0)
+    model = BehaviourTransformer(preset(name, field_sizes=sizes, n_tabular=N_TABULAR, max_seq_len=T, dropout=0.1))
+    data = make_data(batch, T, sizes)
+    batch_t, labels = TransformerClassifier._collate(data, np.arange(batch)), torch.from_numpy(data["label"])
+    opt = make_optimizer(model, TrainLoopConfig())
+
+    def step():
+        _, loss = model(batch_t, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(), step()
+    ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ev)
+    print(f"profile {name}, batch {batch}, length {T}, 2 training steps: "
+          + ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in ev[:rows]))
 
 
 def main() -> None:
@@ -96,9 +140,13 @@ def main() -> None:
     ap.add_argument("--presets", default="tiny,small,base")
     ap.add_argument("--seq-len", type=int, default=200)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--infer-batch", type=int, default=512)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--amp", default="off", choices=["off", "bf16"])
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the model (inductor); its time is in the warm-up column, not the rates")
+    ap.add_argument("--profile", action="store_true", help="also print the top operators of a training step")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
     if args.threads:
@@ -108,21 +156,25 @@ def main() -> None:
     rows = []
     for name in args.presets.split(","):
         batch = args.batch if name != "base" else max(16, args.batch // 4)
-        rows.append(bench(name, args.seq_len, batch, args.steps, args.amp))
+        rows.append(bench(name, args.seq_len, batch, args.steps, args.amp, args.infer_batch, args.compile))
         mm.append(matmul_flops(dtype=mm_dtype))
     peak = max(mm)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}, "
           f"matmul {str(mm_dtype)[6:]} 1024^3: {peak / 1e9:.1f} GFLOP/s (runs: "
-          f"{', '.join(f'{x / 1e9:.0f}' for x in mm)})")
-    print("| preset | params (no emb) | batch | train seq/s | batching share | infer ex/s "
+          f"{', '.join(f'{x / 1e9:.0f}' for x in mm)}){', compiled' if args.compile else ''}")
+    print("| preset | params (no emb) | batch | warm-up s | train seq/s | batching / compute s | infer ex/s "
           "| MFLOP/seq fwd+bwd (counted) | train GFLOP/s | % of matmul |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         r["matmul_flop_s"] = peak
-        print(f"| {r['preset']} | {r['params']:,} ({r['params_no_emb']:,}) | {r['batch']} | {r['train_seq_s']:.0f} "
-              f"| {100 * r['batching_share']:.1f}% | {r['infer_ex_s']:.0f} | {r['flops_per_seq'] / 1e6:.0f} "
+        print(f"| {r['preset']} | {r['params']:,} ({r['params_no_emb']:,}) | {r['batch']} | {r['warmup_s']:.1f} "
+              f"| {r['train_seq_s']:.0f} | {r['batching_s']:.2f} / {r['compute_s']:.2f} "
+              f"({100 * r['batching_share']:.1f}%) | {r['infer_ex_s']:.0f} | {r['flops_per_seq'] / 1e6:.0f} "
               f"({r['counted_flops_per_seq'] / 1e6:.0f}) | {r['train_flop_s'] / 1e9:.1f} "
               f"| {100 * r['train_flop_s'] / peak:.0f}% |")
+    if args.profile:
+        for name in args.presets.split(","):
+            profile(name, args.seq_len, args.batch if name != "base" else max(16, args.batch // 4))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)

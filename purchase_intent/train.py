@@ -118,7 +118,7 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_logits(model: nn.Module, data: dict[str, np.ndarray], batch_size: int = 1024,
                    collate: Callable = default_collate, device: torch.device | str = "cpu",
                    amp: bool = False) -> np.ndarray:
