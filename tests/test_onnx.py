@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import pickle
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -130,6 +131,22 @@ def test_save_writes_onnx_and_loaded_model_matches_torch(saved, monkeypatch):
         np.testing.assert_allclose(p_onnx, p_torch, rtol=0, atol=ATOL)
         np.testing.assert_allclose(p_onnx, p_fit[idx], rtol=0, atol=ATOL)
         np.testing.assert_allclose(onnx_clf.decision_function(Xi), torch_clf.decision_function(Xi), rtol=0, atol=ATOL)
+
+
+def test_refitting_a_loaded_model_drops_its_onnx_graph(saved, monkeypatch):
+    d, _, X = saved
+    monkeypatch.setenv(ox.INFERENCE_ENV, "onnx")
+    clf = load_model("transformer", d)
+    assert clf.onnx_path_ is not None
+    X2, y2 = _data(64, 2)
+    clf.set_params(random_state=1).fit(X2, y2, X_valid=_data(32, 3)[0], y_valid=_data(32, 3)[1])
+    assert clf.onnx_path_ is None  # the refit weights are scored by PyTorch until saved again
+    monkeypatch.setenv(ox.INFERENCE_ENV, "torch")
+    p_torch = clf.predict_proba(_rows(X, np.arange(4)))
+    monkeypatch.setenv(ox.INFERENCE_ENV, "onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "no usable model.onnx": PyTorch runs
+        np.testing.assert_allclose(clf.predict_proba(_rows(X, np.arange(4))), p_torch, rtol=0, atol=ATOL)
 
 
 def test_auto_uses_onnx_for_small_calls_and_torch_for_large(saved, monkeypatch):

@@ -190,6 +190,7 @@ BAD_REQUESTS = [
     (_with(ts="2999-01-01T00:00:00Z"), "ts"),  # in the future
     (_with(ts=4102444800), "ts"),  # 2100 as epoch seconds
     (_with(ts=1e300), "ts"),  # huge number
+    (_with(ts=10 ** 400), "ts"),  # an integer too large for a float
     (_with(ts=-5), "ts"),
     (_with(price=1e308), "price"),
     (_with(price=-1), "price"),

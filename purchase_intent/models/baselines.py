@@ -36,7 +36,7 @@ def _validated(est, X) -> np.ndarray:
     """
     names = getattr(est, "feature_names_in_", None)
     if (isinstance(X, pd.DataFrame) and names is not None and len(X.columns) == len(names)
-            and (X.columns == names).all() and (X.dtypes == np.float64).all()):
+            and X.columns.tolist() == names.tolist() and set(X.dtypes) == {np.dtype(np.float64)}):
         a = X.to_numpy(np.float64)
         if not np.isinf(a).any():
             return a
@@ -243,6 +243,15 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
         return model
 
 
+# rows below which LightGBM predicts on one thread: waking its OpenMP team costs more than a few
+# rows of trees, and on busy cores it is the whole tail (one row: p99 8.3 ms vs 0.1 ms on 2 cores)
+SINGLE_THREAD_ROWS = 256
+
+
+def _threads_for(n_rows: int) -> dict:
+    return {"num_threads": 1} if n_rows <= SINGLE_THREAD_ROWS else {}
+
+
 def _import_lightgbm():
     try:
         import lightgbm
@@ -347,7 +356,7 @@ class LightGBMModel(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X) -> np.ndarray:
         """Shape (n, 2): columns are P(classes_[0]), P(classes_[1])."""
         X = self._check_X(X)
-        p1 = self.booster_.predict(X, num_iteration=self.best_iteration_)
+        p1 = self.booster_.predict(X, num_iteration=self.best_iteration_, **_threads_for(len(X)))
         return np.column_stack([1.0 - p1, p1])
 
     def predict(self, X) -> np.ndarray:
@@ -357,7 +366,7 @@ class LightGBMModel(ClassifierMixin, BaseEstimator):
     def contributions(self, X) -> np.ndarray:
         """SHAP values in log-odds, shape (n, n_features + 1), the last column the bias."""
         X = self._check_X(X)
-        return self.booster_.predict(X, num_iteration=self.best_iteration_, pred_contrib=True)
+        return self.booster_.predict(X, num_iteration=self.best_iteration_, pred_contrib=True, **_threads_for(len(X)))
 
     def save(self, directory) -> Path:
         """Write ``lightgbm.txt`` (LightGBM's own model format) and ``lightgbm.json`` into ``directory``."""

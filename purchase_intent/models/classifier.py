@@ -179,6 +179,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
     def fit(self, X: dict, y, X_valid: Optional[dict] = None, y_valid=None) -> "TransformerClassifier":
         """Train on (X, y); early stopping and calibration on (X_valid, y_valid) or a temporal holdout."""
         y = np.asarray(y).astype(int).ravel()
+        self.onnx_path_ = self.onnx_scorer_ = None  # a refit must never score with an old graph
         self.classes_ = np.array([0, 1])
         if set(np.unique(y)) - {0, 1}:
             raise ValueError("TransformerClassifier expects binary 0/1 labels")
@@ -283,12 +284,11 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
 
     def _export_onnx(self) -> Optional[bytes]:
         """model.onnx of the fitted model, checked against PyTorch; None (with a warning) on failure."""
-        if not ox.onnx_export_available():
-            return None
+        if not (ox.onnx_export_available() and ox.onnxruntime_available()):
+            return None  # a graph is only written once it has been checked against PyTorch
         try:
             data = ox.export_onnx(self.model_)
-            if ox.onnxruntime_available():
-                ox.check_parity(self.model_, data)
+            ox.check_parity(self.model_, data)
             return data
         except Exception as e:  # export is an optimisation: a model that only runs in PyTorch is still a model
             warnings.warn(f"ONNX export failed, the saved model will run with PyTorch only: {e!r}",
@@ -357,7 +357,9 @@ def _saved_onnx(directory: Path, entry: Optional[dict]) -> Optional[Path]:
     """The model.onnx saved with these weights, if onnxruntime can run it; else None."""
     if not entry or not ox.onnxruntime_available():
         return None
-    path = directory / entry["file"]
+    if entry.get("file") != ox.ONNX_FILE:
+        return None
+    path = directory / ox.ONNX_FILE
     if not path.is_file() or ox.sha256(path.read_bytes()) != entry["sha256"]:
         warnings.warn(f"{path} is missing or does not match the saved weights: running PyTorch",
                       RuntimeWarning, stacklevel=3)

@@ -92,8 +92,10 @@ class Dropout(nn.Module):
         bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_(-2 ** 31, 2 ** 31 - 1)
         threshold = min(round(self.p * 2 ** 16) - 2 ** 15, 2 ** 15 - 1)  # drop the int16 values below it
         keep = bits.view(torch.int16)[:n] >= threshold  # (n,): the halves are uniform int16
-        mask = keep.view(x.shape).to(x.dtype).mul_(1.0 / (1.0 - self.p))  # like x
-        return x * mask
+        scale = 1.0 / (1.0 - self.p)
+        if x.dtype != torch.float32:  # bf16 / fp16 would round the scale itself (1.109 for 1/0.9)
+            return x * keep.view(x.shape).to(x.dtype) * scale
+        return x * keep.view(x.shape).to(x.dtype).mul_(scale)  # like x
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -141,7 +143,7 @@ class _BagSum(torch.autograd.Function):
     """``F.embedding_bag(rows, weight, mode="sum")`` with a faster weight gradient (training only).
 
     torch's dense backward of ``embedding_bag`` sorts all B*T*n_fields row ids; one ``index_add_``
-    per field (each a serial, deterministic loop over the B*T rows) is 4x faster here (measured:
+    per field (on CPU a serial, deterministic loop over the B*T rows; CUDA adds atomically) is 4x faster here (measured:
     39 ms instead of 158 ms for B=256, T=200, 9 fields).
     """
 

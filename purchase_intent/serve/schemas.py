@@ -30,8 +30,8 @@ def parse_timestamp(value: Any) -> datetime:
         text = value.strip()
         if not text or len(text) > 40:
             raise ValueError(f"cannot parse {value[:40]!r} as an ISO 8601 time")
-        try:  # Python >= 3.11 reads "Z" and offsets, not a lower-case "z"
-            t = datetime.fromisoformat(text if text[-1] != "z" else text[:-1] + "Z")
+        try:  # "Z" / "z" spelled as an offset: fromisoformat reads the lower case on no version
+            t = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1] in "zZ" else text)
         except ValueError:
             raise ValueError(f"cannot parse {text!r} as an ISO 8601 time (e.g. 2017-12-02T10:00:00Z)") from None
         offset = t.utcoffset()
@@ -41,7 +41,7 @@ def parse_timestamp(value: Any) -> datetime:
             except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00
                 raise ValueError(f"time {text!r} is out of range") from None
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value) or not 0 <= value < 1e11:
+        if not 0 <= value < 1e11:  # also NaN, inf and integers too large for a float
             raise ValueError(f"epoch seconds {value!r} out of range")
         t = _EPOCH + timedelta(microseconds=round(float(value) * 1e6))
     else:

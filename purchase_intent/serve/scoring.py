@@ -11,6 +11,7 @@ in-memory DuckDB, the code that built the training features.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import hmac
 import threading
@@ -114,6 +115,10 @@ class ServeState:
                 raise
             self.current = new  # one reference assignment: in-flight requests keep `old`
             self.metrics.reload("ok")
+            if self.settings.freeze_gc:  # let the old run be collected; freeze the new one
+                gc.unfreeze()
+                gc.collect()
+                gc.freeze()
             return new, (old.info["version"] if old else None)
 
     # --- DuckDB: one connection per worker thread (connections are not shared across threads)
