@@ -39,6 +39,7 @@ def create_app(settings: ServeSettings):
     from fastapi.responses import JSONResponse, PlainTextResponse
     from pydantic import ValidationError
     from starlette.concurrency import run_in_threadpool
+    from starlette.requests import ClientDisconnect
 
     if not settings.api_keys:
         raise ValueError(f"no API key: set {API_KEYS_ENV} (comma-separated) or pass --api-key-file")
@@ -108,7 +109,10 @@ def create_app(settings: ServeSettings):
         """The request body validated as ``model`` in one pass of pydantic-core (JSON bytes straight
         to the model, several times faster than parsing to Python objects and validating those);
         errors are answered as FastAPI's own body errors (422, ``loc`` starting with "body")."""
-        raw = await request.body()
+        try:
+            raw = await request.body()
+        except ClientDisconnect:  # the client is gone: a 4xx in the metrics, not an internal error
+            raise HTTPException(400, "the client disconnected while sending the body") from None
         try:
             return model.model_validate_json(raw)
         except ValidationError as e:
