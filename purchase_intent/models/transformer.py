@@ -143,8 +143,8 @@ class _BagSum(torch.autograd.Function):
     """``F.embedding_bag(rows, weight, mode="sum")`` with a faster weight gradient (training only).
 
     torch's dense backward of ``embedding_bag`` sorts all B*T*n_fields row ids; one ``index_add_``
-    per field (on CPU a serial, deterministic loop over the B*T rows; CUDA adds atomically) is 4x faster here (measured:
-    39 ms instead of 158 ms for B=256, T=200, 9 fields).
+    per field is 4x faster here (measured: 39 ms instead of 158 ms for B=256, T=200, 9 fields).
+    On CPU each is a serial, deterministic loop over the B*T rows; on CUDA it adds atomically.
     """
 
     @staticmethod

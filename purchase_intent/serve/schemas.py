@@ -6,7 +6,6 @@ seconds; they must lie between 1970 and a few minutes from now. Ids may be strin
 """
 from __future__ import annotations
 
-import math
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Literal, Optional, Union
