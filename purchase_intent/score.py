@@ -110,7 +110,7 @@ def _model_name_version(meta: dict) -> tuple[str, str]:
 def _user_inputs(meta: dict, model: Any, con, user_ids: list[str], cutoff: datetime):
     """Model inputs of ``user_ids`` at ``cutoff``, in the order given.
 
-    Tabular models get ``features.compute_features_for_users`` (the numpy form of the feature SQL
+    Tabular models get ``feature_frame.compute_features_for_users`` (the numpy form of the feature SQL
     at one cutoff; tests prove both equal); sequence models ``pipeline.inputs_for_examples``.
     """
     from .pipeline import _is_sequence_model, inputs_for_examples
@@ -120,7 +120,7 @@ def _user_inputs(meta: dict, model: Any, con, user_ids: list[str], cutoff: datet
     if _is_sequence_model(meta["model"]):
         return inputs_for_examples(meta, model, con, ex)
     from .config import FeatureConfig, from_dict
-    from .features import compute_features_for_users
+    from .feature_frame import compute_features_for_users
 
     cfg = from_dict(FeatureConfig, meta["feature_config"])
     cfg.windows = tuple(cfg.windows)

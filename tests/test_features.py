@@ -160,7 +160,7 @@ def _random_examples(events: pd.DataFrame, seed: int, session: bool) -> pd.DataF
 
 @pytest.mark.parametrize("seed", range(6))
 def test_numpy_path_equals_the_sql_path_on_random_logs(seed):
-    from purchase_intent.features import compute_features_frame
+    from purchase_intent.feature_frame import compute_features_frame
 
     events = _random_log(seed)
     session = seed % 2 == 1
@@ -184,7 +184,7 @@ def test_numpy_path_equals_the_sql_path_on_random_logs(seed):
 
 @pytest.mark.parametrize("lcfg", [USER, SESSION], ids=["user", "session"])
 def test_numpy_path_equals_the_sql_path_on_the_tiny_log(tiny_events, lcfg):
-    from purchase_intent.features import compute_features_frame
+    from purchase_intent.feature_frame import compute_features_frame
 
     ex, X = _build(tiny_events, lcfg)
     got = compute_features_frame(tiny_events, ex, CFG)
@@ -201,7 +201,7 @@ def test_numpy_path_equals_the_sql_path_on_the_tiny_log(tiny_events, lcfg):
 def test_numpy_path_reads_arrow_tables(seed):
     import pyarrow as pa
 
-    from purchase_intent.features import compute_features_frame
+    from purchase_intent.feature_frame import compute_features_frame
 
     events = _random_log(seed)
     cfg = [FeatureConfig(), CFG, FeatureConfig(windows=("6h", "2d"), history="4d", session_gap="10min")][seed]
@@ -215,7 +215,7 @@ def test_numpy_path_reads_arrow_tables(seed):
 def test_features_for_users_at_one_cutoff_equal_the_sql_and_ignore_later_events(seed):
     """The batch-scoring path (events read from DuckDB, reduced in numpy) equals the SQL, and
     events at or after the cutoff (changed, moved, added) do not move a feature."""
-    from purchase_intent.features import compute_features_for_users
+    from purchase_intent.feature_frame import compute_features_for_users
 
     events = _random_log(seed, n_users=8, n=600)
     cfg = [FeatureConfig(), CFG, FeatureConfig(windows=("6h", "2d"), history="4d", session_gap="10min")][seed % 3]

@@ -2,7 +2,7 @@
 
 A request's events become canonical event columns (user and session ids pseudonymised with the
 workspace key, as at ingest). User-task runs compute their features with
-``features.compute_features_frame``, the numpy form of the training feature SQL (tests prove both
+``feature_frame.compute_features_frame``, the numpy form of the training feature SQL (tests prove both
 agree on every feature), because parsing and planning that SQL costs more than the whole request
 budget; sequences (Transformer) likewise come from ``sequences.build_sequences_frame``, the numpy
 form of ``build_sequences`` (tests prove both give the same arrays). Session-task runs and the
@@ -240,7 +240,7 @@ def predict_columns(state: ServeState, loaded: LoadedRun, cols: dict[str, list],
     """
     import pandas as pd
 
-    from ..features import compute_features_frame
+    from ..feature_frame import compute_features_frame
 
     t0 = time.perf_counter()
     ex = pd.DataFrame({"example_id": np.arange(len(ids), dtype=np.int64), "user_id": pd.array(ids, dtype=object),
