@@ -68,9 +68,7 @@ class Built:
 
     @property
     def feature_cfg(self) -> FeatureConfig:
-        cfg = from_dict(FeatureConfig, self.info["feature_config"])
-        cfg.windows = tuple(cfg.windows)
-        return cfg
+        return run_feature_config(self.info)
 
     def mask(self, split: str) -> np.ndarray:
         return (self.examples["split"] == split).to_numpy()
@@ -174,6 +172,21 @@ def model_inputs(name: str, built: Built, idx: np.ndarray, ws: Workspace, vocab:
     return _with_sequences(con, X_tab, vocab)
 
 
+def run_feature_config(meta: dict) -> FeatureConfig:
+    """The FeatureConfig saved in a run's or a build's metadata (windows as a tuple, as built)."""
+    cfg = from_dict(FeatureConfig, meta["feature_config"])
+    cfg.windows = tuple(cfg.windows)
+    return cfg
+
+
+def run_features(meta: dict, feats: pd.DataFrame) -> pd.DataFrame:
+    """The run's feature columns of ``feats``, in its order; an error names any this code lacks."""
+    missing = [c for c in meta["feature_names"] if c not in feats.columns]
+    if missing:
+        raise RuntimeError(f"features {missing} of the run are not computed by this version")
+    return feats[meta["feature_names"]]
+
+
 def _register_examples(con, examples: pd.DataFrame, table: str = "examples") -> None:
     con.register(f"{table}_df", examples)
     con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM {table}_df")
@@ -204,13 +217,7 @@ def inputs_for_examples(meta: dict, model: Any, con, examples: pd.DataFrame):
         if col not in ex.columns:
             ex[col] = default
     _register_examples(con, ex)
-    feature_cfg = from_dict(FeatureConfig, meta["feature_config"])
-    feature_cfg.windows = tuple(feature_cfg.windows)
-    feats = _align(compute_features(con, "examples", feature_cfg), ex)
-    missing = [c for c in meta["feature_names"] if c not in feats.columns]
-    if missing:
-        raise RuntimeError(f"features {missing} of the run are not computed by this version")
-    feats = feats[meta["feature_names"]]
+    feats = run_features(meta, _align(compute_features(con, "examples", run_feature_config(meta)), ex))
     if not _is_sequence_model(meta["model"]):
         return feats
     return _with_sequences(con, feats, _model_vocab(model))

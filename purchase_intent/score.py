@@ -113,23 +113,16 @@ def _user_inputs(meta: dict, model: Any, con, user_ids: list[str], cutoff: datet
     Tabular models get ``feature_frame.compute_features_for_users`` (the numpy form of the feature SQL
     at one cutoff; tests prove both equal); sequence models ``pipeline.inputs_for_examples``.
     """
-    from .pipeline import _is_sequence_model, inputs_for_examples
+    from .pipeline import _is_sequence_model, inputs_for_examples, run_feature_config, run_features
 
     ex = pd.DataFrame({"user_id": pd.array(user_ids, dtype=object),
                        "cutoff": pd.Series([cutoff] * len(user_ids), dtype="datetime64[us]")})
     if _is_sequence_model(meta["model"]):
         return inputs_for_examples(meta, model, con, ex)
-    from .config import FeatureConfig, from_dict
     from .feature_frame import compute_features_for_users
 
-    cfg = from_dict(FeatureConfig, meta["feature_config"])
-    cfg.windows = tuple(cfg.windows)
     ex.insert(0, "example_id", np.arange(len(ex), dtype=np.int64))
-    feats = compute_features_for_users(con, ex, cfg)
-    missing = [c for c in meta["feature_names"] if c not in feats.columns]
-    if missing:
-        raise RuntimeError(f"features {missing} of the run are not computed by this version")
-    return feats[meta["feature_names"]]
+    return run_features(meta, compute_features_for_users(con, ex, run_feature_config(meta)))
 
 
 def predict_users(meta: dict, model: Any, con, user_ids: list[str], cutoff: datetime) -> np.ndarray:

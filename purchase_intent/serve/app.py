@@ -17,7 +17,6 @@ workspace key, as at ingest. Runs are only ever loaded from the configured runs 
 # imported inside create_app so that the CLI works without the serve extra.
 
 import argparse
-import gc
 import os
 import signal
 import threading
@@ -49,9 +48,6 @@ def create_app(settings: ServeSettings):
         import asyncio
 
         app.state.serve = ServeState(settings)
-        if settings.freeze_gc:
-            gc.collect()
-            gc.freeze()
         loop = asyncio.get_running_loop()
         hup = False
         if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():

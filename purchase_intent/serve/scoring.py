@@ -56,13 +56,11 @@ def load_run_dir(run_dir: Path) -> LoadedRun:
     from ..config import parse_duration
     from ..models import load_model
 
-    from ..config import FeatureConfig, from_dict
-    from ..pipeline import _is_sequence_model, _model_vocab
+    from ..pipeline import _is_sequence_model, _model_vocab, run_feature_config
 
     meta = json.loads((run_dir / "run.json").read_text())
     model = load_model(meta["model"], run_dir / "model")
-    fc = from_dict(FeatureConfig, meta["feature_config"])
-    fc.windows = tuple(fc.windows)
+    fc = run_feature_config(meta)
     vocab = _model_vocab(model) if _is_sequence_model(meta["model"]) else None
     return LoadedRun(run_dir, meta, model, parse_duration(meta["label_config"]["lookback"]), fc,
                      meta["label_config"].get("task", "user"), vocab)
@@ -91,6 +89,15 @@ class ServeState:
         self._reload_lock = threading.Lock()
         self.current: Optional[LoadedRun] = None
         self.current = load_run_dir(resolve_run_dir(settings.runs_path, settings.run))
+        self._freeze_gc()
+
+    def _freeze_gc(self) -> None:
+        """With ``settings.freeze_gc``: move what is loaded out of the collector's sight (fewer,
+        shorter pauses in requests); unfreezing first lets a replaced run be collected."""
+        if self.settings.freeze_gc:
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
 
     # --- auth: every key is compared (constant time), no early exit
     def authorised(self, header: Optional[str]) -> bool:
@@ -115,10 +122,7 @@ class ServeState:
                 raise
             self.current = new  # one reference assignment: in-flight requests keep `old`
             self.metrics.reload("ok")
-            if self.settings.freeze_gc:  # let the old run be collected; freeze the new one
-                gc.unfreeze()
-                gc.collect()
-                gc.freeze()
+            self._freeze_gc()
             return new, (old.info["version"] if old else None)
 
     # --- DuckDB: one connection per worker thread (connections are not shared across threads)
@@ -241,15 +245,12 @@ def predict_columns(state: ServeState, loaded: LoadedRun, cols: dict[str, list],
     import pandas as pd
 
     from ..feature_frame import compute_features_frame
+    from ..pipeline import run_features
 
     t0 = time.perf_counter()
     ex = pd.DataFrame({"example_id": np.arange(len(ids), dtype=np.int64), "user_id": pd.array(ids, dtype=object),
                        "cutoff": np.array(ats, dtype="datetime64[us]")})
-    feats = compute_features_frame(cols, ex, loaded.feature_cfg)
-    missing = [c for c in loaded.meta["feature_names"] if c not in feats.columns]
-    if missing:
-        raise RuntimeError(f"features {missing} of the run are not computed by this version")
-    X = feats[loaded.meta["feature_names"]]
+    X = run_features(loaded.meta, compute_features_frame(cols, ex, loaded.feature_cfg))
     t1 = time.perf_counter()
     if loaded.vocab is not None:
         from ..sequences import build_sequences_frame
