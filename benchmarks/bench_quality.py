@@ -5,8 +5,9 @@ with paired bootstrap 95% intervals of the ROC-AUC difference to the best baseli
 
 * ``sim``      simulator at ``--sim-users`` users x 90 days (45k users ~ 200k examples):
                logreg, lightgbm, transformer, ensemble on the test window.
-* ``ablation`` on the ``sim`` workspace: the Transformer on the sequence only, the features only
-               and both; and ``max_seq_len`` 20 / 50 / 200.
+* ``ablation`` on the ``sim`` workspace: the Transformer on the sequence only and the features
+               only; ``max_seq_len`` 20 / 100 / 200 (default 50); [CLS] alone instead of
+               [CLS] + max-pool; with the hashed item id (``--ablations`` picks some).
 * ``taobao``   Taobao UserBehavior head slice: user task (3d lookback, 1d horizon, 1d step,
                pooled backtest of 3 folds) and session task (30 min gap), all four models.
 * ``curve``    simulator learning curve: test ROC-AUC of lightgbm and the Transformer vs users.
@@ -43,9 +44,15 @@ def _fresh(path: Path) -> Path:
     return path
 
 
-def _sim_workspace(root: Path, users: int, days: int = 90, seed: int = 0) -> Path:
+def _tx_params(epochs: int | None) -> dict:
+    return {} if epochs is None else {"max_epochs": epochs}
+
+
+def _sim_workspace(root: Path, users: int, days: int = 90, seed: int = 0, reuse: bool = False) -> Path:
     from purchase_intent.simulate import SimConfig, write_events
 
+    if reuse and (root / f"sim-{users}u" / "events.csv.gz").exists():
+        return root / f"sim-{users}u"  # the same seeded log: ingest is kept, build and models rerun
     ws = _fresh(root / f"sim-{users}u")
     data = ws / "events.csv.gz"
     write_events(SimConfig(n_users=users, days=days, seed=seed), data)
@@ -57,26 +64,31 @@ def _runs_table(ws: Path, runs: list[str]) -> str:
     return pipeline.compare(runs, ws, quiet=True)
 
 
-def section_sim(root: Path, users: int, epochs: int) -> tuple[str, Path]:
-    ws = _sim_workspace(root, users)
+def section_sim(root: Path, users: int, epochs: int | None, reuse: bool = False) -> tuple[str, Path]:
+    ws = _sim_workspace(root, users, reuse=reuse)
     table = pipeline.run(None, DataConfig(format="csv"), LabelConfig(), FeatureConfig(), models=MODELS,
-                         params={"transformer": {"max_epochs": epochs}}, workspace=ws, report=False, quiet=True)
+                         params={"transformer": _tx_params(epochs)}, workspace=ws, report=False, quiet=True)
     n = pipeline.load_built(ws).info["n_examples"]
-    return f"simulator, {users:,} users x 90 days, {n:,} examples (transformer max_epochs={epochs})\n\n{table}", ws
+    return (f"simulator, {users:,} users x 90 days, {n:,} examples "
+            f"(transformer max_epochs={epochs or 'default'})\n\n{table}", ws)
 
 
-def section_ablation(ws: Path, epochs: int) -> str:
-    variants = {"tx_sequence": {"inputs": "sequence"}, "tx_features": {"inputs": "tabular"},
-                "tx_both": {"inputs": "both"}, "tx_len20": {"max_seq_len": 20},
-                "tx_len200": {"max_seq_len": 200}}
+ABLATIONS = {"tx_sequence": {"inputs": "sequence"}, "tx_features": {"inputs": "tabular"},
+             "tx_len20": {"max_seq_len": 20}, "tx_len100": {"max_seq_len": 100},
+             "tx_len200": {"max_seq_len": 200}, "tx_cls": {"pooling": "cls"},
+             "tx_item": {"drop_fields": []}}
+
+
+def section_ablation(ws: Path, epochs: int | None, variants: list[str] | None = None) -> str:
+    variants = {v: ABLATIONS[v] for v in (variants or ABLATIONS)}
     seconds = {}
     for run, params in variants.items():
         t0 = time.perf_counter()
-        pipeline.train("transformer", run=run, params={**params, "max_epochs": epochs}, workspace=ws, quiet=True)
+        pipeline.train("transformer", run=run, params={**params, **_tx_params(epochs)}, workspace=ws, quiet=True)
         pipeline.evaluate(run, ws, quiet=True)
         seconds[run] = round(time.perf_counter() - t0, 1)
-    table = _runs_table(ws, ["lightgbm", *variants])
-    return (f"ablation on {ws.name} (tx_both = max_seq_len 50; fit+evaluate seconds {json.dumps(seconds)})"
+    table = _runs_table(ws, ["lightgbm", "transformer", *variants])
+    return (f"ablation on {ws.name} (transformer = the defaults; fit+evaluate seconds {json.dumps(seconds)})"
             f"\n\n{table}")
 
 
@@ -100,12 +112,12 @@ def section_taobao(root: Path, path: Path) -> str:
     return "\n\n".join(out)
 
 
-def section_curve(root: Path, sizes: list[int], epochs: int) -> str:
+def section_curve(root: Path, sizes: list[int], epochs: int | None) -> str:
     rows = ["users   examples  lightgbm AUC  transformer AUC  ΔAUC [95% CI]"]
     for users in sizes:
         ws = _sim_workspace(root, users)
         pipeline.run(None, DataConfig(format="csv"), LabelConfig(), FeatureConfig(), models=("lightgbm", "transformer"),
-                     params={"transformer": {"max_epochs": epochs}}, workspace=ws, report=False, quiet=True)
+                     params={"transformer": _tx_params(epochs)}, workspace=ws, report=False, quiet=True)
         m = {r: json.loads((ws / "runs" / r / "metrics.json").read_text()) for r in ("lightgbm", "transformer")}
         p = m["transformer"]["paired"]["test"]
         lo, hi = p["ci"] or (float("nan"), float("nan"))
@@ -121,7 +133,9 @@ def main() -> None:
     ap.add_argument("--sections", default="sim,ablation,taobao,curve")
     ap.add_argument("--root", default="/tmp/pi-bench-quality", help="workspaces are created here")
     ap.add_argument("--sim-users", type=int, default=45_000)
-    ap.add_argument("--epochs", type=int, default=5, help="transformer max_epochs on the simulator")
+    ap.add_argument("--epochs", type=int, default=None, help="transformer max_epochs (default: the model's)")
+    ap.add_argument("--reuse", action="store_true", help="sim: keep an existing simulated log and its ingest")
+    ap.add_argument("--ablations", default=",".join(ABLATIONS), help="comma-separated: " + ",".join(ABLATIONS))
     ap.add_argument("--curve-users", default="2500,5000,10000,20000")
     ap.add_argument("--taobao", default=str(TAOBAO))
     ap.add_argument("--out", help="also write the tables to this markdown file")
@@ -133,10 +147,10 @@ def main() -> None:
     for s in sections:
         t0 = time.perf_counter()
         if s == "sim":
-            text, sim_ws = section_sim(root, args.sim_users, args.epochs)
+            text, sim_ws = section_sim(root, args.sim_users, args.epochs, reuse=args.reuse)
         elif s == "ablation":
             sim_ws = sim_ws or (root / f"sim-{args.sim_users}u")
-            text = section_ablation(sim_ws, args.epochs)
+            text = section_ablation(sim_ws, args.epochs, args.ablations.split(","))
         elif s == "taobao":
             text = section_taobao(root, Path(args.taobao))
         elif s == "curve":

@@ -317,30 +317,9 @@ def add_explain_parser(sub) -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 # Transformer: integrated gradients
 def _logit_from_embeddings(net, emb, tab, batch: dict):
-    """The logit of ``BehaviourTransformer`` with the summed field embeddings ``emb`` (B, T, D) given.
-
-    Mirrors ``BehaviourTransformer.forward``/``encode`` (eval mode, no dropout) with the embedding
-    lookup replaced by ``emb``, so integrated gradients can move continuously from a zero
-    embedding to the real one. ``test_explain`` checks it equals ``net(batch)``.
-    """
-    import torch
-
-    cfg, parts = net.cfg, []
-    if cfg.use_sequence:
-        mask = batch["mask"]  # (B, T)
-        B, T = mask.shape
-        x = emb + net.pos(torch.arange(T - 1, -1, -1, device=mask.device))  # (B, T, D)
-        x = torch.cat([net.cls.expand(B, 1, -1).to(x.dtype), x], dim=1)  # (B, 1+T, D)
-        keep = torch.cat([mask.new_ones(B, 1), mask], dim=1)[:, None, None, :]  # (B, 1, 1, 1+T)
-        for block in net.blocks:
-            x = block(x, keep)
-        parts.append(net.ln_f(x[:, 0]))  # (B, D)
-    if cfg.use_tabular:
-        parts.append(net.tab_mlp(tab))  # (B, D)
-    logits = net.head(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
-    if cfg.use_tabular and net.wide is not None:
-        logits = logits + net.wide(tab).squeeze(-1)
-    return logits
+    """The logit of ``BehaviourTransformer`` with the summed field embeddings ``emb`` (B, T, D) given,
+    so integrated gradients can move continuously from a zero embedding to the real one."""
+    return net.logits(batch, emb=emb if net.cfg.use_sequence else None, tab=tab if net.cfg.use_tabular else None)
 
 
 def module_integrated_gradients(net, batch: dict, n_steps: int = 32, internal_batch_size: Optional[int] = None

@@ -468,8 +468,7 @@ def run(data: str | Path | Sequence[str | Path] | None, data_cfg: DataConfig, la
     """
     ws = _ws(workspace)
     if data is not None:
-        report = ingest(data, data_cfg, ws, progress=not quiet)
-        _log(report.summary(), quiet)
+        _log(ingest(data, data_cfg, ws, progress=not quiet).summary(), quiet)
     build(label_cfg, feature_cfg, ws, quiet=quiet)
     params = params or {}
     done = []

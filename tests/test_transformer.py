@@ -108,7 +108,8 @@ def test_classifier_contract_save_load(tmp_path):
     X_sub = {k: v for k, v in X.items() if k in ("event", "item", "mask", "tabular")}
     p = clf.predict_proba(X_sub)
     assert p.shape == (96, 2) and np.allclose(p.sum(1), 1) and np.isfinite(p).all()
-    assert clf.model_config_.field_sizes == {f: vocab.field_sizes()[f] for f in ("event", "item")}
+    # the item id is left out by default (drop_fields), every other field of X is used
+    assert clf.model_config_.field_sizes == {"event": vocab.field_sizes()["event"]}
     clf.save(tmp_path)
     assert {"config.json", "model.safetensors"} <= {x.name for x in tmp_path.iterdir()}
     meta = json.loads((tmp_path / "config.json").read_text())
@@ -120,6 +121,38 @@ def test_classifier_contract_save_load(tmp_path):
     for kw in (dict(inputs="sequence", max_seq_len=4), dict(inputs="tabular", calibration="platt")):
         q = TransformerClassifier(max_epochs=1, batch_size=32, **kw).fit(X, y).predict_proba(X)
         assert q.shape == (96, 2)
+
+
+def test_drop_fields_and_pooling_options(tmp_path):
+    X, y = _data(64, 0)
+    kw = dict(max_epochs=1, batch_size=32)
+    with_item = TransformerClassifier(drop_fields=(), pooling="cls", **kw).fit(X, y)
+    assert list(with_item.model_config_.field_sizes) == ["event", "item"] and with_item.model_.pool is None
+    with_item.save(tmp_path)  # a run saved before the pooling option has no "pooling" key: [CLS] alone
+    meta = json.loads((tmp_path / "config.json").read_text())
+    del meta["transformer"]["pooling"]
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    loaded = TransformerClassifier.load(tmp_path)
+    assert loaded.model_config_.pooling == "cls"
+    np.testing.assert_allclose(loaded.predict_proba(X), with_item.predict_proba(X), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown fields"):
+        TransformerClassifier(drop_fields=("itme",), **kw).fit(X, y)
+    with pytest.raises(ValueError, match="pooling"):
+        BehaviourTransformer(preset("tiny", field_sizes=SIZES, n_tabular=3, pooling="mean"))
+
+
+def test_max_pool_reads_the_strongest_event_and_ignores_padding():
+    torch.manual_seed(0)
+    m = BehaviourTransformer(preset("tiny", field_sizes=SIZES, n_tabular=3, max_seq_len=8)).eval()
+    assert m.cfg.pooling == "cls+max" and m.pool is not None
+    from purchase_intent.models.transformer import _max_pool
+    tokens = torch.tensor([[[5.0, -1.0], [1.0, 7.0], [9.0, 9.0]], [[3.0, 3.0], [-2.0, -4.0], [-1.0, -8.0]]])
+    mask = torch.tensor([[True, True, False], [False, True, True]])
+    assert _max_pool(tokens, mask).tolist() == [[5.0, 7.0], [-1.0, -4.0]]  # padding never wins
+    assert _max_pool(tokens, torch.zeros_like(mask)).tolist() == [[0.0, 0.0], [0.0, 0.0]]  # no events: zeros
+    b = _batch()  # its last row has no events at all
+    logits, _ = m(b)
+    assert torch.isfinite(logits).all()
 
 
 def test_same_seed_same_model():
@@ -135,7 +168,7 @@ def test_learns_an_order_only_task():
     X, y = order_task(10000, n_items=10, seed=0)
     Xv, yv = order_task(1000, n_items=10, seed=1)
     Xt, yt = order_task(2000, n_items=10, seed=2)
-    kw = dict(max_epochs=15, lr=3e-3, batch_size=128, dropout=0.0, patience=15)
+    kw = dict(max_epochs=15, lr=3e-3, batch_size=128, dropout=0.0, patience=15, drop_fields=())  # items matter here
     seq = TransformerClassifier(preset="tiny", n_layers=2, **kw).fit(X, y, Xv, yv)
     tab = TransformerClassifier(inputs="tabular", **kw).fit(X, y, Xv, yv)
     assert roc_auc_score(yt, seq.predict_proba(Xt)[:, 1]) > 0.75

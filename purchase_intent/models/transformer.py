@@ -14,7 +14,10 @@ recency rank (``T - 1 - column``: the rank does not depend on how much padding a
 A learned [CLS] vector is prepended; after pre-norm blocks its output summarises the sequence.
 Only the [CLS] output is read, so the last block computes its query, attention and MLP for the
 [CLS] row alone (keys and values for all tokens): the same result as a full block at a fraction
-of the cost. The tabular vector enters through a small MLP ("deep") and a linear term added to
+of the cost. With ``pooling="cls+max"`` (default) the summary also adds a masked max-pool of the
+token states entering the last block: one strong token (a view of an item carted days ago) then
+reaches the head directly instead of through one softmax-averaged [CLS] query, which with few
+heads dilutes a rare token among many ordinary ones (measured on the simulator, BENCHMARKS.md). The tabular vector enters through a small MLP ("deep") and a linear term added to
 the logit ("wide"). The batch may carry ``"tokens"`` (B, T, n_fields) instead of one tensor per
 field (the classifier's collate does: one int64 conversion per batch).
 
@@ -53,6 +56,7 @@ class TransformerConfig:
     use_sequence: bool = True  # ablation switches: sequence only / features only / both
     use_tabular: bool = True
     wide: bool = True  # add a linear term of the tabular features to the logit
+    pooling: str = "cls+max"  # sequence summary: "cls" ([CLS] output) or "cls+max" (+ masked max-pool of tokens)
     pos_weight: Optional[float] = None  # BCE weight of positives (rare buyers); None = 1
 
 
@@ -197,6 +201,12 @@ class FieldEmbeddings(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def _max_pool(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Max over the real events of each row: tokens (B, T, D), mask (B, T) -> (B, D); 0 for no events."""
+    top = tokens.masked_fill(~mask[:, :, None], float("-inf")).amax(dim=1)  # (B, D)
+    return torch.where(mask.any(dim=1, keepdim=True), top, torch.zeros_like(top))
+
+
 class BehaviourTransformer(nn.Module):
     """Events (+ tabular features) -> one logit. ``forward(batch, labels=None) -> (logits, loss)``."""
 
@@ -218,6 +228,9 @@ class BehaviourTransformer(nn.Module):
             self.drop = Dropout(cfg.dropout)
             self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
             self.ln_f = nn.LayerNorm(D)
+            if cfg.pooling not in ("cls", "cls+max"):
+                raise ValueError(f"pooling must be 'cls' or 'cls+max', got {cfg.pooling!r}")
+            self.pool = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D)) if cfg.pooling == "cls+max" else None
             parts += 1
         if cfg.use_tabular:
             H = cfg.tabular_hidden
@@ -255,35 +268,53 @@ class BehaviourTransformer(nn.Module):
             n -= self.embed.weight.numel() + self.pos.weight.numel()
         return n
 
-    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The [CLS] summary of the event sequence, (B, D)."""
+    def encode(self, batch: dict[str, torch.Tensor], emb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The summary of the event sequence, (B, D): [CLS] output (+ max-pooled tokens).
+
+        ``emb`` (B, T, D), when given, replaces the summed field embeddings of ``batch``'s tokens
+        (integrated gradients move it from zero to the real value); ``batch`` then needs only ``mask``.
+        """
         mask = batch["mask"]  # (B, T) bool
         B, T = mask.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} > max_seq_len {self.cfg.max_seq_len}")
-        ids = batch["tokens"] if "tokens" in batch else torch.stack([batch[f] for f in self.fields], dim=-1)
-        x = self.embed(ids.long())  # (B, T, D)
+        if emb is None:
+            ids = batch["tokens"] if "tokens" in batch else torch.stack([batch[f] for f in self.fields], dim=-1)
+            emb = self.embed(ids.long())  # (B, T, D)
         rank = torch.arange(T - 1, -1, -1, device=mask.device)  # (T,) recency rank of each column
-        x = x + self.pos(rank)  # (B, T, D)
+        x = emb + self.pos(rank)  # (B, T, D)
         x = torch.cat([self.cls.expand(B, 1, -1).to(x.dtype), x], dim=1)  # (B, 1+T, D)
         x = self.drop(x)
         keep = torch.cat([mask.new_ones(B, 1), mask], dim=1)  # (B, 1+T): [CLS] is always visible
         attn_mask = keep[:, None, None, :]  # (B, 1, 1, 1+T)
+        pooled = None
         for i, block in enumerate(self.blocks):
-            x = block(x, attn_mask, first_only=i == len(self.blocks) - 1)  # last: (B, 1, D)
-        return self.ln_f(x[:, 0])  # (B, D)
+            last = i == len(self.blocks) - 1
+            if last and self.pool is not None:  # the token states entering the last block, which
+                pooled = _max_pool(x[:, 1:], mask)  # computes the [CLS] row only: (B, D)
+            x = block(x, attn_mask, first_only=last)  # last: (B, 1, D)
+        out = self.ln_f(x[:, 0])  # (B, D)
+        if self.pool is not None:
+            out = out + self.pool(pooled if pooled is not None else _max_pool(x[:, 1:], mask))  # (B, D)
+        return out
 
-    def forward(self, batch: dict[str, torch.Tensor], labels: Optional[torch.Tensor] = None):
-        """Logits (B,) and, when ``labels`` (B,) 0/1 are given, the mean BCE-with-logits loss."""
-        parts, logits = [], None
+    def logits(self, batch: dict[str, torch.Tensor], emb: Optional[torch.Tensor] = None,
+               tab: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (B,); ``emb`` (see :meth:`encode`) and ``tab`` (B, F) override ``batch``'s inputs."""
+        parts = []
         if self.cfg.use_sequence:
-            parts.append(self.encode(batch))  # (B, D)
+            parts.append(self.encode(batch, emb))  # (B, D)
         if self.cfg.use_tabular:
-            tab = batch["tabular"]  # (B, F)
+            tab = batch["tabular"] if tab is None else tab  # (B, F)
             parts.append(self.tab_mlp(tab))  # (B, D)
         logits = self.head(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
         if self.cfg.use_tabular and self.wide is not None:
             logits = logits + self.wide(tab).squeeze(-1)  # (B,)
+        return logits
+
+    def forward(self, batch: dict[str, torch.Tensor], labels: Optional[torch.Tensor] = None):
+        """Logits (B,) and, when ``labels`` (B,) 0/1 are given, the mean BCE-with-logits loss."""
+        logits = self.logits(batch)
         loss = None
         if labels is not None:
             pw = None
@@ -305,7 +336,8 @@ def flops_per_sequence(cfg: TransformerConfig, seq_len: int) -> int:
     T, D, L, r = seq_len + 1, cfg.d_model, cfg.n_layers, cfg.mlp_ratio  # +1: the [CLS] token
     full = 2 * T * (3 * D * D + D * D + 2 * r * D * D) + 2 * 2 * T * T * D
     last = 2 * T * 2 * D * D + 2 * (D * D + D * D + 2 * r * D * D) + 2 * 2 * T * D  # k, v of all; rest for [CLS]
-    fwd = ((L - 1) * full + last) if cfg.use_sequence and L > 0 else 0
+    pool = 2 * D * D if cfg.pooling == "cls+max" else 0  # the pooled summary's projection
+    fwd = ((L - 1) * full + last + pool) if cfg.use_sequence and L > 0 else 0
     return 3 * fwd
 
 
