@@ -70,7 +70,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
     drop_fields : sequence of str
         Token fields the model leaves out (names of ``SEQUENCE_FIELDS``). Default: the hashed item
         id. Its 20k-bucket table lets the model memorise shoppers: on the simulator valid PR-AUC
-        peaked at epoch 2 and fell after, and dropping it gained +0.008 test ROC-AUC
+        peaked in the third epoch and fell after, and dropping it gained +0.008 test ROC-AUC
         (BENCHMARKS.md); what the user did with an item before stays in ``item_state``.
     max_seq_len : int or None
         Keep only the most recent ``max_seq_len`` events of each sequence (None = all columns).

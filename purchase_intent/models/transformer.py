@@ -17,8 +17,9 @@ Only the [CLS] output is read, so the last block computes its query, attention a
 of the cost. With ``pooling="cls+max"`` (default) the summary also adds a masked max-pool of the
 token states entering the last block: one strong token (a view of an item carted days ago) then
 reaches the head directly instead of through one softmax-averaged [CLS] query, which with few
-heads dilutes a rare token among many ordinary ones (measured on the simulator, BENCHMARKS.md). The tabular vector enters through a small MLP ("deep") and a linear term added to
-the logit ("wide"). The batch may carry ``"tokens"`` (B, T, n_fields) instead of one tensor per
+heads dilutes a rare token among many ordinary ones (measured on the simulator, BENCHMARKS.md).
+The tabular vector enters through a small MLP ("deep") and a linear term added to the logit
+("wide"). The batch may carry ``"tokens"`` (B, T, n_fields) instead of one tensor per
 field (the classifier's collate does: one int64 conversion per batch).
 
 Speed (CPU, measured in ``benchmarks/bench_transformer.py``): training computes the embedding
