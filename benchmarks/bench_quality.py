@@ -51,8 +51,9 @@ def _tx_params(epochs: int | None) -> dict:
 def _sim_workspace(root: Path, users: int, days: int = 90, seed: int = 0, reuse: bool = False) -> Path:
     from purchase_intent.simulate import SimConfig, write_events
 
-    if reuse and (root / f"sim-{users}u" / "events.csv.gz").exists():
-        return root / f"sim-{users}u"  # the same seeded log: ingest is kept, build and models rerun
+    ws = root / f"sim-{users}u"
+    if reuse and (ws / "events" / "manifest.json").exists():  # written when an ingest completes
+        return ws  # the same seeded log: ingest is kept, build and models rerun
     ws = _fresh(root / f"sim-{users}u")
     data = ws / "events.csv.gz"
     write_events(SimConfig(n_users=users, days=days, seed=seed), data)
@@ -143,6 +144,9 @@ def main() -> None:
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     sections = args.sections.split(",")
+    unknown = set(args.ablations.split(",")) - set(ABLATIONS)
+    if unknown:
+        ap.error(f"unknown ablations {sorted(unknown)}: choose from {', '.join(ABLATIONS)}")
     parts, sim_ws = [], None
     for s in sections:
         t0 = time.perf_counter()

@@ -255,6 +255,22 @@ def fit_model(name: str, params: dict, built: Built, train_idx: np.ndarray, vali
     return model
 
 
+# estimator parameters that say how and where to run, not what model to fit
+_RUNTIME_PARAMS = {"vocab", "random_state", "n_jobs", "device", "checkpoint_dir", "progress"}
+
+
+def _model_params(model: Any) -> dict:
+    """Every hyperparameter of the fitted model (defaults resolved), so a backtest refits the same model."""
+    return _jsonable({k: v for k, v in model.get_params().items() if k not in _RUNTIME_PARAMS})
+
+
+def _refit_params(meta: dict) -> dict:
+    """Parameters to refit a saved run with: its resolved ones, then those it was given.
+
+    Runs saved before ``model_params`` was recorded refit with this version's defaults."""
+    return {**meta.get("model_params", {}), **meta.get("params", {})}
+
+
 def _model_vocab(model: Any):
     return getattr(model, "vocab_", None) or getattr(model, "vocab", None)
 
@@ -282,6 +298,7 @@ def train(name: str, run: str | None = None, params: dict | None = None, train_c
         "run": run_dir.name,
         "model": name,
         "params": _jsonable(params),
+        "model_params": _model_params(model),
         "train_config": asdict(train_cfg),
         "build_id": built.info["build_id"],
         "label_config": built.info["label_config"],
@@ -391,7 +408,7 @@ def evaluate(run: str, workspace=None, backtest: int = 0, n_boot: int = 1000, qu
         for k, fold in enumerate(folds):
             tr, va, te = (np.flatnonzero(np.asarray(m)) for m in (fold.train_mask, fold.valid_mask, fold.test_mask))
             _log(f"backtest fold {k + 1}/{len(folds)}: test cutoff {fold.cutoff}, train {len(tr):,}, test {len(te):,}", quiet)
-            fold_model = fit_model(name, meta.get("params", {}), built, tr, va, ws, train_cfg)
+            fold_model = fit_model(name, _refit_params(meta), built, tr, va, ws, train_cfg)
             p = _predict(fold_model, name, built, te, ws)
             m = binary_metrics(y[te], p, n_boot=n_boot)
             fold_metrics.append({"cutoff": str(fold.cutoff), **m})

@@ -95,6 +95,22 @@ def test_evaluate_refuses_a_run_of_an_older_build(shop, tmp_path):
         pipeline.evaluate("logreg", ws, n_boot=50)
 
 
+def test_backtest_refits_with_the_parameters_the_run_was_trained_with(shop, tmp_path, monkeypatch):
+    ws = tmp_path / "ws"
+    pipeline.ingest(shop, DataConfig(format="csv"), ws, progress=False)
+    pipeline.build(LabelConfig(lookback="14d", horizon="7d", step="7d"), workspace=ws, quiet=True)
+    gate = TrainConfig(min_positives=5, min_negatives=5)
+    run = pipeline.train("logreg", params={"C": 0.5}, train_cfg=gate, workspace=ws, quiet=True)
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["model_params"] == {"C": 0.5, "max_iter": 1000}  # defaults resolved, runtime ones left out
+    meta["model_params"]["max_iter"] = 321  # as if this version's default had changed since
+    (run / "run.json").write_text(json.dumps(meta))
+    seen, fit = [], pipeline.fit_model
+    monkeypatch.setattr(pipeline, "fit_model", lambda name, params, *a: seen.append(params) or fit(name, params, *a))
+    pipeline.evaluate("logreg", ws, backtest=2, n_boot=50, quiet=True)
+    assert seen == [{"C": 0.5, "max_iter": 321}] * 2
+
+
 def test_bad_flags_get_clear_errors(tmp_path, capsys):
     ws = tmp_path / "ws"
     assert main(["--workspace", str(ws), "build"]) == 1

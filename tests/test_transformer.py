@@ -130,13 +130,18 @@ def test_drop_fields_and_pooling_options(tmp_path):
     assert list(with_item.model_config_.field_sizes) == ["event", "item"] and with_item.model_.pool is None
     with_item.save(tmp_path)  # a run saved before the pooling option has no "pooling" key: [CLS] alone
     meta = json.loads((tmp_path / "config.json").read_text())
-    del meta["transformer"]["pooling"]
+    for d in (meta["transformer"], meta["params"]):
+        d.pop("pooling")
+    meta["params"].pop("drop_fields")
     (tmp_path / "config.json").write_text(json.dumps(meta))
     loaded = TransformerClassifier.load(tmp_path)
     assert loaded.model_config_.pooling == "cls"
+    assert loaded.get_params()["pooling"] == "cls" and list(loaded.get_params()["drop_fields"]) == []
     np.testing.assert_allclose(loaded.predict_proba(X), with_item.predict_proba(X), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="unknown fields"):
         TransformerClassifier(drop_fields=("itme",), **kw).fit(X, y)
+    one = TransformerClassifier(drop_fields="item", **kw).fit(X, y)  # a bare name, as from --param drop_fields=item
+    assert list(one.model_config_.field_sizes) == ["event"]
     with pytest.raises(ValueError, match="pooling"):
         BehaviourTransformer(preset("tiny", field_sizes=SIZES, n_tabular=3, pooling="mean"))
 

@@ -203,11 +203,12 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             y = y[:cut]
         y_valid = np.asarray(y_valid).astype(int).ravel()
         self.vocab_ = _as_vocab(self.vocab)
-        unknown = set(self.drop_fields) - set(SEQUENCE_FIELDS)
+        drop = (self.drop_fields,) if isinstance(self.drop_fields, str) else tuple(self.drop_fields or ())
+        unknown = set(drop) - set(SEQUENCE_FIELDS)
         if unknown:
             raise ValueError(f"drop_fields has unknown fields {sorted(unknown)}: "
                              f"choose from {', '.join(SEQUENCE_FIELDS)}")
-        fields = [f for f in SEQUENCE_FIELDS if f in X and f not in self.drop_fields]
+        fields = [f for f in SEQUENCE_FIELDS if f in X and f not in drop]
         use_seq = self.inputs in ("both", "sequence") and bool(fields) and "mask" in X
         use_tab = self.inputs in ("both", "tabular") and "tabular" in X and np.asarray(X["tabular"]).shape[1] > 0
         if not (use_seq or use_tab):
@@ -350,10 +351,11 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         d = Path(directory)
         meta = json.loads((d / "config.json").read_text())
         names = cls().get_params().keys()
-        clf = cls(**{k: v for k, v in meta["params"].items() if k in names})
+        # runs saved before these parameters existed: [CLS] alone, every token field
+        params = {"pooling": "cls", "drop_fields": [], **meta["params"]}
+        clf = cls(**{k: v for k, v in params.items() if k in names})
         clf.vocab = clf.vocab_ = _as_vocab(clf.vocab)
         clf.classes_ = np.array([0, 1])
-        # runs saved before the pooling option summarised with [CLS] alone
         clf.model_config_ = from_dict(TransformerConfig, {"pooling": "cls", **meta["transformer"]})
         clf.loop_config_ = from_dict(TrainLoopConfig, {**meta["train_loop"], "device": device})
         if meta.get("tabular"):
