@@ -316,22 +316,18 @@ def add_explain_parser(sub) -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------
 # Transformer: integrated gradients
-def _logit_from_embeddings(net, emb, tab, batch: dict):
-    """The logit of ``BehaviourTransformer`` with the summed field embeddings ``emb`` (B, T, D) given,
-    so integrated gradients can move continuously from a zero embedding to the real one."""
-    return net.logits(batch, emb=emb if net.cfg.use_sequence else None, tab=tab if net.cfg.use_tabular else None)
-
-
 def module_integrated_gradients(net, batch: dict, n_steps: int = 32, internal_batch_size: Optional[int] = None
                                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Integrated gradients of a ``BehaviourTransformer`` for one batch of tensors.
 
     Baseline: every event's summed embedding at zero (the mask and recency ranks are kept) and
-    the tabular vector at 0 (the training mean, as it is standardised).
+    the tabular vector at 0 (the training mean, as it is standardised). Only the inputs the
+    network uses are attributed (a features-only or sequence-only model has one).
 
     Returns
     -------
-    (tabular (B, F), events (B, T), base (B,)) as float64 arrays, in log-odds; base + sums = logit.
+    (tabular (B, F), events (B, T) or None, base (B,)) as float64 arrays, in log-odds;
+    base + sums = logit.
     """
     import torch
 
@@ -341,24 +337,25 @@ def module_integrated_gradients(net, batch: dict, n_steps: int = 32, internal_ba
         raise ImportError("Transformer explanations need captum: pip install 'purchase-intent[explain]'") from e
     net.eval()
     cfg = net.cfg
+    B = (batch["mask"] if cfg.use_sequence else batch["tabular"]).shape[0]
     with torch.no_grad():
-        B = batch["mask"].shape[0]
-        emb = (sum(net.embed[f](batch[f].long()) for f in net.fields) if cfg.use_sequence
-               else torch.zeros(B, 1, 1))  # (B, T, D)
-        tab = batch["tabular"].float() if cfg.use_tabular else torch.zeros(B, 1)  # (B, F)
-    ig = IntegratedGradients(lambda e, t: _logit_from_embeddings(net, e, t, batch_at(e)))
+        inputs = []
+        if cfg.use_sequence:  # the summed field embeddings, moved from zero to their value
+            inputs.append(sum(net.embed[f](batch[f].long()) for f in net.fields))  # (B, T, D)
+        if cfg.use_tabular:
+            inputs.append(batch["tabular"].float())  # (B, F)
 
-    # captum repeats the inputs n_steps times along the batch; the mask must follow
-    def batch_at(e):
-        reps = e.shape[0] // B
-        return {"mask": batch["mask"].repeat(reps, 1)} if cfg.use_sequence else {}
+    def logit(*xs):  # captum repeats the inputs n_steps times along the batch; the mask must follow
+        mask = {"mask": batch["mask"].repeat(xs[0].shape[0] // B, 1)} if cfg.use_sequence else {}
+        return net.logits(mask, emb=xs[0] if cfg.use_sequence else None, tab=xs[-1] if cfg.use_tabular else None)
 
-    a_emb, a_tab = ig.attribute((emb, tab), baselines=(torch.zeros_like(emb), torch.zeros_like(tab)),
-                                n_steps=n_steps, internal_batch_size=internal_batch_size)
+    zeros = tuple(torch.zeros_like(x) for x in inputs)
+    attrs = IntegratedGradients(logit).attribute(tuple(inputs), baselines=zeros, n_steps=n_steps,
+                                                 internal_batch_size=internal_batch_size)
     with torch.no_grad():
-        base = _logit_from_embeddings(net, torch.zeros_like(emb), torch.zeros_like(tab), batch)
-    events = a_emb.sum(dim=-1).detach().double().numpy() if cfg.use_sequence else None
-    tabular = a_tab.detach().double().numpy() if cfg.use_tabular else np.zeros((B, 0))
+        base = logit(*zeros)
+    events = attrs[0].sum(dim=-1).detach().double().numpy() if cfg.use_sequence else None
+    tabular = attrs[-1].detach().double().numpy() if cfg.use_tabular else np.zeros((B, 0))
     return tabular, events, base.detach().double().numpy()
 
 
@@ -394,11 +391,13 @@ def integrated_gradients(model: Any, X: dict, feature_names: list[str], n_steps:
     from .sequences import _time_edges, SequenceVocab
 
     net, batch = _net_and_batch(model, X)
-    mask = batch["mask"]
-    T = mask.shape[1]
-    first = int(torch.nonzero(mask.any(dim=0)).min()) if bool(mask.any()) else T - 1
-    trimmed = {k: (v[:, first:] if v.dim() == 2 and v.shape == mask.shape else v) for k, v in batch.items()}
-    n = mask.shape[0]
+    mask = batch.get("mask")  # absent for a features-only model
+    trimmed = batch
+    if mask is not None:
+        T = mask.shape[1]
+        first = int(torch.nonzero(mask.any(dim=0)).min()) if bool(mask.any()) else T - 1
+        trimmed = {k: (v[:, first:] if v.dim() == 2 and v.shape == mask.shape else v) for k, v in batch.items()}
+    n = (mask if mask is not None else batch["tabular"]).shape[0]
     tab, ev, base = module_integrated_gradients(net, trimmed, n_steps=n_steps,
                                                 internal_batch_size=max(internal_batch_size, n))
     N, T_x = np.asarray(X["mask"]).shape

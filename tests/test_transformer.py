@@ -225,3 +225,16 @@ def test_flops_formula_matches_torch_counter():
         with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):  # the counter skips CPU flash
             m(b, torch.tensor([0.0, 1.0]))[1].backward()
         assert fc.get_total_flops() / 2 == pytest.approx(flops_per_sequence(m.cfg, 16), rel=0.01)
+
+
+@pytest.mark.parametrize("inputs", ["tabular", "sequence"])
+def test_integrated_gradients_of_a_single_input_model_add_up(inputs):
+    from purchase_intent import explain
+
+    X, y = _data(64, 0)
+    X["dt_cutoff"] = np.where(X["mask"], 3, 0).astype(np.uint8)
+    clf = TransformerClassifier(inputs=inputs, max_epochs=1, batch_size=32, dropout=0.0).fit(X, y)
+    attr = explain.integrated_gradients(clf, X, [f"f{i}" for i in range(X["tabular"].shape[1])], n_steps=64)
+    np.testing.assert_allclose(attr.total(), clf.decision_function(X), atol=2e-3)
+    assert (attr.events.any() if inputs == "sequence" else not attr.events.any())
+    assert (not attr.features.any()) if inputs == "sequence" else attr.features.any()
