@@ -346,8 +346,8 @@ def module_integrated_gradients(net, batch: dict, n_steps: int = 32, internal_ba
             inputs.append(batch["tabular"].float())  # (B, F)
 
     def logit(*xs):  # captum repeats the inputs n_steps times along the batch; the mask must follow
-        mask = {"mask": batch["mask"].repeat(xs[0].shape[0] // B, 1)} if cfg.use_sequence else {}
-        return net.logits(mask, emb=xs[0] if cfg.use_sequence else None, tab=xs[-1] if cfg.use_tabular else None)
+        rows = {"mask": batch["mask"].repeat(xs[0].shape[0] // B, 1)} if cfg.use_sequence else {}
+        return net.logits(rows, emb=xs[0] if cfg.use_sequence else None, tab=xs[-1] if cfg.use_tabular else None)
 
     zeros = tuple(torch.zeros_like(x) for x in inputs)
     attrs = IntegratedGradients(logit).attribute(tuple(inputs), baselines=zeros, n_steps=n_steps,
