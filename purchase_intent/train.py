@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed as D
+from .allocator import retain_freed_memory
 
 
 @dataclass
@@ -125,6 +126,8 @@ def predict_logits(model: nn.Module, data: dict[str, np.ndarray], batch_size: in
     """Logits (N,) of `model` on every row of `data`, in order, in eval mode."""
     model = D.unwrap(model)
     was_training, device = model.training, torch.device(device)
+    if device.type == "cpu":
+        retain_freed_memory()
     model.eval()
     n = len(next(iter(data.values())))
     out = np.empty(n, dtype=np.float32)
@@ -206,6 +209,8 @@ def train(model: nn.Module, train_data: dict[str, np.ndarray], valid_data: Optio
     """
     cfg = cfg or TrainLoopConfig()
     device, amp = resolve_device(cfg)
+    if device.type == "cpu":
+        retain_freed_memory()  # activations reuse mapped pages instead of faulting them in each step
     info = D.setup(device.type)
     model.to(device)
     ddp_model = D.wrap(model, device)

@@ -212,6 +212,12 @@ def test_fast_embedding_backward_and_dropout_match_torch():
     y = d(x)
     assert abs((y == 0).float().mean().item() - 0.1) < 0.005 and torch.allclose(y[y != 0], torch.tensor(1 / 0.9))
     assert d.eval()(x) is x and Dropout(0.0).train()(x) is x
+    d.train()
+    torch.manual_seed(1)
+    a, b = d(torch.ones(7, 5)), d(torch.ones(7, 5))  # odd size; consecutive calls draw new masks
+    torch.manual_seed(1)
+    assert torch.equal(a, d(torch.ones(7, 5))) and torch.equal(b, d(torch.ones(7, 5)))  # torch's seed governs
+    assert not torch.equal(d(torch.ones(100, 100)), d(torch.ones(100, 100)))
 
 
 def test_flops_formula_matches_torch_counter():
