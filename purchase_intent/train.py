@@ -14,6 +14,7 @@ turns rows ``idx`` into a dict of tensors (the default converts every non-label 
 """
 from __future__ import annotations
 
+import contextlib
 import os  # (OMP_WAIT_POLICY is set to PASSIVE by the package's __init__, before torch loads)
 import dataclasses
 import json
@@ -46,6 +47,7 @@ class TrainLoopConfig:
     beta2: float = 0.98
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     patience: int = 3  # epochs without a better valid PR-AUC before stopping; 0 = never stop early
+    ema_decay: float = 0.0  # > 0: evaluate and keep an exponential moving average of the weights
     seed: int = 0
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
     amp: str = "auto"  # auto (bf16 on cuda, off on cpu) | bf16 | off
@@ -153,10 +155,13 @@ def valid_scores(logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------
 # checkpoints: tensors in safetensors, everything else as JSON in its metadata (no pickle)
-def _save_checkpoint(path: Path, model: nn.Module, best: dict, opt: torch.optim.Optimizer, state: dict) -> None:
+def _save_checkpoint(path: Path, model: nn.Module, best: dict, opt: torch.optim.Optimizer, state: dict,
+                     ema: Optional["_Ema"] = None) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.cpu().contiguous() for k, v in ema.shadow.items()})
     tensors.update({f"best.{k}": v.cpu().contiguous() for k, v in best.items()})
     for i, s in opt.state_dict()["state"].items():
         for k, v in s.items():
@@ -166,7 +171,8 @@ def _save_checkpoint(path: Path, model: nn.Module, best: dict, opt: torch.optim.
     os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint intact
 
 
-def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                     ema: Optional["_Ema"] = None) -> tuple[dict, dict]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -175,6 +181,10 @@ def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -
     device = next(model.parameters()).device
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     best = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("best.")}
+    if ema is not None:
+        for k, v in tensors.items():
+            if k.startswith("ema."):
+                ema.shadow[k[4:]].copy_(v)
     opt_state: dict = {}
     for k, v in tensors.items():
         if k.startswith("optim."):
@@ -221,9 +231,10 @@ def train(model: nn.Module, train_data: dict[str, np.ndarray], valid_data: Optio
     res = TrainResult()
     ckpt = Path(cfg.checkpoint_dir) / "checkpoint.safetensors" if cfg.checkpoint_dir else None
     best: dict = {}
+    ema = _Ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     bad_epochs, start_epoch = 0, 0
     if ckpt is not None and cfg.resume and ckpt.exists():
-        state, best = _load_checkpoint(ckpt, model, opt)
+        state, best = _load_checkpoint(ckpt, model, opt, ema)
         if state["config"]["batch_size"] != cfg.batch_size or state["config"]["seed"] != cfg.seed:
             raise ValueError(f"{ckpt} was written with another batch_size/seed: remove it or set resume=False")
         start_epoch, bad_epochs = state["epoch"], state["bad_epochs"]
@@ -256,6 +267,8 @@ def train(model: nn.Module, train_data: dict[str, np.ndarray], valid_data: Optio
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(res.steps)
             res.steps += 1
             loss_sum, n_seen = loss_sum + float(loss.detach()) * len(idx), n_seen + len(idx)
             if device.type == "cuda":
@@ -269,15 +282,16 @@ def train(model: nn.Module, train_data: dict[str, np.ndarray], valid_data: Optio
                "valid_pr_auc": float("nan"), "valid_log_loss": float("nan")}
         if valid_data is not None:
             t0 = time.perf_counter()
-            scores = valid_scores(predict_logits(model, valid_data, cfg.eval_batch_size, collate, device, amp),
-                                  valid_data["label"])
+            with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+                scores = valid_scores(predict_logits(model, valid_data, cfg.eval_batch_size, collate, device, amp),
+                                      valid_data["label"])
+                if res.best_epoch < 0 or _metric(scores) > res.best_metric:
+                    best = {k: v.detach().clone() for k, v in model.state_dict().items()}
             res.time_eval_s += time.perf_counter() - t0
             row.update(valid_pr_auc=scores["pr_auc"], valid_log_loss=scores["log_loss"])
-            # PR-AUC; -log loss when valid has a single class (PR-AUC undefined)
-            metric = scores["pr_auc"] if not math.isnan(scores["pr_auc"]) else -scores["log_loss"]
+            metric = _metric(scores)
             if res.best_epoch < 0 or metric > res.best_metric:
                 res.best_epoch, res.best_metric, bad_epochs = epoch, metric, 0
-                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 bad_epochs += 1
         res.history.append(row)
@@ -290,11 +304,55 @@ def train(model: nn.Module, train_data: dict[str, np.ndarray], valid_data: Optio
             state = {"epoch": epoch + 1, "step": res.steps, "best_epoch": res.best_epoch,
                      "best_metric": res.best_metric, "bad_epochs": bad_epochs, "history": res.history,
                      "stopped_early": res.stopped_early, "config": dataclasses.asdict(cfg)}
-            _save_checkpoint(ckpt, model, best, opt, state)
+            _save_checkpoint(ckpt, model, best, opt, state, ema)
         stop = [bool(cb({**row, "model": model})) for cb in callbacks]
         if res.stopped_early or any(stop):
             break
     res.epochs_run = len(res.history)
     if best:
         model.load_state_dict(best)
+    elif ema is not None:  # no valid data: the average of the last steps
+        ema.copy_to(model)
     return res
+
+
+def _metric(scores: dict) -> float:
+    """Early-stopping metric: valid PR-AUC; -log loss when valid has a single class (PR-AUC undefined)."""
+    return scores["pr_auc"] if not math.isnan(scores["pr_auc"]) else -scores["log_loss"]
+
+
+class _Ema:
+    """Exponential moving average of a model's parameters (Polyak averaging), as timm's ``ModelEmaV2``.
+
+    ``decay`` is warmed up as ``min(decay, (1 + step) / (10 + step))`` so early averages are not
+    dominated by the random initialisation. :meth:`swapped_in` evaluates the model on the average.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.params = dict(model.named_parameters())
+        self.shadow = {k: p.detach().clone() for k, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        w = 1.0 - min(self.decay, (1 + step) / (10 + step))
+        for k, p in self.params.items():
+            self.shadow[k].lerp_(p.detach(), w)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for k, p in model.named_parameters():
+            p.copy_(self.shadow[k])
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        saved = {k: p.detach().clone() for k, p in self.params.items()}
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.shadow[k])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(saved[k])

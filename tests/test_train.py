@@ -75,14 +75,30 @@ def test_early_stopping_with_patience():
     assert r.epochs_run == 2 and not r.stopped_early
 
 
+def test_ema_weights_are_the_ones_evaluated_and_kept():
+    from purchase_intent.train import predict_logits, valid_scores
+
+    tr, va = make_data(128, seed=0), make_data(64, seed=1)
+    m = make_model()
+    r = train(m, tr, va, cfg(max_epochs=4, patience=0, ema_decay=0.9))
+    kept = valid_scores(predict_logits(m, va), va["label"])  # the restored weights score as recorded
+    assert kept["pr_auc"] == pytest.approx(r.best_metric)
+    assert kept["log_loss"] == pytest.approx(r.history[r.best_epoch]["valid_log_loss"], rel=1e-6)
+    plain = make_model()
+    r_plain = train(plain, tr, va, cfg(max_epochs=4, patience=0))
+    assert [h["valid_log_loss"] for h in r.history] != [h["valid_log_loss"] for h in r_plain.history]
+    assert [h["train_loss"] for h in r.history] == [h["train_loss"] for h in r_plain.history]  # same raw steps
+
+
 class Crash(RuntimeError):
     pass
 
 
-def test_killed_run_resumes_to_the_same_result(tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_killed_run_resumes_to_the_same_result(tmp_path, ema_decay):
     tr, va = make_data(96, seed=0), make_data(32, seed=1)
     ref = make_model()
-    r_ref = train(ref, tr, va, cfg(max_epochs=4, patience=0))
+    r_ref = train(ref, tr, va, cfg(max_epochs=4, patience=0, ema_decay=ema_decay))
     calls = {"n": 0}
 
     def crashing_collate(data, idx):  # dies in the middle of the third epoch
@@ -91,7 +107,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
             raise Crash("killed")
         return default_collate(data, idx)
 
-    c = cfg(max_epochs=4, patience=0, checkpoint_dir=str(tmp_path))
+    c = cfg(max_epochs=4, patience=0, checkpoint_dir=str(tmp_path), ema_decay=ema_decay)
     with pytest.raises(Crash):
         train(make_model(), tr, va, c, collate=crashing_collate)
     ckpt = tmp_path / "checkpoint.safetensors"

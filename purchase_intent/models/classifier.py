@@ -81,7 +81,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         epochs the same network trailed LightGBM on the features alone (BENCHMARKS.md).
     pos_weight : float, "balanced" or None
         BCE weight of positives; "balanced" = n_negative / n_positive of the train labels.
-    max_epochs, lr, batch_size, weight_decay, warmup_frac, patience, grad_clip :
+    max_epochs, lr, batch_size, weight_decay, warmup_frac, patience, grad_clip, ema_decay :
         The :class:`~purchase_intent.train.TrainLoopConfig` fields of the same names.
     valid_fraction : float
         Without ``X_valid``, the last rows (latest cutoffs: rows are in example_id order) are held
@@ -107,7 +107,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                  pooling: str = "cls+max", drop_fields: Sequence[str] = ("item",),
                  max_seq_len: Optional[int] = 50, pos_weight: Any = None, max_epochs: int = 12,
                  lr: float = 2e-3, batch_size: int = 512, weight_decay: float = 0.05, warmup_frac: float = 0.05,
-                 patience: int = 3, grad_clip: float = 1.0, valid_fraction: float = 0.1,
+                 patience: int = 3, grad_clip: float = 1.0, ema_decay: float = 0.0, valid_fraction: float = 0.1,
                  calibration: str = "platt", tabular_log: bool = True, vocab: Any = None,
                  device: str = "auto", checkpoint_dir: Optional[str] = None, progress: bool = False,
                  random_state: int = 0):
@@ -129,6 +129,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         self.warmup_frac = warmup_frac
         self.patience = patience
         self.grad_clip = grad_clip
+        self.ema_decay = ema_decay
         self.valid_fraction = valid_fraction
         self.calibration = calibration
         self.tabular_log = tabular_log
@@ -242,7 +243,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         self.loop_config_ = TrainLoopConfig(
             max_epochs=self.max_epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
             warmup_frac=self.warmup_frac, patience=self.patience, grad_clip=self.grad_clip,
-            seed=self.random_state, device=self.device, checkpoint_dir=self.checkpoint_dir, progress=self.progress)
+            ema_decay=self.ema_decay, seed=self.random_state, device=self.device, checkpoint_dir=self.checkpoint_dir,
+            progress=self.progress)
         torch.manual_seed(self.random_state)
         self.model_ = BehaviourTransformer(self.model_config_)
         result: TrainResult = train(self.model_, self._arrays(X, y), self._arrays(X_valid, y_valid),
