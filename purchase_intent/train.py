@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed as D
-from .allocator import retain_freed_memory
+from .allocator import retained_heap
 
 
 @dataclass
@@ -128,18 +128,22 @@ def predict_logits(model: nn.Module, data: dict[str, np.ndarray], batch_size: in
     """Logits (N,) of `model` on every row of `data`, in order, in eval mode."""
     model = D.unwrap(model)
     was_training, device = model.training, torch.device(device)
-    if device.type == "cpu":
-        retain_freed_memory()
     model.eval()
     n = len(next(iter(data.values())))
     out = np.empty(n, dtype=np.float32)
-    for lo in range(0, n, batch_size):
-        idx = np.arange(lo, min(n, lo + batch_size))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits, _ = model(_to(collate(data, idx), device))
-        out[idx] = logits.float().cpu().numpy()
+    with _retained_on(device):  # large batches reuse freed pages (allocator.py)
+        for lo in range(0, n, batch_size):
+            idx = np.arange(lo, min(n, lo + batch_size))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits, _ = model(_to(collate(data, idx), device))
+            out[idx] = logits.float().cpu().numpy()
     model.train(was_training)
     return out
+
+
+def _retained_on(device: torch.device):
+    """:func:`~purchase_intent.allocator.retained_heap` on CPU; nothing on accelerators."""
+    return retained_heap() if device.type == "cpu" else contextlib.nullcontext()
 
 
 def valid_scores(logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -219,8 +223,13 @@ def train(model: nn.Module, train_data: dict[str, np.ndarray], valid_data: Optio
     """
     cfg = cfg or TrainLoopConfig()
     device, amp = resolve_device(cfg)
-    if device.type == "cpu":
-        retain_freed_memory()  # activations reuse mapped pages instead of faulting them in each step
+    with _retained_on(device):  # activations reuse freed pages instead of faulting them in each step
+        return _train(model, train_data, valid_data, cfg, callbacks, collate, device, amp)
+
+
+def _train(model: nn.Module, train_data: dict[str, np.ndarray], valid_data: Optional[dict[str, np.ndarray]],
+           cfg: TrainLoopConfig, callbacks: Sequence[Callable[[dict], Optional[bool]]], collate: Callable,
+           device: torch.device, amp: bool) -> TrainResult:
     info = D.setup(device.type)
     model.to(device)
     ddp_model = D.wrap(model, device)

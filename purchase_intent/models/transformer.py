@@ -62,9 +62,12 @@ class TransformerConfig:
     pos_weight: Optional[float] = None  # BCE weight of positives (rare buyers); None = 1
 
 
+# Heads of 32 or more dimensions: on CPU, attention with 16-dimensional heads is bound by its
+# softmax (one exp per score for 32 FLOPs of QK^T), and `small` with 4 heads ran 20-30% slower
+# than with 2 (BENCHMARKS.md, "speed").
 PRESETS = {
     "tiny": dict(d_model=32, n_layers=2, n_heads=1, mlp_ratio=2, tabular_hidden=32),
-    "small": dict(d_model=64, n_layers=2, n_heads=4, mlp_ratio=4, tabular_hidden=64),
+    "small": dict(d_model=64, n_layers=2, n_heads=2, mlp_ratio=4, tabular_hidden=64),
     "base": dict(d_model=128, n_layers=4, n_heads=4, mlp_ratio=4, tabular_hidden=128),
 }
 
