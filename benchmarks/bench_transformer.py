@@ -16,6 +16,10 @@ The FLOP rate is over compute time only (batching is shown apart, as seconds and
 
 Sequences are full (length 200, no padding): the worst case; real batches are trimmed to their
 longest sequence and run faster.
+
+Training and inference run as in the product, inside ``purchase_intent.allocator.retained_heap``
+(freed memory reused instead of page-faulted in again); ``PURCHASE_INTENT_RETAIN_HEAP=0
+python benchmarks/bench_transformer.py`` measures without it.
 """
 from __future__ import annotations
 
@@ -110,6 +114,7 @@ def profile(name: str, T: int, batch: int, rows: int = 12) -> None:
     """Top operators (self CPU time) of two training steps of preset `name`, as shares."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
+    from purchase_intent.allocator import retained_heap
     from purchase_intent.train import make_optimizer
 
     sizes = SequenceVocab(price_edges=[float(i) for i in range(15)]).field_sizes()
@@ -126,9 +131,10 @@ def profile(name: str, T: int, batch: int, rows: int = 12) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        step(), step()
+    with retained_heap():  # as train() runs
+        step()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(), step()
     ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in ev)
     print(f"profile {name}, batch {batch}, length {T}, 2 training steps: "
