@@ -62,8 +62,8 @@ class TransformerConfig:
     pos_weight: Optional[float] = None  # BCE weight of positives (rare buyers); None = 1
 
 
-# Heads of 32 or more dimensions: on CPU, attention with 16-dimensional heads is bound by its
-# softmax (one exp per score for 32 FLOPs of QK^T), and `small` with 4 heads ran 20-30% slower
+# Heads of 32 or more dimensions: attention with 16-dimensional heads pays one softmax exp per
+# score for only 32 FLOPs of QK^T, and on CPU `small` with 4 heads scored 5-30% fewer examples/s
 # than with 2 (BENCHMARKS.md, "speed").
 PRESETS = {
     "tiny": dict(d_model=32, n_layers=2, n_heads=1, mlp_ratio=2, tabular_hidden=32),
