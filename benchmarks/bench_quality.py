@@ -4,10 +4,16 @@ Sections (each one workspace under ``--root``, each printed as the pipeline's co
 with paired bootstrap 95% intervals of the ROC-AUC difference to the best baseline):
 
 * ``sim``      simulator at ``--sim-users`` users x 90 days (45k users ~ 200k examples):
-               logreg, lightgbm, transformer, ensemble on the test window.
+               logreg, lightgbm, transformer, ensemble on the test window (and, with
+               ``--sim-backtest K``, pooled over the last K weekly periods, each model refitted
+               per fold: K times the test examples, so a narrower paired interval).
 * ``ablation`` on the ``sim`` workspace: the Transformer on the sequence only and the features
                only; ``max_seq_len`` 20 / 100 / 200 (default 50); [CLS] alone instead of
                [CLS] + max-pool; with the hashed item id (``--ablations`` picks some).
+* ``seeds``    on the ``sim`` workspace: the Transformer refitted with ``--seeds`` other random
+               seeds (same data, same backtest) and the mean of all seeds' calibrated
+               probabilities (``tx_seeds``, no LightGBM in it): how much of the Transformer's
+               error is the variance of one network.
 * ``taobao``   Taobao UserBehavior head slice: user task (3d lookback, 1d horizon, 1d step,
                pooled backtest of 3 folds) and session task (30 min gap), all four models.
 * ``curve``    simulator learning curve: test ROC-AUC of lightgbm and the Transformer vs users.
@@ -65,13 +71,15 @@ def _runs_table(ws: Path, runs: list[str]) -> str:
     return pipeline.compare(runs, ws, quiet=True)
 
 
-def section_sim(root: Path, users: int, epochs: int | None, reuse: bool = False) -> tuple[str, Path]:
+def section_sim(root: Path, users: int, epochs: int | None, reuse: bool = False,
+                backtest: int = 0) -> tuple[str, Path]:
     ws = _sim_workspace(root, users, reuse=reuse)
     table = pipeline.run(None, DataConfig(format="csv"), LabelConfig(), FeatureConfig(), models=MODELS,
-                         params={"transformer": _tx_params(epochs)}, workspace=ws, report=False, quiet=True)
+                         params={"transformer": _tx_params(epochs)}, workspace=ws, report=False, quiet=True,
+                         backtest=backtest)
     n = pipeline.load_built(ws).info["n_examples"]
     return (f"simulator, {users:,} users x 90 days, {n:,} examples "
-            f"(transformer max_epochs={epochs or 'default'})\n\n{table}", ws)
+            f"(transformer max_epochs={epochs or 'default'}, backtest {backtest})\n\n{table}", ws)
 
 
 ABLATIONS = {"tx_sequence": {"inputs": "sequence"}, "tx_features": {"inputs": "tabular"},
@@ -91,6 +99,24 @@ def section_ablation(ws: Path, epochs: int | None, variants: list[str] | None = 
     table = _runs_table(ws, ["lightgbm", "transformer", *variants])
     return (f"ablation on {ws.name} (transformer = the defaults; fit+evaluate seconds {json.dumps(seconds)})"
             f"\n\n{table}")
+
+
+def section_seeds(ws: Path, seeds: int, epochs: int | None, backtest: int = 0) -> str:
+    from purchase_intent.ensemble import evaluate_ensemble
+    from purchase_intent.workspace import Workspace
+
+    runs, seconds = ["transformer"], {}
+    for seed in range(1, seeds + 1):
+        run, t0 = f"tx_seed{seed}", time.perf_counter()
+        pipeline.train("transformer", run=run, params=_tx_params(epochs), train_cfg=TrainConfig(seed=seed),
+                       workspace=ws, quiet=True)
+        pipeline.evaluate(run, ws, backtest=backtest, quiet=True)
+        runs.append(run)
+        seconds[run] = round(time.perf_counter() - t0, 1)
+    evaluate_ensemble(Workspace(ws), members=runs, run="tx_seeds")
+    table = _runs_table(ws, ["lightgbm", *runs, "tx_seeds"])
+    return (f"seeds on {ws.name}: tx_seeds = mean of {len(runs)} Transformers (seeds 0-{seeds}), backtest "
+            f"{backtest} (fit+evaluate seconds {json.dumps(seconds)})\n\n{table}")
 
 
 def section_taobao(root: Path, path: Path) -> str:
@@ -135,8 +161,10 @@ def main() -> None:
     ap.add_argument("--root", default="/tmp/pi-bench-quality", help="workspaces are created here")
     ap.add_argument("--sim-users", type=int, default=45_000)
     ap.add_argument("--epochs", type=int, default=None, help="transformer max_epochs (default: the model's)")
+    ap.add_argument("--sim-backtest", type=int, default=0, help="sim: also a pooled backtest of this many folds")
     ap.add_argument("--reuse", action="store_true", help="sim: keep an existing simulated log and its ingest")
     ap.add_argument("--ablations", default=",".join(ABLATIONS), help="comma-separated: " + ",".join(ABLATIONS))
+    ap.add_argument("--seeds", type=int, default=2, help="seeds: how many extra Transformer seeds")
     ap.add_argument("--curve-users", default="2500,5000,10000,20000")
     ap.add_argument("--taobao", default=str(TAOBAO))
     ap.add_argument("--out", help="also write the tables to this markdown file")
@@ -151,10 +179,14 @@ def main() -> None:
     for s in sections:
         t0 = time.perf_counter()
         if s == "sim":
-            text, sim_ws = section_sim(root, args.sim_users, args.epochs, reuse=args.reuse)
+            text, sim_ws = section_sim(root, args.sim_users, args.epochs, reuse=args.reuse,
+                                       backtest=args.sim_backtest)
         elif s == "ablation":
             sim_ws = sim_ws or (root / f"sim-{args.sim_users}u")
             text = section_ablation(sim_ws, args.epochs, args.ablations.split(","))
+        elif s == "seeds":
+            sim_ws = sim_ws or (root / f"sim-{args.sim_users}u")
+            text = section_seeds(sim_ws, args.seeds, args.epochs, args.sim_backtest)
         elif s == "taobao":
             text = section_taobao(root, Path(args.taobao))
         elif s == "curve":
