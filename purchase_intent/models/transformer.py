@@ -24,7 +24,8 @@ field (the classifier's collate does: one int64 conversion per batch).
 
 Speed (CPU, measured in ``benchmarks/bench_transformer.py``): training computes the embedding
 gradient with one ``index_add_`` per field instead of ``embedding_bag``'s sorting backward, and
-dropout draws 16-bit masks (numpy's generator on CPU) instead of float Bernoulli samples; the eval forward is plain ops.
+dropout draws 16-bit masks (numpy's generator on CPU) instead of float Bernoulli samples; the
+eval forward is plain ops.
 
 Print the presets' sizes with ``python -m purchase_intent.models.transformer``.
 """
@@ -112,7 +113,8 @@ class Dropout(nn.Module):
 def _random_int16(n: int, device: torch.device) -> torch.Tensor:
     """(n,) uniform int16 on `device`, drawn under torch's seed."""
     if device.type != "cpu":
-        return torch.empty((n + 1) // 2, dtype=torch.int32, device=device).random_(-2 ** 31, 2 ** 31 - 1).view(torch.int16)[:n]
+        bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=device).random_(-2 ** 31, 2 ** 31 - 1)
+        return bits.view(torch.int16)[:n]  # two 16-bit halves per 32-bit draw
     seed = int(torch.randint(0, 2 ** 62, (1,)))  # one draw of torch's generator seeds numpy's
     words = np.random.Generator(np.random.SFC64(seed)).bit_generator.random_raw((n + 3) // 4)  # uint64
     return torch.from_numpy(words.view(np.int16)[:n])
