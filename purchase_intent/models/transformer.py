@@ -99,6 +99,8 @@ class Dropout(nn.Module):
             return x
         if self.p >= 1:
             return x * 0.0
+        if torch.compiler.is_compiling():  # the int16 view below is an alias compiled graphs reject
+            return F.dropout(x, self.p, training=True)
         threshold = min(round(self.p * 2 ** 16) - 2 ** 15, 2 ** 15 - 1)  # drop the int16 values below it
         keep = _random_int16(x.numel(), x.device) >= threshold  # (n,): uniform int16
         scale = 1.0 / (1.0 - self.p)
