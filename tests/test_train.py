@@ -122,6 +122,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, ema_decay):
     for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
     assert not list(tmp_path.glob("*.tmp"))
+    other = cfg(max_epochs=4, patience=0, checkpoint_dir=str(tmp_path), ema_decay=0.5 if ema_decay == 0 else 0.0)
+    with pytest.raises(ValueError, match="ema_decay"):  # a checkpoint never resumes under other averaging
+        train(make_model(), tr, va, other)
 
 
 def test_calibration_recovers_scaling():
