@@ -88,14 +88,18 @@ ABLATIONS = {"tx_sequence": {"inputs": "sequence"}, "tx_features": {"inputs": "t
              "tx_item": {"drop_fields": []}}
 
 
+def _fit_transformer(ws: Path, run: str, params: dict, train_cfg: TrainConfig | None = None,
+                     backtest: int = 0) -> float:
+    """Train and evaluate one Transformer run on the built workspace; its seconds."""
+    t0 = time.perf_counter()
+    pipeline.train("transformer", run=run, params=params, train_cfg=train_cfg, workspace=ws, quiet=True)
+    pipeline.evaluate(run, ws, backtest=backtest, quiet=True)
+    return round(time.perf_counter() - t0, 1)
+
+
 def section_ablation(ws: Path, epochs: int | None, variants: list[str] | None = None) -> str:
     variants = {v: ABLATIONS[v] for v in (variants or ABLATIONS)}
-    seconds = {}
-    for run, params in variants.items():
-        t0 = time.perf_counter()
-        pipeline.train("transformer", run=run, params={**params, **_tx_params(epochs)}, workspace=ws, quiet=True)
-        pipeline.evaluate(run, ws, quiet=True)
-        seconds[run] = round(time.perf_counter() - t0, 1)
+    seconds = {run: _fit_transformer(ws, run, {**params, **_tx_params(epochs)}) for run, params in variants.items()}
     table = _runs_table(ws, ["lightgbm", "transformer", *variants])
     return (f"ablation on {ws.name} (transformer = the defaults; fit+evaluate seconds {json.dumps(seconds)})"
             f"\n\n{table}")
@@ -105,14 +109,9 @@ def section_seeds(ws: Path, seeds: int, epochs: int | None, backtest: int = 0) -
     from purchase_intent.ensemble import evaluate_ensemble
     from purchase_intent.workspace import Workspace
 
-    runs, seconds = ["transformer"], {}
-    for seed in range(1, seeds + 1):
-        run, t0 = f"tx_seed{seed}", time.perf_counter()
-        pipeline.train("transformer", run=run, params=_tx_params(epochs), train_cfg=TrainConfig(seed=seed),
-                       workspace=ws, quiet=True)
-        pipeline.evaluate(run, ws, backtest=backtest, quiet=True)
-        runs.append(run)
-        seconds[run] = round(time.perf_counter() - t0, 1)
+    seconds = {f"tx_seed{seed}": _fit_transformer(ws, f"tx_seed{seed}", _tx_params(epochs), TrainConfig(seed=seed),
+                                                  backtest) for seed in range(1, seeds + 1)}
+    runs = ["transformer", *seconds]
     evaluate_ensemble(Workspace(ws), members=runs, run="tx_seeds")
     table = _runs_table(ws, ["lightgbm", *runs, "tx_seeds"])
     return (f"seeds on {ws.name}: tx_seeds = mean of {len(runs)} Transformers (seeds 0-{seeds}), backtest "
