@@ -322,7 +322,7 @@ def _train(model: nn.Module, train_data: dict[str, np.ndarray], valid_data: Opti
     if best:
         model.load_state_dict(best)
     elif ema is not None:  # no valid data: the average of the last steps
-        ema.copy_to(model)
+        ema.load()
     return res
 
 
@@ -350,19 +350,16 @@ class _Ema:
             self.shadow[k].lerp_(p.detach(), w)
 
     @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        for k, p in model.named_parameters():
-            p.copy_(self.shadow[k])
+    def load(self, values: Optional[dict] = None) -> None:
+        """Write ``values`` (default: the average) into the model's parameters."""
+        for k, p in self.params.items():
+            p.copy_((self.shadow if values is None else values)[k])
 
     @contextlib.contextmanager
     def swapped_in(self):
         saved = {k: p.detach().clone() for k, p in self.params.items()}
-        with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(self.shadow[k])
+        self.load()
         try:
             yield
         finally:
-            with torch.no_grad():
-                for k, p in self.params.items():
-                    p.copy_(saved[k])
+            self.load(saved)
