@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 import threading
@@ -34,24 +35,21 @@ _RESTORE_TRIM_THRESHOLD = 32 << 20  # afterwards: trim free heap above 32 MiB, a
 _RESTORE_MMAP_MAX = 65536  # glibc's default number of mmapped chunks
 
 _lock = threading.Lock()
-_depth = 0
-_libc: Optional[ctypes.CDLL] = None
-_libc_loaded = False
+_depth = 0  # retained_heap blocks open now
 
 
+@functools.lru_cache(maxsize=None)
 def _glibc() -> Optional[ctypes.CDLL]:
-    global _libc, _libc_loaded
-    if not _libc_loaded:
-        _libc_loaded = True
-        if sys.platform.startswith("linux"):
-            try:
-                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                lib.mallopt.argtypes, lib.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-                lib.malloc_trim.argtypes, lib.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-                _libc = lib
-            except (OSError, AttributeError):  # not glibc (musl has no mallopt / malloc_trim)
-                _libc = None
-    return _libc
+    """The C library with ``mallopt`` and ``malloc_trim`` typed, or None where they are missing."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        lib.mallopt.argtypes, lib.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        lib.malloc_trim.argtypes, lib.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt / malloc_trim)
+        return None
+    return lib
 
 
 def enabled() -> bool:
