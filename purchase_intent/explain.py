@@ -324,6 +324,10 @@ def module_integrated_gradients(net, batch: dict, n_steps: int = 32, internal_ba
     the tabular vector at 0 (the training mean, as it is standardised). Only the inputs the
     network uses are attributed (a features-only or sequence-only model has one).
 
+    A ``SeedEnsemble`` (logit = mean of its members' logits) gets the mean of its members'
+    attributions: each member has its own embeddings to move from zero, and the completeness of
+    each member's attributions carries over to the mean.
+
     Returns
     -------
     (tabular (B, F), events (B, T) or None, base (B,)) as float64 arrays, in log-odds;
@@ -331,6 +335,11 @@ def module_integrated_gradients(net, batch: dict, n_steps: int = 32, internal_ba
     """
     import torch
 
+    if hasattr(net, "members"):
+        parts = [module_integrated_gradients(m, batch, n_steps, internal_batch_size) for m in net.members]
+        tabular, events, base = (None if parts[0][i] is None else np.mean([p[i] for p in parts], axis=0)
+                                 for i in range(3))
+        return tabular, events, base
     try:
         from captum.attr import IntegratedGradients
     except ImportError as e:  # pragma: no cover - depends on the installed extras

@@ -46,6 +46,21 @@ def test_onnx_logits_and_probabilities_match_torch(inputs):
         np.testing.assert_allclose(_sigmoid(got), _sigmoid(ref), rtol=0, atol=ATOL)
 
 
+def test_seed_ensemble_exports_one_graph_of_the_mean_logit():
+    from purchase_intent.models.transformer import SeedEnsemble
+
+    torch.manual_seed(0)
+    cfg = preset("tiny", field_sizes=SIZES, n_tabular=5, max_seq_len=24)
+    members = [BehaviourTransformer(cfg).eval() for _ in range(3)]
+    ens = SeedEnsemble(members).eval()
+    data = ox.export_onnx(ens)
+    assert ox.check_parity(ens, data) <= ATOL
+    batch = ox.random_batch(ens, 7, 24, seed=5)
+    with torch.no_grad():
+        mean = torch.stack([m(batch)[0] for m in members]).mean(0).numpy()
+    np.testing.assert_allclose(ox.OnnxScorer(data).logits(batch), mean, rtol=0, atol=ATOL)
+
+
 def test_padding_tokens_do_not_change_onnx_logits():
     torch.manual_seed(1)
     model = BehaviourTransformer(preset("tiny", field_sizes=SIZES, n_tabular=5, max_seq_len=16)).eval()

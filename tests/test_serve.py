@@ -63,6 +63,12 @@ def shop(tmp_path_factory):
         pipeline.train(m, params=TINY_TRANSFORMER if m == "transformer" else None, train_cfg=cfg, workspace=ws, quiet=True)
         score(m, root / f"{m}.parquet", ScoreConfig(reasons=2), workspace=ws, progress=False)
         scores[m] = pd.read_parquet(root / f"{m}.parquet")
+    if "transformer" in MODEL_TYPES:  # a seed ensemble: two networks, one mean logit
+        pipeline.train("transformer", run="transformer-seeds", params={**TINY_TRANSFORMER, "n_seeds": 2},
+                       train_cfg=cfg, workspace=ws, quiet=True)
+        score("transformer-seeds", root / "transformer-seeds.parquet", ScoreConfig(reasons=2), workspace=ws,
+              progress=False)
+        scores["transformer-seeds"] = pd.read_parquet(root / "transformer-seeds.parquet")
     pipeline.train("lightgbm", run="lightgbm-b", params={"n_estimators": 7}, train_cfg=cfg, workspace=ws, quiet=True)
     return ws, df, scores
 
@@ -92,13 +98,17 @@ def _raw_users(ws: Workspace, df: pd.DataFrame, scored: pd.DataFrame, k: int) ->
     return [(r, pid[r]) for r in raw if pid[r] in set(scored["user_id"])][:k]
 
 
-@pytest.mark.parametrize("model", MODEL_TYPES)
-def test_api_probability_equals_the_batch_score(shop, model):
+RUNS = MODEL_TYPES + (["transformer-seeds"] if "transformer" in MODEL_TYPES else [])
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_api_probability_equals_the_batch_score(shop, run):
     ws, df, scores = shop
-    batch = scores[model].set_index("user_id")
+    model = run.removesuffix("-seeds")
+    batch = scores[run].set_index("user_id")
     at = batch["cutoff"].iloc[0].isoformat() + "Z"
-    users = _raw_users(ws, df, scores[model], 4)
-    with _client(ws, run=model) as c:
+    users = _raw_users(ws, df, scores[run], 4)
+    with _client(ws, run=run) as c:
         items = []
         for raw, pid in users:
             want = batch.loc[pid, "probability"]
@@ -119,14 +129,14 @@ def test_api_probability_equals_the_batch_score(shop, model):
         assert [x["user_id"] for x in r.json()["results"]] == [u for u, _ in users]
 
 
-@pytest.mark.parametrize("model", MODEL_TYPES)
-def test_explain_true_returns_the_reasons_of_batch_scoring(shop, model):
+@pytest.mark.parametrize("run", RUNS)
+def test_explain_true_returns_the_reasons_of_batch_scoring(shop, run):
     """?explain=true answers the same reasons as `score --reasons`, for the same user and cutoff."""
     ws, df, scores = shop
-    batch = scores[model].set_index("user_id")
+    batch = scores[run].set_index("user_id")
     at = batch["cutoff"].iloc[0].isoformat() + "Z"
-    (raw, pid), = _raw_users(ws, df, scores[model], 1)
-    with _client(ws, run=model) as c:
+    (raw, pid), = _raw_users(ws, df, scores[run], 1)
+    with _client(ws, run=run) as c:
         r = c.post("/v1/score", params={"explain": "true", "top": 2},
                    json={"user_id": raw, "at": at, "events": _events(df, raw)}, headers=AUTH)
         assert r.status_code == 200, r.text

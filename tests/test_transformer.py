@@ -244,3 +244,41 @@ def test_integrated_gradients_of_a_single_input_model_add_up(inputs):
     np.testing.assert_allclose(attr.total(), clf.decision_function(X), atol=2e-3)
     assert (attr.events.any() if inputs == "sequence" else not attr.events.any())
     assert (not attr.features.any()) if inputs == "sequence" else attr.features.any()
+
+
+def test_seed_ensemble_members_are_the_single_seed_models(tmp_path):
+    from purchase_intent import explain
+    from purchase_intent.models.transformer import SeedEnsemble
+
+    X, y = _data(96, 0)
+    Xv, yv = _data(48, 1)
+    kw = dict(max_epochs=2, batch_size=32, vocab=SequenceVocab())
+    ens = TransformerClassifier(n_seeds=2, random_state=3, checkpoint_dir=str(tmp_path / "ckpt"), **kw)
+    ens.fit(X, y, X_valid=Xv, y_valid=yv)
+    assert isinstance(ens.model_, SeedEnsemble) and len(ens.model_.members) == 2
+    assert len(ens.train_result_["members"]) == 2
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["seed3", "seed4"]
+    # member k is exactly the network that n_seeds=1 trains from seed random_state + k
+    singles = [TransformerClassifier(random_state=s, **kw).fit(X, y, X_valid=Xv, y_valid=yv) for s in (3, 4)]
+    for member, single in zip(ens.model_.members, singles):
+        for (name, a), b in zip(member.state_dict().items(), single.model_.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert not torch.equal(ens.model_.members[0].head[0].weight, ens.model_.members[1].head[0].weight)
+    mean = np.mean([s.decision_function(X) for s in singles], axis=0)
+    np.testing.assert_allclose(ens.decision_function(X), mean, rtol=1e-5, atol=1e-6)  # the mean logit
+    # a rerun resumes each member from its finished checkpoint: the same model
+    again = TransformerClassifier(n_seeds=2, random_state=3, checkpoint_dir=str(tmp_path / "ckpt"), **kw)
+    np.testing.assert_array_equal(again.fit(X, y, X_valid=Xv, y_valid=yv).decision_function(X),
+                                  ens.decision_function(X))
+    # saved and loaded (without a pickle), the same probabilities
+    ens.save(tmp_path / "run")
+    loaded = TransformerClassifier.load(tmp_path / "run")
+    assert isinstance(loaded.model_, SeedEnsemble) and loaded.get_params()["n_seeds"] == 2
+    np.testing.assert_allclose(loaded.predict_proba(X), ens.predict_proba(X), rtol=1e-5, atol=1e-6)
+    # explanations: the members' mean attributions still add up to the ensemble's logit
+    net, batch = explain._net_and_batch(ens, X)
+    tab, events, base = explain.module_integrated_gradients(net, batch, n_steps=64)
+    total = base + tab.sum(axis=1) + events.sum(axis=1)
+    np.testing.assert_allclose(total, ens.decision_function(X), atol=5e-3)
+    with pytest.raises(ValueError, match="n_seeds"):
+        TransformerClassifier(n_seeds=0, **kw).fit(X, y)

@@ -1,4 +1,5 @@
-"""ONNX export of :class:`BehaviourTransformer` and its inference with ONNX Runtime.
+"""ONNX export of :class:`BehaviourTransformer` (or a :class:`SeedEnsemble` of them: one graph,
+one branch per member, their mean logit) and its inference with ONNX Runtime.
 
 The exported graph is the inference path only (eval mode, no loss): inputs ``tokens`` (B, T,
 n_fields) int64 in the field order of ``cfg.field_sizes``, ``mask`` (B, T) bool (right-aligned,
@@ -36,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .transformer import BehaviourTransformer
+from .transformer import BehaviourTransformer, SeedEnsemble
 
 ONNX_FILE = "model.onnx"
 OPSET = 18
@@ -143,13 +144,14 @@ class _InferenceGraph(nn.Module):
     A copy of the model with two export-only substitutions, each equal in value to what it
     replaces: the field embeddings as gather + sum, and additive attention masks."""
 
-    def __init__(self, model: BehaviourTransformer):
+    def __init__(self, model: BehaviourTransformer | SeedEnsemble):
         super().__init__()
         self.names = input_names(model)
         self.model = copy.deepcopy(model).float().cpu().eval()
         if self.model.cfg.use_sequence:
-            self.model.embed = _GatherSumEmbeddings(self.model.embed)
-            self.model.blocks = nn.ModuleList(_AdditiveMaskBlock(b) for b in self.model.blocks)
+            for net in getattr(self.model, "members", [self.model]):  # a SeedEnsemble: one branch each
+                net.embed = _GatherSumEmbeddings(net.embed)
+                net.blocks = nn.ModuleList(_AdditiveMaskBlock(b) for b in net.blocks)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         logits, _ = self.model(dict(zip(self.names, inputs)))
