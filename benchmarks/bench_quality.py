@@ -105,12 +105,26 @@ def section_ablation(ws: Path, epochs: int | None, variants: list[str] | None = 
             f"\n\n{table}")
 
 
-def section_seeds(ws: Path, seeds: int, epochs: int | None, backtest: int = 0) -> str:
+def _has_backtest(ws: Path, run: str, backtest: int) -> bool:
+    """True when ``run`` was evaluated with a pooled backtest of ``backtest`` folds (or none, for 0)."""
+    path = ws / "runs" / run / "metrics.json"
+    if not path.exists():
+        return False
+    folds = json.loads(path.read_text()).get("backtest", {}).get("folds", [])
+    return len(folds) == backtest
+
+
+def section_seeds(ws: Path, seeds: int, epochs: int | None, backtest: int = 0, reuse: bool = False) -> str:
     from purchase_intent.ensemble import evaluate_ensemble
     from purchase_intent.workspace import Workspace
 
-    seconds = {f"tx_seed{seed}": _fit_transformer(ws, f"tx_seed{seed}", _tx_params(epochs), TrainConfig(seed=seed),
-                                                  backtest) for seed in range(1, seeds + 1)}
+    seconds = {}
+    for seed in range(1, seeds + 1):
+        run = f"tx_seed{seed}"
+        if reuse and _has_backtest(ws, run, backtest):
+            seconds[run] = "kept"  # evaluated before with the same backtest: a resumed section
+            continue
+        seconds[run] = _fit_transformer(ws, run, _tx_params(epochs), TrainConfig(seed=seed), backtest)
     runs = ["transformer", *seconds]
     evaluate_ensemble(Workspace(ws), members=runs, run="tx_seeds")
     table = _runs_table(ws, ["lightgbm", *runs, "tx_seeds"])
@@ -161,7 +175,8 @@ def main() -> None:
     ap.add_argument("--sim-users", type=int, default=45_000)
     ap.add_argument("--epochs", type=int, default=None, help="transformer max_epochs (default: the model's)")
     ap.add_argument("--sim-backtest", type=int, default=0, help="sim: also a pooled backtest of this many folds")
-    ap.add_argument("--reuse", action="store_true", help="sim: keep an existing simulated log and its ingest")
+    ap.add_argument("--reuse", action="store_true", help="sim: keep an existing simulated log and its ingest; "
+                    "seeds: keep the seeds' runs already evaluated with the same backtest")
     ap.add_argument("--ablations", default=",".join(ABLATIONS), help="comma-separated: " + ",".join(ABLATIONS))
     ap.add_argument("--seeds", type=int, default=2, help="seeds: how many extra Transformer seeds")
     ap.add_argument("--curve-users", default="2500,5000,10000,20000")
@@ -185,7 +200,7 @@ def main() -> None:
             text = section_ablation(sim_ws, args.epochs, args.ablations.split(","))
         elif s == "seeds":
             sim_ws = sim_ws or (root / f"sim-{args.sim_users}u")
-            text = section_seeds(sim_ws, args.seeds, args.epochs, args.sim_backtest)
+            text = section_seeds(sim_ws, args.seeds, args.epochs, args.sim_backtest, reuse=args.reuse)
         elif s == "taobao":
             text = section_taobao(root, Path(args.taobao))
         elif s == "curve":
