@@ -263,6 +263,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             if self.n_seeds > 1:
                 ckpt = None if self.checkpoint_dir is None else str(Path(self.checkpoint_dir) / f"seed{seed}")
                 loop = dataclasses.replace(loop, seed=seed, checkpoint_dir=ckpt)
+            if self.progress and self.n_seeds > 1 and D.is_main():
+                print(f"network {k + 1} of {self.n_seeds} (seed {seed})", flush=True)
             torch.manual_seed(seed)
             net = BehaviourTransformer(self.model_config_)
             result: TrainResult = train(net, train_data, valid_data, loop, collate=self._collate)
