@@ -27,6 +27,9 @@ gradient with one ``index_add_`` per field instead of ``embedding_bag``'s sortin
 dropout draws 16-bit masks (numpy's generator on CPU) instead of float Bernoulli samples; the
 eval forward is plain ops.
 
+:class:`SeedEnsemble` holds several such networks of one config, trained from different seeds,
+and answers with the mean of their logits (``TransformerClassifier(n_seeds=k)``).
+
 Print the presets' sizes with ``python -m purchase_intent.models.transformer``.
 """
 from __future__ import annotations
