@@ -10,6 +10,7 @@ reaches in the same run (measured before and after the model runs; the best is u
     .venv/bin/python benchmarks/bench_transformer.py --presets small --threads 2 --amp bf16
     .venv/bin/python benchmarks/bench_transformer.py --presets tiny,small --profile   # + top operators
     .venv/bin/python benchmarks/bench_transformer.py --presets small --compile        # torch.compile
+    .venv/bin/python benchmarks/bench_transformer.py --presets small --compile --dropout 0   # fusion alone
 
 Rates never include the warm-up step; with ``--compile`` the warm-up column holds the compilation.
 The FLOP rate is over compute time only (batching is shown apart, as seconds and share).
@@ -80,10 +81,10 @@ def counted_flops(model: BehaviourTransformer, data: dict) -> float:
 
 
 def bench(name: str, T: int, batch: int, steps: int, amp: str, infer_batch: int = 512,
-          compile: bool = False) -> dict:
+          compile: bool = False, dropout: float = 0.1) -> dict:
     sizes = SequenceVocab(price_edges=[float(i) for i in range(15)]).field_sizes()
     torch.manual_seed(0)
-    model = BehaviourTransformer(preset(name, field_sizes=sizes, n_tabular=N_TABULAR, max_seq_len=T, dropout=0.1))
+    model = BehaviourTransformer(preset(name, field_sizes=sizes, n_tabular=N_TABULAR, max_seq_len=T, dropout=dropout))
     net = torch.compile(model) if compile else model  # same parameters; train() steps `net`
     data = make_data(batch * steps, T, sizes)
     cfg = TrainLoopConfig(max_epochs=1, batch_size=batch, progress=False, device="cpu", amp=amp)
@@ -103,14 +104,14 @@ def bench(name: str, T: int, batch: int, steps: int, amp: str, infer_batch: int 
     inf_s = time.perf_counter() - t
     flops = flops_per_sequence(model.cfg, T)
     return {"preset": name, "params": model.num_parameters(), "params_no_emb": model.num_parameters(False),
-            "batch": batch, "seq_len": T, "compile": compile, "warmup_s": warmup_s,
+            "batch": batch, "seq_len": T, "compile": compile, "dropout": dropout, "warmup_s": warmup_s,
             "train_seq_s": n_train / train_s, "batching_s": r.time_batching_s, "compute_s": r.time_compute_s,
             "batching_share": r.time_batching_s / train_s, "infer_batch": infer_batch, "infer_ex_s": n_inf / inf_s,
             "flops_per_seq": flops, "counted_flops_per_seq": counted_flops(model, data),
             "train_flop_s": flops * n_train / r.time_compute_s}
 
 
-def profile(name: str, T: int, batch: int, rows: int = 12) -> None:
+def profile(name: str, T: int, batch: int, rows: int = 12, dropout: float = 0.1) -> None:
     """Top operators (self CPU time) of two training steps of preset `name`, as shares."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -119,7 +120,7 @@ def profile(name: str, T: int, batch: int, rows: int = 12) -> None:
 
     sizes = SequenceVocab(price_edges=[float(i) for i in range(15)]).field_sizes()
     torch.manual_seed(0)
-    model = BehaviourTransformer(preset(name, field_sizes=sizes, n_tabular=N_TABULAR, max_seq_len=T, dropout=0.1))
+    model = BehaviourTransformer(preset(name, field_sizes=sizes, n_tabular=N_TABULAR, max_seq_len=T, dropout=dropout))
     data = make_data(batch, T, sizes)
     batch_t, labels = TransformerClassifier._collate(data, np.arange(batch)), torch.from_numpy(data["label"])
     opt = make_optimizer(model, TrainLoopConfig())
@@ -152,6 +153,8 @@ def main() -> None:
     ap.add_argument("--amp", default="off", choices=["off", "bf16"])
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the model (inductor); its time is in the warm-up column, not the rates")
+    ap.add_argument("--dropout", type=float, default=0.1,
+                    help="dropout of the benchmarked models (0 isolates what torch.compile fuses from its RNG)")
     ap.add_argument("--profile", action="store_true", help="also print the top operators of a training step")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
@@ -162,12 +165,13 @@ def main() -> None:
     rows = []
     for name in args.presets.split(","):
         batch = args.batch if name != "base" else max(16, args.batch // 4)
-        rows.append(bench(name, args.seq_len, batch, args.steps, args.amp, args.infer_batch, args.compile))
+        rows.append(bench(name, args.seq_len, batch, args.steps, args.amp, args.infer_batch, args.compile,
+                          args.dropout))
         mm.append(matmul_flops(dtype=mm_dtype))
     peak = max(mm)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}, "
           f"matmul {str(mm_dtype)[6:]} 1024^3: {peak / 1e9:.1f} GFLOP/s (runs: "
-          f"{', '.join(f'{x / 1e9:.0f}' for x in mm)}){', compiled' if args.compile else ''}")
+          f"{', '.join(f'{x / 1e9:.0f}' for x in mm)}){', compiled' if args.compile else ''}, dropout {args.dropout}")
     print("| preset | params (no emb) | batch | warm-up s | train seq/s | batching / compute s | infer ex/s "
           "| MFLOP/seq fwd+bwd (counted) | train GFLOP/s | % of matmul |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -180,7 +184,8 @@ def main() -> None:
               f"| {100 * r['train_flop_s'] / peak:.0f}% |")
     if args.profile:
         for name in args.presets.split(","):
-            profile(name, args.seq_len, args.batch if name != "base" else max(16, args.batch // 4))
+            profile(name, args.seq_len, args.batch if name != "base" else max(16, args.batch // 4),
+                    dropout=args.dropout)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)
