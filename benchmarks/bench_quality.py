@@ -13,7 +13,8 @@ with paired bootstrap 95% intervals of the ROC-AUC difference to the best baseli
 * ``seeds``    on the ``sim`` workspace: the Transformer refitted with ``--seeds`` other random
                seeds (same data, same backtest) and the mean of all seeds' calibrated
                probabilities (``tx_seeds``, no LightGBM in it): how much of the Transformer's
-               error is the variance of one network.
+               error is the variance of one network. ``--seed-ensemble K`` also fits the
+               estimator's own seed ensemble (``n_seeds=K``, mean logit, one calibration) as ``tx_nK``.
 * ``taobao``   Taobao UserBehavior head slice: user task (3d lookback, 1d horizon, 1d step,
                pooled backtest of 3 folds) and session task (30 min gap), all four models.
 * ``curve``    simulator learning curve: test ROC-AUC of lightgbm and the Transformer vs users.
@@ -106,15 +107,16 @@ def section_ablation(ws: Path, epochs: int | None, variants: list[str] | None = 
 
 
 def _has_backtest(ws: Path, run: str, backtest: int) -> bool:
-    """True when ``run`` was evaluated with a pooled backtest of ``backtest`` folds (or none, for 0)."""
+    """True when ``run`` was evaluated on the test window and a pooled backtest of at least ``backtest`` folds."""
     path = ws / "runs" / run / "metrics.json"
     if not path.exists():
         return False
     folds = json.loads(path.read_text()).get("backtest", {}).get("folds", [])
-    return len(folds) == backtest
+    return len(folds) >= backtest
 
 
-def section_seeds(ws: Path, seeds: int, epochs: int | None, backtest: int = 0, reuse: bool = False) -> str:
+def section_seeds(ws: Path, seeds: int, epochs: int | None, backtest: int = 0, reuse: bool = False,
+                  seed_ensemble: int = 0) -> str:
     from purchase_intent.ensemble import evaluate_ensemble
     from purchase_intent.workspace import Workspace
 
@@ -127,7 +129,12 @@ def section_seeds(ws: Path, seeds: int, epochs: int | None, backtest: int = 0, r
         seconds[run] = _fit_transformer(ws, run, _tx_params(epochs), TrainConfig(seed=seed), backtest)
     runs = ["transformer", *seconds]
     evaluate_ensemble(Workspace(ws), members=runs, run="tx_seeds")
-    table = _runs_table(ws, ["lightgbm", *runs, "tx_seeds"])
+    extra = []
+    if seed_ensemble:  # the estimator's own seed ensemble: one model, mean logit, calibrated once
+        run = f"tx_n{seed_ensemble}"
+        seconds[run] = _fit_transformer(ws, run, {**_tx_params(epochs), "n_seeds": seed_ensemble}, None, backtest)
+        extra.append(run)
+    table = _runs_table(ws, ["lightgbm", *runs, "tx_seeds", *extra])
     return (f"seeds on {ws.name}: tx_seeds = mean of {len(runs)} Transformers (seeds 0-{seeds}), backtest "
             f"{backtest} (fit+evaluate seconds {json.dumps(seconds)})\n\n{table}")
 
@@ -179,6 +186,8 @@ def main() -> None:
                     "seeds: keep the seeds' runs already evaluated with the same backtest")
     ap.add_argument("--ablations", default=",".join(ABLATIONS), help="comma-separated: " + ",".join(ABLATIONS))
     ap.add_argument("--seeds", type=int, default=2, help="seeds: how many extra Transformer seeds")
+    ap.add_argument("--seed-ensemble", type=int, default=0,
+                    help="seeds: also fit TransformerClassifier(n_seeds=K) as run tx_nK (0 = no)")
     ap.add_argument("--curve-users", default="2500,5000,10000,20000")
     ap.add_argument("--taobao", default=str(TAOBAO))
     ap.add_argument("--out", help="also write the tables to this markdown file")
@@ -200,7 +209,8 @@ def main() -> None:
             text = section_ablation(sim_ws, args.epochs, args.ablations.split(","))
         elif s == "seeds":
             sim_ws = sim_ws or (root / f"sim-{args.sim_users}u")
-            text = section_seeds(sim_ws, args.seeds, args.epochs, args.sim_backtest, reuse=args.reuse)
+            text = section_seeds(sim_ws, args.seeds, args.epochs, args.sim_backtest, reuse=args.reuse,
+                                 seed_ensemble=args.seed_ensemble)
         elif s == "taobao":
             text = section_taobao(root, Path(args.taobao))
         elif s == "curve":
