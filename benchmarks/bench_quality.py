@@ -106,13 +106,18 @@ def section_ablation(ws: Path, epochs: int | None, variants: list[str] | None = 
             f"\n\n{table}")
 
 
-def _has_backtest(ws: Path, run: str, backtest: int) -> bool:
-    """True when ``run`` was evaluated on the test window and a pooled backtest of at least ``backtest`` folds."""
-    path = ws / "runs" / run / "metrics.json"
-    if not path.exists():
+def _kept(ws: Path, run: str, backtest: int, params: dict) -> bool:
+    """True when ``run`` can be kept: trained on the workspace's current build with ``params``, and
+    evaluated with a pooled backtest of exactly ``backtest`` folds (any, when only the test window is
+    asked for: folds are numbered from the oldest, so runs of other fold counts would not line up)."""
+    run_dir = ws / "runs" / run
+    if not (run_dir / "metrics.json").exists() or not (run_dir / "run.json").exists():
         return False
-    folds = json.loads(path.read_text()).get("backtest", {}).get("folds", [])
-    return len(folds) >= backtest
+    meta = json.loads((run_dir / "run.json").read_text())
+    if meta.get("build_id") != pipeline.load_built(ws).info["build_id"] or meta.get("params", {}) != params:
+        return False
+    folds = json.loads((run_dir / "metrics.json").read_text()).get("backtest", {}).get("folds", [])
+    return backtest == 0 or len(folds) == backtest
 
 
 def section_seeds(ws: Path, seeds: int, epochs: int | None, backtest: int = 0, reuse: bool = False,
@@ -123,16 +128,17 @@ def section_seeds(ws: Path, seeds: int, epochs: int | None, backtest: int = 0, r
     seconds = {}
     for seed in range(1, seeds + 1):
         run = f"tx_seed{seed}"
-        if reuse and _has_backtest(ws, run, backtest):
-            seconds[run] = "kept"  # evaluated before with the same backtest: a resumed section
+        if reuse and _kept(ws, run, backtest, _tx_params(epochs)):
+            seconds[run] = "kept"  # same build, parameters and backtest: a resumed section
             continue
         seconds[run] = _fit_transformer(ws, run, _tx_params(epochs), TrainConfig(seed=seed), backtest)
     runs = ["transformer", *seconds]
     evaluate_ensemble(Workspace(ws), members=runs, run="tx_seeds")
     extra = []
     if seed_ensemble:  # the estimator's own seed ensemble: one model, mean logit, calibrated once
-        run = f"tx_n{seed_ensemble}"
-        seconds[run] = _fit_transformer(ws, run, {**_tx_params(epochs), "n_seeds": seed_ensemble}, None, backtest)
+        run, params = f"tx_n{seed_ensemble}", {**_tx_params(epochs), "n_seeds": seed_ensemble}
+        kept = reuse and _kept(ws, run, backtest, params)
+        seconds[run] = "kept" if kept else _fit_transformer(ws, run, params, None, backtest)
         extra.append(run)
     table = _runs_table(ws, ["lightgbm", *runs, "tx_seeds", *extra])
     return (f"seeds on {ws.name}: tx_seeds = mean of {len(runs)} Transformers (seeds 0-{seeds}), backtest "
@@ -183,7 +189,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="transformer max_epochs (default: the model's)")
     ap.add_argument("--sim-backtest", type=int, default=0, help="sim: also a pooled backtest of this many folds")
     ap.add_argument("--reuse", action="store_true", help="sim: keep an existing simulated log and its ingest; "
-                    "seeds: keep the seeds' runs already evaluated with the same backtest")
+                    "seeds: keep the seeds' runs already trained on this build with the same "
+                    "parameters and evaluated with the same backtest")
     ap.add_argument("--ablations", default=",".join(ABLATIONS), help="comma-separated: " + ",".join(ABLATIONS))
     ap.add_argument("--seeds", type=int, default=2, help="seeds: how many extra Transformer seeds")
     ap.add_argument("--seed-ensemble", type=int, default=0,
