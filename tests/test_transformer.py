@@ -282,3 +282,34 @@ def test_seed_ensemble_members_are_the_single_seed_models(tmp_path):
     np.testing.assert_allclose(total, ens.decision_function(X), atol=5e-3)
     with pytest.raises(ValueError, match="n_seeds"):
         TransformerClassifier(n_seeds=0, **kw).fit(X, y)
+
+
+def test_seed_ensemble_killed_in_its_second_network_resumes_to_the_same_model(tmp_path, monkeypatch):
+    import purchase_intent.models.classifier as C
+
+    X, y = _data(96, 0)
+    Xv, yv = _data(48, 1)
+    kw = dict(max_epochs=3, batch_size=32, n_seeds=2, random_state=5)
+    ref = TransformerClassifier(**kw).fit(X, y, X_valid=Xv, y_valid=yv).decision_function(X)
+    real = C.train
+
+    def kill_after_first_epoch(row):
+        raise KeyboardInterrupt  # after the epoch's checkpoint is written
+
+    def killed(net, train_data, valid_data, loop, collate):
+        callbacks = [kill_after_first_epoch] if loop.seed == 6 else []  # the second network
+        return real(net, train_data, valid_data, loop, callbacks=callbacks, collate=collate)
+
+    monkeypatch.setattr(C, "train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        TransformerClassifier(checkpoint_dir=str(tmp_path), **kw).fit(X, y, X_valid=Xv, y_valid=yv)
+    epochs_run = []  # (seed, epoch) of every epoch the rerun trains
+
+    def recorded(net, train_data, valid_data, loop, collate):
+        return real(net, train_data, valid_data, loop, collate=collate,
+                    callbacks=[lambda row: epochs_run.append((loop.seed, row["epoch"]))])
+
+    monkeypatch.setattr(C, "train", recorded)
+    resumed = TransformerClassifier(checkpoint_dir=str(tmp_path), **kw).fit(X, y, X_valid=Xv, y_valid=yv)
+    assert epochs_run and all(seed == 6 and epoch > 0 for seed, epoch in epochs_run)  # the rest came from checkpoints
+    np.testing.assert_array_equal(resumed.decision_function(X), ref)
