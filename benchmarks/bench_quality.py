@@ -106,15 +106,15 @@ def section_ablation(ws: Path, epochs: int | None, variants: list[str] | None = 
             f"\n\n{table}")
 
 
-def _kept(ws: Path, run: str, backtest: int, params: dict) -> bool:
-    """True when ``run`` can be kept: trained on the workspace's current build with ``params``, and
+def _kept(ws: Path, run: str, backtest: int, params: dict, build_id: str) -> bool:
+    """True when ``run`` can be kept: trained on the workspace's current build ``build_id`` with ``params``, and
     evaluated with a pooled backtest of exactly ``backtest`` folds (any, when only the test window is
     asked for: folds are numbered from the oldest, so runs of other fold counts would not line up)."""
     run_dir = ws / "runs" / run
     if not (run_dir / "metrics.json").exists() or not (run_dir / "run.json").exists():
         return False
     meta = json.loads((run_dir / "run.json").read_text())
-    if meta.get("build_id") != pipeline.load_built(ws).info["build_id"] or meta.get("params", {}) != params:
+    if meta.get("build_id") != build_id or meta.get("params", {}) != params:
         return False
     folds = json.loads((run_dir / "metrics.json").read_text()).get("backtest", {}).get("folds", [])
     return backtest == 0 or len(folds) == backtest
@@ -125,10 +125,11 @@ def section_seeds(ws: Path, seeds: int, epochs: int | None, backtest: int = 0, r
     from purchase_intent.ensemble import evaluate_ensemble
     from purchase_intent.workspace import Workspace
 
+    build_id = pipeline.load_built(ws).info["build_id"]  # what a kept run must have been trained on
     seconds = {}
     for seed in range(1, seeds + 1):
         run = f"tx_seed{seed}"
-        if reuse and _kept(ws, run, backtest, _tx_params(epochs)):
+        if reuse and _kept(ws, run, backtest, _tx_params(epochs), build_id):
             seconds[run] = "kept"  # same build, parameters and backtest: a resumed section
             continue
         seconds[run] = _fit_transformer(ws, run, _tx_params(epochs), TrainConfig(seed=seed), backtest)
@@ -137,7 +138,7 @@ def section_seeds(ws: Path, seeds: int, epochs: int | None, backtest: int = 0, r
     extra = []
     if seed_ensemble:  # the estimator's own seed ensemble: one model, mean logit, calibrated once
         run, params = f"tx_n{seed_ensemble}", {**_tx_params(epochs), "n_seeds": seed_ensemble}
-        kept = reuse and _kept(ws, run, backtest, params)
+        kept = reuse and _kept(ws, run, backtest, params, build_id)
         seconds[run] = "kept" if kept else _fit_transformer(ws, run, params, None, backtest)
         extra.append(run)
     table = _runs_table(ws, ["lightgbm", *runs, "tx_seeds", *extra])
