@@ -1,12 +1,12 @@
 # Two commands do all the set-up on a fresh machine:
 #   make quickstart   builds .venv, then runs the main job on the built-in simulated shop
-#   make test         builds .venv, then runs the tests
+#   make test         builds .venv, then lints (ruff) and runs the tests
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv quickstart test bench clean
+.PHONY: venv quickstart lint test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,11 @@ venv: $(STAMP)
 quickstart: $(STAMP)
 	$(VENV)/bin/purchase-intent quickstart
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check purchase_intent tests benchmarks
+
 test: $(STAMP)
+	$(VENV)/bin/ruff check purchase_intent tests benchmarks
 	$(PY) -m pytest -q
 
 clean:

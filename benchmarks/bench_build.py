@@ -36,11 +36,12 @@ def make_events(n_events: int, seed: int = 0, events_per_user: int = 50) -> pd.D
     s_user = rng.integers(0, n_users, n_sessions)
     s_start = rng.integers(0, SPAN_DAYS * 86_400_000_000 - 4 * 3_600_000_000, n_sessions, dtype=np.int64)
     s_len = rng.geometric(1 / 6, n_sessions)
-    s_len = s_len * n_events // s_len.sum() + (np.arange(n_sessions) < n_events - (s_len * n_events // s_len.sum()).sum())
+    s_len = s_len * n_events // s_len.sum()
+    s_len = s_len + (np.arange(n_sessions) < n_events - s_len.sum())
     sess = np.repeat(np.arange(n_sessions), s_len)  # (n_events,)
     n = len(sess)
     step_us = rng.exponential(90e6, n).astype(np.int64) + 1_000_000
-    offsets = np.cumsum(step_us) - np.repeat(np.cumsum(step_us)[np.cumsum(s_len) - s_len], s_len) 
+    offsets = np.cumsum(step_us) - np.repeat(np.cumsum(step_us)[np.cumsum(s_len) - s_len], s_len)
     ts = np.datetime64("2024-01-01T00:00:00", "us") + (s_start[sess] + offsets).astype("timedelta64[us]")
     item = (rng.pareto(1.2, n) * 1000).astype(np.int64) % 1_000_000
     return pd.DataFrame({

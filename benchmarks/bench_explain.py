@@ -24,14 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from purchase_intent import explain, pipeline
+from purchase_intent import explain, pipeline, runs
 from purchase_intent.config import DataConfig, FeatureConfig, LabelConfig, TrainConfig
+from purchase_intent.simulate import SimConfig, write_events
 from purchase_intent.workspace import Workspace
 
 
 def make_workspace(root: Path, n_users: int, models: list[str]) -> None:
-    from purchase_intent.simulate import SimConfig, write_events
-
     root.mkdir(parents=True, exist_ok=True)
     write_events(SimConfig(n_users=n_users, days=56, seed=0), root / "shop.csv.gz")
     pipeline.ingest(root / "shop.csv.gz", DataConfig(format="csv"), root, progress=False)
@@ -61,11 +60,12 @@ def time_run(root: Path, run: str, n_users: int, seed: int) -> dict:
 
 
 def faithfulness(root: Path, run: str, n: int, seed: int) -> dict:
-    meta, model = pipeline.load_run(run, root)
-    built = pipeline.load_built(root)
+    loaded = runs.load_run(run, root)
+    meta, model = loaded.meta, loaded.model
+    built = runs.load_built(root)
     idx = np.flatnonzero(built.mask("test"))
     idx = np.sort(np.random.default_rng(seed).choice(idx, size=min(n, len(idx)), replace=False))
-    X = pipeline.model_inputs(meta["model"], built, idx, Workspace(root), pipeline._model_vocab(model))
+    X = runs.model_inputs(meta["model"], built, idx, Workspace(root), runs.model_vocab(model))
     attr = explain.attribute(meta, model, X)
     f = explain.faithfulness(model, X, attr, seed=seed)
     return {k: f[k] for k in ("k", "n", "top", "random")}
@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    runs = [r.strip() for r in a.runs.split(",") if r.strip()]
+    run_names = [r.strip() for r in a.runs.split(",") if r.strip()]
     tmp = None
     if a.workspace:
         root = Path(a.workspace)
@@ -90,12 +90,12 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory()
         root = Path(tmp.name) / "ws"
         t0 = time.perf_counter()
-        make_workspace(root, a.shop_users, runs)
+        make_workspace(root, a.shop_users, run_names)
         print(json.dumps({"setup_seconds": round(time.perf_counter() - t0, 1), "shop_users": a.shop_users}))
-    for run in runs:
+    for run in run_names:
         row = time_run(root, run, a.users, a.seed)
         row["threads"] = a.threads
-        if pipeline.load_run(run, root)[0]["model"] == "transformer":
+        if runs.is_sequence_model(runs.load_run(run, root).meta["model"]):
             row["faithfulness"] = faithfulness(root, run, a.faithfulness_n, a.seed)
         print(json.dumps(row), flush=True)
     if tmp is not None:

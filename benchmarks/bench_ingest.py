@@ -69,12 +69,12 @@ SCAN = """
 import time
 import duckdb
 from pathlib import Path
-from purchase_intent.events import PRESETS, _csv_source, _q
+from purchase_intent.event_sources import PRESETS, csv_source, sql_ident
 path = Path({path!r})
 con = duckdb.connect()
 con.execute("SET enable_progress_bar = false")
-src = _csv_source(con, path, PRESETS["csv"])  # the read_csv(...) call ingest uses
-counts = ", ".join(f"count({{_q(c)}})" for c in src.columns)
+src = csv_source(con, path, PRESETS["csv"])  # the read_csv(...) call ingest uses
+counts = ", ".join(f"count({{sql_ident(c)}})" for c in src.columns)
 t0 = time.perf_counter()
 n = con.sql(f"SELECT count(*), {{counts}} FROM {{src.read}}").fetchall()[0][0]
 print(time.perf_counter() - t0, n)

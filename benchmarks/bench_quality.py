@@ -22,7 +22,8 @@ with paired bootstrap 95% intervals of the ROC-AUC difference to the best baseli
 Usage::
 
     python benchmarks/bench_quality.py --sections sim,ablation,taobao,curve --out quality.md
-    python benchmarks/bench_quality.py --sections taobao --taobao ../shared/data/taobao_userbehavior/UserBehavior_head.csv.gz
+    python benchmarks/bench_quality.py --sections taobao \
+        --taobao ../shared/data/taobao_userbehavior/UserBehavior_head.csv.gz
 
 The Taobao slice is small (815 users), so training uses ``TrainConfig(min_positives=20,
 min_negatives=20)`` to pass the minimum-data gate.
@@ -36,7 +37,7 @@ import shutil
 import time
 from pathlib import Path
 
-from purchase_intent import pipeline
+from purchase_intent import pipeline, runs
 from purchase_intent.config import DataConfig, FeatureConfig, LabelConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +79,7 @@ def section_sim(root: Path, users: int, epochs: int | None, reuse: bool = False,
     table = pipeline.run(None, DataConfig(format="csv"), LabelConfig(), FeatureConfig(), models=MODELS,
                          params={"transformer": _tx_params(epochs)}, workspace=ws, report=False, quiet=True,
                          backtest=backtest)
-    n = pipeline.load_built(ws).info["n_examples"]
+    n = runs.load_built(ws).info["n_examples"]
     return (f"simulator, {users:,} users x 90 days, {n:,} examples "
             f"(transformer max_epochs={epochs or 'default'}, backtest {backtest})\n\n{table}", ws)
 
@@ -125,7 +126,7 @@ def section_seeds(ws: Path, seeds: int, epochs: int | None, backtest: int = 0, r
     from purchase_intent.ensemble import evaluate_ensemble
     from purchase_intent.workspace import Workspace
 
-    build_id = pipeline.load_built(ws).info["build_id"]  # what a kept run must have been trained on
+    build_id = runs.load_built(ws).info["build_id"]  # what a kept run must have been trained on
     seconds = {}
     for seed in range(1, seeds + 1):
         run = f"tx_seed{seed}"
@@ -133,16 +134,16 @@ def section_seeds(ws: Path, seeds: int, epochs: int | None, backtest: int = 0, r
             seconds[run] = "kept"  # same build, parameters and backtest: a resumed section
             continue
         seconds[run] = _fit_transformer(ws, run, _tx_params(epochs), TrainConfig(seed=seed), backtest)
-    runs = ["transformer", *seconds]
-    evaluate_ensemble(Workspace(ws), members=runs, run="tx_seeds")
+    members = ["transformer", *seconds]
+    evaluate_ensemble(Workspace(ws), members=members, run="tx_seeds")
     extra = []
     if seed_ensemble:  # the estimator's own seed ensemble: one model, mean logit, calibrated once
         run, params = f"tx_n{seed_ensemble}", {**_tx_params(epochs), "n_seeds": seed_ensemble}
         kept = reuse and _kept(ws, run, backtest, params, build_id)
         seconds[run] = "kept" if kept else _fit_transformer(ws, run, params, None, backtest)
         extra.append(run)
-    table = _runs_table(ws, ["lightgbm", *runs, "tx_seeds", *extra])
-    return (f"seeds on {ws.name}: tx_seeds = mean of {len(runs)} Transformers (seeds 0-{seeds}), backtest "
+    table = _runs_table(ws, ["lightgbm", *members, "tx_seeds", *extra])
+    return (f"seeds on {ws.name}: tx_seeds = mean of {len(members)} Transformers (seeds 0-{seeds}), backtest "
             f"{backtest} (fit+evaluate seconds {json.dumps(seconds)})\n\n{table}")
 
 
@@ -161,7 +162,7 @@ def section_taobao(root: Path, path: Path) -> str:
         t0 = time.perf_counter()
         table = pipeline.run(path, data_cfg, label_cfg, FeatureConfig(), models=MODELS, backtest=backtest,
                              train_cfg=train_cfg, workspace=ws, report=False, quiet=True)
-        n = pipeline.load_built(ws).info["n_examples"]
+        n = runs.load_built(ws).info["n_examples"]
         out.append(f"taobao head, {name}: {n:,} examples, {time.perf_counter() - t0:.0f}s\n\n{table}")
     return "\n\n".join(out)
 
@@ -175,7 +176,7 @@ def section_curve(root: Path, sizes: list[int], epochs: int | None) -> str:
         m = {r: json.loads((ws / "runs" / r / "metrics.json").read_text()) for r in ("lightgbm", "transformer")}
         p = m["transformer"]["paired"]["test"]
         lo, hi = p["ci"] or (float("nan"), float("nan"))
-        rows.append(f"{users:6d}  {pipeline.load_built(ws).info['n_examples']:8d}  "
+        rows.append(f"{users:6d}  {runs.load_built(ws).info['n_examples']:8d}  "
                     f"{m['lightgbm']['test']['roc_auc']:.4f}        {m['transformer']['test']['roc_auc']:.4f}"
                     f"           {p['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
         shutil.rmtree(ws)

@@ -11,8 +11,8 @@ a separate process on loopback and drive it from this process with ``--concurren
 (one keep-alive HTTP connection each; ``--client asyncio``, the default, runs them all on one
 event loop writing raw HTTP/1.1, so the load generator takes little of the CPU the server
 shares; ``--client threads`` uses one ``http.client`` thread per client), every request holding
-``--events`` events of one real user. Prints a Markdown table and writes JSON (``--out``): p50/p95/p99 latency, requests/s,
-errors, and the mean time split inside a request (parse, prepare, features, sequences, model) read
+``--events`` events of one real user. Prints a Markdown table and writes JSON (``--out``): p50/p95/p99
+latency, requests/s, errors, and the mean time split inside a request (parse, prepare, features, sequences, model) read
 from ``/metrics``; ``--soak 60`` then holds 32 clients for 60 s per model and counts errors.
 """
 from __future__ import annotations
@@ -61,7 +61,8 @@ def prepare(ws_root: Path, models: list[str], users: int, days: int, preset: str
     pipeline.build(LabelConfig(lookback="28d", horizon="7d", step="7d"), workspace=ws, quiet=True)
     for m in models:
         params = {"preset": preset, "max_epochs": 1} if m == "transformer" else None
-        pipeline.train(m, params=params, train_cfg=TrainConfig(min_positives=1, min_negatives=1), workspace=ws, quiet=True)
+        train_cfg = TrainConfig(min_positives=1, min_negatives=1)
+        pipeline.train(m, params=params, train_cfg=train_cfg, workspace=ws, quiet=True)
 
 
 def request_bodies(ws_root: Path, n_events: int, n_bodies: int = 50) -> list[bytes]:
@@ -78,7 +79,8 @@ def request_bodies(ws_root: Path, n_events: int, n_bodies: int = 50) -> list[byt
     for uid, g in df.groupby("user_id", sort=True):
         events = [{"ts": t.isoformat() + "Z", "event": e, "item_id": i, "category": c,
                    "price": None if pd.isna(p) else float(p), "session_id": s}
-                  for t, e, i, c, p, s in zip(g["ts"], g["event"], g["item_id"], g["category"], g["price"], g["session_id"])]
+                  for t, e, i, c, p, s in zip(g["ts"], g["event"], g["item_id"], g["category"], g["price"],
+                                              g["session_id"])]
         bodies.append(json.dumps({"user_id": uid, "events": events}).encode())
         if len(bodies) >= n_bodies:
             break
@@ -89,7 +91,7 @@ def request_bodies(ws_root: Path, n_events: int, n_bodies: int = 50) -> list[byt
 
 def start_server(ws_root: Path, run: str, port: int) -> subprocess.Popen:
     env = {**os.environ, "PURCHASE_INTENT_API_KEYS": KEY}
-    cmd = [sys.executable, "-m", "purchase_intent.serve.app", "--workspace", str(ws_root), "serve", "--run", run,
+    cmd = [sys.executable, "-m", "purchase_intent.cli", "--workspace", str(ws_root), "serve", "--run", run,
            "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

@@ -34,10 +34,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as purchase_intent/__init
 import numpy as np
 import torch
 
-from purchase_intent.models.classifier import TransformerClassifier
+from purchase_intent.allocator import retained_heap
+from purchase_intent.models.classifier import collate
 from purchase_intent.models.transformer import BehaviourTransformer, flops_per_sequence, preset
 from purchase_intent.sequences import SequenceVocab
-from purchase_intent.train import TrainLoopConfig, predict_logits, train
+from purchase_intent.train import TrainLoopConfig, make_optimizer, predict_logits, train
 
 N_TABULAR = 40
 
@@ -72,7 +73,7 @@ def counted_flops(model: BehaviourTransformer, data: dict) -> float:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    batch = TransformerClassifier._collate(data, np.arange(2))
+    batch = collate(data, np.arange(2))
     with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
         _, loss = model(batch, torch.from_numpy(data["label"][:2]))
         loss.backward()
@@ -90,17 +91,17 @@ def bench(name: str, T: int, batch: int, steps: int, amp: str, infer_batch: int 
     cfg = TrainLoopConfig(max_epochs=1, batch_size=batch, progress=False, device="cpu", amp=amp)
     warm = {k: v[:batch] for k, v in data.items()}
     t = time.perf_counter()
-    train(net, warm, None, cfg, collate=TransformerClassifier._collate)  # warm-up step (+ compilation)
+    train(net, warm, None, cfg, collate=collate)  # warm-up step (+ compilation)
     warmup_s = time.perf_counter() - t
-    r = train(net, data, None, cfg, collate=TransformerClassifier._collate)
+    r = train(net, data, None, cfg, collate=collate)
     n_train = batch * steps
     train_s = r.time_batching_s + r.time_compute_s
     n_inf = max(4 * infer_batch, 1024)
     inf_data = make_data(n_inf, T, sizes, seed=1)
     predict_logits(net, {k: v[:infer_batch] for k, v in inf_data.items()}, infer_batch,
-                   TransformerClassifier._collate, amp=amp == "bf16")  # warm-up (+ compilation of eval)
+                   collate, amp=amp == "bf16")  # warm-up (+ compilation of eval)
     t = time.perf_counter()
-    predict_logits(net, inf_data, infer_batch, TransformerClassifier._collate, amp=amp == "bf16")
+    predict_logits(net, inf_data, infer_batch, collate, amp=amp == "bf16")
     inf_s = time.perf_counter() - t
     flops = flops_per_sequence(model.cfg, T)
     return {"preset": name, "params": model.num_parameters(), "params_no_emb": model.num_parameters(False),
@@ -113,16 +114,14 @@ def bench(name: str, T: int, batch: int, steps: int, amp: str, infer_batch: int 
 
 def profile(name: str, T: int, batch: int, rows: int = 12, dropout: float = 0.1) -> None:
     """Top operators (self CPU time) of two training steps of preset `name`, as shares."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    from purchase_intent.allocator import retained_heap
-    from purchase_intent.train import make_optimizer
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     sizes = SequenceVocab(price_edges=[float(i) for i in range(15)]).field_sizes()
     torch.manual_seed(0)
     model = BehaviourTransformer(preset(name, field_sizes=sizes, n_tabular=N_TABULAR, max_seq_len=T, dropout=dropout))
     data = make_data(batch, T, sizes)
-    batch_t, labels = TransformerClassifier._collate(data, np.arange(batch)), torch.from_numpy(data["label"])
+    batch_t, labels = collate(data, np.arange(batch)), torch.from_numpy(data["label"])
     opt = make_optimizer(model, TrainLoopConfig())
 
     def step():

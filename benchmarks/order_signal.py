@@ -53,11 +53,11 @@ def main() -> None:
     ap.add_argument("--workspace", required=True, help="a built workspace (user task)")
     ap.add_argument("--runs", default="", help="comma-separated runs to check (logits from predictions.parquet)")
     args = ap.parse_args()
-    from purchase_intent import pipeline
+    from purchase_intent import runs
     from purchase_intent.models import LightGBMModel
 
     ws = args.workspace
-    built = pipeline.load_built(ws)
+    built = runs.load_built(ws)
     con = duckdb.connect()
     con.sql(f"CREATE VIEW ev AS SELECT * FROM '{ws}/events/*.parquet'")
     con.register("ex_df", built.examples[["example_id", "user_id", "cutoff"]])

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy.optimize import minimize, minimize_scalar
 
 METHODS = ("none", "temperature", "platt")
 
@@ -21,8 +22,6 @@ def _nll(z: np.ndarray, y: np.ndarray, a: float, b: float) -> float:
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     """Temperature t > 0 minimising the log loss of ``sigmoid(logits / t)`` on (logits, y)."""
-    from scipy.optimize import minimize_scalar
-
     z, y = np.asarray(logits, np.float64), np.asarray(y, np.float64)
     r = minimize_scalar(lambda lt: _nll(z, y, float(np.exp(-lt)), 0.0), bounds=(-5.0, 5.0), method="bounded")
     return float(np.exp(r.x))
@@ -30,8 +29,6 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 
 def fit_platt(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(a, b) minimising the log loss of ``sigmoid(a * logits + b)``, with Platt's smoothed targets."""
-    from scipy.optimize import minimize
-
     z, y = np.asarray(logits, np.float64), np.asarray(y, np.float64)
     n_pos, n_neg = y.sum(), len(y) - y.sum()
     t = np.where(y > 0, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))  # Platt (1999): avoids overfitting

@@ -19,7 +19,13 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
+from . import explain, pipeline, report, score
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig
+from .privacy import pseudonym_for
+from .serve.settings import API_KEYS_ENV, ServeSettings, read_api_keys
+from .simulate import SimConfig, write_events
+from .tabular import run_table
+from .workspace import WORKSPACE_ENV, Workspace
 
 
 def _pairs(values: Optional[list[str]], flag: str) -> dict[str, str]:
@@ -51,10 +57,12 @@ def _add_data_flags(p: argparse.ArgumentParser, positional: bool) -> None:
     p.add_argument("--format", default="csv",
                    help="taobao | retailrocket | rees46 | otto | csv | parquet | jsonl (default: csv)")
     p.add_argument("--map", action="append", metavar="CANON=COLUMN",
-                   help="map a canonical field (user_id, ts, event, item_id, category, price, session_id) to a source column; repeatable")
+                   help="map a canonical field (user_id, ts, event, item_id, category, price, session_id) "
+                        "to a source column; repeatable")
     p.add_argument("--event-map", action="append", metavar="RAW=CANON",
                    help="map a raw event name to view|cart|remove_from_cart|wishlist|purchase|other; repeatable")
-    p.add_argument("--ts-unit", choices=["s", "ms", "us", "iso"], help="timestamp unit (default: the preset's, else detected)")
+    p.add_argument("--ts-unit", choices=["s", "ms", "us", "iso"],
+                   help="timestamp unit (default: the preset's, else detected)")
     p.add_argument("--strict", action="store_true", help="fail (and store nothing) if any row is rejected")
     p.add_argument("--since", help="keep events at or after this ISO time; earlier ones are counted as filtered")
     p.add_argument("--until", help="keep events before this ISO time; later ones are counted as filtered")
@@ -68,17 +76,22 @@ def _data_cfg(a: argparse.Namespace) -> DataConfig:
 def _add_label_flags(p: argparse.ArgumentParser) -> None:
     d = LabelConfig()
     p.add_argument("--task", choices=["user", "session"], default=d.task,
-                   help="user: will the user buy in [cutoff, cutoff+horizon); session: does the session contain a purchase")
-    p.add_argument("--lookback", default=d.lookback, help=f"active-user window before each cutoff (default {d.lookback})")
+                   help="user: will the user buy in [cutoff, cutoff+horizon); "
+                        "session: does the session contain a purchase")
+    p.add_argument("--lookback", default=d.lookback,
+                   help=f"active-user window before each cutoff (default {d.lookback})")
     p.add_argument("--horizon", default=d.horizon, help=f"label window after each cutoff (default {d.horizon})")
-    p.add_argument("--step", default=d.step, help=f"distance between cutoffs / width of a split period (default {d.step})")
+    p.add_argument("--step", default=d.step,
+                   help=f"distance between cutoffs / width of a split period (default {d.step})")
     p.add_argument("--tz", default=d.tz, help="time zone whose midnight day-based cutoffs fall on (default UTC)")
     p.add_argument("--session-gap", help="session task: start a new session after this inactivity gap (e.g. 30min)")
     p.add_argument("--prefix", type=int, help="session task: the model sees at most the first K events of a session")
-    p.add_argument("--valid-cutoffs", type=int, default=d.valid_cutoffs, help="cutoffs (periods) in the validation split")
+    p.add_argument("--valid-cutoffs", type=int, default=d.valid_cutoffs,
+                   help="cutoffs (periods) in the validation split")
     p.add_argument("--test-cutoffs", type=int, default=d.test_cutoffs, help="cutoffs (periods) in the test split")
     f = FeatureConfig()
-    p.add_argument("--windows", default=",".join(f.windows), help=f"feature count windows (default {','.join(f.windows)})")
+    p.add_argument("--windows", default=",".join(f.windows),
+                   help=f"feature count windows (default {','.join(f.windows)})")
     p.add_argument("--history", help="how far back any feature looks (default: all history)")
 
 
@@ -94,8 +107,10 @@ def _feature_cfg(a: argparse.Namespace) -> FeatureConfig:
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    p.add_argument("--min-positives", type=int, default=d.min_positives, help="refuse to train with fewer positives in train")
-    p.add_argument("--min-negatives", type=int, default=d.min_negatives, help="refuse to train with fewer negatives in train")
+    p.add_argument("--min-positives", type=int, default=d.min_positives,
+                   help="refuse to train with fewer positives in train")
+    p.add_argument("--min-negatives", type=int, default=d.min_negatives,
+                   help="refuse to train with fewer negatives in train")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed")
     p.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="model hyperparameter (e.g. --param C=0.5, --param preset=small); repeatable")
@@ -108,54 +123,40 @@ def _train_cfg(a: argparse.Namespace) -> TrainConfig:
 # ---------------------------------------------------------------------------------------------
 # commands
 def cmd_ingest(a: argparse.Namespace) -> int:
-    from . import pipeline
-
     report = pipeline.ingest(a.paths, _data_cfg(a), a.workspace)
     print(report.summary())
     return 0
 
 
 def cmd_pseudonym(a: argparse.Namespace) -> int:
-    from .privacy import pseudonym_for
-    from .workspace import Workspace
-
     for raw, pseudo in pseudonym_for(Workspace(a.workspace), a.ids).items():
         print(f"{raw}\t{pseudo}")
     return 0
 
 
 def cmd_build(a: argparse.Namespace) -> int:
-    from . import pipeline
-
     pipeline.build(_label_cfg(a), _feature_cfg(a), a.workspace)
     return 0
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from . import pipeline
-
     pipeline.train(a.model, run=a.run, params=_params(a.param), train_cfg=_train_cfg(a), workspace=a.workspace)
     return 0
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from . import pipeline
-
     pipeline.evaluate(a.run, a.workspace, backtest=a.backtest, n_boot=a.n_boot)
     print(pipeline.compare([a.run], a.workspace, n_boot=a.n_boot))
     return 0
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from . import pipeline
-
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     if a.table:
-        from .tabular import run_table
-
         if not a.label:
             raise SystemExit("error: --table needs --label COLUMN")
         run_table(a.table, a.label, time_column=a.time_column, models=models, seed=a.seed, n_boot=a.n_boot,
+                  drop_columns=[c.strip() for c in (a.drop or "").split(",") if c.strip()],
                   min_positives=a.min_positives, min_negatives=a.min_negatives,
                   out_dir=os.path.join(a.workspace, "runs", "table"))  # prints the comparison table
         return 0
@@ -168,29 +169,133 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(a: argparse.Namespace) -> int:
-    from . import pipeline
-
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     pipeline.quickstart(a.workspace, models=models, n_users=a.users, days=a.days, seed=a.seed)
     return 0
 
 
 def cmd_simulate(a: argparse.Namespace) -> int:
-    from .simulate import SimConfig, write_events
-
     n = write_events(SimConfig(n_users=a.users, days=a.days, seed=a.seed), a.out)
     print(f"wrote {n:,} simulated events to {a.out}")
     return 0
 
 
+def cmd_score(a: argparse.Namespace) -> int:
+    cfg = score.ScoreConfig(at=a.at, chunk_size=a.chunk_size, top=a.top, top_n=a.top_n,
+                            min_probability=a.min_probability, reasons=a.reasons)
+    result = score.score(a.run, a.out, cfg, workspace=a.workspace, progress=not a.quiet)
+    print(score.describe(result))
+    return 0
+
+
+def _add_score_parser(sub) -> None:
+    d = score.ScoreConfig()
+    p = sub.add_parser("score", help="score every active user (batch) and optionally cut an audience",
+                       description=score.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run name under <workspace>/runs/ or a path to a run directory")
+    p.add_argument("--out", required=True, help="output file: .parquet, .csv or .csv.gz")
+    p.add_argument("--at", help="scoring time T, ISO 8601 or epoch seconds (UTC); default: end of the data")
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help=f"users per chunk (default {d.chunk_size:,})")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--top", help="audience: the top share of users, e.g. 10%%")
+    g.add_argument("--top-n", type=int, help="audience: the N most likely buyers")
+    g.add_argument("--min-probability", type=float, help="audience: users with probability >= P")
+    p.add_argument("--reasons", type=int, default=d.reasons, metavar="K",
+                   help="add each user's top K reasons as columns reason_k and reason_k_contribution (e.g. 3)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_score)
+
+
+SERVE_DOC = """The real-time scoring API (FastAPI) for one run; needs `pip install 'purchase-intent[serve]'`.
+
+    PURCHASE_INTENT_API_KEYS=change-me-please purchase-intent serve --run lightgbm --port 8000
+    curl -s localhost:8000/v1/score -H 'Authorization: Bearer change-me-please' \\
+         -H 'Content-Type: application/json' \\
+         -d '{"user_id": "u1", "events": [{"ts": "2017-12-02T10:00:00Z", "event": "view", "item_id": "i1"}]}'
+
+Routes: POST /v1/score, POST /v1/score/batch, GET /v1/users/{user_id}/score (from the workspace's
+events), POST /v1/admin/reload (swap in a run; `kill -HUP` reloads the current one), GET /v1/model,
+GET /metrics (Prometheus), and without a key GET /healthz, GET /readyz, /docs.
+"""
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    try:  # the [serve] extra
+        import uvicorn
+
+        from .serve.app import create_app
+    except ImportError as e:
+        raise ImportError(f"`serve` needs the serve extra ({e.name} is missing): "
+                          "pip install 'purchase-intent[serve]'") from e
+    settings = ServeSettings(workspace=a.workspace, run=a.run, runs_dir=a.runs_dir, host=a.host, port=a.port,
+                             api_keys=read_api_keys(key_file=a.api_key_file), max_events=a.max_events,
+                             max_users=a.max_users, max_body_bytes=a.max_body_bytes, log_level=a.log_level,
+                             freeze_gc=True)
+    app = create_app(settings)
+    print(f"serving run {settings.run!r} from {settings.runs_path.resolve()} on http://{settings.host}:{settings.port} "
+          f"(docs: /docs; pid {os.getpid()}; `kill -HUP {os.getpid()}` reloads the run)", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    return 0
+
+
+def _add_serve_parser(sub) -> None:
+    d = ServeSettings()
+    p = sub.add_parser("serve", help="real-time scoring API (FastAPI) for one run",
+                       description=SERVE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True,
+                   help="run name under the runs directory (the only place runs are loaded from)")
+    p.add_argument("--runs-dir", help="directory of runs (default: <workspace>/runs)")
+    p.add_argument("--host", default=d.host, help=f"bind address (default {d.host})")
+    p.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port})")
+    p.add_argument("--api-key-file",
+                   help=f"file with one API key per line (merged with ${API_KEYS_ENV}, comma-separated)")
+    p.add_argument("--max-events", type=int, default=d.max_events, help="events per user in a request (422 above)")
+    p.add_argument("--max-users", type=int, default=d.max_users, help="users per batch request (422 above)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body size (413 above)")
+    p.add_argument("--log-level", default=d.log_level, help="uvicorn log level (default warning)")
+    p.set_defaults(func=cmd_serve)
+
+
 # ---------------------------------------------------------------------------------------------
+def cmd_explain(a: argparse.Namespace) -> int:
+    e = explain.explain_user(a.run, a.user, at=a.at, workspace=a.workspace, top=a.top, ig_steps=a.ig_steps)
+    print(json.dumps(e, indent=2, default=str) if a.json else explain.format_explanation(e))
+    return 0
+
+
+def _add_explain_parser(sub) -> None:
+    p = sub.add_parser("explain", help="why a user gets their score: the top reasons, in log-odds")
+    p.add_argument("--run", required=True, help="run name under <workspace>/runs/ or a path to a run directory")
+    p.add_argument("--user", required=True, help="user id (raw: looked up with the workspace key; or the pseudonym)")
+    p.add_argument("--at", help="scoring time T, ISO 8601 or epoch seconds (UTC); default: end of the data")
+    p.add_argument("--top", type=int, default=5, help="number of reasons (default 5)")
+    p.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients steps (transformer)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_explain)
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    path = report.write_report(a.workspace, a.run or None, out=a.out, explain=not a.no_explain)
+    print(f"report: {path.resolve()}")
+    return 0
+
+
+def _add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="one self-contained HTML report of the data, the models and their reasons")
+    p.add_argument("--run", action="append", metavar="NAME",
+                   help="run to include (repeatable; default: every evaluated run)")
+    p.add_argument("--out", help="output file (default: <workspace>/report.html)")
+    p.add_argument("--no-explain", action="store_true", help="skip importance and example explanations (faster)")
+    p.set_defaults(func=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="purchase-intent",
         description="Leak-free purchase-intent models from shop behaviour logs. "
         "Flags override the config defaults; nothing else is read.",
     )
-    parser.add_argument("--workspace", default=os.environ.get("PURCHASE_INTENT_WORKSPACE", "pi-workspace"),
+    parser.add_argument("--workspace", default=os.environ.get(WORKSPACE_ENV, "pi-workspace"),
                         help="workspace folder (default: $PURCHASE_INTENT_WORKSPACE or ./pi-workspace)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -214,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="held-out metrics of a run -> runs/NAME/metrics.json")
     p.add_argument("--run", required=True, help="run name under <workspace>/runs/ or a path to a run directory")
-    p.add_argument("--backtest", type=int, default=0, metavar="K", help="also rolling-origin evaluation over the last K cutoffs")
+    p.add_argument("--backtest", type=int, default=0, metavar="K",
+                   help="also rolling-origin evaluation over the last K cutoffs")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.set_defaults(func=cmd_evaluate)
 
@@ -224,11 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_label_flags(p)
     _add_train_flags(p)
     p.add_argument("--models", default="logreg,lightgbm", help="comma-separated: logreg,lightgbm,transformer,ensemble")
-    p.add_argument("--backtest", type=int, default=0, metavar="K", help="rolling-origin evaluation over the last K cutoffs")
+    p.add_argument("--backtest", type=int, default=0, metavar="K",
+                   help="rolling-origin evaluation over the last K cutoffs")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--table", help="tabular mode: a file that already has one row per session or user")
     p.add_argument("--label", help="tabular mode: the label column")
     p.add_argument("--time-column", help="tabular mode: split by this column's order (else a seeded stratified split)")
+    p.add_argument("--drop", help="tabular mode: comma-separated columns not to use as features")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("quickstart", help="`run` on the built-in seeded shop simulator")
@@ -245,16 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_simulate)
 
-    from .score import add_score_parser
-    from .serve.app import add_serve_parser
-
-    from .explain import add_explain_parser
-    from .report import add_report_parser
-
-    add_score_parser(sub)
-    add_serve_parser(sub)
-    add_explain_parser(sub)
-    add_report_parser(sub)
+    _add_score_parser(sub)
+    _add_serve_parser(sub)
+    _add_explain_parser(sub)
+    _add_report_parser(sub)
     return parser
 
 

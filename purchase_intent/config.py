@@ -2,55 +2,14 @@
 
 Every CLI flag maps 1:1 onto a field here. A config is saved with ``dataclasses.asdict`` and
 rebuilt with ``Config(**d)`` (unknown keys from newer versions are dropped by ``from_dict``).
-Durations are strings such as ``30min``, ``6h``, ``1d``, ``7d``, ``2w`` so that the saved JSON
-reads the way the command line was written.
+Durations are strings such as ``30min``, ``6h``, ``1d``, ``7d``, ``2w`` (read by
+``times.parse_duration``) so that the saved JSON reads the way the command line was written.
 """
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any, Optional, TypeVar
-
-_UNITS = {
-    "us": timedelta(microseconds=1),
-    "ms": timedelta(milliseconds=1),
-    "s": timedelta(seconds=1),
-    "sec": timedelta(seconds=1),
-    "m": timedelta(minutes=1),
-    "min": timedelta(minutes=1),
-    "h": timedelta(hours=1),
-    "d": timedelta(days=1),
-    "w": timedelta(weeks=1),
-}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*$")
-
-
-def parse_duration(text: str | timedelta) -> timedelta:
-    """Parse ``30min``, ``6h``, ``1d``, ``7d``, ``2w``, ``90s``, ``500ms`` into a timedelta.
-
-    Raises ``ValueError`` naming the accepted units on anything else.
-    """
-    if isinstance(text, timedelta):
-        return text
-    m = _DURATION.match(str(text).lower())
-    if not m or m.group(2) not in _UNITS:
-        raise ValueError(
-            f"cannot parse duration {text!r}: use a number and a unit, one of "
-            f"{', '.join(sorted(_UNITS))} (e.g. 30min, 6h, 7d)"
-        )
-    value = float(m.group(1))
-    if value <= 0:
-        raise ValueError(f"duration {text!r} must be positive")
-    return value * _UNITS[m.group(2)]
-
-
-def is_day_based(text: str | timedelta) -> bool:
-    """True when a duration is a whole number of days (cutoffs then fall at local midnight)."""
-    d = parse_duration(text)
-    return d >= timedelta(days=1) and d % timedelta(days=1) == timedelta(0)
-
 
 C = TypeVar("C")
 
@@ -59,10 +18,6 @@ def from_dict(cls: type[C], d: dict[str, Any]) -> C:
     """Rebuild a config dataclass from a saved dict, ignoring keys this version does not know."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in d.items() if k in names})
-
-
-CANONICAL_EVENTS = ("view", "cart", "remove_from_cart", "wishlist", "purchase", "other")
-CANONICAL_COLUMNS = ("user_id", "ts", "event", "item_id", "category", "price", "session_id")
 
 
 @dataclass
@@ -82,12 +37,14 @@ class DataConfig:
 class LabelConfig:
     """Which examples exist and what their label is (``purchase-intent build``)."""
 
-    task: str = "user"  # user: will the user buy in [cutoff, cutoff + horizon); session: does the session contain a purchase
+    # user: will the user buy in [cutoff, cutoff + horizon); session: does the session contain a purchase
+    task: str = "user"
     lookback: str = "28d"  # user task: active = any event in [cutoff - lookback, cutoff)
     horizon: str = "7d"  # user task: label window length
     step: str = "7d"  # distance between cutoffs (user task) / width of a split period (session task)
     tz: str = "UTC"  # day-based cutoffs fall at midnight of this time zone
-    session_gap: Optional[str] = None  # session task: split sessions at inactivity gaps (default: the data's session ids, else 30min)
+    # session task: split sessions at inactivity gaps (default: the data's session ids, else 30min)
+    session_gap: Optional[str] = None
     prefix: Optional[int] = None  # session task: the model sees at most the first K events of the session
     valid_cutoffs: int = 1  # number of cutoffs (periods) in the validation split
     test_cutoffs: int = 1  # number of cutoffs (periods) in the test split

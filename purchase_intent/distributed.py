@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,7 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DistributedDataParallel around `model` when distributed, else `model` itself."""
     if not dist_info().is_distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -5,13 +5,14 @@ members' runs wrote (valid, test and backtest folds), so its metrics are on exac
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 
-from .workspace import Workspace, atomic_write_bytes, atomic_write_text
+from . import runs
+from .evaluate import binary_metrics
+from .workspace import Workspace
 
 
 def average_predictions(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
@@ -34,17 +35,15 @@ def average_predictions(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
 
 def evaluate_ensemble(workspace: Workspace, members: Sequence[str], n_boot: int = 1000, run: str = "ensemble") -> dict:
     """Average the members' predictions and write runs/<run>/{run.json, predictions.parquet, metrics.json}."""
-    from .evaluate import binary_metrics
-
     if len(members) < 2:
-        raise ValueError(f"the ensemble needs at least two trained members (transformer, lightgbm); got {list(members)}")
-    metas = [json.loads((workspace.run_dir(m) / "run.json").read_text()) for m in members]
+        raise ValueError("the ensemble needs at least two trained members (transformer, lightgbm); "
+                         f"got {list(members)}")
+    metas = [runs.read_meta(workspace.run_dir(m)) for m in members]
     if len({m["build_id"] for m in metas}) != 1:
         raise RuntimeError("ensemble members were trained on different builds")
-    frames = [pd.read_parquet(workspace.run_dir(m) / "predictions.parquet") for m in members]
-    pred = average_predictions(frames)
+    pred = average_predictions([runs.read_predictions(workspace.run_dir(m)) for m in members])
     metrics: dict[str, Any] = {"model": "ensemble", "members": list(members),
-                               "task": json.loads((workspace.run_dir(members[0]) / "metrics.json").read_text())["task"]}
+                               "task": runs.read_metrics(workspace.run_dir(members[0]))["task"]}
     for split in ("valid", "test"):
         s = pred[pred["split"] == split]
         metrics[split] = binary_metrics(s["label"].to_numpy(), s["probability"].to_numpy(), n_boot=n_boot)
@@ -54,13 +53,13 @@ def evaluate_ensemble(workspace: Workspace, members: Sequence[str], n_boot: int 
         for k, s in bt.groupby("fold", sort=True):
             folds.append({"cutoff": str(pd.Timestamp(s["cutoff"].iloc[0])),
                           **binary_metrics(s["label"].to_numpy(), s["probability"].to_numpy(), n_boot=n_boot)})
-        metrics["backtest"] = {"folds": folds,
-                               "pooled": binary_metrics(bt["label"].to_numpy(), bt["probability"].to_numpy(), n_boot=n_boot)}
+        pooled = binary_metrics(bt["label"].to_numpy(), bt["probability"].to_numpy(), n_boot=n_boot)
+        metrics["backtest"] = {"folds": folds, "pooled": pooled}
     run_dir: Path = workspace.run_dir(run)
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = {"run": run, "model": "ensemble", "members": list(members), "build_id": metas[0]["build_id"],
             "label_config": metas[0]["label_config"], "version": "ensemble-" + "-".join(m["version"] for m in metas)}
-    atomic_write_text(run_dir / "run.json", json.dumps(meta, indent=2))
-    atomic_write_bytes(run_dir / "predictions.parquet", pred.to_parquet(index=False))
-    atomic_write_text(run_dir / "metrics.json", json.dumps(json.loads(json.dumps(metrics, default=str)), indent=2))
+    runs.write_json(run_dir / runs.RUN_JSON, meta)
+    runs.write_predictions(run_dir, pred)
+    runs.write_json(run_dir / runs.METRICS_JSON, metrics)
     return metrics

@@ -5,21 +5,17 @@
 A reason is a dict ``{"feature" | "group", "contribution", "text", ...}``: one tabular feature or
 one event of the user's history, its signed contribution to the score in log-odds (positive
 raises the probability of buying) and a sentence a marketer understands ("added 2 items to the
-cart in the last 24 hours"). Contributions are measured against a reference:
+cart in the last 24 hours").
 
-- logistic regression: ``coef * standardised value`` (reference: the mean training example);
-- LightGBM: TreeSHAP ``pred_contrib`` (reference: the expected raw score over the training data);
-- Transformer: integrated gradients (Captum) from a zero embedding for every event (the mask
-  kept) and mean tabular features to the input, over the event embeddings and the tabular inputs; the event
-  attribution is summed over the embedding dimension, so each reason is one event or one feature.
-
-In every case base + sum(contributions) equals the model's logit (up to the integral's error for
-integrated gradients); a calibrated model's probability is a monotone map of that logit.
+The numbers come from the model itself: every estimator's ``contributions(X, *, n_steps)``
+returns a :class:`~purchase_intent.models.attribution.Contributions` (per feature, per event,
+and the base they are measured from; see that module for each model's method). In every case
+base + sum(contributions) equals the model's logit (up to the integral's error for integrated
+gradients); a calibrated model's probability is a monotone map of that logit. This module turns
+them into reasons and summaries and never asks which model it holds.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -27,8 +23,12 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from . import runs
+from .privacy import pseudonym_for
 from .reason_text import event_text, feature_text
-from .sequences import EVENT_CODES
+from .sequences import SEQUENCE_FIELDS, SequenceVocab, time_edges
+from .vocabulary import EVENT_CODES
+from .workspace import as_workspace
 
 EVENT_NAMES = {v: k for k, v in EVENT_CODES.items()}  # token code -> canonical event name
 
@@ -40,7 +40,8 @@ class Attribution:
     features : (N, F) one column per tabular feature, in ``feature_names`` order.
     base : (N,) the reference logit (bias / expected value / logit of the empty-history baseline).
     events : (N, T) per event position (right-aligned like the sequences) or None for baselines.
-    tokens : the sequence arrays the events were read from (event codes, dt_cutoff buckets, mask).
+    tokens : the sequence arrays the events were read from (event codes, dt_cutoff buckets, mask)
+        and ``time_edges``, the vocab's dt_cutoff bucket edges in seconds.
     """
 
     feature_names: list[str]
@@ -56,7 +57,7 @@ class Attribution:
 
 
 # ---------------------------------------------------------------------------------------------
-# attribution per model type
+# attribution
 def _tabular(X: Any) -> pd.DataFrame | np.ndarray:
     return X["tabular"] if isinstance(X, dict) else X
 
@@ -66,18 +67,26 @@ def attribute(meta: dict, model: Any, X: Any, ig_steps: int = 32) -> Attribution
 
     Parameters
     ----------
-    meta : the run's run.json (``model``, ``feature_names``).
-    model : the loaded estimator.
+    meta : the run's run.json (``feature_names``).
+    model : the loaded estimator (anything with ``contributions(X, *, n_steps)``).
     X : what the model's ``predict_proba`` eats (feature frame, or the transformer's dict).
-    ig_steps : integration steps for integrated gradients (transformer only).
+    ig_steps : integration steps of approximate attributions (integrated gradients); exact
+        methods ignore it.
     """
     names = list(meta["feature_names"])
-    if isinstance(X, dict):
-        return integrated_gradients(model, X, names, n_steps=ig_steps)
-    C = np.asarray(model.contributions(X), dtype=np.float64)  # (N, F+1), last column = bias
-    if C.shape[1] != len(names) + 1:
-        raise RuntimeError(f"contributions have {C.shape[1]} columns, expected {len(names) + 1}")
-    return Attribution(feature_names=names, features=C[:, :-1], base=C[:, -1])
+    c = model.contributions(X, n_steps=ig_steps)
+    if c.features.shape[1] != len(names):
+        raise RuntimeError(f"contributions have {c.features.shape[1]} feature columns, expected {len(names)}")
+    tokens = None if c.events is None else sequence_tokens(X, runs.model_vocab(model))
+    return Attribution(feature_names=names, features=c.features, base=c.base, events=c.events, tokens=tokens)
+
+
+def sequence_tokens(X: dict, vocab: Optional[SequenceVocab]) -> dict[str, np.ndarray]:
+    """What reasons read of a sequence input: event codes, dt_cutoff buckets, mask and the bucket edges."""
+    cfg = (vocab if isinstance(vocab, SequenceVocab) else SequenceVocab()).cfg
+    tokens = {k: np.asarray(X[k]) for k in ("event", "dt_cutoff", "mask")}
+    tokens["time_edges"] = time_edges(cfg)
+    return tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +144,7 @@ def _event_reason(attr: Attribution, events: Optional[list[pd.DataFrame]], i: in
 
 def _bucket_hours(tokens: dict, bucket: int) -> Optional[float]:
     """Geometric middle (hours) of a dt_cutoff bucket of the sequence vocab."""
-    edges = tokens.get("_time_edges")
+    edges = tokens.get("time_edges")
     if edges is None or bucket <= 0:
         return None
     if bucket - 1 >= len(edges):  # the last bucket: older than the last edge
@@ -146,7 +155,7 @@ def _bucket_hours(tokens: dict, bucket: int) -> Optional[float]:
 
 def explain_inputs(meta: dict, model: Any, X: Any, top: int = 5, events: Optional[list[pd.DataFrame]] = None,
                    ig_steps: int = 32) -> list[list[dict]]:
-    """Reasons for each row of model input ``X`` (as built by ``pipeline.inputs_for_examples``).
+    """Reasons for each row of model input ``X`` (as built by ``runs.inputs_for_examples``).
 
     This is what the API (``?explain=true``) and batch scoring call. Returns one list of at most
     ``top`` reason dicts per example, largest absolute contribution first.
@@ -245,8 +254,6 @@ def _resolve_user(con, workspace, user_id: str) -> str:
 
     if known(user_id):
         return user_id
-    from .privacy import pseudonym_for
-
     pseudo = pseudonym_for(workspace, [user_id]).get(user_id)
     if pseudo is not None and known(pseudo):
         return pseudo
@@ -260,25 +267,20 @@ def explain_user(run: str, user_id: str, at: Any = None, workspace=None, top: in
     ``user_id`` may be the raw id (looked up through the workspace's pseudonymisation key) or the
     stored pseudonym. User task runs only (a session run needs the session, see the API).
     """
-    from . import pipeline
-    from .score import resolve_cutoff
-    from .workspace import Workspace
-
-    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
-    meta, model = pipeline.load_run(run, ws)
+    ws = as_workspace(workspace)
+    loaded = runs.load_run(run, ws)
+    meta, model = loaded.meta, loaded.model
     if meta["label_config"].get("task", "user") != "user":
         raise ValueError("explain --user needs a user-task run; session runs are explained through the API")
     con = ws.connect()
     uid = _resolve_user(con, ws, str(user_id))
-    cutoff = pd.Timestamp(resolve_cutoff(con, at))
+    cutoff = pd.Timestamp(runs.resolve_cutoff(con, at))
     ex = pd.DataFrame({"user_id": [uid], "cutoff": [cutoff]})
     ex["cutoff"] = ex["cutoff"].astype("datetime64[us]")
-    X = pipeline.inputs_for_examples(meta, model, con, ex)
+    X = runs.inputs_for_examples(meta, model, con, ex)
     p = float(np.asarray(model.predict_proba(X))[0, 1])
     attr = attribute(meta, model, X, ig_steps=ig_steps)
-    events = None
-    if isinstance(X, dict):
-        events = sequence_events(con, ex, X["mask"].shape[1])
+    events = None if attr.events is None else sequence_events(con, ex, X["mask"].shape[1])
     return {"user_id": uid, "at": cutoff.isoformat(), "probability": p, "logit": float(attr.total()[0]),
             "base": float(attr.base[0]), "model": meta["model"], "version": meta.get("version"),
             "reasons": reasons(attr, X, top=top, events=events)[0]}
@@ -295,132 +297,6 @@ def format_explanation(e: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_explain(a: argparse.Namespace) -> int:
-    e = explain_user(a.run, a.user, at=a.at, workspace=a.workspace, top=a.top, ig_steps=a.ig_steps)
-    print(json.dumps(e, indent=2, default=str) if a.json else format_explanation(e))
-    return 0
-
-
-def add_explain_parser(sub) -> argparse.ArgumentParser:
-    """Register ``purchase-intent explain`` on the CLI's subparsers."""
-    p = sub.add_parser("explain", help="why a user gets their score: the top reasons, in log-odds")
-    p.add_argument("--run", required=True, help="run name under <workspace>/runs/ or a path to a run directory")
-    p.add_argument("--user", required=True, help="user id (raw: looked up with the workspace key; or the pseudonym)")
-    p.add_argument("--at", help="scoring time T, ISO 8601 or epoch seconds (UTC); default: end of the data")
-    p.add_argument("--top", type=int, default=5, help="number of reasons (default 5)")
-    p.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients steps (transformer)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.set_defaults(func=cmd_explain)
-    return p
-
-
-# ---------------------------------------------------------------------------------------------
-# Transformer: integrated gradients
-def module_integrated_gradients(net, batch: dict, n_steps: int = 32, internal_batch_size: Optional[int] = None
-                                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Integrated gradients of a ``BehaviourTransformer`` for one batch of tensors.
-
-    Baseline: every event's summed embedding at zero (the mask and recency ranks are kept) and
-    the tabular vector at 0 (the training mean, as it is standardised). Only the inputs the
-    network uses are attributed (a features-only or sequence-only model has one).
-
-    A ``SeedEnsemble`` (logit = mean of its members' logits) gets the mean of its members'
-    attributions: each member has its own embeddings to move from zero, and the completeness of
-    each member's attributions carries over to the mean.
-
-    Returns
-    -------
-    (tabular (B, F), events (B, T) or None, base (B,)) as float64 arrays, in log-odds;
-    base + sums = logit.
-    """
-    import torch
-
-    if hasattr(net, "members"):
-        parts = [module_integrated_gradients(m, batch, n_steps, internal_batch_size) for m in net.members]
-        tabular, events, base = (None if parts[0][i] is None else np.mean([p[i] for p in parts], axis=0)
-                                 for i in range(3))
-        return tabular, events, base
-    try:
-        from captum.attr import IntegratedGradients
-    except ImportError as e:  # pragma: no cover - depends on the installed extras
-        raise ImportError("Transformer explanations need captum: pip install 'purchase-intent[explain]'") from e
-    net.eval()
-    cfg = net.cfg
-    B = (batch["mask"] if cfg.use_sequence else batch["tabular"]).shape[0]
-    with torch.no_grad():
-        inputs = []
-        if cfg.use_sequence:  # the summed field embeddings, moved from zero to their value
-            inputs.append(sum(net.embed[f](batch[f].long()) for f in net.fields))  # (B, T, D)
-        if cfg.use_tabular:
-            inputs.append(batch["tabular"].float())  # (B, F)
-
-    def logit(*xs):  # captum repeats the inputs n_steps times along the batch; the mask must follow
-        rows = {"mask": batch["mask"].repeat(xs[0].shape[0] // B, 1)} if cfg.use_sequence else {}
-        return net.logits(rows, emb=xs[0] if cfg.use_sequence else None, tab=xs[-1] if cfg.use_tabular else None)
-
-    zeros = tuple(torch.zeros_like(x) for x in inputs)
-    attrs = IntegratedGradients(logit).attribute(tuple(inputs), baselines=zeros, n_steps=n_steps,
-                                                 internal_batch_size=internal_batch_size)
-    with torch.no_grad():
-        base = logit(*zeros)
-    events = attrs[0].sum(dim=-1).detach().double().numpy() if cfg.use_sequence else None
-    tabular = attrs[-1].detach().double().numpy() if cfg.use_tabular else np.zeros((B, 0))
-    return tabular, events, base.detach().double().numpy()
-
-
-def _net_and_batch(model: Any, X: dict):
-    """The estimator's ``BehaviourTransformer`` and the tensors it eats for ``X`` (standardised tabular).
-
-    Uses the estimator's own conversion (``TransformerClassifier._arrays`` + ``_collate``, or a
-    ``to_batch(X)`` method) so that explanations see exactly what ``predict_proba`` sees.
-    """
-    import torch.nn as nn
-
-    net = next((getattr(model, a) for a in ("model_", "module_") if isinstance(getattr(model, a, None), nn.Module)),
-               None)
-    if net is not None and hasattr(model, "to_batch"):
-        return net, model.to_batch(X)
-    if net is not None and hasattr(model, "_arrays") and hasattr(model, "_collate"):
-        arrays = model._arrays(X)
-        n = len(next(iter(arrays.values())))
-        return net, model._collate(arrays, np.arange(n))
-    raise TypeError(f"{type(model).__name__} exposes no fitted BehaviourTransformer and batch conversion: "
-                    "cannot compute integrated gradients")
-
-
-def integrated_gradients(model: Any, X: dict, feature_names: list[str], n_steps: int = 32,
-                         internal_batch_size: int = 64) -> Attribution:
-    """:class:`Attribution` of a sequence estimator for input ``X`` by integrated gradients.
-
-    The batch is trimmed to its longest real sequence (leading all-padding columns carry no
-    attribution) and the event attributions are padded back to ``X``'s width.
-    """
-    import torch
-
-    from .sequences import _time_edges, SequenceVocab
-
-    net, batch = _net_and_batch(model, X)
-    mask = batch.get("mask")  # absent for a features-only model
-    trimmed = batch
-    if mask is not None:
-        T = mask.shape[1]
-        first = int(torch.nonzero(mask.any(dim=0)).min()) if bool(mask.any()) else T - 1
-        trimmed = {k: (v[:, first:] if v.dim() == 2 and v.shape == mask.shape else v) for k, v in batch.items()}
-    n = (mask if mask is not None else batch["tabular"]).shape[0]
-    tab, ev, base = module_integrated_gradients(net, trimmed, n_steps=n_steps,
-                                                internal_batch_size=max(internal_batch_size, n))
-    N, T_x = np.asarray(X["mask"]).shape
-    events = np.zeros((N, T_x))
-    if ev is not None:
-        events[:, T_x - ev.shape[1]:] = ev
-    if tab.shape[1] == 0:
-        tab = np.zeros((N, len(feature_names)))
-    vocab = getattr(model, "vocab_", None) or getattr(model, "vocab", None)
-    tokens = {k: np.asarray(X[k]) for k in ("event", "dt_cutoff", "mask")}
-    tokens["_time_edges"] = _time_edges(vocab.cfg if isinstance(vocab, SequenceVocab) else SequenceVocab().cfg)
-    return Attribution(feature_names=list(feature_names), features=tab, base=base, events=events, tokens=tokens)
-
-
 # ---------------------------------------------------------------------------------------------
 # faithfulness of the event attributions
 def remove_events(X: dict, remove: np.ndarray) -> dict:
@@ -429,8 +305,6 @@ def remove_events(X: dict, remove: np.ndarray) -> dict:
     The remaining events are packed to the right again, so each moves up in recency rank as if
     the removed events had never happened (their tokens, including time gaps, are kept as they were).
     """
-    from .sequences import SEQUENCE_FIELDS
-
     mask = np.asarray(X["mask"], dtype=bool)
     keep = mask & ~remove
     seq = [k for k in (*SEQUENCE_FIELDS, "mask") if k in X]

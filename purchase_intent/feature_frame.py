@@ -9,32 +9,36 @@ cutoff are never read. A change of a definition goes into both modules.
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import lru_cache
 
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from .config import FeatureConfig
-from .features import _DAY_US, _DAYPARTS, _HOUR_US, _WEEKDAYS, EVENT_TYPES, SESSION_TYPES, _us, feature_docs
+from .features import DAYPARTS, SESSION_TYPES, WEEKDAYS, feature_docs
+from .times import DAY_US, EPOCH, HOUR_US, ONE_US, duration_us
+from .vocabulary import EVENT_TYPES
+
 
 def compute_features_for_users(con: duckdb.DuckDBPyConnection, examples: pd.DataFrame,
                                cfg: FeatureConfig = FeatureConfig(), events: str = "events") -> pd.DataFrame:
     """``compute_features`` for examples with one cutoff per user (batch scoring), in numpy.
 
     Reads the examples' users' events with ``ts < max(cutoff)`` from ``con`` as Arrow and reduces
-    them with ``compute_features_frame``, which bounds every example by its own cutoff. The same values as ``compute_features`` (tests prove
-    it), several times faster at one cutoff, where the SQL's per-bucket join buys nothing. Each
-    example expands its user's history, so use it for few examples per user; training examples
-    (every user at every cutoff) go through ``compute_features``.
+    them with ``compute_features_frame``, which bounds every example by its own cutoff. The same
+    values as ``compute_features`` (tests prove it), several times faster at one cutoff, where the
+    SQL's per-bucket join buys nothing. Each example expands its user's history, so use it for few
+    examples per user; training examples (every user at every cutoff) go through
+    ``compute_features``.
 
     Parameters
     ----------
     examples : DataFrame with example_id, user_id, cutoff (user task: no session_start).
     """
-    import pyarrow as pa
-
     if "session_start" in examples.columns and examples["session_start"].notna().any():
         raise ValueError("in-session features need compute_features (session-task examples)")
     if not len(examples):
@@ -64,7 +68,6 @@ def compute_features_for_users(con: duckdb.DuckDBPyConnection, examples: pd.Data
 # ---------------------------------------------------------------------------------------------
 # the same definitions in numpy, as grouped reductions over all examples at once: no SQL to parse,
 # bind and plan for one request, and no bucket joins for a whole log at one cutoff
-_EPOCH, _ONE_US = datetime(1970, 1, 1), timedelta(microseconds=1)
 _CODES = {t: i for i, t in enumerate(EVENT_TYPES)}  # other / unknown -> len(EVENT_TYPES), NULL -> -1
 _N_CODES = len(EVENT_TYPES) + 2  # NULL, the event types, other: counted as code + 1
 
@@ -78,10 +81,6 @@ def _codes(values) -> tuple[np.ndarray, list]:
 
     Codes only group equal values: no feature depends on their order."""
     if _is_arrow(values):
-        import pyarrow.compute as pc
-
-        import pyarrow as pa
-
         enc = pc.dictionary_encode(values).combine_chunks()  # a dictionary array is kept as it is
         return np.asarray(enc.indices.cast(pa.int64()).fill_null(-1)), enc.dictionary.to_pylist()
     if isinstance(values, list):  # a request's few values: a dict is faster than a hash table build
@@ -95,11 +94,11 @@ def _codes(values) -> tuple[np.ndarray, list]:
 def _times(values) -> np.ndarray:
     """(E,) int64 microseconds since the epoch (naive UTC)."""
     if _is_arrow(values):
-        import pyarrow as pa
-
-        return np.asarray(values.cast(pa.timestamp("us")).to_numpy(zero_copy_only=False), "datetime64[us]").astype(np.int64)
-    if isinstance(values, list) and values and all(type(t) is datetime for t in values):  # 4x faster than numpy's parser
-        return np.array([(t - _EPOCH) // _ONE_US for t in values], np.int64)
+        us = values.cast(pa.timestamp("us")).to_numpy(zero_copy_only=False)
+        return np.asarray(us, "datetime64[us]").astype(np.int64)
+    # 4x faster than numpy's parser
+    if isinstance(values, list) and values and all(type(t) is datetime for t in values):
+        return np.array([(t - EPOCH) // ONE_US for t in values], np.int64)
     return np.asarray(values, "datetime64[us]").astype(np.int64)
 
 
@@ -217,7 +216,7 @@ def compute_features_frame(events, examples: pd.DataFrame, cfg: FeatureConfig = 
     uid, x_uid = uid_all[:n_ev_rows], uid_all[n_ev_rows:]
     ts = _times(get("ts"))
     sid, sids = _codes(get("session_id"))
-    hist_us = _us(cfg.history) if cfg.history else None
+    hist_us = duration_us(cfg.history) if cfg.history else None
     x_lo = x_cut - hist_us if hist_us else np.full(R, np.iinfo(np.int64).min // 2)
     order, lo, hi = _sort_events(uid, ts, sid >= 0, x_uid, x_lo, x_cut)
     uid, ts, sid = uid[order], ts[order], sid[order]
@@ -226,7 +225,7 @@ def compute_features_frame(events, examples: pd.DataFrame, cfg: FeatureConfig = 
     lens = hi - lo
     seg = np.repeat(np.arange(R), lens)
     rows = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(lo, lens)
-    sess = _session_gaps(uid, ts, sid, len(sids), _us(cfg.session_gap) / 1e6)[rows]
+    sess = _session_gaps(uid, ts, sid, len(sids), duration_us(cfg.session_gap) / 1e6)[rows]
     src = order[rows]  # positions in the input
     ev = _event_codes(get("event"))[src]
     item, items = _codes(get("item_id"))
@@ -235,7 +234,7 @@ def compute_features_frame(events, examples: pd.DataFrame, cfg: FeatureConfig = 
     price = _prices(get("price"))[src]
     t, age = ts[rows], x_cut[seg] - ts[rows]
     if cfg.tz == "UTC":
-        hour, dow = (t // _HOUR_US) % 24, (t // _DAY_US + 3) % 7 + 1
+        hour, dow = (t // HOUR_US) % 24, (t // DAY_US + 3) % 7 + 1
     else:
         loc = pd.DatetimeIndex(t.astype("datetime64[us]")).tz_localize("UTC").tz_convert(cfg.tz)
         hour, dow = np.asarray(loc.hour), np.asarray(loc.day_of_week) + 1
@@ -244,18 +243,19 @@ def compute_features_frame(events, examples: pd.DataFrame, cfg: FeatureConfig = 
 
     def by_code(mask=None) -> np.ndarray:  # (R, N_CODES) counts: NULL, each event type, other
         k = seg * _N_CODES + ev + 1
-        return np.bincount(k if mask is None else k[mask], minlength=R * _N_CODES).reshape(R, _N_CODES).astype(np.float64)
+        counts = np.bincount(k if mask is None else k[mask], minlength=R * _N_CODES)
+        return counts.reshape(R, _N_CODES).astype(np.float64)
 
     def ratio(a, b):
         return np.where(b != 0, a / np.where(b != 0, b, 1), np.nan)
 
     def hours_since(mask) -> np.ndarray:
         last = _segment_max(seg[mask], t[mask], R)
-        return np.where(np.bincount(seg[mask], minlength=R) > 0, (x_cut - last) / _HOUR_US, np.nan)
+        return np.where(np.bincount(seg[mask], minlength=R) > 0, (x_cut - last) / HOUR_US, np.nan)
 
     out: dict[str, np.ndarray] = {}
     for w in cfg.windows:
-        cnt = by_code(age <= _us(w))  # ts >= cutoff - w
+        cnt = by_code(age <= duration_us(w))  # ts >= cutoff - w
         out[f"n_events_{w}"] = cnt[:, 1:].sum(axis=1)
         out.update({f"n_{name}_{w}": cnt[:, i + 1] for i, name in enumerate(EVENT_TYPES)})
     cnt = by_code()
@@ -265,7 +265,7 @@ def compute_features_frame(events, examples: pd.DataFrame, cfg: FeatureConfig = 
     out["hours_since_last_event"] = hours_since(real)
     out.update({f"hours_since_last_{name}": hours_since(ev == i) for i, name in enumerate(EVENT_TYPES)})
     first = -_segment_max(seg[real], -t[real], R)
-    out["days_since_first_event"] = np.where(n_ev > 0, (x_cut - first) / _DAY_US, np.nan)
+    out["days_since_first_event"] = np.where(n_ev > 0, (x_cut - first) / DAY_US, np.nan)
     out["n_items"] = _n_distinct(seg, item, R)
     out["n_categories"] = _n_distinct(seg, cat, R)
     width = len(items) + 1
@@ -295,9 +295,9 @@ def compute_features_frame(events, examples: pd.DataFrame, cfg: FeatureConfig = 
     out["n_sessions"] = n_sess
     out["events_per_session"] = ratio(n_ev, n_sess)
     out["minutes_per_session"] = ratio(np.bincount(seg, weights=np.nan_to_num(sess), minlength=R) / 60, n_sess)
-    for name, (h0, h1) in _DAYPARTS.items():
+    for name, (h0, h1) in DAYPARTS.items():
         out[f"share_{name}"] = ratio(np.bincount(seg[(hour >= h0) & (hour < h1)], minlength=R).astype(float), n_ev)
-    for i, d in enumerate(_WEEKDAYS):
+    for i, d in enumerate(WEEKDAYS):
         out[f"share_{d}"] = ratio(np.bincount(seg[dow == i + 1], minlength=R).astype(float), n_ev)
     if session:
         x_start = np.asarray(examples["session_start"], dtype="datetime64[us]").astype(np.int64)
@@ -331,8 +331,6 @@ def _column_index(names: tuple[str, ...]) -> pd.Index:
 def _concat_ids(event_ids, example_ids) -> object:
     """The events' user ids followed by the examples' (to code both alike)."""
     if _is_arrow(event_ids):
-        import pyarrow as pa
-
         chunks = event_ids.chunks if isinstance(event_ids, pa.ChunkedArray) else [event_ids]
         return pa.chunked_array([*chunks, pa.array(list(example_ids), event_ids.type)], event_ids.type)
     ev = event_ids.tolist() if hasattr(event_ids, "tolist") else list(event_ids)

@@ -27,26 +27,19 @@ are unread. A change of a definition goes into both modules.
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import duckdb
 import pandas as pd
 
-from .config import FeatureConfig, parse_duration
+from .config import FeatureConfig
+from .times import DAY_US, HOUR_US, duration_us
+from .vocabulary import EVENT_TYPES
 
-EVENT_TYPES = ("view", "cart", "remove_from_cart", "wishlist", "purchase")
-SESSION_TYPES = ("view", "cart", "remove_from_cart", "wishlist")
-_HOUR_US = 3_600_000_000
-_DAY_US = 24 * _HOUR_US
-_DAYPARTS = {"night": (0, 6), "morning": (6, 12), "afternoon": (12, 18), "evening": (18, 24)}
-_WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+SESSION_TYPES = ("view", "cart", "remove_from_cart", "wishlist")  # counted within the current session
+# local hours [a, b) of each part of the day, and the ISO weekdays (Monday = 1) of the activity shares
+DAYPARTS = {"night": (0, 6), "morning": (6, 12), "afternoon": (12, 18), "evening": (18, 24)}
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 # events with the same ts: those without a session id first (see ``features_sql``)
 _TIE_ORDER = "ts, session_id IS NOT NULL"
-
-
-@lru_cache(maxsize=256)
-def _us(text: str) -> int:
-    return parse_duration(text) // parse_duration("1us")
 
 
 def feature_docs(cfg: FeatureConfig = FeatureConfig(), session: bool = False) -> dict[str, str]:
@@ -76,9 +69,9 @@ def feature_docs(cfg: FeatureConfig = FeatureConfig(), session: bool = False) ->
     docs["n_sessions"] = "sessions (data session ids, else inactivity gaps)"
     docs["events_per_session"] = "mean events per session"
     docs["minutes_per_session"] = "mean session duration in minutes (first to last event)"
-    for name, (a, b) in _DAYPARTS.items():
+    for name, (a, b) in DAYPARTS.items():
         docs[f"share_{name}"] = f"share of events at local hours {a:02d}-{b:02d} (tz of the config)"
-    for d in _WEEKDAYS:
+    for d in WEEKDAYS:
         docs[f"share_{d}"] = f"share of events on {d} (local)"
     if session:
         for t in SESSION_TYPES:
@@ -104,8 +97,8 @@ def features_sql(cfg: FeatureConfig, examples: str = "examples", events: str = "
     ``session=True`` adds the in-session features; ``session_ids=False`` is a shortcut for logs
     without any session_id (one window sort less).
     """
-    wins = {w: _us(w) for w in cfg.windows}
-    hist_us = _us(cfg.history) if cfg.history else None
+    wins = {w: duration_us(w) for w in cfg.windows}
+    hist_us = duration_us(cfg.history) if cfg.history else None
     lists = bool(hist_us)  # distinct sets within a bounded history need the sets themselves
     local = "ts" if cfg.tz == "UTC" else f"timezone('{cfg.tz}', ts AT TIME ZONE 'UTC')"
     iv = lambda us: f"INTERVAL '{us} microseconds'"  # noqa: E731
@@ -122,7 +115,7 @@ def features_sql(cfg: FeatureConfig, examples: str = "examples", events: str = "
     # the gap to the previous ts (and which gets 0) never changes a sum or count, so features
     # do not depend on how rows happen to be stored (a whole log and one request agree)
     d_user = "(epoch_us(ts) - epoch_us(lag(ts) OVER wu)) / 1e6"
-    by_gap = f"CASE WHEN {d_user} <= {_us(cfg.session_gap) / 1e6} THEN {d_user} END"
+    by_gap = f"CASE WHEN {d_user} <= {duration_us(cfg.session_gap) / 1e6} THEN {d_user} END"
     sess_prev = (f"CASE WHEN session_id IS NULL THEN {by_gap} "
                  f"ELSE (epoch_us(ts) - epoch_us(lag(ts) OVER ws)) / 1e6 END" if session_ids else by_gap)
 
@@ -140,8 +133,8 @@ def features_sql(cfg: FeatureConfig, examples: str = "examples", events: str = "
         "count(*) FILTER (WHERE event IS NOT NULL AND sess_prev_s IS NULL) AS n_sess",
         "sum(sess_prev_s) AS sess_s",
     ]
-    per_bucket += [f"count(*) FILTER (WHERE hour BETWEEN {a} AND {b - 1}) AS h_{n}" for n, (a, b) in _DAYPARTS.items()]
-    per_bucket += [f"count(*) FILTER (WHERE dow = {i + 1}) AS d_{d}" for i, d in enumerate(_WEEKDAYS)]
+    per_bucket += [f"count(*) FILTER (WHERE hour BETWEEN {a} AND {b - 1}) AS h_{n}" for n, (a, b) in DAYPARTS.items()]
+    per_bucket += [f"count(*) FILTER (WHERE dow = {i + 1}) AS d_{d}" for i, d in enumerate(WEEKDAYS)]
     if lists or session:
         per_bucket += ["list(DISTINCT item_id) FILTER (WHERE item_id IS NOT NULL) AS items",
                        "list(DISTINCT item_id) FILTER (WHERE item_id IS NOT NULL AND event = 'cart') AS carted"]
@@ -158,9 +151,9 @@ def features_sql(cfg: FeatureConfig, examples: str = "examples", events: str = "
         out.update({f"n_{t}_{w}": f"sum(n_{t}){within}" for t in EVENT_TYPES})
     out["n_events_all"] = "sum(n_events)"
     out.update({f"n_{t}_all": f"sum(n_{t})" for t in EVENT_TYPES})
-    out["hours_since_last_event"] = f"{age('max(last_ts)')} / {_HOUR_US}"
-    out.update({f"hours_since_last_{t}": f"{age(f'max(last_{t})')} / {_HOUR_US}" for t in EVENT_TYPES})
-    out["days_since_first_event"] = f"{age('min(first_ts)')} / {_DAY_US}"
+    out["hours_since_last_event"] = f"{age('max(last_ts)')} / {HOUR_US}"
+    out.update({f"hours_since_last_{t}": f"{age(f'max(last_{t})')} / {HOUR_US}" for t in EVENT_TYPES})
+    out["days_since_first_event"] = f"{age('min(first_ts)')} / {DAY_US}"
     if lists:
         out["n_items"], out["n_categories"] = ndist("items"), ndist("categories")
         # |carted - bought| = |carted + bought| - |bought|
@@ -181,8 +174,8 @@ def features_sql(cfg: FeatureConfig, examples: str = "examples", events: str = "
     out["n_sessions"] = "sum(n_sess)"
     out["events_per_session"] = "sum(n_events) / nullif(sum(n_sess), 0)"
     out["minutes_per_session"] = "coalesce(sum(sess_s), 0) / 60 / nullif(sum(n_sess), 0)"
-    out.update({f"share_{n}": f"sum(h_{n}) / nullif(sum(n_events), 0)" for n in _DAYPARTS})
-    out.update({f"share_{d}": f"sum(d_{d}) / nullif(sum(n_events), 0)" for d in _WEEKDAYS})
+    out.update({f"share_{n}": f"sum(h_{n}) / nullif(sum(n_events), 0)" for n in DAYPARTS})
+    out.update({f"share_{d}": f"sum(d_{d}) / nullif(sum(n_events), 0)" for d in WEEKDAYS})
     if session:
         ins = " FILTER (WHERE in_session)"
         out.update({f"ses_n_{t}": f"sum(n_{t}){ins}" for t in SESSION_TYPES})
@@ -234,7 +227,8 @@ def features_sql(cfg: FeatureConfig, examples: str = "examples", events: str = "
     -- each event goes to the bucket that ends at the first edge after it (later events: none)
     evb AS (SELECT ev.*, k.t AS bucket_end FROM ev ASOF JOIN edges k ON ev.ts < k.t),
     b0 AS (SELECT user_id, bucket_end, {', '.join(per_bucket)} FROM evb GROUP BY user_id, bucket_end),{facts}
-    b AS ({"SELECT * FROM b0" if lists else "SELECT * EXCLUDE (f.user_id, f.bucket_end) FROM b0 LEFT JOIN facts f USING (user_id, bucket_end)"}),
+    b AS ({"SELECT * FROM b0" if lists else
+           "SELECT * EXCLUDE (f.user_id, f.bucket_end) FROM b0 LEFT JOIN facts f USING (user_id, bucket_end)"}),
     -- the one place where an example meets events: its user's buckets that end by its cutoff
     -- (every row of such a bucket has ts < bucket_end <= cutoff)
     hist AS (

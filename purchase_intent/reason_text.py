@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from .features import FEATURES
-
+from .times import parse_duration
 
 _EVENT_VERB = {  # event -> phrase with the count {n} and its noun
     "view": "viewed products {n} {times}",
@@ -42,8 +42,6 @@ def window_text(w: str) -> str:
     """``1d`` -> "in the last 24 hours", ``7d`` -> "in the last 7 days", ``all`` -> "in total"."""
     if w == "all":
         return "in total"
-    from .config import parse_duration
-
     s = parse_duration(w).total_seconds()
     for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
         if s >= size and (s % size == 0 or unit == "minute"):

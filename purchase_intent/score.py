@@ -6,7 +6,7 @@
 At time ``T`` (``--at``, default the end of the data: ``max(ts) + 1us`` so the last event counts)
 every user with an event in ``[T - lookback, T)`` (the run's lookback) is scored with the run's
 model on features of their events with ``ts < T`` -- the same feature and sequence code as
-training (``pipeline.inputs_for_examples``). Users are streamed in chunks and the probabilities
+training (``runs.inputs_for_examples``). Users are streamed in chunks and the probabilities
 spilled to a temporary Parquet file; ranks and deciles are then computed by DuckDB, which sorts
 out of core, so memory does not grow with the number of users.
 
@@ -17,22 +17,27 @@ the list to a JSON sidecar, ``<out stem>.summary.json``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
 
-ONE_US = timedelta(microseconds=1)
+from . import runs
+from .explain import explain_inputs
+from .feature_frame import compute_features_for_users
+from .runs import Run
+from .workspace import as_workspace, atomic_write_text
 
 
 @dataclass
@@ -68,85 +73,41 @@ class ScoreResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# time
-def parse_time(value: Any) -> datetime:
-    """ISO 8601 text or epoch seconds -> tz-naive UTC datetime (microsecond precision).
-
-    Aware times are converted to UTC; naive ISO text is taken as UTC.
-    """
-    if isinstance(value, datetime):
-        t = value
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise ValueError(f"time {value!r} is not finite")
-        t = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=round(float(value) * 1e6))
-    else:
-        text = str(value).strip()
-        try:
-            t = datetime.fromtimestamp(0, timezone.utc) + timedelta(microseconds=round(float(text) * 1e6))
-        except (ValueError, OverflowError):
-            t = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
-    if t.tzinfo is not None:
-        t = t.astimezone(timezone.utc).replace(tzinfo=None)
-    return t
-
-
-def resolve_cutoff(con, at: Any = None) -> datetime:
-    """The scoring time: ``at`` parsed, else the end of the data (``max(ts) + 1us``)."""
-    if at is not None:
-        return parse_time(at)
-    hi = con.execute("SELECT max(ts) FROM events").fetchall()[0][0]
-    if hi is None:
-        raise ValueError("the workspace has no events: run `purchase-intent ingest` first")
-    return hi + ONE_US
-
-
-# ---------------------------------------------------------------------------------------------
 # scoring
-def _model_name_version(meta: dict) -> tuple[str, str]:
-    return meta["model"], str(meta.get("version", ""))
-
-
-def _user_inputs(meta: dict, model: Any, con, user_ids: list[str], cutoff: datetime):
+def _user_inputs(run: Run, con, user_ids: list[str], cutoff: datetime):
     """Model inputs of ``user_ids`` at ``cutoff``, in the order given.
 
     Tabular models get ``feature_frame.compute_features_for_users`` (the numpy form of the feature SQL
-    at one cutoff; tests prove both equal); sequence models ``pipeline.inputs_for_examples``.
+    at one cutoff; tests prove both equal); sequence models ``runs.inputs_for_examples``.
     """
-    from .pipeline import _is_sequence_model, inputs_for_examples, run_feature_config, run_features
-
     ex = pd.DataFrame({"user_id": pd.array(user_ids, dtype=object),
                        "cutoff": pd.Series([cutoff] * len(user_ids), dtype="datetime64[us]")})
-    if _is_sequence_model(meta["model"]):
-        return inputs_for_examples(meta, model, con, ex)
-    from .feature_frame import compute_features_for_users
-
+    if runs.is_sequence_model(run.model_name):
+        return runs.inputs_for_examples(run.meta, run.model, con, ex)
     ex.insert(0, "example_id", np.arange(len(ex), dtype=np.int64))
-    return run_features(meta, compute_features_for_users(con, ex, run_feature_config(meta)))
+    return runs.run_features(run.meta, compute_features_for_users(con, ex, run.feature_cfg))
 
 
-def predict_users(meta: dict, model: Any, con, user_ids: list[str], cutoff: datetime) -> np.ndarray:
+def predict_users(run: Run, con, user_ids: list[str], cutoff: datetime) -> np.ndarray:
     """Probabilities of buying for ``user_ids`` at ``cutoff`` over the ``events`` of ``con``.
 
-    Features and sequences come from ``pipeline.inputs_for_examples`` (events with ts < cutoff),
-    so this is exactly what training and the HTTP API compute. Returns shape (len(user_ids),).
+    Features and sequences are computed from events with ts < cutoff by the code that built the
+    training examples, so this is exactly what training and the HTTP API compute. Shape (len(user_ids),).
     """
     if not user_ids:
         return np.zeros(0)
-    X = _user_inputs(meta, model, con, user_ids, cutoff)
-    return np.asarray(model.predict_proba(X), dtype=np.float64)[:, 1]
+    X = _user_inputs(run, con, user_ids, cutoff)
+    return np.asarray(run.model.predict_proba(X), dtype=np.float64)[:, 1]
 
 
-def predict_users_with_reasons(meta: dict, model: Any, con, user_ids: list[str], cutoff: datetime,
+def predict_users_with_reasons(run: Run, con, user_ids: list[str], cutoff: datetime,
                                top: int) -> tuple[np.ndarray, list[list[dict]]]:
     """``predict_users`` plus each user's top reasons (``explain.explain_inputs``) on the same inputs."""
-    from .explain import explain_inputs
-
     if not user_ids:
         return np.zeros(0), []
-    X = _user_inputs(meta, model, con, user_ids, cutoff)
-    p = np.asarray(model.predict_proba(X), dtype=np.float64)[:, 1]
-    return p, explain_inputs(meta, model, X, top=top)
+    X = _user_inputs(run, con, user_ids, cutoff)
+    p = np.asarray(run.model.predict_proba(X), dtype=np.float64)[:, 1]
+    return p, explain_inputs(run.meta, run.model, X, top=top)
 
 
 def _reason_columns(reasons: list[list[dict]], k: int) -> dict:
@@ -232,31 +193,25 @@ def score(run: str, out: str | Path, cfg: ScoreConfig | None = None, workspace=N
     -------
     ScoreResult, also written as JSON to ``summary_path(out)``.
     """
-    from .config import parse_duration
-    from .pipeline import _ws, load_run
-    from .workspace import atomic_write_text
-
     cfg = cfg or ScoreConfig()
     if cfg.chunk_size < 1:
         raise ValueError("chunk size must be >= 1")
-    ws = _ws(workspace)
+    ws = as_workspace(workspace)
     out = Path(out)
     fmt = _copy_sql(out)
-    meta, model = load_run(run, ws)
-    if meta["label_config"].get("task", "user") != "user":
-        raise ValueError(f"run {run!r} is a {meta['label_config']['task']}-task run; batch scores rank users (user task)")
-    name, version = _model_name_version(meta)
-    lookback_text = meta["label_config"]["lookback"]
-    lookback = parse_duration(lookback_text)
+    loaded = runs.load_run(run, ws)
+    if loaded.task != "user":
+        raise ValueError(f"run {run!r} is a {loaded.task}-task run; batch scores rank users (user task)")
+    name, version = loaded.model_name, loaded.version
+    lookback_text = loaded.meta["label_config"]["lookback"]
+    lookback = loaded.lookback
     t0 = time.perf_counter()
     con = ws.connect()
-    cutoff = resolve_cutoff(con, cfg.at)
+    cutoff = runs.resolve_cutoff(con, cfg.at)
     n = _active_users_table(con, cutoff, lookback)
     if n == 0:
         raise ValueError(f"no user has an event in [{cutoff - lookback}, {cutoff}): nothing to score")
     where, audience = _audience_filter(cfg, n)
-
-    import pyarrow.parquet as pq
 
     tmpdir = Path(tempfile.mkdtemp(prefix=".score-", dir=out.parent if out.parent.exists() else None))
     try:
@@ -274,10 +229,10 @@ def score(run: str, out: str | Path, cfg: ScoreConfig | None = None, workspace=N
                     {"a": k * cfg.chunk_size, "b": (k + 1) * cfg.chunk_size}).fetchall()]
                 cols = {"user_id": pa.array(users, pa.string())}
                 if cfg.reasons:
-                    p, why = predict_users_with_reasons(meta, model, con, users, cutoff, cfg.reasons)
+                    p, why = predict_users_with_reasons(loaded, con, users, cutoff, cfg.reasons)
                     cols.update({"probability": pa.array(p, pa.float64()), **_reason_columns(why, cfg.reasons)})
                 else:
-                    cols["probability"] = pa.array(predict_users(meta, model, con, users, cutoff), pa.float64())
+                    cols["probability"] = pa.array(predict_users(loaded, con, users, cutoff), pa.float64())
                 writer.write_table(pa.table(cols, schema=schema))
                 bar.update(len(users))
         bar.close()
@@ -286,7 +241,8 @@ def score(run: str, out: str | Path, cfg: ScoreConfig | None = None, workspace=N
         ranked = f"""
             SELECT user_id, probability,
                    row_number() OVER (ORDER BY probability DESC, user_id) AS rank,
-                   CAST(1 + floor((row_number() OVER (ORDER BY probability DESC, user_id) - 1) * 10 / {n}) AS INTEGER) AS decile,
+                   CAST(1 + floor((row_number() OVER (ORDER BY probability DESC, user_id) - 1) * 10 / {n})
+                        AS INTEGER) AS decile,
                    $cutoff::TIMESTAMP AS cutoff, $model AS model, $version AS version{reason_cols}
             FROM read_parquet('{_sql_path(raw)}')"""
         params = {"cutoff": cutoff, "model": name, "version": version}
@@ -294,14 +250,15 @@ def score(run: str, out: str | Path, cfg: ScoreConfig | None = None, workspace=N
         tmp_out = tmpdir / ("out" + "".join(out.suffixes[-2:]))
         con.execute(f"COPY ({sel}) TO '{_sql_path(tmp_out)}' {fmt}", params)
         rows, buyers = con.execute(f"SELECT count(*), coalesce(sum(probability), 0) FROM ({sel})", params).fetchall()[0]
-        buyers_all = con.execute(f"SELECT coalesce(sum(probability), 0) FROM read_parquet('{_sql_path(raw)}')").fetchall()[0][0]
+        buyers_all = con.execute(f"SELECT coalesce(sum(probability), 0) "
+                                 f"FROM read_parquet('{_sql_path(raw)}')").fetchall()[0][0]
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(tmp_out), str(out))
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
         con.execute("DROP TABLE IF EXISTS _score_users")
     result = ScoreResult(
-        out=str(out), run=str(meta.get("run", run)), model=name, version=version,
+        out=str(out), run=str(loaded.meta.get("run", run)), model=name, version=version,
         cutoff=cutoff.isoformat(), lookback=lookback_text, n_scored=n, n_rows=int(rows),
         expected_buyers=float(buyers), expected_precision=float(buyers) / rows if rows else None,
         expected_buyers_all=float(buyers_all), audience=audience, seconds=round(seconds, 3),
@@ -326,8 +283,6 @@ class _NoBar:
 def _progress(total: int, enabled: bool):
     if not enabled:
         return _NoBar()
-    from tqdm import tqdm
-
     return tqdm(total=total, unit="user", desc="scoring", mininterval=0.5)
 
 
@@ -352,33 +307,3 @@ def _rule_text(a: dict) -> str:
     if a["rule"] == "top_n":
         return f"top {a['n']:,}"
     return f"probability >= {a['min_probability']:g}"
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
-def cmd_score(a: argparse.Namespace) -> int:
-    cfg = ScoreConfig(at=a.at, chunk_size=a.chunk_size, top=a.top, top_n=a.top_n, min_probability=a.min_probability,
-                      reasons=a.reasons)
-    result = score(a.run, a.out, cfg, workspace=a.workspace, progress=not a.quiet)
-    print(describe(result))
-    return 0
-
-
-def add_score_parser(sub) -> argparse.ArgumentParser:
-    """Register `purchase-intent score` on an argparse subparsers object."""
-    d = ScoreConfig()
-    p = sub.add_parser("score", help="score every active user (batch) and optionally cut an audience",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run name under <workspace>/runs/ or a path to a run directory")
-    p.add_argument("--out", required=True, help="output file: .parquet, .csv or .csv.gz")
-    p.add_argument("--at", help="scoring time T, ISO 8601 or epoch seconds (UTC); default: end of the data")
-    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help=f"users per chunk (default {d.chunk_size:,})")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--top", help="audience: the top share of users, e.g. 10%%")
-    g.add_argument("--top-n", type=int, help="audience: the N most likely buyers")
-    g.add_argument("--min-probability", type=float, help="audience: users with probability >= P")
-    p.add_argument("--reasons", type=int, default=d.reasons, metavar="K",
-                   help="add each user's top K reasons as columns reason_k and reason_k_contribution (e.g. 3)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_score)
-    return p

@@ -72,8 +72,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
 
-EVENTS = ("view", "cart", "remove_from_cart", "wishlist", "purchase")
+from .vocabulary import EVENT_TYPES
+
+EVENTS = EVENT_TYPES  # the simulated events: every canonical event but "other", in this order
 VIEW, CART, REMOVE, WISH, BUY = range(5)
 # session kinds: plain browsing, or the journey step carried by a user's last session of the day
 K_BROWSE, K_CART, K_REVISIT, K_BUY, K_DIRECT = range(5)
@@ -289,7 +293,8 @@ class _Shop:
         self.cart[kind == K_BUY] = -1
         self.revisit_day[kind == K_BUY] = -1
         stale = (self.cart >= 0) & (
-            ((self.revisit_day < 0) & (d - self.cart_day >= 14)) | ((self.revisit_day >= 0) & (d - self.revisit_day >= 7))
+            ((self.revisit_day < 0) & (d - self.cart_day >= 14))
+            | ((self.revisit_day >= 0) & (d - self.revisit_day >= 7))
         )
         self.cart[stale] = -1
         self.revisit_day[stale] = -1
@@ -376,9 +381,6 @@ def write_events(cfg: SimConfig, path: str | Path) -> int:
     (CSV with a header; gzip when the name ends in ``.gz``). The file is written under a
     temporary name and renamed when complete.
     """
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
-
     path = Path(path)
     name = path.name.lower()
     tmp = path.with_name(path.name + ".tmp")

@@ -10,11 +10,10 @@ is known. Nothing is oversampled. Each model is trained, then scored on test wit
 
 Run::
 
-    python -m purchase_intent.tabular data.csv --label Revenue [--time-column Month] [--out DIR]
+    purchase-intent run --table data.csv --label Revenue [--time-column Month] [--drop col1,col2]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 from pathlib import Path
@@ -22,9 +21,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
+from sklearn.model_selection import train_test_split
 
-from purchase_intent import evaluate
-from purchase_intent.models import MODELS, SEQUENCE_MODELS, check_min_data
+from . import evaluate
+from .models import MODELS, SEQUENCE_MODELS, check_min_data
 
 TRUE_WORDS = {"true", "t", "yes", "y", "1", "1.0"}
 FALSE_WORDS = {"false", "f", "no", "n", "0", "0.0"}
@@ -72,7 +72,7 @@ def _month_number(word: str) -> Optional[int]:
     return None
 
 
-def parse_time(values: pd.Series) -> np.ndarray:
+def parse_time_column(values: pd.Series) -> np.ndarray:
     """A sortable float key per row: numbers as they are, month names as 1..12, else datetimes.
 
     Month names carry no year, so their order (Jan..Dec) is only the order within one year.
@@ -112,8 +112,6 @@ def split_by_time(time_key: np.ndarray, fractions=(0.7, 0.1, 0.2)) -> np.ndarray
 
 def split_stratified(y: np.ndarray, seed: int = 0, fractions=(0.7, 0.1, 0.2)) -> np.ndarray:
     """0/1/2 per row from a seeded split stratified by label (for data without any time order)."""
-    from sklearn.model_selection import train_test_split
-
     idx = np.arange(y.size)
     n_test, n_valid = round(fractions[2] * y.size), round(fractions[1] * y.size)  # counts, not float shares
     rest, test = train_test_split(idx, test_size=n_test, stratify=y, random_state=seed)
@@ -231,7 +229,7 @@ def run_table(path, label: str, time_column: Optional[str] = None, models: Seque
     if time_column is not None:
         if time_column not in df.columns:
             raise ValueError(f"time column {time_column!r} not in {list(df.columns)}")
-        time_key = parse_time(df[time_column])
+        time_key = parse_time_column(df[time_column])
         part = split_by_time(time_key, fractions)
         protocol = "time"
     else:
@@ -261,7 +259,8 @@ def run_table(path, label: str, time_column: Optional[str] = None, models: Seque
     probas = {}
     for name in models:
         if name in SEQUENCE_MODELS:
-            raise ValueError(f"{name!r} needs event sequences; tabular mode supports {sorted(set(MODELS) - SEQUENCE_MODELS)}")
+            raise ValueError(f"{name!r} needs event sequences; "
+                             f"tabular mode supports {sorted(set(MODELS) - SEQUENCE_MODELS)}")
         params = {"random_state": seed, **(model_params or {}).get(name, {})}
         model = MODELS[name](**params).fit(X[train], y[train], X_valid=X[valid], y_valid=y[valid])
         p_valid, p_test = model.predict_proba(X[valid])[:, 1], model.predict_proba(X[test])[:, 1]
@@ -272,7 +271,8 @@ def run_table(path, label: str, time_column: Optional[str] = None, models: Seque
             "f1": {
                 "threshold": threshold,
                 "valid_at_threshold": f1_valid,
-                "test_at_threshold": evaluate.f1_at_threshold(y[test], p_test, threshold) if threshold is not None else None,
+                "test_at_threshold": (evaluate.f1_at_threshold(y[test], p_test, threshold)
+                                      if threshold is not None else None),
                 "test_at_0.5": evaluate.f1_at_threshold(y[test], p_test, 0.5),
             },
         }
@@ -293,25 +293,3 @@ def run_table(path, label: str, time_column: Optional[str] = None, models: Seque
 
 def _f(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.4f}"
-
-
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    ap = argparse.ArgumentParser(description="Train and evaluate models on a one-row-per-example table.")
-    ap.add_argument("path", help="CSV or Parquet file")
-    ap.add_argument("--label", required=True, help="label column (TRUE/FALSE, yes/no, 1/0)")
-    ap.add_argument("--time-column", default=None, help="split by this column's time order (else stratified random)")
-    ap.add_argument("--models", default="logreg,lightgbm", help="comma-separated model names")
-    ap.add_argument("--drop", default="", help="comma-separated columns not to use as features")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the ROC-AUC interval")
-    ap.add_argument("--min-positives", type=int, default=100)
-    ap.add_argument("--min-negatives", type=int, default=100)
-    ap.add_argument("--out", default=None, help="directory for the models and metrics.json")
-    a = ap.parse_args(argv)
-    return run_table(a.path, a.label, time_column=a.time_column, models=[m for m in a.models.split(",") if m],
-                     seed=a.seed, drop_columns=[c for c in a.drop.split(",") if c], n_boot=a.n_boot,
-                     min_positives=a.min_positives, min_negatives=a.min_negatives, out_dir=a.out)
-
-
-if __name__ == "__main__":
-    main()

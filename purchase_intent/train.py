@@ -15,10 +15,10 @@ turns rows ``idx`` into a dict of tensors (the default converts every non-label 
 from __future__ import annotations
 
 import contextlib
-import os  # (OMP_WAIT_POLICY is set to PASSIVE by the package's __init__, before torch loads)
 import dataclasses
 import json
 import math
+import os  # (OMP_WAIT_POLICY is set to PASSIVE by the package's __init__, before torch loads)
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +27,12 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+from sklearn.metrics import average_precision_score
+from tqdm.auto import tqdm
 
-from . import distributed as D
+from . import distributed
 from .allocator import retained_heap
 
 
@@ -108,8 +112,8 @@ def resolve_device(cfg: TrainLoopConfig) -> tuple[torch.device, bool]:
     name = cfg.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and D.dist_info().is_distributed:
-        name = f"cuda:{D.dist_info().local_rank}"
+    if name == "cuda" and distributed.dist_info().is_distributed:
+        name = f"cuda:{distributed.dist_info().local_rank}"
     device = torch.device(name)
     amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
     return device, amp
@@ -126,7 +130,7 @@ def predict_logits(model: nn.Module, data: dict[str, np.ndarray], batch_size: in
                    collate: Callable = default_collate, device: torch.device | str = "cpu",
                    amp: bool = False) -> np.ndarray:
     """Logits (N,) of `model` on every row of `data`, in order, in eval mode."""
-    model = D.unwrap(model)
+    model = distributed.unwrap(model)
     was_training, device = model.training, torch.device(device)
     model.eval()
     n = len(next(iter(data.values())))
@@ -148,8 +152,6 @@ def _retained_on(device: torch.device):
 
 def valid_scores(logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """PR-AUC (average precision) and mean log loss of logits against 0/1 labels."""
-    from sklearn.metrics import average_precision_score
-
     y = np.asarray(y, dtype=np.float64)
     z = logits.astype(np.float64)
     loss = float(np.mean(np.logaddexp(0, z) - y * z))
@@ -161,8 +163,6 @@ def valid_scores(logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
 # checkpoints: tensors in safetensors, everything else as JSON in its metadata (no pickle)
 def _save_checkpoint(path: Path, model: nn.Module, best: dict, opt: torch.optim.Optimizer, state: dict,
                      ema: Optional["_Ema"] = None) -> None:
-    from safetensors.torch import save_file
-
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v.cpu().contiguous() for k, v in ema.shadow.items()})
@@ -177,8 +177,6 @@ def _save_checkpoint(path: Path, model: nn.Module, best: dict, opt: torch.optim.
 
 def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
                      ema: Optional["_Ema"] = None) -> tuple[dict, dict]:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         state = json.loads(f.metadata()["state"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -230,12 +228,12 @@ def train(model: nn.Module, train_data: dict[str, np.ndarray], valid_data: Optio
 def _train(model: nn.Module, train_data: dict[str, np.ndarray], valid_data: Optional[dict[str, np.ndarray]],
            cfg: TrainLoopConfig, callbacks: Sequence[Callable[[dict], Optional[bool]]], collate: Callable,
            device: torch.device, amp: bool) -> TrainResult:
-    info = D.setup(device.type)
+    info = distributed.setup(device.type)
     model.to(device)
-    ddp_model = D.wrap(model, device)
+    ddp_model = distributed.wrap(model, device)
     opt = make_optimizer(model, cfg)
     y_train = np.asarray(train_data["label"], dtype=np.float32)
-    batches = D.ShardedBatches(len(y_train), cfg.batch_size, cfg.seed, True)
+    batches = distributed.ShardedBatches(len(y_train), cfg.batch_size, cfg.seed, True)
     total_steps = max(1, cfg.max_epochs * len(batches))
     res = TrainResult()
     ckpt = Path(cfg.checkpoint_dir) / "checkpoint.safetensors" if cfg.checkpoint_dir else None
@@ -246,14 +244,13 @@ def _train(model: nn.Module, train_data: dict[str, np.ndarray], valid_data: Opti
         state, best = _load_checkpoint(ckpt, model, opt, ema)
         if (state["config"]["batch_size"], state["config"]["seed"], state["config"].get("ema_decay", 0.0)) != (
                 cfg.batch_size, cfg.seed, cfg.ema_decay):
-            raise ValueError(f"{ckpt} was written with another batch_size/seed/ema_decay: remove it or set resume=False")
+            raise ValueError(f"{ckpt} was written with another batch_size/seed/ema_decay: "
+                             "remove it or set resume=False")
         start_epoch, bad_epochs = state["epoch"], state["bad_epochs"]
         res.steps, res.best_epoch, res.best_metric = state["step"], state["best_epoch"], state["best_metric"]
         res.history, res.stopped_early = state["history"], state["stopped_early"]
         if res.stopped_early:
             start_epoch = cfg.max_epochs
-    from tqdm.auto import tqdm
-
     for epoch in range(start_epoch, cfg.max_epochs):
         torch.manual_seed(cfg.seed * 1_000_003 + epoch * 7_919 + info.rank)  # dropout: a function of the epoch
         batches.set_epoch(epoch)

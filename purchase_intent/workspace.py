@@ -270,3 +270,8 @@ class Workspace:
         files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
         con.execute(f"CREATE OR REPLACE VIEW events AS SELECT * FROM read_parquet([{files}], union_by_name = true)")
         return con
+
+
+def as_workspace(workspace: Workspace | str | Path | None) -> Workspace:
+    """``workspace`` itself when it is a Workspace, else the workspace at that folder (None: the default)."""
+    return workspace if isinstance(workspace, Workspace) else Workspace(workspace)

@@ -24,7 +24,8 @@ def make_tiny_events(seed: int = 0, n_users: int = 12, days: int = 21) -> pd.Dat
             t = start + pd.Timedelta(seconds=int(rng.integers(0, days * 86400 - 7200)))
             for k in range(int(rng.integers(1, 8))):
                 t = t + pd.Timedelta(seconds=int(rng.integers(5, 600)))
-                ev = rng.choice(["view", "view", "view", "cart", "wishlist", "purchase"], p=[0.3, 0.2, 0.2, 0.15, 0.05, 0.1])
+                ev = rng.choice(["view", "view", "view", "cart", "wishlist", "purchase"],
+                                p=[0.3, 0.2, 0.2, 0.15, 0.05, 0.1])
                 item = int(rng.integers(0, 40))
                 rows.append(
                     dict(

@@ -9,7 +9,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from purchase_intent.distributed import DistInfo, ShardedBatches, dist_info, is_main
 
@@ -19,7 +18,7 @@ WORKER = textwrap.dedent("""
     import sys
     import numpy as np, torch
     from safetensors.torch import save_file
-    from purchase_intent import distributed as D
+    from purchase_intent import distributed
     from purchase_intent.models.transformer import BehaviourTransformer, preset
     from purchase_intent.train import TrainLoopConfig, train
 
@@ -32,9 +31,9 @@ WORKER = textwrap.dedent("""
     model = BehaviourTransformer(preset("tiny", field_sizes={"event": 7}, n_tabular=2, max_seq_len=T, dropout=0.0))
     cfg = TrainLoopConfig(max_epochs=2, batch_size=16, lr=3e-3, progress=False, device="cpu")
     res = train(model, data, data, cfg)
-    if D.is_main():
+    if distributed.is_main():
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, sys.argv[1])
-    D.cleanup()
+    distributed.cleanup()
 """)
 
 
@@ -59,8 +58,8 @@ def _run(script: Path, out: Path, world: int) -> None:
 
 
 def test_two_gloo_processes_match_one(tmp_path):
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

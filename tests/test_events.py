@@ -7,10 +7,8 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from purchase_intent import events as ev
@@ -101,7 +99,8 @@ def test_parquet_source(tmp_path, tiny_events):
     df = tiny_events.rename(columns={"user_id": "customer", "event": "kind"})
     df["kind"] = df["kind"].replace({"purchase": "order"})
     df.to_parquet(src)
-    cfg = DataConfig(format="parquet", mapping={"user_id": "customer", "event": "kind"}, event_map={"order": "purchase"})
+    cfg = DataConfig(format="parquet", mapping={"user_id": "customer", "event": "kind"},
+                     event_map={"order": "purchase"})
     r = ingest(tmp_path / "ws", [src], cfg, progress=False)
     assert r.accepted == len(df) and not r.rejected
     out = Workspace(tmp_path / "ws").connect().sql("SELECT * FROM events ORDER BY ts, user_id").df()
@@ -151,11 +150,13 @@ def test_presets_retailrocket_rees46(tmp_path):
     rees = tmp_path / "rees.csv"
     rees.write_text("event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session\n"
                     "2019-10-01 00:00:00 UTC,view,44600062,2103807459595387724,,shiseido,35.79,541312140,72d76fde\n"
-                    "2019-10-01 00:00:04 UTC,remove_from_cart,3900821,2053013552326770905,appliances.water_heater,aqua,33.20,554748717,9333dfbd\n")
+                    "2019-10-01 00:00:04 UTC,remove_from_cart,3900821,2053013552326770905,"
+                    "appliances.water_heater,aqua,33.20,554748717,9333dfbd\n")
     r = ingest(tmp_path / "ws", [rees], DataConfig(format="rees46"), progress=False)
     assert r.accepted == 2
     df = Workspace(tmp_path / "ws").connect().sql("SELECT * FROM events WHERE brand IS NOT NULL ORDER BY ts").df()
-    assert df["event"].tolist() == ["view", "remove_from_cart"] and df["category_code"].iloc[1] == "appliances.water_heater"
+    assert df["event"].tolist() == ["view", "remove_from_cart"]
+    assert df["category_code"].iloc[1] == "appliances.water_heater"
     assert df["session_id"].str.len().tolist() == [32, 32] and df["price"].tolist() == [35.79, 33.2]
 
 

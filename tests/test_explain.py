@@ -7,9 +7,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from purchase_intent import explain, pipeline
+from purchase_intent import explain, pipeline, runs
 from purchase_intent.config import DataConfig, FeatureConfig, LabelConfig, TrainConfig
+from purchase_intent.models.attribution import integrated_gradients
+from purchase_intent.models.transformer import BehaviourTransformer, preset
+from purchase_intent.sequences import SEQUENCE_FIELDS
+from purchase_intent.workspace import as_workspace
 
 
 def make_workspace(root: Path, models=("logreg", "lightgbm"), n_users: int = 300, days: int = 42,
@@ -36,10 +41,10 @@ def ws(tmp_path_factory) -> Path:
 
 
 def _test_inputs(ws: Path, run: str, n: int = 50):
-    meta, model = pipeline.load_run(run, ws)
-    built = pipeline.load_built(ws)
+    loaded = runs.load_run(run, ws)
+    built = runs.load_built(ws)
     idx = np.flatnonzero(built.mask("test"))[:n]
-    return meta, model, pipeline.model_inputs(meta["model"], built, idx, pipeline._ws(ws), None)
+    return loaded.meta, loaded.model, runs.model_inputs(loaded.meta["model"], built, idx, as_workspace(ws), None)
 
 
 @pytest.mark.parametrize("run", ["logreg", "lightgbm"])
@@ -114,13 +119,9 @@ def test_explain_user_cli(ws, capsys):
     earlier = explain.explain_user("logreg", uid, at=str(cutoff - pd.Timedelta(days=7)), workspace=ws)
     assert pd.Timestamp(earlier["at"]) == cutoff - pd.Timedelta(days=7)
 
-    import argparse
+    from purchase_intent import cli
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--workspace")
-    explain.add_explain_parser(parser.add_subparsers())
-    a = parser.parse_args(["--workspace", str(ws), "explain", "--run", "logreg", "--user", uid, "--top", "2"])
-    assert a.func(a) == 0
+    assert cli.main(["--workspace", str(ws), "explain", "--run", "logreg", "--user", uid, "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert "probability of buying" in out and len(out.strip().splitlines()) == 4
     with pytest.raises(ValueError, match="no events"):
@@ -140,33 +141,27 @@ def test_global_importance_is_mean_absolute_contribution(ws):
 # ---------------------------------------------------------------------------------------------
 # integrated gradients on the Transformer module (a stand-in estimator around an untrained net)
 class _TinySequenceModel:
-    """Estimator-shaped wrapper: module_ + to_batch + predict_proba, like the Transformer classifier."""
+    """Estimator-shaped wrapper around an untrained net: to_batch + contributions + predict_proba,
+    like the Transformer classifier."""
 
     def __init__(self, n_tabular: int, vocab):
-        import torch
-
-        from purchase_intent.models.transformer import BehaviourTransformer, preset
-
         torch.manual_seed(0)
         self.vocab_ = vocab
-        self.module_ = BehaviourTransformer(preset("tiny", field_sizes=vocab.field_sizes(), n_tabular=n_tabular,
-                                                   max_seq_len=vocab.cfg.max_seq_len, dropout=0.0)).eval()
+        self.net = BehaviourTransformer(preset("tiny", field_sizes=vocab.field_sizes(), n_tabular=n_tabular,
+                                               max_seq_len=vocab.cfg.max_seq_len, dropout=0.0)).eval()
 
     def to_batch(self, X):
-        import torch
-
-        from purchase_intent.sequences import SEQUENCE_FIELDS
-
         b = {f: torch.as_tensor(np.asarray(X[f], dtype=np.int64)) for f in SEQUENCE_FIELDS}
         b["mask"] = torch.as_tensor(np.asarray(X["mask"], dtype=bool))
         b["tabular"] = torch.as_tensor(np.nan_to_num(np.log1p(np.abs(X["tabular"]))), dtype=torch.float32)
         return b
 
-    def predict_proba(self, X):
-        import torch
+    def contributions(self, X, *, n_steps=32):
+        return integrated_gradients(self.net, self.to_batch(X), X, n_steps=n_steps)
 
+    def predict_proba(self, X):
         with torch.no_grad():
-            logits, _ = self.module_(self.to_batch(X))
+            logits, _ = self.net(self.to_batch(X))
         p = torch.sigmoid(logits).double().numpy()
         return np.column_stack([1 - p, p])
 
@@ -176,7 +171,7 @@ def seq_case(ws):
     from purchase_intent.sequences import SequenceConfig, build_sequences, fit_vocab
     from purchase_intent.workspace import Workspace
 
-    built = pipeline.load_built(ws)
+    built = runs.load_built(ws)
     idx = np.flatnonzero(built.mask("test"))[:8]
     con = Workspace(ws).connect()
     ex = built.examples.iloc[idx][["user_id", "cutoff"]].reset_index(drop=True)

@@ -1,16 +1,15 @@
-"""Cutoffs, user and session examples, the time split and backtest folds."""
+"""Cutoffs, user and session examples (the time split and backtest folds: ``test_splits.py``)."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
 import duckdb
-import numpy as np
 import pandas as pd
 import pytest
 
 from purchase_intent.config import LabelConfig
-from purchase_intent.labels import (backtest_folds, build_examples, example_counts, make_cutoffs,
-                                    single_example, split_examples)
+from purchase_intent.labels import build_examples, example_counts, make_cutoffs, single_example
+from purchase_intent.splits import split_examples
 
 D = timedelta(days=1)
 
@@ -74,53 +73,11 @@ def test_user_examples_and_label_window_boundaries():
     assert list(df["example_id"]) == list(range(len(df)))
     assert (df["label_end"] == df["cutoff"] + pd.Timedelta(days=1)).all()
     assert df["session_id"].isna().all() and df["session_start"].isna().all()
-    assert [str(t) for t in ex.schema.types[:6]] == ["int64", "string", "timestamp[us]", "int32", "timestamp[us]", "int32"]
+    assert [str(t) for t in ex.schema.types[:6]] == ["int64", "string", "timestamp[us]", "int32", "timestamp[us]",
+                                                     "int32"]
     counts = example_counts(ex)
     assert counts["examples"] == 10 and counts["positives"] == 2 and counts["cutoffs"] == 6
     assert counts["dropped"] == {"users never active in a lookback window": 2}  # c, z
-
-
-def _examples(n_periods=5, per=4, horizon=D, step=D):
-    rows = []
-    start = datetime(2024, 1, 1)
-    for p in range(n_periods):
-        for u in range(per):
-            rows.append(dict(example_id=len(rows), user_id=f"u{u}", cutoff=start + p * step,
-                             label=int((u + p) % 3 == 0), label_end=start + p * step + horizon, period=p))
-    return pd.DataFrame(rows)
-
-
-def test_split_orders_by_time_and_applies_the_gap_rule():
-    cfg = LabelConfig(valid_cutoffs=1, test_cutoffs=1)
-    df = _examples()
-    split, info = split_examples(df, cfg)
-    assert list(split) == ["train"] * 12 + ["valid"] * 4 + ["test"] * 4  # horizon == step: no gap
-    assert info.n_gap == 0 and info.splits["test"]["periods"] == [4]
-    assert info.splits["train"]["positive_rate"] == pytest.approx(df["label"][:12].mean())
-    assert "valid" in str(info) and info.splits["valid"]["first_cutoff"] == "2024-01-04T00:00:00"
-    # horizon 2d: period 3 would reach into test, so valid is period 2 and period 1 (reaching into
-    # valid) is gap too; the validation split is never emptied by the gap rule
-    df = _examples(horizon=2 * D)
-    split, info = split_examples(df, cfg)
-    assert list(split) == ["train"] * 4 + ["gap"] * 4 + ["valid"] * 4 + ["gap"] * 4 + ["test"] * 4
-    assert info.n_gap == 8
-    split, _ = split_examples(df, LabelConfig(valid_cutoffs=0, test_cutoffs=2))
-    assert list(split) == ["train"] * 8 + ["gap"] * 4 + ["test"] * 8
-    with pytest.raises(ValueError, match="periods"):
-        split_examples(_examples(n_periods=2), cfg)
-
-
-def test_backtest_folds_roll_the_test_window():
-    df = _examples(n_periods=6)
-    folds = backtest_folds(df, 3, LabelConfig(valid_cutoffs=1))
-    assert [f.test_period for f in folds] == [3, 4, 5]
-    for f in folds:
-        p = df["period"].to_numpy()
-        assert set(p[f.test_mask]) == {f.test_period} and set(p[f.valid_mask]) == {f.test_period - 1}
-        assert set(p[f.train_mask]) == set(range(f.test_period - 1))
-        assert not (f.train_mask & f.valid_mask).any() and not (f.valid_mask & f.test_mask).any()
-        assert f.cutoff == datetime(2024, 1, 1) + f.test_period * D and f.n_gap == 0
-    assert not folds[0].train_mask[df["period"] > 3].any()  # later periods are in no mask
 
 
 SESSIONS = [
@@ -151,7 +108,8 @@ def test_session_examples(ids):
                                   pd.Timestamp("2024-01-03 08:03") + US]
     assert list(df["label_end"]) == [pd.Timestamp("2024-01-01 10:12") + US, pd.Timestamp("2024-01-02 09:20") + US,
                                      pd.Timestamp("2024-01-03 08:04") + US]
-    assert list(df["session_start"]) == [pd.Timestamp(t) for t in ("2024-01-01 10:00", "2024-01-02 09:00", "2024-01-03 08:00")]
+    starts = ("2024-01-01 10:00", "2024-01-02 09:00", "2024-01-03 08:00")
+    assert list(df["session_start"]) == [pd.Timestamp(t) for t in starts]
     assert list(df["period"]) == [0, 1, 2]
     assert list(df["session_id"]) == (["s1", "s2", "s4"] if ids else
                                       ["gap@2024-01-01T10:00:00.000000", "gap@2024-01-02T09:00:00.000000",
@@ -223,28 +181,3 @@ def test_taobao_head_user_task(shared_data):
     print("\n" + rates.to_string() + "\n" + info.describe())
     assert (rates["size"] > 300).all() and rates["mean"].between(0.05, 0.4).all()
     assert info.n_gap == 0 and info.splits["test"]["n"] == rates["size"].iloc[-1]
-
-
-def test_horizon_longer_than_step_skips_to_a_clean_valid_period():
-    """With horizon 2d and step 1d the period right before test cannot be valid (its label window
-    reaches into the test window): it becomes gap and the period before it is valid, not an empty split."""
-    from purchase_intent.labels import split_examples
-
-    day = pd.Timedelta("1d")
-    t0 = pd.Timestamp("2024-01-10")
-    rows = []
-    for p in range(6):
-        for u in range(4):
-            rows.append(dict(period=p, cutoff=t0 + p * day, label_end=t0 + p * day + 2 * day, label=u % 2))
-    ex = pd.DataFrame(rows)
-    split, info = split_examples(ex, LabelConfig(horizon="2d", step="1d"))
-    by_period = {p: set(split[ex["period"] == p]) for p in range(6)}
-    assert by_period[5] == {"test"}
-    assert by_period[4] == {"gap"}
-    assert by_period[3] == {"valid"}
-    assert by_period[2] == {"gap"} and by_period[1] == {"train"} and by_period[0] == {"train"}
-    assert info.n_gap == 8
-    valid_end = ex["label_end"][split == "valid"].max()
-    assert valid_end <= ex["cutoff"][split == "test"].min()
-    train_end = ex["label_end"][split == "train"].max()
-    assert train_end <= ex["cutoff"][split == "valid"].min()

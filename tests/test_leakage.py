@@ -43,11 +43,16 @@ def perturb_after(df: pd.DataFrame, t: pd.Timestamp, rng: np.random.Generator) -
     after = np.flatnonzero((df["ts"] >= t).to_numpy())
     if len(after):
         pick = lambda p: after[rng.random(len(after)) < p]  # noqa: E731
-        i = pick(0.5); df.loc[df.index[i], "event"] = rng.choice(EVENTS, len(i))
-        i = pick(0.4); df.loc[df.index[i], "item_id"] = [f"i{k}" for k in rng.integers(0, 60, len(i))]
-        i = pick(0.3); df.loc[df.index[i], "category"] = [f"c{k}" for k in rng.integers(0, 9, len(i))]
-        i = pick(0.4); df.loc[df.index[i], "price"] = rng.uniform(1, 500, len(i))
-        i = pick(0.2); df.loc[df.index[i], "session_id"] = [f"new-s{k}" for k in rng.integers(0, 5, len(i))]
+        i = pick(0.5)
+        df.loc[df.index[i], "event"] = rng.choice(EVENTS, len(i))
+        i = pick(0.4)
+        df.loc[df.index[i], "item_id"] = [f"i{k}" for k in rng.integers(0, 60, len(i))]
+        i = pick(0.3)
+        df.loc[df.index[i], "category"] = [f"c{k}" for k in rng.integers(0, 9, len(i))]
+        i = pick(0.4)
+        df.loc[df.index[i], "price"] = rng.uniform(1, 500, len(i))
+        i = pick(0.2)
+        df.loc[df.index[i], "session_id"] = [f"new-s{k}" for k in rng.integers(0, 5, len(i))]
         i = pick(0.4)
         df.loc[df.index[i], "ts"] = t + pd.to_timedelta(rng.integers(0, span_us, len(i)), unit="us")
         df = df.drop(index=df.index[pick(0.2)])

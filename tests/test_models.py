@@ -9,6 +9,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from purchase_intent.models import (
     MODELS,
     SEQUENCE_MODELS,
+    Contributions,
     LightGBMModel,
     LogisticRegressionModel,
     NotEnoughData,
@@ -39,13 +40,10 @@ def test_registry_names():
         load_model("xgboost", "nowhere")
 
 
-def test_transformer_builder_or_skip():
-    try:
-        import purchase_intent.models.classifier  # noqa: F401
-    except ImportError:
-        pytest.skip("purchase_intent.models.classifier is not available yet")
+def test_transformer_builder():
     model = MODELS["transformer"]()
-    assert hasattr(model, "fit") and hasattr(model, "predict_proba")
+    for method in ("fit", "predict_proba", "contributions", "to_batch", "save"):
+        assert callable(getattr(model, method)), method
 
 
 @pytest.mark.parametrize("name", TABULAR_MODELS)
@@ -63,10 +61,13 @@ def test_contract(name, tmp_path):
     assert np.isfinite(proba).all()  # NaN inputs are handled
     assert set(np.unique(model.predict(X))) <= {0, 1}
 
-    contrib = model.contributions(X)
-    assert contrib.shape == (len(X), X.shape[1] + 1)
+    contrib = model.contributions(X)  # exact: n_steps changes nothing
+    assert isinstance(contrib, Contributions) and contrib.events is None
+    assert contrib.features.shape == (len(X), X.shape[1]) and contrib.base.shape == (len(X),)
+    assert contrib.features.dtype == contrib.base.dtype == np.float64
     logit = np.log(proba[:, 1] / proba[:, 0])
-    np.testing.assert_allclose(contrib.sum(axis=1), logit, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(contrib.total(), logit, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(model.contributions(X, n_steps=2).features, contrib.features)
 
     model.save(tmp_path)
     loaded = load_model(name, tmp_path)

@@ -66,7 +66,7 @@ def test_backtest_folds_train_only_on_the_past(shop, tmp_path):
     ws = tmp_path / "ws"
     pipeline.ingest(shop, DataConfig(format="csv"), ws, progress=False)
     built = pipeline.build(LabelConfig(lookback="14d", horizon="7d", step="7d"), workspace=ws, quiet=True)
-    from purchase_intent.labels import backtest_folds
+    from purchase_intent.splits import backtest_folds
 
     for fold in backtest_folds(built.examples, 2, built.label_cfg):
         ex = built.examples
@@ -159,7 +159,8 @@ def test_transformer_and_ensemble_runs_report_calibration(shop, tmp_path):
     from purchase_intent.workspace import Workspace
 
     e = evaluate_ensemble(Workspace(ws), ["transformer", "lightgbm"], n_boot=50)
-    preds = {r: pd.read_parquet(ws / "runs" / r / "predictions.parquet") for r in ("transformer", "lightgbm", "ensemble")}
+    preds = {r: pd.read_parquet(ws / "runs" / r / "predictions.parquet")
+             for r in ("transformer", "lightgbm", "ensemble")}
     t = preds["transformer"].query("split == 'test'").set_index("example_id")["probability"]
     g = preds["lightgbm"].query("split == 'test'").set_index("example_id")["probability"]
     ens = preds["ensemble"].query("split == 'test'").set_index("example_id")["probability"]

@@ -1,18 +1,20 @@
 """The HTML report: contents, self-containment, the CLI, and a real render in headless Chromium."""
 from __future__ import annotations
 
-import argparse
+import fnmatch
 import os
 import re
 import shutil
 import subprocess
+import tomllib
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from purchase_intent import report
 from test_explain import make_workspace
+
+from purchase_intent import cli, report, report_page
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars"]
@@ -21,8 +23,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
     tiny = {"preset": "tiny", "max_epochs": 1, "sequence": {"max_seq_len": 32}}
-    return make_workspace(tmp_path_factory.mktemp("report") / "ws", n_users=200, models=("logreg", "lightgbm", "transformer"),
-                          params={"transformer": tiny})
+    return make_workspace(tmp_path_factory.mktemp("report") / "ws", n_users=200,
+                          models=("logreg", "lightgbm", "transformer"), params={"transformer": tiny})
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,21 @@ def test_report_is_self_contained(report_path):
     assert set(re.findall(r"https?://[^\s'\"<)]+", text)) <= {"http://www.w3.org/2000/svg"}
 
 
+def test_page_inlines_its_assets_which_ship_with_the_package():
+    page = report_page.Page("t")
+    page.add('<div class="grid">' + page.chart("c", kind="bar", bars=[{"label": "a", "value": 1.0}]) + "</div>")
+    text = page.html("sub")
+    assets = files("purchase_intent") / "assets"
+    for name in ("report.css", "report.js", "report_errors.js"):
+        body = (assets / name).read_text(encoding="utf-8")
+        assert body.strip() and body in text, name
+    # every asset file is package data, so a non-editable install has it too
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["purchase_intent"]
+    for f in assets.iterdir():
+        assert any(fnmatch.fnmatch(f"assets/{f.name}", pat) for pat in patterns), f.name
+
+
 def test_curves_match_the_metrics():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 500)
@@ -69,12 +86,9 @@ def test_curves_match_the_metrics():
 
 
 def test_report_command(ws, capsys, tmp_path):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--workspace")
-    report.add_report_parser(parser.add_subparsers())
     out = tmp_path / "r.html"
-    a = parser.parse_args(["--workspace", str(ws), "report", "--run", "logreg", "--out", str(out), "--no-explain"])
-    assert a.func(a) == 0
+    args = ["--workspace", str(ws), "report", "--run", "logreg", "--out", str(out), "--no-explain"]
+    assert cli.main(args) == 0
     assert str(out.resolve()) in capsys.readouterr().out
     text = out.read_text()
     assert "runs: logreg" in text and "What drives the scores" not in text

@@ -1,7 +1,6 @@
 """Batch scores and audiences: who is scored, at which cutoff, ranks, deciles, chunking, audiences."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from datetime import timedelta
@@ -9,12 +8,13 @@ from datetime import timedelta
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import make_tiny_events
-from purchase_intent import pipeline
+
+from purchase_intent import cli, pipeline, runs
 from purchase_intent.config import DataConfig, LabelConfig, TrainConfig
 from purchase_intent.privacy import load_key, pseudonymise
-from purchase_intent.score import ScoreConfig, add_score_parser, parse_share, parse_time, score, summary_path
+from purchase_intent.score import ScoreConfig, parse_share, score, summary_path
+from purchase_intent.times import parse_time
 from purchase_intent.workspace import Workspace
 
 LOOKBACK = timedelta(days=7)
@@ -56,11 +56,12 @@ def test_scores_every_active_user_with_the_training_feature_path(shop, model, tm
     assert got["probability"].is_monotonic_decreasing
     assert got["decile"].min() == 1 and got["decile"].max() == 10 and got["decile"].is_monotonic_increasing
     assert (got["model"] == model).all()
-    meta, est = pipeline.load_run(model, ws)
+    loaded = runs.load_run(model, ws)
+    meta, est = loaded.meta, loaded.model
     assert (got["version"] == meta["version"]).all()
     # the same probabilities as the shared feature path on the workspace events
     ex = pd.DataFrame({"user_id": got["user_id"], "cutoff": got["cutoff"].astype("datetime64[us]")})
-    X = pipeline.inputs_for_examples(meta, est, ws.connect(), ex)
+    X = runs.inputs_for_examples(meta, est, ws.connect(), ex)
     np.testing.assert_allclose(got["probability"].to_numpy(), est.predict_proba(X)[:, 1], rtol=0, atol=1e-12)
     summary = json.loads(summary_path(out).read_text())
     assert summary["n_scored"] == len(got) and summary["audience"] is None
@@ -138,9 +139,7 @@ def test_bad_options_fail_with_a_clear_error(shop, tmp_path):
 
 def test_score_command(shop, tmp_path, capsys):
     ws, _, _ = shop
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--workspace")
-    add_score_parser(parser.add_subparsers(dest="command"))
+    parser = cli.build_parser()
     a = parser.parse_args(["--workspace", str(ws.root), "score", "--run", "lightgbm", "--out",
                            str(tmp_path / "top.parquet"), "--top-n", "3", "--quiet"])
     assert a.func(a) == 0

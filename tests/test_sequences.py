@@ -8,10 +8,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from purchase_intent.sequence_frame import build_sequences_frame
 from purchase_intent.sequences import (
-    EVENT_CODES, SEQUENCE_FIELDS, SequenceConfig, SequenceVocab, build_sequences, build_sequences_frame, fit_vocab,
+    SEQUENCE_FIELDS,
+    SequenceConfig,
+    SequenceVocab,
+    build_sequences,
+    fit_vocab,
     stable_bucket,
 )
+from purchase_intent.vocabulary import EVENT_CODES
 
 CUTOFFS = ["2024-03-08", "2024-03-15", "2024-03-22"]
 
@@ -147,7 +153,8 @@ def test_item_state_reads_what_happened_to_the_item_before_each_event():
                            "item_id": ["a", "a", "b", "a", "a", None], "category": "c", "price": 1.0,
                            "session_id": None})
     ex = pd.DataFrame({"example_id": np.array([0, 1], dtype=np.int64), "user_id": "u1",
-                       "cutoff": pd.to_datetime(["2024-03-03 09:00:30", "2024-03-05 00:00:00"]).astype("datetime64[us]")})
+                       "cutoff": pd.to_datetime(["2024-03-03 09:00:30", "2024-03-05 00:00:00"]
+                                                 ).astype("datetime64[us]")})
     seq, _ = _build(events, ex)
     # before 09:00:30 on 03-03: view a (new), cart a (seen), view b (new), view a (seen + carted)
     np.testing.assert_array_equal(seq["item_state"][0, -4:], [1, 2, 1, 4])

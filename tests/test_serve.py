@@ -18,10 +18,10 @@ import pandas as pd
 import pytest
 
 pytest.importorskip("fastapi")
+from conftest import make_tiny_events  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from conftest import make_tiny_events  # noqa: E402
-from purchase_intent import pipeline  # noqa: E402
+from purchase_intent import pipeline, runs  # noqa: E402
 from purchase_intent.config import DataConfig, LabelConfig, TrainConfig  # noqa: E402
 from purchase_intent.score import ScoreConfig, score  # noqa: E402
 from purchase_intent.serve.app import create_app  # noqa: E402
@@ -60,7 +60,8 @@ def shop(tmp_path_factory):
     cfg = TrainConfig(min_positives=1, min_negatives=1)
     scores = {}
     for m in MODEL_TYPES:
-        pipeline.train(m, params=TINY_TRANSFORMER if m == "transformer" else None, train_cfg=cfg, workspace=ws, quiet=True)
+        params = TINY_TRANSFORMER if m == "transformer" else None
+        pipeline.train(m, params=params, train_cfg=cfg, workspace=ws, quiet=True)
         score(m, root / f"{m}.parquet", ScoreConfig(reasons=2), workspace=ws, progress=False)
         scores[m] = pd.read_parquet(root / f"{m}.parquet")
     if "transformer" in MODEL_TYPES:  # a seed ensemble: two networks, one mean logit
@@ -87,7 +88,8 @@ def client(shop):
 def _events(df: pd.DataFrame, raw_user: str) -> list[dict]:
     ev = df[df["user_id"] == raw_user]
     return [{"ts": t.isoformat() + "Z", "event": e, "item_id": i, "category": c, "price": p, "session_id": s}
-            for t, e, i, c, p, s in zip(ev["ts"], ev["event"], ev["item_id"], ev["category"], ev["price"], ev["session_id"])]
+            for t, e, i, c, p, s in zip(ev["ts"], ev["event"], ev["item_id"], ev["category"], ev["price"],
+                                        ev["session_id"])]
 
 
 def _raw_users(ws: Workspace, df: pd.DataFrame, scored: pd.DataFrame, k: int) -> list[tuple[str, str]]:
@@ -178,7 +180,8 @@ def test_auth_is_required_except_for_health(client):
     assert client.post("/v1/score", json=body, headers=AUTH).status_code == 200
 
 
-GOOD = {"ts": "2024-03-10T10:00:00Z", "event": "view", "item_id": "i1", "category": "c1", "price": 9.5, "session_id": "s1"}
+GOOD = {"ts": "2024-03-10T10:00:00Z", "event": "view", "item_id": "i1", "category": "c1", "price": 9.5,
+        "session_id": "s1"}
 
 
 def _with(**kw):
@@ -234,7 +237,8 @@ def test_bad_input_gets_a_4xx_naming_the_field(client, body, field):
 
 def test_integer_ids_and_time_forms_mean_the_same(client):
     """Integer ids are read as their decimal text; 'Z', 'z', an offset and epoch seconds are the same instant."""
-    ev = {"ts": "2024-03-10T10:00:00Z", "event": "cart", "item_id": "17", "category": "3", "price": 5.0, "session_id": "9"}
+    ev = {"ts": "2024-03-10T10:00:00Z", "event": "cart", "item_id": "17", "category": "3", "price": 5.0,
+          "session_id": "9"}
     want = client.post("/v1/score", json={"user_id": "42", "events": [ev]}, headers=AUTH).json()
     as_int = {**ev, "item_id": 17, "category": 3, "session_id": 9}
     got = client.post("/v1/score", json={"user_id": 42, "events": [as_int]}, headers=AUTH).json()
@@ -267,7 +271,8 @@ def test_malformed_bodies_and_limits(shop):
         assert r.status_code == 422 and "users" in r.json()["message"]
         r = c.post("/v1/score/batch", json={"users": []}, headers=AUTH)
         assert r.status_code == 422 and "users" in r.json()["message"]
-        r = c.post("/v1/score/batch", json={"users": [{**_with(), "user_id": "a"}, {**_with(), "user_id": "a"}]}, headers=AUTH)
+        twice = [{**_with(), "user_id": "a"}, {**_with(), "user_id": "a"}]
+        r = c.post("/v1/score/batch", json={"users": twice}, headers=AUTH)
         assert r.status_code == 422 and "user_id" in r.json()["message"]
         r = c.post("/v1/score", json={"events": [{**GOOD, "item_id": "x" * 250}] * 3}, headers=AUTH)
         assert r.status_code == 413
@@ -300,7 +305,7 @@ def test_metrics_in_prometheus_format(shop):
 
 def test_hot_swap_keeps_answering_and_reports_the_version(shop):
     ws, _, _ = shop
-    versions = {r: pipeline.load_run(r, ws)[0]["version"] for r in ("lightgbm", "lightgbm-b")}
+    versions = {r: runs.load_run(r, ws).version for r in ("lightgbm", "lightgbm-b")}
     with _client(ws) as c:
         seen, errors, stop = set(), [], threading.Event()
 
@@ -354,7 +359,8 @@ def test_runs_are_only_loaded_from_the_runs_directory(shop, tmp_path):
 def test_api_keys_from_env_and_file(tmp_path):
     f = tmp_path / "keys"
     f.write_text("# team keys\nfile-key-123456\n\n")
-    assert read_api_keys("env-key-1234567, other-key-12345", f) == ("env-key-1234567", "other-key-12345", "file-key-123456")
+    want = ("env-key-1234567", "other-key-12345", "file-key-123456")
+    assert read_api_keys("env-key-1234567, other-key-12345", f) == want
     assert read_api_keys("", None) == ()
     with pytest.raises(ValueError, match="shorter"):
         read_api_keys("abc", None)

@@ -84,7 +84,8 @@ def test_write_events_round_trip(tmp_path, name):
     else:
         if name.endswith(".gz"):
             assert gzip.open(path).read(9) == b'"user_id"'
-        back = pd.read_csv(path, dtype={"user_id": str, "event": str, "item_id": str, "category": str, "session_id": str})
+        text_columns = ("user_id", "event", "item_id", "category", "session_id")
+        back = pd.read_csv(path, dtype=dict.fromkeys(text_columns, str))
     pd.testing.assert_frame_equal(back, expected, check_dtype=False)
     assert back["ts"].dtype == np.int64
     assert not list(tmp_path.glob("*.tmp"))
@@ -96,7 +97,8 @@ def test_write_events_rejects_unknown_extension(tmp_path):
 
 
 def test_funnel_carted_items_are_bought_more_than_viewed_only(sim):
-    pairs = sim.assign(c=sim["event"] == "cart", b=sim["event"] == "purchase").groupby(["user_id", "item_id"])[["c", "b"]].any()
+    pairs = (sim.assign(c=sim["event"] == "cart", b=sim["event"] == "purchase")
+             .groupby(["user_id", "item_id"])[["c", "b"]].any())
     rates = pairs.groupby("c")["b"].mean()
     assert rates[True] > 0.2 and rates[True] > 10 * rates[False]
     counts = sim["event"].value_counts()

@@ -11,7 +11,7 @@ from purchase_intent.models import NotEnoughData, load_model
 from purchase_intent.tabular import (
     TableEncoder,
     parse_label,
-    parse_time,
+    parse_time_column,
     run_table,
     split_by_time,
     split_stratified,
@@ -51,11 +51,11 @@ def test_parse_label():
 
 
 def test_parse_time():
-    months = parse_time(pd.Series(["Feb", "June", "Dec", "jan", "Sept", "March"]))
+    months = parse_time_column(pd.Series(["Feb", "June", "Dec", "jan", "Sept", "March"]))
     assert months.tolist() == [2, 6, 12, 1, 9, 3]
-    dates = parse_time(pd.Series(["2024-01-02", "2024-01-01 10:00"]))
+    dates = parse_time_column(pd.Series(["2024-01-02", "2024-01-01 10:00"]))
     assert dates[0] > dates[1]
-    assert parse_time(pd.Series([3, 1, 2])).tolist() == [3.0, 1.0, 2.0]
+    assert parse_time_column(pd.Series([3, 1, 2])).tolist() == [3.0, 1.0, 2.0]
 
 
 def test_split_by_time_keeps_order_and_ties():
@@ -97,7 +97,8 @@ def test_run_table_time_split(tmp_path):
                     model_params=FAST, out_dir=tmp_path / "out", verbose=False)
     split = res["split"]
     assert split["protocol"] == "time"
-    assert split["train"]["time_last"] < split["valid"]["time_first"] <= split["valid"]["time_last"] < split["test"]["time_first"]
+    assert split["train"]["time_last"] < split["valid"]["time_first"]
+    assert split["valid"]["time_first"] <= split["valid"]["time_last"] < split["test"]["time_first"]
     assert "day" not in res["data"]["features"] and "session" in res["data"]["encoder"]["dropped"]
     assert "visitor=returning" in res["data"]["features"]
     for name in ("logreg", "lightgbm"):

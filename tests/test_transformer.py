@@ -235,19 +235,29 @@ def test_flops_formula_matches_torch_counter():
 
 @pytest.mark.parametrize("inputs", ["tabular", "sequence"])
 def test_integrated_gradients_of_a_single_input_model_add_up(inputs):
-    from purchase_intent import explain
-
     X, y = _data(64, 0)
     X["dt_cutoff"] = np.where(X["mask"], 3, 0).astype(np.uint8)
     clf = TransformerClassifier(inputs=inputs, max_epochs=1, batch_size=32, dropout=0.0).fit(X, y)
-    attr = explain.integrated_gradients(clf, X, [f"f{i}" for i in range(X["tabular"].shape[1])], n_steps=64)
-    np.testing.assert_allclose(attr.total(), clf.decision_function(X), atol=2e-3)
-    assert (attr.events.any() if inputs == "sequence" else not attr.events.any())
-    assert (not attr.features.any()) if inputs == "sequence" else attr.features.any()
+    c = clf.contributions(X, n_steps=64)
+    np.testing.assert_allclose(c.total(), clf.decision_function(X), atol=2e-3)
+    assert c.features.shape == X["tabular"].shape and c.events.shape == X["mask"].shape
+    assert (c.events.any() if inputs == "sequence" else not c.events.any())
+    assert (not c.features.any()) if inputs == "sequence" else c.features.any()
+
+
+def test_to_batch_is_what_the_network_scores():
+    X, y = _data(64, 0)
+    clf = TransformerClassifier(max_epochs=1, batch_size=32, max_seq_len=6).fit(X, y)
+    batch = clf.to_batch(X)
+    assert batch["mask"].shape[1] <= 6 and batch["tabular"].dtype == torch.float32
+    assert batch["tokens"].shape == (*batch["mask"].shape, len(clf.model_config_.field_sizes))
+    with torch.no_grad():
+        logits = clf.model_.eval().logits(batch).numpy()
+    np.testing.assert_allclose(logits, clf.decision_function(X), rtol=1e-5, atol=1e-5)
 
 
 def test_seed_ensemble_members_are_the_single_seed_models(tmp_path):
-    from purchase_intent import explain
+    from purchase_intent.models.attribution import module_integrated_gradients
     from purchase_intent.models.transformer import SeedEnsemble
 
     X, y = _data(96, 0)
@@ -276,10 +286,12 @@ def test_seed_ensemble_members_are_the_single_seed_models(tmp_path):
     assert isinstance(loaded.model_, SeedEnsemble) and loaded.get_params()["n_seeds"] == 2
     np.testing.assert_allclose(loaded.predict_proba(X), ens.predict_proba(X), rtol=1e-5, atol=1e-6)
     # explanations: the members' mean attributions still add up to the ensemble's logit
-    net, batch = explain._net_and_batch(ens, X)
-    tab, events, base = explain.module_integrated_gradients(net, batch, n_steps=64)
-    total = base + tab.sum(axis=1) + events.sum(axis=1)
-    np.testing.assert_allclose(total, ens.decision_function(X), atol=5e-3)
+    tab, events, base = module_integrated_gradients(ens.model_, ens.to_batch(X), n_steps=64)
+    np.testing.assert_allclose(base + tab.sum(axis=1) + events.sum(axis=1), ens.decision_function(X), atol=5e-3)
+    members = [module_integrated_gradients(m, ens.to_batch(X), n_steps=64) for m in ens.model_.members]
+    np.testing.assert_array_equal(tab, np.mean([m[0] for m in members], axis=0))  # the members' mean
+    c = ens.contributions(X, n_steps=64)
+    np.testing.assert_allclose(c.total(), ens.decision_function(X), atol=5e-3)
     with pytest.raises(ValueError, match="n_seeds"):
         TransformerClassifier(n_seeds=0, **kw).fit(X, y)
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from purchase_intent.workspace import (NothingIngestedError, Workspace, atomic_dir, atomic_write_text, clean_tmp,
-                                       tmp_path as make_tmp)
+from purchase_intent.workspace import NothingIngestedError, Workspace, atomic_dir, atomic_write_text, clean_tmp
+from purchase_intent.workspace import tmp_path as make_tmp
 
 
 def test_layout_and_run_dir(tmp_path, monkeypatch):
@@ -16,7 +16,8 @@ def test_layout_and_run_dir(tmp_path, monkeypatch):
     assert ws.examples_dir == tmp_path / "examples" and ws.runs_dir == tmp_path / "runs"
     assert ws.run_dir("lightgbm") == tmp_path / "runs" / "lightgbm"
     assert ws.run_dir(tmp_path / "elsewhere" / "run1") == tmp_path / "elsewhere" / "run1"
-    assert ws.run_dir("some/dir") == Workspace(tmp_path).run_dir("some/dir") and str(ws.run_dir("some/dir")) == "some/dir"
+    assert ws.run_dir("some/dir") == Workspace(tmp_path).run_dir("some/dir")
+    assert str(ws.run_dir("some/dir")) == "some/dir"
     monkeypatch.setenv("PURCHASE_INTENT_WORKSPACE", str(tmp_path / "envws"))
     assert Workspace().root == tmp_path / "envws"
     monkeypatch.delenv("PURCHASE_INTENT_WORKSPACE")

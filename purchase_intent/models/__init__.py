@@ -2,17 +2,15 @@
 
 Builders are plain functions taking keyword hyperparameters and returning an unfitted estimator
 that follows the shared contract: ``fit(X, y, X_valid=None, y_valid=None) -> self``,
-``predict_proba(X) -> (n, 2)``, ``save(directory)``, classmethod ``load(directory)``.
+``predict_proba(X) -> (n, 2)``, ``contributions(X, *, n_steps=32) -> Contributions`` (additive
+log-odds terms for explanations), ``save(directory)``, classmethod ``load(directory)``.
 Tabular models take a 2-D feature matrix; models in ``SEQUENCE_MODELS`` take event sequences.
 """
 from __future__ import annotations
 
-from purchase_intent.models.baselines import (
-    LightGBMModel,
-    LogisticRegressionModel,
-    NotEnoughData,
-    check_min_data,
-)
+from .attribution import Contributions
+from .baselines import LightGBMModel, LogisticRegressionModel, NotEnoughData, check_min_data
+from .classifier import TransformerClassifier
 
 
 def make_logreg(**params) -> LogisticRegressionModel:
@@ -25,10 +23,8 @@ def make_lightgbm(**params) -> LightGBMModel:
     return LightGBMModel(**params)
 
 
-def make_transformer(**params):
-    """The behaviour-sequence Transformer classifier (imported on use: it pulls in torch)."""
-    from purchase_intent.models.classifier import TransformerClassifier
-
+def make_transformer(**params) -> TransformerClassifier:
+    """The behaviour-sequence Transformer classifier over event sequences and tabular features."""
     return TransformerClassifier(**params)
 
 
@@ -43,18 +39,18 @@ def load_model(name: str, directory):
     if name == "lightgbm":
         return LightGBMModel.load(directory)
     if name == "transformer":
-        from purchase_intent.models.classifier import TransformerClassifier
-
         return TransformerClassifier.load(directory)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 
 __all__ = [
+    "Contributions",
     "MODELS",
     "SEQUENCE_MODELS",
     "LightGBMModel",
     "LogisticRegressionModel",
     "NotEnoughData",
+    "TransformerClassifier",
     "check_min_data",
     "load_model",
     "make_lightgbm",

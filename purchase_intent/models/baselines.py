@@ -3,8 +3,8 @@
 Both follow the sklearn estimator contract (``__init__`` stores parameters, ``fit`` returns
 ``self``, fitted state ends in ``_``, ``predict_proba`` returns (n, 2)) and are binary only.
 Both save to a directory without pickle: the logistic model as one JSON file, LightGBM as its
-own text model file plus a small JSON. ``contributions(X)`` returns per-feature additive terms of
-the log-odds (last column: the bias) for explanations.
+own text model file plus a small JSON. ``contributions(X)`` splits the log-odds into exact
+per-feature terms and a base (:class:`~purchase_intent.models.attribution.Contributions`).
 
 Missing values: the logistic model imputes each feature's train median; LightGBM handles NaN
 natively.
@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
 from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..workspace import atomic_write_text
+from .attribution import Contributions
 
 LOGREG_FILE = "logreg.json"
 LIGHTGBM_FILE = "lightgbm.txt"
@@ -168,11 +174,6 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y, X_valid=None, y_valid=None) -> "LogisticRegressionModel":
         """Fit on (X, y); X_valid/y_valid are accepted for the shared contract and not used."""
-        from sklearn.impute import SimpleImputer
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import Pipeline
-        from sklearn.preprocessing import StandardScaler
-
         X, y01 = _validate_fit(self, X, y)
         pipe = Pipeline([
             ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
@@ -206,10 +207,13 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
         positive = self.decision_function(X) > 0
         return self.classes_[positive.astype(np.int64)]
 
-    def contributions(self, X) -> np.ndarray:
-        """Additive log-odds terms, shape (n, n_features + 1): coef * standardised value, then bias."""
+    def contributions(self, X, *, n_steps: int = 32) -> Contributions:
+        """Exact log-odds terms: coef * standardised value per feature, base the intercept.
+
+        ``n_steps`` (the integration steps of approximate attributions) is ignored: nothing to integrate.
+        """
         Z = self._standardise(X) * self.coef_  # (n, F)
-        return np.column_stack([Z, np.full(Z.shape[0], self.intercept_)])
+        return Contributions(features=Z, base=np.full(Z.shape[0], self.intercept_, dtype=np.float64))
 
     def save(self, directory) -> Path:
         """Write ``logreg.json`` (parameters and all fitted arrays) into ``directory``."""
@@ -363,10 +367,14 @@ class LightGBMModel(ClassifierMixin, BaseEstimator):
         positive = self.predict_proba(X)[:, 1] > 0.5
         return self.classes_[positive.astype(np.int64)]
 
-    def contributions(self, X) -> np.ndarray:
-        """SHAP values in log-odds, shape (n, n_features + 1), the last column the bias."""
+    def contributions(self, X, *, n_steps: int = 32) -> Contributions:
+        """Exact TreeSHAP values in log-odds per feature, base the expected raw score.
+
+        ``n_steps`` (the integration steps of approximate attributions) is ignored: TreeSHAP is exact.
+        """
         X = self._check_X(X)
-        return self.booster_.predict(X, num_iteration=self.best_iteration_, pred_contrib=True, **_threads_for(len(X)))
+        C = self.booster_.predict(X, num_iteration=self.best_iteration_, pred_contrib=True, **_threads_for(len(X)))
+        return Contributions(features=C[:, :-1], base=C[:, -1])  # (n, F+1): the last column is the bias
 
     def save(self, directory) -> Path:
         """Write ``lightgbm.txt`` (LightGBM's own model format) and ``lightgbm.json`` into ``directory``."""

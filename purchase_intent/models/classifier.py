@@ -1,9 +1,10 @@
 """``TransformerClassifier``: the behaviour-sequence Transformer behind the estimator contract.
 
 A thin adapter: it standardises the tabular features with train statistics, turns arrays into
-batches (trimming each batch's leading padding columns), calls :func:`purchase_intent.train.train`
-and calibrates the logits on valid. ``X`` is a dict of numpy arrays as built by
-:func:`purchase_intent.sequences.build_sequences` plus ``"tabular"`` (N, F) float (NaN allowed)::
+batches (:meth:`~TransformerClassifier.to_batch`, :func:`collate`), calls
+:func:`purchase_intent.train.train` and calibrates the logits on valid. ``X`` is a dict of numpy
+arrays as built by :func:`purchase_intent.sequences.build_sequences` plus ``"tabular"`` (N, F)
+float (NaN allowed)::
 
     clf = TransformerClassifier(preset="tiny", vocab=vocab).fit(X, y, X_valid=Xv, y_valid=yv)
     p = clf.predict_proba(X_test)[:, 1]
@@ -18,7 +19,7 @@ Inference (``decision_function``, ``predict_proba``) of a loaded model runs in O
 when the directory has ``model.onnx`` and onnxruntime is installed, and in PyTorch otherwise;
 ``PURCHASE_INTENT_INFERENCE=torch|onnx|auto`` chooses (see
 :func:`~purchase_intent.models.onnx_inference.inference_mode`). Training and explanations
-always use the PyTorch module ``model_``.
+(:meth:`~TransformerClassifier.contributions`) always use the PyTorch module ``model_``.
 """
 from __future__ import annotations
 
@@ -30,17 +31,20 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from .. import distributed as D
+from .. import distributed
 from ..calibration import Calibrator, fit_calibrator
 from ..config import from_dict
 from ..sequences import SEQUENCE_FIELDS, SequenceVocab
 from ..train import TrainLoopConfig, TrainResult, predict_logits, resolve_device, train
 from ..workspace import atomic_write_bytes, atomic_write_text
 from . import onnx_inference as ox
-from .transformer import BehaviourTransformer, SeedEnsemble, TransformerConfig, preset as make_preset
-
+from .attribution import Contributions, integrated_gradients
+from .transformer import BehaviourTransformer, SeedEnsemble, TransformerConfig
+from .transformer import preset as make_preset
 
 # rows per ONNX Runtime call in decision_function: the cost per row is flat from about 64 rows,
 # and the attention scores of 256 rows of length 200 already take 160 MB (small preset)
@@ -51,6 +55,32 @@ def _as_vocab(vocab: Any) -> Optional[SequenceVocab]:
     if vocab is None or isinstance(vocab, SequenceVocab):
         return vocab
     return SequenceVocab.from_dict(vocab)
+
+
+def collate(data: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Tensor]:
+    """Rows ``idx`` of the model's arrays as tensors (the ``collate`` of :func:`~purchase_intent.train.train`).
+
+    Drops the columns that are padding in every row (sequences are right-aligned) and adds
+    ``"tokens"`` (B, T', n_fields): all fields in one int64 tensor, one conversion per batch.
+    """
+    out: dict[str, torch.Tensor] = {}
+    start = 0
+    if "mask" in data:
+        m = data["mask"][idx]  # (B, T)
+        cols = np.flatnonzero(m.any(axis=0))
+        start = int(cols[0]) if len(cols) else m.shape[1] - 1
+        out["mask"] = torch.from_numpy(np.ascontiguousarray(m[:, start:]))
+    fields = [k for k in data if k not in ("mask", "label", "tabular")]
+    if fields:
+        tokens = np.empty((len(idx), data[fields[0]].shape[1] - start, len(fields)), dtype=np.int64)
+        for i, f in enumerate(fields):
+            tokens[:, :, i] = data[f][idx, start:]
+        out["tokens"] = torch.from_numpy(tokens)  # (B, T', n_fields), field order of the model
+        for i, f in enumerate(fields):
+            out[f] = out["tokens"][:, :, i]  # (B, T') views
+    if "tabular" in data:
+        out["tabular"] = torch.from_numpy(data["tabular"][idx])
+    return out
 
 
 class TransformerClassifier(ClassifierMixin, BaseEstimator):
@@ -68,34 +98,25 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
     pooling : {"cls+max", "cls"}
         Sequence summary: the [CLS] output plus a masked max-pool of the token states, or [CLS] alone.
     drop_fields : sequence of str
-        Token fields the model leaves out (names of ``SEQUENCE_FIELDS``). Default: the hashed item
-        id. Its 20k-bucket table lets the model memorise shoppers: on the simulator valid PR-AUC
-        peaked in the third epoch and fell after, and dropping it gained +0.008 test ROC-AUC
-        (BENCHMARKS.md); what the user did with an item before stays in ``item_state``.
+        Token fields left out (names of ``SEQUENCE_FIELDS``). Default: the hashed item id, whose
+        large table lets the model memorise shoppers (``item_state`` keeps what they did with an item).
     max_seq_len : int or None
         Keep only the most recent ``max_seq_len`` events of each sequence (None = all columns).
-        Default 50: on the simulator 50 events score like 200 at a quarter of the cost.
-    max_epochs, lr, batch_size ...
-        Defaults: a cosine schedule over 12 epochs at lr 2e-3, batch 512, stopped after 3
-        epochs without a better valid PR-AUC. The tabular branch needs those steps: at 3-4
-        epochs the same network trailed LightGBM on the features alone (BENCHMARKS.md).
     pos_weight : float, "balanced" or None
         BCE weight of positives; "balanced" = n_negative / n_positive of the train labels.
     max_epochs, lr, batch_size, weight_decay, warmup_frac, patience, grad_clip, ema_decay :
-        The :class:`~purchase_intent.train.TrainLoopConfig` fields of the same names.
+        The :class:`~purchase_intent.train.TrainLoopConfig` fields of the same names (a cosine
+        schedule; early stopping on valid PR-AUC).
     n_seeds : int
         Train this many networks, from seeds ``random_state``, ``random_state + 1``, ...; the
-        model's logit is the mean of theirs (:class:`~purchase_intent.models.transformer.SeedEnsemble`),
-        calibrated once. One network's ROC-AUC moves by as much as 0.003 with the seed alone; the
-        mean of three beat each of them and LightGBM on the simulator (BENCHMARKS.md, "seeds").
-        Costs ``n_seeds`` times the training and scoring time of one network. Default 1.
+        logit is the mean of theirs (:class:`~purchase_intent.models.transformer.SeedEnsemble`),
+        calibrated once: less variance from the seed, at ``n_seeds`` times the cost.
     valid_fraction : float
         Without ``X_valid``, the last rows (latest cutoffs: rows are in example_id order) are held
         out for early stopping and calibration.
     calibration : {"platt", "temperature", "none"}
-        Fitted on the validation rows. Platt (scale and shift of the logit) by default: a model
-        stopped early or trained with a positive-class weight has biased logits, which a
-        temperature alone cannot shift (measured: ECE 0.36 -> 0.12 with temperature).
+        Fitted on the validation rows. Platt by default: logits biased by early stopping or a
+        positive-class weight need a shift, which a temperature alone cannot give.
     tabular_log : bool
         ``sign(x) * log1p(|x|)`` before standardising (counts and durations are heavy-tailed).
     vocab : SequenceVocab, dict or None
@@ -106,6 +127,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         Per-epoch checkpoints (resume after a kill).
     progress : bool
     random_state : int
+
+    Measured effects of the defaults are in BENCHMARKS.md.
     """
 
     def __init__(self, preset: str = "tiny", d_model: Optional[int] = None, n_layers: Optional[int] = None,
@@ -173,27 +196,23 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             out["label"] = np.asarray(y, dtype=np.float32)
         return out
 
-    @staticmethod
-    def _collate(data: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Tensor]:
-        """Rows idx as tensors; drops the columns that are padding in every row (right-aligned)."""
-        out: dict[str, torch.Tensor] = {}
-        start = 0
-        if "mask" in data:
-            m = data["mask"][idx]  # (B, T)
-            cols = np.flatnonzero(m.any(axis=0))
-            start = int(cols[0]) if len(cols) else m.shape[1] - 1
-            out["mask"] = torch.from_numpy(np.ascontiguousarray(m[:, start:]))
-        fields = [k for k in data if k not in ("mask", "label", "tabular")]
-        if fields:
-            tokens = np.empty((len(idx), data[fields[0]].shape[1] - start, len(fields)), dtype=np.int64)
-            for i, f in enumerate(fields):
-                tokens[:, :, i] = data[f][idx, start:]
-            out["tokens"] = torch.from_numpy(tokens)  # (B, T', n_fields), field order of the model
-            for i, f in enumerate(fields):
-                out[f] = out["tokens"][:, :, i]  # (B, T') views
-        if "tabular" in data:
-            out["tabular"] = torch.from_numpy(data["tabular"][idx])
-        return out
+    def to_batch(self, X: dict) -> dict[str, torch.Tensor]:
+        """The tensors the network scores for all rows of ``X``: what ``predict_proba`` sees.
+
+        Fields cut to the last ``max_seq_len`` columns (unseen ids clipped), tabular features
+        standardised with the train statistics, columns that are padding in every row dropped.
+        """
+        data = self._arrays(X)
+        return collate(data, np.arange(len(next(iter(data.values())))))
+
+    def contributions(self, X: dict, *, n_steps: int = 32) -> Contributions:
+        """Integrated-gradients log-odds terms of the uncalibrated logit (needs the ``explain`` extra).
+
+        Features (N, F), events (N, T) at ``X``'s positions and base (N,): the logit with every
+        event embedding at zero and the tabular features at their train mean; ``n_steps``
+        integration steps. A seed ensemble gets the mean of its networks' terms.
+        """
+        return integrated_gradients(self.model_, self.to_batch(X), X, n_steps=n_steps)
 
     # ------------------------------------------------------------------ estimator API
     def fit(self, X: dict, y, X_valid: Optional[dict] = None, y_valid=None) -> "TransformerClassifier":
@@ -263,11 +282,11 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             if self.n_seeds > 1:
                 ckpt = None if self.checkpoint_dir is None else str(Path(self.checkpoint_dir) / f"seed{seed}")
                 loop = dataclasses.replace(loop, seed=seed, checkpoint_dir=ckpt)
-            if self.progress and self.n_seeds > 1 and D.is_main():
+            if self.progress and self.n_seeds > 1 and distributed.is_main():
                 print(f"network {k + 1} of {self.n_seeds} (seed {seed})", flush=True)
             torch.manual_seed(seed)
             net = BehaviourTransformer(self.model_config_)
-            result: TrainResult = train(net, train_data, valid_data, loop, collate=self._collate)
+            result: TrainResult = train(net, train_data, valid_data, loop, collate=collate)
             members.append(net)
             results.append(dataclasses.asdict(result))
         if len(members) == 1:
@@ -287,11 +306,11 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             out = np.empty(n, dtype=np.float32)
             for lo in range(0, n, ONNX_BATCH_SIZE):
                 idx = np.arange(lo, min(n, lo + ONNX_BATCH_SIZE))
-                out[idx] = scorer.logits(self._collate(data, idx))
+                out[idx] = scorer.logits(collate(data, idx))
             return out
         _, amp = resolve_device(self.loop_config_)
         return predict_logits(self.model_, data, self.loop_config_.eval_batch_size,
-                              self._collate, next(self.model_.parameters()).device, amp)
+                              collate, next(self.model_.parameters()).device, amp)
 
     def predict_proba(self, X: dict) -> np.ndarray:
         """Calibrated probabilities, (N, 2): column 1 is P(purchase)."""
@@ -326,19 +345,6 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                 return None
         return self.onnx_scorer_
 
-    def _export_onnx(self) -> Optional[bytes]:
-        """model.onnx of the fitted model, checked against PyTorch; None (with a warning) on failure."""
-        if not (ox.onnx_export_available() and ox.onnxruntime_available()):
-            return None  # a graph is only written once it has been checked against PyTorch
-        try:
-            data = ox.export_onnx(self.model_)
-            ox.check_parity(self.model_, data)
-            return data
-        except Exception as e:  # export is an optimisation: a model that only runs in PyTorch is still a model
-            warnings.warn(f"ONNX export failed, the saved model will run with PyTorch only: {e!r}",
-                          RuntimeWarning, stacklevel=3)
-            return None
-
     # ------------------------------------------------------------------ artifacts
     def save(self, directory: str | Path) -> None:
         """Write model.safetensors, model.onnx (when exportable) and config.json into `directory`.
@@ -346,10 +352,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         Each file is written atomically, config.json last: it records the sha256 of the
         model.onnx written with these weights, so a stale graph is never used. Main rank only.
         """
-        if not D.is_main():
+        if not distributed.is_main():
             return
-        from safetensors.torch import save as save_tensors
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         params = self.get_params()
@@ -362,7 +366,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                 "calibration": self.calibrator_.to_dict(), "train_result": self.train_result_}
         state = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
         atomic_write_bytes(d / "model.safetensors", save_tensors(state))
-        onnx_bytes = self._export_onnx()
+        onnx_bytes = ox.export_checked(self.model_)
         if onnx_bytes is not None:
             atomic_write_bytes(d / ox.ONNX_FILE, onnx_bytes)
             meta["onnx"] = {"file": ox.ONNX_FILE, "sha256": ox.sha256(onnx_bytes), "opset": ox.OPSET}
@@ -373,8 +377,6 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
     @classmethod
     def load(cls, directory: str | Path, device: str = "cpu") -> "TransformerClassifier":
         """Rebuild a saved classifier from JSON, safetensors and model.onnx (no pickle)."""
-        from safetensors.torch import load_file
-
         d = Path(directory)
         meta = json.loads((d / "config.json").read_text())
         names = cls().get_params().keys()
@@ -395,21 +397,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                       else SeedEnsemble([BehaviourTransformer(clf.model_config_) for _ in range(n_seeds)]))
         clf.model_.load_state_dict(load_file(str(d / "model.safetensors")))
         clf.model_.to(device).eval()
-        clf.onnx_path_ = _saved_onnx(d, meta.get("onnx"))
+        clf.onnx_path_ = ox.saved_onnx(d, meta.get("onnx"))
         if ox.inference_mode() != "torch":
             clf._onnx_scorer(1)  # open the session now, not in the first request
         return clf
 
-
-def _saved_onnx(directory: Path, entry: Optional[dict]) -> Optional[Path]:
-    """The model.onnx saved with these weights, if onnxruntime can run it; else None."""
-    if not entry or not ox.onnxruntime_available():
-        return None
-    if entry.get("file") != ox.ONNX_FILE:
-        return None
-    path = directory / ox.ONNX_FILE
-    if not path.is_file() or ox.sha256(path.read_bytes()) != entry["sha256"]:
-        warnings.warn(f"{path} is missing or does not match the saved weights: running PyTorch",
-                      RuntimeWarning, stacklevel=3)
-        return None
-    return path

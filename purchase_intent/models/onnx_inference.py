@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.export import Dim
 
 from .transformer import BehaviourTransformer, SeedEnsemble
 
@@ -216,8 +217,6 @@ def _export_torchscript(graph: nn.Module, example: tuple, names: list[str]) -> b
 
 
 def _export_dynamo(graph: nn.Module, example: tuple, names: list[str]) -> bytes:
-    from torch.export import Dim
-
     batch, seq = Dim("batch"), Dim("seq", max=graph.model.cfg.max_seq_len)
     shapes = {"tokens": {0: batch, 1: seq}, "mask": {0: batch, 1: seq}, "tabular": {0: batch}}
     with warnings.catch_warnings(), torch.no_grad():
@@ -268,6 +267,34 @@ def check_parity(model: BehaviourTransformer, onnx_model: bytes | str | Path, rt
             raise ValueError(f"ONNX Runtime logits differ from PyTorch by up to {worst:.2e} (batch {B}, length {T})")
     return worst
 
+
+
+def export_checked(model: BehaviourTransformer | SeedEnsemble) -> Optional[bytes]:
+    """model.onnx of a fitted ``model``, checked against PyTorch; None without the extras or, with
+    a warning, when export or the check fails (a model that only runs in PyTorch is still a model)."""
+    if not (onnx_export_available() and onnxruntime_available()):
+        return None  # a graph is only written once it has been checked against PyTorch
+    try:
+        data = export_onnx(model)
+        check_parity(model, data)
+        return data
+    except Exception as e:
+        warnings.warn(f"ONNX export failed, the saved model will run with PyTorch only: {e!r}",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+
+def saved_onnx(directory: Path, entry: Optional[dict]) -> Optional[Path]:
+    """The model.onnx in ``directory`` that config.json's ``entry`` records, if onnxruntime can run
+    it and its sha256 matches (else None, with a warning for a missing or stale file)."""
+    if not entry or not onnxruntime_available() or entry.get("file") != ONNX_FILE:
+        return None
+    path = Path(directory) / ONNX_FILE
+    if not path.is_file() or sha256(path.read_bytes()) != entry["sha256"]:
+        warnings.warn(f"{path} is missing or does not match the saved weights: running PyTorch",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    return path
 
 class OnnxScorer:
     """ONNX Runtime sessions (CPU execution provider) of an exported model.

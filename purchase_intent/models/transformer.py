@@ -44,6 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..sequences import SequenceVocab
+
 
 @dataclass
 class TransformerConfig:
@@ -350,9 +352,8 @@ class SeedEnsemble(nn.Module):
     """Several :class:`BehaviourTransformer` of one config, each trained on its own from another
     seed; the logit is the mean of theirs. ``forward(batch, labels=None) -> (logits, loss)``.
 
-    One network's ROC-AUC moves by as much as 0.003 with the seed alone on the simulator; the
-    mean of three seeds scored above each of them and above LightGBM (BENCHMARKS.md, "seeds").
-    Training costs ``n`` times one network, scoring ``n`` times its forward pass.
+    Averaging removes the part of the score that depends on the seed alone (BENCHMARKS.md, "seeds"),
+    at ``n`` times the training and scoring cost of one network.
     """
 
     def __init__(self, members: list[BehaviourTransformer]):
@@ -393,8 +394,6 @@ def flops_per_sequence(cfg: TransformerConfig, seq_len: int) -> int:
 
 
 def _demo_field_sizes() -> dict:
-    from ..sequences import SequenceVocab
-
     return SequenceVocab(price_edges=[float(i) for i in range(15)]).field_sizes()
 
 

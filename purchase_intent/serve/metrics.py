@@ -95,7 +95,8 @@ class Metrics:
             lines += [f"# HELP {p}_score Distribution of the probabilities served.",
                       f"# TYPE {p}_score histogram"]
             lines += self.scores.lines(f"{p}_score", "")
-            lines += [f"# HELP {p}_stage_seconds Time inside a scoring request by stage (parse, prepare, features, sequences, model).",
+            lines += [f"# HELP {p}_stage_seconds Time inside a scoring request by stage "
+                      "(parse, prepare, features, sequences, model).",
                       f"# TYPE {p}_stage_seconds histogram"]
             for st, h in sorted(self.stages.items()):
                 lines += h.lines(f"{p}_stage_seconds", _labels(stage=st))

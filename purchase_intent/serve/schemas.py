@@ -12,42 +12,42 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, StrictInt, WithJsonSchema
 
-EVENT_NAMES = ("view", "cart", "remove_from_cart", "wishlist", "purchase", "other")
+from ..times import EPOCH, from_epoch_seconds, parse_iso
+from ..vocabulary import CANONICAL_EVENTS
+
+EVENT_NAMES = CANONICAL_EVENTS
 FUTURE_TOLERANCE = timedelta(minutes=5)  # clock skew allowed for times in the future
 MAX_ID_CHARS = 256
 MAX_PRICE = 1e9
 HARD_MAX_EVENTS = 100_000  # schema bound; the server's own (smaller) limit is checked in the route
 HARD_MAX_USERS = 10_000
-_EPOCH = datetime(1970, 1, 1)
 
 
 def parse_timestamp(value: Any) -> datetime:
     """ISO 8601 text or epoch seconds -> tz-naive UTC datetime; ValueError with the reason.
 
-    Runs once per event of a request, so the common case (text) takes the shortest path."""
+    ``times.parse_iso`` / ``times.from_epoch_seconds`` with the API's bounds: text of at most 40
+    characters, no numeric text, times between 1970 and a few minutes from now. Runs once per event
+    of a request, so the common case (text) takes the shortest path."""
     if type(value) is str:
         text = value.strip()
         if not text or len(text) > 40:
             raise ValueError(f"cannot parse {value[:40]!r} as an ISO 8601 time")
-        try:  # "Z" / "z" spelled as an offset: fromisoformat reads the lower case on no version
-            t = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1] in "zZ" else text)
+        try:
+            t = parse_iso(text)
         except ValueError:
             raise ValueError(f"cannot parse {text!r} as an ISO 8601 time (e.g. 2017-12-02T10:00:00Z)") from None
-        offset = t.utcoffset()
-        if offset is not None:
-            try:
-                t = t.replace(tzinfo=None) - offset
-            except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00
-                raise ValueError(f"time {text!r} is out of range") from None
+        except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00
+            raise ValueError(f"time {text!r} is out of range") from None
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         if not 0 <= value < 1e11:  # also NaN, inf and integers too large for a float
             raise ValueError(f"epoch seconds {value!r} out of range")
-        t = _EPOCH + timedelta(microseconds=round(float(value) * 1e6))
+        t = from_epoch_seconds(value)
     else:
         raise ValueError("must be an ISO 8601 string or epoch seconds (a number)")
-    if t < _EPOCH:
+    if t < EPOCH:
         raise ValueError(f"time {t.isoformat()} is before 1970")
-    if t > _EPOCH + timedelta(seconds=time.time()) + FUTURE_TOLERANCE:
+    if t > EPOCH + timedelta(seconds=time.time()) + FUTURE_TOLERANCE:
         now = datetime.now(timezone.utc).replace(tzinfo=None)
         raise ValueError(f"time {t.isoformat()}Z lies in the future (now is {now.isoformat(timespec='seconds')}Z)")
     return t
@@ -68,6 +68,7 @@ Id = Annotated[
     WithJsonSchema({"anyOf": [{"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS}, {"type": "integer"}]}),
 ]
 Price = Annotated[float, Field(ge=0, le=MAX_PRICE, allow_inf_nan=False)]
+EventName = Literal[CANONICAL_EVENTS]  # the canonical events of ``vocabulary``
 
 
 class Event(BaseModel):
@@ -75,7 +76,7 @@ class Event(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     ts: Timestamp
-    event: Literal["view", "cart", "remove_from_cart", "wishlist", "purchase", "other"]
+    event: EventName
     item_id: Optional[Id] = None
     category: Optional[Id] = None
     price: Optional[Price] = None

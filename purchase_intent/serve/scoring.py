@@ -4,10 +4,10 @@ A request's events become canonical event columns (user and session ids pseudony
 workspace key, as at ingest). User-task runs compute their features with
 ``feature_frame.compute_features_frame``, the numpy form of the training feature SQL (tests prove both
 agree on every feature), because parsing and planning that SQL costs more than the whole request
-budget; sequences (Transformer) likewise come from ``sequences.build_sequences_frame``, the numpy
-form of ``build_sequences`` (tests prove both give the same arrays). Session-task runs and the
-known-user route use ``pipeline.inputs_for_examples`` over the events put in a per-thread
-in-memory DuckDB, the code that built the training features.
+budget; sequences (Transformer) likewise come from ``sequence_frame.build_sequences_frame``, the numpy
+form of ``sequences.build_sequences`` (tests prove both give the same arrays). Session-task runs and
+the known-user route use ``runs.inputs_for_examples`` over the events put in a per-thread in-memory
+DuckDB, the code that built the training features.
 """
 from __future__ import annotations
 
@@ -17,53 +17,47 @@ import hmac
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
+import duckdb
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 
+from .. import runs
+from ..explain import explain_inputs
+from ..feature_frame import compute_features_frame
+from ..labels import single_example
+from ..privacy import load_key, pseudonymise
+from ..runs import Run
+from ..sequence_frame import build_sequences_frame
+from ..times import ONE_US
+from ..workspace import Workspace
 from .metrics import Metrics
 from .schemas import ScoreRequest
 from .settings import ServeSettings, resolve_run_dir
 
-ONE_US = timedelta(microseconds=1)
+
+@dataclass
+class Predicted:
+    """Probabilities of a batch of examples, shape (N,), and each example's top reasons when asked for."""
+
+    probabilities: np.ndarray
+    reasons: Optional[list[list[dict]]] = None
 
 
 @dataclass
-class LoadedRun:
-    """A run ready to answer: swapped as one reference, so a request keeps the run it started with."""
+class Scored:
+    """What the scoring routes answer for the users of a request, one entry per user, in order."""
 
-    run_dir: Path
-    meta: dict
-    model: Any
-    lookback: timedelta
-    feature_cfg: Any = None  # FeatureConfig of the run
-    task: str = "user"
-    vocab: Any = None  # SequenceVocab of a sequence model, else None
-
-    @property
-    def info(self) -> dict[str, str]:
-        lc = self.meta["label_config"]
-        return {"run": self.run_dir.name, "model": self.meta["model"], "version": str(self.meta.get("version", "")),
-                "task": lc.get("task", "user"), "lookback": lc["lookback"], "horizon": lc["horizon"]}
-
-
-def load_run_dir(run_dir: Path) -> LoadedRun:
-    """Read run.json and the model of one run directory (never unpickles)."""
-    import json
-
-    from ..config import parse_duration
-    from ..models import load_model
-
-    from ..pipeline import _is_sequence_model, _model_vocab, run_feature_config
-
-    meta = json.loads((run_dir / "run.json").read_text())
-    model = load_model(meta["model"], run_dir / "model")
-    fc = run_feature_config(meta)
-    vocab = _model_vocab(model) if _is_sequence_model(meta["model"]) else None
-    return LoadedRun(run_dir, meta, model, parse_duration(meta["label_config"]["lookback"]), fc,
-                     meta["label_config"].get("task", "user"), vocab)
+    probabilities: np.ndarray  # (N,)
+    cutoffs: list[datetime]  # the time each user was scored at
+    n_events: list[int]  # events before the cutoff
+    active: list[bool]  # an event within the run's lookback before the cutoff
+    user_ids: list[str]  # pseudonyms (``anonymous-i`` for users sent without an id)
+    reasons: Optional[list[list[dict]]] = None  # top reasons per user, when asked for
 
 
 class ApiError(Exception):
@@ -78,8 +72,6 @@ class ServeState:
     """What the routes share: settings, the current run, the pseudonym key, metrics, DuckDB handles."""
 
     def __init__(self, settings: ServeSettings):
-        from ..privacy import load_key
-
         self.settings = settings
         self.metrics = Metrics()
         self.key = load_key(Path(settings.workspace))
@@ -87,8 +79,8 @@ class ServeState:
         self._local = threading.local()
         self._cons: list = []  # every DuckDB connection handed out, closed at shutdown
         self._reload_lock = threading.Lock()
-        self.current: Optional[LoadedRun] = None
-        self.current = load_run_dir(resolve_run_dir(settings.runs_path, settings.run))
+        self.current: Optional[Run] = None
+        self.current = runs.load_run_dir(resolve_run_dir(settings.runs_path, settings.run))
         self._freeze_gc()
 
     def _freeze_gc(self) -> None:
@@ -110,13 +102,13 @@ class ServeState:
         return ok
 
     # --- hot swap
-    def reload(self, run: Optional[str] = None) -> tuple[LoadedRun, Optional[str]]:
+    def reload(self, run: Optional[str] = None) -> tuple[Run, Optional[str]]:
         """Load ``run`` (default: the current run's name) and swap it in; returns (new, old version)."""
         with self._reload_lock:
             old = self.current
-            name = run or (old.run_dir.name if old else self.settings.run)
+            name = run or (old.name if old else self.settings.run)
             try:
-                new = load_run_dir(resolve_run_dir(self.settings.runs_path, name))
+                new = runs.load_run_dir(resolve_run_dir(self.settings.runs_path, name))
             except Exception:
                 self.metrics.reload("failed")
                 raise
@@ -129,8 +121,6 @@ class ServeState:
     def request_con(self):
         con = getattr(self._local, "mem", None)
         if con is None:
-            import duckdb
-
             con = self._local.mem = duckdb.connect(":memory:")
             con.execute("SET threads = 1")
             with self._reload_lock:
@@ -140,8 +130,6 @@ class ServeState:
     def workspace_con(self):
         con = getattr(self._local, "ws", None)
         if con is None:
-            from ..workspace import Workspace
-
             con = self._local.ws = Workspace(self.settings.workspace).connect()
             with self._reload_lock:
                 self._cons.append(con)
@@ -157,8 +145,6 @@ class ServeState:
             self._cons.clear()
 
     def pseudonymise(self, ids: list[str]) -> list[str]:
-        from ..privacy import pseudonymise
-
         return list(pseudonymise(ids, self.key))
 
 
@@ -186,20 +172,13 @@ def _event_columns(users: list[ScoreRequest], ids: list[str], sessions: dict[str
 
 def _events_table(cols: dict[str, list]):
     """The columns as an Arrow table with the canonical schema (to register as `events`)."""
-    import pyarrow as pa
-
     schema = pa.schema([(c, pa.type_for_alias(t)) for c, t in _SCHEMA])
     return pa.table(cols, schema=schema)
 
 
-def _examples(loaded: LoadedRun, con, ids: list[str], ats: list[datetime]):
+def _examples(loaded: Run, con, ids: list[str], ats: list[datetime]) -> pd.DataFrame:
     """One example per user at its cutoff (session task: the user's last session before it)."""
-    import pandas as pd
-
-    from ..config import LabelConfig, from_dict
-    from ..labels import single_example
-
-    lc = from_dict(LabelConfig, loaded.meta["label_config"])
+    lc = loaded.label_cfg
     if lc.task == "user":
         return pd.DataFrame({"user_id": pd.array(ids, dtype=object),
                              "cutoff": pd.Series(ats, dtype="datetime64[us]")})
@@ -207,54 +186,42 @@ def _examples(loaded: LoadedRun, con, ids: list[str], ats: list[datetime]):
     return pd.concat(parts, ignore_index=True)[["user_id", "cutoff", "session_id", "session_start"]]
 
 
-def predict(state: ServeState, loaded: LoadedRun, con, ids: list[str], ats: list[datetime],
-            timings: dict[str, float], explain_top: int = 0) -> tuple[np.ndarray, Optional[list]]:
+def predict(loaded: Run, con, ids: list[str], ats: list[datetime], timings: dict[str, float],
+            explain_top: int = 0) -> Predicted:
     """Probabilities (len(ids),) with the training feature code over the `events` of `con`, and with
-    `explain_top` > 0 each example's top reasons (else None)."""
-    from ..pipeline import inputs_for_examples
-
+    `explain_top` > 0 each example's top reasons."""
     t0 = time.perf_counter()
-    X = inputs_for_examples(loaded.meta, loaded.model, con, _examples(loaded, con, ids, ats))
+    X = runs.inputs_for_examples(loaded.meta, loaded.model, con, _examples(loaded, con, ids, ats))
     t1 = time.perf_counter()
     p = np.asarray(loaded.model.predict_proba(X), dtype=np.float64)[:, 1]
     t2 = time.perf_counter()
     timings["features"] = t1 - t0
     timings["model"] = t2 - t1
-    return p, _reasons(loaded, X, explain_top, timings)
+    return Predicted(p, _reasons(loaded, X, explain_top, timings))
 
 
-def _reasons(loaded: LoadedRun, X, top: int, timings: dict[str, float]) -> Optional[list]:
+def _reasons(loaded: Run, X, top: int, timings: dict[str, float]) -> Optional[list]:
     if top <= 0:
         return None
-    from ..explain import explain_inputs
-
     t0 = time.perf_counter()
     out = explain_inputs(loaded.meta, loaded.model, X, top=top)
     timings["explain"] = time.perf_counter() - t0
     return out
 
 
-def predict_columns(state: ServeState, loaded: LoadedRun, cols: dict[str, list], ids: list[str],
-                    ats: list[datetime], timings: dict[str, float],
-                    explain_top: int = 0) -> tuple[np.ndarray, Optional[list]]:
+def predict_columns(loaded: Run, cols: dict[str, list], ids: list[str], ats: list[datetime],
+                    timings: dict[str, float], explain_top: int = 0) -> Predicted:
     """Probabilities (len(ids),) of user-task examples over a request's event columns.
 
     Features from ``compute_features_frame`` and sequences from ``build_sequences_frame`` (numpy;
     both equal to the training SQL), so no DuckDB query runs on this path.
     """
-    import pandas as pd
-
-    from ..feature_frame import compute_features_frame
-    from ..pipeline import run_features
-
     t0 = time.perf_counter()
     ex = pd.DataFrame({"example_id": np.arange(len(ids), dtype=np.int64), "user_id": pd.array(ids, dtype=object),
                        "cutoff": np.array(ats, dtype="datetime64[us]")})
-    X = run_features(loaded.meta, compute_features_frame(cols, ex, loaded.feature_cfg))
+    X = runs.run_features(loaded.meta, compute_features_frame(cols, ex, loaded.feature_cfg))
     t1 = time.perf_counter()
     if loaded.vocab is not None:
-        from ..sequences import build_sequences_frame
-
         seq = build_sequences_frame(cols, ex, loaded.vocab.cfg, loaded.vocab)
         seq["tabular"] = X.to_numpy(np.float32)
         X = seq
@@ -265,15 +232,12 @@ def predict_columns(state: ServeState, loaded: LoadedRun, cols: dict[str, list],
     if loaded.vocab is not None:
         timings["sequences"] = t2 - t1
     timings["model"] = t3 - t2
-    return p, _reasons(loaded, X, explain_top, timings)
+    return Predicted(p, _reasons(loaded, X, explain_top, timings))
 
 
-def score_users(state: ServeState, loaded: LoadedRun, users: list[ScoreRequest], where: str,
-                timings: dict[str, float], explain_top: int = 0):
-    """Score request users on their own events.
-
-    Returns (p, cutoffs, n_events, active, pseudonyms, reasons); reasons is None unless `explain_top` > 0.
-    """
+def score_users(state: ServeState, loaded: Run, users: list[ScoreRequest], where: str,
+                timings: dict[str, float], explain_top: int = 0) -> Scored:
+    """Score request users on their own events (reasons only when `explain_top` > 0)."""
     t0 = time.perf_counter()
     s = state.settings
     ids, ats, n_before, active = [], [], [], []
@@ -302,12 +266,12 @@ def score_users(state: ServeState, loaded: LoadedRun, users: list[ScoreRequest],
     cols = _event_columns(users, ids, sessions)
     timings["prepare"] = time.perf_counter() - t0  # limits, pseudonyms, event columns
     if loaded.task == "user":
-        p, why = predict_columns(state, loaded, cols, ids, ats, timings, explain_top)
-        return p, ats, n_before, active, ids, why
-    con = state.request_con()
-    con.register("events", _events_table(cols))
-    try:
-        p, why = predict(state, loaded, con, ids, ats, timings, explain_top)
-    finally:
-        con.unregister("events")
-    return p, ats, n_before, active, ids, why
+        out = predict_columns(loaded, cols, ids, ats, timings, explain_top)
+    else:
+        con = state.request_con()
+        con.register("events", _events_table(cols))
+        try:
+            out = predict(loaded, con, ids, ats, timings, explain_top)
+        finally:
+            con.unregister("events")
+    return Scored(out.probabilities, cutoffs=ats, n_events=n_before, active=active, user_ids=ids, reasons=out.reasons)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..runs import RUN_JSON
+
 API_KEYS_ENV = "PURCHASE_INTENT_API_KEYS"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -69,6 +71,6 @@ def resolve_run_dir(runs_dir: str | Path, run: str | Path) -> Path:
         candidate = Path(text).resolve()
     if candidate.parent != root:
         raise ValueError(f"run {text!r} is not a run directory inside {root}")
-    if not (candidate / "run.json").is_file():
+    if not (candidate / RUN_JSON).is_file():
         raise FileNotFoundError(f"no run {candidate.name!r} in {root}")
     return candidate

@@ -1,0 +1,92 @@
+"""Rejected rows of an ingest: where each one is in its file and what it held, without raw ids.
+
+Line numbers are 1-based physical lines of the source file (JSONL and CSV) or 1-based row
+numbers (Parquet). For CSV, rows that DuckDB cannot parse carry DuckDB's own line number; other
+rejected rows are located from their position in the file, which counts one line per record: a
+quoted field spanning several lines, or a blank line in the middle of the file, shifts the line
+numbers reported for later rows.
+
+Raw ids never reach the workspace: in ``rejects/*.csv`` the ``raw`` column has the user and
+session fields replaced by their pseudonyms wherever the field can be located (always for rows
+that parsed; for unparsable lines when splitting on the delimiter finds the field, else the line
+is kept as read).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from typing import Optional
+
+from .event_sources import Source
+from .privacy import pseudonymise
+
+
+def _substitute_fields(fields: list, idx: dict[int, Optional[str]]) -> list:
+    return [idx[i] if i in idx and idx[i] is not None and v is not None else v for i, v in enumerate(fields)]
+
+
+def _join_csv(fields: list, delim: str) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, delimiter=delim, lineterminator="").writerow(["" if v is None else v for v in fields])
+    return buf.getvalue()
+
+
+def _substitute_json(text: str, keys: list[str], key: bytes) -> str:
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        obj = None
+    if not isinstance(obj, dict):  # unparsable: replace `"key": "value"` / `"key": 123` textually
+        for k in keys:
+            pattern = r'("%s"\s*:\s*)("((?:[^"\\]|\\.)*)"|-?[0-9][0-9.eE+-]*)' % re.escape(k)
+            text = re.sub(pattern, lambda m: m.group(1) + '"' + pseudonymise(
+                [m.group(3) if m.group(3) is not None else m.group(2)], key)[0] + '"', text)
+        return text
+    for k in keys:
+        if obj.get(k) is not None:
+            obj[k] = pseudonymise([str(obj[k])], key)[0]
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def collect_rejects(con, src: Source, kind: str, mapping: dict, key: bytes, source: str) -> list[tuple]:
+    """Rows (source_file, line, reason, raw) of every rejected row, ordered by line."""
+    id_cols = [mapping[c] for c in ("user_id", "session_id") if c in mapping]
+    id_idx = [src.columns.index(c) for c in id_cols]
+    semantic = con.execute(
+        "SELECT s._pos, s.reason, s._raw_list, s._raw_text, m.pid, ms.pid FROM staged s "
+        "LEFT JOIN user_map m ON s.user_raw = m.raw LEFT JOIN session_map ms ON s.session_raw = ms.raw "
+        "WHERE s.reason IS NOT NULL AND s.reason <> 'filtered' ORDER BY s._pos").fetchall()
+    malformed: list[tuple[int, str]] = []
+    if kind == "csv":
+        malformed = con.execute("SELECT line, any_value(csv_line) FROM reject_errors "
+                                "GROUP BY line ORDER BY line").fetchall()
+    out, j = [], 0
+    for pos, reason, raw_list, raw_text, upid, spid in semantic:
+        if src.pos_is_line:
+            line = pos
+        else:  # record ordinal -> line: skip the header and the unparsable lines before it
+            line = src.header_lines + pos + j
+            while j < len(malformed) and malformed[j][0] <= line:
+                j += 1
+                line = src.header_lines + pos + j
+        pids = dict(zip(id_idx, [upid, spid][: len(id_idx)]))
+        if kind in ("jsonl", "otto"):
+            raw = _substitute_json(raw_text, id_cols, key)
+        elif kind == "parquet":
+            raw = json.dumps(dict(zip(src.columns, _substitute_fields(raw_list, pids))), separators=(",", ":"))
+        else:
+            raw = _join_csv(_substitute_fields(raw_list, pids), src.delim)
+        out.append((source, line, reason, raw))
+    for line, text in malformed:
+        if '"' not in text:
+            fields = text.split(src.delim)
+            present = {i: fields[i] for i in id_idx if i < len(fields) and fields[i]}
+            if present:
+                pids = dict(zip(present, pseudonymise(list(present.values()), key)))
+                text = src.delim.join(_substitute_fields(fields, pids))
+        out.append((source, line, "malformed_line", text))
+    out.sort(key=lambda r: r[1])
+    return out
+

@@ -1,0 +1,272 @@
+"""The artifact format of a workspace's built examples and runs, and the boundary into the models.
+
+Everything above the models (explain, score, report, ensemble, pipeline, serve) reads and writes
+artifacts through this module, so the file names and the way inputs are made for a model live here
+once::
+
+    examples/   examples.parquet (examples + split), features.parquet, build.json
+    runs/NAME/  run.json, model/ (weights, config, vocab), predictions.parquet, metrics.json
+
+A run directory is self-contained and loading it never unpickles. Model inputs for any examples
+(training rows, batch scoring, one API request) come from :func:`inputs_for_examples` /
+:func:`model_inputs`: the same feature SQL and sequence builder, over events with ``ts < cutoff``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .config import FeatureConfig, LabelConfig, from_dict
+from .features import compute_features
+from .models import SEQUENCE_MODELS, load_model
+from .sequences import SequenceVocab, build_sequences
+from .times import ONE_US, parse_duration, parse_time
+from .workspace import Workspace, as_workspace, atomic_dir, atomic_write_bytes, atomic_write_text
+
+# file names of a build (under <workspace>/examples/) and of a run (under <workspace>/runs/NAME/)
+EXAMPLES = "examples.parquet"
+FEATURES = "features.parquet"
+BUILD_JSON = "build.json"
+RUN_JSON = "run.json"
+MODEL_DIR = "model"
+PREDICTIONS = "predictions.parquet"
+METRICS_JSON = "metrics.json"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """``obj`` as indented JSON at ``path``, atomically (dataclasses, timestamps and numpy scalars as text)."""
+    atomic_write_text(path, json.dumps(jsonable(obj), indent=2))
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON types (dataclasses as dicts, anything else unknown as its string)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    return json.loads(json.dumps(obj, default=str))
+
+
+# ---------------------------------------------------------------------------------------------
+# built examples
+@dataclass
+class Built:
+    """The built examples of a workspace: one row per example, its split and its features."""
+
+    examples: pd.DataFrame  # example_id, user_id, cutoff, label, label_end, period, split, ...
+    features: pd.DataFrame  # feature matrix in the examples' row order
+    info: dict[str, Any]  # build.json
+
+    @property
+    def label_cfg(self) -> LabelConfig:
+        return from_dict(LabelConfig, self.info["label_config"])
+
+    @property
+    def feature_cfg(self) -> FeatureConfig:
+        return run_feature_config(self.info)
+
+    def mask(self, split: str) -> np.ndarray:
+        return (self.examples["split"] == split).to_numpy()
+
+
+def save_built(workspace: Workspace, built: Built) -> None:
+    """Write ``built`` to ``<workspace>/examples/`` as one atomic directory swap."""
+    with atomic_dir(workspace.examples_dir) as tmp:
+        built.examples.to_parquet(tmp / EXAMPLES, index=False)
+        built.features.to_parquet(tmp / FEATURES, index=False)
+        (tmp / BUILD_JSON).write_text(json.dumps(built.info, indent=2, default=str))
+
+
+def load_built(workspace: Workspace | str | Path | None = None) -> Built:
+    """Read what `build` wrote."""
+    d = as_workspace(workspace).examples_dir
+    if not (d / BUILD_JSON).exists():
+        raise FileNotFoundError(f"no built examples in {d}: run `purchase-intent build` first")
+    info = json.loads((d / BUILD_JSON).read_text())
+    return Built(pd.read_parquet(d / EXAMPLES), pd.read_parquet(d / FEATURES), info)
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+@dataclass
+class Run:
+    """A saved run, loaded: its directory, run.json, the fitted estimator and what scoring needs of them."""
+
+    dir: Path
+    meta: dict
+    model: Any
+    feature_cfg: FeatureConfig = field(repr=False)
+    vocab: SequenceVocab | None = field(default=None, repr=False)  # sequence models only
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def model_name(self) -> str:
+        return self.meta["model"]
+
+    @property
+    def version(self) -> str:
+        return str(self.meta.get("version", ""))
+
+    @property
+    def task(self) -> str:
+        return self.meta["label_config"].get("task", "user")
+
+    @property
+    def label_cfg(self) -> LabelConfig:
+        return from_dict(LabelConfig, self.meta["label_config"])
+
+    @property
+    def lookback(self) -> timedelta:
+        return parse_duration(self.meta["label_config"]["lookback"])
+
+    @property
+    def info(self) -> dict[str, str]:
+        lc = self.meta["label_config"]
+        return {"run": self.name, "model": self.model_name, "version": self.version, "task": self.task,
+                "lookback": lc["lookback"], "horizon": lc["horizon"]}
+
+
+def save_run(run_dir: Path, meta: dict, model: Any) -> None:
+    """Write a run (run.json and the model's own files) as one atomic directory swap."""
+    with atomic_dir(run_dir) as tmp:
+        model.save(tmp / MODEL_DIR)
+        (tmp / RUN_JSON).write_text(json.dumps(meta, indent=2))
+
+
+def read_meta(run_dir: Path) -> dict:
+    """run.json of a run directory."""
+    path = Path(run_dir) / RUN_JSON
+    if not path.exists():
+        raise FileNotFoundError(f"no run at {run_dir}: train one with `purchase-intent train`")
+    return json.loads(path.read_text())
+
+
+def load_run_dir(run_dir: Path) -> Run:
+    """The run saved in ``run_dir`` (never unpickles)."""
+    meta = read_meta(run_dir)
+    if meta["model"] == "ensemble":
+        raise ValueError(f"run {Path(run_dir).name!r} averages the held-out predictions of "
+                         f"{', '.join(meta['members'])} and has no model of its own: "
+                         "score, serve or explain one of those runs")
+    model = load_model(meta["model"], Path(run_dir) / MODEL_DIR)
+    vocab = model_vocab(model) if is_sequence_model(meta["model"]) else None
+    return Run(Path(run_dir), meta, model, run_feature_config(meta), vocab)
+
+
+def load_run(run: str | Path, workspace: Workspace | str | Path | None = None) -> Run:
+    """The run ``run``: a name under ``<workspace>/runs/`` or a path to a run directory."""
+    return load_run_dir(as_workspace(workspace).run_dir(str(run)))
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / METRICS_JSON).read_text())
+
+
+def read_predictions(run_dir: Path) -> pd.DataFrame:
+    return pd.read_parquet(Path(run_dir) / PREDICTIONS)
+
+
+def write_predictions(run_dir: Path, predictions: pd.DataFrame) -> None:
+    atomic_write_bytes(Path(run_dir) / PREDICTIONS, predictions.to_parquet(index=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# the boundary into the models
+def is_sequence_model(name: str) -> bool:
+    """Whether model ``name`` eats event sequences (a dict of arrays) rather than the feature frame."""
+    return name in SEQUENCE_MODELS
+
+
+def model_vocab(model: Any) -> SequenceVocab | None:
+    """The sequence vocabulary a fitted (or configured) sequence model reads its tokens with."""
+    return getattr(model, "vocab_", None) or getattr(model, "vocab", None)
+
+
+def run_feature_config(meta: dict) -> FeatureConfig:
+    """The FeatureConfig saved in a run's or a build's metadata (windows as a tuple, as built)."""
+    cfg = from_dict(FeatureConfig, meta["feature_config"])
+    cfg.windows = tuple(cfg.windows)
+    return cfg
+
+
+def run_features(meta: dict, feats: pd.DataFrame) -> pd.DataFrame:
+    """The run's feature columns of ``feats``, in its order; an error names any this code lacks."""
+    missing = [c for c in meta["feature_names"] if c not in feats.columns]
+    if missing:
+        raise RuntimeError(f"features {missing} of the run are not computed by this version")
+    return feats[meta["feature_names"]]
+
+
+def register_examples(con, examples: pd.DataFrame, table: str = "examples") -> None:
+    """``examples`` as the temporary DuckDB table ``table`` of ``con`` (what the feature SQL reads)."""
+    con.register(f"{table}_df", examples)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM {table}_df")
+    con.unregister(f"{table}_df")
+
+
+def align_features(feats: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFrame:
+    """Order feature rows like ``examples`` (by example_id) and keep only the feature columns, as float64."""
+    if "example_id" in feats.columns:
+        feats = feats.set_index("example_id")
+    return feats.reindex(examples["example_id"].to_numpy()).astype("float64")
+
+
+def _with_sequences(con, X_tab: pd.DataFrame, vocab: SequenceVocab | None) -> dict:
+    X = dict(build_sequences(con, "examples", vocab.cfg if vocab is not None else None, vocab))
+    X["tabular"] = X_tab.to_numpy(np.float32)
+    return X
+
+
+def model_inputs(name: str, built: Built, idx: np.ndarray, ws: Workspace, vocab: SequenceVocab | None = None):
+    """What model ``name`` eats for the built examples at row positions ``idx``.
+
+    Baselines get the feature frame; sequence models a dict of arrays: "tabular" plus the event
+    sequences of each example (built from the workspace's events, ts < cutoff only).
+    """
+    X_tab = built.features.iloc[idx]
+    if not is_sequence_model(name):
+        return X_tab
+    con = ws.connect()
+    sub = built.examples.iloc[idx][["example_id", "user_id", "cutoff"]].copy()
+    # sequences come back in example_id order: keep the requested order by renumbering
+    sub["example_id"] = np.arange(len(sub), dtype=np.int64)
+    register_examples(con, sub)
+    return _with_sequences(con, X_tab, vocab)
+
+
+def inputs_for_examples(meta: dict, model: Any, con, examples: pd.DataFrame):
+    """Model inputs for new examples (user_id, cutoff) over the ``events`` of connection ``con``.
+
+    The one path shared by batch scoring and the HTTP API: the same feature SQL and the same
+    sequence builder as training, on whatever events ``con`` holds (a workspace or one request).
+    ``examples`` needs user_id and cutoff (and session_id / session_start for the session task);
+    rows come back in the order given.
+    """
+    ex = examples.copy()
+    ex["example_id"] = np.arange(len(ex), dtype=np.int64)
+    for col, default in (("label", 0), ("period", 0)):
+        if col not in ex.columns:
+            ex[col] = default
+    register_examples(con, ex)
+    feats = run_features(meta, align_features(compute_features(con, "examples", run_feature_config(meta)), ex))
+    if not is_sequence_model(meta["model"]):
+        return feats
+    return _with_sequences(con, feats, model_vocab(model))
+
+
+def resolve_cutoff(con, at: Any = None) -> datetime:
+    """The scoring time: ``at`` parsed (ISO 8601 or epoch seconds), else the end of the data (``max(ts) + 1us``)."""
+    if at is not None:
+        return parse_time(at)
+    hi = con.execute("SELECT max(ts) FROM events").fetchall()[0][0]
+    if hi is None:
+        raise ValueError("the workspace has no events: run `purchase-intent ingest` first")
+    return hi + ONE_US
