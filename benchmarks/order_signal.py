@@ -13,6 +13,9 @@ not have: revisits of pending carts, hours since the last one, and pending carts
 
     python benchmarks/order_signal.py --workspace /tmp/pi-bq/sim-45000u --runs transformer,tx_sequence
 
+Runs are read from ``runs/NAME/predictions.parquet`` (test rows only, so a backtested run works);
+"lightgbm" is always included as the reference logit.
+
 The three quantities are a measuring stick, not features of the product: the point of the
 sequence model is to find such patterns without being told.
 """
@@ -48,11 +51,31 @@ FROM ex LEFT JOIN revisits r USING (example_id) ORDER BY ex.example_id
 """
 
 
-def main() -> None:
+def test_logits(ws: str, run: str, index: pd.Index) -> pd.Series:
+    """The run's logit for each test example in ``index``, from its predictions.parquet.
+
+    predictions.parquet holds one row per example *and split*: an evaluated run has "valid" and
+    "test" rows, a backtested one also "backtest" rows (one per fold) that reuse the example ids
+    of earlier windows. Only the test rows are the run's scores of the test window.
+    """
+    path = f"{ws}/runs/{run}/predictions.parquet"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: evaluate run {run!r} first")
+    pred = pd.read_parquet(path, columns=["example_id", "split", "probability"])
+    p = pred[pred["split"] == "test"].set_index("example_id")["probability"]
+    missing = index.difference(p.index)
+    if len(missing):
+        raise ValueError(f"run {run!r} has no test prediction for {len(missing)} test examples: was it evaluated "
+                         "on this workspace's current build?")
+    p = p.loc[index].clip(1e-9, 1 - 1e-9)
+    return np.log(p / (1 - p))
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workspace", required=True, help="a built workspace (user task)")
     ap.add_argument("--runs", default="", help="comma-separated runs to check (logits from predictions.parquet)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from purchase_intent import runs
     from purchase_intent.models import LightGBMModel
 
@@ -67,26 +90,28 @@ def main() -> None:
     X0 = built.features.to_numpy(np.float64)
     X1 = np.column_stack([X0, order.to_numpy(np.float64)])
     tr, va, te = (built.mask(s) for s in ("train", "valid", "test"))
+    result: dict = {"lightgbm_test_auc": {}, "stacked": {}}
     for name, X in (("built features", X0), ("built features + order quantities", X1)):
         m = LightGBMModel(random_state=0).fit(X[tr], y[tr], X[va], y[va])
-        print(f"LightGBM on {name}: test ROC-AUC {roc_auc_score(y[te], m.predict_proba(X[te])[:, 1]):.4f}")
+        result["lightgbm_test_auc"][name] = auc = roc_auc_score(y[te], m.predict_proba(X[te])[:, 1])
+        print(f"LightGBM on {name}: test ROC-AUC {auc:.4f}")
 
     test = built.examples.loc[te, ["example_id", "user_id", "label"]].set_index("example_id")
     test["recent_revisit"] = (order.loc[test.index, "hours_since_revisit"] < 48).astype(float)
     print(f"test examples with a revisit in the last 48 h: {int(test.recent_revisit.sum()):,} of {len(test):,}; "
           f"their buy rate {test.label[test.recent_revisit == 1].mean():.3f} vs {test.label.mean():.3f} overall")
-    runs = ["lightgbm"] + [r for r in args.runs.split(",") if r]
-    for r in runs:
-        p = pd.read_parquet(f"{ws}/runs/{r}/predictions.parquet").set_index("example_id")["probability"]
-        p = p.loc[test.index].clip(1e-9, 1 - 1e-9)
-        test[r] = np.log(p / (1 - p))
+    names = ["lightgbm"] + [r for r in args.runs.split(",") if r]
+    for r in names:
+        test[r] = test_logits(ws, r, test.index)
     half = pd.util.hash_array(test.user_id.to_numpy(dtype=object)) % 2 == 0
-    print(test.groupby("recent_revisit")[runs].mean().round(3).to_string())
-    for r in runs[1:]:
+    print(test.groupby("recent_revisit")[names].mean().round(3).to_string())
+    for r in names[1:]:
         cols = ["lightgbm", r, "recent_revisit"]
         lr = LogisticRegression(max_iter=1000).fit(test.loc[half, cols], test.label[half])
         auc = roc_auc_score(test.label[~half], lr.decision_function(test.loc[~half, cols]))
+        result["stacked"][r] = {"weights": lr.coef_[0].tolist(), "held_out_auc": auc}
         print(f"stacked on {cols}: weights {np.round(lr.coef_[0], 2).tolist()}, held-out ROC-AUC {auc:.4f}")
+    return result
 
 
 if __name__ == "__main__":

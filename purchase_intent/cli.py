@@ -9,18 +9,22 @@
 
 Flags map 1:1 onto the fields of the config dataclasses in `purchase_intent.config`; a flag not
 given keeps the dataclass default. The workspace is `--workspace DIR`, else the environment variable
-PURCHASE_INTENT_WORKSPACE, else ./pi-workspace.
+PURCHASE_INTENT_WORKSPACE, else ./pi-workspace. Global options (``--workspace``) go before or after the
+command name: ``purchase-intent --workspace ws build`` and ``purchase-intent build --workspace ws`` are
+the same. A new command is ``sub.add_parser(...)`` in ``build_parser`` and gets the global options itself.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from typing import Any, Optional, Sequence
 
-from . import explain, pipeline, report, score
+from . import distributed, explain, pipeline, pretrain, report, score
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig
+from .ensemble import evaluate_ensemble
 from .privacy import pseudonym_for
 from .serve.settings import API_KEYS_ENV, ServeSettings, read_api_keys
 from .simulate import SimConfig, write_events
@@ -47,6 +51,24 @@ def _params(values: Optional[list[str]]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[k] = v
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# global options: accepted before the command name (the main parser) and after it (every command)
+def _add_global_flags(p: argparse.ArgumentParser, default_workspace: Any) -> None:
+    p.add_argument("--workspace", default=default_workspace,
+                   help="workspace folder (default: $PURCHASE_INTENT_WORKSPACE or ./pi-workspace)")
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """The parser of one command: it also takes the global options, after the command name.
+
+    Their default is SUPPRESS, so a global option not repeated after the command keeps the value the
+    main parser gave it (before the command name, or its default)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _add_global_flags(self, argparse.SUPPRESS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +105,8 @@ def _add_label_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--horizon", default=d.horizon, help=f"label window after each cutoff (default {d.horizon})")
     p.add_argument("--step", default=d.step,
                    help=f"distance between cutoffs / width of a split period (default {d.step})")
-    p.add_argument("--tz", default=d.tz, help="time zone whose midnight day-based cutoffs fall on (default UTC)")
+    p.add_argument("--tz", default=d.tz, help="time zone whose midnight day-based cutoffs fall on (default: the one "
+                                              "the data's preset documents, e.g. taobao: Asia/Shanghai; else UTC)")
     p.add_argument("--session-gap", help="session task: start a new session after this inactivity gap (e.g. 30min)")
     p.add_argument("--prefix", type=int, help="session task: the model sees at most the first K events of a session")
     p.add_argument("--valid-cutoffs", type=int, default=d.valid_cutoffs,
@@ -120,6 +143,27 @@ def _train_cfg(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(min_positives=a.min_positives, min_negatives=a.min_negatives, seed=a.seed)
 
 
+def _add_pretrain_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The PretrainConfig flags; ``prefix`` ("pretrain-") when they sit beside other commands' flags."""
+    d = pretrain.PretrainConfig()
+    p.add_argument(f"--{prefix}objective", choices=["masked", "contrastive", "next"], default=d.objective,
+                   help=f"masked-event modelling, contrastive (two crops of one user) or next-event (default "
+                        f"{d.objective})")
+    p.add_argument(f"--{prefix}preset", choices=["tiny", "small", "base"], default=d.preset,
+                   help=f"encoder size (default {d.preset})")
+    p.add_argument(f"--{prefix}max-seq-len", type=int, default=d.max_seq_len,
+                   help=f"most recent events per user (default {d.max_seq_len})")
+    p.add_argument(f"--{prefix}epochs", type=int, default=d.epochs, help=f"passes over the users (default {d.epochs})")
+    p.add_argument(f"--{prefix}batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    p.add_argument(f"--{prefix}lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+
+
+def _pretrain_cfg(a: argparse.Namespace, prefix: str = "", **extra) -> pretrain.PretrainConfig:
+    g = lambda name: getattr(a, prefix.replace("-", "_") + name)  # noqa: E731
+    return pretrain.PretrainConfig(objective=g("objective"), preset=g("preset"), max_seq_len=g("max_seq_len"),
+                                   epochs=g("epochs"), batch_size=g("batch_size"), lr=g("lr"), **extra)
+
+
 # ---------------------------------------------------------------------------------------------
 # commands
 def cmd_ingest(a: argparse.Namespace) -> int:
@@ -144,6 +188,19 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(a: argparse.Namespace) -> int:
+    cfg = _pretrain_cfg(a, seed=a.seed, cutoff=a.cutoff, backtest=a.backtest)
+    pretrain.pretrain(a.workspace, cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    return 0
+
+
+def cmd_ensemble(a: argparse.Namespace) -> int:
+    members = [m.strip() for m in a.members.split(",") if m.strip()]
+    evaluate_ensemble(Workspace(a.workspace), members, n_boot=a.n_boot, run=a.run)
+    print(pipeline.compare(members + [a.run], a.workspace, n_boot=a.n_boot))
+    return 0
+
+
 def cmd_evaluate(a: argparse.Namespace) -> int:
     pipeline.evaluate(a.run, a.workspace, backtest=a.backtest, n_boot=a.n_boot)
     print(pipeline.compare([a.run], a.workspace, n_boot=a.n_boot))
@@ -163,8 +220,12 @@ def cmd_run(a: argparse.Namespace) -> int:
     if not a.data:
         raise SystemExit("error: run needs --data PATH (or --table FILE --label COLUMN)")
     params = {m: _params(a.param) for m in models} if a.param else None
+    pretrained = [m for m in models if m in pipeline.PRETRAINED_MODELS]
+    if pretrained and not a.pretrain and not Workspace(a.workspace).run_dir(pretrain.PRETRAINED_RUN).exists():
+        raise SystemExit(f"error: {', '.join(pretrained)} need a pretrained encoder: add --pretrain")
+    pt = _pretrain_cfg(a, "pretrain-", seed=a.seed) if a.pretrain else False
     pipeline.run(a.data, _data_cfg(a), _label_cfg(a), _feature_cfg(a), models=models, backtest=a.backtest,
-                 train_cfg=_train_cfg(a), params=params, workspace=a.workspace, n_boot=a.n_boot)
+                 train_cfg=_train_cfg(a), params=params, workspace=a.workspace, n_boot=a.n_boot, pretrain=pt)
     return 0
 
 
@@ -193,7 +254,8 @@ def _add_score_parser(sub) -> None:
     p = sub.add_parser("score", help="score every active user (batch) and optionally cut an audience",
                        description=score.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run name under <workspace>/runs/ or a path to a run directory")
-    p.add_argument("--out", required=True, help="output file: .parquet, .csv or .csv.gz")
+    p.add_argument("--out", help="output file: .parquet, .csv or .csv.gz (default: a file in the run's folder; "
+                                 "the path written is printed)")
     p.add_argument("--at", help="scoring time T, ISO 8601 or epoch seconds (UTC); default: end of the data")
     p.add_argument("--chunk-size", type=int, default=d.chunk_size, help=f"users per chunk (default {d.chunk_size:,})")
     g = p.add_mutually_exclusive_group()
@@ -295,9 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Leak-free purchase-intent models from shop behaviour logs. "
         "Flags override the config defaults; nothing else is read.",
     )
-    parser.add_argument("--workspace", default=os.environ.get(WORKSPACE_ENV, "pi-workspace"),
-                        help="workspace folder (default: $PURCHASE_INTENT_WORKSPACE or ./pi-workspace)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_global_flags(parser, os.environ.get(WORKSPACE_ENV, "pi-workspace"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
 
     p = sub.add_parser("ingest", help="read, validate, pseudonymise and store raw event files")
     _add_data_flags(p, positional=True)
@@ -312,10 +373,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("train", help="fit one model on the built train split")
-    p.add_argument("--model", required=True, choices=["logreg", "lightgbm", "transformer"])
+    p.add_argument("--model", required=True, choices=list(pipeline.MODELS))
     p.add_argument("--run", help="run name (default: the model name)")
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pretrain", help="self-supervised training of the sequence encoder -> runs/pretrained",
+                       description=pretrain.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_pretrain_flags(p)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--cutoff", default="auto",
+                   help="read events before this time: auto (the start of the earliest test window of the built "
+                        "examples; every event when none are built), all, or an ISO 8601 time")
+    p.add_argument("--backtest", type=int, default=0, metavar="K",
+                   help="with --cutoff auto: stop before the earliest of the last K backtest folds' test windows "
+                        "(use the K you will evaluate with)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("ensemble", help="average the predictions of trained runs into one deployable run")
+    p.add_argument("--members", required=True, help="comma-separated run names, e.g. transformer,lightgbm")
+    p.add_argument("--run", default="ensemble", help="name of the ensemble's run (default ensemble)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("evaluate", help="held-out metrics of a run -> runs/NAME/metrics.json")
     p.add_argument("--run", required=True, help="run name under <workspace>/runs/ or a path to a run directory")
@@ -329,7 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(p, positional=False)
     _add_label_flags(p)
     _add_train_flags(p)
-    p.add_argument("--models", default="logreg,lightgbm", help="comma-separated: logreg,lightgbm,transformer,ensemble")
+    p.add_argument("--models", default="logreg,lightgbm",
+                   help=f"comma-separated: {','.join(pipeline.MODELS)},ensemble")
+    p.add_argument("--pretrain", action="store_true",
+                   help="pretrain the sequence encoder after the build (for transformer_pt, lightgbm_emb)")
+    _add_pretrain_flags(p, prefix="pretrain-")
     p.add_argument("--backtest", type=int, default=0, metavar="K",
                    help="rolling-origin evaluation over the last K cutoffs")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
@@ -360,15 +443,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands that write to the workspace: one at a time per workspace (Workspace.lock); the others only read
+WRITING_COMMANDS = {"ingest", "build", "train", "evaluate", "run", "quickstart", "pretrain", "ensemble", "score",
+                    "report"}
+
+
+def _workspace_lock(args: argparse.Namespace):
+    if args.command not in WRITING_COMMANDS or not distributed.is_main():  # under torchrun rank 0 writes
+        return contextlib.nullcontext()
+    return Workspace(args.workspace).lock(args.command)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with _workspace_lock(args):
+            return args.func(args)
     except KeyboardInterrupt:
         print("interrupted; the workspace is unchanged by the unfinished step", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, ImportError) as e:  # OSError includes FileNotFoundError
+        msg = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror and e.filename else str(e)
+        print(f"error: {msg}", file=sys.stderr)
         return 1
 
 

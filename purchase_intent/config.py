@@ -42,7 +42,9 @@ class LabelConfig:
     lookback: str = "28d"  # user task: active = any event in [cutoff - lookback, cutoff)
     horizon: str = "7d"  # user task: label window length
     step: str = "7d"  # distance between cutoffs (user task) / width of a split period (session task)
-    tz: str = "UTC"  # day-based cutoffs fall at midnight of this time zone
+    # day-based cutoffs fall at midnight of this time zone; None: the one the ingested data's preset documents
+    # (taobao: Asia/Shanghai), else UTC (resolved by `build`, which records the zone it used)
+    tz: Optional[str] = None
     # session task: split sessions at inactivity gaps (default: the data's session ids, else 30min)
     session_gap: Optional[str] = None
     prefix: Optional[int] = None  # session task: the model sees at most the first K events of the session

@@ -15,6 +15,11 @@ form groups, and a resample is just a count per group, so
 ``AUC = sum_g pos_g * (neg_below_g + neg_g / 2) / (n_pos * n_neg)``. 1000 resamples of 100k
 examples take about a second. Paired differences reuse the very same resample draws for both
 models.
+
+The same draws give paired intervals of PR-AUC, log loss and lift (``paired_difference``): PR-AUC
+and lift come from counts per distinct score, highest first (precision and the top bucket are
+cumulative sums), log loss from the sum of the drawn examples' losses. ROC-AUC draws and values
+do not change when other metrics are computed beside it.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ import numpy as np
 TOP_FRACTIONS = {"top_1pct": 0.01, "top_5pct": 0.05, "top_10pct": 0.10, "top_20pct": 0.20}
 _EPS = float(np.finfo(np.float64).eps)  # probabilities are clipped to [eps, 1 - eps] in log loss
 _CELLS_PER_CHUNK = 4_000_000  # resamples x tie groups per chunk (~32 MB of int64 counts)
+PAIRED_METRICS = ("pr_auc", "log_loss", "lift_top_10pct")  # paired beside ROC-AUC in metrics.json
+BOOTSTRAP_METRICS = ("roc_auc", "pr_auc", "log_loss") + tuple(f"lift_{t}" for t in TOP_FRACTIONS)
 
 
 def _float(x: Any) -> Optional[float]:
@@ -86,27 +93,99 @@ def roc_auc(y, p) -> Optional[float]:
     return float(_auc_from_group_counts(pos, neg)[0])
 
 
-def _bootstrap_aucs(y: np.ndarray, scores: list[np.ndarray], n_boot: int, seed: int) -> np.ndarray:
-    """Stratified bootstrap AUCs, shape (n_boot, len(scores)); every score uses the same draws."""
+def _ranked_groups(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Group of each positive and of each negative; groups are distinct scores in *decreasing* order.
+
+    Neighbouring scores held only by negatives are merged: a run of them adds no recall and ends no
+    top bucket with a positive, so PR-AUC and lift are unchanged (positive-only runs may not be
+    merged: precision changes along them).
+    """
+    uniq, inv = np.unique(-s, return_inverse=True)
+    inv = inv.ravel()
+    neg_only = np.bincount(inv, weights=y, minlength=uniq.size) == 0
+    new_run = np.r_[True, ~(neg_only[1:] & neg_only[:-1])]
+    run = (np.cumsum(new_run) - 1).astype(np.int32)
+    group = run[inv]
+    return group[y == 1], group[y == 0], int(run[-1]) + 1 if uniq.size else 0
+
+
+def _ranked_from_group_counts(pos: np.ndarray, neg: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    """PR-AUC and lift@k per row from counts per distinct score (highest first), each (B, G)."""
+    n_pos, n = pos.sum(axis=1), pos.sum(axis=1) + neg.sum(axis=1)  # (B,)
+    tp = np.cumsum(pos, axis=1)  # (B, G) positives at or above each threshold
+    n_pred = tp + np.cumsum(neg, axis=1)  # (B, G) examples at or above each threshold
+    out = {}
+    if "pr_auc" in names:  # sum over thresholds of recall gain x precision
+        prec = np.divide(tp, n_pred, out=np.zeros(tp.shape), where=n_pred > 0)
+        out["pr_auc"] = (pos * prec).sum(axis=1) / n_pos
+    rows = np.arange(pos.shape[0])
+    for name in names:
+        if not name.startswith("lift_"):
+            continue
+        k = np.maximum(1, np.ceil(TOP_FRACTIONS[name[5:]] * n - 1e-9))  # (B,) bucket size
+        t = np.argmax(n_pred >= k[:, None], axis=1)  # (B,) the tie group the bucket ends in
+        cnt_t = pos[rows, t] + neg[rows, t]
+        hits = tp[rows, t] - pos[rows, t] + (k - (n_pred[rows, t] - cnt_t)) * pos[rows, t] / cnt_t
+        out[name] = (hits / k) / (n_pos / n)
+    return out
+
+
+def _bootstrap_metrics(y: np.ndarray, scores: list[np.ndarray], n_boot: int, seed: int,
+                       metrics: tuple[str, ...] = ("roc_auc",)) -> dict[str, np.ndarray]:
+    """Stratified bootstrap of several metrics, each (n_boot, len(scores)); all use the same draws.
+
+    ``metrics`` are among ``BOOTSTRAP_METRICS``. Resample r draws ``n_pos`` positives and ``n_neg``
+    negatives with replacement once, and every metric of every score is computed on that resample,
+    so a difference between two scores (or two metrics) is paired. The draws depend only on
+    ``seed``, the class counts and the ROC-AUC tie groups, never on which metrics are asked for:
+    ROC-AUC intervals are the same whatever else is computed beside them.
+    """
+    unknown = set(metrics) - set(BOOTSTRAP_METRICS)
+    if unknown:
+        raise ValueError(f"unknown bootstrap metric(s): {sorted(unknown)}; known: {list(BOOTSTRAP_METRICS)}")
     n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
     groups = []
     for s in scores:
         group, n_groups = _tie_groups(s, y)
         groups.append((group[y == 1], group[y == 0], n_groups))  # group of each positive / negative
+    ranked_names = [m for m in metrics if m == "pr_auc" or m.startswith("lift_")]
+    ranked = [_ranked_groups(s, y) for s in scores] if ranked_names else []
+    losses = []
+    if "log_loss" in metrics:
+        for s in scores:
+            q = np.clip(s, _EPS, 1.0 - _EPS)
+            losses.append((-np.log(q[y == 1]), -np.log1p(-q[y == 0])))  # loss of each positive / negative
     max_groups = max(g for _, _, g in groups)
     chunk = max(1, min(n_boot, _CELLS_PER_CHUNK // max(max_groups, n_pos + n_neg)))
     rng = np.random.default_rng(seed)
-    out = np.empty((n_boot, len(scores)))
+    out = {m: np.empty((n_boot, len(scores))) for m in metrics}
     for start in range(0, n_boot, chunk):
         b = min(chunk, n_boot - start)
         draw_pos = rng.integers(0, n_pos, size=(b, n_pos), dtype=np.int32)  # (b, n_pos)
         draw_neg = rng.integers(0, n_neg, size=(b, n_neg), dtype=np.int32)  # (b, n_neg)
+        rows = slice(start, start + b)
         for k, (g_pos, g_neg, n_groups) in enumerate(groups):
+            if "roc_auc" not in metrics:
+                break
             offset = (np.arange(b, dtype=np.int64) * n_groups)[:, None]  # row r counts into [r*G, (r+1)*G)
             pos = np.bincount((g_pos[draw_pos] + offset).ravel(), minlength=b * n_groups)
             neg = np.bincount((g_neg[draw_neg] + offset).ravel(), minlength=b * n_groups)
-            out[start : start + b, k] = _auc_from_group_counts(pos.reshape(b, n_groups), neg.reshape(b, n_groups))
+            out["roc_auc"][rows, k] = _auc_from_group_counts(pos.reshape(b, n_groups), neg.reshape(b, n_groups))
+        for k, (l_pos, l_neg) in enumerate(losses):
+            out["log_loss"][rows, k] = (l_pos[draw_pos].sum(axis=1) + l_neg[draw_neg].sum(axis=1)) / (n_pos + n_neg)
+        for k, (g_pos, g_neg, n_groups) in enumerate(ranked):  # n_groups <= n: the chunk fits here too
+            offset = (np.arange(b, dtype=np.int64) * n_groups)[:, None]
+            pos = np.bincount((g_pos[draw_pos] + offset).ravel(), minlength=b * n_groups)
+            neg = np.bincount((g_neg[draw_neg] + offset).ravel(), minlength=b * n_groups)
+            vals = _ranked_from_group_counts(pos.reshape(b, n_groups), neg.reshape(b, n_groups), ranked_names)
+            for name, v in vals.items():
+                out[name][rows, k] = v
     return out
+
+
+def _bootstrap_aucs(y: np.ndarray, scores: list[np.ndarray], n_boot: int, seed: int) -> np.ndarray:
+    """Stratified bootstrap AUCs, shape (n_boot, len(scores)); every score uses the same draws."""
+    return _bootstrap_metrics(y, scores, n_boot, seed, ("roc_auc",))["roc_auc"]
 
 
 def _percentile_ci(values: np.ndarray, level: float = 0.95) -> list[Optional[float]]:
@@ -123,27 +202,69 @@ def roc_auc_ci(y, p, n_boot: int = 1000, seed: int = 0) -> Optional[list[Optiona
     return _percentile_ci(_bootstrap_aucs(y, [p], n_boot, seed)[:, 0])
 
 
-def paired_auc_difference(y, p_model, p_reference, n_boot: int = 1000, seed: int = 0) -> dict:
-    """ROC-AUC(model) - ROC-AUC(reference) with a paired stratified-bootstrap 95% interval.
+def _point(metric: str, y: np.ndarray, p: np.ndarray) -> Optional[float]:
+    """The point estimate of one of ``BOOTSTRAP_METRICS``."""
+    if metric == "roc_auc":
+        return roc_auc(y, p)
+    if metric == "pr_auc":
+        return average_precision(y, p)
+    if metric == "log_loss":
+        return log_loss(y, p)
+    return top_fraction_metrics(y, p)["lift"][metric[5:]]
 
-    Both models are scored on the same resample indices, so the interval reflects the
-    difference between the models and not the sampling noise each one has alone.
+
+def paired_difference(y, p_model, p_reference, metrics: tuple[str, ...] = PAIRED_METRICS, n_boot: int = 1000,
+                      seed: int = 0) -> dict[str, dict]:
+    """metric(model) - metric(reference) for several metrics, each with a paired bootstrap 95% interval.
+
+    One stratified bootstrap (see the module docstring) serves every metric and both models: each
+    resample scores both on the very same examples. For ``log_loss`` lower is better, so a better
+    model has a *negative* difference; for the others a positive one.
 
     Returns
     -------
     dict
-        ``{"diff": float | None, "ci": [lo, hi] | None, "n_boot": int}``.
+        ``{metric: {"diff": float | None, "ci": [lo, hi] | None}}``; intervals are None when
+        ``n_boot == 0`` or y has a single class (the stratified resample needs both).
     """
     y, p_model = _as_arrays(y, p_model)
     _, p_reference = _as_arrays(y, p_reference)
-    a, b = roc_auc(y, p_model), roc_auc(y, p_reference)
-    if a is None or b is None:
-        return {"diff": None, "ci": None, "n_boot": 0}
-    ci = None
-    if n_boot > 0:
-        boot = _bootstrap_aucs(y, [p_model, p_reference], n_boot, seed)
-        ci = _percentile_ci(boot[:, 0] - boot[:, 1])
-    return {"diff": _float(a - b), "ci": ci, "n_boot": int(max(n_boot, 0))}
+    out = {}
+    for m in metrics:
+        if m not in BOOTSTRAP_METRICS:
+            raise ValueError(f"unknown metric {m!r}; known: {list(BOOTSTRAP_METRICS)}")
+        a, b = _point(m, y, p_model), _point(m, y, p_reference)
+        out[m] = {"diff": None if a is None or b is None else _float(a - b), "ci": None}
+    if n_boot > 0 and y.size and 0 < y.sum() < y.size:
+        boot = _bootstrap_metrics(y, [p_model, p_reference], n_boot, seed, tuple(metrics))
+        for m in metrics:
+            if out[m]["diff"] is not None:
+                out[m]["ci"] = _percentile_ci(boot[m][:, 0] - boot[m][:, 1])
+    return out
+
+
+def paired_auc_difference(y, p_model, p_reference, n_boot: int = 1000, seed: int = 0) -> dict:
+    """ROC-AUC(model) - ROC-AUC(reference) with a paired stratified-bootstrap 95% interval, and
+    the same for PR-AUC, log loss and lift in the top 10%.
+
+    Both models are scored on the same resample indices, so the interval reflects the
+    difference between the models and not the sampling noise each one has alone. The ROC-AUC
+    interval does not depend on the other metrics being computed (same draws, same seed).
+
+    Returns
+    -------
+    dict
+        ``{"diff": float | None, "ci": [lo, hi] | None, "n_boot": int}`` for ROC-AUC, plus
+        ``"pr_auc"``, ``"log_loss"`` and ``"lift_top_10pct"``, each ``{"diff": .., "ci": ..}``
+        (see ``paired_difference``).
+    """
+    y, p_model = _as_arrays(y, p_model)
+    _, p_reference = _as_arrays(y, p_reference)
+    res = paired_difference(y, p_model, p_reference, ("roc_auc",) + PAIRED_METRICS, n_boot, seed)
+    auc = res.pop("roc_auc")
+    if auc["diff"] is None:
+        return {"diff": None, "ci": None, "n_boot": 0, **res}
+    return {"diff": auc["diff"], "ci": auc["ci"], "n_boot": int(max(n_boot, 0)), **res}
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,6 +482,13 @@ def _fmt_ci(ci) -> str:
     return "" if not ci or ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def _fmt_delta(d: Optional[dict]) -> str:
+    return "-" if not d or d.get("diff") is None else f"{d['diff']:+.4f}{_fmt_ci(d.get('ci'))}"
+
+
+_PAIRED_HEADS = {"pr_auc": "ΔPR-AUC [95% CI]", "log_loss": "Δlog loss [95% CI]", "lift_top_10pct": "Δlift@10% [95% CI]"}
+
+
 def comparison_table(results: dict[str, dict], paired: Optional[dict[str, dict]] = None) -> str:
     """One plain-text table comparing models on their ``binary_metrics`` results.
 
@@ -370,11 +498,13 @@ def comparison_table(results: dict[str, dict], paired: Optional[dict[str, dict]]
         Model name -> ``binary_metrics`` dict (test split).
     paired : dict, optional
         Model name -> ``{"reference": name, "diff": .., "ci": [..]}`` as returned by
-        ``compare_to_reference``; shown as the ΔAUC column.
+        ``compare_to_reference``; shown as the ΔAUC column. The paired PR-AUC, log loss and
+        lift@10% differences of ``paired_auc_difference`` get a column each when present.
     """
     paired = paired or {}
+    extra = [m for m in PAIRED_METRICS if any(m in v for v in paired.values())]
     head = ["model", "n", "pos", "ROC-AUC [95% CI]", "PR-AUC", "log loss", "Brier", "ECE", "lift@10%",
-            "ΔAUC vs best baseline [95% CI]"]
+            "ΔAUC vs best baseline [95% CI]"] + [_PAIRED_HEADS[m] for m in extra]
     rows = [head]
     for name, m in results.items():
         d = paired.get(name)
@@ -387,7 +517,7 @@ def comparison_table(results: dict[str, dict], paired: Optional[dict[str, dict]]
             _fmt(m.get("roc_auc")) + _fmt_ci(m.get("roc_auc_ci")),
             _fmt(m.get("pr_auc")), _fmt(m.get("log_loss")), _fmt(m.get("brier")), _fmt(m.get("ece")),
             _fmt(m.get("lift", {}).get("top_10pct"), 2), delta,
-        ])
+        ] + [_fmt_delta((d or {}).get(k)) for k in extra])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

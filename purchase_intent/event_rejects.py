@@ -4,7 +4,8 @@ Line numbers are 1-based physical lines of the source file (JSONL and CSV) or 1-
 numbers (Parquet). For CSV, rows that DuckDB cannot parse carry DuckDB's own line number; other
 rejected rows are located from their position in the file, which counts one line per record: a
 quoted field spanning several lines, or a blank line in the middle of the file, shifts the line
-numbers reported for later rows.
+numbers reported for later rows. A CSV read line by line (when DuckDB cannot parse it) reports
+exact physical lines.
 
 Raw ids never reach the workspace: in ``rejects/*.csv`` the ``raw`` column has the user and
 session fields replaced by their pseudonyms wherever the field can be located (always for rows
@@ -25,6 +26,18 @@ from .privacy import pseudonymise
 
 def _substitute_fields(fields: list, idx: dict[int, Optional[str]]) -> list:
     return [idx[i] if i in idx and idx[i] is not None and v is not None else v for i, v in enumerate(fields)]
+
+
+def _substitute_line(text: str, delim: str, id_idx: list[int], key: bytes) -> str:
+    """An unparsable line with its id fields pseudonymised where splitting on the delimiter finds them."""
+    if '"' in text:
+        return text
+    fields = text.split(delim)
+    present = {i: fields[i] for i in id_idx if i < len(fields) and fields[i]}
+    if not present:
+        return text
+    pids = dict(zip(present, pseudonymise(list(present.values()), key)))
+    return delim.join(_substitute_fields(fields, pids))
 
 
 def _join_csv(fields: list, delim: str) -> str:
@@ -74,19 +87,15 @@ def collect_rejects(con, src: Source, kind: str, mapping: dict, key: bytes, sour
         pids = dict(zip(id_idx, [upid, spid][: len(id_idx)]))
         if kind in ("jsonl", "otto"):
             raw = _substitute_json(raw_text, id_cols, key)
+        elif kind == "csv_lines" and reason == "malformed_line":  # a line that did not split into the columns
+            raw = _substitute_line(raw_text, src.delim, id_idx, key)
         elif kind == "parquet":
             raw = json.dumps(dict(zip(src.columns, _substitute_fields(raw_list, pids))), separators=(",", ":"))
         else:
             raw = _join_csv(_substitute_fields(raw_list, pids), src.delim)
         out.append((source, line, reason, raw))
     for line, text in malformed:
-        if '"' not in text:
-            fields = text.split(src.delim)
-            present = {i: fields[i] for i in id_idx if i < len(fields) and fields[i]}
-            if present:
-                pids = dict(zip(present, pseudonymise(list(present.values()), key)))
-                text = src.delim.join(_substitute_fields(fields, pids))
-        out.append((source, line, "malformed_line", text))
+        out.append((source, line, "malformed_line", _substitute_line(text, src.delim, id_idx, key)))
     out.sort(key=lambda r: r[1])
     return out
 

@@ -33,7 +33,16 @@ import duckdb
 
 from .config import DataConfig
 from .event_rejects import collect_rejects
-from .event_sources import PRESETS, Source, csv_source, jsonl_source, parquet_source, sql_ident, sql_literal
+from .event_sources import (
+    PRESETS,
+    Source,
+    csv_lines_source,
+    csv_source,
+    jsonl_source,
+    parquet_source,
+    sql_ident,
+    sql_literal,
+)
 from .privacy import key_id, load_key, pseudonym_table
 from .times import parse_time
 from .vocabulary import CANONICAL_COLUMNS, CANONICAL_EVENTS
@@ -240,16 +249,35 @@ def _ingest_file(path: Path, sha: str, cfg: DataConfig, key: bytes, stage: Path,
         con.execute("SET TimeZone = 'UTC'")
         con.execute("SET enable_progress_bar = false")
         con.execute("SET preserve_insertion_order = true")  # row_number() OVER () follows the file
-        if kind == "csv":
-            src = csv_source(con, path, preset)
-        elif kind == "parquet":
-            src = parquet_source(con, path)
-        else:
-            src = jsonl_source(con, path, kind)
-        mapping, events, extras = _resolve(cfg, preset, src.columns)
         ts_unit = cfg.ts_unit or preset.get("ts_unit")
-        sql = _stage_sql(src, mapping, events, extras, ts_unit, _parse_time(cfg.since), _parse_time(cfg.until), now)
-        con.execute(f"CREATE TEMP TABLE staged AS {sql}")
+
+        def stage_with(src: Source) -> tuple[dict, dict, dict]:
+            mapping, events, extras = _resolve(cfg, preset, src.columns)
+            sql = _stage_sql(src, mapping, events, extras, ts_unit, _parse_time(cfg.since), _parse_time(cfg.until),
+                             now)
+            con.execute(f"CREATE TEMP TABLE staged AS {sql}")
+            return mapping, events, extras
+
+        try:
+            if kind == "csv":
+                try:
+                    src = csv_source(con, path, preset)
+                    mapping, events, extras = stage_with(src)
+                    # a stray quote makes DuckDB read the following lines as one field: read by line instead
+                    swallowed = con.execute("SELECT count(*) FROM reject_errors "
+                                            "WHERE contains(rtrim(csv_line, chr(13) || chr(10)), chr(10))").fetchall()
+                    if swallowed[0][0]:
+                        raise _ReadByLine
+                except (duckdb.Error, _ReadByLine):  # e.g. "CSV Parser state machine reached an invalid state"
+                    con.execute("DROP TABLE IF EXISTS staged")
+                    kind = "csv_lines"
+                    src = csv_lines_source(con, path, preset)
+                    mapping, events, extras = stage_with(src)
+            else:
+                src = parquet_source(con, path) if kind == "parquet" else jsonl_source(con, path, kind)
+                mapping, events, extras = stage_with(src)
+        except duckdb.Error as e:
+            raise ValueError(f"cannot read {path} as {cfg.format}: {_first_line(e)}") from None
 
         counts = dict(con.execute("SELECT coalesce(reason, ''), count(*) FROM staged GROUP BY ALL").fetchall())
         report.accepted = counts.pop("", 0)
@@ -292,6 +320,27 @@ def _ingest_file(path: Path, sha: str, cfg: DataConfig, key: bytes, stage: Path,
     return report
 
 
+class IngestWriteError(RuntimeError):
+    """The workspace could not take the ingested events (disk full, read-only); nothing was stored."""
+
+
+def _io_message(e: BaseException) -> str:
+    """One line for an OS or DuckDB I/O error (DuckDB's carries a JSON record after the text)."""
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
+    text = _first_line(e)
+    m = re.search(r'"exception_message":"((?:[^"\\]|\\.)*)"', text)
+    return m.group(1).replace('\\"', '"') if m else text
+
+
+class _ReadByLine(Exception):
+    """DuckDB's CSV reader merged lines of a malformed file: read it one line per record."""
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -332,62 +381,67 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
             raise FileNotFoundError(f"no such file: {p}")
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     report = IngestReport()
-    ws.root.mkdir(parents=True, exist_ok=True)
-    with ws.lock():
-        ws.recover()
-        manifest = ws.read_manifest()
-        key = load_key(ws.root)
-        if manifest.get("key_id") and manifest["key_id"] != key_id(key):
-            raise ValueError("the pseudonymisation key differs from the one this workspace was built with; "
-                             "set PURCHASE_INTENT_PSEUDONYM_KEY back or use a new workspace")
-        known = {e["sha256"] for e in manifest["files"]}
-        stage = tmp_path(ws.events_dir / "ingest")
-        stage.mkdir(parents=True)
-        moved: list[Path] = []
-        try:
-            for p in paths:
-                sha = _sha256(p)
-                if sha in known:
-                    report.files.append(FileReport(source=str(p), sha256=sha, skipped=True))
+    try:
+        ws.root.mkdir(parents=True, exist_ok=True)
+        with ws.lock("ingest"):
+            ws.recover()
+            manifest = ws.read_manifest()
+            key = load_key(ws.root)
+            if manifest.get("key_id") and manifest["key_id"] != key_id(key):
+                raise ValueError("the pseudonymisation key differs from the one this workspace was built with; "
+                                 "set PURCHASE_INTENT_PSEUDONYM_KEY back or use a new workspace")
+            known = {e["sha256"] for e in manifest["files"]}
+            stage = tmp_path(ws.events_dir / "ingest")
+            stage.mkdir(parents=True)
+            moved: list[Path] = []
+            try:
+                for p in paths:
+                    sha = _sha256(p)
+                    if sha in known:
+                        report.files.append(FileReport(source=str(p), sha256=sha, skipped=True))
+                        if progress:
+                            print(f"skipped {p} (already ingested)", file=sys.stderr)
+                        continue
+                    known.add(sha)
+                    fr = _ingest_file(p, sha, cfg, key, stage, now)
+                    report.files.append(fr)
                     if progress:
-                        print(f"skipped {p} (already ingested)", file=sys.stderr)
-                    continue
-                known.add(sha)
-                fr = _ingest_file(p, sha, cfg, key, stage, now)
-                report.files.append(fr)
-                if progress:
-                    print(f"{p}: {fr.accepted:,} accepted, {sum(fr.rejected.values()):,} rejected, "
-                          f"{fr.filtered:,} filtered ({fr.seconds:.1f}s)", file=sys.stderr)
-            if cfg.strict and report.rejected:
-                raise IngestRejectedError(report)
-            new = [f for f in report.files if not f.skipped]
-            if not new:
-                return report
-            ws.rejects_dir.mkdir(parents=True, exist_ok=True)
-            entries = []
-            for f in new:  # move parts and rejects into place; the manifest below commits them
-                if f.part:
-                    _fsync_file(stage / f.part)
-                    os.replace(stage / f.part, ws.events_dir / f.part)
-                    moved.append(ws.events_dir / f.part)
-                rejects = None
-                if f.rejects_path:
-                    _fsync_file(f.rejects_path)
-                    dest = ws.rejects_dir / f.rejects_path.name
-                    os.replace(f.rejects_path, dest)
-                    moved.append(dest)
-                    f.rejects_path, rejects = dest, f"rejects/{dest.name}"
-                entries.append(dict(sha256=f.sha256, source=str(Path(f.source).resolve()), format=cfg.format,
-                                    parts=[f.part] if f.part else [], rejects=rejects, rows_read=f.rows_read,
-                                    accepted=f.accepted, rejected=f.rejected, filtered=f.filtered,
-                                    ingested_at=now.isoformat(timespec="seconds") + "Z"))
-            fsync_dir(ws.events_dir)
-            fsync_dir(ws.rejects_dir)
-            manifest = {**manifest, "key_id": key_id(key), "files": manifest["files"] + entries}
-            atomic_write_json(ws.manifest_path, manifest)
-            moved = []
-        finally:
-            for m in moved:  # the commit did not happen: take back what was moved in
-                m.unlink(missing_ok=True)
-            shutil.rmtree(stage, ignore_errors=True)
+                        print(f"{p}: {fr.accepted:,} accepted, {sum(fr.rejected.values()):,} rejected, "
+                              f"{fr.filtered:,} filtered ({fr.seconds:.1f}s)", file=sys.stderr)
+                if cfg.strict and report.rejected:
+                    raise IngestRejectedError(report)
+                new = [f for f in report.files if not f.skipped]
+                if not new:
+                    return report
+                ws.rejects_dir.mkdir(parents=True, exist_ok=True)
+                entries = []
+                for f in new:  # move parts and rejects into place; the manifest below commits them
+                    if f.part:
+                        _fsync_file(stage / f.part)
+                        os.replace(stage / f.part, ws.events_dir / f.part)
+                        moved.append(ws.events_dir / f.part)
+                    rejects = None
+                    if f.rejects_path:
+                        _fsync_file(f.rejects_path)
+                        dest = ws.rejects_dir / f.rejects_path.name
+                        os.replace(f.rejects_path, dest)
+                        moved.append(dest)
+                        f.rejects_path, rejects = dest, f"rejects/{dest.name}"
+                    entries.append(dict(sha256=f.sha256, source=str(Path(f.source).resolve()), format=cfg.format,
+                                        parts=[f.part] if f.part else [], rejects=rejects, rows_read=f.rows_read,
+                                        accepted=f.accepted, rejected=f.rejected, filtered=f.filtered,
+                                        ingested_at=now.isoformat(timespec="seconds") + "Z"))
+                fsync_dir(ws.events_dir)
+                fsync_dir(ws.rejects_dir)
+                manifest = {**manifest, "key_id": key_id(key), "files": manifest["files"] + entries}
+                atomic_write_json(ws.manifest_path, manifest)
+                moved = []
+            finally:
+                for m in moved:  # the commit did not happen: take back what was moved in
+                    m.unlink(missing_ok=True)
+                shutil.rmtree(stage, ignore_errors=True)
+    except (duckdb.Error, OSError) as e:  # a full disk, a file size limit, a read-only workspace
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise IngestWriteError(f"ingest stopped, nothing was stored: {_io_message(e)}") from e
     return report

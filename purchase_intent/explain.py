@@ -12,7 +12,9 @@ returns a :class:`~purchase_intent.models.attribution.Contributions` (per featur
 and the base they are measured from; see that module for each model's method). In every case
 base + sum(contributions) equals the model's logit (up to the integral's error for integrated
 gradients); a calibrated model's probability is a monotone map of that logit. This module turns
-them into reasons and summaries and never asks which model it holds.
+them into reasons and summaries and never asks which model it holds, except for the ``ensemble``
+run: its contributions are the mean of its members' over the union of their features and events,
+0 where a member does not use one (see ``_attribute_ensemble``).
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class Attribution:
     base: np.ndarray
     events: Optional[np.ndarray] = None
     tokens: Optional[dict[str, np.ndarray]] = None
+    values: Optional[pd.DataFrame] = None  # an ensemble's feature values (the union of its members' inputs)
 
     def total(self) -> np.ndarray:
         """base + all contributions: the model's logit, shape (N,)."""
@@ -73,12 +76,57 @@ def attribute(meta: dict, model: Any, X: Any, ig_steps: int = 32) -> Attribution
     ig_steps : integration steps of approximate attributions (integrated gradients); exact
         methods ignore it.
     """
-    names = list(meta["feature_names"])
+    if isinstance(model, runs.EnsembleModel):
+        return _attribute_ensemble(meta, model, X, ig_steps)
+    # a model on a pretrained encoder's embedding adds one column per embedding dimension
+    names = list(meta["feature_names"]) + list(getattr(model, "embedding_names_", []))
     c = model.contributions(X, n_steps=ig_steps)
     if c.features.shape[1] != len(names):
         raise RuntimeError(f"contributions have {c.features.shape[1]} feature columns, expected {len(names)}")
     tokens = None if c.events is None else sequence_tokens(X, runs.model_vocab(model))
-    return Attribution(feature_names=names, features=c.features, base=c.base, events=c.events, tokens=tokens)
+    values = model.explain_frame(X, list(meta["feature_names"])) if hasattr(model, "explain_frame") else None
+    return Attribution(feature_names=names, features=c.features, base=c.base, events=c.events, tokens=tokens,
+                       values=values)
+
+
+def _attribute_ensemble(meta: dict, model: runs.EnsembleModel, X: list, ig_steps: int) -> Attribution:
+    """The mean of the members' attributions (each member's contributions in its own log-odds).
+
+    Members of different kinds see different inputs, so the ensemble's features are the union of
+    its members' (``meta["feature_names"]``) and its events those of its sequence member: each
+    member contributes 0 to a feature or event it does not use, and every column is the sum over
+    members divided by the number of members. base + sum(contributions) is then the mean of the
+    members' logits (not the logit of the mean probability the ensemble scores with; both rank
+    the same way for one member and move together for all).
+    """
+    k = len(model.members)
+    parts = [attribute(m.meta, m.model, x, ig_steps=ig_steps) for m, x in zip(model.members, X)]
+    names = list(meta["feature_names"])  # then the columns only a member has (a pretrained embedding's)
+    names += [f for a in parts for f in a.feature_names if f not in set(names)]
+    names = list(dict.fromkeys(names))
+    col = {n: j for j, n in enumerate(names)}
+    n = len(parts[0].base)
+    feats = np.zeros((n, len(names)))
+    base = np.zeros(n)
+    events, tokens = None, None
+    values = pd.DataFrame(index=range(n))
+    for m, x, a in zip(model.members, X, parts):
+        tab = (a.values if a.values is not None else _tabular_frame(x, list(m.meta["feature_names"])))
+        tab = tab.reset_index(drop=True)
+        values = values.join(tab[[c for c in tab.columns if c not in values.columns]])
+    for a in parts:
+        feats[:, [col[f] for f in a.feature_names]] += a.features
+        base += a.base
+        if a.events is not None:
+            if events is None:
+                events, tokens = np.zeros_like(a.events, dtype=np.float64), a.tokens
+            elif events.shape != a.events.shape or not np.array_equal(tokens["event"], a.tokens["event"]):
+                raise RuntimeError("ensemble members read different event sequences; their event "
+                                   "contributions cannot be averaged")
+            events += a.events
+    return Attribution(feature_names=names, features=feats / k, base=base / k,
+                       events=None if events is None else events / k, tokens=tokens,
+                       values=values.reindex(columns=names).astype("float64"))
 
 
 def sequence_tokens(X: dict, vocab: Optional[SequenceVocab]) -> dict[str, np.ndarray]:
@@ -108,7 +156,7 @@ def reasons(attr: Attribution, X: Any, top: int = 5, events: Optional[list[pd.Da
         category, hours_before), oldest first, aligned with the right-aligned mask; without them
         events are described from their tokens (type and approximate time).
     """
-    tab = _tabular_frame(X, attr.feature_names)
+    tab = attr.values if attr.values is not None else _tabular_frame(X, attr.feature_names)
     out = []
     for i in range(len(attr.base)):
         cands = [(c, "feature", j) for j, c in enumerate(attr.features[i])]
@@ -280,7 +328,7 @@ def explain_user(run: str, user_id: str, at: Any = None, workspace=None, top: in
     X = runs.inputs_for_examples(meta, model, con, ex)
     p = float(np.asarray(model.predict_proba(X))[0, 1])
     attr = attribute(meta, model, X, ig_steps=ig_steps)
-    events = None if attr.events is None else sequence_events(con, ex, X["mask"].shape[1])
+    events = None if attr.events is None else sequence_events(con, ex, attr.tokens["mask"].shape[1])
     return {"user_id": uid, "at": cutoff.isoformat(), "probability": p, "logit": float(attr.total()[0]),
             "base": float(attr.base[0]), "model": meta["model"], "version": meta.get("version"),
             "reasons": reasons(attr, X, top=top, events=events)[0]}

@@ -102,7 +102,7 @@ def make_cutoffs(con: duckdb.DuckDBPyConnection, cfg: LabelConfig, events: str =
     list of datetime, possibly empty when the data span less than lookback + horizon.
     """
     lookback, horizon, step = (parse_duration(x) for x in (cfg.lookback, cfg.horizon, cfg.step))
-    tz = ZoneInfo(cfg.tz)
+    tz = ZoneInfo(cfg.tz or "UTC")
     lo, hi = data_range(con, events)
     first_ok = lo + lookback - end_tolerance(lookback)  # logs also start a few seconds after midnight
     last = _grid_floor(hi + end_tolerance(horizon) - horizon, timedelta(days=1) if is_day_based(step) else step, tz)
@@ -112,6 +112,48 @@ def make_cutoffs(con: duckdb.DuckDBPyConnection, cfg: LabelConfig, events: str =
         cutoffs.append(c)
         n += 1
     return cutoffs[::-1]
+
+
+def _split_fits(cutoffs: list[datetime], horizon: timedelta, n_test: int, n_valid: int) -> bool:
+    """Whether cutoffs (one period each) hold the test, valid and train splits under the gap rule of
+    ``splits.split_examples``: valid periods' label windows close by the first test cutoff."""
+    if n_test < 1 or len(cutoffs) < n_test + n_valid + 1:
+        return False
+    first_test = cutoffs[-n_test]
+    valid = [c for c in cutoffs[:-n_test] if c + horizon <= first_test][-n_valid:] if n_valid else []
+    return len(valid) == n_valid and any(c < (valid[0] if valid else first_test) for c in cutoffs)
+
+
+def _smaller_steps(step: timedelta) -> list[timedelta]:
+    """Candidate steps below ``step``, largest first: whole days, then 12h, 6h, 3h, 1h."""
+    days = [timedelta(days=d) for d in range(int(step / timedelta(days=1)) - (is_day_based(step)), 0, -1)]
+    hours = [timedelta(hours=h) for h in (12, 6, 3, 1)]
+    return [s for s in days + hours if s < step]
+
+
+def _duration_text(d: timedelta) -> str:
+    return f"{d.days}d" if is_day_based(d) else f"{int(d // timedelta(hours=1))}h"
+
+
+def suggest_step(con: duckdb.DuckDBPyConnection, cfg: LabelConfig, events: str = "events") -> str | None:
+    """The largest step below ``cfg.step`` whose periods hold the test, valid and train splits of
+    ``cfg`` on this data (e.g. ``"2d"``), or None when none does (the data are too short for the
+    lookback and horizon). User task: the cutoffs ``make_cutoffs`` would give; session task: the periods
+    of the data's time range."""
+    step = parse_duration(cfg.step)
+    horizon = parse_duration(cfg.horizon)
+    lo, hi = data_range(con, events)
+    tz = ZoneInfo(cfg.tz or "UTC")
+    for cand in _smaller_steps(step):
+        text = _duration_text(cand)
+        if cfg.task == "session":
+            n = len(period_edges(lo, hi, cand, tz))
+            if n >= int(cfg.test_cutoffs) + int(cfg.valid_cutoffs) + 1:
+                return text
+        elif _split_fits(make_cutoffs(con, LabelConfig(**{**cfg.__dict__, "step": text}), events), horizon,
+                         int(cfg.test_cutoffs), int(cfg.valid_cutoffs)):
+            return text
+    return None
 
 
 def period_edges(start: datetime, end: datetime, step: timedelta, tz: ZoneInfo) -> list[datetime]:
@@ -226,8 +268,10 @@ def _user_examples(con, cfg: LabelConfig, events: str) -> tuple[pa.Table, dict]:
     cutoffs = make_cutoffs(con, cfg, events)
     if not cutoffs:
         lo, hi = data_range(con, events)
-        raise ValueError(f"data from {lo} to {hi} are too short for lookback {cfg.lookback} + horizon "
-                         f"{cfg.horizon}: no cutoff fits")
+        span = hi - lo
+        raise ValueError(f"data from {lo} to {hi} ({span.days}d {span.seconds // 3600}h) are too short for "
+                         f"lookback {cfg.lookback} + horizon {cfg.horizon}: no cutoff fits; use more data or a "
+                         f"shorter --lookback / --horizon")
     _cutoff_table(con, "_pi_cutoffs", cutoffs)
     # An event at ts makes its user active at cutoffs c in (ts, ts + lookback]; a purchase makes the
     # label 1 at cutoffs c in (ts - horizon, ts]. ASOF joins find those period ranges per event, so
@@ -271,7 +315,7 @@ def _user_examples(con, cfg: LabelConfig, events: str) -> tuple[pa.Table, dict]:
 
 def _session_examples(con, cfg: LabelConfig, events: str) -> tuple[pa.Table, dict]:
     step = parse_duration(cfg.step)
-    tz = ZoneInfo(cfg.tz)
+    tz = ZoneInfo(cfg.tz or "UTC")
     has_ids = con.execute(f"SELECT count(session_id) > 0 FROM {events}").fetchall()[0][0]
     use_ids = bool(has_ids) and cfg.session_gap is None
     con.execute(f"CREATE OR REPLACE TEMP TABLE _pi_sessions AS {sessions_sql(events, cfg, use_ids)}")

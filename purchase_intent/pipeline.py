@@ -15,25 +15,30 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import time
+import typing
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
 import pandas as pd
 
 from . import distributed, labels, runs, splits
+from . import pretrain as pretraining
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig, from_dict
 from .ensemble import evaluate_ensemble
 from .evaluate import binary_metrics, comparison_table, expected_calibration_error, paired_auc_difference
+from .event_sources import preset_time_zone
 from .events import ingest as ingest_events
 from .features import compute_features
-from .models import MODELS, check_min_data
+from .models import MODELS, PRETRAINED_MODELS, NotEnoughData, check_min_data
 from .report import write_report
 from .runs import Built, jsonable, load_built, write_json
-from .sequences import SequenceConfig, fit_vocab
+from .sequences import SequenceConfig, SequenceVocab, fit_vocab
 from .simulate import SimConfig, write_events
 from .workspace import Workspace, as_workspace
 
@@ -56,11 +61,30 @@ def ingest(paths: str | Path | Sequence[str | Path], cfg: DataConfig, workspace=
 
 # ---------------------------------------------------------------------------------------------
 # build
+def resolve_time_zone(ws: Workspace, tz: str | None, quiet: bool = True) -> str:
+    """The time zone of day-based cutoffs: ``tz`` when given, else the one the presets of every ingested
+    file document (all the same; e.g. taobao: Asia/Shanghai), else UTC. Raises ValueError for an unknown name."""
+    if tz is None:
+        zones = {preset_time_zone(e.get("format", "")) for e in ws.read_manifest()["files"]}
+        if len(zones) == 1 and None not in zones:
+            tz = zones.pop()
+            _log(f"day cutoffs at midnight {tz}, the time zone of the ingested data's preset (--tz to change)", quiet)
+        else:
+            tz = "UTC"
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {tz!r}: use an IANA name such as UTC, Europe/Berlin or "
+                         "America/New_York") from None
+    return tz
+
+
 def build(label_cfg: LabelConfig, feature_cfg: FeatureConfig | None = None, workspace=None,
           quiet: bool = False) -> Built:
     """Examples (cutoffs x active users, or sessions) + time split + tabular features."""
     ws = as_workspace(workspace)
     feature_cfg = feature_cfg or FeatureConfig()
+    label_cfg = dataclasses.replace(label_cfg, tz=resolve_time_zone(ws, label_cfg.tz, quiet))
     if label_cfg.task == "session" and label_cfg.session_gap:
         feature_cfg = dataclasses.replace(feature_cfg, session_gap=label_cfg.session_gap)
     # hour-of-day and weekday features read the clock of the shop's time zone
@@ -68,10 +92,17 @@ def build(label_cfg: LabelConfig, feature_cfg: FeatureConfig | None = None, work
     t0 = time.perf_counter()
     con = ws.connect()
     _log(f"building {label_cfg.task}-task examples ...", quiet)
-    ex = labels.build_examples(con, label_cfg).to_pandas()
+    table = labels.build_examples(con, label_cfg)
+    counts = labels.example_counts(table)
+    ex = table.to_pandas()
     if len(ex) == 0:
         raise ValueError("no examples: the data is shorter than lookback + horizon, or no user is active")
-    split, split_info = splits.split_examples(ex, label_cfg)
+    try:
+        split, split_info = splits.split_examples(ex, label_cfg)
+    except splits.TooFewPeriods as e:
+        step = labels.suggest_step(con, label_cfg)
+        raise splits.TooFewPeriods(f"{e} (e.g. --step {step}, which fits this data)" if step else str(e)) from None
+    _log(describe_dropped(counts), quiet)
     ex["split"] = np.asarray(split)
     runs.register_examples(con, ex)
     _log(f"computing features for {len(ex):,} examples ...", quiet)
@@ -82,6 +113,8 @@ def build(label_cfg: LabelConfig, feature_cfg: FeatureConfig | None = None, work
         "feature_config": asdict(feature_cfg),
         "feature_names": list(feats.columns),
         "n_examples": int(len(ex)),
+        "positives": int(ex["label"].sum()),
+        "dropped": dict(counts.get("dropped", {})),  # examples never made, by reason
         "split": jsonable(split_info),
         "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -92,11 +125,76 @@ def build(label_cfg: LabelConfig, feature_cfg: FeatureConfig | None = None, work
     return built
 
 
+def describe_dropped(counts: dict) -> str:
+    """One line per reason ``labels.build_examples`` left something out, e.g.
+    ``dropped 3 sessions: may continue after the end of the data``."""
+    unit = "sessions" if counts.get("task") == "session" else "users"
+    of = f" of {counts[unit]:,} {unit}" if isinstance(counts.get(unit), int) else f" {unit}"
+    dropped = counts.get("dropped", {})
+    if not any(dropped.values()):
+        return f"dropped nothing ({of.strip()})"
+    return "\n".join(f"dropped {n:,}{of}: {reason.removeprefix(unit + ' ')}" for reason, n in dropped.items() if n)
+
+
 # ---------------------------------------------------------------------------------------------
 # train
+_NOT_PARAMS = {"vocab": "it is fitted on the train split", "random_state": "use --seed"}
+
+
+def model_parameters(name: str) -> list[str] | None:
+    """The hyperparameters ``--param`` may set for model ``name``: its estimator's constructor
+    arguments (read with inspect.signature), less those the pipeline sets itself, plus ``sequence``
+    (a dict of SequenceConfig fields) for sequence models. None when the constructor takes any
+    keyword (``**kwargs``), so that no list can be given."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    builder = MODELS[name]
+    sig = inspect.signature(builder)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        cls = typing.get_type_hints(builder).get("return")  # the estimator class the builder returns
+        if isinstance(cls, type):
+            sig = inspect.signature(cls)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    variadic = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    names = [n for n, p in sig.parameters.items() if p.kind not in variadic and n not in _NOT_PARAMS]
+    return names + (["sequence"] if runs.is_sequence_model(name) else [])
+
+
+def check_params(name: str, params: dict) -> None:
+    """Raise ValueError naming every parameter of ``params`` that model ``name`` does not have, with the
+    list of those it has."""
+    known = model_parameters(name)
+    for key in params:
+        if key in _NOT_PARAMS:
+            raise ValueError(f"--param {key} cannot be set for {name}: {_NOT_PARAMS[key]}")
+    if known is None:  # the estimator takes any keyword: it checks its parameters itself
+        return
+    unknown = [k for k in params if k not in known]
+    if unknown:
+        raise ValueError(f"{name} has no parameter {', '.join(map(repr, unknown))}; its parameters are: "
+                         f"{', '.join(known)}")
+
+
+def _encoder_params(name: str, params: dict, ws: Workspace) -> dict:
+    """``params`` with ``encoder`` set to the workspace's ``runs/pretrained`` for a pretrained model
+    that was not given one."""
+    if name in PRETRAINED_MODELS and not params.get("encoder"):
+        return {**params, "encoder": str(ws.run_dir(pretraining.PRETRAINED_RUN))}
+    return params
+
+
 def _fit_vocab(name: str, built: Built, train_idx: np.ndarray, ws: Workspace, params: dict):
+    """The token vocabulary of a sequence model: fitted on its train examples, or for a model on a
+    pretrained encoder the encoder's own (so that each token means what it meant in pretraining)."""
     if not runs.is_sequence_model(name):
         return None
+    if name in PRETRAINED_MODELS:
+        config = Path(params["encoder"]) / "config.json"
+        if not config.exists():
+            raise FileNotFoundError(f"{name} needs a pretrained encoder and {config.parent} holds none: "
+                                    "run `purchase-intent pretrain` first (or give --param encoder=PATH)")
+        return SequenceVocab.from_dict(json.loads(config.read_text())["vocab"])
     con = ws.connect()
     sub = built.examples.iloc[train_idx][["example_id", "user_id", "cutoff"]]
     runs.register_examples(con, sub, "train_examples")
@@ -107,7 +205,13 @@ def fit_model(name: str, params: dict, built: Built, train_idx: np.ndarray, vali
               ws: Workspace, train_cfg: TrainConfig):
     """Fit a fresh model `name` on the rows train_idx (valid_idx for early stopping / calibration)."""
     y = built.examples["label"].to_numpy()
-    check_min_data(y[train_idx], train_cfg.min_positives, train_cfg.min_negatives)
+    try:
+        check_min_data(y[train_idx], train_cfg.min_positives, train_cfg.min_negatives)
+    except NotEnoughData as e:
+        n_pos = {k: int(y[built.mask(k)].sum()) for k in ("train", "valid", "test", "gap")}
+        raise NotEnoughData(f"{e} The built examples hold {int(y.sum()):,} positives in all ({len(y):,} examples; "
+                            + ", ".join(f"{k} {v:,}" for k, v in n_pos.items()) + ").") from None
+    params = _encoder_params(name, params, ws)
     vocab = _fit_vocab(name, built, train_idx, ws, params)
     model_params = {k: v for k, v in params.items() if k != "sequence"}
     if vocab is not None:
@@ -142,6 +246,8 @@ def train(name: str, run: str | None = None, params: dict | None = None, train_c
     ws = as_workspace(workspace)
     train_cfg = train_cfg or TrainConfig()
     params = dict(params or {})
+    check_params(name, params)
+    params = _encoder_params(name, params, ws)  # recorded in run.json: the encoder the run was fitted from
     built = load_built(ws)
     train_idx = np.flatnonzero(built.mask("train"))
     valid_idx = np.flatnonzero(built.mask("valid"))
@@ -208,6 +314,9 @@ def evaluate(run: str, workspace=None, backtest: int = 0, n_boot: int = 1000, qu
     periods in turn is the test window, trained on everything before it (same gap rule).
     """
     ws = as_workspace(workspace)
+    meta = runs.read_meta(ws.run_dir(run))
+    if meta.get("model") == "ensemble":  # no model of its own: re-average its members' predictions
+        return evaluate_ensemble(ws, [m["run"] for m in meta["members"]], n_boot=n_boot, run=run)
     loaded = runs.load_run(run, ws)
     meta, model, name = loaded.meta, loaded.model, loaded.model_name
     built = load_built(ws)
@@ -245,8 +354,8 @@ def evaluate(run: str, workspace=None, backtest: int = 0, n_boot: int = 1000, qu
         train_cfg = from_dict(TrainConfig, meta.get("train_config", {}))
         for k, fold in enumerate(folds):
             tr, va, te = (np.flatnonzero(np.asarray(m)) for m in (fold.train_mask, fold.valid_mask, fold.test_mask))
-            _log(f"backtest fold {k + 1}/{len(folds)}: test cutoff {fold.cutoff}, train {len(tr):,}, test {len(te):,}",
-                 quiet)
+            _log(f"backtest fold {k + 1}/{len(folds)}: test cutoff {splits.human_time(fold.cutoff)}, "
+                 f"train {len(tr):,}, test {len(te):,}", quiet)
             fold_model = fit_model(name, _refit_params(meta), built, tr, va, ws, train_cfg)
             pk = _probabilities(fold_model, runs.model_inputs(name, built, te, ws, runs.model_vocab(fold_model))) \
                 if len(te) else np.zeros(0)
@@ -307,19 +416,41 @@ def compare(run_names: Sequence[str], workspace=None, n_boot: int = 1000, quiet:
 
 # ---------------------------------------------------------------------------------------------
 # run and quickstart
+def ensemble_members(trained: Sequence[str]) -> list[str]:
+    """The runs ``run --models ...,ensemble`` averages: Transformer + LightGBM when both were trained
+    (the pair the ensemble was measured with), else every model trained but logistic regression, else
+    all of them."""
+    trained = [m for m in trained if m != "ensemble"]
+    if "transformer" in trained and "lightgbm" in trained:
+        return ["transformer", "lightgbm"]
+    strong = [m for m in trained if m != "logreg"]
+    return strong if len(strong) >= 2 else trained
+
+
 def run(data: str | Path | Sequence[str | Path] | None, data_cfg: DataConfig, label_cfg: LabelConfig,
         feature_cfg: FeatureConfig | None = None, models: Sequence[str] = BASELINES, backtest: int = 0,
         train_cfg: TrainConfig | None = None, params: dict[str, dict] | None = None, workspace=None,
-        n_boot: int = 1000, report: bool = True, quiet: bool = False) -> str:
-    """ingest -> build -> train -> evaluate for each model; returns (and prints) the comparison table.
+        n_boot: int = 1000, report: bool = True, quiet: bool = False,
+        pretrain: bool | pretraining.PretrainConfig = False) -> str:
+    """ingest -> build -> [pretrain] -> train -> evaluate for each model; returns (and prints) the
+    comparison table.
 
-    Each model's run is saved under ``<workspace>/runs/<model>``.
+    Each model's run is saved under ``<workspace>/runs/<model>``. ``pretrain`` (True or a
+    PretrainConfig) pretrains the sequence encoder after the build, on the events before the earliest
+    test window (of the ``backtest`` folds too), for ``transformer_pt`` and ``lightgbm_emb``.
     """
     ws = as_workspace(workspace)
+    params = params or {}
+    for name in models:
+        if name != "ensemble":
+            check_params(name, params.get(name) or {})
     if data is not None:
         _log(ingest(data, data_cfg, ws, progress=not quiet).summary(), quiet)
     build(label_cfg, feature_cfg, ws, quiet=quiet)
-    params = params or {}
+    if pretrain:
+        cfg = pretrain if isinstance(pretrain, pretraining.PretrainConfig) else pretraining.PretrainConfig()
+        cfg = dataclasses.replace(cfg, backtest=max(cfg.backtest, backtest))
+        pretraining.pretrain(ws, cfg, log=lambda m: _log(m, quiet))
     done = []
     for name in models:
         if name == "ensemble":
@@ -328,7 +459,7 @@ def run(data: str | Path | Sequence[str | Path] | None, data_cfg: DataConfig, la
         evaluate(name, ws, backtest=backtest, n_boot=n_boot, quiet=quiet)
         done.append(name)
     if "ensemble" in models:
-        evaluate_ensemble(ws, members=[m for m in done if m in ("transformer", "lightgbm")], n_boot=n_boot)
+        evaluate_ensemble(ws, members=ensemble_members(done), n_boot=n_boot)
         done.append("ensemble")
     table = compare(done, ws, n_boot=n_boot, quiet=quiet)
     _log("\n" + table, quiet)

@@ -53,22 +53,32 @@ def load_key(workspace_root: str | Path | Workspace) -> bytes:
     root = workspace_root.root if isinstance(workspace_root, Workspace) else Path(workspace_root)
     path = root / "pseudonym.key"
     if not path.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_path(path)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_bytes(32).hex() + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)  # fails if another process created the key first
-            except FileExistsError:
-                pass
-            fsync_dir(root)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return _parse_key(path.read_text())
+            _create_key_file(root, path)
+        except OSError as e:
+            raise RuntimeError(f"cannot create the pseudonymisation key {path}: {e.strerror or e}") from e
+    try:
+        return _parse_key(path.read_text(errors="replace"))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}; restore the key file (or set {KEY_ENV})") from None
+
+
+def _create_key_file(root: Path, path: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_bytes(32).hex() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails if another process created the key first
+        except FileExistsError:
+            pass
+        fsync_dir(root)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def key_id(key: bytes) -> str:

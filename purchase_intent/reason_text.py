@@ -97,6 +97,8 @@ def feature_text(name: str, value: float) -> str:
         return f"does {0 if nan else v:.0%} of their browsing {_DAYPART_TEXT[parts[1]]}"
     if name.startswith("share_") and parts[1] in _WEEKDAY_TEXT:
         return f"does {0 if nan else v:.0%} of their browsing on {_WEEKDAY_TEXT[parts[1]]}"
+    if name.startswith("history_embedding_"):  # a dimension of a pretrained encoder's summary of the history
+        return f"the pattern of their recent events (history embedding dimension {name.rsplit('_', 1)[1]})"
     if name.startswith("ses_"):
         rest = name[4:]
         if rest.startswith("n_") and rest[2:] in events:

@@ -158,6 +158,11 @@ def _comparison_section(page: Page, ws: Workspace, names: list[str]) -> dict[str
     page.add('<p class="note">Intervals: stratified bootstrap. ΔAUC: paired bootstrap difference to the best '
              "baseline (same resamples for both models). Lift: buyers among the top-scored share divided by "
              "the overall rate.</p>")
+    for r in names:
+        members = ensemble_members_text(runs.read_metrics(ws.run_dir(r)))
+        if members:
+            page.add(f'<p class="note"><b>{esc(r)}</b> is an ensemble: the mean of the calibrated probabilities '
+                     f"of {esc(members)}; its reasons are the mean of theirs (see those runs).</p>")
     test = {r: d[d["split"] == "test"] for r, d in preds.items() if (d["split"] == "test").any()}
     if not test:
         return preds
@@ -190,6 +195,16 @@ def _comparison_section(page: Page, ws: Workspace, names: list[str]) -> dict[str
                                  xlabel="predicted probability of buying", ylabel="share of the class"))
     page.add('<div class="grid">' + "".join(charts) + "</div>")
     return preds
+
+
+def ensemble_members_text(metrics: dict) -> str:
+    """"run (model, version), ..." of an ensemble's metrics.json; "" for any other model."""
+    if metrics.get("model") != "ensemble":
+        return ""
+    out = []
+    for m in metrics.get("members") or []:
+        out.append(f"{m['run']} ({m['model']}, {m['version']})" if isinstance(m, dict) else str(m))
+    return ", ".join(out)
 
 
 def _reason_html(r: dict, scale: float) -> str:

@@ -7,9 +7,11 @@ once::
     examples/   examples.parquet (examples + split), features.parquet, build.json
     runs/NAME/  run.json, model/ (weights, config, vocab), predictions.parquet, metrics.json
 
-A run directory is self-contained and loading it never unpickles. Model inputs for any examples
-(training rows, batch scoring, one API request) come from :func:`inputs_for_examples` /
-:func:`model_inputs`: the same feature SQL and sequence builder, over events with ``ts < cutoff``.
+A run directory is self-contained and loading it never unpickles; an ``ensemble`` run holds no
+weights but names its member runs (name and version), which live next to it and load with it.
+Model inputs for any examples (training rows, batch scoring, one API request) come from
+:func:`inputs_for_examples` / :func:`model_inputs`: the same feature SQL and sequence builder, over
+events with ``ts < cutoff``.
 """
 from __future__ import annotations
 
@@ -104,6 +106,11 @@ class Run:
     vocab: SequenceVocab | None = field(default=None, repr=False)  # sequence models only
 
     @property
+    def members(self) -> list["Run"]:
+        """The member runs of an ensemble (empty for any other model)."""
+        return list(self.model.members) if isinstance(self.model, EnsembleModel) else []
+
+    @property
     def name(self) -> str:
         return self.dir.name
 
@@ -130,8 +137,11 @@ class Run:
     @property
     def info(self) -> dict[str, str]:
         lc = self.meta["label_config"]
-        return {"run": self.name, "model": self.model_name, "version": self.version, "task": self.task,
-                "lookback": lc["lookback"], "horizon": lc["horizon"]}
+        out = {"run": self.name, "model": self.model_name, "version": self.version, "task": self.task,
+               "lookback": lc["lookback"], "horizon": lc["horizon"]}
+        if self.members:
+            out["members"] = ",".join(f"{m.name}@{m.version}" for m in self.members)
+        return out
 
 
 def save_run(run_dir: Path, meta: dict, model: Any) -> None:
@@ -146,19 +156,87 @@ def read_meta(run_dir: Path) -> dict:
     path = Path(run_dir) / RUN_JSON
     if not path.exists():
         raise FileNotFoundError(f"no run at {run_dir}: train one with `purchase-intent train`")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"run {run_dir} is damaged ({path.name}: {e}); train it again") from None
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise ValueError(f"run {run_dir} is damaged ({path.name} names no model); train it again")
+    return meta
+
+
+ENSEMBLE = "ensemble"
+
+
+class EnsembleModel:
+    """The ``ensemble`` model: the mean of its member runs' calibrated probabilities.
+
+    Its input is a list with one entry per member, each what that member eats (feature frame or
+    sequence dict), as :func:`inputs_for_examples` builds it.
+    """
+
+    def __init__(self, members: list[Run]):
+        self.members = members
+
+    def predict_proba(self, X: list) -> np.ndarray:
+        if not isinstance(X, list) or len(X) != len(self.members):
+            raise ValueError(f"the ensemble scores a list of its {len(self.members)} members' inputs "
+                             "(runs.inputs_for_examples); its held-out metrics come from its members' "
+                             "predictions (ensemble.evaluate_ensemble)")
+        p = np.mean([np.asarray(m.model.predict_proba(x), dtype=np.float64)[:, 1]
+                     for m, x in zip(self.members, X)], axis=0)
+        return np.column_stack([1.0 - p, p])
+
+
+def ensemble_members(meta: dict) -> list[dict]:
+    """The members an ensemble's run.json records, as ``{"run", "version"}`` dicts."""
+    members = meta.get("members") or []
+    out = [m if isinstance(m, dict) else {"run": str(m), "version": None} for m in members]
+    if len(out) < 2:
+        raise ValueError(f"ensemble run {meta.get('run')!r} records {len(out)} member(s); it needs at least two")
+    return out
 
 
 def load_run_dir(run_dir: Path) -> Run:
-    """The run saved in ``run_dir`` (never unpickles)."""
+    """The run saved in ``run_dir`` (never unpickles); an ensemble loads its member runs, which
+    live next to it in the same runs directory and must still be the versions it recorded."""
     meta = read_meta(run_dir)
-    if meta["model"] == "ensemble":
-        raise ValueError(f"run {Path(run_dir).name!r} averages the held-out predictions of "
-                         f"{', '.join(meta['members'])} and has no model of its own: "
-                         "score, serve or explain one of those runs")
-    model = load_model(meta["model"], Path(run_dir) / MODEL_DIR)
+    if meta["model"] == ENSEMBLE:
+        return _load_ensemble(Path(run_dir), meta)
+    try:
+        model = load_model(meta["model"], Path(run_dir) / MODEL_DIR)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:  # a truncated or foreign model file
+        if isinstance(e, FileNotFoundError) and not (Path(run_dir) / MODEL_DIR).exists():
+            raise FileNotFoundError(f"run {run_dir} has no model folder: train it again") from None
+        raise ValueError(f"run {run_dir} is damaged ({type(e).__name__}: {e}); train it again") from None
     vocab = model_vocab(model) if is_sequence_model(meta["model"]) else None
     return Run(Path(run_dir), meta, model, run_feature_config(meta), vocab)
+
+
+def _load_ensemble(run_dir: Path, meta: dict) -> Run:
+    recorded = ensemble_members(meta)
+    if "feature_names" not in meta or "feature_config" not in meta:
+        raise ValueError(f"ensemble run {run_dir.name!r} was written by an older version (no member features "
+                         "recorded): rebuild it with `purchase-intent run --models ...,ensemble`")
+    members = []
+    for m in recorded:
+        name = m["run"]
+        if not name or "/" in name or "\\" in name or name in (".", "..") or name == run_dir.name:
+            raise ValueError(f"ensemble run {run_dir.name!r}: bad member name {name!r}")
+        member_dir = run_dir.parent / name
+        if not (member_dir / RUN_JSON).is_file():
+            raise FileNotFoundError(f"ensemble run {run_dir.name!r}: its member run {name!r} is missing "
+                                    f"from {run_dir.parent}")
+        sub = load_run_dir(member_dir)
+        if sub.model_name == ENSEMBLE:
+            raise ValueError(f"ensemble run {run_dir.name!r}: member {name!r} is itself an ensemble")
+        if m.get("version") is not None and sub.version != m["version"]:
+            raise ValueError(f"ensemble run {run_dir.name!r}: member {name!r} is now version {sub.version}, "
+                             f"the ensemble was built on {m['version']}; rebuild the ensemble")
+        if sub.meta["label_config"] != meta["label_config"]:
+            raise ValueError(f"ensemble run {run_dir.name!r}: member {name!r} has another label configuration")
+        members.append(sub)
+    return Run(run_dir, meta, EnsembleModel(members), run_feature_config(meta), None)
 
 
 def load_run(run: str | Path, workspace: Workspace | str | Path | None = None) -> Run:
@@ -250,6 +328,8 @@ def inputs_for_examples(meta: dict, model: Any, con, examples: pd.DataFrame):
     ``examples`` needs user_id and cutoff (and session_id / session_start for the session task);
     rows come back in the order given.
     """
+    if isinstance(model, EnsembleModel):
+        return [inputs_for_examples(m.meta, m.model, con, examples) for m in model.members]
     ex = examples.copy()
     ex["example_id"] = np.arange(len(ex), dtype=np.int64)
     for col, default in (("label", 0), ("period", 0)):

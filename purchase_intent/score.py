@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -37,7 +37,7 @@ from . import runs
 from .explain import explain_inputs
 from .feature_frame import compute_features_for_users
 from .runs import Run
-from .workspace import as_workspace, atomic_write_text
+from .workspace import as_workspace, atomic_write_text, fsync_dir, tmp_path
 
 
 @dataclass
@@ -70,6 +70,7 @@ class ScoreResult:
     audience: Optional[dict[str, Any]]  # the selection rule, or None for all users
     seconds: float
     users_per_second: float
+    members: Optional[list[str]] = None  # an ensemble's member runs, "name@version"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,6 +81,8 @@ def _user_inputs(run: Run, con, user_ids: list[str], cutoff: datetime):
     Tabular models get ``feature_frame.compute_features_for_users`` (the numpy form of the feature SQL
     at one cutoff; tests prove both equal); sequence models ``runs.inputs_for_examples``.
     """
+    if run.members:  # an ensemble: each member's own inputs
+        return [_user_inputs(m, con, user_ids, cutoff) for m in run.members]
     ex = pd.DataFrame({"user_id": pd.array(user_ids, dtype=object),
                        "cutoff": pd.Series([cutoff] * len(user_ids), dtype="datetime64[us]")})
     if runs.is_sequence_model(run.model_name):
@@ -177,7 +180,12 @@ def summary_path(out: str | Path) -> Path:
     return out.with_name(stem + ".summary.json")
 
 
-def score(run: str, out: str | Path, cfg: ScoreConfig | None = None, workspace=None,
+def default_out(run_dir: Path, cutoff: datetime) -> Path:
+    """``<run folder>/scores-<cutoff as compact UTC>.parquet``, e.g. ``scores-20261205T000000Z.parquet``."""
+    return Path(run_dir) / f"scores-{cutoff.strftime('%Y%m%dT%H%M%SZ')}.parquet"
+
+
+def score(run: str, out: str | Path | None = None, cfg: ScoreConfig | None = None, workspace=None,
           progress: bool = True) -> ScoreResult:
     """Score every active user at the cutoff with run ``run``; write the ranked list to ``out``.
 
@@ -185,7 +193,8 @@ def score(run: str, out: str | Path, cfg: ScoreConfig | None = None, workspace=N
     ----------
     run : a run name under ``<workspace>/runs/`` or a run directory.
     out : ``.parquet``, ``.csv`` or ``.csv.gz``; columns user_id (pseudonym), probability, rank
-        (1 = most likely), decile (1 = top 10%), cutoff, model, version.
+        (1 = most likely), decile (1 = top 10%), cutoff, model, version. None: ``default_out``,
+        ``<run folder>/scores-<cutoff as compact UTC>.parquet`` (the path is ``ScoreResult.out``).
     cfg : the scoring time, chunk size and the audience rule (at most one of top / top_n /
         min_probability).
 
@@ -197,8 +206,9 @@ def score(run: str, out: str | Path, cfg: ScoreConfig | None = None, workspace=N
     if cfg.chunk_size < 1:
         raise ValueError("chunk size must be >= 1")
     ws = as_workspace(workspace)
-    out = Path(out)
-    fmt = _copy_sql(out)
+    if out is not None:
+        out = Path(out)
+        fmt = _copy_sql(out)
     loaded = runs.load_run(run, ws)
     if loaded.task != "user":
         raise ValueError(f"run {run!r} is a {loaded.task}-task run; batch scores rank users (user task)")
@@ -208,12 +218,19 @@ def score(run: str, out: str | Path, cfg: ScoreConfig | None = None, workspace=N
     t0 = time.perf_counter()
     con = ws.connect()
     cutoff = runs.resolve_cutoff(con, cfg.at)
+    if out is None:
+        out = default_out(loaded.dir, cutoff)
+        fmt = _copy_sql(out)
     n = _active_users_table(con, cutoff, lookback)
     if n == 0:
         raise ValueError(f"no user has an event in [{cutoff - lookback}, {cutoff}): nothing to score")
     where, audience = _audience_filter(cfg, n)
 
-    tmpdir = Path(tempfile.mkdtemp(prefix=".score-", dir=out.parent if out.parent.exists() else None))
+    # scratch next to the output (same file system, so the last step is one atomic rename); its name is
+    # one that Workspace.recover removes if this process dies before the end
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = tmp_path(out)
+    tmpdir.mkdir()
     try:
         raw = tmpdir / "probabilities.parquet"
         fields = [("user_id", pa.string()), ("probability", pa.float64())]
@@ -252,19 +269,21 @@ def score(run: str, out: str | Path, cfg: ScoreConfig | None = None, workspace=N
         rows, buyers = con.execute(f"SELECT count(*), coalesce(sum(probability), 0) FROM ({sel})", params).fetchall()[0]
         buyers_all = con.execute(f"SELECT coalesce(sum(probability), 0) "
                                  f"FROM read_parquet('{_sql_path(raw)}')").fetchall()[0][0]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(tmp_out), str(out))
+        result = ScoreResult(
+            out=str(out), run=str(loaded.meta.get("run", run)), model=name, version=version,
+            cutoff=cutoff.isoformat(), lookback=lookback_text, n_scored=n, n_rows=int(rows),
+            expected_buyers=float(buyers), expected_precision=float(buyers) / rows if rows else None,
+            expected_buyers_all=float(buyers_all), audience=audience, seconds=round(seconds, 3),
+            users_per_second=round(n / seconds, 1) if seconds > 0 else float("inf"),
+            members=[f"{m.name}@{m.version}" for m in loaded.members] or None,
+        )
+        # the summary first, then the scores: a scores file on disk always has its summary beside it
+        atomic_write_text(summary_path(out), json.dumps(asdict(result), indent=2))
+        os.replace(tmp_out, out)
+        fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
         con.execute("DROP TABLE IF EXISTS _score_users")
-    result = ScoreResult(
-        out=str(out), run=str(loaded.meta.get("run", run)), model=name, version=version,
-        cutoff=cutoff.isoformat(), lookback=lookback_text, n_scored=n, n_rows=int(rows),
-        expected_buyers=float(buyers), expected_precision=float(buyers) / rows if rows else None,
-        expected_buyers_all=float(buyers_all), audience=audience, seconds=round(seconds, 3),
-        users_per_second=round(n / seconds, 1) if seconds > 0 else float("inf"),
-    )
-    atomic_write_text(summary_path(out), json.dumps(asdict(result), indent=2))
     return result
 
 
@@ -290,6 +309,8 @@ def describe(result: ScoreResult) -> str:
     """The lines `purchase-intent score` prints."""
     lines = [f"scored {result.n_scored:,} active users at {result.cutoff} (lookback {result.lookback}) "
              f"with {result.model} {result.version} in {result.seconds:.1f}s ({result.users_per_second:,.0f} users/s)"]
+    if result.members:
+        lines.append(f"ensemble of {len(result.members)} runs (mean probability): {', '.join(result.members)}")
     if result.audience is not None:
         prec = f"{result.expected_precision:.1%}" if result.expected_precision is not None else "n/a"
         lines.append(f"audience ({_rule_text(result.audience)}): {result.n_rows:,} users, expected precision "

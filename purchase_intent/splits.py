@@ -21,6 +21,24 @@ from .times import EPOCH
 SPLITS = ("train", "valid", "test")
 
 
+class TooFewPeriods(ValueError):
+    """The examples' periods cannot hold the test, valid and train splits (or the backtest folds)."""
+
+
+def human_time(t) -> str:
+    """A cutoff or window edge as people write it: ISO 8601, without a fraction of a second when it
+    has none. Session cutoffs and label ends are 1 microsecond after the last event they include (the
+    bound is exclusive); such a value prints as that event's time, e.g. ``2019-10-01T00:00:00`` for
+    ``2019-10-01T00:00:00.000001``. A time that truly has microseconds keeps them. ``None`` prints as ``-``."""
+    if t is None:
+        return "-"
+    t = pd.Timestamp(t).to_pydatetime()
+    if t.microsecond % 1000 == 1:
+        t -= timedelta(microseconds=1)
+    us = t.microsecond
+    return t.isoformat(timespec="seconds" if us == 0 else "milliseconds" if us % 1000 == 0 else "microseconds")
+
+
 def _columns(examples) -> dict[str, np.ndarray]:
     """period, cutoff, label_end (int64 microseconds) and label of an Arrow table or DataFrame."""
     df = examples.to_pandas() if isinstance(examples, pa.Table) else examples
@@ -59,7 +77,8 @@ class SplitInfo:
         lines = [f"{'split':6} {'n':>9} {'pos':>8} {'rate':>7}  periods   cutoffs"]
         for name, s in self.splits.items():
             lines.append(f"{name:6} {s['n']:>9} {s['positives']:>8} {s['positive_rate']:>7.4f}  "
-                         f"{s['periods'][0]:>3}-{s['periods'][-1]:<3}   {s['first_cutoff']} .. {s['last_cutoff']}"
+                         f"{s['periods'][0]:>3}-{s['periods'][-1]:<3}   "
+                         f"{human_time(s['first_cutoff'])} .. {human_time(s['last_cutoff'])}"
                          if s["n"] else f"{name:6} {0:>9}")
         lines.append(f"gap    {self.n_gap:>9}  (label window reaches into a later split; excluded)")
         return "\n".join(lines)
@@ -107,8 +126,8 @@ def split_examples(examples, cfg: LabelConfig) -> tuple[np.ndarray, SplitInfo]:
     periods = sorted(int(p) for p in np.unique(cols["period"]))
     n_test, n_valid = int(cfg.test_cutoffs), int(cfg.valid_cutoffs)
     if n_test < 1 or n_valid < 0 or len(periods) < n_test + n_valid + 1:
-        raise ValueError(f"{len(periods)} periods cannot hold {n_test} test + {n_valid} valid periods "
-                         f"and at least one train period: use more data or a smaller step")
+        raise TooFewPeriods(f"{len(periods)} periods cannot hold {n_test} test + {n_valid} valid periods "
+                            f"and at least one train period: use more data or a smaller step")
     test = periods[-n_test:]
     train, valid = _before(cols, periods[:-n_test], test, n_valid)
     split, n_gap = _assign(cols, [("train", train), ("valid", valid), ("test", test)])
@@ -132,11 +151,11 @@ def _before(cols: dict[str, np.ndarray], earlier: list[int], test: list[int], n_
         if np.mean(cols["label_end"][in_p] <= first_test) >= 0.5:
             valid.insert(0, p)
     if n_valid and len(valid) < n_valid:
-        raise ValueError("no period before the test window has label windows that close before it: "
-                         "use more data, a shorter horizon or a longer step")
+        raise TooFewPeriods("no period before the test window has label windows that close before it: "
+                            "use more data, a shorter horizon or a longer step")
     train = [p for p in earlier if p < min(valid)] if valid else list(earlier)
     if not train:
-        raise ValueError("no train period is left before the validation window: use more data or a smaller step")
+        raise TooFewPeriods("no train period is left before the validation window: use more data or a smaller step")
     return train, valid
 
 
@@ -161,8 +180,10 @@ def backtest_folds(examples, k: int, cfg: LabelConfig) -> list[Fold]:
     periods = sorted(int(p) for p in np.unique(cols["period"]))
     n_valid = int(cfg.valid_cutoffs)
     if k < 1 or len(periods) < k + n_valid + 1:
-        raise ValueError(f"{len(periods)} periods cannot hold {k} backtest folds with {n_valid} valid "
-                         f"period(s) and a train period each")
+        most = len(periods) - n_valid - 1
+        hint = f": use --backtest {most} or fewer" if most >= 1 else ": use more data or a smaller step"
+        raise TooFewPeriods(f"{len(periods)} periods cannot hold {k} backtest folds with {n_valid} valid "
+                            f"period(s) and a train period each{hint}")
     folds = []
     for i, p in enumerate(periods[-k:]):
         j = periods.index(p)

@@ -6,6 +6,7 @@ Layout of a workspace (default ``./pi-workspace``, or ``$PURCHASE_INTENT_WORKSPA
     events/part-*.parquet    canonical events, one part per ingested source file
     rejects/*.csv            rejected rows: source_file, line, reason, raw
     pseudonym.key            the pseudonymisation key (unless $PURCHASE_INTENT_PSEUDONYM_KEY is set)
+    .lock                    who writes now: command, pid, start time (see ``Workspace.lock``)
     examples/                built examples and features
     runs/<name>/             one directory per trained model
 
@@ -17,15 +18,20 @@ workspace; so are part and reject files that no manifest lists (a commit that ne
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
 import json
 import os
 import shutil
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import duckdb
+import pyarrow.parquet as pq
 
 WORKSPACE_ENV = "PURCHASE_INTENT_WORKSPACE"
 DEFAULT_WORKSPACE = "pi-workspace"
@@ -59,18 +65,22 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None
     """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_tmp(path.parent, name=path.name)
     tmp = tmp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from e
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -96,26 +106,70 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     ...     (d / "config.json").write_text("{}")
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    tmp.mkdir()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_tmp(path.parent, name=path.name)  # what a killed earlier write of the same path left
+        tmp = tmp_path(path)
+        tmp.mkdir()
+    except OSError as e:
+        raise _write_error(path, e) from e
     try:
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+        if path.exists() and _exchange(tmp, path):  # one atomic swap: the old directory is now at ``tmp``
+            fsync_dir(path.parent)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         old = None
-        if path.exists():
+        if path.exists():  # no atomic swap here: a kill between these two renames leaves no ``path``
             old = tmp_path(path)
             os.replace(path, old)
         os.replace(tmp, path)
         fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(path, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where not supported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+class WorkspaceWriteError(RuntimeError):
+    """The disk refused a write (full, a file size limit, read-only, no permission); nothing was replaced."""
+
+
+# errors of the storage itself, as opposed to a path that is not there
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def _write_error(path: Path, e: OSError) -> Exception:
+    if e.errno not in _STORAGE_ERRNOS:
+        return e
+    return WorkspaceWriteError(f"cannot write {path}: {e.strerror or e}; what was stored there before is unchanged")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -128,14 +182,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_tmp(directory: str | Path) -> list[Path]:
-    """Remove temporary entries in ``directory`` whose writing process is gone."""
+def clean_tmp(directory: str | Path, name: str | None = None) -> list[Path]:
+    """Remove temporary entries in ``directory`` whose writing process is gone (only those of the
+    entry ``name`` when given)."""
     directory = Path(directory)
     removed = []
     if not directory.is_dir():
         return removed
     for entry in directory.iterdir():
-        if not entry.name.startswith(TMP_PREFIX):
+        if not entry.name.startswith(TMP_PREFIX) or (name is not None and not entry.name.endswith("-" + name)):
             continue
         try:
             pid = int(entry.name[len(TMP_PREFIX):].split("-", 1)[0])
@@ -158,6 +213,48 @@ def clean_tmp(directory: str | Path) -> list[Path]:
 
 class NothingIngestedError(RuntimeError):
     """The workspace holds no events yet."""
+
+
+class DamagedWorkspaceError(RuntimeError):
+    """A stored file the manifest lists cannot be read."""
+
+
+class WorkspaceBusy(RuntimeError):
+    """Another command holds the workspace lock."""
+
+
+# lock paths this process holds: resolved path -> (thread id, command)
+_HELD: dict[str, tuple[int, str]] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def _parse_record(data: bytes) -> dict | None:
+    try:
+        rec = json.loads(data.decode("utf-8", errors="replace"))
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _open_lock_file(root: Path, path: Path) -> int | None:
+    """The lock file's descriptor, or None when the workspace cannot be written."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and root.is_dir():
+            return None
+        raise RuntimeError(f"cannot use workspace {root}: {e.strerror}") from e
+
+
+def _busy_message(data: bytes, root: Path) -> str:
+    rec = _parse_record(data) or {}
+    since = ""
+    if isinstance(rec.get("started"), (int, float)):
+        since = " since " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(rec["started"]))
+    pid = f" (pid {rec['pid']})" if isinstance(rec.get("pid"), int) else ""
+    return (f"another {rec.get('command') or 'command'} is running on workspace {root}{since}{pid}; "
+            "wait for it to finish")
 
 
 class Workspace:
@@ -221,22 +318,86 @@ class Workspace:
         return [self.events_dir / p for e in self.read_manifest()["files"] for p in e["parts"]]
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Exclusive lock for writers of the events store (one ingest at a time)."""
-        self.events_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.events_dir / ".lock", "a") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    def lock(self, command: str) -> Iterator[None]:
+        """Hold the workspace for one writing command; a second one fails at once with :class:`WorkspaceBusy`.
+
+        The lock is an OS lock (``flock``) on ``<workspace>/.lock``, which also holds a record of the
+        holder (command, pid, start time) for the message of the one that waits. The kernel releases
+        the lock when its process dies, so a record left by a killed command never blocks: the next
+        command takes the lock and first removes what the killed one left half-written
+        (:meth:`recover`). Nested use in one process (``run`` calling ``ingest``) is allowed. A
+        read-only workspace is not locked (nothing can be written to it).
+
+        Examples
+        --------
+        >>> with Workspace("pi-workspace").lock("ingest"):   # doctest: +SKIP
+        ...     ingest(...)
+        """
+        path = self.root / ".lock"
+        key = str(path.resolve())
+        with _HELD_GUARD:
+            held = _HELD.get(key)
+        if held is not None:  # this process holds it already
+            if held[0] != threading.get_ident():
+                raise WorkspaceBusy(f"another {held[1]} is running on this workspace (pid {os.getpid()}); "
+                                    "wait for it to finish")
+            yield
+            return
+        fd = _open_lock_file(self.root, path)
+        if fd is None:  # a read-only workspace: readers go on; a writer fails at its first write
+            yield
+            return
+        try:
             try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise WorkspaceBusy(_busy_message(os.pread(fd, 4096, 0), self.root)) from None
+            stale = os.pread(fd, 4096, 0).strip()  # a record of a holder that died without releasing
+            record = json.dumps(dict(command=command, pid=os.getpid(), started=time.time())).encode()
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, record, 0)
+            except OSError:
+                pass  # the record is for messages only; the flock is the lock
+            with _HELD_GUARD:
+                _HELD[key] = (threading.get_ident(), command)
+            try:
+                if stale:
+                    self.recover()
                 yield
             finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                with _HELD_GUARD:
+                    _HELD.pop(key, None)
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def lock_holder(self) -> dict | None:
+        """The record of the command holding the lock now (command, pid, started), or None."""
+        path = self.root / ".lock"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _parse_record(os.pread(fd, 4096, 0)) or {}
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
 
     def recover(self) -> list[Path]:
         """Remove what an interrupted write left behind: temporary entries of dead processes, and
         part/reject files no manifest lists. Call with :meth:`lock` held. Returns removed paths."""
         removed: list[Path] = []
-        for d in (self.events_dir, self.rejects_dir, self.root, self.examples_dir, self.runs_dir):
-            removed += clean_tmp(d)
+        run_dirs = sorted(p for p in self.runs_dir.iterdir() if p.is_dir()) if self.runs_dir.is_dir() else []
+        for d in (self.events_dir, self.rejects_dir, self.root, self.examples_dir, self.runs_dir, *run_dirs):
+            removed += clean_tmp(d)  # run folders hold the scratch of an interrupted `score`
         manifest = self.read_manifest()
         parts = {p for e in manifest["files"] for p in e["parts"]}
         rejects = {Path(e["rejects"]).name for e in manifest["files"] if e.get("rejects")}
@@ -268,8 +429,23 @@ class Workspace:
         con = duckdb.connect(database)
         con.execute("SET TimeZone = 'UTC'")
         files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
-        con.execute(f"CREATE OR REPLACE VIEW events AS SELECT * FROM read_parquet([{files}], union_by_name = true)")
+        try:
+            con.execute(f"CREATE OR REPLACE VIEW events AS SELECT * FROM read_parquet([{files}], union_by_name = true)")
+        except duckdb.Error as e:
+            con.close()
+            raise DamagedWorkspaceError(self._damaged_part_message(parts, e)) from None
         return con
+
+    def _damaged_part_message(self, parts: list[Path], e: Exception) -> str:
+        sources = {p: entry.get("source", "?") for entry in self.read_manifest()["files"] for p in entry["parts"]}
+        for p in parts:
+            try:
+                pq.read_metadata(p)
+            except (OSError, ValueError) as err:
+                why = "it is missing" if not p.exists() else f"it is damaged ({str(err).splitlines()[0]})"
+                return (f"events part {p} cannot be read: {why}; restore it from a backup, or ingest its source "
+                        f"{sources.get(p.name, '?')} into a new workspace")
+        return f"the events of workspace {self.root} cannot be read: {str(e).strip().splitlines()[0]}"
 
 
 def as_workspace(workspace: Workspace | str | Path | None) -> Workspace:

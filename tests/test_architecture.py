@@ -41,7 +41,7 @@ LAYERS: dict[int, list[str]] = {
     1: ["events", "event_*", "events_*", "formats", "labels", "splits", "features", "feature_frame", "sequences",
         "sequence_frame", "reason_text", "evaluate"],                   # data: events -> examples -> X
     2: ["models", "train"],                                             # estimators and the loop
-    3: ["runs"],                                                        # artifacts: built examples, runs
+    3: ["runs", "pretrain"],                                            # artifacts: built examples, runs
     4: ["explain"],                                                     # reasons per prediction
     5: ["score", "report", "report_page", "ensemble", "tabular"],       # uses of a run
     6: ["pipeline", "serve", "cli"],                                    # entry points

@@ -135,7 +135,80 @@ def test_comparison_table():
     lines = table.splitlines()
     assert len(lines) == 5 and "ROC-AUC" in lines[0]
     assert "(reference)" in lines[3] and "vs lightgbm" in lines[2]
+    assert "ΔPR-AUC" in lines[0] and "Δlog loss" in lines[0] and "Δlift@10%" in lines[0]
+    only_auc = {k: {"reference": v["reference"], "diff": v["diff"], "ci": v["ci"]} for k, v in paired.items()}
+    assert "ΔPR-AUC" not in E.comparison_table(results, only_auc)  # older metrics.json: no empty columns
     json.dumps(paired, allow_nan=False)
+
+
+def naive_paired_boot(y, p_model, p_ref, n_boot, seed):
+    """The obvious way: draw as the fast code does, then score each resample with sklearn / top_fraction_metrics."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    dp = rng.integers(0, pos.size, size=(n_boot, pos.size), dtype=np.int32)
+    dn = rng.integers(0, neg.size, size=(n_boot, neg.size), dtype=np.int32)
+    out = {m: np.empty((n_boot, 2)) for m in ("roc_auc", "pr_auc", "log_loss", "lift_top_10pct")}
+    for r, (a, b) in enumerate(zip(dp, dn)):
+        idx = np.r_[pos[a], neg[b]]
+        for k, p in enumerate((p_model, p_ref)):
+            yy, pp = y[idx], p[idx]
+            out["roc_auc"][r, k] = roc_auc_score(yy, pp)
+            out["pr_auc"][r, k] = average_precision_score(yy, pp)
+            out["log_loss"][r, k] = log_loss(yy, np.clip(pp, E._EPS, 1 - E._EPS), labels=[0, 1])
+            out["lift_top_10pct"][r, k] = E.top_fraction_metrics(yy, pp)["lift"]["top_10pct"]
+    return out
+
+
+@pytest.mark.parametrize("decimals", [None, 2, 1])
+def test_paired_bootstrap_equals_naive_loop(decimals):
+    y, p = scores(n=400, decimals=decimals, seed=4)
+    other = np.clip(p + np.random.default_rng(5).normal(scale=0.1, size=p.size), 0, 1)
+    if decimals is not None:
+        other = np.round(other, decimals)
+    n_boot, seed = 30, 7
+    metrics = ("roc_auc",) + E.PAIRED_METRICS
+    fast = E._bootstrap_metrics(y, [p, other], n_boot, seed, metrics)
+    naive = naive_paired_boot(y, p, other, n_boot, seed)
+    for m in metrics:
+        np.testing.assert_allclose(fast[m], naive[m], rtol=1e-9, atol=1e-12, err_msg=m)
+    res = E.paired_difference(y, p, other, metrics, n_boot=n_boot, seed=seed)
+    for m in metrics:
+        assert res[m]["ci"] == pytest.approx(list(np.quantile(naive[m][:, 0] - naive[m][:, 1], [0.025, 0.975])))
+    assert res["pr_auc"]["diff"] == pytest.approx(average_precision_score(y, p) - average_precision_score(y, other))
+    assert res["log_loss"]["diff"] == pytest.approx(log_loss(y, p) - log_loss(y, other))
+
+
+def test_paired_bootstrap_keeps_auc_draws_and_orders():
+    y, p = scores(n=3000, decimals=3)
+    noisy = np.round(np.clip(p + np.random.default_rng(9).normal(scale=0.3, size=p.size), 0, 1), 3)
+    # ROC-AUC alone and ROC-AUC beside the other metrics: the very same numbers for the same seed
+    alone = E._bootstrap_aucs(y, [p, noisy], 200, seed=3)
+    d = E.paired_auc_difference(y, p, noisy, n_boot=200, seed=3)
+    assert d["ci"] == E._percentile_ci(alone[:, 0] - alone[:, 1]) and d["n_boot"] == 200
+    assert set(d) == {"diff", "ci", "n_boot", "pr_auc", "log_loss", "lift_top_10pct"}
+    # identical predictions: every difference is exactly zero, in every resample
+    same = E.paired_auc_difference(y, p, p.copy(), n_boot=100)
+    for m in E.PAIRED_METRICS:
+        assert same[m] == {"diff": 0.0, "ci": [0.0, 0.0]}, m
+    # a clearly better model: intervals above zero (below zero for log loss, lower is better)
+    assert 0 < d["pr_auc"]["ci"][0] < d["pr_auc"]["diff"] < d["pr_auc"]["ci"][1]
+    assert 0 < d["lift_top_10pct"]["ci"][0] and d["log_loss"]["ci"][1] < 0
+    # ... and the converse: swapping the models flips the intervals to the other side of zero
+    r = E.paired_auc_difference(y, noisy, p, n_boot=200, seed=3)
+    assert r["pr_auc"]["ci"][1] < 0 and r["lift_top_10pct"]["ci"][1] < 0 and r["log_loss"]["ci"][0] > 0
+    json.dumps(d, allow_nan=False)
+
+
+def test_paired_difference_edge_cases():
+    y, p = scores(n=200)
+    with pytest.raises(ValueError, match="unknown metric"):
+        E.paired_difference(y, p, p, metrics=("accuracy",))
+    one = E.paired_auc_difference(np.zeros(20, int), np.linspace(0, 1, 20), np.full(20, 0.5), n_boot=50)
+    assert one["diff"] is None and one["pr_auc"] == {"diff": None, "ci": None}
+    assert one["log_loss"]["diff"] is not None and one["log_loss"]["ci"] is None  # defined, but no stratified resample
+    no_boot = E.paired_difference(y, p, 1 - p, n_boot=0)
+    assert all(v["ci"] is None and v["diff"] is not None for v in no_boot.values())
+    json.dumps(one, allow_nan=False)
 
 
 @pytest.mark.slow

@@ -210,7 +210,7 @@ def test_failure_midway_leaves_workspace_unchanged(tmp_path, monkeypatch, target
     monkeypatch.setattr(ev, target, boom)
     src2 = tmp_path.parent / "other.csv"
     src2.write_text("user_id,ts,event\nzed,2024-01-01T00:00:00Z,view\n")
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ev.IngestWriteError, match="ingest stopped, nothing was stored: disk full"):
         ingest(ws, [DATA / "rejects.csv", src2], DataConfig(format="csv"), progress=False)
     assert _snapshot(tmp_path) == before
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]

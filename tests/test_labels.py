@@ -181,3 +181,30 @@ def test_taobao_head_user_task(shared_data):
     print("\n" + rates.to_string() + "\n" + info.describe())
     assert (rates["size"] > 300).all() and rates["mean"].between(0.05, 0.4).all()
     assert info.n_gap == 0 and info.splits["test"]["n"] == rates["size"].iloc[-1]
+
+
+def test_suggest_step_names_the_largest_smaller_step_whose_split_fits():
+    from purchase_intent.labels import suggest_step
+
+    # 20 days of daily activity: lookback 7d + horizon 3d leave 2 weekly cutoffs, too few for a split
+    rows = [(f"u{u}", f"2024-03-{d:02d}T10:00:00", "view") for u in range(3) for d in range(1, 21)]
+    con = _con(rows)
+    cfg = LabelConfig(lookback="7d", horizon="3d", step="7d")
+    with pytest.raises(ValueError, match="smaller step"):
+        split_examples(build_examples(con, cfg), cfg)
+    step = suggest_step(con, cfg)
+    assert step == "4d"  # the largest: 5d and 6d still leave too few cutoffs
+    for too_big in ("5d", "6d"):
+        c = LabelConfig(lookback="7d", horizon="3d", step=too_big)
+        with pytest.raises(ValueError, match="periods cannot hold"):
+            split_examples(build_examples(con, c), c)
+    fitted = LabelConfig(lookback="7d", horizon="3d", step=step)
+    split, _ = split_examples(build_examples(con, fitted), fitted)
+    assert {"train", "valid", "test"} <= set(split)
+
+
+def test_suggest_step_is_none_when_no_step_fits():
+    from purchase_intent.labels import suggest_step
+
+    rows = [("u1", f"2024-03-{d:02d}T10:00:00", "view") for d in range(1, 9)]  # 8 days: lookback 7d leaves none
+    assert suggest_step(_con(rows), LabelConfig(lookback="7d", horizon="3d", step="7d")) is None

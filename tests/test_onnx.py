@@ -186,8 +186,13 @@ def test_torch_fallbacks(saved, monkeypatch, tmp_path):
     assert clf.onnx_path_ is None
     np.testing.assert_allclose(clf.predict_proba(one), p_fit[:1], rtol=0, atol=ATOL)
     monkeypatch.setenv(ox.INFERENCE_ENV, "onnx")
+    counts = ox.fallback_counts()
     with pytest.warns(RuntimeWarning, match="running PyTorch"):
         np.testing.assert_allclose(clf.predict_proba(X), p_fit, rtol=0, atol=ATOL)
+    # each fallback is counted by reason (the API shows them in /metrics), once per model
+    assert ox.fallback_counts().get("no_graph", 0) == counts.get("no_graph", 0) + 1
+    clf.predict_proba(X)
+    assert ox.fallback_counts().get("no_graph", 0) == counts.get("no_graph", 0) + 1
     monkeypatch.delitem(sys.modules, "onnxruntime")
     monkeypatch.setenv(ox.INFERENCE_ENV, "auto")
     # a model.onnx that does not belong to these weights is ignored
@@ -196,9 +201,10 @@ def test_torch_fallbacks(saved, monkeypatch, tmp_path):
     for f in ("config.json", "model.safetensors"):
         (stale / f).write_bytes((d / f).read_bytes())
     (stale / "model.onnx").write_bytes(b"not this model")
+    n_stale = ox.fallback_counts().get("stale_file", 0)
     with pytest.warns(RuntimeWarning, match="does not match"):
         clf = load_model("transformer", stale)
-    assert clf.onnx_path_ is None
+    assert clf.onnx_path_ is None and ox.fallback_counts().get("stale_file", 0) == n_stale + 1
     np.testing.assert_allclose(clf.predict_proba(one), p_fit[:1], rtol=0, atol=ATOL)
     # unknown switch value
     monkeypatch.setenv(ox.INFERENCE_ENV, "tensorrt")

@@ -7,6 +7,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
+from test_leakage import perturb_after
 
 from purchase_intent.sequence_frame import build_sequences_frame
 from purchase_intent.sequences import (
@@ -19,7 +20,7 @@ from purchase_intent.sequences import (
 )
 from purchase_intent.vocabulary import EVENT_CODES
 
-CUTOFFS = ["2024-03-08", "2024-03-15", "2024-03-22"]
+CUTOFFS = ["2024-03-08", "2024-03-15", "2024-03-19"]  # the tiny log runs to 2024-03-21: events after each
 
 
 def _con(events: pd.DataFrame, examples: pd.DataFrame | None = None) -> duckdb.DuckDBPyConnection:
@@ -99,19 +100,58 @@ def test_no_leakage_from_events_at_or_after_the_cutoff(tiny_events):
     assert any((base[f][~early] != pert[f][~early]).any() for f in SEQUENCE_FIELDS)
 
 
+def _perturbed(events: pd.DataFrame, t: pd.Timestamp, seed: int) -> pd.DataFrame:
+    """``perturb_after`` (change, move, delete, add at or after ``t``), and the first real event at or
+    after ``t`` moved to exactly ``t``."""
+    out = perturb_after(events, t, np.random.default_rng([seed, int(t.value // 10**9)]))
+    first = out.index[out.ts >= t][np.argmin(out.ts[out.ts >= t].to_numpy())]
+    out.loc[first, ["ts", "event", "price"]] = [t, "purchase", 777.0]
+    return out
+
+
+def _train_ids(ex: pd.DataFrame, t: pd.Timestamp) -> np.ndarray:
+    return ex.example_id[ex.cutoff <= t].to_numpy()
+
+
+def _check_price_edges(events: pd.DataFrame, ex: pd.DataFrame, cfg: SequenceConfig, fit=fit_vocab) -> None:
+    """Price edges fitted on the examples with cutoff <= T do not move when events at or after T do."""
+    for t in map(pd.Timestamp, CUTOFFS):
+        assert (events.ts >= t).sum() > 0  # real events to perturb
+        base = fit(_con(events, ex), _train_ids(ex, t), cfg).price_edges
+        for seed in range(3):
+            got = fit(_con(_perturbed(events, t, seed), ex), _train_ids(ex, t), cfg).price_edges
+            assert got == base, f"leak: price edges of train cutoffs <= {t.date()} moved (seed {seed})"
+
+
 def test_price_edges_use_train_events_only(tiny_events):
     ex = _examples(tiny_events)
     con = _con(tiny_events, ex)
     cfg = SequenceConfig(max_seq_len=8, price_buckets=4)
+    _check_price_edges(tiny_events, ex, cfg)
     v1 = fit_vocab(con, "examples", cfg)
-    ev = tiny_events.copy()
-    ev.loc[ev.ts >= pd.Timestamp(CUTOFFS[-1]), "price"] = 1e6  # invisible to every train example
-    v2 = fit_vocab(_con(ev, ex), "examples", cfg)
-    assert v1.price_edges == v2.price_edges and len(v1.price_edges) == 3
-    v3 = fit_vocab(con, ex.example_id[ex.cutoff == pd.Timestamp(CUTOFFS[0])].to_numpy(), cfg)
+    assert len(v1.price_edges) == 3
+    v3 = fit_vocab(con, _train_ids(ex, pd.Timestamp(CUTOFFS[0])), cfg)
     assert v3.price_edges != v1.price_edges  # ids select the train examples from `examples`
     d = json.loads(json.dumps(v1.to_dict()))
     assert SequenceVocab.from_dict(d) == v1
+
+
+def test_price_edge_check_catches_a_late_cutoff_and_sees_the_past(tiny_events):
+    """Converses: edges fitted one day past the cutoff fail the check; a price just before T moves them."""
+    ex = _examples(tiny_events)
+    cfg = SequenceConfig(max_seq_len=8, price_buckets=4)
+
+    def leaky(con, ids, cfg):
+        con.execute("CREATE OR REPLACE TABLE examples AS SELECT * REPLACE (cutoff + INTERVAL 1 DAY AS cutoff) "
+                    "FROM examples")
+        return fit_vocab(con, ids, cfg)
+
+    with pytest.raises(AssertionError, match="leak"):
+        _check_price_edges(tiny_events, ex, cfg, fit=leaky)
+    t = pd.Timestamp(CUTOFFS[1])
+    ev = tiny_events.copy()
+    ev.loc[(ev.ts < t) & (ev.ts >= t - pd.Timedelta(days=2)), "price"] = 1e6
+    assert fit_vocab(_con(ev, ex), _train_ids(ex, t), cfg) != fit_vocab(_con(tiny_events, ex), _train_ids(ex, t), cfg)
 
 
 def test_chunking_single_user_and_memmap(tiny_events, tmp_path):
@@ -217,12 +257,52 @@ def test_frame_build_equals_sql_on_tiny_events(tiny_events):
     ex = _examples(tiny_events)
     seq, vocab = _build(tiny_events, ex)
     _assert_same(seq, build_sequences_frame(tiny_events, ex, vocab.cfg, vocab))
-    # no leakage: changing events at or after every cutoff changes nothing
-    ev = tiny_events.copy()
-    late = ev.ts >= pd.Timestamp(CUTOFFS[-1])
-    ev.loc[late, "item_id"] = "changed"
-    _assert_same(seq, build_sequences_frame(ev, ex, vocab.cfg, vocab))
     empty = build_sequences_frame(tiny_events.iloc[:0], ex, vocab.cfg, vocab)
     assert not empty["mask"].any() and empty["event"].shape == (len(ex), 8)
     with pytest.raises(ValueError, match="item_buckets"):
         build_sequences_frame(tiny_events, ex, SequenceConfig(item_buckets=7), vocab)
+
+
+def _check_frame_ignores_the_future(events: pd.DataFrame, build=build_sequences_frame) -> int:
+    """For each cutoff T and three seeds: events at or after T perturbed (some exactly at T); the rows
+    of every example with cutoff <= T keep the same tokens. Returns the number of perturbed events."""
+    ex = _examples(events)
+    _, vocab = _build(events, ex)
+    base = build(events, ex, vocab.cfg, vocab)
+    moved = 0
+    for t in map(pd.Timestamp, CUTOFFS):
+        assert (events.ts >= t).sum() > 0  # real events at or after T
+        early = (ex.cutoff <= t).to_numpy()
+        for seed in range(3):
+            ev = _perturbed(events, t, seed)
+            assert (ev.ts == t).any()
+            moved += int((ev.ts >= t).sum())
+            got = build(ev, ex, vocab.cfg, vocab)
+            for f in list(SEQUENCE_FIELDS) + ["mask"]:
+                np.testing.assert_array_equal(got[f][early], base[f][early],
+                                              err_msg=f"leak in {f}: seed {seed}, perturbed at/after {t}")
+    return moved
+
+
+def test_frame_build_ignores_events_at_or_after_each_cutoff(tiny_events):
+    assert _check_frame_ignores_the_future(tiny_events) > 100
+
+
+def test_frame_leak_check_catches_a_late_cutoff_and_sees_the_past(tiny_events):
+    """Converses: the check fails for a builder that reads one day past the cutoff, and an event
+    changed just before a cutoff does change that example's tokens."""
+    def leaky(events, ex, cfg, vocab):
+        late = ex.assign(cutoff=(ex.cutoff + pd.Timedelta(days=1)).astype("datetime64[us]"))
+        return build_sequences_frame(events, late, cfg, vocab)
+
+    with pytest.raises(AssertionError, match="leak in"):
+        _check_frame_ignores_the_future(tiny_events, build=leaky)
+    ex = _examples(tiny_events)
+    base, vocab = _build(tiny_events, ex)
+    t = pd.Timestamp(CUTOFFS[1])
+    ev = tiny_events.copy()
+    last = ev.index[ev.ts < t][-1]  # the last event before T (the log is sorted by ts)
+    ev.loc[last, "event"] = "purchase" if ev.loc[last, "event"] != "purchase" else "view"
+    got = build_sequences_frame(ev, ex, vocab.cfg, vocab)
+    row = np.flatnonzero(((ex.user_id == ev.loc[last, "user_id"]) & (ex.cutoff == t)).to_numpy())
+    assert (got["event"][row] != base["event"][row]).any()

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from purchase_intent import pipeline, runs  # noqa: E402
 from purchase_intent.config import DataConfig, LabelConfig, TrainConfig  # noqa: E402
+from purchase_intent.ensemble import evaluate_ensemble  # noqa: E402
 from purchase_intent.score import ScoreConfig, score  # noqa: E402
 from purchase_intent.serve.app import create_app  # noqa: E402
 from purchase_intent.serve.settings import ServeSettings, read_api_keys, resolve_run_dir  # noqa: E402
@@ -45,6 +46,8 @@ def _model_types() -> list[str]:
 
 
 MODEL_TYPES = _model_types()
+# a tabular and a sequence member where the Transformer is installed: different inputs, one score
+ENSEMBLE_MEMBERS = ["transformer", "lightgbm"] if "transformer" in MODEL_TYPES else ["logreg", "lightgbm"]
 TINY_TRANSFORMER = {"preset": "tiny", "max_epochs": 1}
 
 
@@ -70,6 +73,12 @@ def shop(tmp_path_factory):
         score("transformer-seeds", root / "transformer-seeds.parquet", ScoreConfig(reasons=2), workspace=ws,
               progress=False)
         scores["transformer-seeds"] = pd.read_parquet(root / "transformer-seeds.parquet")
+    # the ensemble, a deployable model: its members' held-out predictions, then scored like any run
+    for m in ENSEMBLE_MEMBERS:
+        pipeline.evaluate(m, ws, n_boot=20, quiet=True)
+    evaluate_ensemble(ws, ENSEMBLE_MEMBERS, n_boot=20)
+    score("ensemble", root / "ensemble.parquet", ScoreConfig(reasons=2), workspace=ws, progress=False)
+    scores["ensemble"] = pd.read_parquet(root / "ensemble.parquet")
     pipeline.train("lightgbm", run="lightgbm-b", params={"n_estimators": 7}, train_cfg=cfg, workspace=ws, quiet=True)
     return ws, df, scores
 
@@ -100,7 +109,7 @@ def _raw_users(ws: Workspace, df: pd.DataFrame, scored: pd.DataFrame, k: int) ->
     return [(r, pid[r]) for r in raw if pid[r] in set(scored["user_id"])][:k]
 
 
-RUNS = MODEL_TYPES + (["transformer-seeds"] if "transformer" in MODEL_TYPES else [])
+RUNS = MODEL_TYPES + (["transformer-seeds"] if "transformer" in MODEL_TYPES else []) + ["ensemble"]
 
 
 @pytest.mark.parametrize("run", RUNS)

@@ -76,3 +76,31 @@ def test_horizon_longer_than_step_skips_to_a_clean_valid_period():
     assert valid_end <= ex["cutoff"][split == "test"].min()
     train_end = ex["label_end"][split == "train"].max()
     assert train_end <= ex["cutoff"][split == "valid"].min()
+
+
+def test_human_time_drops_the_exclusive_bound_microsecond_but_keeps_real_ones():
+    from purchase_intent.splits import human_time
+
+    assert human_time(datetime(2019, 10, 1)) == "2019-10-01T00:00:00"
+    # a session cutoff is 1us after the last event the model sees: printed as that event's time
+    assert human_time("2019-10-01T00:00:00.000001") == "2019-10-01T00:00:00"
+    assert human_time(datetime(2019, 10, 1, 12, 30, 5, 250_001)) == "2019-10-01T12:30:05.250"
+    assert human_time(datetime(2019, 10, 1, 0, 0, 0, 123_456)) == "2019-10-01T00:00:00.123456"
+    assert human_time(None) == "-"
+
+
+def test_split_table_prints_session_cutoffs_without_the_stray_microsecond():
+    df = _examples(n_periods=4)
+    df["cutoff"] += timedelta(microseconds=1)  # as session examples are
+    _, info = split_examples(df, LabelConfig())
+    text = info.describe()
+    assert ".000001" not in text and "2024-01-01T00:00:00 .. 2024-01-02T00:00:00" in text
+    assert info.splits["train"]["first_cutoff"].endswith(".000001")  # the stored value stays exact
+
+
+def test_too_few_periods_is_a_value_error_saying_what_to_change():
+    from purchase_intent.splits import TooFewPeriods
+
+    with pytest.raises(TooFewPeriods, match="smaller step") as e:
+        split_examples(_examples(n_periods=2), LabelConfig())
+    assert isinstance(e.value, ValueError)  # the command line prints it as one "error:" line

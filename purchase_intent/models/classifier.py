@@ -331,6 +331,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                 self._onnx_warned = True
                 warnings.warn(f"{ox.INFERENCE_ENV}=onnx but this model has no usable {ox.ONNX_FILE} "
                               "(or onnxruntime is not installed): running PyTorch", RuntimeWarning, stacklevel=3)
+                ox.record_fallback("no_graph")
             return None
         on_cpu = next(self.model_.parameters()).device.type == "cpu"
         if mode == "auto" and not (on_cpu and ox.prefer_onnx(n_rows)):
@@ -341,6 +342,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             except Exception as e:  # a corrupt file, an unsupported opset: PyTorch still works
                 warnings.warn(f"cannot open {self.onnx_path_} with onnxruntime ({e!r}): running PyTorch",
                               RuntimeWarning, stacklevel=3)
+                ox.record_fallback("open_failed")
                 self.onnx_path_ = None
                 return None
         return self.onnx_scorer_

@@ -28,6 +28,7 @@ import hashlib
 import importlib.util
 import io
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -65,6 +66,23 @@ def inference_mode() -> str:
 
 # auto: ONNX Runtime for calls of at most this many rows, PyTorch above (benchmarks/bench_onnx.py)
 AUTO_ONNX_MAX_ROWS = 8
+
+
+_FALLBACKS: dict[str, int] = {}
+_FALLBACKS_LOCK = threading.Lock()
+
+
+def record_fallback(reason: str) -> None:
+    """Count a loaded model that runs PyTorch because ONNX Runtime could not be used (``reason``:
+    ``open_failed``, ``stale_file``, ``no_graph``); the API shows the counts in /metrics."""
+    with _FALLBACKS_LOCK:
+        _FALLBACKS[reason] = _FALLBACKS.get(reason, 0) + 1
+
+
+def fallback_counts() -> dict[str, int]:
+    """ONNX -> PyTorch fallbacks of this process so far, by reason."""
+    with _FALLBACKS_LOCK:
+        return dict(_FALLBACKS)
 
 
 def prefer_onnx(n_rows: int) -> bool:
@@ -293,6 +311,7 @@ def saved_onnx(directory: Path, entry: Optional[dict]) -> Optional[Path]:
     if not path.is_file() or sha256(path.read_bytes()) != entry["sha256"]:
         warnings.warn(f"{path} is missing or does not match the saved weights: running PyTorch",
                       RuntimeWarning, stacklevel=3)
+        record_fallback("stale_file")
         return None
     return path
 

@@ -7,7 +7,8 @@
 
 Routes: ``POST /v1/score``, ``POST /v1/score/batch``, ``GET /v1/users/{user_id}/score`` (from the
 workspace's events), ``POST /v1/admin/reload`` (swap in a run; ``kill -HUP`` reloads the current
-one), ``GET /v1/model``, ``GET /metrics`` (Prometheus), and without a key ``GET /healthz``,
+one; a failed reload keeps the old run serving and shows in ``/readyz`` "reload" and ``/metrics``),
+``GET /v1/model``, ``GET /metrics`` (Prometheus), and without a key ``GET /healthz``,
 ``GET /readyz``, ``/docs``; they live in ``serve/routes.py`` and score through ``serve/scoring.py``
 (the numpy twins of the training feature and sequence SQL for user-task runs; that SQL itself over
 an in-memory DuckDB for session-task runs and known users). Request user ids are pseudonymised with
@@ -15,6 +16,7 @@ the workspace key, as at ingest. Runs are only ever loaded from the configured r
 """
 import asyncio
 import json
+import logging
 import signal
 import threading
 import time
@@ -30,6 +32,8 @@ from .routes import router
 from .schemas import BatchRequest, ScoreRequest
 from .scoring import ApiError, ServeState
 from .settings import API_KEYS_ENV, ServeSettings
+
+log = logging.getLogger("purchase_intent.serve")
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
@@ -47,8 +51,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 loop.add_signal_handler(signal.SIGHUP,
                                         lambda: loop.run_in_executor(None, _reload_quietly, app.state.serve))
                 hup = True
-            except (NotImplementedError, RuntimeError):
-                pass
+            except (NotImplementedError, RuntimeError) as e:  # no signals on this loop: reload via the API
+                log.warning("SIGHUP reload is not available (%s: %s); use POST /v1/admin/reload",
+                            type(e).__name__, e)
         yield
         if hup:
             loop.remove_signal_handler(signal.SIGHUP)
@@ -100,10 +105,13 @@ def _openapi_with_bodies(app, models) -> None:
 
 
 def _reload_quietly(st: ServeState) -> None:
+    """SIGHUP: reload the current run. A bad run on disk must not take the server down: the old
+    run keeps serving and the failure shows in /readyz ("reload"), /metrics and the log."""
     try:
         st.reload(None)
-    except Exception as e:  # a bad run on disk must not take the server down
-        print(f"reload failed, still serving {st.current.info['version'] if st.current else None}: {e}", flush=True)
+    except Exception as e:
+        log.error("reload failed, still serving %s: %s: %s",
+                  st.current.info["version"] if st.current else None, type(e).__name__, e)
 
 
 class _Observe:

@@ -53,6 +53,7 @@ class Metrics:
         self.scores = _Histogram(SCORE_BUCKETS)
         self.stages: dict[str, _Histogram] = {}
         self.reloads: dict[str, int] = defaultdict(int)
+        self.last_reload_success: float | None = None  # epoch seconds
 
     def request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -76,7 +77,12 @@ class Metrics:
         with self._lock:
             self.reloads[outcome] += 1
 
-    def render(self, model_info: dict[str, str] | None = None) -> str:
+    def reload_succeeded(self, at: float) -> None:
+        with self._lock:
+            self.last_reload_success = at
+
+    def render(self, model_info: dict[str, str] | None = None,
+               onnx_fallbacks: dict[str, int] | None = None) -> str:
         p = PREFIX
         with self._lock:
             lines = [f"# HELP {p}_requests_total HTTP requests by endpoint, method and status code.",
@@ -103,6 +109,17 @@ class Metrics:
             lines += [f"# HELP {p}_reloads_total Model swaps by outcome.", f"# TYPE {p}_reloads_total counter"]
             for outcome, n in sorted(self.reloads.items()):
                 lines.append(f"{p}_reloads_total{{{_labels(outcome=outcome)}}} {n}")
+            lines += [f"# HELP {p}_reload_failures_total Reloads that failed (the previous run kept serving).",
+                      f"# TYPE {p}_reload_failures_total counter",
+                      f"{p}_reload_failures_total {self.reloads.get('failed', 0)}"]
+            if self.last_reload_success is not None:
+                lines += [f"# HELP {p}_last_reload_success_timestamp_seconds When the run now served was loaded.",
+                          f"# TYPE {p}_last_reload_success_timestamp_seconds gauge",
+                          f"{p}_last_reload_success_timestamp_seconds {self.last_reload_success:.3f}"]
+        lines += [f"# HELP {p}_onnx_fallbacks_total Models running PyTorch as ONNX Runtime failed, by reason.",
+                  f"# TYPE {p}_onnx_fallbacks_total counter"]
+        for reason, n in sorted((onnx_fallbacks or {}).items()):
+            lines.append(f"{p}_onnx_fallbacks_total{{{_labels(reason=reason)}}} {n}")
         if model_info:
             lines += [f"# HELP {p}_model_info The run being served.", f"# TYPE {p}_model_info gauge",
                       f"{p}_model_info{{{_labels(**model_info)}}} 1"]

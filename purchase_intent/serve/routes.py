@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from ..models.onnx_inference import fallback_counts as onnx_fallbacks
 from ..times import ONE_US
 from .schemas import (
     MAX_ID_CHARS,
@@ -101,7 +102,8 @@ def readyz(request: Request) -> Response:
     st = getattr(request.app.state, "serve", None)
     if st is None or st.current is None:
         return JSONResponse({"status": "loading"}, status_code=503)
-    return JSONResponse({"status": "ready", **st.current.info})
+    # still ready after a failed reload (the previous run serves); "reload" says what failed and when
+    return JSONResponse({"status": "ready", **st.current.info, "reload": st.reload_status()})
 
 
 # The scoring routes read their body themselves (``read_body``; ``openapi_extra`` documents it)
@@ -200,5 +202,5 @@ def reload(body: Optional[ReloadRequest] = None, st: ServeState = Depends(requir
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["admin"])
 def metrics(st: ServeState = Depends(require_key)):
-    return PlainTextResponse(st.metrics.render(st.current.info if st.current else None),
+    return PlainTextResponse(st.metrics.render(st.current.info if st.current else None, onnx_fallbacks()),
                              media_type="text/plain; version=0.0.4")

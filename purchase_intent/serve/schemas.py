@@ -150,4 +150,5 @@ class ModelInfo(BaseModel):
     task: str
     lookback: str
     horizon: str
+    members: Optional[str] = None  # an ensemble's member runs, "name@version" comma-separated
     previous_version: Optional[str] = None

@@ -14,10 +14,11 @@ from __future__ import annotations
 import gc
 import hashlib
 import hmac
+import logging
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -38,6 +39,8 @@ from ..workspace import Workspace
 from .metrics import Metrics
 from .schemas import ScoreRequest
 from .settings import ServeSettings, resolve_run_dir
+
+log = logging.getLogger("purchase_intent.serve")
 
 
 @dataclass
@@ -81,6 +84,9 @@ class ServeState:
         self._reload_lock = threading.Lock()
         self.current: Optional[Run] = None
         self.current = runs.load_run_dir(resolve_run_dir(settings.runs_path, settings.run))
+        self.last_reload_ok: float = time.time()  # when the run now served was loaded (epoch seconds)
+        self.last_reload_failure: Optional[dict] = None  # {"run", "error", "at"} of the last failed reload
+        self.metrics.reload_succeeded(self.last_reload_ok)
         self._freeze_gc()
 
     def _freeze_gc(self) -> None:
@@ -103,17 +109,26 @@ class ServeState:
 
     # --- hot swap
     def reload(self, run: Optional[str] = None) -> tuple[Run, Optional[str]]:
-        """Load ``run`` (default: the current run's name) and swap it in; returns (new, old version)."""
+        """Load ``run`` (default: the current run's name) and swap it in; returns (new, old version).
+
+        A run that fails to load raises and leaves the current run serving; the failure (run,
+        error, time) stays in ``last_reload_failure`` until a reload succeeds."""
         with self._reload_lock:
             old = self.current
             name = run or (old.name if old else self.settings.run)
             try:
                 new = runs.load_run_dir(resolve_run_dir(self.settings.runs_path, name))
-            except Exception:
+            except Exception as e:  # recorded for /readyz and /metrics, then raised to the caller
+                now = time.time()
+                self.last_reload_failure = {"run": name, "error": f"{type(e).__name__}: {e}",
+                                            "at": datetime.fromtimestamp(now, timezone.utc).isoformat()}
                 self.metrics.reload("failed")
                 raise
             self.current = new  # one reference assignment: in-flight requests keep `old`
+            self.last_reload_ok = time.time()
+            self.last_reload_failure = None
             self.metrics.reload("ok")
+            self.metrics.reload_succeeded(self.last_reload_ok)
             self._freeze_gc()
             return new, (old.info["version"] if old else None)
 
@@ -135,13 +150,21 @@ class ServeState:
                 self._cons.append(con)
         return con
 
+    def reload_status(self) -> dict:
+        """What /readyz says of hot swaps: the last success, and the last failure since then (or None)."""
+        return {"ok": self.last_reload_failure is None,
+                "last_success_at": datetime.fromtimestamp(self.last_reload_ok, timezone.utc).isoformat(),
+                "last_failure": self.last_reload_failure}
+
     def close(self) -> None:
+        """Close every DuckDB connection; one that fails to close is logged and the rest still closed."""
         with self._reload_lock:
             for con in self._cons:
                 try:
                     con.close()
-                except Exception:
-                    pass
+                except Exception as e:  # shutting down: report it, keep closing the others
+                    self.metrics.error("close")
+                    log.warning("could not close a DuckDB connection at shutdown: %s: %s", type(e).__name__, e)
             self._cons.clear()
 
     def pseudonymise(self, ids: list[str]) -> list[str]:
@@ -219,20 +242,37 @@ def predict_columns(loaded: Run, cols: dict[str, list], ids: list[str], ats: lis
     t0 = time.perf_counter()
     ex = pd.DataFrame({"example_id": np.arange(len(ids), dtype=np.int64), "user_id": pd.array(ids, dtype=object),
                        "cutoff": np.array(ats, dtype="datetime64[us]")})
-    X = runs.run_features(loaded.meta, compute_features_frame(cols, ex, loaded.feature_cfg))
-    t1 = time.perf_counter()
-    if loaded.vocab is not None:
-        seq = build_sequences_frame(cols, ex, loaded.vocab.cfg, loaded.vocab)
-        seq["tabular"] = X.to_numpy(np.float32)
-        X = seq
+    if loaded.members:  # an ensemble: each member's own inputs (features computed once per config)
+        frames: dict[str, pd.DataFrame] = {}
+        tabs = []
+        for m in loaded.members:
+            key = repr(m.feature_cfg)
+            if key not in frames:
+                frames[key] = compute_features_frame(cols, ex, m.feature_cfg)
+            tabs.append(runs.run_features(m.meta, frames[key]))
+        t1 = time.perf_counter()
+        X = [_with_sequences_frame(m, cols, ex, tab) for m, tab in zip(loaded.members, tabs)]
+    else:
+        X = runs.run_features(loaded.meta, compute_features_frame(cols, ex, loaded.feature_cfg))
+        t1 = time.perf_counter()
+        X = _with_sequences_frame(loaded, cols, ex, X)
     t2 = time.perf_counter()
     p = np.asarray(loaded.model.predict_proba(X), dtype=np.float64)[:, 1]
     t3 = time.perf_counter()
     timings["features"] = t1 - t0
-    if loaded.vocab is not None:
+    if loaded.vocab is not None or any(m.vocab is not None for m in loaded.members):
         timings["sequences"] = t2 - t1
     timings["model"] = t3 - t2
     return Predicted(p, _reasons(loaded, X, explain_top, timings))
+
+
+def _with_sequences_frame(loaded: Run, cols: dict[str, list], ex: pd.DataFrame, X: pd.DataFrame):
+    """``X`` for a tabular run; for a sequence run its sequences with ``X`` as the "tabular" part."""
+    if loaded.vocab is None:
+        return X
+    seq = build_sequences_frame(cols, ex, loaded.vocab.cfg, loaded.vocab)
+    seq["tabular"] = X.to_numpy(np.float32)
+    return seq
 
 
 def score_users(state: ServeState, loaded: Run, users: list[ScoreRequest], where: str,

@@ -1,0 +1,289 @@
+"""The `purchase-intent` command line: where its options go and what it says when a step cannot run."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from purchase_intent import pipeline
+from purchase_intent.cli import build_parser, main
+from purchase_intent.workspace import WORKSPACE_ENV
+
+
+@pytest.fixture
+def events_csv(tmp_path, tiny_events) -> Path:
+    """The tiny log (12 users, 21 days, about 200 events, session ids) as a CSV file."""
+    path = tmp_path / "events.csv"
+    tiny_events.to_csv(path, index=False)
+    return path
+
+
+def _ingested(ws: Path) -> bool:
+    return (ws / "events" / "manifest.json").exists()
+
+
+# ----------------------------------------------------------------------------- global options
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_workspace_is_accepted_before_and_after_the_command(where, events_csv, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(WORKSPACE_ENV, str(tmp_path / "from-env"))
+    ws = tmp_path / "ws"
+    flag = ["--workspace", str(ws)]
+    argv = flag + ["ingest", str(events_csv)] if where == "before" else ["ingest", *flag, str(events_csv)]
+    assert main(argv) == 0
+    assert "accepted" in capsys.readouterr().out
+    assert _ingested(ws) and not _ingested(tmp_path / "from-env")
+
+
+def test_workspace_not_given_falls_back_to_the_environment(events_csv, tmp_path, monkeypatch):
+    monkeypatch.setenv(WORKSPACE_ENV, str(tmp_path / "from-env"))
+    assert main(["ingest", str(events_csv)]) == 0
+    assert _ingested(tmp_path / "from-env")
+
+
+def test_workspace_after_the_command_wins_over_the_one_before():
+    args = build_parser().parse_args(["--workspace", "a", "build", "--workspace", "b"])
+    assert args.workspace == "b"
+    assert build_parser().parse_args(["--workspace", "a", "build"]).workspace == "a"
+
+
+def test_every_command_takes_the_global_options_after_its_name():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # every registered command, new ones too
+    for name, sub in commands.items():
+        assert any("--workspace" in a.option_strings for a in sub._actions), name
+
+
+# ----------------------------------------------------------------------------- --param
+
+
+def test_unknown_model_parameter_is_one_clear_line_listing_the_known_ones(tmp_path, capsys):
+    ws = tmp_path / "ws"
+    rc = main(["--workspace", str(ws), "train", "--model", "transformer", "--param", "dp_epsilon=3"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "dp_epsilon" in err and "max_epochs" in err and "n_seeds" in err and "sequence" in err
+    assert not (ws / "runs").exists()
+
+
+def test_model_parameters_come_from_the_estimator_signatures():
+    assert pipeline.model_parameters("logreg") == ["C", "max_iter"]
+    assert "num_leaves" in pipeline.model_parameters("lightgbm")
+    pipeline.check_params("logreg", {"C": 0.5, "max_iter": 10})  # known ones pass
+    pipeline.check_params("transformer", {"max_epochs": 1, "sequence": {"max_seq_len": 20}})
+    with pytest.raises(ValueError, match="logreg has no parameter 'num_leaves'"):
+        pipeline.check_params("logreg", {"num_leaves": 7})
+    with pytest.raises(ValueError, match="--seed"):
+        pipeline.check_params("logreg", {"random_state": 1})
+
+
+def test_run_checks_parameters_before_ingesting(events_csv, tmp_path, capsys):
+    ws = tmp_path / "ws"
+    rc = main(["--workspace", str(ws), "run", "--data", str(events_csv), "--models", "logreg",
+               "--param", "num_leaves=7"])
+    assert rc == 1 and "num_leaves" in capsys.readouterr().err
+    assert not _ingested(ws)
+
+
+# ----------------------------------------------------------------------------- short logs, dropped examples
+
+
+def test_short_log_names_a_step_that_fits_and_that_step_builds(events_csv, tmp_path, capsys):
+    ws = tmp_path / "ws"
+    assert main(["--workspace", str(ws), "ingest", str(events_csv)]) == 0
+    # 21 days with a 7d lookback and a 7d horizon leave 2 weekly cutoffs: too few for train, valid, test
+    rc = main(["build", "--workspace", str(ws), "--lookback", "7d", "--horizon", "3d", "--step", "7d"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    m = re.search(r"--step (\d+[dh])\b", err)
+    assert m and "smaller step" in err, err
+    rc = main(["build", "--workspace", str(ws), "--lookback", "7d", "--horizon", "3d", "--step", m.group(1)])
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_backtest_error_names_the_most_folds_that_fit():
+    from purchase_intent.config import LabelConfig
+    from purchase_intent.splits import TooFewPeriods, backtest_folds
+
+    ex = pd.DataFrame({"period": [0, 1, 2, 3], "cutoff": pd.date_range("2024-03-01", periods=4, freq="7D"),
+                       "label": [0, 1, 0, 1]})
+    ex["label_end"] = ex["cutoff"] + pd.Timedelta("7D")
+    with pytest.raises(TooFewPeriods, match="--backtest 2 or fewer"):
+        backtest_folds(ex, 5, LabelConfig())
+    assert len(backtest_folds(ex, 2, LabelConfig())) == 2
+
+
+def test_build_says_what_it_dropped_by_reason(events_csv, tmp_path, capsys):
+    ws = tmp_path / "ws"
+    assert main(["--workspace", str(ws), "ingest", str(events_csv)]) == 0
+    rc = main(["--workspace", str(ws), "build", "--task", "session", "--step", "2d"])
+    assert rc == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    info = json.loads((ws / "examples" / "build.json").read_text())
+    dropped = info["dropped"]
+    assert set(dropped) == {"no event before the cutoff", "may continue after the end of the data"}
+    assert dropped["no event before the cutoff"] > 0  # sessions that start with a purchase exist in the tiny log
+    for reason, n in dropped.items():
+        if n:
+            assert f"dropped {n:,} of" in out and reason in out
+    ex = pd.read_parquet(ws / "examples" / "examples.parquet")
+    assert info["positives"] == int(ex["label"].sum()) and info["n_examples"] == len(ex)
+    # session cutoffs are 1us after the last visible event: printed as that event's time
+    assert ".000001" not in out
+
+
+def test_user_task_build_counts_users_never_active(events_csv, tmp_path, capsys):
+    ws = tmp_path / "ws"
+    assert main(["--workspace", str(ws), "ingest", str(events_csv)]) == 0
+    assert main(["--workspace", str(ws), "build", "--lookback", "3d", "--horizon", "1d", "--step", "1d"]) == 0
+    info = json.loads((ws / "examples" / "build.json").read_text())
+    assert list(info["dropped"]) == ["users never active in a lookback window"]
+    out = capsys.readouterr().out
+    n = info["dropped"]["users never active in a lookback window"]
+    assert f"dropped {n:,} of " in out or (n == 0 and "dropped nothing" in out)
+
+
+def test_minimum_data_gate_says_how_many_positives_the_data_has(events_csv, tmp_path, capsys):
+    ws = tmp_path / "ws"
+    assert main(["--workspace", str(ws), "ingest", str(events_csv)]) == 0
+    assert main(["--workspace", str(ws), "build", "--lookback", "3d", "--horizon", "1d", "--step", "1d"]) == 0
+    capsys.readouterr()
+    assert main(["--workspace", str(ws), "train", "--model", "logreg"]) == 1
+    err = capsys.readouterr().err
+    total = json.loads((ws / "examples" / "build.json").read_text())["positives"]
+    assert f"hold {total:,} positives in all" in err and "--min-positives" in err
+
+
+# ----------------------------------------------------------------------------- score
+
+
+def test_score_out_is_optional():
+    args = build_parser().parse_args(["score", "--run", "logreg"])
+    assert args.out is None
+    assert build_parser().parse_args(["score", "--run", "logreg", "--out", "s.csv"]).out == "s.csv"
+
+
+def test_score_without_out_writes_into_the_run_folder_and_prints_the_path(events_csv, tmp_path, capsys):
+    ws = tmp_path / "ws"
+    assert main(["--workspace", str(ws), "ingest", str(events_csv)]) == 0
+    assert main(["build", "--workspace", str(ws), "--lookback", "3d", "--horizon", "1d", "--step", "1d"]) == 0
+    assert main(["train", "--workspace", str(ws), "--model", "logreg",
+                 "--min-positives", "1", "--min-negatives", "1"]) == 0
+    capsys.readouterr()
+    assert main(["score", "--workspace", str(ws), "--run", "logreg", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    written = [Path(p) for p in re.findall(r"wrote (\S+)", out)]
+    assert written and written[0].exists(), out
+    assert written[0].resolve().parent == (ws / "runs" / "logreg").resolve()
+
+
+def test_a_model_that_takes_any_keyword_is_not_second_guessed(monkeypatch):
+    def make_open(**params):  # no return annotation: the estimator's parameters cannot be listed
+        return params
+
+    monkeypatch.setitem(pipeline.MODELS, "open_model", make_open)
+    assert pipeline.model_parameters("open_model") is None
+    pipeline.check_params("open_model", {"anything": 1})
+    with pytest.raises(ValueError, match="--seed"):
+        pipeline.check_params("open_model", {"random_state": 1})
+
+
+# ----------------------------------------------------------------------------- one writer at a time
+
+
+def test_a_writing_command_on_a_busy_workspace_fails_at_once_with_one_line(events_csv, tmp_path, capsys):
+    import threading
+
+    from purchase_intent.workspace import Workspace
+    ws = tmp_path / "ws"
+    assert main(["--workspace", str(ws), "ingest", str(events_csv)]) == 0
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with Workspace(ws).lock("train"):
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(10)
+        capsys.readouterr()
+        assert main(["build", "--workspace", str(ws), "--lookback", "3d", "--horizon", "1d", "--step", "1d"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "another train is running" in err, err
+        assert not (ws / "examples").exists()  # nothing was written
+        assert main(["pseudonym", "--workspace", str(ws), "u1"]) == 0  # a reading command goes on
+    finally:
+        release.set()
+        t.join()
+    assert main(["build", "--workspace", str(ws), "--lookback", "3d", "--horizon", "1d", "--step", "1d"]) == 0
+
+
+def test_a_damaged_run_is_named_with_what_to_do(events_csv, tmp_path, capsys):
+    ws = tmp_path / "ws"
+    assert main(["--workspace", str(ws), "ingest", str(events_csv)]) == 0
+    assert main(["build", "--workspace", str(ws), "--lookback", "3d", "--horizon", "1d", "--step", "1d"]) == 0
+    assert main(["train", "--workspace", str(ws), "--model", "logreg",
+                 "--min-positives", "1", "--min-negatives", "1"]) == 0
+    run_json = ws / "runs" / "logreg" / "run.json"
+    good = run_json.read_text()
+    for damage in (good[: len(good) // 2], "[]", "\xff\xfe garbage"):
+        run_json.write_text(damage, errors="surrogateescape")
+        capsys.readouterr()
+        assert main(["score", "--workspace", str(ws), "--run", "logreg", "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is damaged" in err and "train it again" in err, err
+    run_json.write_text(good)
+    model_dir = ws / "runs" / "logreg" / "model"
+    for f in model_dir.iterdir():
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[:10])
+    assert main(["evaluate", "--workspace", str(ws), "--run", "logreg", "--n-boot", "10"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train it again" in err, err
+
+
+# ----------------------------------------------------------------------------- time zones of presets
+
+
+def _taobao_file(tiny_events, path: Path) -> Path:
+    """The tiny log in the Taobao UserBehavior layout (no header; user, item, category, behaviour, epoch s)."""
+    codes = {"view": "pv", "cart": "cart", "wishlist": "fav", "purchase": "buy"}
+    t = tiny_events
+    pd.DataFrame({"u": t["user_id"].str[1:], "i": t["item_id"].str[1:], "c": t["category"].str[1:],
+                  "b": t["event"].map(codes), "ts": t["ts"].astype("int64") // 10**6}).to_csv(
+        path, header=False, index=False)
+    return path
+
+
+@pytest.mark.parametrize("tz, hour", [(None, 16), ("UTC", 0), ("Europe/Berlin", 23)])
+def test_a_preset_carries_its_sources_time_zone_unless_tz_says_otherwise(tiny_events, tmp_path, tz, hour, capsys):
+    ws = tmp_path / "ws"
+    src = _taobao_file(tiny_events, tmp_path / "UserBehavior.csv")
+    assert main(["ingest", "--workspace", str(ws), str(src), "--format", "taobao"]) == 0
+    flags = ["--lookback", "3d", "--horizon", "1d", "--step", "1d"] + (["--tz", tz] if tz else [])
+    assert main(["build", "--workspace", str(ws), *flags]) == 0
+    info = json.loads((ws / "examples" / "build.json").read_text())
+    assert info["label_config"]["tz"] == (tz or "Asia/Shanghai")
+    cutoffs = pd.read_parquet(ws / "examples" / "examples.parquet")["cutoff"]
+    assert set(pd.to_datetime(cutoffs).dt.hour) == {hour}  # local midnight, in UTC (no DST in March 1-21)
+    if tz is None:
+        assert "midnight Asia/Shanghai" in capsys.readouterr().out
+
+
+def test_a_plain_csv_keeps_utc_and_an_unknown_zone_is_one_line(events_csv, tmp_path, capsys):
+    ws = tmp_path / "ws"
+    assert main(["ingest", "--workspace", str(ws), str(events_csv)]) == 0
+    assert main(["build", "--workspace", str(ws), "--lookback", "3d", "--horizon", "1d", "--step", "1d"]) == 0
+    assert json.loads((ws / "examples" / "build.json").read_text())["label_config"]["tz"] == "UTC"
+    capsys.readouterr()
+    assert main(["build", "--workspace", str(ws), "--lookback", "3d", "--horizon", "1d", "--step", "1d",
+                 "--tz", "Mars/Olympus"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown time zone 'Mars/Olympus'" in err

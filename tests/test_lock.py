@@ -1,0 +1,108 @@
+"""The workspace lock: one writing command at a time, across real processes; a killed holder never blocks."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from purchase_intent.workspace import Workspace, WorkspaceBusy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _holder(root: Path, command: str, then: str = "time.sleep(60)") -> subprocess.Popen:
+    """A child process that takes the lock, leaves a temp file, prints READY and then runs ``then``."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from purchase_intent.workspace import Workspace, tmp_path
+        ws = Workspace({str(root)!r})
+        with ws.lock({command!r}):
+            ws.runs_dir.mkdir(parents=True, exist_ok=True)
+            tmp_path(ws.runs_dir / "half-written").mkdir()
+            print("READY", flush=True)
+            {then}
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline().strip() == "READY"
+    return child
+
+
+def test_a_second_command_is_refused_while_the_first_runs(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    child = _holder(ws.root, "ingest")
+    try:
+        with pytest.raises(WorkspaceBusy) as e:
+            with ws.lock("build"):
+                pass
+        msg = str(e.value)
+        assert "another ingest is running" in msg and f"(pid {child.pid})" in msg and "wait for it" in msg
+        assert re.search(r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", msg)
+        assert ws.lock_holder()["pid"] == child.pid
+        # the CLI's ingest takes the same lock: one clear line, exit code 1, nothing stored
+        src = tmp_path / "in.csv"
+        src.write_text("user_id,ts,event\nu1,2024-03-01T00:00:00Z,view\n")
+        run = subprocess.run([sys.executable, "-m", "purchase_intent.cli", "--workspace", str(ws.root), "ingest",
+                              str(src)], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1 and "Traceback" not in run.stderr
+        assert run.stderr.strip().splitlines()[-1].startswith("error: another ingest is running")
+        assert not ws.manifest_path.exists()
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+
+
+def test_a_killed_holder_leaves_a_record_that_does_not_block(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    child = _holder(ws.root, "train")
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    record = json.loads((ws.root / ".lock").read_text())
+    assert record["command"] == "train" and record["pid"] == child.pid  # the stale record is still there
+    assert [p.name for p in ws.runs_dir.iterdir()][0].startswith(".tmp-")
+    assert ws.lock_holder() is None
+    with ws.lock("build"):
+        assert json.loads((ws.root / ".lock").read_text())["pid"] == os.getpid()
+        assert list(ws.runs_dir.iterdir()) == []  # what the killed command half-wrote is removed
+    assert (ws.root / ".lock").read_text() == ""  # released: no record
+
+
+def test_commands_are_serialised_and_a_finished_holder_releases(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    child = _holder(ws.root, "score", then="sys.stdin.readline()")  # holds until told to finish
+    try:
+        with pytest.raises(WorkspaceBusy, match="another score"):
+            with ws.lock("report"):
+                pass
+        child.stdin.write("done\n")
+        child.stdin.flush()
+        assert child.wait(timeout=30) == 0
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()
+    assert ws.lock_holder() is None
+    with ws.lock("report"):
+        with ws.lock("ingest"):  # nested in one process: allowed (run -> ingest)
+            assert ws.lock_holder() is not None
+    assert ws.lock_holder() is None
+
+
+def test_read_only_workspace_lets_readers_through(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root ignores directory permissions")
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
+    ws.root.chmod(0o555)
+    try:
+        with ws.lock("score"):
+            pass
+    finally:
+        ws.root.chmod(0o755)
