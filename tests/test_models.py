@@ -32,8 +32,8 @@ def make_data(n=300, n_features=5, seed=0):
 
 
 def test_registry_names():
-    assert set(MODELS) == {"logreg", "lightgbm", "transformer"}
-    assert SEQUENCE_MODELS == {"transformer"}
+    assert set(MODELS) == {"logreg", "lightgbm", "transformer", "transformer_pt", "lightgbm_emb"}
+    assert SEQUENCE_MODELS == {"transformer", "transformer_pt", "lightgbm_emb"}
     assert isinstance(MODELS["logreg"](C=0.5), LogisticRegressionModel)
     assert isinstance(MODELS["lightgbm"](num_leaves=7), LightGBMModel)
     with pytest.raises(ValueError, match="unknown model"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from .attribution import Contributions
 from .baselines import LightGBMModel, LogisticRegressionModel, NotEnoughData, check_min_data
 from .classifier import TransformerClassifier
+from .pretrained import EmbeddingLightGBMModel, PretrainedTransformerClassifier
 
 
 def make_logreg(**params) -> LogisticRegressionModel:
@@ -28,8 +29,20 @@ def make_transformer(**params) -> TransformerClassifier:
     return TransformerClassifier(**params)
 
 
-MODELS = {"logreg": make_logreg, "lightgbm": make_lightgbm, "transformer": make_transformer}
-SEQUENCE_MODELS = {"transformer"}
+def make_transformer_pt(**params) -> PretrainedTransformerClassifier:
+    """The Transformer fine-tuned from the encoder of ``purchase-intent pretrain`` (param ``encoder``)."""
+    return PretrainedTransformerClassifier(**params)
+
+
+def make_lightgbm_emb(**params) -> EmbeddingLightGBMModel:
+    """LightGBM on the tabular features plus the pretrained encoder's embedding of each history."""
+    return EmbeddingLightGBMModel(**params)
+
+
+MODELS = {"logreg": make_logreg, "lightgbm": make_lightgbm, "transformer": make_transformer,
+          "transformer_pt": make_transformer_pt, "lightgbm_emb": make_lightgbm_emb}
+SEQUENCE_MODELS = {"transformer", "transformer_pt", "lightgbm_emb"}
+PRETRAINED_MODELS = {"transformer_pt", "lightgbm_emb"}  # their param ``encoder``: <workspace>/runs/pretrained
 
 
 def load_model(name: str, directory):
@@ -40,11 +53,18 @@ def load_model(name: str, directory):
         return LightGBMModel.load(directory)
     if name == "transformer":
         return TransformerClassifier.load(directory)
+    if name == "transformer_pt":
+        return PretrainedTransformerClassifier.load(directory)
+    if name == "lightgbm_emb":
+        return EmbeddingLightGBMModel.load(directory)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 
 __all__ = [
     "Contributions",
+    "EmbeddingLightGBMModel",
+    "PRETRAINED_MODELS",
+    "PretrainedTransformerClassifier",
     "MODELS",
     "SEQUENCE_MODELS",
     "LightGBMModel",
@@ -55,5 +75,7 @@ __all__ = [
     "load_model",
     "make_lightgbm",
     "make_logreg",
+    "make_lightgbm_emb",
     "make_transformer",
+    "make_transformer_pt",
 ]

@@ -1,0 +1,270 @@
+"""Two models that use the pretrained sequence encoder (``purchase-intent pretrain``).
+
+- :class:`PretrainedTransformerClassifier` (``transformer_pt``): the Transformer classifier whose
+  sequence encoder starts from the pretrained weights (the tabular branch and the head start
+  fresh); ``freeze_encoder=True`` trains only the tabular branch and the head.
+- :class:`EmbeddingLightGBMModel` (``lightgbm_emb``): LightGBM on the tabular features plus the
+  encoder's (B, D) summary of each example's history before its cutoff, computed from the token
+  arrays of ``X`` (the same inputs as every sequence model, in batch scoring and the API).
+
+Both save a self-contained folder: the encoder's files are copied into ``<run>/encoder/`` and
+loading never reads the workspace's ``runs/pretrained``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from ..calibration import fit_calibrator
+from ..sequences import SequenceVocab
+from ..train import train
+from ..workspace import atomic_write_bytes, atomic_write_text
+from .attribution import Contributions
+from .baselines import LightGBMModel
+from .classifier import TransformerClassifier, collate
+from .pretraining import ENCODER_CONFIG, ENCODER_WEIGHTS, check_compatible, embed, load_encoder
+from .transformer import BehaviourTransformer, SeedEnsemble
+
+ENCODER_DIR = "encoder"
+EMBEDDING_PREFIX = "history_embedding_"
+_ENCODER_PARTS = ("embed.", "pos.", "cls", "blocks.", "ln_f.", "pool.")
+
+
+def _copy_encoder(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (ENCODER_WEIGHTS, ENCODER_CONFIG):
+        atomic_write_bytes(dst / name, (Path(src) / name).read_bytes())
+
+
+class PretrainedTransformerClassifier(TransformerClassifier):
+    """:class:`TransformerClassifier` fine-tuned from a pretrained encoder.
+
+    Parameters
+    ----------
+    encoder : str
+        Folder written by ``purchase-intent pretrain`` (``<workspace>/runs/pretrained``). Its
+        architecture (preset, d_model, layers, heads), token fields and window replace the
+        classifier's; ``max_seq_len`` may only shorten the window.
+    freeze_encoder : bool
+        Keep the encoder's weights fixed; train the tabular branch and the head only.
+    Other parameters: as :class:`TransformerClassifier`.
+    """
+
+    def __init__(self, encoder: Optional[str] = None, freeze_encoder: bool = False, preset: str = "tiny",
+                 d_model: Optional[int] = None, n_layers: Optional[int] = None, n_heads: Optional[int] = None,
+                 dropout: float = 0.1, inputs: str = "both", wide: bool = True, pooling: str = "cls+max",
+                 drop_fields: Sequence[str] = ("item",), max_seq_len: Optional[int] = 50, pos_weight: Any = None,
+                 max_epochs: int = 12, lr: float = 1e-3, batch_size: int = 512, weight_decay: float = 0.05,
+                 warmup_frac: float = 0.05, patience: int = 3, grad_clip: float = 1.0, ema_decay: float = 0.0,
+                 n_seeds: int = 1, valid_fraction: float = 0.1, calibration: str = "platt",
+                 tabular_log: bool = True, vocab: Any = None, device: str = "auto",
+                 checkpoint_dir: Optional[str] = None, progress: bool = False, random_state: int = 0):
+        super().__init__(preset=preset, d_model=d_model, n_layers=n_layers, n_heads=n_heads, dropout=dropout,
+                         inputs=inputs, wide=wide, pooling=pooling, drop_fields=drop_fields,
+                         max_seq_len=max_seq_len, pos_weight=pos_weight, max_epochs=max_epochs, lr=lr,
+                         batch_size=batch_size, weight_decay=weight_decay, warmup_frac=warmup_frac,
+                         patience=patience, grad_clip=grad_clip, ema_decay=ema_decay, n_seeds=n_seeds,
+                         valid_fraction=valid_fraction, calibration=calibration, tabular_log=tabular_log,
+                         vocab=vocab, device=device, checkpoint_dir=checkpoint_dir, progress=progress,
+                         random_state=random_state)
+        self.encoder = encoder
+        self.freeze_encoder = freeze_encoder
+
+    def fit(self, X: dict, y, X_valid: Optional[dict] = None, y_valid=None) -> "PretrainedTransformerClassifier":
+        """Build the classifier around the pretrained encoder, fine-tune on (X, y), calibrate on valid."""
+        enc, meta = load_encoder(self.encoder)
+        ecfg = enc.cfg
+        if self.inputs == "tabular":
+            raise ValueError("transformer_pt needs the sequence inputs (inputs='both' or 'sequence')")
+        missing = [f for f in ecfg.field_sizes if f not in X]
+        if missing or "mask" not in X:
+            raise ValueError(f"the encoder {self.encoder} was pretrained on the fields {sorted(ecfg.field_sizes)} "
+                             f"but X lacks {missing or ['mask']}")
+        vocab = self.vocab
+        if vocab is not None and not isinstance(vocab, SequenceVocab):
+            vocab = SequenceVocab.from_dict(vocab)
+        sizes = (vocab.field_sizes() if vocab is not None
+                 else {f: max(int(np.asarray(X[f]).max(initial=0)) + 1, ecfg.field_sizes[f]) for f in ecfg.field_sizes})
+        check_compatible(ecfg, {f: sizes[f] for f in ecfg.field_sizes}, self.d_model,
+                         where=f"the encoder {self.encoder}")
+        y = np.asarray(y).astype(int).ravel()
+        if X_valid is None:  # the parent's temporal holdout, made here so both stages share it
+            cut = len(y) - max(1, int(round(len(y) * self.valid_fraction)))
+            X_valid, y_valid = {k: np.asarray(v)[cut:] for k, v in X.items()}, y[cut:]
+            X, y = {k: np.asarray(v)[:cut] for k, v in X.items()}, y[:cut]
+        drop = [f for f in X if f not in ecfg.field_sizes and f not in ("mask", "tabular", "label", "example_id")]
+        L = min(self.max_seq_len or ecfg.max_seq_len, ecfg.max_seq_len)
+        saved = {k: getattr(self, k) for k in ("preset", "drop_fields", "max_seq_len", "d_model", "n_layers",
+                                              "n_heads", "pooling", "max_epochs")}
+        try:  # the parent builds config, vocab, tabular statistics with no training epoch
+            self.preset = meta["pretrain_config"]["preset"]
+            self.drop_fields, self.max_seq_len, self.pooling, self.max_epochs = drop, L, ecfg.pooling, 0
+            self.d_model, self.n_layers, self.n_heads = ecfg.d_model, ecfg.n_layers, ecfg.n_heads
+            super().fit(X, y, X_valid, y_valid)
+        finally:
+            for k, v in saved.items():
+                setattr(self, k, v)
+        check_compatible(ecfg, self.model_config_.field_sizes, where=f"the encoder {self.encoder}")
+        members = list(self.model_.members) if hasattr(self.model_, "members") else [self.model_]
+        state = {k: v for k, v in enc.state_dict().items() if k.startswith(_ENCODER_PARTS)}
+        state["pos.weight"] = state["pos.weight"][:L]
+        nets, results = [], []
+        for k in range(len(members)):
+            torch.manual_seed(self.random_state + k)
+            net = BehaviourTransformer(self.model_config_)
+            net.load_state_dict(state, strict=False)
+            if self.freeze_encoder:
+                for name, p in net.named_parameters():
+                    if name.startswith(_ENCODER_PARTS):
+                        p.requires_grad_(False)
+            loop = dataclasses.replace(self.loop_config_, max_epochs=self.max_epochs, seed=self.random_state + k)
+            res = train(net, self._arrays(X, y), self._arrays(X_valid, y_valid), loop, collate=collate)
+            for p in net.parameters():
+                p.requires_grad_(True)
+            nets.append(net)
+            results.append(dataclasses.asdict(res))
+        self.loop_config_ = dataclasses.replace(self.loop_config_, max_epochs=self.max_epochs)
+        self.model_ = nets[0] if len(nets) == 1 else SeedEnsemble(nets)
+        self.train_result_ = results[0] if len(nets) == 1 else {"members": results}
+        self.encoder_meta_ = meta
+        self.onnx_path_ = self.onnx_scorer_ = None
+        self.calibrator_ = fit_calibrator(self.decision_function(X_valid), np.asarray(y_valid).astype(int).ravel(),
+                                          self.calibration)
+        return self
+
+    def save(self, directory: str | Path) -> None:
+        """The classifier's files plus a copy of the encoder's in ``encoder/`` (provenance; not read by load)."""
+        super().save(directory)
+        if self.encoder is not None and (Path(self.encoder) / ENCODER_CONFIG).exists():
+            _copy_encoder(Path(self.encoder), Path(directory) / ENCODER_DIR)
+
+
+class EmbeddingLightGBMModel(ClassifierMixin, BaseEstimator):
+    """LightGBM on the tabular features plus the pretrained encoder's embedding of each history.
+
+    Parameters
+    ----------
+    encoder : str
+        Folder written by ``purchase-intent pretrain``.
+    vocab : SequenceVocab, dict or None
+        The vocab the sequences were built with (stored in the run; scoring builds with it).
+    Other parameters: as :class:`~purchase_intent.models.baselines.LightGBMModel`.
+
+    ``contributions`` gives TreeSHAP terms over the F tabular features and then the D embedding
+    dimensions (``embedding_names_``: history_embedding_0 .. D-1).
+    """
+
+    def __init__(self, encoder: Optional[str] = None, n_estimators: int = 400, learning_rate: float = 0.05,
+                 num_leaves: int = 31, min_child_samples: int = 20, subsample: float = 0.8, subsample_freq: int = 1,
+                 colsample_bytree: float = 0.8, reg_lambda: float = 1.0, early_stopping_rounds: int = 50,
+                 n_jobs: int = 2, vocab: Any = None, random_state=None):
+        self.encoder = encoder
+        self.n_estimators = n_estimators
+        self.learning_rate = learning_rate
+        self.num_leaves = num_leaves
+        self.min_child_samples = min_child_samples
+        self.subsample = subsample
+        self.subsample_freq = subsample_freq
+        self.colsample_bytree = colsample_bytree
+        self.reg_lambda = reg_lambda
+        self.early_stopping_rounds = early_stopping_rounds
+        self.n_jobs = n_jobs
+        self.vocab = vocab
+        self.random_state = random_state
+
+    def _lgb_params(self) -> dict:
+        return {k: v for k, v in self.get_params().items() if k not in ("encoder", "vocab")}
+
+    def embed(self, X: dict) -> np.ndarray:
+        """The encoder's summary of each row's history, (N, D), from the token arrays of ``X``."""
+        cfg = self.encoder_.cfg
+        L = cfg.max_seq_len
+        if "mask" not in X:
+            raise ValueError("lightgbm_emb needs the event sequences of X (a sequence model's inputs)")
+        data = {}
+        for f, size in cfg.field_sizes.items():
+            if f not in X:
+                raise ValueError(f"the encoder was pretrained on the fields {sorted(cfg.field_sizes)} "
+                                 f"but X lacks {f!r}")
+            a = np.asarray(X[f])[:, -L:]
+            data[f] = np.minimum(a, size - 1) if a.max(initial=0) >= size else a  # unseen -> last row
+        data["mask"] = np.asarray(X["mask"])[:, -L:]
+        return embed(self.encoder_, data)
+
+    def _frame(self, X: dict) -> pd.DataFrame:
+        tab = np.asarray(X["tabular"], dtype=np.float64)
+        if tab.shape[1] != self.n_tabular_:
+            raise ValueError(f"X['tabular'] has {tab.shape[1]} columns, the model was fitted on {self.n_tabular_}")
+        emb = self.embed(X).astype(np.float64)
+        cols = [f"tabular_{i}" for i in range(tab.shape[1])] + self.embedding_names_
+        return pd.DataFrame(np.hstack([tab, emb]), columns=cols)
+
+    def explain_frame(self, X: dict, feature_names: Sequence[str]) -> pd.DataFrame:
+        """The values ``contributions`` attributes: the tabular features under ``feature_names``, then
+        the embedding dimensions under ``embedding_names_`` (for reason texts)."""
+        frame = self._frame(X)
+        frame.columns = list(feature_names) + self.embedding_names_
+        return frame
+
+    def fit(self, X: dict, y, X_valid: Optional[dict] = None, y_valid=None) -> "EmbeddingLightGBMModel":
+        """Embed every history with the encoder, then fit LightGBM (early stopping on valid)."""
+        self.encoder_, self.encoder_meta_ = load_encoder(self.encoder)
+        vocab = self.vocab
+        if vocab is not None:
+            vocab = vocab if isinstance(vocab, SequenceVocab) else SequenceVocab.from_dict(vocab)
+            sizes = vocab.field_sizes()
+            check_compatible(self.encoder_.cfg, {f: sizes[f] for f in sizes if f in self.encoder_.cfg.field_sizes},
+                             where=f"the encoder {self.encoder}")
+        self.vocab_ = vocab
+        self.n_tabular_ = int(np.asarray(X["tabular"]).shape[1])
+        self.embedding_names_ = [f"{EMBEDDING_PREFIX}{i}" for i in range(self.encoder_.cfg.d_model)]
+        self.lgbm_ = LightGBMModel(**self._lgb_params())
+        Xv = self._frame(X_valid) if X_valid is not None else None
+        self.lgbm_.fit(self._frame(X), y, X_valid=Xv, y_valid=y_valid)
+        self.classes_ = self.lgbm_.classes_
+        return self
+
+    def predict_proba(self, X: dict) -> np.ndarray:
+        return self.lgbm_.predict_proba(self._frame(X))
+
+    def predict(self, X: dict) -> np.ndarray:
+        return self.lgbm_.predict(self._frame(X))
+
+    def contributions(self, X: dict, *, n_steps: int = 32) -> Contributions:
+        """Exact TreeSHAP log-odds terms: (N, F + D) columns, tabular features then embedding dims."""
+        return self.lgbm_.contributions(self._frame(X))
+
+    def save(self, directory: str | Path) -> None:
+        """LightGBM's files, the encoder's files in ``encoder/`` and ``lightgbm_emb.json`` (no pickle)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.lgbm_.save(d)
+        src = Path(self.encoder) if self.encoder is not None else None
+        if src is not None and src.resolve() != (d / ENCODER_DIR).resolve():
+            _copy_encoder(src, d / ENCODER_DIR)
+        params = {**self.get_params(), "vocab": self.vocab_.to_dict() if self.vocab_ is not None else None}
+        meta = {"estimator": "EmbeddingLightGBMModel", "params": params, "n_tabular": self.n_tabular_}
+        atomic_write_text(d / "lightgbm_emb.json", json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "EmbeddingLightGBMModel":
+        d = Path(directory)
+        meta = json.loads((d / "lightgbm_emb.json").read_text())
+        if meta.get("estimator") != "EmbeddingLightGBMModel":
+            raise ValueError(f"{d} does not hold an EmbeddingLightGBMModel")
+        model = cls(**meta["params"])
+        v = meta["params"]["vocab"]
+        model.vocab = model.vocab_ = SequenceVocab.from_dict(v) if v else None
+        model.encoder_, model.encoder_meta_ = load_encoder(d / ENCODER_DIR)
+        model.lgbm_ = LightGBMModel.load(d)
+        model.classes_ = model.lgbm_.classes_
+        model.n_tabular_ = int(meta["n_tabular"])
+        model.embedding_names_ = [f"{EMBEDDING_PREFIX}{i}" for i in range(model.encoder_.cfg.d_model)]
+        return model

@@ -1,0 +1,277 @@
+"""Pretraining of the sequence encoder, its leakage guard, and the two models that use it."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from purchase_intent import pipeline
+from purchase_intent.config import DataConfig, LabelConfig, TrainConfig
+from purchase_intent.models import MODELS, PRETRAINED_MODELS, SEQUENCE_MODELS, load_model
+from purchase_intent.models.classifier import collate
+from purchase_intent.models.pretraining import OBJECTIVES, load_encoder, make_objective, pretrain_encoder
+from purchase_intent.models.transformer import BehaviourTransformer, preset
+from purchase_intent.pretrain import PretrainConfig, evaluation_cutoff, pretrain
+from purchase_intent.runs import load_built, load_run, model_inputs
+from purchase_intent.simulate import SimConfig, write_events
+from purchase_intent.train import TrainLoopConfig
+from purchase_intent.workspace import Workspace
+
+TINY = dict(preset="tiny", max_seq_len=20, epochs=1, batch_size=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("shop") / "shop.csv.gz"
+    write_events(SimConfig(n_users=500, days=49, seed=5), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ws(shop, tmp_path_factory) -> Workspace:
+    w = Workspace(tmp_path_factory.mktemp("ws"))
+    pipeline.ingest(shop, DataConfig(format="csv"), w, progress=False)
+    pipeline.build(LabelConfig(lookback="14d", horizon="7d", step="7d"), workspace=w, quiet=True)
+    return w
+
+
+@pytest.fixture(scope="module")
+def encoder(ws) -> Path:
+    return pretrain(ws, PretrainConfig(objective="masked", **TINY))
+
+
+def _batches(ws, n=128):
+    con = ws.connect()
+    from purchase_intent.sequences import SequenceConfig, build_sequences
+    con.execute("CREATE TABLE ex AS SELECT (row_number() OVER (ORDER BY user_id) - 1)::BIGINT AS example_id, "
+                "user_id, (SELECT max(ts) FROM events) AS cutoff FROM (SELECT DISTINCT user_id FROM events)")
+    a = build_sequences(con, "ex", SequenceConfig(max_seq_len=20))
+    fields = ["event", "category", "dt_cutoff", "dt_prev", "hour"]
+    data = {f: a[f][:n] for f in fields}
+    data["mask"] = a["mask"][:n]
+    return data, {f: int(a[f].max()) + 1 for f in fields}
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_objectives_reduce_their_loss(ws, objective):
+    data, sizes = _batches(ws)
+    torch.manual_seed(0)
+    net = BehaviourTransformer(preset("tiny", field_sizes=sizes, max_seq_len=20, use_tabular=False, dropout=0.0))
+    obj = make_objective(objective, net)
+    batch = collate(data, np.arange(len(data["mask"])))
+
+    def loss():
+        torch.manual_seed(123)  # the same masks / crops before and after
+        with torch.no_grad():
+            return float(obj(batch))
+
+    before = loss()
+    pretrain_encoder(obj, data, TrainLoopConfig(max_epochs=5, batch_size=32, lr=3e-3, seed=0, warmup_frac=0.05))
+    after = loss()
+    assert after < before * 0.97, (objective, before, after)
+
+
+def test_pretrain_writes_a_loadable_encoder_with_the_cutoff(ws, encoder):
+    meta = json.loads((encoder / "config.json").read_text())
+    built = load_built(ws)
+    first_test = pd.Timestamp(built.examples.loc[built.examples["split"] == "test", "cutoff"].min())
+    expected = first_test.tz_convert("UTC").tz_localize(None) if first_test.tzinfo else first_test
+    assert pd.Timestamp(meta["cutoff"]) == expected
+    assert meta["pretrain_config"]["objective"] == "masked" and "price_edges" in meta["vocab"]
+    assert "item" not in meta["fields"] and meta["n_users"] > 100
+    net, _ = load_encoder(encoder)
+    assert set(net.cfg.field_sizes) == set(meta["fields"]) and not net.cfg.use_tabular
+    assert not list(encoder.glob("*.pkl"))
+
+
+def test_backtest_cutoff_is_the_earliest_fold(ws):
+    assert evaluation_cutoff(ws, backtest=2) < evaluation_cutoff(ws)
+
+
+def _copy_ws(ws: Workspace, dst: Path) -> Workspace:
+    shutil.copytree(ws.root, dst, ignore=shutil.ignore_patterns("runs"))
+    return Workspace(dst)
+
+
+def _add_events(w: Workspace, shop: Path, at: str, name: str) -> None:
+    ev = pd.read_csv(shop, nrows=400)
+    ev["ts"] = pd.Timestamp(at).isoformat()
+    path = w.root / f"{name}.csv"
+    ev.to_csv(path, index=False)
+    pipeline.ingest(path, DataConfig(format="csv"), w, progress=False)
+
+
+def test_events_after_the_cutoff_change_nothing_and_events_before_do(ws, shop, encoder, tmp_path):
+    cut = pd.Timestamp(json.loads((encoder / "config.json").read_text())["cutoff"])
+    ref = load_file(str(encoder / "model.safetensors"))
+    after = _copy_ws(ws, tmp_path / "after")
+    _add_events(after, shop, str(cut), "late")  # at the cutoff: not before it
+    _add_events(after, shop, str(cut + pd.Timedelta(days=3)), "later")
+    got = load_file(str(pretrain(after, PretrainConfig(objective="masked", **TINY), cutoff=cut.to_pydatetime())
+                        / "model.safetensors"))
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    before = _copy_ws(ws, tmp_path / "before")
+    _add_events(before, shop, str(cut - pd.Timedelta(days=2)), "early")
+    got = load_file(str(pretrain(before, PretrainConfig(objective="masked", **TINY), cutoff=cut.to_pydatetime())
+                        / "model.safetensors"))
+    assert not all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_pretrain_on_an_empty_or_tiny_workspace_says_so(tmp_path, shop):
+    with pytest.raises(RuntimeError, match="no events"):
+        pretrain(Workspace(tmp_path / "empty"), PretrainConfig(**TINY))
+    w = Workspace(tmp_path / "tiny")
+    ev = pd.read_csv(shop)
+    ev[ev["user_id"].isin(ev["user_id"].unique()[:3])].to_csv(tmp_path / "few.csv", index=False)
+    pipeline.ingest(tmp_path / "few.csv", DataConfig(format="csv"), w, progress=False)
+    with pytest.raises(ValueError, match=r"at least 8 users .* of 3 users"):
+        pretrain(w, PretrainConfig(**TINY))
+
+
+def test_registry_lists_the_pretrained_models():
+    assert PRETRAINED_MODELS <= set(MODELS) and PRETRAINED_MODELS <= SEQUENCE_MODELS
+
+
+def _inputs(ws, encoder):
+    built = load_built(ws)
+    vocab_meta = json.loads((encoder / "config.json").read_text())["vocab"]
+    from purchase_intent.sequences import SequenceVocab
+    vocab = SequenceVocab.from_dict(vocab_meta)
+    tr, va = np.flatnonzero(built.mask("train")), np.flatnonzero(built.mask("valid"))
+    y = built.examples["label"].to_numpy()
+    return (model_inputs("transformer_pt", built, tr, ws, vocab), y[tr],
+            model_inputs("transformer_pt", built, va, ws, vocab), y[va], vocab)
+
+
+@pytest.mark.parametrize("name", ["transformer_pt", "lightgbm_emb"])
+def test_pretrained_models_fit_predict_explain_save_load(ws, encoder, tmp_path, name):
+    Xtr, ytr, Xva, yva, vocab = _inputs(ws, encoder)
+    params = dict(encoder=str(encoder), vocab=vocab, random_state=0)
+    if name == "transformer_pt":
+        params.update(max_epochs=1, batch_size=256, freeze_encoder=True)
+    else:
+        params.update(n_estimators=30)
+    model = MODELS[name](**params).fit(Xtr, ytr, Xva, yva)
+    p = model.predict_proba(Xva)
+    assert p.shape == (len(yva), 2) and np.all((p >= 0) & (p <= 1))
+    c = model.contributions({k: v[:5] for k, v in Xva.items()}, n_steps=4)
+    assert c.base.shape == (5,)
+    if name == "lightgbm_emb":
+        assert c.features.shape[1] == Xva["tabular"].shape[1] + len(model.embedding_names_)
+        assert model.embedding_names_[0] == "history_embedding_0"
+        names = [f"f{i}" for i in range(Xva["tabular"].shape[1])]
+        frame = model.explain_frame({k: v[:5] for k, v in Xva.items()}, names)
+        assert frame.shape == c.features.shape and frame.columns[-1] == model.embedding_names_[-1]
+        logit = np.log(p[:5, 1] / p[:5, 0])
+        np.testing.assert_allclose(c.total(), logit, atol=1e-6)  # exact TreeSHAP: terms sum to the logit
+    model.save(tmp_path / "m")
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "m", moved)  # self-contained: the encoder folder is not read again
+    enc_copy = tmp_path / "enc_gone"
+    shutil.move(encoder, enc_copy)
+    try:
+        again = load_model(name, moved)
+        np.testing.assert_allclose(again.predict_proba(Xva), p, atol=1e-5)
+    finally:
+        shutil.move(enc_copy, encoder)
+    assert (moved / "encoder" / "model.safetensors").exists() and not list(moved.rglob("*.pkl"))
+
+
+def test_frozen_encoder_keeps_the_pretrained_weights_and_fine_tuning_moves_them(ws, encoder):
+    Xtr, ytr, Xva, yva, vocab = _inputs(ws, encoder)
+    Xtr, ytr = {k: v[:300] for k, v in Xtr.items()}, ytr[:300]
+    enc, _ = load_encoder(encoder)
+    ref = enc.state_dict()["blocks.0.qkv.weight"]
+    for freeze in (True, False):
+        m = MODELS["transformer_pt"](encoder=str(encoder), vocab=vocab, max_epochs=1, batch_size=256,
+                                     freeze_encoder=freeze).fit(Xtr, ytr, Xva, yva)
+        same = torch.equal(m.model_.state_dict()["blocks.0.qkv.weight"], ref)
+        assert same == freeze
+
+
+def test_missing_and_incompatible_encoders_are_named(ws, encoder, tmp_path):
+    Xtr, ytr, Xva, yva, vocab = _inputs(ws, encoder)
+    for name in PRETRAINED_MODELS:
+        with pytest.raises(FileNotFoundError, match="purchase-intent pretrain"):
+            MODELS[name](encoder=str(tmp_path / "nope"), vocab=vocab).fit(Xtr, ytr, Xva, yva)
+    with pytest.raises(ValueError, match="d_model=64 differs .* d_model=32"):
+        MODELS["transformer_pt"](encoder=str(encoder), vocab=vocab, d_model=64).fit(Xtr, ytr, Xva, yva)
+    other = dataclasses.replace(vocab, cfg=dataclasses.replace(vocab.cfg, category_buckets=500))
+    for name in PRETRAINED_MODELS:
+        with pytest.raises(ValueError, match="category"):
+            MODELS[name](encoder=str(encoder), vocab=other).fit(Xtr, ytr, Xva, yva)
+    no_hour = {k: v for k, v in Xtr.items() if k != "hour"}
+    with pytest.raises(ValueError, match="hour"):
+        MODELS["transformer_pt"](encoder=str(encoder), vocab=vocab).fit(no_hour, ytr, Xva, yva)
+
+
+@pytest.mark.slow
+def test_pipeline_trains_both_models_with_the_encoder_param(ws, encoder):
+    for name in PRETRAINED_MODELS:
+        extra = {"max_epochs": 1} if name == "transformer_pt" else {"n_estimators": 20}
+        run = pipeline.train(name, params={"encoder": str(encoder), **extra},
+                             train_cfg=TrainConfig(min_positives=5, min_negatives=5), workspace=ws, quiet=True)
+        assert (run / "model" / "encoder" / "config.json").exists()
+        loaded = load_run(run)
+        assert type(loaded.model).__name__ in ("PretrainedTransformerClassifier", "EmbeddingLightGBMModel")
+
+
+# ----------------------------------------------------------------------------- the pipeline and the CLI
+
+
+def test_cli_pretrain_then_pretrained_runs_evaluate_score_explain_and_ensemble(ws, shop, tmp_path, capsys):
+    """The user's path: `pretrain`, then `train --model transformer_pt|lightgbm_emb` (the encoder found in
+    runs/pretrained), `evaluate --backtest`, `ensemble`, `score --reasons` and `explain` on each."""
+    from purchase_intent.cli import main
+    w = _copy_ws(ws, tmp_path / "ws")
+    root = str(w.root)
+    assert main(["pretrain", "--workspace", root, "--preset", "tiny", "--max-seq-len", "20", "--epochs", "1",
+                 "--backtest", "1"]) == 0
+    cfg = json.loads((w.run_dir("pretrained") / "config.json").read_text())
+    assert pd.Timestamp(cfg["cutoff"]) == pd.Timestamp(evaluation_cutoff(w, backtest=1))
+    small = {"lightgbm_emb": ["--param", "n_estimators=20"],
+             "transformer_pt": ["--param", "max_epochs=1", "--param", "batch_size=256"]}
+    for name, params in small.items():
+        assert main(["train", "--workspace", root, "--model", name, *params]) == 0
+        assert main(["evaluate", "--workspace", root, "--run", name, "--backtest", "1", "--n-boot", "50"]) == 0
+        meta = json.loads((w.run_dir(name) / "run.json").read_text())
+        assert meta["params"]["encoder"] == str(w.run_dir("pretrained"))
+        # the run's vocab is the encoder's: each token means what it meant in pretraining
+        assert load_run(name, w).vocab.to_dict() == cfg["vocab"]
+    assert main(["ensemble", "--workspace", root, "--members", "lightgbm_emb,transformer_pt",
+                 "--n-boot", "50"]) == 0
+    # evaluating the ensemble again re-averages its members' predictions (it has no model of its own)
+    assert main(["evaluate", "--workspace", root, "--run", "ensemble", "--n-boot", "50"]) == 0
+    metrics = json.loads((w.run_dir("ensemble") / "metrics.json").read_text())
+    assert [m["run"] for m in metrics["members"]] == ["lightgbm_emb", "transformer_pt"]
+    assert "backtest" in metrics
+    capsys.readouterr()
+    for name in ("lightgbm_emb", "transformer_pt", "ensemble"):
+        assert main(["score", "--workspace", root, "--run", name, "--reasons", "2", "--quiet"]) == 0, name
+        out = capsys.readouterr().out
+        scores = pd.read_parquet(re.findall(r"wrote (\S+)", out)[0])
+        assert scores["reason_1"].notna().all() and scores["probability"].between(0, 1).all()
+        user = scores["user_id"].iloc[0]
+        assert main(["explain", "--workspace", root, "--run", name, "--user", user, "--json"]) == 0
+        e = json.loads(capsys.readouterr().out)
+        assert e["reasons"], name
+
+
+def test_run_with_a_pretrained_model_and_no_encoder_asks_for_pretrain(ws, shop, tmp_path, capsys):
+    from purchase_intent.cli import main
+    w = _copy_ws(ws, tmp_path / "ws")  # without runs/: no encoder
+    manifest = w.manifest_path.read_text()
+    with pytest.raises(SystemExit, match="add --pretrain"):
+        main(["run", "--workspace", str(w.root), "--data", str(shop), "--models", "lightgbm_emb"])
+    assert w.manifest_path.read_text() == manifest  # refused before ingesting anything
+    assert main(["train", "--workspace", str(w.root), "--model", "lightgbm_emb"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run `purchase-intent pretrain` first" in err
