@@ -22,6 +22,7 @@ import pytest
 
 from purchase_intent import cli
 from purchase_intent.simulate import SimConfig, write_events
+from purchase_intent.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PURCHASE_INTENT_PSEUDONYM_KEY": "fault-tests-" + "k" * 32, "PYTHONHASHSEED": "0"}
@@ -95,7 +96,6 @@ def _diff(a: dict, b: dict) -> list[str]:
 
 
 def litter(ws: Path) -> list[str]:
-    # `.score-*`: score.py's own temp directory (tempfile.mkdtemp), not cleaned after a kill; left out here
     return [str(p.relative_to(ws)) for p in ws.rglob(".tmp-*")]
 
 
@@ -146,6 +146,10 @@ def _kill_and_rerun(reference, step: str, n_kills: int, seed: int) -> list[str]:
         time.sleep(rng.uniform(0.5, 1.0) * ref["imports"] + rng.uniform(0.0, 1.2) * ref["seconds"][step])
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        # what the next command sees: it takes the lock, and a dead holder's record makes it first remove what
+        # the killed one left half-written (e.g. an ingest part written just before its manifest)
+        with Workspace(ws).lock("check"):
+            pass
         now = digest(ws)
         assert now in (before, after), (f"kill -9 of {step} left neither before nor after: "
                                         f"{_diff(now, before)} differ from before, {_diff(now, after)} from after")
