@@ -3,6 +3,7 @@
     python benchmarks/bench_serve.py                                   # logreg, lightgbm, transformer
     python benchmarks/bench_serve.py --models lightgbm --duration 60 --concurrency 32   # the soak test
     python benchmarks/bench_serve.py --workspace pi-workspace --reuse  # runs already trained there
+    python benchmarks/bench_serve.py --models lightgbm,lightgbm_emb    # pretrains the encoder first (1 epoch)
 
 Steps: simulate a shop (``--users``, ``--days``), ingest, build (28d lookback, 7d horizon), train
 each model (the Transformer with ``--preset``, one epoch: speed, not accuracy, is measured), time
@@ -46,6 +47,8 @@ def prepare(ws_root: Path, models: list[str], users: int, days: int, preset: str
     """Simulated shop -> workspace with one run per model (skipped with --reuse)."""
     from purchase_intent import pipeline
     from purchase_intent.config import DataConfig, LabelConfig, TrainConfig
+    from purchase_intent.models import PRETRAINED_MODELS
+    from purchase_intent.pretrain import PretrainConfig, pretrain
     from purchase_intent.simulate import SimConfig, write_events
     from purchase_intent.workspace import Workspace
 
@@ -59,6 +62,8 @@ def prepare(ws_root: Path, models: list[str], users: int, days: int, preset: str
     if not ws.part_paths():
         pipeline.ingest(data, DataConfig(format="csv"), ws, progress=False)
     pipeline.build(LabelConfig(lookback="28d", horizon="7d", step="7d"), workspace=ws, quiet=True)
+    if set(models) & PRETRAINED_MODELS:  # one pretraining epoch: speed, not accuracy, is measured
+        pretrain(ws, PretrainConfig(epochs=1))
     for m in models:
         params = {"preset": preset, "max_epochs": 1} if m == "transformer" else None
         train_cfg = TrainConfig(min_positives=1, min_negatives=1)

@@ -410,7 +410,8 @@ def compare(run_names: Sequence[str], workspace=None, n_boot: int = 1000, quiet:
         pb = {r: {"reference": reference, **e["backtest"]} for r, e in paired.items() if "backtest" in e}
         table += "\n\npooled backtest\n" + comparison_table(rows_bt, pb)
     if reference:
-        table += f"\n\nΔAUC: difference to {reference} (best baseline by valid ROC-AUC), paired bootstrap 95% CI"
+        table += (f"\n\nΔ: difference to {reference} (best baseline by valid ROC-AUC) in ROC-AUC, PR-AUC, log loss "
+                  "(lower is better) and lift@10%, each with a paired bootstrap 95% CI (the same resamples for both)")
     return table
 
 
