@@ -156,12 +156,19 @@ def _add_pretrain_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}epochs", type=int, default=d.epochs, help=f"passes over the users (default {d.epochs})")
     p.add_argument(f"--{prefix}batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     p.add_argument(f"--{prefix}lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    p.add_argument(f"--{prefix}init", metavar="PATH",
+                   help="start from the encoder folder of another workspace (its runs/pretrained): its architecture, "
+                        "fields and buckets are kept, the weights that keep their meaning here are copied, the rest "
+                        "re-initialised (one line each); then the epochs run here (0 keeps the copy)")
+    p.add_argument(f"--{prefix}d-model", type=int, metavar="D",
+                   help="encoder width (default: the preset's; with an init the init encoder's, and another raises)")
 
 
 def _pretrain_cfg(a: argparse.Namespace, prefix: str = "", **extra) -> pretrain.PretrainConfig:
     g = lambda name: getattr(a, prefix.replace("-", "_") + name)  # noqa: E731
     return pretrain.PretrainConfig(objective=g("objective"), preset=g("preset"), max_seq_len=g("max_seq_len"),
-                                   epochs=g("epochs"), batch_size=g("batch_size"), lr=g("lr"), **extra)
+                                   epochs=g("epochs"), batch_size=g("batch_size"), lr=g("lr"), init=g("init"),
+                                   d_model=g("d_model"), **extra)
 
 
 # ---------------------------------------------------------------------------------------------

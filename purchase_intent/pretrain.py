@@ -13,6 +13,13 @@ window of the built examples (with ``backtest=K`` the earliest of the last K fol
 which is what ``evaluate --backtest K`` tests on), so the encoder never reads an event of a test
 period; without built examples (production) it reads every event. One encoder serves all
 backtest folds: the one fitted before the earliest fold.
+
+``init`` (``pretrain --init PATH``) starts from the encoder folder of another workspace (another
+shop, whose export may differ): the new encoder takes its architecture, token fields and bucket
+counts (the window may only shorten), copies every weight that keeps its meaning in this shop and
+re-initialises the rest, one log line each (:mod:`~purchase_intent.models.transfer`), then trains
+``epochs`` more epochs on this workspace's events before the cutoff (0 keeps the copied weights).
+config.json records the init folder, its cutoff and what was transferred or re-initialised.
 """
 from __future__ import annotations
 
@@ -28,10 +35,11 @@ import torch
 from . import splits
 from .config import from_dict
 from .models.pretraining import OBJECTIVES, encoder_files, make_objective, pretrain_encoder
-from .models.transformer import BehaviourTransformer
+from .models.transfer import TransferReport, load_init, transfer_config, transfer_state
+from .models.transformer import PRESETS, BehaviourTransformer
 from .models.transformer import preset as make_preset
 from .runs import load_built
-from .sequences import SEQUENCE_FIELDS, SequenceConfig, build_sequences, fit_vocab
+from .sequences import SEQUENCE_FIELDS, SequenceConfig, SequenceVocab, build_sequences, fit_vocab
 from .times import parse_time
 from .train import TrainLoopConfig
 from .workspace import Workspace, as_workspace, atomic_dir, atomic_write_bytes
@@ -58,6 +66,9 @@ class PretrainConfig:
     cutoff: Optional[str] = "auto"  # "auto" | "all" (every event) | an ISO 8601 time
     backtest: int = 0  # with cutoff="auto": the earliest of the last K backtest folds' test windows
     drop_fields: list = field(default_factory=lambda: ["item"])  # as TransformerClassifier's default
+    d_model: Optional[int] = None  # None: the preset's (with init: the init encoder's; another value raises)
+    # an encoder folder of another workspace to start from; its architecture, fields and buckets are kept
+    init: Optional[str] = None
 
 
 def evaluation_cutoff(workspace: Workspace | str | Path | None, backtest: int = 0) -> Optional[datetime]:
@@ -107,14 +118,33 @@ def pretrain(workspace: Workspace | str | Path | None = None, cfg: Optional[Pret
     """Pretrain the encoder on the workspace's events with ``ts < cutoff``; write ``runs/pretrained/``.
 
     ``cutoff`` (a datetime, an ISO string, "auto" or "all") overrides ``cfg.cutoff``. Returns the folder.
-    Raises ValueError when fewer than ``MIN_USERS`` users have events before the cutoff.
+    Raises ValueError when fewer than ``MIN_USERS`` users have events before the cutoff. With
+    ``cfg.init``: FileNotFoundError when the folder does not exist, ValueError when it holds no
+    encoder or one that cannot be mapped (unknown fields, another ``d_model`` than ``cfg.d_model``).
     """
     cfg = cfg or PretrainConfig()
+    src_net, src_meta = load_init(cfg.init) if cfg.init is not None else (None, None)
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"unknown pretraining objective {cfg.objective!r}: choose one of {', '.join(OBJECTIVES)}")
     unknown = set(cfg.drop_fields) - set(SEQUENCE_FIELDS)
     if unknown:
         raise ValueError(f"drop_fields has unknown fields {sorted(unknown)}: choose from {', '.join(SEQUENCE_FIELDS)}")
+    if src_net is not None:  # the init encoder's architecture, fields and token buckets
+        arch = transfer_config(src_net.cfg, int(cfg.max_seq_len), cfg.dropout, cfg.d_model,
+                               where=f"the init encoder {cfg.init}")
+        src_vocab = SequenceVocab.from_dict(src_meta["vocab"])
+        seq_cfg = dataclasses.replace(src_vocab.cfg, max_seq_len=arch.max_seq_len)
+        fields = list(arch.field_sizes)
+        used = dataclasses.replace(cfg, preset=src_meta.get("pretrain_config", {}).get("preset", cfg.preset),
+                                   max_seq_len=arch.max_seq_len, d_model=arch.d_model,
+                                   drop_fields=[f for f in SEQUENCE_FIELDS if f not in fields])
+    else:
+        if cfg.d_model is not None and cfg.preset in PRESETS and int(cfg.d_model) % PRESETS[cfg.preset]["n_heads"]:
+            raise ValueError(f"d_model={cfg.d_model} is not a multiple of the {cfg.preset} preset's "
+                             f"{PRESETS[cfg.preset]['n_heads']} heads")
+        seq_cfg = SequenceConfig(max_seq_len=int(cfg.max_seq_len))
+        fields = [f for f in SEQUENCE_FIELDS if f not in set(cfg.drop_fields)]
+        used = cfg
     ws = as_workspace(workspace)
     con = ws.connect()  # NothingIngestedError (a RuntimeError) on an empty workspace
     t_cut, how = _resolve_cutoff(ws, con, cfg, cutoff)
@@ -129,26 +159,38 @@ def pretrain(workspace: Workspace | str | Path | None = None, cfg: Optional[Pret
     con.execute("CREATE OR REPLACE TEMP TABLE pretrain_examples AS "
                 "SELECT (row_number() OVER (ORDER BY user_id) - 1)::BIGINT AS example_id, user_id, "
                 "?::TIMESTAMP AS cutoff FROM (SELECT DISTINCT user_id FROM events WHERE ts < ?)", [t_cut, t_cut])
-    seq_cfg = SequenceConfig(max_seq_len=int(cfg.max_seq_len))
     vocab = fit_vocab(con, "pretrain_examples", seq_cfg)
     arrays = build_sequences(con, "pretrain_examples", seq_cfg, vocab)
-    fields = [f for f in SEQUENCE_FIELDS if f not in set(cfg.drop_fields)]
     sizes = vocab.field_sizes()
     data = {f: arrays[f] for f in fields}
     data["mask"] = arrays["mask"]
     torch.manual_seed(cfg.seed)
-    net = BehaviourTransformer(make_preset(cfg.preset, field_sizes={f: sizes[f] for f in fields},
-                                           max_seq_len=int(cfg.max_seq_len), dropout=cfg.dropout,
-                                           use_tabular=False, n_tabular=0))
+    sources = sorted({e["sha256"] for e in ws.read_manifest()["files"]})  # the ingested files, by content
+    init = None
+    if src_net is not None:
+        _check_init_cutoff(cfg.init, src_meta, sources, t_cut)
+        net = BehaviourTransformer(dataclasses.replace(arch, field_sizes={f: sizes[f] for f in fields}))
+        lacking = [f for f in fields if not data[f][data["mask"]].any()]
+        report = transfer_state(src_net, src_meta, net, vocab, lacking=lacking)
+        init = {"path": str(Path(cfg.init).resolve()), "cutoff": src_meta.get("cutoff"),
+                "preset": used.preset, "objective": src_meta.get("pretrain_config", {}).get("objective"),
+                **report.to_dict()}
+        if log is not None:
+            _log_init(log, cfg, used, src_meta, report, t_cut)
+    else:
+        extra = {"d_model": int(cfg.d_model)} if cfg.d_model is not None else {}
+        net = BehaviourTransformer(make_preset(cfg.preset, field_sizes={f: sizes[f] for f in fields},
+                                               max_seq_len=int(cfg.max_seq_len), dropout=cfg.dropout,
+                                               use_tabular=False, n_tabular=0, **extra))
     objective = make_objective(cfg.objective, net)
     loop = TrainLoopConfig(max_epochs=int(cfg.epochs), batch_size=int(cfg.batch_size), lr=float(cfg.lr),
                            weight_decay=float(cfg.weight_decay), seed=int(cfg.seed), device="cpu", progress=False)
     if log is not None:
-        log(f"pretraining the {cfg.preset} encoder ({cfg.objective}) on {int(data['mask'].any(axis=1).sum()):,} "
+        log(f"pretraining the {used.preset} encoder ({cfg.objective}) on {int(data['mask'].any(axis=1).sum()):,} "
             f"users, {n_before:,} events before {t_cut} ({how})")
     res = pretrain_encoder(objective, data, loop, log)
-    meta = {"pretrain_config": dataclasses.asdict(cfg), "vocab": vocab.to_dict(), "fields": fields,
-            "cutoff": t_cut.isoformat(), "cutoff_source": how, "n_users": int(n_users_before),
+    meta = {"pretrain_config": dataclasses.asdict(used), "init": init, "vocab": vocab.to_dict(), "fields": fields,
+            "cutoff": t_cut.isoformat(), "cutoff_source": how, "sources": sources, "n_users": int(n_users_before),
             "n_events": int(n_before),
             "result": {"steps": res.steps, "seconds": round(res.seconds, 3), "loss_history": res.history,
                        "sequences_per_s": round(res.sequences_per_s, 1)}}
@@ -159,6 +201,38 @@ def pretrain(workspace: Workspace | str | Path | None = None, cfg: Optional[Pret
     if log is not None:
         log(f"saved the pretrained encoder to {out} ({res.seconds:.1f}s, {res.sequences_per_s:,.0f} sequences/s)")
     return out
+
+
+def _check_init_cutoff(init: str, src_meta: dict, sources: list[str], t_cut: datetime) -> None:
+    """Refuse an init encoder that read some of this workspace's own files past its cutoff: evaluated
+    here, it would have seen the test period."""
+    src_cut = src_meta.get("cutoff")
+    shared = set(src_meta.get("sources") or []) & set(sources)
+    if src_cut and shared and datetime.fromisoformat(src_cut) > t_cut:
+        raise ValueError(f"the init encoder {init} was pretrained on {len(shared)} of this workspace's own files "
+                         f"up to {src_cut}, after this cutoff {t_cut}: it has seen the test period; pretrain it "
+                         f"there with --cutoff {t_cut.isoformat()} or earlier")
+
+
+def _log_init(log: Callable[[str], None], cfg: PretrainConfig, used: PretrainConfig, src_meta: dict,
+              report: TransferReport, t_cut: datetime) -> None:
+    """What starting from ``cfg.init`` changed, one line each."""
+    log(f"starting from the encoder {cfg.init} (pretrained on {src_meta.get('n_users', '?')} users before "
+        f"{src_meta.get('cutoff')})")
+    if used.preset != cfg.preset:
+        log(f"preset: {used.preset}, the init encoder's (preset {cfg.preset} is not used)")
+    if used.max_seq_len != cfg.max_seq_len:
+        log(f"max_seq_len: {used.max_seq_len}, the init encoder's window (it may only shorten)")
+    if set(used.drop_fields) != set(cfg.drop_fields):
+        log(f"fields: the init encoder's ({', '.join(f for f in SEQUENCE_FIELDS if f not in used.drop_fields)})")
+    for line in report.lines():
+        log(line)
+    src_cut = src_meta.get("cutoff")
+    if src_cut and datetime.fromisoformat(src_cut) > t_cut:  # other files than this workspace's (else it raised)
+        log(f"note: the init encoder read events up to {src_cut}, after this cutoff {t_cut}: if both workspaces "
+            "hold the same shop (from other files), it has seen this workspace's test period")
+    if cfg.epochs == 0:
+        log("0 epochs: the transferred weights are kept as they are")
 
 
 def config_from_dict(d: dict) -> PretrainConfig:
