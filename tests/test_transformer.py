@@ -325,3 +325,12 @@ def test_seed_ensemble_killed_in_its_second_network_resumes_to_the_same_model(tm
     resumed = TransformerClassifier(checkpoint_dir=str(tmp_path), **kw).fit(X, y, X_valid=Xv, y_valid=yv)
     assert epochs_run and all(seed == 6 and epoch > 0 for seed, epoch in epochs_run)  # the rest came from checkpoints
     np.testing.assert_array_equal(resumed.decision_function(X), ref)
+
+
+def test_a_small_train_set_gets_a_smaller_batch_so_that_an_epoch_has_enough_steps():
+    m = TransformerClassifier(batch_size=512, min_steps_per_epoch=16)
+    assert m.effective_batch_size(577) == 37 and -(-577 // 37) >= 16  # 16 steps, not 2
+    assert m.effective_batch_size(100) == 32  # never below 32
+    assert m.effective_batch_size(512 * 16) == 512 and m.effective_batch_size(10**6) == 512  # large: as given
+    assert TransformerClassifier(batch_size=64).effective_batch_size(10**6) == 64
+    assert TransformerClassifier(min_steps_per_epoch=1).effective_batch_size(577) == 512

@@ -107,6 +107,11 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
     max_epochs, lr, batch_size, weight_decay, warmup_frac, patience, grad_clip, ema_decay :
         The :class:`~purchase_intent.train.TrainLoopConfig` fields of the same names (a cosine
         schedule; early stopping on valid PR-AUC).
+    min_steps_per_epoch : int
+        On a small train set the batch shrinks (not below 32) so that an epoch takes at least this
+        many optimizer steps: with 577 train examples a batch of 512 gave 12 steps in all and a
+        network that had not learned (BENCHMARKS.md, "Scaling study"). From ``batch_size *
+        min_steps_per_epoch`` train examples on, ``batch_size`` is used as given.
     n_seeds : int
         Train this many networks, from seeds ``random_state``, ``random_state + 1``, ...; the
         logit is the mean of theirs (:class:`~purchase_intent.models.transformer.SeedEnsemble`),
@@ -137,7 +142,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                  max_seq_len: Optional[int] = 50, pos_weight: Any = None, max_epochs: int = 12,
                  lr: float = 2e-3, batch_size: int = 512, weight_decay: float = 0.05, warmup_frac: float = 0.05,
                  patience: int = 3, grad_clip: float = 1.0, ema_decay: float = 0.0, n_seeds: int = 1,
-                 valid_fraction: float = 0.1,
+                 min_steps_per_epoch: int = 16, valid_fraction: float = 0.1,
                  calibration: str = "platt", tabular_log: bool = True, vocab: Any = None,
                  device: str = "auto", checkpoint_dir: Optional[str] = None, progress: bool = False,
                  random_state: int = 0):
@@ -155,6 +160,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         self.max_epochs = max_epochs
         self.lr = lr
         self.batch_size = batch_size
+        self.min_steps_per_epoch = min_steps_per_epoch
         self.weight_decay = weight_decay
         self.warmup_frac = warmup_frac
         self.patience = patience
@@ -215,6 +221,12 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         return integrated_gradients(self.model_, self.to_batch(X), X, n_steps=n_steps)
 
     # ------------------------------------------------------------------ estimator API
+    def effective_batch_size(self, n_train: int) -> int:
+        """``batch_size``, or for fewer than ``batch_size * min_steps_per_epoch`` train examples the
+        batch (at least 32) that gives ``min_steps_per_epoch`` steps per epoch."""
+        steps = max(1, int(self.min_steps_per_epoch))
+        return int(min(self.batch_size, max(32, -(-int(n_train) // steps))))
+
     def fit(self, X: dict, y, X_valid: Optional[dict] = None, y_valid=None) -> "TransformerClassifier":
         """Train on (X, y); early stopping and calibration on (X_valid, y_valid) or a temporal holdout."""
         y = np.asarray(y).astype(int).ravel()
@@ -270,7 +282,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                                          wide=self.wide, pooling=self.pooling,
                                          pos_weight=None if pw is None else float(pw), **overrides)
         self.loop_config_ = TrainLoopConfig(
-            max_epochs=self.max_epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+            max_epochs=self.max_epochs, batch_size=self.effective_batch_size(len(y)), lr=self.lr,
+            weight_decay=self.weight_decay,
             warmup_frac=self.warmup_frac, patience=self.patience, grad_clip=self.grad_clip,
             ema_decay=self.ema_decay, seed=self.random_state, device=self.device, checkpoint_dir=self.checkpoint_dir,
             progress=self.progress)

@@ -63,7 +63,8 @@ class PretrainedTransformerClassifier(TransformerClassifier):
                  drop_fields: Sequence[str] = ("item",), max_seq_len: Optional[int] = 50, pos_weight: Any = None,
                  max_epochs: int = 12, lr: float = 1e-3, batch_size: int = 512, weight_decay: float = 0.05,
                  warmup_frac: float = 0.05, patience: int = 3, grad_clip: float = 1.0, ema_decay: float = 0.0,
-                 n_seeds: int = 1, valid_fraction: float = 0.1, calibration: str = "platt",
+                 n_seeds: int = 1, min_steps_per_epoch: int = 16, valid_fraction: float = 0.1,
+                 calibration: str = "platt",
                  tabular_log: bool = True, vocab: Any = None, device: str = "auto",
                  checkpoint_dir: Optional[str] = None, progress: bool = False, random_state: int = 0):
         super().__init__(preset=preset, d_model=d_model, n_layers=n_layers, n_heads=n_heads, dropout=dropout,
@@ -71,7 +72,8 @@ class PretrainedTransformerClassifier(TransformerClassifier):
                          max_seq_len=max_seq_len, pos_weight=pos_weight, max_epochs=max_epochs, lr=lr,
                          batch_size=batch_size, weight_decay=weight_decay, warmup_frac=warmup_frac,
                          patience=patience, grad_clip=grad_clip, ema_decay=ema_decay, n_seeds=n_seeds,
-                         valid_fraction=valid_fraction, calibration=calibration, tabular_log=tabular_log,
+                         min_steps_per_epoch=min_steps_per_epoch, valid_fraction=valid_fraction,
+                         calibration=calibration, tabular_log=tabular_log,
                          vocab=vocab, device=device, checkpoint_dir=checkpoint_dir, progress=progress,
                          random_state=random_state)
         self.encoder = encoder
