@@ -2,6 +2,7 @@
 
     python benchmarks/bench_ingest.py --events 1000000            # generates /tmp/bench_ingest_1000000.csv.gz
     python benchmarks/bench_ingest.py sim-10m.csv.gz --repeat 3   # e.g. written by benchmarks/make_sim_data.py
+    python benchmarks/bench_ingest.py sim-1m.csv.gz --repeat 6 --ab-pseudonyms
 
 The file has the columns user_id, ts (epoch ms), event, item_id, category, price, session_id.
 Without a path, a seeded log of ``--events`` rows is generated with numpy (about one distinct user
@@ -17,11 +18,17 @@ Each measurement runs in its own child process, so its peak RSS is its own; the 
 * ``scan_auto``: ``SELECT count(*) FROM read_csv(path)`` with DuckDB's type detection (it parses
   ts and price as numbers, and counts rows without reading the other fields); reported for reference.
 * ``ingest``: ``purchase_intent.events.ingest`` into a fresh workspace (validation, pseudonyms,
-  Parquet part, manifest).
+  Parquet part, manifest). Every ingest uses one fixed key (``$PURCHASE_INTENT_PSEUDONYM_KEY``,
+  unless already set), and each must store the same events and pseudonyms (an order-free
+  fingerprint, taken after the timing).
+* ``ingest_sql`` (with ``--ab-pseudonyms``): the same, with the pseudonym maps computed inside
+  DuckDB (``privacy.pseudonym_sql``) instead of in Python; it alternates with ``ingest``
+  (ingest, ingest_sql, then ingest_sql, ingest, ...). Both report ``map_s``, the median seconds
+  spent building the two pseudonym maps.
 
 Seconds ``s`` are timed inside the child, after the imports; ``process_s`` is the whole child
 process (Python start-up and imports included). Prints one JSON line: events, the 1-minute load
-average before the runs, and per measurement the median, min and max seconds, the median process
+average before and after the runs, and per measurement the median, min and max seconds, the median process
 seconds and the peak RSS (MiB); events per second and the ratio ingest / scan use the medians.
 """
 from __future__ import annotations
@@ -41,6 +48,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
+
+from purchase_intent.privacy import KEY_ENV
 
 EVENTS = np.array(["view", "cart", "remove_from_cart", "wishlist", "purchase"])
 
@@ -92,11 +101,32 @@ print(time.perf_counter() - t0, n)
 
 INGEST = """
 import time
+import duckdb
+import purchase_intent.events as events
 from purchase_intent.config import DataConfig
-from purchase_intent.events import ingest
+{patch}
+build_map, map_s = events._pseudonym_map, [0.0]
+def timed_map(*args):
+    t = time.perf_counter()
+    build_map(*args)
+    map_s[0] += time.perf_counter() - t
+events._pseudonym_map = timed_map
 t0 = time.perf_counter()
-r = ingest({ws!r}, [{path!r}], DataConfig(format="csv"), progress=False)
-print(time.perf_counter() - t0, r.files[0].rows_read, r.accepted, sum(r.rejected.values()))
+r = events.ingest({ws!r}, [{path!r}], DataConfig(format="csv"), progress=False)
+seconds = time.perf_counter() - t0
+fp = duckdb.sql("SELECT count(*), sum(hash(user_id, session_id, ts, event, item_id)::HUGEINT) "
+                "FROM read_parquet('{ws}/events/*.parquet')").fetchall()[0]  # order-free fingerprint
+print(seconds, r.files[0].rows_read, r.accepted, sum(r.rejected.values()), map_s[0], "-".join(map(str, fp)))
+"""
+
+# --ab-pseudonyms: the pseudonym maps computed inside DuckDB (privacy.pseudonym_sql, vectorised, on
+# DuckDB's threads) in place of ingest's own (privacy.pseudonym_table: HMAC in Python per distinct id)
+SQL_MAPS = """
+from purchase_intent.privacy import pseudonym_params, pseudonym_sql
+def sql_map(con, name, col, key):
+    con.execute(f"CREATE TEMP TABLE {name} AS SELECT raw, {pseudonym_sql('raw')} AS pid "
+                f"FROM (SELECT DISTINCT {col} AS raw FROM staged WHERE {col} IS NOT NULL)", pseudonym_params(key))
+events._pseudonym_map = sql_map
 """
 
 
@@ -123,33 +153,50 @@ def main() -> None:
     ap.add_argument("path", nargs="?", help="a CSV.gz with the columns above (default: generate one)")
     ap.add_argument("--events", type=int, default=1_000_000, help="rows to generate when no path is given")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each measurement (default 1)")
+    ap.add_argument("--ab-pseudonyms", action="store_true",
+                    help="also time ingest with the pseudonyms computed in DuckDB SQL (ingest_sql), alternating "
+                         "with ingest; each ingest also reports map_s, the seconds building the pseudonym maps")
     args = ap.parse_args()
     path = Path(args.path) if args.path else Path(tempfile.gettempdir()) / f"bench_ingest_{args.events}.csv.gz"
     if not path.exists():
         generate(path, args.events)
     load = os.getloadavg()[0]
-    runs: dict[str, list[tuple[float, float, float]]] = {"scan": [], "scan_auto": [], "ingest": []}
+    variants = {"ingest": ""} | ({"ingest_sql": SQL_MAPS} if args.ab_pseudonyms else {})
+    runs: dict[str, list[tuple[float, float, float]]] = {"scan": [], "scan_auto": [], **{v: [] for v in variants}}
+    map_s: dict[str, list[float]] = {v: [] for v in variants}
     n = accepted = rejected = None
-    for _ in range(args.repeat):
+    fingerprints: set[str] = set()
+    os.environ.setdefault(KEY_ENV, "be5c" * 8)  # one key for every ingest, so their pseudonyms compare
+    for i in range(args.repeat):
         (s, n), proc, rss = run_child(SCAN.format(path=str(path)))
         runs["scan"].append((float(s), proc, rss))
         (s, _), proc, rss = run_child(SCAN_AUTO.format(path=str(path)))
         runs["scan_auto"].append((float(s), proc, rss))
-        ws = Path(tempfile.mkdtemp(prefix="bench_ingest_ws_"))
-        try:
-            (s, read, accepted, rejected), proc, rss = run_child(INGEST.format(ws=str(ws), path=str(path)))
-        finally:
-            shutil.rmtree(ws, ignore_errors=True)
-        runs["ingest"].append((float(s), proc, rss))
-        if int(read) != int(n):
-            raise RuntimeError(f"ingest read {read} rows, the scan {n}")
+        order = list(variants) if i % 2 == 0 else list(variants)[::-1]  # A/B, then B/A
+        for name in order:
+            ws = Path(tempfile.mkdtemp(prefix="bench_ingest_ws_"))
+            try:
+                code = INGEST.format(ws=str(ws), path=str(path), patch=variants[name])
+                (s, read, accepted, rejected, m, fp), proc, rss = run_child(code)
+                fingerprints.add(fp)
+                if len(fingerprints) > 1:
+                    raise RuntimeError(f"{name} stored other events or pseudonyms than an earlier ingest")
+            finally:
+                shutil.rmtree(ws, ignore_errors=True)
+            runs[name].append((float(s), proc, rss))
+            map_s[name].append(float(m))
+            if int(read) != int(n):
+                raise RuntimeError(f"{name} read {read} rows, the scan {n}")
     res = {name: summary(r) for name, r in runs.items()}
+    for name, secs in map_s.items():
+        res[name]["map_s"] = round(statistics.median(secs), 2)
     n = int(n)
     print(json.dumps({
         "file": str(path), "events": n, "accepted": int(accepted), "rejected": int(rejected),
-        "cpus": os.cpu_count(), "load_1min_before": round(load, 2), "repeat": args.repeat, **res,
-        "ingest_events_per_s": round(n / res["ingest"]["s"]),
-        "ingest_over_scan": round(res["ingest"]["s"] / res["scan"]["s"], 2),
+        "cpus": os.cpu_count(), "load_1min_before": round(load, 2), "load_1min_after": round(os.getloadavg()[0], 2),
+        "repeat": args.repeat, **res,
+        **{f"{v}_events_per_s": round(n / res[v]["s"]) for v in variants},
+        **{f"{v}_over_scan": round(res[v]["s"] / res["scan"]["s"], 2) for v in variants},
     }))
 
 

@@ -233,6 +233,18 @@ def _stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], ext
 
 
 
+def _pseudonym_map(con: duckdb.DuckDBPyConnection, name: str, col: str, key: bytes) -> None:
+    """Create the temp table ``name (raw, pid)``: the distinct non-null ``col`` of ``staged`` and
+    their pseudonyms, computed in Python (``privacy.pseudonym_table``) and handed over through Arrow.
+
+    ``privacy.pseudonym_sql`` computes the same pseudonyms inside DuckDB; on two busy cores it was
+    not faster (benchmarks/results/ingest_hmac.md), so ingest keeps this path."""
+    ids = con.sql(f"SELECT DISTINCT {col} FROM staged WHERE {col} IS NOT NULL").to_arrow_table()
+    con.register("ids_arrow", pseudonym_table(ids.column(0), key))
+    con.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM ids_arrow")
+    con.unregister("ids_arrow")
+
+
 # --- one file --------------------------------------------------------------------------------
 
 
@@ -293,10 +305,7 @@ def _ingest_file(path: Path, sha: str, cfg: DataConfig, key: bytes, stage: Path,
 
         # one map per column: the probes of the many rows into the few users' map stay in cache
         for col, name in (("user_raw", "user_map"), ("session_raw", "session_map")):
-            ids = con.sql(f"SELECT DISTINCT {col} FROM staged WHERE {col} IS NOT NULL").to_arrow_table()
-            con.register("ids_arrow", pseudonym_table(ids.column(0), key))
-            con.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM ids_arrow")
-            con.unregister("ids_arrow")
+            _pseudonym_map(con, name, col, key)
 
         if report.accepted:
             report.part = f"part-{sha[:16]}.parquet"
