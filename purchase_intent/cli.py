@@ -6,6 +6,7 @@
     purchase-intent train --model lightgbm
     purchase-intent evaluate --run lightgbm --backtest 3
     purchase-intent run --data UserBehavior.csv.gz --format taobao --lookback 3d --horizon 1d --step 1d
+    purchase-intent forget --user 12345
 
 Flags map 1:1 onto the fields of the config dataclasses in `purchase_intent.config`; a flag not
 given keeps the dataclass default. The workspace is `--workspace DIR`, else the environment variable
@@ -22,7 +23,7 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-from . import distributed, explain, pipeline, pretrain, report, score
+from . import distributed, erasure, explain, pipeline, pretrain, report, score
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig
 from .ensemble import evaluate_ensemble
 from .privacy import pseudonym_for
@@ -345,8 +346,34 @@ def _add_explain_parser(sub) -> None:
 
 def cmd_report(a: argparse.Namespace) -> int:
     path = report.write_report(a.workspace, a.run or None, out=a.out, explain=not a.no_explain)
+    ws = Workspace(a.workspace)
+    for line in report.stale_runs(ws, a.run or report.available_runs(ws)):
+        print(f"warning: {line}", file=sys.stderr)
     print(f"report: {path.resolve()}")
     return 0
+
+
+def cmd_forget(a: argparse.Namespace) -> int:
+    print(erasure.describe(erasure.forget(a.workspace, users=a.user or [], pseudonyms=a.pseudonym or [])))
+    return 0
+
+
+def _check_forget(a: argparse.Namespace) -> None:
+    """Before the lock: a forget with nobody named, or of no workspace, changes (and creates) nothing."""
+    if not (a.user or a.pseudonym):
+        raise ValueError("forget needs --user RAW_ID or --pseudonym P (repeatable)")
+    if not Workspace(a.workspace).root.is_dir():
+        raise ValueError(f"no workspace at {a.workspace}")
+
+
+def _add_forget_parser(sub) -> None:
+    p = sub.add_parser("forget", help="erase users' rows from the workspace on request (GDPR art. 17), in one commit",
+                       description=erasure.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--user", action="append", metavar="RAW_ID",
+                   help="raw user id, looked up with the workspace key (never stored); repeatable")
+    p.add_argument("--pseudonym", action="append", metavar="P",
+                   help="a pseudonym as `purchase-intent pseudonym` prints it; repeatable")
+    p.set_defaults(func=cmd_forget, check=_check_forget)
 
 
 def _add_report_parser(sub) -> None:
@@ -447,12 +474,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_parser(sub)
     _add_explain_parser(sub)
     _add_report_parser(sub)
+    _add_forget_parser(sub)
     return parser
 
 
 # commands that write to the workspace: one at a time per workspace (Workspace.lock); the others only read
 WRITING_COMMANDS = {"ingest", "build", "train", "evaluate", "run", "quickstart", "pretrain", "ensemble", "score",
-                    "report"}
+                    "report", "forget"}
 
 
 def _workspace_lock(args: argparse.Namespace):
@@ -464,6 +492,8 @@ def _workspace_lock(args: argparse.Namespace):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "check", None) is not None:  # what can be refused before the lock is taken
+            args.check(args)
         with _workspace_lock(args):
             return args.func(args)
     except KeyboardInterrupt:

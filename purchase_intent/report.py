@@ -345,12 +345,20 @@ def _explain_section(page: Page, ws: Workspace, names: list[str], preds: dict[st
             page.add(f"<h4>{esc(r)}</h4>" + "".join(blocks))
 
 
+def stale_runs(ws: Workspace, names: list[str]) -> list[str]:
+    """One warning line per run of ``names`` marked stale by `forget` (retrain it to clear the mark)."""
+    return [w for r in names if (w := runs.stale_warning(ws.run_dir(r)))]
+
+
 def _render(ws: Workspace, names: list[str], with_explanations: bool, n_explain: Optional[int]) -> str:
     missing = [r for r in names if not _evaluated(ws, r)]
     if missing:
         raise FileNotFoundError(f"runs without {runs.METRICS_JSON}: {', '.join(missing)} "
                                 "(run `purchase-intent evaluate`)")
     page = Page("Purchase-intent report")
+    stale = stale_runs(ws, names)
+    if stale:  # before everything: these runs learned from data erased since (`forget`)
+        page.add('<p class="note"><b>Warning:</b> ' + "<br>".join(esc(w) for w in stale) + "</p>")
     _data_section(page, ws)
     info = _task_section(page, ws)
     preds = _comparison_section(page, ws, names) if names else {}

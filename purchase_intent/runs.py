@@ -5,7 +5,8 @@ artifacts through this module, so the file names and the way inputs are made for
 once::
 
     examples/   examples.parquet (examples + split), features.parquet, build.json
-    runs/NAME/  run.json, model/ (weights, config, vocab), predictions.parquet, metrics.json
+    runs/NAME/  run.json, model/ (weights, config, vocab), predictions.parquet, metrics.json,
+                stale.json (only after `forget`: the run learned from erased data; training again clears it)
 
 A run directory is self-contained and loading it never unpickles; an ``ensemble`` run holds no
 weights but names its member runs (name and version), which live next to it and load with it.
@@ -40,6 +41,7 @@ RUN_JSON = "run.json"
 MODEL_DIR = "model"
 PREDICTIONS = "predictions.parquet"
 METRICS_JSON = "metrics.json"
+STALE_JSON = "stale.json"  # written by `forget` into every run trained on an erased user's data
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -135,6 +137,11 @@ class Run:
         return parse_duration(self.meta["label_config"]["lookback"])
 
     @property
+    def stale(self) -> str | None:
+        """Why this run (or a member of this ensemble) must be retrained, or None (read at each call)."""
+        return stale_warning(self.dir) or next((w for m in self.members if (w := m.stale)), None)
+
+    @property
     def info(self) -> dict[str, str]:
         lc = self.meta["label_config"]
         out = {"run": self.name, "model": self.model_name, "version": self.version, "task": self.task,
@@ -163,6 +170,28 @@ def read_meta(run_dir: Path) -> dict:
     if not isinstance(meta, dict) or "model" not in meta:
         raise ValueError(f"run {run_dir} is damaged ({path.name} names no model); train it again")
     return meta
+
+
+def read_stale(run_dir: Path) -> dict | None:
+    """The stale mark `forget` left in a run folder (reason, erased_at, users), or None."""
+    path = Path(run_dir) / STALE_JSON
+    try:
+        mark = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError):
+        return {"reason": f"{STALE_JSON} is unreadable"}
+    return mark if isinstance(mark, dict) else {"reason": f"{STALE_JSON} is unreadable"}
+
+
+def stale_warning(run_dir: Path) -> str | None:
+    """One line saying that the run in ``run_dir`` is stale and how to clear it, or None."""
+    mark = read_stale(run_dir)
+    if mark is None:
+        return None
+    since = f", the first at {mark['erased_at']}" if mark.get("erased_at") else ""
+    return (f"run {Path(run_dir).name} is stale: {mark.get('reason', 'data it learned from was erased')}{since}; "
+            "train it again to clear this")
 
 
 ENSEMBLE = "ensemble"

@@ -71,6 +71,7 @@ class ScoreResult:
     seconds: float
     users_per_second: float
     members: Optional[list[str]] = None  # an ensemble's member runs, "name@version"
+    stale: Optional[str] = None  # why the run must be retrained (it learned from erased data), else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +276,7 @@ def score(run: str, out: str | Path | None = None, cfg: ScoreConfig | None = Non
             expected_buyers=float(buyers), expected_precision=float(buyers) / rows if rows else None,
             expected_buyers_all=float(buyers_all), audience=audience, seconds=round(seconds, 3),
             users_per_second=round(n / seconds, 1) if seconds > 0 else float("inf"),
-            members=[f"{m.name}@{m.version}" for m in loaded.members] or None,
+            members=[f"{m.name}@{m.version}" for m in loaded.members] or None, stale=loaded.stale,
         )
         # the summary first, then the scores: a scores file on disk always has its summary beside it
         atomic_write_text(summary_path(out), json.dumps(asdict(result), indent=2))
@@ -309,6 +310,8 @@ def describe(result: ScoreResult) -> str:
     """The lines `purchase-intent score` prints."""
     lines = [f"scored {result.n_scored:,} active users at {result.cutoff} (lookback {result.lookback}) "
              f"with {result.model} {result.version} in {result.seconds:.1f}s ({result.users_per_second:,.0f} users/s)"]
+    if result.stale:
+        lines.insert(0, f"warning: {result.stale}")
     if result.members:
         lines.append(f"ensemble of {len(result.members)} runs (mean probability): {', '.join(result.members)}")
     if result.audience is not None:

@@ -13,7 +13,9 @@ Layout of a workspace (default ``./pi-workspace``, or ``$PURCHASE_INTENT_WORKSPA
 Every write is atomic: a file or directory is built under a temporary name
 (``.tmp-<pid>-<random>-<name>`` in the same directory) and renamed into place when complete.
 Temporary entries left by a killed process are ignored and removed on the next use of the
-workspace; so are part and reject files that no manifest lists (a commit that never happened).
+workspace; so are part and reject files that no manifest lists (a commit that never happened),
+and a whole second tree of the workspace beside it (``<parent>/.tmp-<pid>-<random>-<name>``,
+what an interrupted ``forget`` leaves, see ``erasure.py``).
 """
 from __future__ import annotations
 
@@ -398,6 +400,9 @@ class Workspace:
         run_dirs = sorted(p for p in self.runs_dir.iterdir() if p.is_dir()) if self.runs_dir.is_dir() else []
         for d in (self.events_dir, self.rejects_dir, self.root, self.examples_dir, self.runs_dir, *run_dirs):
             removed += clean_tmp(d)  # run folders hold the scratch of an interrupted `score`
+        root = self.root.resolve()
+        with contextlib.suppress(OSError):  # the other tree of an interrupted whole-workspace swap (`forget`)
+            removed += clean_tmp(root.parent, name=root.name)
         manifest = self.read_manifest()
         parts = {p for e in manifest["files"] for p in e["parts"]}
         rejects = {Path(e["rejects"]).name for e in manifest["files"] if e.get("rejects")}

@@ -2,7 +2,9 @@
 
 Each route reads the shared :class:`ServeState` from ``request.app.state.serve`` (set in the app's
 ``lifespan``) and scores with the run it finds there when the request starts, so a hot swap never
-changes the run under a request in flight.
+changes the run under a request in flight. A run marked stale by `forget` (it learned from data
+erased since) still serves, and says so: ``/readyz`` "stale" and the ``X-Run-Stale`` header of every
+score response give the reason until the run is trained again.
 """
 # no `from __future__ import annotations`: FastAPI reads the route annotations at definition.
 
@@ -32,6 +34,7 @@ from .schemas import (
 from .scoring import ApiError, ServeState, predict, score_users
 
 router = APIRouter()
+STALE_HEADER = "X-Run-Stale"
 
 
 def body_doc(model) -> dict:
@@ -74,6 +77,9 @@ def _stage_header(response: Response, st: ServeState, timings: dict[str, float])
     for k, v in timings.items():
         st.metrics.stage(k, v)
     response.headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1e3:.3f}" for k, v in timings.items())
+    stale = st.current.stale if st.current is not None else None
+    if stale:  # the run learned from data erased since (`forget`): retrain it
+        response.headers[STALE_HEADER] = stale
 
 
 def _json(model, st: ServeState, timings: dict[str, float]) -> Response:
@@ -103,7 +109,9 @@ def readyz(request: Request) -> Response:
     if st is None or st.current is None:
         return JSONResponse({"status": "loading"}, status_code=503)
     # still ready after a failed reload (the previous run serves); "reload" says what failed and when
-    return JSONResponse({"status": "ready", **st.current.info, "reload": st.reload_status()})
+    # "stale": why the run must be retrained (it learned from data erased since), else null
+    return JSONResponse({"status": "ready", **st.current.info, "reload": st.reload_status(),
+                         "stale": st.current.stale})
 
 
 # The scoring routes read their body themselves (``read_body``; ``openapi_extra`` documents it)
