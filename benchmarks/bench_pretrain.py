@@ -54,7 +54,7 @@ def speed(ws: Workspace, n: int = 2048) -> dict:
     a = build_sequences(con, "sp", SequenceConfig(max_seq_len=200))
     fields = ["event", "category", "price", "dt_cutoff", "dt_prev", "hour", "weekday", "item_state"]
     sizes = {f: int(a[f].max()) + 1 for f in fields}
-    rows = np.argsort(-a["mask"].sum(axis=1))[:n]  # the longest histories
+    rows = np.sort(np.argsort(-a["mask"].sum(axis=1), kind="stable")[:n])  # the longest, in user order
     data = {f: a[f][rows] for f in fields}
     data["mask"] = a["mask"][rows]
     net = BehaviourTransformer(preset("tiny", field_sizes=sizes, max_seq_len=200, use_tabular=False))

@@ -17,7 +17,19 @@ from purchase_intent import pipeline
 from purchase_intent.config import DataConfig, LabelConfig, TrainConfig
 from purchase_intent.models import MODELS, PRETRAINED_MODELS, SEQUENCE_MODELS, load_model
 from purchase_intent.models.classifier import collate
-from purchase_intent.models.pretraining import OBJECTIVES, load_encoder, make_objective, pretrain_encoder
+from purchase_intent.models.pretraining import (
+    MASK_RATE,
+    OBJECTIVES,
+    crop,
+    embed,
+    encode_by_length,
+    length_batches,
+    length_groups,
+    load_encoder,
+    make_objective,
+    pretrain_encoder,
+    token_states,
+)
 from purchase_intent.models.transformer import BehaviourTransformer, preset
 from purchase_intent.pretrain import PretrainConfig, evaluation_cutoff, pretrain
 from purchase_intent.runs import load_built, load_run, model_inputs
@@ -77,6 +89,156 @@ def test_objectives_reduce_their_loss(ws, objective):
     pretrain_encoder(obj, data, TrainLoopConfig(max_epochs=5, batch_size=32, lr=3e-3, seed=0, warmup_frac=0.05))
     after = loss()
     assert after < before * 0.97, (objective, before, after)
+
+
+def _synthetic(n=96, T=30, seed=0):
+    """Right-aligned random histories of 1..T events over a few small fields."""
+    rng = np.random.default_rng(seed)
+    sizes = {"event": 6, "category": 40, "dt_prev": 12, "hour": 25}
+    lengths = rng.integers(1, T + 1, size=n)
+    mask = np.arange(T)[None, :] >= T - lengths[:, None]
+    data = {f: (rng.integers(1, s, size=(n, T)) * mask).astype(np.int16) for f, s in sizes.items()}
+    data["mask"] = mask
+    return data, sizes
+
+
+def test_length_batches_cover_every_row_once_per_epoch_and_follow_the_seed():
+    lengths = np.random.default_rng(1).integers(1, 200, size=1000)
+    for n, bs, chunk in ((1000, 50, 4), (1000, 64, 50), (7, 2, 1)):
+        batches = length_batches(lengths[:n], bs, np.random.default_rng(3), chunk=chunk)
+        rows = np.concatenate(batches)
+        assert len(batches) == n // bs and all(len(b) == bs and np.all(np.diff(b) > 0) for b in batches)
+        assert len(np.unique(rows)) == len(rows) == (n // bs) * bs and rows.max() < n  # no row twice
+        if n % bs == 0:
+            assert np.array_equal(np.sort(rows), np.arange(n))  # every row exactly once
+        again = length_batches(lengths[:n], bs, np.random.default_rng(3), chunk=chunk)
+        assert all(np.array_equal(a, b) for a, b in zip(batches, again))
+        other = length_batches(lengths[:n], bs, np.random.default_rng(4), chunk=chunk)
+        assert not all(np.array_equal(a, b) for a, b in zip(batches, other))
+    # similar lengths within a batch: the padded width (longest of the batch) shrinks
+    batches = length_batches(lengths, 50, np.random.default_rng(0), chunk=20)
+    random = np.random.default_rng(0).permutation(1000).reshape(20, 50)
+    assert sum(lengths[b].max() for b in batches) < 0.6 * sum(lengths[b].max() for b in random)
+
+
+def test_bucketed_pretraining_is_seeded_and_reads_fewer_tokens():
+    data, sizes = _synthetic()
+    cfg = TrainLoopConfig(max_epochs=2, batch_size=16, seed=0)
+
+    def run(objective, **kw):
+        torch.manual_seed(0)
+        net = BehaviourTransformer(preset("tiny", field_sizes=sizes, max_seq_len=30, use_tabular=False))
+        res = pretrain_encoder(make_objective(objective, net), data, cfg, **kw)
+        return res, net.state_dict()
+
+    a, wa = run("masked", bucket=True)
+    b, wb = run("masked", bucket=True)
+    c, _ = run("masked")
+    assert a.bucketed and not c.bucketed and a.steps == c.steps == 2 * (96 // 16)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a.tokens < 0.8 * c.tokens and a.history == b.history and np.isfinite(a.history).all()
+    for objective in ("contrastive", "next"):
+        assert np.isfinite(run(objective, bucket=True)[0].history).all()
+    threads = torch.get_num_threads()
+    d, _ = run("masked", num_threads=1)
+    assert torch.get_num_threads() == threads and d.steps == a.steps  # restored afterwards
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_reading_a_batch_in_length_groups_gives_the_loss_of_the_whole_batch(objective):
+    data, sizes = _synthetic()
+    torch.manual_seed(0)
+    net = BehaviourTransformer(preset("tiny", field_sizes=sizes, max_seq_len=30, use_tabular=False, dropout=0.0))
+    obj = make_objective(objective, net)
+    batch = collate(data, np.arange(64))
+    losses = []
+    for groups in (1, 3, 4, 64):
+        obj.groups = groups
+        torch.manual_seed(9)  # the same masks / crops
+        with torch.no_grad():
+            losses.append(float(obj(batch)))
+    assert losses == pytest.approx([losses[0]] * 4, rel=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(encode_by_length(net, batch, 5), net.encode(batch), rtol=1e-5, atol=1e-5)
+    groups = length_groups(batch["mask"], 4)
+    n = batch["mask"].sum(dim=1)
+    assert torch.equal(torch.sort(torch.cat(groups)).values, torch.arange(64))
+    assert all(int(n[g].max()) <= int(n[h].min()) for g, h in zip(groups, groups[1:]))  # shortest first
+
+
+@pytest.mark.parametrize("objective", ["masked", "next"])
+def test_the_loss_over_its_expected_count_is_the_mean_loss_for_an_average_batch(objective):
+    data, sizes = _synthetic()
+    net = BehaviourTransformer(preset("tiny", field_sizes=sizes, max_seq_len=30, use_tabular=False, dropout=0.0))
+    obj = make_objective(objective, net)
+    batch = collate(data, np.arange(40))
+    mask = batch["mask"]
+    torch.manual_seed(5)
+    with torch.no_grad():
+        mean = float(obj(batch))
+    if objective == "masked":
+        torch.manual_seed(5)
+        count = int(((torch.rand(mask.shape) < MASK_RATE) & mask).sum())  # the events forward() masks
+    else:
+        count = int((mask.sum(dim=1) >= 2).sum())
+    torch.manual_seed(5)
+    with torch.no_grad():
+        assert float(obj(batch, norm=count)) == pytest.approx(mean, rel=1e-5)
+    lengths = data["mask"].sum(axis=1)
+    expected = obj.expected_targets(lengths, 40)
+    assert expected == pytest.approx(MASK_RATE * 40 * lengths.mean() if objective == "masked"
+                                     else 40 * np.mean(lengths >= 2))
+
+
+def test_token_states_of_chosen_rows_equal_all_states_then_chosen():
+    data, sizes = _synthetic()
+    torch.manual_seed(0)
+    net = BehaviourTransformer(preset("small", field_sizes=sizes, max_seq_len=30, use_tabular=False, dropout=0.0))
+    batch = collate(data, np.arange(64))
+    rows = (torch.rand(batch["mask"].shape) < 0.2) & batch["mask"]
+    w = torch.randn(int(rows.sum()), net.cfg.d_model)
+    full = token_states(net, batch)[rows]
+    g_full = torch.autograd.grad((full * w).sum(), list(net.blocks.parameters()))
+    part = token_states(net, batch, rows=rows)
+    g_part = torch.autograd.grad((part * w).sum(), list(net.blocks.parameters()))
+    torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_part, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_crops_drop_all_padding_columns_without_changing_the_summary():
+    data, sizes = _synthetic()
+    torch.manual_seed(0)
+    net = BehaviourTransformer(preset("tiny", field_sizes=sizes, max_seq_len=30, use_tabular=False)).eval()
+    batch = collate(data, np.arange(32))
+    n = batch["mask"].sum(dim=1)
+    first = batch["mask"].shape[1] - n
+    length = torch.clamp(n // 2, min=1)
+    start = first + (n - length) // 2
+    c = crop(batch, start, length)
+    W = c["mask"].shape[1]
+    assert W == int(length.max()) and torch.equal(c["mask"].sum(dim=1), length)
+    T = batch["mask"].shape[1]
+    padded = {"tokens": torch.cat([c["tokens"].new_zeros(32, T - W, c["tokens"].shape[2]), c["tokens"]], dim=1),
+              "mask": torch.cat([c["mask"].new_zeros(32, T - W), c["mask"]], dim=1)}
+    with torch.no_grad():
+        torch.testing.assert_close(net.encode(c), net.encode(padded), rtol=1e-5, atol=1e-5)
+    for b in range(32):  # each crop holds its own events, right-aligned
+        src = batch["tokens"][b, int(start[b]):int(start[b] + length[b])]
+        assert torch.equal(c["tokens"][b, W - int(length[b]):], src)
+
+
+def test_embed_in_length_order_equals_embed_in_row_order():
+    data, sizes = _synthetic(n=200)
+    torch.manual_seed(0)
+    net = BehaviourTransformer(preset("tiny", field_sizes=sizes, max_seq_len=30, use_tabular=False))
+    net.train()
+    ref = embed(net, data, batch_size=200, sort=False)
+    got = embed(net, data, batch_size=16)
+    assert net.training and got.shape == (200, net.cfg.d_model)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    np.testing.assert_allclose(embed(net, data, batch_size=7, num_threads=1), ref, atol=1e-5)
+    np.testing.assert_allclose(embed(net, data, num_threads=1), ref, atol=1e-5)
 
 
 def test_pretrain_writes_a_loadable_encoder_with_the_cutoff(ws, encoder):
