@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -72,7 +73,9 @@ class PretrainConfig:
 
 
 def evaluation_cutoff(workspace: Workspace | str | Path | None, backtest: int = 0) -> Optional[datetime]:
-    """The first cutoff of the earliest test window of the built examples (None when none are built).
+    """The start of the earliest test window of the built examples (None when none are built): its
+    first cutoff for the user task; for the session task the start of its earliest session (a
+    session's cutoff lies inside it, and the encoder reads none of a test session's events).
 
     With ``backtest=K``, the earliest test window of the last K backtest folds (never later than
     the test split's own start).
@@ -82,11 +85,15 @@ def evaluation_cutoff(workspace: Workspace | str | Path | None, backtest: int = 
     except FileNotFoundError:
         return None
     ex = built.examples
+    col = "session_start" if built.label_cfg.task == "session" else "cutoff"
     test = ex["split"].to_numpy() == "test"
-    starts = [pd.Timestamp(ex["cutoff"][test].min())] if test.any() else []
+    starts = [pd.Timestamp(ex[col][test].min())] if test.any() else []
     if backtest:
-        folds = splits.backtest_folds(ex, int(backtest), built.label_cfg)
-        starts.append(pd.Timestamp(min(f.cutoff for f in folds)))
+        for f in splits.backtest_folds(ex, int(backtest), built.label_cfg):
+            starts.append(pd.Timestamp(f.cutoff))
+            fold_test = np.asarray(f.test_mask)
+            if fold_test.any():
+                starts.append(pd.Timestamp(ex[col][fold_test].min()))
     if not starts:
         return None
     t = min(starts)

@@ -437,3 +437,21 @@ def test_run_with_a_pretrained_model_and_no_encoder_asks_for_pretrain(ws, shop, 
     assert main(["train", "--workspace", str(w.root), "--model", "lightgbm_emb"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "run `purchase-intent pretrain` first" in err
+
+
+def test_session_task_encoder_reads_no_event_of_a_test_session(shop, tmp_path):
+    """Session task: a test session's cutoff lies inside the session, so the pretraining cutoff is the
+    start of the earliest test session (of every backtest fold too), not its earliest cutoff."""
+    from purchase_intent import splits
+    w = Workspace(tmp_path / "ws")
+    pipeline.ingest(shop, DataConfig(format="csv"), w, progress=False)
+    pipeline.build(LabelConfig(task="session", step="7d"), workspace=w, quiet=True)
+    built = load_built(w)
+    ex = built.examples
+    test = ex[ex["split"] == "test"]
+    t = pd.Timestamp(evaluation_cutoff(w))
+    assert t == test["session_start"].min() < test["cutoff"].min()
+    t2 = pd.Timestamp(evaluation_cutoff(w, backtest=2))
+    for fold in splits.backtest_folds(ex, 2, built.label_cfg):
+        assert (ex["session_start"][np.asarray(fold.test_mask)] >= t2).all()
+    assert t2 < t
