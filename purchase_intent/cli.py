@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-from . import distributed, erasure, explain, pipeline, pretrain, report, score
+from . import distributed, erasure, explain, pipeline, pretrain, report, runs, score
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig
 from .ensemble import evaluate_ensemble
 from .privacy import pseudonym_for
@@ -329,6 +329,9 @@ def _add_serve_parser(sub) -> None:
 # ---------------------------------------------------------------------------------------------
 def cmd_explain(a: argparse.Namespace) -> int:
     e = explain.explain_user(a.run, a.user, at=a.at, workspace=a.workspace, top=a.top, ig_steps=a.ig_steps)
+    stale = runs.stale_warning(Workspace(a.workspace).run_dir(a.run))
+    if stale:  # the run learned from data since erased (`forget`)
+        print(f"warning: {stale}", file=sys.stderr)
     print(json.dumps(e, indent=2, default=str) if a.json else explain.format_explanation(e))
     return 0
 

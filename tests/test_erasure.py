@@ -220,6 +220,9 @@ def test_runs_are_stale_until_trained_again(shop, ws, capsys):
     assert _cli(ws, "report", "--no-explain") == 0
     assert "warning: run logreg is stale" in capsys.readouterr().err
     assert "is stale" in (ws / "report.html").read_text()
+    someone = pd.read_parquet(sorted(run.glob("scores-*.parquet"))[-1])["user_id"].iloc[0]
+    assert _cli(ws, "explain", "--run", "logreg", "--user", someone) == 0
+    assert "warning: run logreg is stale" in capsys.readouterr().err
 
     assert _cli(ws, *TRAIN) == 0  # training writes a fresh run folder: no mark
     assert not (run / runs.STALE_JSON).exists()
