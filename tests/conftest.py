@@ -43,6 +43,20 @@ def make_tiny_events(seed: int = 0, n_users: int = 12, days: int = 21) -> pd.Dat
     return df
 
 
+def tiny_workspace(root: Path, n_users: int, days: int):
+    """The tiny log of ``n_users`` users over ``days`` days written to ``root/events.csv``, ingested
+    into the workspace ``root/ws`` and built (user task: 7d lookback, 3d horizon, 3d step)."""
+    from purchase_intent import pipeline
+    from purchase_intent.config import DataConfig, LabelConfig
+    from purchase_intent.workspace import Workspace
+
+    make_tiny_events(n_users=n_users, days=days).to_csv(root / "events.csv", index=False)
+    ws = Workspace(root / "ws")
+    pipeline.ingest(root / "events.csv", DataConfig(format="csv"), ws, progress=False)
+    pipeline.build(LabelConfig(lookback="7d", horizon="3d", step="3d"), workspace=ws, quiet=True)
+    return ws
+
+
 @pytest.fixture
 def tiny_events() -> pd.DataFrame:
     return make_tiny_events()

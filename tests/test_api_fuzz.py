@@ -13,16 +13,15 @@ import pytest
 
 pytest.importorskip("fastapi")
 schemathesis = pytest.importorskip("schemathesis")
-from conftest import make_tiny_events  # noqa: E402
+from conftest import tiny_workspace  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 
 from purchase_intent import pipeline  # noqa: E402
-from purchase_intent.config import DataConfig, LabelConfig, TrainConfig  # noqa: E402
+from purchase_intent.config import TrainConfig  # noqa: E402
 from purchase_intent.serve.app import create_app  # noqa: E402
 from purchase_intent.serve.settings import ServeSettings  # noqa: E402
-from purchase_intent.workspace import Workspace  # noqa: E402
 
 KEY = "fuzz-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -35,10 +34,7 @@ MAX_SECONDS = 10.0  # one call slower than this counts as a hang
 def app(tmp_path_factory):
     """The app with its lifespan running (the run loaded), as schemathesis' ASGI transport calls it."""
     root = tmp_path_factory.mktemp("fuzz-ws")
-    make_tiny_events(n_users=30, days=21).to_csv(root / "events.csv", index=False)
-    ws = Workspace(root / "ws")
-    pipeline.ingest(root / "events.csv", DataConfig(format="csv"), ws, progress=False)
-    pipeline.build(LabelConfig(lookback="7d", horizon="3d", step="3d"), workspace=ws, quiet=True)
+    ws = tiny_workspace(root, n_users=30, days=21)
     pipeline.train("logreg", train_cfg=TrainConfig(min_positives=1, min_negatives=1), workspace=ws, quiet=True)
     app = create_app(ServeSettings(workspace=str(ws.root), run="logreg", api_keys=(KEY,)))
     with TestClient(app):  # runs the lifespan: app.state.serve stays set for the fuzzing calls

@@ -10,15 +10,14 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_tiny_events
+from conftest import tiny_workspace
 from test_leakage import perturb_after
 
 from purchase_intent import explain, pipeline, runs
-from purchase_intent.config import DataConfig, LabelConfig, TrainConfig
+from purchase_intent.config import TrainConfig
 from purchase_intent.ensemble import evaluate_ensemble
 from purchase_intent.report import write_report
 from purchase_intent.score import ScoreConfig, default_out, describe, predict_users, score
-from purchase_intent.workspace import Workspace
 
 
 def _has_transformer() -> bool:
@@ -34,10 +33,7 @@ def ws(tmp_path_factory):
     """Tiny workspace: logreg and lightgbm backtested with K=2, LightGBM copies with K=1 and none,
     and a Transformer (no backtest) when installed; the ensemble of logreg + lightgbm."""
     root = tmp_path_factory.mktemp("ensemble-ws")
-    make_tiny_events(n_users=60, days=28).to_csv(root / "events.csv", index=False)
-    ws = Workspace(root / "ws")
-    pipeline.ingest(root / "events.csv", DataConfig(format="csv"), ws, progress=False)
-    pipeline.build(LabelConfig(lookback="7d", horizon="3d", step="3d"), workspace=ws, quiet=True)
+    ws = tiny_workspace(root, n_users=60, days=28)
     cfg = TrainConfig(min_positives=1, min_negatives=1)
     for run, model, k in (("logreg", "logreg", 2), ("lightgbm", "lightgbm", 2), ("lightgbm-k1", "lightgbm", 1),
                           ("lightgbm-nobt", "lightgbm", 0)):

@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("fastapi")
-from conftest import make_tiny_events  # noqa: E402
+from conftest import tiny_workspace  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from purchase_intent import pipeline, runs  # noqa: E402
-from purchase_intent.config import DataConfig, LabelConfig, TrainConfig  # noqa: E402
+from purchase_intent.config import TrainConfig  # noqa: E402
 from purchase_intent.serve import app as app_module  # noqa: E402
 from purchase_intent.serve.app import create_app  # noqa: E402
 from purchase_intent.serve.settings import ServeSettings  # noqa: E402
@@ -52,10 +52,7 @@ def _has_transformer() -> bool:
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults-ws")
-    make_tiny_events(n_users=40, days=21).to_csv(root / "events.csv", index=False)
-    ws = Workspace(root / "ws")
-    pipeline.ingest(root / "events.csv", DataConfig(format="csv"), ws, progress=False)
-    pipeline.build(LabelConfig(lookback="7d", horizon="3d", step="3d"), workspace=ws, quiet=True)
+    ws = tiny_workspace(root, n_users=40, days=21)
     cfg = TrainConfig(min_positives=1, min_negatives=1)
     pipeline.train("logreg", train_cfg=cfg, workspace=ws, quiet=True)
     pipeline.train("lightgbm", train_cfg=cfg, workspace=ws, quiet=True)
