@@ -174,13 +174,7 @@ class MaskedEventObjective(nn.Module):
         super().__init__()
         self.net = net
         self.groups = LENGTH_GROUPS  # encoder passes per batch (encode_by_length); 1 = the whole batch at once
-        D, sizes = net.cfg.d_model, net.cfg.field_sizes
-        self.targets = [f for f in ("event", "category", TIME_FIELD) if f in sizes]
-        if not self.targets:
-            raise ValueError("the masked objective needs one of the fields event, category, dt_prev")
-        self.index = [net.fields.index(f) for f in self.targets]
-        self.heads = nn.ModuleDict({f: nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.LayerNorm(D),
-                                                     nn.Linear(D, int(sizes[f]))) for f in self.targets})
+        self.targets, self.index, self.heads = _field_heads(net, ("event", "category", TIME_FIELD), "masked")
 
     @staticmethod
     def expected_targets(lengths: np.ndarray, batch_size: int) -> float:
@@ -240,13 +234,7 @@ class NextEventObjective(nn.Module):
         super().__init__()
         self.net = net
         self.groups = LENGTH_GROUPS  # encoder passes per batch (encode_by_length); 1 = the whole batch at once
-        D, sizes = net.cfg.d_model, net.cfg.field_sizes
-        self.targets = [f for f in ("event", "category") if f in sizes]
-        if not self.targets:
-            raise ValueError("the next-event objective needs the field event or category")
-        self.index = [net.fields.index(f) for f in self.targets]
-        self.heads = nn.ModuleDict({f: nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.LayerNorm(D),
-                                                     nn.Linear(D, int(sizes[f]))) for f in self.targets})
+        self.targets, self.index, self.heads = _field_heads(net, ("event", "category"), "next-event")
 
     @staticmethod
     def expected_targets(lengths: np.ndarray, batch_size: int) -> float:
@@ -265,6 +253,18 @@ class NextEventObjective(nn.Module):
         target = torch.gather(batch["tokens"], 1, (first + length)[:, None, None].expand(
             -1, 1, batch["tokens"].shape[2]))[:, 0]  # (B', nf): the event after the prefix
         return _head_loss(self.heads, self.targets, self.index, h, target, norm)
+
+
+def _field_heads(net: BehaviourTransformer, wanted: tuple, objective: str) -> tuple[list, list, nn.ModuleDict]:
+    """The fields of ``wanted`` the encoder has, their column in the tokens, and one classifier head
+    per field (D -> its vocabulary), for :func:`_head_loss`."""
+    D, sizes = net.cfg.d_model, net.cfg.field_sizes
+    targets = [f for f in wanted if f in sizes]
+    if not targets:
+        raise ValueError(f"the {objective} objective needs one of the fields {', '.join(wanted)}")
+    heads = nn.ModuleDict({f: nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.LayerNorm(D), nn.Linear(D, int(sizes[f])))
+                           for f in targets})
+    return targets, [net.fields.index(f) for f in targets], heads
 
 
 def _head_loss(heads: nn.ModuleDict, targets: list, index: list, h: torch.Tensor, target: torch.Tensor,
