@@ -417,7 +417,7 @@ def compare(run_names: Sequence[str], workspace=None, n_boot: int = 1000, quiet:
 
 # ---------------------------------------------------------------------------------------------
 # run and quickstart
-def ensemble_members(trained: Sequence[str]) -> list[str]:
+def default_ensemble_members(trained: Sequence[str]) -> list[str]:
     """The runs ``run --models ...,ensemble`` averages: Transformer + LightGBM when both were trained
     (the pair the ensemble was measured with), else every model trained but logistic regression, else
     all of them."""
@@ -460,7 +460,7 @@ def run(data: str | Path | Sequence[str | Path] | None, data_cfg: DataConfig, la
         evaluate(name, ws, backtest=backtest, n_boot=n_boot, quiet=quiet)
         done.append(name)
     if "ensemble" in models:
-        evaluate_ensemble(ws, members=ensemble_members(done), n_boot=n_boot)
+        evaluate_ensemble(ws, members=default_ensemble_members(done), n_boot=n_boot)
         done.append("ensemble")
     table = compare(done, ws, n_boot=n_boot, quiet=quiet)
     _log("\n" + table, quiet)
