@@ -251,7 +251,8 @@ def cmd_simulate(a: argparse.Namespace) -> int:
 
 def cmd_score(a: argparse.Namespace) -> int:
     cfg = score.ScoreConfig(at=a.at, chunk_size=a.chunk_size, top=a.top, top_n=a.top_n,
-                            min_probability=a.min_probability, reasons=a.reasons)
+                            min_probability=a.min_probability, reasons=a.reasons, min_users=a.min_users,
+                            reidentify=a.reidentify)
     result = score.score(a.run, a.out, cfg, workspace=a.workspace, progress=not a.quiet)
     print(score.describe(result))
     return 0
@@ -272,6 +273,12 @@ def _add_score_parser(sub) -> None:
     g.add_argument("--min-probability", type=float, help="audience: users with probability >= P")
     p.add_argument("--reasons", type=int, default=d.reasons, metavar="K",
                    help="add each user's top K reasons as columns reason_k and reason_k_contribution (e.g. 3)")
+    p.add_argument("--min-users", type=int, default=d.min_users, metavar="K",
+                   help=f"thresholds: the summary withholds counts of fewer than K users (default {d.min_users}; "
+                        "1 shows every count)")
+    p.add_argument("--reidentify", metavar="FILE",
+                   help="the key holder's file of raw user ids (CSV with a user_id column, or .txt, one per line): "
+                        "adds their raw id as a column raw_user_id (the scores file then is personal data)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_score)
 
@@ -348,7 +355,8 @@ def _add_explain_parser(sub) -> None:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    path = report.write_report(a.workspace, a.run or None, out=a.out, explain=not a.no_explain)
+    path = report.write_report(a.workspace, a.run or None, out=a.out, explain=not a.no_explain,
+                               min_users=a.min_users)
     ws = Workspace(a.workspace)
     for line in report.stale_runs(ws, a.run or report.available_runs(ws)):
         print(f"warning: {line}", file=sys.stderr)
@@ -385,6 +393,9 @@ def _add_report_parser(sub) -> None:
                    help="run to include (repeatable; default: every evaluated run)")
     p.add_argument("--out", help="output file (default: <workspace>/report.html)")
     p.add_argument("--no-explain", action="store_true", help="skip importance and example explanations (faster)")
+    p.add_argument("--min-users", type=int, default=report.MIN_USERS, metavar="K",
+                   help=f"thresholds: counts of fewer than K users are withheld from tables and charts "
+                        f"(default {report.MIN_USERS}; 1 shows every count)")
     p.set_defaults(func=cmd_report)
 
 

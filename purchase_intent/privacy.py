@@ -197,3 +197,52 @@ def pseudonym_for(workspace: Workspace | str | Path, ids: Iterable[str]) -> dict
     """
     ids = [str(i) for i in ids]
     return dict(zip(ids, pseudonymise(ids, load_key(workspace))))
+
+
+# --- thresholds ------------------------------------------------------------------------------------
+# As Google Analytics' data thresholds: a count of fewer than MIN_USERS users (but more than none) is not
+# printed in a report table or an audience summary, so that an aggregate cannot single out a few shoppers.
+MIN_USERS = 10
+
+
+def below_threshold(n_users: int | float | None, k: int) -> bool:
+    """True when a cell of ``n_users`` users must be withheld: 0 < n < k (an empty cell singles out nobody)."""
+    return n_users is not None and 0 < n_users < k
+
+
+def count_text(n: int | float | None, n_users: int | float | None, k: int) -> str:
+    """``n`` formatted, or ``"< k"`` when its cell holds fewer than ``k`` users (``n_users``)."""
+    if n is None:
+        return "–"
+    return f"< {k}" if below_threshold(n_users, k) else f"{int(n):,}"
+
+
+def check_min_users(k: int) -> int:
+    """``k`` as given to ``--min-users``: an integer >= 1 (1 turns the thresholds off)."""
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"--min-users must be an integer >= 1 (1 shows every count), got {k!r}")
+    return int(k)
+
+
+def read_raw_ids(path: str | Path) -> list[str]:
+    """The key holder's raw user ids for ``score --reidentify``: a CSV file whose ``user_id`` column (else its
+    first column) holds them, with a header line; or a ``.txt`` file with one id per line, no header."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--reidentify {path}: no such file (give the key holder's file of raw user ids)")
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.suffix.lower() == ".txt":
+            ids = [line.strip() for line in f]
+        else:
+            rows = csv.reader(f)
+            header = next(rows, None)
+            if header is None:
+                raise ValueError(f"--reidentify {path}: the file is empty (a header line, then one raw id per line)")
+            col = header.index("user_id") if "user_id" in header else 0
+            ids = [r[col].strip() for r in rows if len(r) > col]
+    ids = [i for i in ids if i]
+    if not ids:
+        raise ValueError(f"--reidentify {path}: no raw user id in the file")
+    return ids

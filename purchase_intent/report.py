@@ -17,7 +17,7 @@ import pandas as pd
 
 from . import explain, runs
 from .evaluate import reliability_curve
-from .privacy import KEY_ENV
+from .privacy import KEY_ENV, MIN_USERS, below_threshold, check_min_users, count_text
 from .report_page import Page, cards, esc, interval, num, table
 from .workspace import Workspace, as_workspace, atomic_write_text
 
@@ -63,13 +63,13 @@ def histogram(p: np.ndarray, y: np.ndarray, bins: int = 25) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # sections
-def _data_section(page: Page, ws: Workspace) -> None:
+def _data_section(page: Page, ws: Workspace, k: int) -> None:
     page.section("data", "The data")
     manifest = ws.read_manifest()
     con = ws.connect()
     s = con.execute("""SELECT count(*), count(DISTINCT user_id), count(DISTINCT session_id), count(DISTINCT item_id),
                               min(ts), max(ts) FROM events""").fetchall()[0]
-    page.add(cards([("events", f"{s[0]:,}"), ("users", f"{s[1]:,}"),
+    page.add(cards([("events", f"{s[0]:,}"), ("users", count_text(s[1], s[1], k)),
                     ("sessions", f"{s[2]:,}" if s[2] else "from gaps"), ("items", f"{s[3]:,}"),
                     ("first event (UTC)", str(s[4])[:16]), ("last event (UTC)", str(s[5])[:16])]))
     daily = con.execute("""SELECT CAST(ts AS DATE) AS day, event, count(*) AS n FROM events
@@ -108,7 +108,12 @@ def label_text(cfg: dict) -> str:
             f"{cfg.get('horizon')}. Features and event sequences read only events before the cutoff.")
 
 
-def _task_section(page: Page, ws: Workspace) -> Optional[dict]:
+def _user_counts(ex: pd.DataFrame) -> tuple[int, int]:
+    """Distinct users among the buying examples and among the others of ``ex`` (user_id, label)."""
+    return (int(ex.loc[ex["label"] == 1, "user_id"].nunique()), int(ex.loc[ex["label"] != 1, "user_id"].nunique()))
+
+
+def _task_section(page: Page, ws: Workspace, k: int) -> Optional[dict]:
     page.section("task", "Task, split and label")
     info_path = ws.examples_dir / runs.BUILD_JSON
     if not info_path.exists():
@@ -116,16 +121,30 @@ def _task_section(page: Page, ws: Workspace) -> Optional[dict]:
         return None
     info = json.loads(info_path.read_text())
     page.add(f"<p>{esc(label_text(info['label_config']))}</p>")
-    ex = pd.read_parquet(ws.examples_dir / runs.EXAMPLES, columns=["cutoff", "label", "split"])
-    rows = []
+    ex = pd.read_parquet(ws.examples_dir / runs.EXAMPLES, columns=["user_id", "cutoff", "label", "split"])
+    rows, small = [], False
     for split in ("train", "gap", "valid", "test"):
         g = ex[ex["split"] == split]
         if len(g):
+            buyers, others = _user_counts(g)
+            few = below_threshold(buyers, k) or below_threshold(others, k)
+            small |= few
             rows.append([split, str(g["cutoff"].min())[:16], str(g["cutoff"].max())[:16], num(g["cutoff"].nunique()),
-                         num(len(g)), num(int(g["label"].sum())), f"{g['label'].mean():.2%}"])
+                         count_text(len(g), g["user_id"].nunique(), k), count_text(int(g["label"].sum()), buyers, k),
+                         "withheld" if few else f"{g['label'].mean():.2%}"])
     page.add(table(["split", "first cutoff", "last cutoff", "cutoffs", "examples", "buyers", "positive rate"], rows))
+    if small:
+        page.add(f'<p class="note">Thresholds: a count of fewer than {k} users is shown as "&lt; {k}", and a rate '
+                 f"over fewer than {k} buyers or non-buyers is withheld (<code>report --min-users</code>).</p>")
     if info["label_config"].get("task", "user") == "user":
-        by = ex.groupby("cutoff")["label"].agg(["mean", "size"]).reset_index()
+        # one example per user and cutoff: a cutoff with fewer than k buyers (or non-buyers) is left out
+        counts = ex.groupby("cutoff")["label"].agg(["sum", "size"])
+        keep = ~(counts["sum"].map(lambda n: below_threshold(n, k))
+                 | (counts["size"] - counts["sum"]).map(lambda n: below_threshold(n, k)))
+        if (~keep).any():
+            page.add(f'<p class="note">Positive rate per cutoff: {int((~keep).sum())} of {len(keep)} cutoffs with '
+                     f"fewer than {k} buyers or non-buyers are left out (thresholds).</p>")
+        by = ex[ex["cutoff"].isin(counts.index[keep])].groupby("cutoff")["label"].agg(["mean", "size"]).reset_index()
         x = ((pd.to_datetime(by["cutoff"]) - pd.Timestamp("1970-01-01")).dt.total_seconds() / 86400).tolist()
         series = [{"name": "positive rate", "points": [[a, float(b)] for a, b in zip(x, by["mean"])], "dots": True}]
         page.add('<div class="grid">' + page.chart(
@@ -136,23 +155,40 @@ def _task_section(page: Page, ws: Workspace) -> Optional[dict]:
     return info
 
 
-def _comparison_section(page: Page, ws: Workspace, names: list[str]) -> dict[str, pd.DataFrame]:
+def _test_user_counts(ws: Workspace, pred: Optional[pd.DataFrame]) -> Optional[tuple[int, int]]:
+    """Distinct buying and non-buying users among a run's test predictions (None: not known here)."""
+    path = ws.examples_dir / runs.EXAMPLES
+    if pred is None or not path.exists():
+        return None
+    t = pred.loc[pred["split"] == "test", ["example_id", "label"]]
+    users = pd.read_parquet(path, columns=["example_id", "user_id"])
+    return _user_counts(t.merge(users, on="example_id", how="inner"))
+
+
+def _comparison_section(page: Page, ws: Workspace, names: list[str], k: int) -> dict[str, pd.DataFrame]:
     page.section("models", "Model comparison (test window)")
-    rows, preds = [], {}
+    rows, preds, few = [], {}, set()
     for r in names:
         m = runs.read_metrics(ws.run_dir(r))
         t = m["test"]
+        if (ws.run_dir(r) / runs.PREDICTIONS).exists():
+            preds[r] = runs.read_predictions(ws.run_dir(r))
+        users = _test_user_counts(ws, preds.get(r))
+        n, pos = t.get("n"), t.get("positives")
+        if users is None and n is not None and pos is not None:
+            users = (pos, n - pos)  # examples bound users from above: the threshold holds at least as strictly
+        if users is not None and (below_threshold(users[0], k) or below_threshold(users[1], k)):
+            few.add(r)
         paired = (m.get("paired") or {}).get("test")
         delta = (f"{paired['diff']:+.4f} {interval(paired.get('ci'))} vs {esc(m['paired'].get('reference'))}"
                  if paired and paired.get("diff") is not None else "reference" if m["model"] in ("logreg", "lightgbm")
                  else "")
         lift = t.get("lift") or {}
-        rows.append([f"<b>{esc(r)}</b>", num(t.get("n")), num(t.get("positives")),
+        rows.append([f"<b>{esc(r)}</b>", count_text(n, None if users is None else sum(users), k),
+                     count_text(pos, None if users is None else users[0], k),
                      f"{num(t.get('roc_auc'), 4)} {interval(t.get('roc_auc_ci'))}", num(t.get("pr_auc"), 4),
                      num(t.get("log_loss"), 4), num(t.get("brier"), 4), num(t.get("ece"), 4),
                      num(lift.get("top_1pct"), 2), num(lift.get("top_10pct"), 2), delta])
-        if (ws.run_dir(r) / runs.PREDICTIONS).exists():
-            preds[r] = runs.read_predictions(ws.run_dir(r))
     page.add(table(["model", "n", "buyers", "ROC-AUC [95% CI]", "PR-AUC", "log loss", "Brier", "ECE",
                      "lift top 1%", "lift top 10%", "ΔAUC [95% CI]"], rows))
     page.add('<p class="note">Intervals: stratified bootstrap. ΔAUC: paired bootstrap difference to the best '
@@ -163,7 +199,11 @@ def _comparison_section(page: Page, ws: Workspace, names: list[str]) -> dict[str
         if members:
             page.add(f'<p class="note"><b>{esc(r)}</b> is an ensemble: the mean of the calibrated probabilities '
                      f"of {esc(members)}; its reasons are the mean of theirs (see those runs).</p>")
-    test = {r: d[d["split"] == "test"] for r, d in preds.items() if (d["split"] == "test").any()}
+    if few:
+        page.add(f'<p class="note">Thresholds: the test window of {esc(", ".join(sorted(few)))} holds fewer than {k} '
+                 f"buyers or non-buyers; their curves are left out, since each point would speak of a few shoppers "
+                 f"(<code>report --min-users</code>).</p>")
+    test = {r: d[d["split"] == "test"] for r, d in preds.items() if (d["split"] == "test").any() and r not in few}
     if not test:
         return preds
     cv = {r: curves(d["label"].to_numpy(), d["probability"].to_numpy()) for r, d in test.items()}
@@ -288,7 +328,7 @@ def _explain_run(page: Page, ws: Workspace, run: str, built: runs.Built, preds: 
     return blocks
 
 
-def _privacy_section(page: Page, ws: Workspace, names: list[str]) -> None:
+def _privacy_section(page: Page, ws: Workspace, names: list[str], k: int) -> None:
     page.section("privacy", "Privacy settings")
     manifest = ws.read_manifest()
     key = (f"from the environment variable <code>{KEY_ENV}</code>" if os.environ.get(KEY_ENV)
@@ -305,7 +345,9 @@ def _privacy_section(page: Page, ws: Workspace, names: list[str]) -> None:
              else "no events ingested"],
             ["key id (a hash of the key, not the key)", esc(manifest.get("key_id") or "–")],
             ["key location", key],
-            ["differentially private training", "; ".join(dp) if dp else "not used"]]
+            ["differentially private training", "; ".join(dp) if dp else "not used"],
+            ["thresholds", f"counts of fewer than {k} users are withheld from this report's tables and charts"
+                           if k > 1 else "off (--min-users 1): every count is shown"]]
     page.add(table(["setting", "value"], rows))
 
 
@@ -350,7 +392,7 @@ def stale_runs(ws: Workspace, names: list[str]) -> list[str]:
     return [w for r in names if (w := runs.stale_warning(ws.run_dir(r)))]
 
 
-def _render(ws: Workspace, names: list[str], with_explanations: bool, n_explain: Optional[int]) -> str:
+def _render(ws: Workspace, names: list[str], with_explanations: bool, n_explain: Optional[int], k: int) -> str:
     missing = [r for r in names if not _evaluated(ws, r)]
     if missing:
         raise FileNotFoundError(f"runs without {runs.METRICS_JSON}: {', '.join(missing)} "
@@ -359,27 +401,30 @@ def _render(ws: Workspace, names: list[str], with_explanations: bool, n_explain:
     stale = stale_runs(ws, names)
     if stale:  # before everything: these runs learned from data erased since (`forget`)
         page.add('<p class="note"><b>Warning:</b> ' + "<br>".join(esc(w) for w in stale) + "</p>")
-    _data_section(page, ws)
-    info = _task_section(page, ws)
-    preds = _comparison_section(page, ws, names) if names else {}
+    _data_section(page, ws, k)
+    info = _task_section(page, ws, k)
+    preds = _comparison_section(page, ws, names, k) if names else {}
     if names and with_explanations and info is not None:
         _explain_section(page, ws, names, preds, n_explain)
-    _privacy_section(page, ws, names)
+    _privacy_section(page, ws, names, k)
     generated = pd.Timestamp.now(tz="UTC").strftime("%Y-%m-%d %H:%M UTC")
     return page.html(f"workspace {ws.root.resolve()} · runs: {', '.join(names) or 'none'} · generated {generated}")
 
 
 def write_report(workspace: Workspace | str | Path | None = None, runs: Optional[list[str]] = None,
-                 out: str | Path | None = None, explain: bool = True, n_explain: Optional[int] = None) -> Path:
+                 out: str | Path | None = None, explain: bool = True, n_explain: Optional[int] = None,
+                 min_users: int = MIN_USERS) -> Path:
     """Write the report of ``runs`` (default: every evaluated run) to ``out`` (default
     ``<workspace>/report.html``) and return its path; ``explain=False`` skips loading the models.
 
     ``n_explain``: test examples explained per run (default ``N_EXPLAIN_SAMPLE``). Raises
-    FileNotFoundError for a run without metrics.json.
+    FileNotFoundError for a run without metrics.json. ``min_users``: thresholds, a count of fewer users
+    than this is withheld from the tables and charts (1 shows every count).
     """
     # the parameters shadow the modules `runs` and `explain`: _render sees the modules
     ws = as_workspace(workspace)
-    text = _render(ws, list(runs) if runs else available_runs(ws), explain, n_explain)
+    k = check_min_users(min_users)
+    text = _render(ws, list(runs) if runs else available_runs(ws), explain, n_explain, k)
     path = Path(out) if out else ws.root / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)

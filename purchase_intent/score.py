@@ -22,7 +22,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Optional
@@ -36,6 +36,7 @@ from tqdm import tqdm
 from . import runs
 from .explain import explain_inputs
 from .feature_frame import compute_features_for_users
+from .privacy import MIN_USERS, below_threshold, check_min_users, load_key, pseudonym_table, read_raw_ids
 from .runs import Run
 from .workspace import as_workspace, atomic_write_text, fsync_dir, tmp_path
 
@@ -50,6 +51,8 @@ class ScoreConfig:
     top_n: Optional[int] = None  # audience: the N most likely buyers
     min_probability: Optional[float] = None  # audience: everyone with probability >= P
     reasons: int = 0  # add each user's top K reasons as columns reason_k (text) and reason_k_contribution
+    min_users: int = MIN_USERS  # the summary withholds a count of fewer users than this (1: show every count)
+    reidentify: Optional[str] = None  # the key holder's file of raw user ids: adds a raw_user_id column
 
 
 @dataclass
@@ -62,16 +65,20 @@ class ScoreResult:
     version: str
     cutoff: str
     lookback: str
-    n_scored: int  # active users scored
-    n_rows: int  # rows written (the audience size when an audience was asked for)
-    expected_buyers: float  # sum of probabilities over the written rows
-    expected_precision: Optional[float]  # mean probability over the written rows
-    expected_buyers_all: float  # sum over all scored users
+    n_scored: Optional[int]  # active users scored (None: fewer than min_users, withheld)
+    n_rows: Optional[int]  # rows written, the audience size when an audience was asked for (None: withheld)
+    expected_buyers: Optional[float]  # sum of probabilities over the written rows (None: withheld)
+    expected_precision: Optional[float]  # mean probability over the written rows (None: withheld or no rows)
+    expected_buyers_all: Optional[float]  # sum over all scored users (None: withheld)
     audience: Optional[dict[str, Any]]  # the selection rule, or None for all users
     seconds: float
     users_per_second: float
     members: Optional[list[str]] = None  # an ensemble's member runs, "name@version"
     stale: Optional[str] = None  # why the run must be retrained (it learned from erased data), else None
+    min_users: int = MIN_USERS  # the threshold the counts above were held to
+    withheld: list[str] = field(default_factory=list)  # the fields withheld by the threshold
+    reidentify: Optional[str] = None  # the raw-id file of --reidentify: the scores file holds raw ids
+    reidentified: Optional[int] = None  # rows given their raw id by it (None: not asked, or withheld)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,6 +213,8 @@ def score(run: str, out: str | Path | None = None, cfg: ScoreConfig | None = Non
     cfg = cfg or ScoreConfig()
     if cfg.chunk_size < 1:
         raise ValueError("chunk size must be >= 1")
+    k_min = check_min_users(cfg.min_users)
+    raw_ids = read_raw_ids(cfg.reidentify) if cfg.reidentify else None
     ws = as_workspace(workspace)
     if out is not None:
         out = Path(out)
@@ -265,9 +274,16 @@ def score(run: str, out: str | Path | None = None, cfg: ScoreConfig | None = Non
             FROM read_parquet('{_sql_path(raw)}')"""
         params = {"cutoff": cutoff, "model": name, "version": version}
         sel = f"SELECT * FROM ({ranked}) WHERE {where} ORDER BY rank"
+        if raw_ids is not None:  # the key holder's raw ids, joined on their pseudonyms under this workspace's key
+            con.register("_reidentify", pseudonym_table(pa.array(raw_ids, pa.string()), load_key(ws)))
+            sel = (f"SELECT s.user_id, m.raw AS raw_user_id, s.* EXCLUDE (user_id) FROM ({ranked}) s "
+                   f"LEFT JOIN (SELECT DISTINCT raw, pid FROM _reidentify) m ON m.pid = s.user_id "
+                   f"WHERE {where} ORDER BY rank")
         tmp_out = tmpdir / ("out" + "".join(out.suffixes[-2:]))
         con.execute(f"COPY ({sel}) TO '{_sql_path(tmp_out)}' {fmt}", params)
-        rows, buyers = con.execute(f"SELECT count(*), coalesce(sum(probability), 0) FROM ({sel})", params).fetchall()[0]
+        rows, buyers, matched = con.execute(
+            f"SELECT count(*), coalesce(sum(probability), 0), "
+            f"{'count(raw_user_id)' if raw_ids is not None else 'NULL'} FROM ({sel})", params).fetchall()[0]
         buyers_all = con.execute(f"SELECT coalesce(sum(probability), 0) "
                                  f"FROM read_parquet('{_sql_path(raw)}')").fetchall()[0][0]
         result = ScoreResult(
@@ -277,7 +293,10 @@ def score(run: str, out: str | Path | None = None, cfg: ScoreConfig | None = Non
             expected_buyers_all=float(buyers_all), audience=audience, seconds=round(seconds, 3),
             users_per_second=round(n / seconds, 1) if seconds > 0 else float("inf"),
             members=[f"{m.name}@{m.version}" for m in loaded.members] or None, stale=loaded.stale,
+            min_users=k_min, reidentify=str(cfg.reidentify) if cfg.reidentify else None,
+            reidentified=None if matched is None else int(matched),
         )
+        _withhold_small_counts(result)
         # the summary first, then the scores: a scores file on disk always has its summary beside it
         atomic_write_text(summary_path(out), json.dumps(asdict(result), indent=2))
         os.replace(tmp_out, out)
@@ -286,6 +305,21 @@ def score(run: str, out: str | Path | None = None, cfg: ScoreConfig | None = Non
         shutil.rmtree(tmpdir, ignore_errors=True)
         con.execute("DROP TABLE IF EXISTS _score_users")
     return result
+
+
+def _withhold_small_counts(result: ScoreResult) -> None:
+    """Thresholds: the summary keeps no count (nor a sum that would give it away) of fewer than
+    ``min_users`` users; the scores file itself, one row per user, is left whole."""
+    k = result.min_users
+    if below_threshold(result.n_rows, k):
+        result.n_rows = result.expected_buyers = result.expected_precision = None
+        result.withheld += ["n_rows", "expected_buyers", "expected_precision"]
+    if below_threshold(result.n_scored, k):
+        result.n_scored = result.expected_buyers_all = result.users_per_second = None
+        result.withheld += ["n_scored", "expected_buyers_all", "users_per_second"]
+    if below_threshold(result.reidentified, k):
+        result.reidentified = None
+        result.withheld.append("reidentified")
 
 
 def _sql_path(p: Path) -> str:
@@ -308,19 +342,37 @@ def _progress(total: int, enabled: bool):
 
 def describe(result: ScoreResult) -> str:
     """The lines `purchase-intent score` prints."""
-    lines = [f"scored {result.n_scored:,} active users at {result.cutoff} (lookback {result.lookback}) "
-             f"with {result.model} {result.version} in {result.seconds:.1f}s ({result.users_per_second:,.0f} users/s)"]
+    k = result.min_users
+    few = f"fewer than {k}"
+    if result.n_scored is None:
+        lines = [f"scored {few} active users at {result.cutoff} (lookback {result.lookback}) "
+                 f"with {result.model} {result.version} in {result.seconds:.1f}s"]
+    else:
+        lines = [f"scored {result.n_scored:,} active users at {result.cutoff} (lookback {result.lookback}) "
+                 f"with {result.model} {result.version} in {result.seconds:.1f}s "
+                 f"({result.users_per_second:,.0f} users/s)"]
     if result.stale:
         lines.insert(0, f"warning: {result.stale}")
     if result.members:
         lines.append(f"ensemble of {len(result.members)} runs (mean probability): {', '.join(result.members)}")
-    if result.audience is not None:
+    all_text = "withheld" if result.expected_buyers_all is None else f"{result.expected_buyers_all:,.1f}"
+    if result.audience is not None and result.n_rows is None:
+        lines.append(f"audience ({_rule_text(result.audience)}): {few} users (counts withheld; "
+                     f"--min-users 1 shows them)")
+    elif result.audience is not None:
         prec = f"{result.expected_precision:.1%}" if result.expected_precision is not None else "n/a"
         lines.append(f"audience ({_rule_text(result.audience)}): {result.n_rows:,} users, expected precision "
                      f"{prec}, expected buyers {result.expected_buyers:,.1f} "
-                     f"(of {result.expected_buyers_all:,.1f} among all scored users)")
+                     f"(of {all_text} among all scored users)")
     else:
-        lines.append(f"expected buyers among them: {result.expected_buyers_all:,.1f}")
+        lines.append(f"expected buyers among them: {all_text}")
+    if result.withheld:
+        lines.append(f"thresholds: counts of fewer than {k} users withheld from the summary "
+                     f"({', '.join(result.withheld)})")
+    if result.reidentify:
+        matched = "some" if result.reidentified is None else f"{result.reidentified:,}"
+        lines.append(f"warning: {matched} rows hold raw user ids from {result.reidentify} (column raw_user_id): "
+                     f"the scores file is personal data, keep it where the raw ids are kept")
     lines.append(f"wrote {result.out} and {summary_path(result.out)}")
     return "\n".join(lines)
 

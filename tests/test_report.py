@@ -127,3 +127,15 @@ def test_report_renders_in_headless_chromium(report_path, tmp_path):
                     "--virtual-time-budget=5000", f"--screenshot={shot}", url],
                    capture_output=True, timeout=120, check=True)
     assert shot.exists() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+def test_thresholds_withhold_counts_and_curves_of_fewer_than_k_users(ws, tmp_path):
+    shown = report.write_report(ws, out=tmp_path / "k1.html", explain=False, min_users=1).read_text()
+    assert "ROC curve" in shown and "&lt; " not in shown and "withheld" not in shown.split("Privacy settings")[0]
+    # k above every cell: each count shows as "< k", rates are withheld and no curve is drawn
+    text = report.write_report(ws, out=tmp_path / "k.html", explain=False, min_users=100_000).read_text()
+    assert "&lt; 100000" in text and "withheld" in text
+    assert "ROC curve" not in text and "their curves are left out" in text
+    assert "cutoffs with fewer than 100000 buyers or non-buyers are left out" in text
+    with pytest.raises(ValueError, match="--min-users"):
+        report.write_report(ws, out=tmp_path / "bad.html", explain=False, min_users=0)

@@ -12,8 +12,8 @@ from conftest import make_tiny_events
 
 from purchase_intent import cli, pipeline, runs
 from purchase_intent.config import DataConfig, LabelConfig, TrainConfig
-from purchase_intent.privacy import load_key, pseudonymise
-from purchase_intent.score import ScoreConfig, parse_share, score, summary_path
+from purchase_intent.privacy import load_key, pseudonym_for, pseudonymise
+from purchase_intent.score import ScoreConfig, describe, parse_share, score, summary_path
 from purchase_intent.times import parse_time
 from purchase_intent.workspace import Workspace
 
@@ -108,7 +108,8 @@ def test_audiences_keep_the_top_and_report_expected_precision_and_buyers(shop, t
     score("lightgbm", tmp_path / "all.parquet", ScoreConfig(), workspace=ws, progress=False)
     full = pd.read_parquet(tmp_path / "all.parquet")
     out = tmp_path / "audience.csv.gz"
-    res = score("lightgbm", out, ScoreConfig(**rule), workspace=ws, progress=False)
+    # min_users=1: thresholds off, every count in the summary (the tiny shop's audiences hold a few users)
+    res = score("lightgbm", out, ScoreConfig(**rule, min_users=1), workspace=ws, progress=False)
     aud = pd.read_csv(out)
     k = expected(len(full), full["probability"].to_numpy())
     assert len(aud) == res.n_rows == k
@@ -141,10 +142,54 @@ def test_score_command(shop, tmp_path, capsys):
     ws, _, _ = shop
     parser = cli.build_parser()
     a = parser.parse_args(["--workspace", str(ws.root), "score", "--run", "lightgbm", "--out",
-                           str(tmp_path / "top.parquet"), "--top-n", "3", "--quiet"])
+                           str(tmp_path / "top.parquet"), "--top-n", "3", "--min-users", "1", "--quiet"])
     assert a.func(a) == 0
     printed = capsys.readouterr().out
     assert "expected precision" in printed and "expected buyers" in printed
+    a = parser.parse_args(["--workspace", str(ws.root), "score", "--run", "lightgbm", "--out",
+                           str(tmp_path / "top.parquet"), "--top-n", "3", "--quiet"])  # default k = 10
+    assert a.func(a) == 0
+    assert "fewer than 10 users (counts withheld" in capsys.readouterr().out
     assert len(pd.read_parquet(tmp_path / "top.parquet")) == 3
     with pytest.raises(SystemExit):  # the audience rules exclude each other
         parser.parse_args(["score", "--run", "x", "--out", "y.csv", "--top", "1%", "--top-n", "3"])
+
+
+def test_thresholds_withhold_an_audience_of_fewer_than_k_users_from_the_summary(shop, tmp_path):
+    ws, _, _ = shop
+    out = tmp_path / "few.parquet"
+    res = score("lightgbm", out, ScoreConfig(top_n=3, min_users=10), workspace=ws, progress=False)
+    assert len(pd.read_parquet(out)) == 3  # the scores file keeps its rows: it is one row per user
+    summary = json.loads(summary_path(out).read_text())
+    assert summary["n_rows"] is None and summary["expected_buyers"] is None and summary["expected_precision"] is None
+    assert {"n_rows", "expected_buyers", "expected_precision"} <= set(summary["withheld"])
+    assert summary["min_users"] == 10 and res.n_rows is None
+    assert "fewer than 10 users" in describe(res)
+    # the same audience with k = 3 shows its counts
+    shown = score("lightgbm", tmp_path / "shown.parquet", ScoreConfig(top_n=3, min_users=3), workspace=ws,
+                  progress=False)
+    assert shown.n_rows == 3 and shown.withheld == []
+    with pytest.raises(ValueError, match="--min-users must be an integer >= 1"):
+        score("lightgbm", out, ScoreConfig(min_users=0), workspace=ws, progress=False)
+
+
+def test_reidentify_adds_the_key_holders_raw_ids_and_nothing_else(shop, tmp_path):
+    ws, df, _ = shop
+    full = score("lightgbm", tmp_path / "all.parquet", ScoreConfig(), workspace=ws, progress=False)
+    scores = pd.read_parquet(full.out)
+    # the key holder's ids: half of the shop's raw ids, and one id that is not a user
+    raw_ids = sorted(df["user_id"].astype(str).unique())[::2]
+    mapping = pseudonym_for(ws, raw_ids + ["not-a-user"])
+    ids_file = tmp_path / "raw.csv"
+    pd.DataFrame({"user_id": raw_ids + ["not-a-user"]}).to_csv(ids_file, index=False)
+    res = score("lightgbm", tmp_path / "re.csv", ScoreConfig(reidentify=str(ids_file), min_users=1), workspace=ws,
+                progress=False)
+    got = pd.read_csv(res.out, dtype={"raw_user_id": str})
+    assert got["user_id"].tolist() == scores["user_id"].tolist()
+    expected = {p: r for r, p in mapping.items()}
+    assert [None if pd.isna(r) else r for r in got["raw_user_id"]] == [expected.get(p) for p in got["user_id"]]
+    assert res.reidentified == got["raw_user_id"].notna().sum() > 0
+    assert "raw user ids" in describe(res)
+    with pytest.raises(FileNotFoundError, match="--reidentify"):
+        score("lightgbm", tmp_path / "x.csv", ScoreConfig(reidentify=str(tmp_path / "nope.csv")), workspace=ws,
+              progress=False)
