@@ -21,9 +21,10 @@ import contextlib
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from . import distributed, erasure, explain, pipeline, pretrain, report, runs, score
+from . import distributed, erasure, explain, pipeline, pretrain, report, runs, score, tracking
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig
 from .ensemble import evaluate_ensemble
 from .privacy import pseudonym_for
@@ -191,8 +192,45 @@ def cmd_build(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tracking_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mlflow", metavar="URI",
+                   help="also log the runs to MLflow: a tracking server (http://host:5000), databricks, or a "
+                        "file store (file:///path or a folder); needs pip install 'purchase-intent[mlflow]'")
+    p.add_argument("--mlflow-experiment", default="purchase-intent", metavar="NAME",
+                   help="MLflow experiment (default purchase-intent; created when missing)")
+    p.set_defaults(check=_check_tracking)
+
+
+def _check_tracking(a: argparse.Namespace) -> None:
+    """Before the command's work: a tracking URI that cannot be used costs one line and nothing else."""
+    a.tracker = None
+    if a.mlflow:
+        if getattr(a, "table", None):
+            raise ValueError("--mlflow logs workspace runs; it does not apply to tabular mode (--table)")
+        a.tracker = tracking.Tracker(tracking.TrackingConfig(a.mlflow, a.mlflow_experiment))
+    elif a.command == "track":
+        raise ValueError("track needs --mlflow URI")
+
+
+def _track(a: argparse.Namespace, names: list[str]) -> None:
+    tracker = getattr(a, "tracker", None)
+    if tracker is None:
+        return
+    ws = Workspace(a.workspace)
+    for name in names:
+        if (ws.run_dir(name) / runs.RUN_JSON).exists() or Path(name).is_dir():
+            run_id = tracker.log_run(ws, name, a.command)
+            print(f"logged run {name} to MLflow ({tracking.redact(a.mlflow)}), run id {run_id}")
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     pipeline.train(a.model, run=a.run, params=_params(a.param), train_cfg=_train_cfg(a), workspace=a.workspace)
+    _track(a, [a.run or a.model])
+    return 0
+
+
+def cmd_track(a: argparse.Namespace) -> int:
+    _track(a, a.run)
     return 0
 
 
@@ -212,6 +250,7 @@ def cmd_ensemble(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     pipeline.evaluate(a.run, a.workspace, backtest=a.backtest, n_boot=a.n_boot)
     print(pipeline.compare([a.run], a.workspace, n_boot=a.n_boot))
+    _track(a, [a.run])
     return 0
 
 
@@ -234,6 +273,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     pt = _pretrain_cfg(a, "pretrain-", seed=a.seed) if a.pretrain else False
     pipeline.run(a.data, _data_cfg(a), _label_cfg(a), _feature_cfg(a), models=models, backtest=a.backtest,
                  train_cfg=_train_cfg(a), params=params, workspace=a.workspace, n_boot=a.n_boot, pretrain=pt)
+    _track(a, models)
     return 0
 
 
@@ -424,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, choices=list(pipeline.MODELS))
     p.add_argument("--run", help="run name (default: the model name)")
     _add_train_flags(p)
+    _add_tracking_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pretrain", help="self-supervised training of the sequence encoder -> runs/pretrained",
@@ -449,7 +490,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backtest", type=int, default=0, metavar="K",
                    help="also rolling-origin evaluation over the last K cutoffs")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
+    _add_tracking_flags(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("track", help="log saved runs to MLflow (parameters, metrics with intervals, the run folder)",
+                       description=tracking.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, action="append", metavar="NAME", help="run name (repeatable)")
+    _add_tracking_flags(p)
+    p.set_defaults(func=cmd_track)
 
     p = sub.add_parser("run", help="ingest -> build -> train -> evaluate in one go, one table at the end")
     p.add_argument("--data", nargs="+", metavar="PATH", help="raw event files")
@@ -468,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", help="tabular mode: the label column")
     p.add_argument("--time-column", help="tabular mode: split by this column's order (else a seeded stratified split)")
     p.add_argument("--drop", help="tabular mode: comma-separated columns not to use as features")
+    _add_tracking_flags(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("quickstart", help="`run` on the built-in seeded shop simulator")
