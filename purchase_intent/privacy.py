@@ -12,6 +12,7 @@ the manifest records a key id (a hash of the key, not the key) and ingest refuse
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import secrets
@@ -227,8 +228,6 @@ def check_min_users(k: int) -> int:
 def read_raw_ids(path: str | Path) -> list[str]:
     """The key holder's raw user ids for ``score --reidentify``: a CSV file whose ``user_id`` column (else its
     first column) holds them, with a header line; or a ``.txt`` file with one id per line, no header."""
-    import csv
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--reidentify {path}: no such file (give the key holder's file of raw user ids)")

@@ -43,7 +43,7 @@ LAYERS: dict[int, list[str]] = {
     2: ["models", "train"],                                             # estimators and the loop
     3: ["runs", "pretrain"],                                            # artifacts: built examples, runs
     4: ["explain"],                                                     # reasons per prediction
-    5: ["score", "report", "report_page", "ensemble", "tabular", "erasure"],  # uses of a run
+    5: ["score", "report", "report_page", "ensemble", "tabular", "erasure", "tracking"],  # uses of a run
     6: ["pipeline", "serve", "cli"],                                    # entry points
 }
 
@@ -57,6 +57,7 @@ OPTIONAL_EXTRAS: frozenset[str] = frozenset({
     "captum",                                                            # explain
     "onnx", "onnxruntime", "onnxscript",                                 # onnx
     "opacus", "pyspark", "mlflow", "psycopg", "psycopg2", "playwright",  # dp, spark, mlflow, postgres, browser
+    "adbc_driver_postgresql", "adbc_driver_manager",                     # postgres
 })
 
 
