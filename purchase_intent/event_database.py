@@ -5,12 +5,12 @@
     purchase-intent run --data postgresql://shop@db.internal/shop --query "SELECT ..." --map ts=created_at
 
 The query runs through ADBC (``adbc_driver_postgresql``, the ``postgres`` extra), which reads the
-rows with PostgreSQL's binary COPY and hands them over as Arrow record batches; they stream into a
-DuckDB table (``db_rows``) one batch at a time, never as Python objects. ``event_sources`` readers
-turn files into text columns; here every column is cast to text the same way (as the Parquet
-reader does), so ``events.ingest`` maps, validates, rejects and pseudonymises a query's rows exactly
-as it does a file's. ``_pos`` is the row's number in the query's result (what ``rejects/*.csv``
-calls its line).
+rows with PostgreSQL's binary COPY and hands them over as Arrow record batches, which DuckDB pulls
+one at a time while it stages them (``QueryRows``): no row becomes a Python object, and only the
+time column is kept beside them. ``event_sources`` readers turn files into text columns; here every
+column is cast to text the same way (as the Parquet reader does), so ``events.ingest`` maps,
+validates, rejects and pseudonymises a query's rows exactly as it does a file's. ``_pos`` is the
+row's number in the query's result (what ``rejects/*.csv`` calls its line).
 
 Credentials never leave this module: ``str(query)`` is the URL without its password, and every
 error is one line with the password removed. Pass the password in the URL, in ``$PGPASSWORD`` or
@@ -43,6 +43,7 @@ from typing import Callable, Iterator, Optional
 from urllib.parse import parse_qsl, quote, unquote
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from .event_sources import Source, sql_ident
@@ -198,32 +199,34 @@ def _storage(batch: pa.RecordBatch) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(cols, names=batch.schema.names)
 
 
-def _numbered(reader: pa.RecordBatchReader, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
-    """The batches with ``__row`` (1-based row number in the result) prepended."""
-    n = 0
-    for batch in reader:
-        batch = _storage(batch)
-        rows = pa.array(range(n + 1, n + 1 + batch.num_rows), pa.int64())
-        n += batch.num_rows
-        yield pa.RecordBatch.from_arrays([rows, *batch.columns], schema=schema)
-
-
-def query_source(con: duckdb.DuckDBPyConnection, q: DatabaseQuery,
-                 resolve: Callable[[list[str]], dict[str, str]]) -> Source:
-    """Run ``q`` and stream its rows into the DuckDB table ``db_rows``; the Source reads them as text.
+class QueryRows:
+    """The rows of one query, streamed: ``with QueryRows(con, q, resolve) as rows:`` stage ``rows.source`` (a
+    Source read once: DuckDB pulls the record batches from the server while it stages them), then ``record()``.
 
     ``resolve`` maps the result's column names to ``{canonical: column}`` (the ingest's mapping; it
-    raises ValueError for a column that is not there), called before any row is read."""
-    dbapi = _driver()
-    try:
-        conn = dbapi.connect(q.connect_uri())
-    except dbapi.Error as e:
-        err = q.error("cannot connect to", e)
-        if "password" in str(err):
-            err = DatabaseError(f"{err} (the password goes in the URL, $PGPASSWORD or ~/.pgpass)")
-        raise err from None
-    try:
-        with conn.cursor() as cur:
+    raises ValueError for a column that is not there); it runs before any row is read. Besides the
+    rows DuckDB consumes, only the time column is kept (Arrow arrays, for the newest event's raw value).
+    """
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, q: DatabaseQuery, resolve: Callable[[list[str]], dict]):
+        self.con, self.q, self.resolve = con, q, resolve
+        self.ts_column: Optional[str] = None
+        self._kept: list[pa.RecordBatch] = []  # (__row, the time column as read), per batch
+        self._failure: Optional[DatabaseError] = None
+        self._conn = self._cur = None
+        self.source: Optional[Source] = None  # set on entering: the rows as text columns (read once)
+
+    def __enter__(self) -> "QueryRows":
+        q, dbapi = self.q, _driver()
+        try:
+            self._conn = dbapi.connect(q.connect_uri())
+        except dbapi.Error as e:
+            err = q.error("cannot connect to", e)
+            if "password" in str(err):
+                err = DatabaseError(f"{err} (the password goes in the URL, $PGPASSWORD or ~/.pgpass)")
+            raise err from None
+        try:
+            cur = self._cur = self._conn.cursor()  # held: closing it would close the stream
             try:
                 schema = cur.adbc_execute_schema(q.sql)
             except dbapi.Error as e:
@@ -233,7 +236,7 @@ def query_source(con: duckdb.DuckDBPyConnection, q: DatabaseQuery,
             if dupes:
                 raise DatabaseError(f"the query returns the column(s) {dupes} more than once: name each one "
                                     "(SELECT a.id AS order_id, ...)")
-            ts = resolve(columns)["ts"]
+            ts = self.ts_column = self.resolve(columns)["ts"]
             sql, params = q.sql, None
             if q.after is not None:
                 pg_type = (schema.field(ts).metadata or {}).get(b"POSTGRESQL:type", b"text").decode()
@@ -242,35 +245,65 @@ def query_source(con: duckdb.DuckDBPyConnection, q: DatabaseQuery,
             try:
                 cur.execute(sql, params)
                 reader = cur.fetch_record_batch()
-                plain = pa.schema([pa.field(f.name, f.type.storage_type if isinstance(f.type, pa.ExtensionType)
-                                            else f.type) for f in reader.schema])
-                out = pa.schema([pa.field("__row", pa.int64()), *plain])
-                con.register("db_batches", pa.RecordBatchReader.from_batches(out, _numbered(reader, out)))
-                con.execute("CREATE TEMP TABLE db_rows AS SELECT * FROM db_batches")
-                con.unregister("db_batches")
-            except (dbapi.Error, OSError, duckdb.Error) as e:  # a failure while rows stream in (e.g. 1/0 on row N)
+            except dbapi.Error as e:
                 raise q.error("the query failed on", e) from None
-    finally:
-        conn.close()
-    sel = ", ".join(f"CAST({sql_ident(c)} AS VARCHAR) AS {sql_ident(c)}" for c in columns)
-    return Source(f"SELECT __row AS _pos, false AS _bad, NULL::VARCHAR AS _raw_text, {sel} FROM db_rows",
-                  columns, pos_is_line=True)
+            plain = [pa.field(f.name, f.type.storage_type if isinstance(f.type, pa.ExtensionType) else f.type)
+                     for f in reader.schema]
+            out = pa.schema([pa.field("__row", pa.int64()), *plain])
+            self.con.register("db_batches", pa.RecordBatchReader.from_batches(out, self._batches(reader, out, dbapi)))
+        except BaseException:
+            self._conn.close()
+            raise
+        sel = ", ".join(f"CAST({sql_ident(c)} AS VARCHAR) AS {sql_ident(c)}" for c in columns)
+        self.source = Source(f"SELECT __row AS _pos, false AS _bad, NULL::VARCHAR AS _raw_text, {sel} FROM db_batches",
+                             columns, pos_is_line=True)
+        return self
 
+    def _batches(self, reader: pa.RecordBatchReader, schema: pa.Schema, dbapi) -> Iterator[pa.RecordBatch]:
+        """The batches with ``__row`` (1-based row number in the result) prepended; a driver error while they
+        stream is kept (DuckDB, which pulls them, would bury its message) and raised by ``__exit__``."""
+        n = 0
+        try:
+            for batch in reader:
+                batch = _storage(batch)
+                rows = pa.array(np.arange(n + 1, n + 1 + batch.num_rows, dtype=np.int64))
+                n += batch.num_rows
+                self._kept.append(pa.RecordBatch.from_arrays([rows, batch.column(self.ts_column)],
+                                                             names=["__row", "raw"]))
+                yield pa.RecordBatch.from_arrays([rows, *batch.columns], schema=schema)
+        except (dbapi.Error, OSError) as e:  # e.g. division by zero on row N
+            self._failure = self.q.error("the query failed on", e)
+            raise self._failure from None
 
-def load_record(con: duckdb.DuckDBPyConnection, q: DatabaseQuery, ts_column: str) -> tuple[str, dict]:
-    """(identity, manifest fields) of the rows just read and staged (``staged``, from ``query_source``).
+    def __exit__(self, kind, value, tb) -> None:
+        self.con.unregister("db_batches")
+        self._cur.close()
+        self._conn.close()
+        if self._failure is not None and isinstance(value, duckdb.Error):
+            raise self._failure from None
 
-    The identity (the manifest's ``sha256`` for a file) hashes the source, the ``--since-last`` bound,
-    the row count and the first and last event time; the fields record the source without credentials
-    and the newest event time read (``--since-last`` resumes after it)."""
-    ok = "s.ts IS NOT NULL AND s.reason IS DISTINCT FROM 'implausible_ts' AND s.reason IS DISTINCT FROM 'filtered'"
-    n, first, last, newest = con.execute(f"""
-        SELECT count(*), min(s.ts) FILTER ({ok}), max(s.ts) FILTER ({ok}),
-               arg_max(CAST(d.{sql_ident(ts_column)} AS VARCHAR), s.ts) FILTER ({ok})
-        FROM staged s JOIN db_rows d ON s._pos = d.__row""").fetchone()
-    first, last = (None if t is None else t.isoformat() + "Z" for t in (first, last))
-    identity = hashlib.sha256(json.dumps([q.source_id, q.after, n, first, last]).encode()).hexdigest()
-    return identity, {"source": q.public_url,
-                      "database": {"source_id": q.source_id, "url": q.public_url, "query": q.sql,
-                                   "ts_column": ts_column, "after": q.after, "newest": newest,
-                                   "newest_ts": last}}
+    def record(self) -> tuple[str, dict]:
+        """(identity, manifest fields) of the rows read and staged (the table ``staged``).
+
+        The identity (the manifest's ``sha256`` for a file) hashes the source, the ``--since-last`` bound,
+        the row count and the first and last event time; the fields record the source without credentials
+        and the newest event time read, as the database wrote it (``--since-last`` resumes after it)."""
+        q, con = self.q, self.con
+        ok = ("ts IS NOT NULL AND reason IS DISTINCT FROM 'implausible_ts' AND reason IS DISTINCT FROM 'filtered'")
+        n, first, last, pos = con.execute(f"SELECT count(*), min(ts) FILTER ({ok}), max(ts) FILTER ({ok}), "
+                                          f"arg_max(_pos, ts) FILTER ({ok}) FROM staged").fetchall()[0]
+        newest = None
+        if pos is not None:  # the raw value of that row (row numbers run 1..n, batch after batch)
+            kept = pa.Table.from_batches(self._kept)
+            con.register("db_newest", kept.slice(pos - 1, 1))
+            try:
+                newest, row = con.execute("SELECT CAST(raw AS VARCHAR), __row FROM db_newest").fetchall()[0]
+            finally:
+                con.unregister("db_newest")
+            assert row == pos
+        first, last = (None if t is None else t.isoformat() + "Z" for t in (first, last))
+        identity = hashlib.sha256(json.dumps([q.source_id, q.after, n, first, last]).encode()).hexdigest()
+        return identity, {"source": q.public_url,
+                          "database": {"source_id": q.source_id, "url": q.public_url, "query": q.sql,
+                                       "ts_column": self.ts_column, "after": q.after, "newest": newest,
+                                       "newest_ts": last}}

@@ -33,7 +33,7 @@ from typing import Iterable, Optional
 import duckdb
 
 from .config import DataConfig
-from .event_database import DatabaseQuery, load_record, query_source
+from .event_database import DatabaseQuery, QueryRows
 from .event_rejects import collect_rejects
 from .event_sources import (
     PRESETS,
@@ -278,9 +278,10 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
         try:
             if isinstance(path, DatabaseQuery):  # the rows of a query (event_database); identified once read
                 kind = "database"
-                src = query_source(con, path, lambda cols: _resolve(cfg, preset, cols)[0])
-                mapping, events, extras = stage_with(src)
-                sha, report.manifest = load_record(con, path, mapping["ts"])
+                with QueryRows(con, path, lambda cols: _resolve(cfg, preset, cols)[0]) as rows:
+                    src = rows.source
+                    mapping, events, extras = stage_with(src)  # the rows stream in here
+                sha, report.manifest = rows.record()
                 report.sha256 = sha
             elif kind == "csv":
                 try:
