@@ -16,8 +16,13 @@ Then, alternating (db, parquet, then parquet, db, ...), each measurement is
 whole child process. Both must store the same events and pseudonyms (an order-free fingerprint
 of the stored events, checked after the timing).
 
+After the ingests, the reads alone, in this process, ``--repeat`` times each: ``fetch_db`` (connect,
+run the query and read every Arrow record batch through ADBC) and ``read_parquet``
+(``pyarrow.parquet.read_table`` of the file).
+
 Prints one JSON line: events, the 1-minute load average before and after, per source the median,
-min and max seconds and the median process seconds, events per second (median), and the ratio
+min and max seconds, the median process seconds and the peak RSS of the child (MiB), events per
+second (median), and the ratio
 db / parquet of the medians. The goal (issue 17): >= 500k events/s, or a ratio <= 2.
 """
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -62,7 +68,7 @@ def simulated(n: int, seed: int = 0) -> pa.Table:
 
 
 def child(argv: list[str]) -> None:
-    """One measurement: ``cli.main(argv)`` timed after the imports; prints {"s": seconds}."""
+    """One measurement: ``cli.main(argv)`` timed after the imports; prints seconds and the peak RSS (MiB)."""
     from purchase_intent import cli
 
     t0 = time.perf_counter()
@@ -70,7 +76,7 @@ def child(argv: list[str]) -> None:
     s = time.perf_counter() - t0
     if rc:
         raise SystemExit(f"ingest failed ({rc})")
-    print(json.dumps({"s": s}))
+    print(json.dumps({"s": s, "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 def measure(argv: list[str]) -> dict:
@@ -80,6 +86,24 @@ def measure(argv: list[str]) -> dict:
     if out.returncode:
         raise SystemExit(out.stderr)
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "process_s": time.perf_counter() - t0}
+
+
+def fetch_seconds(url: str) -> float:
+    """Connect, run the query and read every record batch (ADBC), nothing else."""
+    import adbc_driver_postgresql.dbapi as dbapi
+
+    t0 = time.perf_counter()
+    with dbapi.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(QUERY)
+        for _ in cur.fetch_record_batch():
+            pass
+    return time.perf_counter() - t0
+
+
+def parquet_seconds(path: Path) -> float:
+    t0 = time.perf_counter()
+    pq.read_table(path)
+    return time.perf_counter() - t0
 
 
 def fingerprint(ws: Path) -> list:
@@ -128,6 +152,10 @@ def main() -> None:
         for i in range(a.repeat):
             for name in (("db", "parquet") if i % 2 == 0 else ("parquet", "db")):
                 results[name].append(run(name, i))
+        reads = {"fetch_db": [], "read_parquet": []}  # the reads alone, in this process: where the gap comes from
+        for i in range(a.repeat):
+            reads["fetch_db"].append(fetch_seconds(cluster.url()))
+            reads["read_parquet"].append(parquet_seconds(work / "events.parquet"))
         load.append(os.getloadavg()[0])
         prints = {tuple(m["fingerprint"]) for ms in results.values() for m in ms}
         if len(prints) != 1:
@@ -138,7 +166,11 @@ def main() -> None:
             out[name] = {"median_s": round(statistics.median(s), 3), "min_s": round(min(s), 3),
                          "max_s": round(max(s), 3),
                          "process_s": round(statistics.median(m["process_s"] for m in ms), 3),
+                         "peak_rss_mib": round(max(m["rss_mib"] for m in ms)),
                          "events_per_s": round(a.events / statistics.median(s))}
+        for name, s in reads.items():
+            out[name] = {"median_s": round(statistics.median(s), 3), "min_s": round(min(s), 3),
+                         "max_s": round(max(s), 3)}
         out["ratio_db_over_parquet"] = round(out["db"]["median_s"] / out["parquet"]["median_s"], 3)
         print(json.dumps(out))
     finally:

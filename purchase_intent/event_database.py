@@ -14,8 +14,8 @@ row's number in the query's result (what ``rejects/*.csv`` calls its line).
 
 Credentials never leave this module: ``str(query)`` is the URL without its password, and every
 error is one line with the password removed. Pass the password in the URL, in ``$PGPASSWORD`` or
-in ``~/.pgpass`` (libpq reads both). The session is read-only and its connect timeout is
-``CONNECT_TIMEOUT_S`` seconds unless the URL sets ``connect_timeout``.
+in ``~/.pgpass`` (libpq reads both). The session is read-only (unless the URL sets ``options``) and
+its connect timeout is ``CONNECT_TIMEOUT_S`` seconds unless the URL sets ``connect_timeout``.
 
 Identity. A query's source is its URL without the user and password (host, port, database) plus
 the query text (stripped, trailing ``;`` removed): ``source_id``. A load of it is identified, for
@@ -97,10 +97,12 @@ class DatabaseQuery:
     url: str  # as given, password included: only ever handed to the driver
     query: str
     since_last: bool = False  # only rows after the newest event already ingested from this source
-    after: Optional[str] = None  # set by `resumed`: the raw time value the rows must come after
+    after: Optional[str] = None  # set by `resumed`: the raw time value the rows must come after...
+    after_column: Optional[str] = None  # ...in this column (the one the earlier loads read their time from)
 
     def __repr__(self) -> str:
-        return f"DatabaseQuery({self.public_url!r}, {self.query!r}, since_last={self.since_last}, after={self.after!r})"
+        return (f"DatabaseQuery({self.public_url!r}, {self.query!r}, since_last={self.since_last}, "
+                f"after={self.after!r})")
 
     def __str__(self) -> str:
         return self.public_url
@@ -154,12 +156,12 @@ class DatabaseQuery:
         if not loads:
             if progress:
                 print(f"{self}: no earlier load of this query; reading every row", file=sys.stderr)
-            return dataclasses.replace(self, after=None)
+            return dataclasses.replace(self, after=None, after_column=None)
         last = max(loads, key=lambda d: d["newest_ts"])
         if progress:
             print(f"{self}: rows after {last['newest_ts']} ({last['ts_column']} > {last['newest']}), the newest "
                   "event already ingested from this query", file=sys.stderr)
-        return dataclasses.replace(self, after=last["newest"])
+        return dataclasses.replace(self, after=last["newest"], after_column=last["ts_column"])
 
     def error(self, what: str, e: BaseException) -> DatabaseError:
         """One line: what failed, where (no credentials) and the server's own message."""
@@ -238,6 +240,10 @@ class QueryRows:
                                     "(SELECT a.id AS order_id, ...)")
             ts = self.ts_column = self.resolve(columns)["ts"]
             sql, params = q.sql, None
+            if q.after is not None and q.after_column != ts:
+                raise DatabaseError(f"--since-last: the earlier loads of this query took the time from column "
+                                    f"{q.after_column!r}, this one from {ts!r}; map ts as before (--map "
+                                    f"ts={q.after_column}) or ingest without --since-last")
             if q.after is not None:
                 pg_type = (schema.field(ts).metadata or {}).get(b"POSTGRESQL:type", b"text").decode()
                 sql = f"SELECT * FROM ({q.sql}) AS q WHERE q.{sql_ident(ts)} > CAST($1 AS {sql_ident(pg_type)})"

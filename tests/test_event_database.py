@@ -141,6 +141,12 @@ def test_since_last_adds_only_new_rows(pg, tmp_path):
     before = (ws / "events" / "manifest.json").read_bytes()
     assert _ingest(ws, *args) == 0  # nothing new: nothing changes
     assert (ws / "events" / "manifest.json").read_bytes() == before
+    other_ts = ["--data", pg.url(), "--query", "SELECT *, created_at + 1 AS t2 FROM growing", "--map", "ts=t2"]
+    assert _ingest(ws, *other_ts, "--since-last") == 0  # another query: a source of its own, read in full
+    with pytest.raises(DatabaseError, match="took the time from column 't2'"):
+        q = DatabaseQuery(pg.url(), "SELECT *, created_at + 1 AS t2 FROM growing", since_last=True)
+        pipeline.ingest(q, DataConfig(mapping={"ts": "created_at"}), ws, progress=False)
+    assert (ws / "events" / "manifest.json").read_bytes() != before
 
 
 def _parquet_ws(pg, tmp_path: Path) -> Path:
@@ -189,6 +195,8 @@ def test_a_missing_driver_names_the_extra(monkeypatch, tmp_path, capsys):
 
 
 def test_command_line_checks(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="ingest needs PATH"):
+        _ingest(tmp_path / "ws")
     with pytest.raises(SystemExit, match="needs --query"):
         _ingest(tmp_path / "ws", "--data", "postgresql://u@h/db")
     with pytest.raises(SystemExit, match="--since-last applies to a database source"):
