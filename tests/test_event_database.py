@@ -8,9 +8,12 @@ the workspace holds the password.
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -186,6 +189,21 @@ def test_bad_input_is_one_clear_line(pg, tmp_path, capsys, case, url_kw, query, 
     assert not (ws / "events" / "manifest.json").exists()
 
 
+def test_a_server_that_never_answers_times_out(tmp_path, capsys):
+    """A port that accepts the connection but never answers (a hung server, a proxy): the connect timeout."""
+    pytest.importorskip("adbc_driver_postgresql", reason="the postgres extra (adbc-driver-postgresql) is missing")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nobody ever reads or writes
+        url = f"postgresql://shop:{quote(PASSWORD, safe='')}@127.0.0.1:{silent.getsockname()[1]}/shop"
+        t0 = time.perf_counter()
+        assert _ingest(tmp_path / "ws", "--data", url, "--query", "SELECT 1") == 1
+        seconds = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    assert 3 < seconds < 10 and "timeout expired" in err and err.count("\n") == 1, (seconds, err)
+    assert PASSWORD not in err and quote(PASSWORD, safe="") not in err
+
+
 def test_a_missing_driver_names_the_extra(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "adbc_driver_postgresql", None)
     monkeypatch.setitem(sys.modules, "adbc_driver_postgresql.dbapi", None)
@@ -241,3 +259,16 @@ def test_run_from_postgres_leaves_no_password_in_the_workspace(pg, tmp_path):
     for p in files:
         data = p.read_bytes()
         assert not any(s in data for s in SECRETS), p
+
+
+@pytest.mark.slow
+def test_bench_postgres_runs_and_both_sources_agree():
+    if server_bin() is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql")
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_postgres.py"
+    out = subprocess.run([sys.executable, str(bench), "--events", "3000", "--repeat", "1"], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["events"] == 3000 and result["ratio_db_over_parquet"] > 0
+    assert {"db", "parquet", "fetch_db", "read_parquet"} <= set(result)
