@@ -7,6 +7,7 @@ the workspace holds the password.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from pg_cluster import PASSWORD, server_bin, start_cluster
 from purchase_intent import cli, pipeline
 from purchase_intent.config import DataConfig
 from purchase_intent.event_database import DatabaseError, DatabaseQuery, is_database_url
+from purchase_intent.events import IngestRejectedError
 from purchase_intent.simulate import SimConfig, write_events
 from purchase_intent.workspace import Workspace
 
@@ -112,8 +114,11 @@ def test_bad_rows_are_rejected_with_reasons(pg, tmp_path):
              "GRANT SELECT ON messy TO shop")
     ws = tmp_path / "ws"
     q = DatabaseQuery(pg.url(), "SELECT * FROM messy ORDER BY at NULLS LAST, visitor NULLS FIRST")
-    report = pipeline.ingest(q, DataConfig(mapping={"user_id": "visitor", "ts": "at", "event": "action",
-                                                    "price": "amount"}), ws, progress=False)
+    cfg = DataConfig(mapping={"user_id": "visitor", "ts": "at", "event": "action", "price": "amount"})
+    with pytest.raises(IngestRejectedError):  # --strict: nothing stored
+        pipeline.ingest(q, dataclasses.replace(cfg, strict=True), ws, progress=False)
+    assert not (ws / "events" / "manifest.json").exists()
+    report = pipeline.ingest(q, cfg, ws, progress=False)
     assert report.accepted == 1
     assert report.rejected == {"bad_ts": 1, "implausible_ts": 1, "missing_ts": 1, "missing_user": 1,
                                "negative_price": 1}
