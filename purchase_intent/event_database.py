@@ -307,7 +307,7 @@ class QueryRows:
             finally:
                 con.unregister("db_newest")
             assert row == pos
-        first, last = (None if t is None else t.isoformat() + "Z" for t in (first, last))
+        first, last = (None if t is None else t.isoformat(timespec="microseconds") + "Z" for t in (first, last))
         identity = hashlib.sha256(json.dumps([q.source_id, q.after, n, first, last]).encode()).hexdigest()
         return identity, {"source": q.public_url,
                           "database": {"source_id": q.source_id, "url": q.public_url, "query": q.sql,

@@ -101,6 +101,14 @@ def test_a_timestamp_column_gives_the_same_events(pg, tmp_path):
     pipeline.ingest(q, DataConfig(mapping={"ts": "event_time", "event": "kind"}), tmp_path / "tz", progress=False)
     pipeline.ingest(pg.parquet, DataConfig(format="parquet"), tmp_path / "pq", progress=False)
     pd.testing.assert_frame_equal(_events(tmp_path / "tz"), _events(tmp_path / "pq"))
+    # --since-last compares in the column's own type: one row 1 ms after the newest is the only new one
+    since = dataclasses.replace(q, since_last=True)
+    cfg = DataConfig(mapping={"ts": "event_time", "event": "kind"})
+    assert pipeline.ingest(since, cfg, tmp_path / "tz", progress=False).skipped  # nothing newer yet
+    pg.admin("INSERT INTO events_tz SELECT 'late-user', max(event_time) + interval '1 millisecond', 'view', "
+             "NULL, NULL, NULL, NULL FROM events_tz")
+    report = pipeline.ingest(since, cfg, tmp_path / "tz", progress=False)
+    assert report.accepted == 1 and report.files[0].rows_read == 1
 
 
 def test_bad_rows_are_rejected_with_reasons(pg, tmp_path):
