@@ -6,6 +6,7 @@
     purchase-intent train --model lightgbm
     purchase-intent evaluate --run lightgbm --backtest 3
     purchase-intent run --data UserBehavior.csv.gz --format taobao --lookback 3d --horizon 1d --step 1d
+    purchase-intent ingest --data postgresql://shop@db:5432/shop --query "SELECT * FROM events" --since-last
     purchase-intent forget --user 12345
 
 Flags map 1:1 onto the fields of the config dataclasses in `purchase_intent.config`; a flag not
@@ -27,6 +28,7 @@ from typing import Any, Optional, Sequence
 from . import distributed, erasure, explain, pipeline, pretrain, report, runs, score, tracking
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig
 from .ensemble import evaluate_ensemble
+from .event_database import DatabaseQuery, is_database_url
 from .privacy import pseudonym_for
 from .serve.settings import API_KEYS_ENV, ServeSettings, read_api_keys
 from .simulate import SimConfig, write_events
@@ -77,7 +79,7 @@ class _CommandParser(argparse.ArgumentParser):
 # flag groups, one per config dataclass
 def _add_data_flags(p: argparse.ArgumentParser, positional: bool) -> None:
     if positional:
-        p.add_argument("paths", nargs="+", metavar="PATH", help="raw event files (CSV, CSV.gz, Parquet, JSON Lines)")
+        p.add_argument("paths", nargs="*", metavar="PATH", help="raw event files (CSV, CSV.gz, Parquet, JSON Lines)")
     p.add_argument("--format", default="csv",
                    help="taobao | retailrocket | rees46 | otto | csv | parquet | jsonl (default: csv)")
     p.add_argument("--map", action="append", metavar="CANON=COLUMN",
@@ -90,6 +92,30 @@ def _add_data_flags(p: argparse.ArgumentParser, positional: bool) -> None:
     p.add_argument("--strict", action="store_true", help="fail (and store nothing) if any row is rejected")
     p.add_argument("--since", help="keep events at or after this ISO time; earlier ones are counted as filtered")
     p.add_argument("--until", help="keep events before this ISO time; later ones are counted as filtered")
+
+
+def _add_database_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--query", metavar="SQL",
+                   help="with --data postgresql://USER@HOST:PORT/DB: the SELECT whose rows are the events (the same "
+                        "--map, --event-map and validation as a file; pass the password in $PGPASSWORD or ~/.pgpass)")
+    p.add_argument("--since-last", action="store_true",
+                   help="database source: only rows after the newest event already ingested from this query")
+
+
+def _sources(a: argparse.Namespace) -> list:
+    """The files (``paths``, ``--data``) or the one database query (``--data URL --query SQL``) to ingest."""
+    given = list(getattr(a, "paths", None) or []) + list(a.data or [])
+    urls = [d for d in given if is_database_url(d)]
+    if a.query is None:
+        if urls:
+            raise SystemExit("error: a database source needs --query \"SELECT ...\" (the rows to read)")
+        if a.since_last:
+            raise SystemExit("error: --since-last applies to a database source: --data postgresql://... --query ...")
+        return given
+    if len(urls) != 1 or len(given) != 1:
+        raise SystemExit("error: --query reads from one database: give exactly one --data postgresql://USER@HOST/DB "
+                         "and no files")
+    return [DatabaseQuery(urls[0], a.query, since_last=a.since_last)]
 
 
 def _data_cfg(a: argparse.Namespace) -> DataConfig:
@@ -176,7 +202,10 @@ def _pretrain_cfg(a: argparse.Namespace, prefix: str = "", **extra) -> pretrain.
 # ---------------------------------------------------------------------------------------------
 # commands
 def cmd_ingest(a: argparse.Namespace) -> int:
-    report = pipeline.ingest(a.paths, _data_cfg(a), a.workspace)
+    sources = _sources(a)
+    if not sources:
+        raise SystemExit("error: ingest needs PATH... (files) or --data postgresql://... --query \"SELECT ...\"")
+    report = pipeline.ingest(sources, _data_cfg(a), a.workspace)
     print(report.summary())
     return 0
 
@@ -266,12 +295,13 @@ def cmd_run(a: argparse.Namespace) -> int:
         return 0
     if not a.data:
         raise SystemExit("error: run needs --data PATH (or --table FILE --label COLUMN)")
+    data = _sources(a)
     params = {m: _params(a.param) for m in models} if a.param else None
     pretrained = [m for m in models if m in pipeline.PRETRAINED_MODELS]
     if pretrained and not a.pretrain and not Workspace(a.workspace).run_dir(pretrain.PRETRAINED_RUN).exists():
         raise SystemExit(f"error: {', '.join(pretrained)} need a pretrained encoder: add --pretrain")
     pt = _pretrain_cfg(a, "pretrain-", seed=a.seed) if a.pretrain else False
-    pipeline.run(a.data, _data_cfg(a), _label_cfg(a), _feature_cfg(a), models=models, backtest=a.backtest,
+    pipeline.run(data, _data_cfg(a), _label_cfg(a), _feature_cfg(a), models=models, backtest=a.backtest,
                  train_cfg=_train_cfg(a), params=params, workspace=a.workspace, n_boot=a.n_boot, pretrain=pt)
     _track(a, models)
     return 0
@@ -450,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ingest", help="read, validate, pseudonymise and store raw event files")
     _add_data_flags(p, positional=True)
+    p.add_argument("--data", nargs="+", metavar="PATH_OR_URL", help="more files, or a database URL (with --query)")
+    _add_database_flags(p)
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("pseudonym", help="print the pseudonyms of your own user ids (needs the workspace key)")
@@ -500,8 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_track)
 
     p = sub.add_parser("run", help="ingest -> build -> train -> evaluate in one go, one table at the end")
-    p.add_argument("--data", nargs="+", metavar="PATH", help="raw event files")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="raw event files, or a database URL (with --query)")
     _add_data_flags(p, positional=False)
+    _add_database_flags(p)
     _add_label_flags(p)
     _add_train_flags(p)
     p.add_argument("--models", default="logreg,lightgbm",

@@ -1,7 +1,7 @@
 """Rejected rows of an ingest: where each one is in its file and what it held, without raw ids.
 
 Line numbers are 1-based physical lines of the source file (JSONL and CSV) or 1-based row
-numbers (Parquet). For CSV, rows that DuckDB cannot parse carry DuckDB's own line number; other
+numbers (Parquet, a database query). For CSV, rows that DuckDB cannot parse carry DuckDB's own line number; other
 rejected rows are located from their position in the file, which counts one line per record: a
 quoted field spanning several lines, or a blank line in the middle of the file, shifts the line
 numbers reported for later rows. A CSV read line by line (when DuckDB cannot parse it) reports
@@ -89,7 +89,7 @@ def collect_rejects(con, src: Source, kind: str, mapping: dict, key: bytes, sour
             raw = _substitute_json(raw_text, id_cols, key)
         elif kind == "csv_lines" and reason == "malformed_line":  # a line that did not split into the columns
             raw = _substitute_line(raw_text, src.delim, id_idx, key)
-        elif kind == "parquet":
+        elif kind in ("parquet", "database"):
             raw = json.dumps(dict(zip(src.columns, _substitute_fields(raw_list, pids))), separators=(",", ":"))
         else:
             raw = _join_csv(_substitute_fields(raw_list, pids), src.delim)

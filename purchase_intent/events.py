@@ -12,7 +12,8 @@ filtered (outside ``since``/``until``); nothing is dropped silently.
 
 A command commits atomically: parts and reject files are built in a temporary directory, moved
 into place, and the manifest is replaced last (the commit point). A file whose content sha256
-is already in the manifest is skipped.
+is already in the manifest is skipped. A query on a database (``event_database.DatabaseQuery``) is
+one more source: its rows are read into DuckDB and then go the same way as a file's.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from typing import Iterable, Optional
 import duckdb
 
 from .config import DataConfig
+from .event_database import DatabaseQuery, QueryRows
 from .event_rejects import collect_rejects
 from .event_sources import (
     PRESETS,
@@ -75,6 +77,7 @@ class FileReport:
     part: Optional[str] = None
     rejects_path: Optional[Path] = None
     seconds: float = 0.0
+    manifest: dict = field(default_factory=dict)  # fields of its manifest entry that replace the file's own
 
 
 @dataclass
@@ -112,7 +115,7 @@ class IngestReport:
                  f"rejected  {sum(rej.values()):>12,}" + "".join(f"\n  {k:<16}{v:>10,}" for k, v in rej.items()),
                  f"filtered  {self.filtered:>12,}"]
         if self.skipped:
-            lines.append(f"skipped   {len(self.skipped):>12,} file(s) already ingested")
+            lines.append(f"skipped   {len(self.skipped):>12,} source(s): already ingested, or a query without new rows")
         lines += [f"rejects:  {p}" for p in self.rejects_paths]
         return "\n".join(lines)
 
@@ -248,7 +251,9 @@ def _pseudonym_map(con: duckdb.DuckDBPyConnection, name: str, col: str, key: byt
 # --- one file --------------------------------------------------------------------------------
 
 
-def _ingest_file(path: Path, sha: str, cfg: DataConfig, key: bytes, stage: Path, now: datetime) -> FileReport:
+def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig, key: bytes, stage: Path,
+                 now: datetime, known: frozenset[str] = frozenset()) -> FileReport:
+    """One source file (or database query, whose ``sha`` is None until its rows are read)."""
     t0 = time.perf_counter()
     preset = PRESETS[cfg.format]
     kind = preset["kind"]
@@ -271,7 +276,14 @@ def _ingest_file(path: Path, sha: str, cfg: DataConfig, key: bytes, stage: Path,
             return mapping, events, extras
 
         try:
-            if kind == "csv":
+            if isinstance(path, DatabaseQuery):  # the rows of a query (event_database); identified once read
+                kind = "database"
+                with QueryRows(con, path, lambda cols: _resolve(cfg, preset, cols)[0]) as rows:
+                    src = rows.source
+                    mapping, events, extras = stage_with(src)  # the rows stream in here
+                sha, report.manifest = rows.record()
+                report.sha256 = sha
+            elif kind == "csv":
                 try:
                     src = csv_source(con, path, preset)
                     mapping, events, extras = stage_with(src)
@@ -300,6 +312,8 @@ def _ingest_file(path: Path, sha: str, cfg: DataConfig, key: bytes, stage: Path,
                 counts["malformed_line"] = counts.get("malformed_line", 0) + n_bad
         report.rejected = {r: counts[r] for r in REASONS if counts.get(r)}
         report.rows_read = report.accepted + report.filtered + sum(report.rejected.values())
+        if kind == "database" and (sha in known or not report.rows_read):  # the same rows as a load before, or none
+            return FileReport(source=str(path), sha256=sha, rows_read=report.rows_read, skipped=True)
         if cfg.strict and report.rejected:
             return report
 
@@ -363,8 +377,8 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
     ----------
     workspace : Workspace or path
         Destination workspace.
-    paths : path or iterable of paths
-        Source files (``.gz`` allowed for CSV and JSONL).
+    paths : path, DatabaseQuery or an iterable of them
+        Source files (``.gz`` allowed for CSV and JSONL), or queries on a database (``event_database``).
     cfg : DataConfig
         Format (a preset or ``csv``/``parquet``/``jsonl``), column and event maps, timestamp
         unit, strict mode and the ``since``/``until`` window.
@@ -384,9 +398,11 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     if cfg.format not in PRESETS:
         raise ValueError(f"unknown format {cfg.format!r}; use one of {sorted(PRESETS)}")
-    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    if isinstance(paths, (str, Path, DatabaseQuery)):
+        paths = [paths]
+    paths = [p if isinstance(p, DatabaseQuery) else Path(p) for p in paths]
     for p in paths:
-        if not p.is_file():
+        if isinstance(p, Path) and not p.is_file():
             raise FileNotFoundError(f"no such file: {p}")
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     report = IngestReport()
@@ -405,15 +421,23 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
             moved: list[Path] = []
             try:
                 for p in paths:
-                    sha = _sha256(p)
+                    if isinstance(p, DatabaseQuery):  # a query is identified by its rows, once read
+                        p, sha = p.resumed(manifest, progress), None
+                    else:
+                        sha = _sha256(p)
                     if sha in known:
                         report.files.append(FileReport(source=str(p), sha256=sha, skipped=True))
                         if progress:
                             print(f"skipped {p} (already ingested)", file=sys.stderr)
                         continue
-                    known.add(sha)
-                    fr = _ingest_file(p, sha, cfg, key, stage, now)
+                    fr = _ingest_file(p, sha, cfg, key, stage, now, frozenset(known))
                     report.files.append(fr)
+                    if fr.skipped:  # a query: the same rows as an earlier load, or none
+                        if progress:
+                            print(f"skipped {p} ({'already ingested' if fr.rows_read else 'no new rows'})",
+                                  file=sys.stderr)
+                        continue
+                    known.add(fr.sha256)
                     if progress:
                         print(f"{p}: {fr.accepted:,} accepted, {sum(fr.rejected.values()):,} rejected, "
                               f"{fr.filtered:,} filtered ({fr.seconds:.1f}s)", file=sys.stderr)
@@ -436,10 +460,10 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
                         os.replace(f.rejects_path, dest)
                         moved.append(dest)
                         f.rejects_path, rejects = dest, f"rejects/{dest.name}"
-                    entries.append(dict(sha256=f.sha256, source=str(Path(f.source).resolve()), format=cfg.format,
-                                        parts=[f.part] if f.part else [], rejects=rejects, rows_read=f.rows_read,
-                                        accepted=f.accepted, rejected=f.rejected, filtered=f.filtered,
-                                        ingested_at=now.isoformat(timespec="seconds") + "Z"))
+                    entries.append({**dict(sha256=f.sha256, source=str(Path(f.source).resolve()), format=cfg.format,
+                                           parts=[f.part] if f.part else [], rejects=rejects, rows_read=f.rows_read,
+                                           accepted=f.accepted, rejected=f.rejected, filtered=f.filtered,
+                                           ingested_at=now.isoformat(timespec="seconds") + "Z"), **f.manifest})
                 fsync_dir(ws.events_dir)
                 fsync_dir(ws.rejects_dir)
                 manifest = {**manifest, "key_id": key_id(key), "files": manifest["files"] + entries}

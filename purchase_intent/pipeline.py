@@ -32,6 +32,7 @@ from . import pretrain as pretraining
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig, from_dict
 from .ensemble import evaluate_ensemble
 from .evaluate import binary_metrics, comparison_table, expected_calibration_error, paired_auc_difference
+from .event_database import DatabaseQuery
 from .event_sources import preset_time_zone
 from .events import ingest as ingest_events
 from .features import compute_features
@@ -52,11 +53,14 @@ def _log(msg: str, quiet: bool = False) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # ingest
-def ingest(paths: str | Path | Sequence[str | Path], cfg: DataConfig, workspace=None, progress: bool = True):
-    """Read, validate, pseudonymise and store raw event files. Returns the ingest report."""
-    if isinstance(paths, (str, Path)):
+def ingest(paths: str | Path | DatabaseQuery | Sequence[str | Path | DatabaseQuery], cfg: DataConfig, workspace=None,
+           progress: bool = True):
+    """Read, validate, pseudonymise and store raw event files (or a database query's rows). Returns the
+    ingest report."""
+    if isinstance(paths, (str, Path, DatabaseQuery)):
         paths = [paths]
-    return ingest_events(as_workspace(workspace), [Path(p) for p in paths], cfg, progress=progress)
+    return ingest_events(as_workspace(workspace), [p if isinstance(p, DatabaseQuery) else Path(p) for p in paths],
+                         cfg, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +432,8 @@ def default_ensemble_members(trained: Sequence[str]) -> list[str]:
     return strong if len(strong) >= 2 else trained
 
 
-def run(data: str | Path | Sequence[str | Path] | None, data_cfg: DataConfig, label_cfg: LabelConfig,
+def run(data: str | Path | DatabaseQuery | Sequence[str | Path | DatabaseQuery] | None, data_cfg: DataConfig,
+        label_cfg: LabelConfig,
         feature_cfg: FeatureConfig | None = None, models: Sequence[str] = BASELINES, backtest: int = 0,
         train_cfg: TrainConfig | None = None, params: dict[str, dict] | None = None, workspace=None,
         n_boot: int = 1000, report: bool = True, quiet: bool = False,

@@ -57,7 +57,7 @@ OPTIONAL_EXTRAS: frozenset[str] = frozenset({
     "captum",                                                            # explain
     "onnx", "onnxruntime", "onnxscript",                                 # onnx
     "opacus", "pyspark", "mlflow", "psycopg", "psycopg2", "playwright",  # dp, spark, mlflow, postgres, browser
-    "adbc_driver_postgresql", "adbc_driver_manager",                     # postgres
+    "adbc_driver_postgresql", "adbc_driver_manager",                     # postgres (ADBC)
 })
 
 
