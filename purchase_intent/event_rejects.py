@@ -85,8 +85,8 @@ def collect_rejects(con, src: Source, kind: str, mapping: dict, key: bytes, sour
                 j += 1
                 line = src.header_lines + pos + j
         pids = dict(zip(id_idx, [upid, spid][: len(id_idx)]))
-        if kind in ("jsonl", "otto"):
-            raw = _substitute_json(raw_text, id_cols, key)
+        if kind in ("jsonl", "otto", "ga4", "segment"):
+            raw = _substitute_json(raw_text, src.raw_id_keys if src.raw_id_keys is not None else id_cols, key)
         elif kind == "csv_lines" and reason == "malformed_line":  # a line that did not split into the columns
             raw = _substitute_line(raw_text, src.delim, id_idx, key)
         elif kind == "parquet":

@@ -2,8 +2,14 @@
 
 Each reader turns a source file into a DuckDB relation of text columns (every field read as text,
 nothing dropped) plus ``_pos`` (its line or record number), ``_bad`` (the line could not be read as
-a record) and ``_raw_text`` (the line as read, where the reader has it). ``events.ingest`` maps,
-validates and stores what the reader yields; see :mod:`purchase_intent.events`.
+a record), ``_why`` (the reject reason of a bad record where the reader knows a better one than
+``malformed_line``) and ``_raw_text`` (the line as read, where the reader has it). ``events.ingest``
+maps, validates and stores what the reader yields; see :mod:`purchase_intent.events`.
+
+Nested exports (``ga4``: the Google Analytics 4 BigQuery export; ``segment``: Segment /
+RudderStack track calls) are flattened here in SQL, one row per item of ``items[]`` /
+``properties.products[]``, into the canonical column names; see :func:`ga4_source` and
+:func:`segment_source`.
 
 CSV is read by DuckDB's parallel reader; a file it cannot parse (a lone carriage return, a stray
 quote that would swallow the following lines) is read again one physical line per record
@@ -35,6 +41,18 @@ PRESETS: dict[str, dict] = {
     "otto": dict(kind="otto", mapping={"user_id": "session", "session_id": "session", "item_id": "aid",
                                        "event": "type"},
                  ts_unit="ms", event_map={"clicks": "view", "carts": "cart", "orders": "purchase"}),
+    # BigQuery's events_YYYYMMDD rows (Parquet or newline-delimited JSON), flattened by ga4_source; the default
+    # event map covers GA4's recommended e-commerce events, every other name is stored as other (raw name kept)
+    "ga4": dict(kind="ga4", ts_unit="us",
+                event_map={"view_item": "view", "add_to_cart": "cart", "remove_from_cart": "remove_from_cart",
+                           "add_to_wishlist": "wishlist", "begin_checkout": "checkout",
+                           "add_shipping_info": "checkout", "add_payment_info": "checkout", "purchase": "purchase"}),
+    # Segment / RudderStack track calls (JSON Lines) named by the Segment e-commerce spec, flattened by segment_source
+    "segment": dict(kind="segment", ts_unit="iso",
+                    event_map={"Product Viewed": "view", "Product Added": "cart", "Product Removed": "remove_from_cart",
+                               "Product Added to Wishlist": "wishlist", "Checkout Started": "checkout",
+                               "Checkout Step Completed": "checkout", "Payment Info Entered": "checkout",
+                               "Order Completed": "purchase"}),
     "csv": dict(kind="csv"),
     "parquet": dict(kind="parquet"),
     "jsonl": dict(kind="jsonl"),
@@ -76,6 +94,8 @@ class Source:
     delim: str = ","
     header_lines: int = 0
     read: Optional[str] = None  # CSV: the read_csv(...) call (the rows that parse, as text)
+    has_why: bool = False  # the SELECT also gives _why VARCHAR: the reason of a _bad record (NULL: malformed_line)
+    raw_id_keys: Optional[list[str]] = None  # JSON keys of the raw record holding ids (default: the mapped columns)
 
 
 def _header(first: str, delim: str, path: Path) -> list[str]:
@@ -204,3 +224,115 @@ def parquet_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
     return Source(f"SELECT file_row_number + 1 AS _pos, false AS _bad, NULL::VARCHAR AS _raw_text, {sel} FROM {read}",
                    cols, pos_is_line=True)
 
+
+
+# --- nested exports: GA4 and Segment ------------------------------------------------------------
+# A record whose nested field has the wrong type (items a string, event_params an object, a product
+# that is no object) is _bad with _why = 'bad_field_type': rejected with its line, never a crash.
+_SCALAR = "('VARCHAR', 'BIGINT', 'UBIGINT', 'DOUBLE', 'NULL')"  # json_type of a usable scalar (or absent: NULL)
+
+
+def _json_lines(con: duckdb.DuckDBPyConnection, path: Path, drop_keys: tuple[str, ...]) -> None:
+    """Temp table ``lines (line, raw, ok, j)``: one JSON object per line (NDJSON, plain or gzip) or per
+    Parquet row (its nested columns as JSON, so both encodings go through one flattening). ``raw``
+    is the record as rejects keep it, without ``drop_keys`` (device, location, traits: not needed
+    to locate a bad row and personal data)."""
+    patch = sql_literal("{" + ", ".join(f'"{k}": null' for k in drop_keys) + "}")
+    with open(path, "rb") as f:
+        parquet = f.read(4) == b"PAR1"
+    if parquet:
+        con.execute(f"CREATE TEMP TABLE lines AS SELECT row_number() OVER () AS line, "
+                    f"json_merge_patch(j, {patch})::VARCHAR AS raw, true AS ok, j FROM ("
+                    f"SELECT to_json(t) AS j FROM read_parquet({sql_literal(path)}) t)")
+        return
+    con.register("json_lines", read_lines(path))
+    con.execute("CREATE TEMP TABLE lines AS SELECT line, CASE WHEN ok THEN json_merge_patch(raw, "
+                f"{patch})::VARCHAR ELSE raw END AS raw, ok, CASE WHEN ok THEN raw::JSON END AS j FROM ("
+                "SELECT *, CASE WHEN json_valid(raw) THEN json_type(raw) = 'OBJECT' ELSE false END AS ok "
+                "FROM json_lines)")
+    con.unregister("json_lines")
+
+
+def _one_per_item(list_sql: str, checks: str) -> str:
+    """``LATERAL`` of the elements of a JSON array (one NULL row when it is empty or absent)."""
+    return (f"LEFT JOIN LATERAL (SELECT unnest(CASE WHEN {checks} IS NULL AND len({list_sql}) > 0 "
+            f"THEN {list_sql} ELSE [NULL::JSON] END) AS it) ON true")
+
+
+def ga4_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
+    """One ``events_YYYYMMDD`` file of the GA4 BigQuery export (Parquet or NDJSON) as canonical text columns.
+
+    Per Google's export schema: ``user_id`` when set, else ``user_pseudo_id``; ``event_timestamp``
+    (microseconds, an INT64 that BigQuery's JSON export writes as a string); ``event_name``; the
+    session is ``user_pseudo_id`` (else the user) + the ``ga_session_id`` event parameter
+    (``value.int_value``, else ``string_value``), as ``ga_session_id`` alone is unique only per
+    user. One event per element of ``items[]`` (``item_id``, ``item_category``, ``price``); an event
+    without items is one event without an item.
+    """
+    _json_lines(con, path, ("user_properties", "device", "geo", "privacy_info"))
+    cols = ["user_id", "ts", "event", "item_id", "category", "price", "session_id"]
+    items = "TRY_CAST(json_extract(j, '$.items') AS JSON[])"
+    params = "TRY_CAST(json_extract(j, '$.event_params') AS JSON[])"
+    con.execute(f"""CREATE TEMP TABLE ga4 AS SELECT *, CASE
+        WHEN NOT ok THEN 'malformed_line'
+        WHEN json_type(j, '$.items') NOT IN ('ARRAY', 'NULL')
+          OR json_type(j, '$.event_params') NOT IN ('ARRAY', 'NULL')
+          OR list_bool_or(list_transform({items}, lambda x: json_type(x) <> 'OBJECT'))
+          OR json_type(j, '$.user_id') NOT IN {_SCALAR} OR json_type(j, '$.user_pseudo_id') NOT IN {_SCALAR}
+          OR json_type(j, '$.event_name') NOT IN {_SCALAR} OR json_type(sp, '$.value.int_value') NOT IN {_SCALAR}
+          OR json_type(sp, '$.value.string_value') NOT IN {_SCALAR} THEN 'bad_field_type'
+        END AS why
+        FROM (SELECT *, list_filter({params}, lambda p: json_extract_string(p, '$.key') = 'ga_session_id')[1] AS sp
+              FROM lines)""")
+    uid = "coalesce(NULLIF(json_extract_string(j, '$.user_id'), ''), json_extract_string(j, '$.user_pseudo_id'))"
+    pseudo = "coalesce(NULLIF(json_extract_string(j, '$.user_pseudo_id'), ''), " + uid + ")"
+    sid = ("coalesce(json_extract_string(sp, '$.value.int_value'), "
+           "NULLIF(json_extract_string(sp, '$.value.string_value'), ''))")
+    sql = f"""SELECT line AS _pos, why IS NOT NULL AS _bad, why AS _why, raw AS _raw_text,
+        {uid} AS user_id, json_extract_string(j, '$.event_timestamp') AS ts,
+        json_extract_string(j, '$.event_name') AS event, json_extract_string(it, '$.item_id') AS item_id,
+        json_extract_string(it, '$.item_category') AS category, json_extract_string(it, '$.price') AS price,
+        CASE WHEN {sid} IS NOT NULL THEN {pseudo} || ':' || {sid} END AS session_id
+        FROM ga4 {_one_per_item(items, 'why')}"""
+    return Source(sql, cols, pos_is_line=True, has_why=True, raw_id_keys=["user_id", "user_pseudo_id"])
+
+
+def segment_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
+    """Segment / RudderStack track calls (JSON Lines) as canonical text columns.
+
+    ``userId``, or ``anonymousId`` when it is empty; ``timestamp`` (ISO 8601); ``event`` (a
+    ``page`` / ``screen`` call: its type, so it is stored as other; ``identify``, ``group`` and
+    ``alias`` calls are no behaviour and are rejected as ``not_an_event``); one event per element of
+    ``properties.products[]`` (``product_id``, else ``id``; ``category``; ``price``), else
+    ``properties.product_id`` / ``category`` / ``price``. The session is RudderStack's
+    ``context.sessionId`` where present (Segment's spec has none), per ``anonymousId``.
+    """
+    _json_lines(con, path, ("context", "traits"))
+    cols = ["user_id", "ts", "event", "item_id", "category", "price", "session_id"]
+    products = "TRY_CAST(json_extract(j, '$.properties.products') AS JSON[])"
+    con.execute(f"""CREATE TEMP TABLE seg AS SELECT *, CASE
+        WHEN NOT ok THEN 'malformed_line'
+        WHEN json_type(j, '$.properties') NOT IN ('OBJECT', 'NULL')
+          OR json_type(j, '$.properties.products') NOT IN ('ARRAY', 'NULL')
+          OR list_bool_or(list_transform({products}, lambda x: json_type(x) <> 'OBJECT'))
+          OR json_type(j, '$.userId') NOT IN {_SCALAR} OR json_type(j, '$.anonymousId') NOT IN {_SCALAR}
+          OR json_type(j, '$.event') NOT IN {_SCALAR} OR json_type(j, '$.timestamp') NOT IN {_SCALAR}
+          OR json_type(j, '$.context.sessionId') NOT IN {_SCALAR} THEN 'bad_field_type'
+        WHEN lower(json_extract_string(j, '$.type')) IN ('identify', 'group', 'alias') THEN 'not_an_event'
+        END AS why FROM lines""")
+    uid = "coalesce(NULLIF(json_extract_string(j, '$.userId'), ''), json_extract_string(j, '$.anonymousId'))"
+    anon = "coalesce(NULLIF(json_extract_string(j, '$.anonymousId'), ''), " + uid + ")"
+    event = ("coalesce(json_extract_string(j, '$.event'), CASE WHEN lower(json_extract_string(j, '$.type')) "
+             "IN ('page', 'screen') THEN lower(json_extract_string(j, '$.type')) END)")
+    sid = "NULLIF(json_extract_string(j, '$.context.sessionId'), '')"
+
+    def prop(key: str) -> str:  # the product's own field, else the top-level property (one-product events)
+        return f"coalesce(json_extract_string(it, '$.{key}'), json_extract_string(j, '$.properties.{key}'))"
+    sql = f"""SELECT line AS _pos, why IS NOT NULL AS _bad, why AS _why, raw AS _raw_text,
+        {uid} AS user_id, json_extract_string(j, '$.timestamp') AS ts, {event} AS event,
+        coalesce(json_extract_string(it, '$.product_id'), json_extract_string(it, '$.id'),
+                 json_extract_string(j, '$.properties.product_id')) AS item_id,
+        {prop('category')} AS category, {prop('price')} AS price,
+        CASE WHEN {sid} IS NOT NULL THEN {anon} || ':' || {sid} END AS session_id
+        FROM seg {_one_per_item(products, 'why')}"""
+    return Source(sql, cols, pos_is_line=True, has_why=True, raw_id_keys=["userId", "anonymousId"])
