@@ -264,9 +264,9 @@ def ga4_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
 
     Per Google's export schema: ``user_id`` when set, else ``user_pseudo_id``; ``event_timestamp``
     (microseconds, an INT64 that BigQuery's JSON export writes as a string); ``event_name``; the
-    session is ``user_pseudo_id`` (else the user) + the ``ga_session_id`` event parameter
-    (``value.int_value``, else ``string_value``), as ``ga_session_id`` alone is unique only per
-    user. One event per element of ``items[]`` (``item_id``, ``item_category``, ``price``); an event
+    session is the user + the ``ga_session_id`` event parameter (``value.int_value``, else
+    ``string_value``), as ``ga_session_id`` alone is unique only per user (and a session never
+    spans two users: a sign-in within a session starts another user there anyway). One event per element of ``items[]`` (``item_id``, ``item_category``, ``price``); an event
     without items is one event without an item.
     """
     _json_lines(con, path, ("user_properties", "device", "geo", "privacy_info"))
@@ -285,14 +285,13 @@ def ga4_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
         FROM (SELECT *, list_filter({params}, lambda p: json_extract_string(p, '$.key') = 'ga_session_id')[1] AS sp
               FROM lines)""")
     uid = "coalesce(NULLIF(json_extract_string(j, '$.user_id'), ''), json_extract_string(j, '$.user_pseudo_id'))"
-    pseudo = "coalesce(NULLIF(json_extract_string(j, '$.user_pseudo_id'), ''), " + uid + ")"
     sid = ("coalesce(json_extract_string(sp, '$.value.int_value'), "
            "NULLIF(json_extract_string(sp, '$.value.string_value'), ''))")
     sql = f"""SELECT line AS _pos, why IS NOT NULL AS _bad, why AS _why, raw AS _raw_text,
         {uid} AS user_id, json_extract_string(j, '$.event_timestamp') AS ts,
         json_extract_string(j, '$.event_name') AS event, json_extract_string(it, '$.item_id') AS item_id,
         json_extract_string(it, '$.item_category') AS category, json_extract_string(it, '$.price') AS price,
-        CASE WHEN {sid} IS NOT NULL THEN {pseudo} || ':' || {sid} END AS session_id
+        CASE WHEN {sid} IS NOT NULL THEN {uid} || ':' || {sid} END AS session_id
         FROM ga4 {_one_per_item(items, 'why')}"""
     return Source(sql, cols, pos_is_line=True, has_why=True, raw_id_keys=["user_id", "user_pseudo_id"])
 
@@ -305,7 +304,7 @@ def segment_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
     ``alias`` calls are no behaviour and are rejected as ``not_an_event``); one event per element of
     ``properties.products[]`` (``product_id``, else ``id``; ``category``; ``price``), else
     ``properties.product_id`` / ``category`` / ``price``. The session is RudderStack's
-    ``context.sessionId`` where present (Segment's spec has none), per ``anonymousId``.
+    ``context.sessionId`` where present (Segment's spec has none), per user.
     """
     _json_lines(con, path, ("context", "traits"))
     cols = ["user_id", "ts", "event", "item_id", "category", "price", "session_id"]
@@ -321,7 +320,6 @@ def segment_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
         WHEN lower(json_extract_string(j, '$.type')) IN ('identify', 'group', 'alias') THEN 'not_an_event'
         END AS why FROM lines""")
     uid = "coalesce(NULLIF(json_extract_string(j, '$.userId'), ''), json_extract_string(j, '$.anonymousId'))"
-    anon = "coalesce(NULLIF(json_extract_string(j, '$.anonymousId'), ''), " + uid + ")"
     event = ("coalesce(json_extract_string(j, '$.event'), CASE WHEN lower(json_extract_string(j, '$.type')) "
              "IN ('page', 'screen') THEN lower(json_extract_string(j, '$.type')) END)")
     sid = "NULLIF(json_extract_string(j, '$.context.sessionId'), '')"
@@ -333,6 +331,6 @@ def segment_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
         coalesce(json_extract_string(it, '$.product_id'), json_extract_string(it, '$.id'),
                  json_extract_string(j, '$.properties.product_id')) AS item_id,
         {prop('category')} AS category, {prop('price')} AS price,
-        CASE WHEN {sid} IS NOT NULL THEN {anon} || ':' || {sid} END AS session_id
+        CASE WHEN {sid} IS NOT NULL THEN {uid} || ':' || {sid} END AS session_id
         FROM seg {_one_per_item(products, 'why')}"""
     return Source(sql, cols, pos_is_line=True, has_why=True, raw_id_keys=["userId", "anonymousId"])
