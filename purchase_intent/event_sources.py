@@ -266,7 +266,8 @@ def ga4_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
     (microseconds, an INT64 that BigQuery's JSON export writes as a string); ``event_name``; the
     session is the user + the ``ga_session_id`` event parameter (``value.int_value``, else
     ``string_value``), as ``ga_session_id`` alone is unique only per user (and a session never
-    spans two users: a sign-in within a session starts another user there anyway). One event per element of ``items[]`` (``item_id``, ``item_category``, ``price``); an event
+    spans two users: a sign-in within a session starts another user there anyway). One event per
+    element of ``items[]`` (``item_id``, ``item_category``, ``price``); an event
     without items is one event without an item.
     """
     _json_lines(con, path, ("user_properties", "device", "geo", "privacy_info"))

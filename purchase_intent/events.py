@@ -329,8 +329,9 @@ def _ingest_file(path: Path, sha: str, cfg: DataConfig, key: bytes, stage: Path,
                 counts["malformed_line"] = counts.get("malformed_line", 0) + n_bad
         report.rejected = {r: counts[r] for r in REASONS if counts.get(r)}
         report.rows_read = report.accepted + report.filtered + sum(report.rejected.values())
-        report.unmapped = dict(con.execute(f"SELECT {RAW_EVENT}, count(*) FROM staged "
-                                           "WHERE reason IS NULL AND _unmapped GROUP BY ALL ORDER BY 2 DESC, 1").fetchall())
+        report.unmapped = dict(con.execute(
+            f"SELECT {RAW_EVENT}, count(*) FROM staged WHERE reason IS NULL AND _unmapped "
+            "GROUP BY ALL ORDER BY 2 DESC, 1").fetchall())
         if cfg.strict and report.rejected:
             return report
 

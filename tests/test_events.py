@@ -172,7 +172,8 @@ def test_idempotent(tmp_path):
     copy = tmp_path.parent / "same_content.csv"
     copy.write_bytes((DATA / "rejects.csv").read_bytes())
     assert ingest(ws, [copy], DataConfig(format="csv"), progress=False).skipped == [str(copy)]
-    assert ws.connect().sql("SELECT count(*) FROM events").fetchall()[0][0] == 6  # 5 known events and "teleport", stored as other
+    # 5 known events and "teleport", stored as other
+    assert ws.connect().sql("SELECT count(*) FROM events").fetchall()[0][0] == 6
 
 
 def test_since_until_filtered(tmp_path, tiny_events):

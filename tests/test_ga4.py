@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from ga4_fixture import SCHEMA, ga4_rows, write_ga4
+
 from purchase_intent.cli import main
 from purchase_intent.config import DataConfig
 from purchase_intent.events import ingest

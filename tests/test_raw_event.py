@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import make_tiny_events
+
 from purchase_intent.config import DataConfig
 from purchase_intent.events import ingest
 from purchase_intent.features import compute_features
