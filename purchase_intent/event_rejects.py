@@ -46,7 +46,7 @@ def _join_csv(fields: list, delim: str) -> str:
     return buf.getvalue()
 
 
-def _substitute_json(text: str, keys: list[str], key: bytes) -> str:
+def _substitute_json(text: str, keys: list[str], key: bytes, drop: tuple[str, ...] = ()) -> str:
     try:
         obj = json.loads(text)
     except ValueError:
@@ -60,6 +60,8 @@ def _substitute_json(text: str, keys: list[str], key: bytes) -> str:
     for k in keys:
         if obj.get(k) is not None:
             obj[k] = pseudonymise([str(obj[k])], key)[0]
+    for k in drop:
+        obj.pop(k, None)
     return json.dumps(obj, separators=(",", ":"))
 
 
@@ -86,7 +88,8 @@ def collect_rejects(con, src: Source, kind: str, mapping: dict, key: bytes, sour
                 line = src.header_lines + pos + j
         pids = dict(zip(id_idx, [upid, spid][: len(id_idx)]))
         if kind in ("jsonl", "otto", "ga4", "segment"):
-            raw = _substitute_json(raw_text, src.raw_id_keys if src.raw_id_keys is not None else id_cols, key)
+            raw = _substitute_json(raw_text, src.raw_id_keys if src.raw_id_keys is not None else id_cols, key,
+                                   src.raw_drop_keys)
         elif kind == "csv_lines" and reason == "malformed_line":  # a line that did not split into the columns
             raw = _substitute_line(raw_text, src.delim, id_idx, key)
         elif kind == "parquet":

@@ -26,6 +26,8 @@ from typing import Optional
 import duckdb
 import pyarrow as pa
 
+from .vocabulary import CANONICAL_COLUMNS
+
 # Presets for public schemas. kind: how the file is read; names: columns of a header-less CSV; tz: the time
 # zone of the shop's days where the source documents one (day-based cutoffs fall at its midnight).
 PRESETS: dict[str, dict] = {
@@ -96,6 +98,8 @@ class Source:
     read: Optional[str] = None  # CSV: the read_csv(...) call (the rows that parse, as text)
     has_why: bool = False  # the SELECT also gives _why VARCHAR: the reason of a _bad record (NULL: malformed_line)
     raw_id_keys: Optional[list[str]] = None  # JSON keys of the raw record holding ids (default: the mapped columns)
+    # JSON keys left out of a rejected record (device, location, traits: personal, and not needed to find a bad row)
+    raw_drop_keys: tuple[str, ...] = ()
 
 
 def _header(first: str, delim: str, path: Path) -> list[str]:
@@ -232,22 +236,17 @@ def parquet_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
 _SCALAR = "('VARCHAR', 'BIGINT', 'UBIGINT', 'DOUBLE', 'NULL')"  # json_type of a usable scalar (or absent: NULL)
 
 
-def _json_lines(con: duckdb.DuckDBPyConnection, path: Path, drop_keys: tuple[str, ...]) -> None:
+def _json_lines(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     """Temp table ``lines (line, raw, ok, j)``: one JSON object per line (NDJSON, plain or gzip) or per
-    Parquet row (its nested columns as JSON, so both encodings go through one flattening). ``raw``
-    is the record as rejects keep it, without ``drop_keys`` (device, location, traits: not needed
-    to locate a bad row and personal data)."""
-    patch = sql_literal("{" + ", ".join(f'"{k}": null' for k in drop_keys) + "}")
+    Parquet row (its nested columns as JSON, so both encodings go through one flattening)."""
     with open(path, "rb") as f:
         parquet = f.read(4) == b"PAR1"
     if parquet:
-        con.execute(f"CREATE TEMP TABLE lines AS SELECT row_number() OVER () AS line, "
-                    f"json_merge_patch(j, {patch})::VARCHAR AS raw, true AS ok, j FROM ("
-                    f"SELECT to_json(t) AS j FROM read_parquet({sql_literal(path)}) t)")
+        con.execute(f"CREATE TEMP TABLE lines AS SELECT row_number() OVER () AS line, j::VARCHAR AS raw, "
+                    f"true AS ok, j FROM (SELECT to_json(t) AS j FROM read_parquet({sql_literal(path)}) t)")
         return
     con.register("json_lines", read_lines(path))
-    con.execute("CREATE TEMP TABLE lines AS SELECT line, CASE WHEN ok THEN json_merge_patch(raw, "
-                f"{patch})::VARCHAR ELSE raw END AS raw, ok, CASE WHEN ok THEN raw::JSON END AS j FROM ("
+    con.execute("CREATE TEMP TABLE lines AS SELECT line, raw, ok, CASE WHEN ok THEN raw::JSON END AS j FROM ("
                 "SELECT *, CASE WHEN json_valid(raw) THEN json_type(raw) = 'OBJECT' ELSE false END AS ok "
                 "FROM json_lines)")
     con.unregister("json_lines")
@@ -259,6 +258,24 @@ def _one_per_item(list_sql: str, checks: str) -> str:
             f"THEN {list_sql} ELSE [NULL::JSON] END) AS it) ON true")
 
 
+def _fields(con: duckdb.DuckDBPyConnection, name: str, paths: dict[str, str]) -> None:
+    """Temp table ``name``: ``lines`` plus one JSON column per path, all read in one pass over each
+    record (each json_* call on the whole record would parse it again)."""
+    sel = ", ".join(f"x[{i + 1}] AS {sql_ident(k)}" for i, k in enumerate(paths))
+    lst = "[" + ", ".join(sql_literal(v) for v in paths.values()) + "]"
+    con.execute(f"CREATE TEMP TABLE {name} AS SELECT * EXCLUDE (x), {sel} FROM "
+                f"(SELECT line, raw, ok, json_extract(j, {lst}) AS x FROM lines)")
+
+
+def _text(col: str) -> str:
+    """The text of a JSON scalar (a string unquoted, a number as written), NULL for null or absent."""
+    return f"json_extract_string({col}, '$')"
+
+
+def _wrong(cols: list[str], types: str = _SCALAR) -> str:
+    return " OR ".join(f"json_type({c}) NOT IN {types}" for c in cols)
+
+
 def ga4_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
     """One ``events_YYYYMMDD`` file of the GA4 BigQuery export (Parquet or NDJSON) as canonical text columns.
 
@@ -267,34 +284,35 @@ def ga4_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
     session is the user + the ``ga_session_id`` event parameter (``value.int_value``, else
     ``string_value``), as ``ga_session_id`` alone is unique only per user (and a session never
     spans two users: a sign-in within a session starts another user there anyway). One event per
-    element of ``items[]`` (``item_id``, ``item_category``, ``price``); an event
-    without items is one event without an item.
+    element of ``items[]`` (``item_id``, ``item_category``, ``price``); an event without items is
+    one event without an item.
     """
-    _json_lines(con, path, ("user_properties", "device", "geo", "privacy_info"))
-    cols = ["user_id", "ts", "event", "item_id", "category", "price", "session_id"]
-    items = "TRY_CAST(json_extract(j, '$.items') AS JSON[])"
-    params = "TRY_CAST(json_extract(j, '$.event_params') AS JSON[])"
+    _json_lines(con, path)
+    _fields(con, "ga4_fields", {"uid": "$.user_id", "pid": "$.user_pseudo_id", "ts": "$.event_timestamp",
+                                "name": "$.event_name", "items": "$.items", "params": "$.event_params"})
+    items = "TRY_CAST(items AS JSON[])"
     con.execute(f"""CREATE TEMP TABLE ga4 AS SELECT *, CASE
         WHEN NOT ok THEN 'malformed_line'
-        WHEN json_type(j, '$.items') NOT IN ('ARRAY', 'NULL')
-          OR json_type(j, '$.event_params') NOT IN ('ARRAY', 'NULL')
+        WHEN {_wrong(['items', 'params'], "('ARRAY', 'NULL')")}
           OR list_bool_or(list_transform({items}, lambda x: json_type(x) <> 'OBJECT'))
-          OR json_type(j, '$.user_id') NOT IN {_SCALAR} OR json_type(j, '$.user_pseudo_id') NOT IN {_SCALAR}
-          OR json_type(j, '$.event_name') NOT IN {_SCALAR} OR json_type(sp, '$.value.int_value') NOT IN {_SCALAR}
-          OR json_type(sp, '$.value.string_value') NOT IN {_SCALAR} THEN 'bad_field_type'
+          OR {_wrong(['uid', 'pid', 'name', 'sid_int', 'sid_str'])} THEN 'bad_field_type'
         END AS why
-        FROM (SELECT *, list_filter({params}, lambda p: json_extract_string(p, '$.key') = 'ga_session_id')[1] AS sp
-              FROM lines)""")
-    uid = "coalesce(NULLIF(json_extract_string(j, '$.user_id'), ''), json_extract_string(j, '$.user_pseudo_id'))"
-    sid = ("coalesce(json_extract_string(sp, '$.value.int_value'), "
-           "NULLIF(json_extract_string(sp, '$.value.string_value'), ''))")
+        FROM (SELECT *, json_extract(sp, '$.value.int_value') AS sid_int,
+                     json_extract(sp, '$.value.string_value') AS sid_str
+              FROM (SELECT *, list_filter(TRY_CAST(params AS JSON[]),
+                                          lambda p: json_extract_string(p, '$.key') = 'ga_session_id')[1] AS sp
+                    FROM ga4_fields))""")
+    uid = f"coalesce(NULLIF({_text('uid')}, ''), {_text('pid')})"
+    sid = f"coalesce({_text('sid_int')}, NULLIF({_text('sid_str')}, ''))"
     sql = f"""SELECT line AS _pos, why IS NOT NULL AS _bad, why AS _why, raw AS _raw_text,
-        {uid} AS user_id, json_extract_string(j, '$.event_timestamp') AS ts,
-        json_extract_string(j, '$.event_name') AS event, json_extract_string(it, '$.item_id') AS item_id,
-        json_extract_string(it, '$.item_category') AS category, json_extract_string(it, '$.price') AS price,
+        {uid} AS user_id, {_text('ts')} AS ts, {_text('name')} AS event,
+        json_extract_string(it, '$.item_id') AS item_id, json_extract_string(it, '$.item_category') AS category,
+        json_extract_string(it, '$.price') AS price,
         CASE WHEN {sid} IS NOT NULL THEN {uid} || ':' || {sid} END AS session_id
         FROM ga4 {_one_per_item(items, 'why')}"""
-    return Source(sql, cols, pos_is_line=True, has_why=True, raw_id_keys=["user_id", "user_pseudo_id"])
+    return Source(sql, list(CANONICAL_COLUMNS), pos_is_line=True, has_why=True,
+                  raw_id_keys=["user_id", "user_pseudo_id"],
+                  raw_drop_keys=("user_properties", "device", "geo", "privacy_info"))
 
 
 def segment_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
@@ -307,31 +325,31 @@ def segment_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
     ``properties.product_id`` / ``category`` / ``price``. The session is RudderStack's
     ``context.sessionId`` where present (Segment's spec has none), per user.
     """
-    _json_lines(con, path, ("context", "traits"))
-    cols = ["user_id", "ts", "event", "item_id", "category", "price", "session_id"]
-    products = "TRY_CAST(json_extract(j, '$.properties.products') AS JSON[])"
+    _json_lines(con, path)
+    _fields(con, "seg_fields", {"uid": "$.userId", "aid": "$.anonymousId", "ts": "$.timestamp", "name": "$.event",
+                                "type": "$.type", "props": "$.properties", "products": "$.properties.products",
+                                "sid": "$.context.sessionId"})
+    products = "TRY_CAST(products AS JSON[])"
     con.execute(f"""CREATE TEMP TABLE seg AS SELECT *, CASE
         WHEN NOT ok THEN 'malformed_line'
-        WHEN json_type(j, '$.properties') NOT IN ('OBJECT', 'NULL')
-          OR json_type(j, '$.properties.products') NOT IN ('ARRAY', 'NULL')
+        WHEN {_wrong(['props'], "('OBJECT', 'NULL')")} OR {_wrong(['products'], "('ARRAY', 'NULL')")}
           OR list_bool_or(list_transform({products}, lambda x: json_type(x) <> 'OBJECT'))
-          OR json_type(j, '$.userId') NOT IN {_SCALAR} OR json_type(j, '$.anonymousId') NOT IN {_SCALAR}
-          OR json_type(j, '$.event') NOT IN {_SCALAR} OR json_type(j, '$.timestamp') NOT IN {_SCALAR}
-          OR json_type(j, '$.context.sessionId') NOT IN {_SCALAR} THEN 'bad_field_type'
-        WHEN lower(json_extract_string(j, '$.type')) IN ('identify', 'group', 'alias') THEN 'not_an_event'
-        END AS why FROM lines""")
-    uid = "coalesce(NULLIF(json_extract_string(j, '$.userId'), ''), json_extract_string(j, '$.anonymousId'))"
-    event = ("coalesce(json_extract_string(j, '$.event'), CASE WHEN lower(json_extract_string(j, '$.type')) "
-             "IN ('page', 'screen') THEN lower(json_extract_string(j, '$.type')) END)")
-    sid = "NULLIF(json_extract_string(j, '$.context.sessionId'), '')"
+          OR {_wrong(['uid', 'aid', 'name', 'ts', 'type', 'sid'])} THEN 'bad_field_type'
+        WHEN lower({_text('type')}) IN ('identify', 'group', 'alias') THEN 'not_an_event'
+        END AS why FROM seg_fields""")
+    uid = f"coalesce(NULLIF({_text('uid')}, ''), {_text('aid')})"
+    event = (f"coalesce({_text('name')}, CASE WHEN lower({_text('type')}) IN ('page', 'screen') "
+             f"THEN lower({_text('type')}) END)")
+    sid = f"NULLIF({_text('sid')}, '')"
 
     def prop(key: str) -> str:  # the product's own field, else the top-level property (one-product events)
-        return f"coalesce(json_extract_string(it, '$.{key}'), json_extract_string(j, '$.properties.{key}'))"
+        return f"coalesce(json_extract_string(it, '$.{key}'), json_extract_string(props, '$.{key}'))"
     sql = f"""SELECT line AS _pos, why IS NOT NULL AS _bad, why AS _why, raw AS _raw_text,
-        {uid} AS user_id, json_extract_string(j, '$.timestamp') AS ts, {event} AS event,
+        {uid} AS user_id, {_text('ts')} AS ts, {event} AS event,
         coalesce(json_extract_string(it, '$.product_id'), json_extract_string(it, '$.id'),
-                 json_extract_string(j, '$.properties.product_id')) AS item_id,
+                 json_extract_string(props, '$.product_id')) AS item_id,
         {prop('category')} AS category, {prop('price')} AS price,
         CASE WHEN {sid} IS NOT NULL THEN {uid} || ':' || {sid} END AS session_id
         FROM seg {_one_per_item(products, 'why')}"""
-    return Source(sql, cols, pos_is_line=True, has_why=True, raw_id_keys=["userId", "anonymousId"])
+    return Source(sql, list(CANONICAL_COLUMNS), pos_is_line=True, has_why=True, raw_id_keys=["userId", "anonymousId"],
+                  raw_drop_keys=("context", "traits"))
