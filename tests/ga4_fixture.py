@@ -17,7 +17,7 @@ The behaviour is ``simulate.py``'s (no real data): each simulated session become
 remove / wishlist become ``view_item`` / ``add_to_cart`` / ``remove_from_cart`` /
 ``add_to_wishlist``, and a purchase becomes the checkout funnel ``begin_checkout`` →
 ``add_shipping_info`` → ``add_payment_info`` → ``purchase``; a share of carts also start a checkout
-that is abandoned.
+that is abandoned after one to three of its steps.
 """
 from __future__ import annotations
 
@@ -110,8 +110,9 @@ def ga4_rows(users: int = 600, days: int = 28, seed: int = 0, abandon: float = 0
             steps.append((us, "purchase", [item]))
         else:
             steps.append((us, GA4_NAMES[r.event], [item]))
-            if r.event == "cart" and rng.random() < abandon:  # a checkout started and left
-                steps.append((us + 20_000_000, "begin_checkout", [item]))
+            if r.event == "cart" and rng.random() < abandon:  # a checkout left after 1-3 of its steps
+                depth = int(rng.integers(1, len(CHECKOUT) + 1))
+                steps += [(us + (20 + 10 * i) * 1_000_000, name, [item]) for i, name in enumerate(CHECKOUT[:depth])]
         for t, name, items in steps:
             rows.append({**base, "ts": t, "name": name, "items": items, "ga_sid": ga_sid,
                          "session_number": n_session[r.user_id]})
