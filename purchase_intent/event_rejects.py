@@ -67,6 +67,7 @@ def _substitute_json(text: str, keys: list[str], key: bytes, drop: tuple[str, ..
 
 def collect_rejects(con, src: Source, kind: str, mapping: dict, key: bytes, source: str) -> list[tuple]:
     """Rows (source_file, line, reason, raw) of every rejected row, ordered by line."""
+    kind = src.rejects_as or kind
     id_cols = [mapping[c] for c in ("user_id", "session_id") if c in mapping]
     id_idx = [src.columns.index(c) for c in id_cols]
     semantic = con.execute(

@@ -152,3 +152,20 @@ def test_run_session_task_on_a_ga4_export_without_any_map(rows, tmp_path, capsys
     assert metrics["task"]["task"] == "session" and metrics["test"]["positives"] > 0
     con = Workspace(ws).connect()
     assert con.sql("SELECT count(*) FROM events WHERE event = 'checkout'").fetchall()[0][0] > 0
+
+
+def test_typed_parquet_rows_without_user_or_time_are_rejects(tmp_path):
+    """A Parquet export of the documented types is flattened from its structs; its bad rows are still rejects."""
+    full = {f.name: None for f in SCHEMA}
+    good = {**full, **_row()}
+    src = [good, {**good, "user_pseudo_id": None}, {**good, "event_timestamp": None},
+           {**good, "items": [{"item_id": "SKU_2", "price": -1.0}]}]
+    pq.write_table(pa.Table.from_pylist(src, schema=SCHEMA), tmp_path / "events_20240301.parquet")
+    r = ingest(tmp_path / "ws", [tmp_path / "events_20240301.parquet"], GA4, progress=False)
+    assert r.accepted == 1 and r.rejected == {"missing_user": 1, "missing_ts": 1, "negative_price": 1}
+    rows = _rejects(r)
+    assert [(int(x["line"]), x["reason"]) for x in rows] == [(2, "missing_user"), (3, "missing_ts"),
+                                                            (4, "negative_price")]
+    assert json.loads(rows[2]["raw"])["item_id"] == "SKU_2" and "123.456" not in r.rejects_paths[0].read_text()
+    df = _events(tmp_path / "ws")
+    assert df["session_id"].notna().all() and df["item_id"].tolist() == ["SKU_1"]
