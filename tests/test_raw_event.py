@@ -166,3 +166,12 @@ def test_the_api_event_takes_an_optional_raw_name(raw):
     req = ScoreRequest(user_id="u1", events=[ev])
     cols = _event_columns([req], ["pid"], {})
     assert cols["raw_event"] == [raw or "checkout"] and cols["event"] == ["checkout"]
+
+
+def test_checkout_reads_as_a_sentence_in_explanations():
+    from purchase_intent.reason_text import event_text, feature_text
+
+    assert feature_text("n_checkout_7d", 2) == "went through a checkout step 2 times in the last 7 days"
+    assert feature_text("ses_n_checkout", 0) == "went through no checkout step in this session so far"
+    assert feature_text("hours_since_last_checkout", float("nan")) == "has never reached the checkout"
+    assert event_text("checkout", 2, "i1") == "went to the checkout with item i1 2 hours ago"
