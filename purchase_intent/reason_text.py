@@ -144,5 +144,6 @@ def event_text(event: str, hours_before: float, item: Any = None, category: Any 
         what += f" (category {category})"
     verb = {"view": f"viewed {what}", "cart": f"added {what} to the cart",
             "remove_from_cart": f"removed {what} from the cart", "wishlist": f"added {what} to the wishlist",
-            "checkout": f"went to the checkout with {what}", "purchase": f"bought {what}"}.get(event, f"interacted with {what} ({event})")
+            "checkout": f"went to the checkout with {what}",
+            "purchase": f"bought {what}"}.get(event, f"interacted with {what} ({event})")
     return f"{verb} {ago_text(hours_before)}"
