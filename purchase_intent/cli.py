@@ -79,17 +79,23 @@ class _CommandParser(argparse.ArgumentParser):
 # flag groups, one per config dataclass
 def _add_data_flags(p: argparse.ArgumentParser, positional: bool) -> None:
     if positional:
-        p.add_argument("paths", nargs="*", metavar="PATH", help="raw event files (CSV, CSV.gz, Parquet, JSON Lines)")
+        p.add_argument("paths", nargs="*", metavar="PATH",
+                       help="raw event files (CSV, CSV.gz, Parquet, JSON Lines) or folders of them")
     p.add_argument("--format", default="csv",
-                   help="taobao | retailrocket | rees46 | otto | csv | parquet | jsonl (default: csv)")
+                   help="taobao | retailrocket | rees46 | otto | ga4 (GA4 BigQuery export, Parquet or NDJSON) | "
+                        "segment (Segment / RudderStack tracks, JSON Lines) | csv | parquet | jsonl (default: csv)")
     p.add_argument("--map", action="append", metavar="CANON=COLUMN",
                    help="map a canonical field (user_id, ts, event, item_id, category, price, session_id) "
                         "to a source column; repeatable")
     p.add_argument("--event-map", action="append", metavar="RAW=CANON",
-                   help="map a raw event name to view|cart|remove_from_cart|wishlist|purchase|other; repeatable")
+                   help="map a raw event name to view|cart|remove_from_cart|wishlist|checkout|purchase|other; "
+                        "repeatable (names no map names are stored as other, their raw name kept)")
     p.add_argument("--ts-unit", choices=["s", "ms", "us", "iso"],
                    help="timestamp unit (default: the preset's, else detected)")
     p.add_argument("--strict", action="store_true", help="fail (and store nothing) if any row is rejected")
+    p.add_argument("--strict-events", action="store_true",
+                   help="reject (unknown_event) the rows whose event name no map names, instead of storing them "
+                        "as other")
     p.add_argument("--since", help="keep events at or after this ISO time; earlier ones are counted as filtered")
     p.add_argument("--until", help="keep events before this ISO time; later ones are counted as filtered")
 
@@ -120,7 +126,7 @@ def _sources(a: argparse.Namespace) -> list:
 
 def _data_cfg(a: argparse.Namespace) -> DataConfig:
     return DataConfig(format=a.format, mapping=_pairs(a.map, "--map"), event_map=_pairs(a.event_map, "--event-map"),
-                      ts_unit=a.ts_unit, strict=a.strict, since=a.since, until=a.until)
+                      ts_unit=a.ts_unit, strict=a.strict, strict_events=a.strict_events, since=a.since, until=a.until)
 
 
 def _add_label_flags(p: argparse.ArgumentParser) -> None:

@@ -24,11 +24,13 @@ def from_dict(cls: type[C], d: dict[str, Any]) -> C:
 class DataConfig:
     """How raw files become canonical events (``purchase-intent ingest``)."""
 
-    format: str = "csv"  # taobao | retailrocket | rees46 | otto | csv | parquet | jsonl
+    format: str = "csv"  # taobao | retailrocket | rees46 | otto | ga4 | segment | csv | parquet | jsonl
     mapping: dict[str, str] = field(default_factory=dict)  # canonical column -> source column
     event_map: dict[str, str] = field(default_factory=dict)  # raw event name -> canonical event
     ts_unit: Optional[str] = None  # s | ms | us | iso; None = the preset's or auto-detect
     strict: bool = False  # any rejected row makes the command fail (and store nothing)
+    # an event name no map names is rejected (unknown_event) instead of stored as other with its raw name
+    strict_events: bool = False
     since: Optional[str] = None  # ISO time; earlier events are counted as filtered
     until: Optional[str] = None  # ISO time; events at or after are counted as filtered
 

@@ -46,7 +46,7 @@ def _join_csv(fields: list, delim: str) -> str:
     return buf.getvalue()
 
 
-def _substitute_json(text: str, keys: list[str], key: bytes) -> str:
+def _substitute_json(text: str, keys: list[str], key: bytes, drop: tuple[str, ...] = ()) -> str:
     try:
         obj = json.loads(text)
     except ValueError:
@@ -60,11 +60,14 @@ def _substitute_json(text: str, keys: list[str], key: bytes) -> str:
     for k in keys:
         if obj.get(k) is not None:
             obj[k] = pseudonymise([str(obj[k])], key)[0]
+    for k in drop:
+        obj.pop(k, None)
     return json.dumps(obj, separators=(",", ":"))
 
 
 def collect_rejects(con, src: Source, kind: str, mapping: dict, key: bytes, source: str) -> list[tuple]:
     """Rows (source_file, line, reason, raw) of every rejected row, ordered by line."""
+    kind = src.rejects_as or kind
     id_cols = [mapping[c] for c in ("user_id", "session_id") if c in mapping]
     id_idx = [src.columns.index(c) for c in id_cols]
     semantic = con.execute(
@@ -85,8 +88,9 @@ def collect_rejects(con, src: Source, kind: str, mapping: dict, key: bytes, sour
                 j += 1
                 line = src.header_lines + pos + j
         pids = dict(zip(id_idx, [upid, spid][: len(id_idx)]))
-        if kind in ("jsonl", "otto"):
-            raw = _substitute_json(raw_text, id_cols, key)
+        if kind in ("jsonl", "otto", "ga4", "segment"):
+            raw = _substitute_json(raw_text, src.raw_id_keys if src.raw_id_keys is not None else id_cols, key,
+                                   src.raw_drop_keys)
         elif kind == "csv_lines" and reason == "malformed_line":  # a line that did not split into the columns
             raw = _substitute_line(raw_text, src.delim, id_idx, key)
         elif kind in ("parquet", "database"):

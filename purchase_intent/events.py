@@ -40,19 +40,22 @@ from .event_sources import (
     Source,
     csv_lines_source,
     csv_source,
+    ga4_source,
     jsonl_source,
     parquet_source,
+    segment_source,
     sql_ident,
     sql_literal,
 )
 from .privacy import key_id, load_key, pseudonym_table
 from .times import parse_time
-from .vocabulary import CANONICAL_COLUMNS, CANONICAL_EVENTS
+from .vocabulary import CANONICAL_COLUMNS, CANONICAL_EVENTS, RAW_EVENT
 from .workspace import Workspace, atomic_write_json, fsync_dir, tmp_path
 
-REASONS = ("malformed_line", "missing_user", "missing_ts", "bad_ts", "implausible_ts",
-           "unknown_event", "bad_price", "negative_price")
+REASONS = ("malformed_line", "bad_field_type", "not_an_event", "missing_user", "missing_ts", "bad_ts",
+           "implausible_ts", "unknown_event", "bad_price", "negative_price")
 MIN_TS = datetime(1990, 1, 1)
+UNMAPPED_SHOWN = 12  # unmapped event names listed in the summary (all of them are in the report and manifest)
 _MULT = {"s": 1e6, "ms": 1e3, "us": 1.0}
 
 
@@ -73,6 +76,7 @@ class FileReport:
     accepted: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     filtered: int = 0
+    unmapped: dict[str, int] = field(default_factory=dict)  # raw event name -> accepted rows stored as other
     skipped: bool = False
     part: Optional[str] = None
     rejects_path: Optional[Path] = None
@@ -101,6 +105,15 @@ class IngestReport:
         return dict(sorted(out.items()))
 
     @property
+    def unmapped(self) -> dict[str, int]:
+        """Raw event names no event map names, stored as ``other`` (their ``raw_event`` kept): name -> rows."""
+        out: dict[str, int] = {}
+        for f in self.files:
+            for k, v in f.unmapped.items():
+                out[k] = out.get(k, 0) + v
+        return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    @property
     def skipped(self) -> list[str]:
         return [f.source for f in self.files if f.skipped]
 
@@ -114,6 +127,14 @@ class IngestReport:
         lines = [f"accepted  {self.accepted:>12,}",
                  f"rejected  {sum(rej.values()):>12,}" + "".join(f"\n  {k:<16}{v:>10,}" for k, v in rej.items()),
                  f"filtered  {self.filtered:>12,}"]
+        unmapped = self.unmapped
+        if unmapped:
+            shown = list(unmapped.items())[:UNMAPPED_SHOWN]
+            lines.append(f"as other  {sum(unmapped.values()):>12,} events of {len(unmapped):,} unmapped event names "
+                         "(--event-map RAW=CANON maps one; --strict-events rejects them)")
+            lines += [f"  {k[:40]:<40}{v:>10,}" for k, v in shown]
+            if len(unmapped) > len(shown):
+                lines.append(f"  ... {len(unmapped) - len(shown):,} more names")
         if self.skipped:
             lines.append(f"skipped   {len(self.skipped):>12,} source(s): already ingested, or a query without new rows")
         lines += [f"rejects:  {p}" for p in self.rejects_paths]
@@ -175,7 +196,7 @@ def _resolve(cfg: DataConfig, preset: dict, columns: list[str]
     bad = sorted({v for v in events.values() if v not in CANONICAL_EVENTS})
     if bad:
         raise ValueError(f"--event-map targets {bad} are not canonical events {list(CANONICAL_EVENTS)}")
-    taken, extras = set(CANONICAL_COLUMNS), {}
+    taken, extras = {*CANONICAL_COLUMNS, RAW_EVENT}, {}
     for c in columns:
         if c in mapping.values():
             continue
@@ -188,12 +209,17 @@ def _resolve(cfg: DataConfig, preset: dict, columns: list[str]
 
 
 def _stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], extras: dict[str, str],
-               ts_unit: Optional[str], since: Optional[datetime], until: Optional[datetime], now: datetime) -> str:
+               ts_unit: Optional[str], since: Optional[datetime], until: Optional[datetime], now: datetime,
+               strict_events: bool = False) -> str:
     def col(canon: str) -> str:
         return sql_ident(mapping[canon]) if canon in mapping else "NULL::VARCHAR"
 
-    ev_case = "CASE trim(" + col("event") + ") " + " ".join(
+    # a name no map names is stored as other (its raw name kept), or, with strict_events, rejected
+    ev_case = "CASE _raw_event " + " ".join(
         f"WHEN {sql_literal(k)} THEN {sql_literal(v)}" for k, v in events.items()) + " END"
+    unmapped = "NULL" if strict_events else "'other'"
+    unknown = "_raw_event IS NULL OR _event IS NULL" if strict_events else "_raw_event IS NULL"
+    bad = "coalesce(_why, 'malformed_line')" if src.has_why else "'malformed_line'"
     raw_list = "[" + ", ".join(sql_ident(c) for c in src.columns) + "]"
     window = ""
     if since:
@@ -203,19 +229,20 @@ def _stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], ext
     window = f"WHEN {window[4:]} THEN 'filtered'" if window else ""
     extra_sel = "".join(f", {sql_ident(c)} AS {sql_ident(n)}" for c, n in extras.items())
     return f"""
-    SELECT _pos, _user AS user_raw, _ts AS ts, _event AS event, _item AS item_id, _cat AS category,
-           _price AS price, _session AS session_raw{extra_sel}, _reason AS reason,
+    SELECT _pos, _user AS user_raw, _ts AS ts, coalesce(_event, {unmapped}) AS event, _item AS item_id,
+           _cat AS category, _price AS price, _session AS session_raw, _raw_event AS {RAW_EVENT},
+           _event IS NULL AS _unmapped{extra_sel}, _reason AS reason,
            CASE WHEN _reason IS NOT NULL AND _reason <> 'filtered' THEN {raw_list} END AS _raw_list,
            CASE WHEN _reason IS NOT NULL AND _reason <> 'filtered' THEN _raw_text END AS _raw_text
     FROM (
       SELECT *, CASE
-        WHEN _bad THEN 'malformed_line'
+        WHEN _bad THEN {bad}
         WHEN _user IS NULL THEN 'missing_user'
         WHEN _ts_raw IS NULL THEN 'missing_ts'
         WHEN _ts IS NULL THEN 'bad_ts'
         WHEN _ts < TIMESTAMP {sql_literal(MIN_TS)}
           OR _ts > TIMESTAMP {sql_literal(now + timedelta(days=1))} THEN 'implausible_ts'
-        WHEN _event IS NULL THEN 'unknown_event'
+        WHEN {unknown} THEN 'unknown_event'
         WHEN _price_raw IS NOT NULL AND (_price IS NULL OR NOT isfinite(_price)) THEN 'bad_price'
         WHEN _price < 0 THEN 'negative_price'
         {window}
@@ -225,6 +252,7 @@ def _stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], ext
                TRY_CAST(_price_raw AS DOUBLE) AS _price
         FROM (  -- each text field is trimmed and parsed once
           SELECT *, NULLIF(trim({col('user_id')}), '') AS _user, NULLIF(trim({col('ts')}), '') AS _ts_raw,
+                 NULLIF(trim({col('event')}), '') AS _raw_event,
                  TRY_CAST(NULLIF(trim({col('ts')}), '') AS DOUBLE) AS _ts_num,
                  NULLIF(trim({col('price')}), '') AS _price_raw,
                  NULLIF({col('item_id')}, '') AS _item, NULLIF({col('category')}, '') AS _cat,
@@ -271,7 +299,7 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
         def stage_with(src: Source) -> tuple[dict, dict, dict]:
             mapping, events, extras = _resolve(cfg, preset, src.columns)
             sql = _stage_sql(src, mapping, events, extras, ts_unit, _parse_time(cfg.since), _parse_time(cfg.until),
-                             now)
+                             now, cfg.strict_events)
             con.execute(f"CREATE TEMP TABLE staged AS {sql}")
             return mapping, events, extras
 
@@ -298,7 +326,8 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
                     src = csv_lines_source(con, path, preset)
                     mapping, events, extras = stage_with(src)
             else:
-                src = parquet_source(con, path) if kind == "parquet" else jsonl_source(con, path, kind)
+                read = {"parquet": parquet_source, "ga4": ga4_source, "segment": segment_source}
+                src = read[kind](con, path) if kind in read else jsonl_source(con, path, kind)
                 mapping, events, extras = stage_with(src)
         except duckdb.Error as e:
             raise ValueError(f"cannot read {path} as {cfg.format}: {_first_line(e)}") from None
@@ -312,6 +341,9 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
                 counts["malformed_line"] = counts.get("malformed_line", 0) + n_bad
         report.rejected = {r: counts[r] for r in REASONS if counts.get(r)}
         report.rows_read = report.accepted + report.filtered + sum(report.rejected.values())
+        report.unmapped = dict(con.execute(
+            f"SELECT {RAW_EVENT}, count(*) FROM staged WHERE reason IS NULL AND _unmapped "
+            "GROUP BY ALL ORDER BY 2 DESC, 1").fetchall())
         if kind == "database" and (sha in known or not report.rows_read):  # the same rows as a load before, or none
             return FileReport(source=str(path), sha256=sha, rows_read=report.rows_read, skipped=True)
         if cfg.strict and report.rejected:
@@ -325,7 +357,8 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
             report.part = f"part-{sha[:16]}.parquet"
             extra_sel = "".join(f", s.{sql_ident(n)}" for n in extras.values())
             con.execute(f"""COPY (
-                SELECT m.pid AS user_id, s.ts, s.event, s.item_id, s.category, s.price, ms.pid AS session_id{extra_sel}
+                SELECT m.pid AS user_id, s.ts, s.event, s.item_id, s.category, s.price, ms.pid AS session_id,
+                       s.{RAW_EVENT}{extra_sel}
                 FROM staged s JOIN user_map m ON s.user_raw = m.raw LEFT JOIN session_map ms ON s.session_raw = ms.raw
                 WHERE s.reason IS NULL
             ) TO {sql_literal(stage / report.part)} (FORMAT parquet)""")
@@ -369,6 +402,16 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _folder_files(path: Path) -> list[Path]:
+    """A folder's files in name order (the daily ``events_YYYYMMDD`` files of an export), or ``[path]``."""
+    if not path.is_dir():
+        return [path]
+    files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith((".", "_")))
+    if not files:
+        raise FileNotFoundError(f"no files in the folder {path}: give the export's files or their folder")
+    return files
+
+
 def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str | Path, cfg: DataConfig,
            progress: bool = True) -> IngestReport:
     """Read, validate, pseudonymise and store raw event files; all files land or none.
@@ -378,7 +421,9 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
     workspace : Workspace or path
         Destination workspace.
     paths : path, DatabaseQuery or an iterable of them
-        Source files (``.gz`` allowed for CSV and JSONL), or queries on a database (``event_database``).
+        Source files (``.gz`` allowed for CSV and JSONL) or folders of them (each file of a
+        folder, in name order, e.g. a GA4 export's ``events_YYYYMMDD`` files), or queries on a
+        database (``event_database``).
     cfg : DataConfig
         Format (a preset or ``csv``/``parquet``/``jsonl``), column and event maps, timestamp
         unit, strict mode and the ``since``/``until`` window.
@@ -401,6 +446,7 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
     if isinstance(paths, (str, Path, DatabaseQuery)):
         paths = [paths]
     paths = [p if isinstance(p, DatabaseQuery) else Path(p) for p in paths]
+    paths = [f for p in paths for f in (_folder_files(p) if isinstance(p, Path) else [p])]
     for p in paths:
         if isinstance(p, Path) and not p.is_file():
             raise FileNotFoundError(f"no such file: {p}")
@@ -462,6 +508,7 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
                         f.rejects_path, rejects = dest, f"rejects/{dest.name}"
                     entries.append({**dict(sha256=f.sha256, source=str(Path(f.source).resolve()), format=cfg.format,
                                            parts=[f.part] if f.part else [], rejects=rejects, rows_read=f.rows_read,
+                                           unmapped_events=f.unmapped,
                                            accepted=f.accepted, rejected=f.rejected, filtered=f.filtered,
                                            ingested_at=now.isoformat(timespec="seconds") + "Z"), **f.manifest})
                 fsync_dir(ws.events_dir)

@@ -34,7 +34,7 @@ from .config import FeatureConfig
 from .times import DAY_US, HOUR_US, duration_us
 from .vocabulary import EVENT_TYPES
 
-SESSION_TYPES = ("view", "cart", "remove_from_cart", "wishlist")  # counted within the current session
+SESSION_TYPES = ("view", "cart", "remove_from_cart", "wishlist", "checkout")  # counted within the current session
 # local hours [a, b) of each part of the day, and the ISO weekdays (Monday = 1) of the activity shares
 DAYPARTS = {"night": (0, 6), "morning": (6, 12), "afternoon": (12, 18), "evening": (18, 24)}
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")

@@ -13,12 +13,14 @@ _EVENT_VERB = {  # event -> phrase with the count {n} and its noun
     "cart": "added {n} {items} to the cart",
     "remove_from_cart": "removed {n} {items} from the cart",
     "wishlist": "added {n} {items} to the wishlist",
+    "checkout": "went through a checkout step {n} {times}",
     "purchase": "made {n} {purchases}",
     "events": "was active {n} {times} (any event)",
 }
 _EVENT_DID = {"view": "viewed a product", "cart": "added an item to the cart",
               "remove_from_cart": "removed an item from the cart", "wishlist": "added an item to the wishlist",
-              "purchase": "bought something", "other": "interacted with the shop"}
+              "checkout": "reached the checkout", "purchase": "bought something",
+              "other": "interacted with the shop"}
 _NAN_TEXT = {
     "view_to_cart": "has not viewed any product", "cart_to_purchase": "has never added an item to the cart",
     "price_mean": "saw no prices", "price_max": "saw no prices", "price_std": "saw fewer than 2 prices",
@@ -72,7 +74,8 @@ def _count_text(event: str, n: float, window: str) -> str:
     if n_int == 0:
         none = {"view": "viewed no products", "cart": "added nothing to the cart",
                 "remove_from_cart": "removed nothing from the cart", "wishlist": "added nothing to the wishlist",
-                "purchase": "made no purchase", "events": "was not active"}[event]
+                "checkout": "went through no checkout step", "purchase": "made no purchase",
+                "events": "was not active"}[event]
         return f"{none} {window_text(window)}"
     return f"{verb.format(n=_num(n_int), **words)} {window_text(window)}"
 
@@ -82,7 +85,7 @@ def feature_text(name: str, value: float) -> str:
     v = float(value) if value is not None else float("nan")
     nan = not math.isfinite(v)
     parts = name.split("_")
-    events = {"view", "cart", "remove_from_cart", "wishlist", "purchase", "events"}
+    events = {"view", "cart", "remove_from_cart", "wishlist", "checkout", "purchase", "events"}
     if name.startswith("n_") and not name.startswith("n_items") and name not in ("n_categories", "n_sessions"):
         body, window = name[2:].rsplit("_", 1)
         if body in events:
@@ -141,5 +144,6 @@ def event_text(event: str, hours_before: float, item: Any = None, category: Any 
         what += f" (category {category})"
     verb = {"view": f"viewed {what}", "cart": f"added {what} to the cart",
             "remove_from_cart": f"removed {what} from the cart", "wishlist": f"added {what} to the wishlist",
+            "checkout": f"went to the checkout with {what}",
             "purchase": f"bought {what}"}.get(event, f"interacted with {what} ({event})")
     return f"{verb} {ago_text(hours_before)}"

@@ -23,7 +23,7 @@ from .sequences import (
     time_edges,
 )
 from .times import DAY_US, EPOCH, HOUR_US, ONE_US
-from .vocabulary import EVENT_CODES, OTHER_CODE
+from .vocabulary import EVENT_CODES, OTHER_CODE, RAW_EVENT
 
 _NAT = np.iinfo(np.int64).min
 
@@ -66,15 +66,16 @@ def build_sequences_frame(events: Any, examples: Any, cfg: Optional[SequenceConf
     """:func:`sequences.build_sequences` for in-memory events of a few users, in numpy (serving).
 
     The tokens are those of the SQL, written out: windows ordered by ``ts, event, item_id,
-    category, price`` (NULLS LAST, also when descending), ``dt_prev`` and ``item_state`` over the
-    whole visible history, the last ``max_seq_len`` events by recency rank. Rows that agree on
-    all five sort keys are ordered by their position in ``events`` (the SQL leaves them unordered;
+    category, price, raw_event`` (NULLS LAST, also when descending), ``dt_prev`` and ``item_state``
+    over the whole visible history, the last ``max_seq_len`` events by recency rank. Rows that agree
+    on all six sort keys are ordered by their position in ``events`` (the SQL leaves them unordered;
     only ``item_state`` can tell them apart). ``tests/test_sequences.py`` checks both agree.
 
     Parameters
     ----------
-    events : DataFrame or mapping of columns (user_id, ts, event, item_id, category, price), any
-        order; NaN / None are NULL.
+    events : DataFrame or mapping of columns (user_id, ts, event, item_id, category, price and,
+        optionally, raw_event: where it is absent or NULL, the raw name is ``event``), any order;
+        NaN / None are NULL.
     examples : DataFrame with ``example_id, user_id, cutoff``; only events with ``ts < cutoff``
         of the example's user are read.
     cfg, vocab : as :func:`sequences.build_sequences`.
@@ -106,6 +107,9 @@ def build_sequences_frame(events: Any, examples: Any, cfg: Optional[SequenceConf
     uid, ts = uid[keep], ts[keep]
     ev, item, cat = (_frame_col(events, c)[keep] for c in ("event", "item_id", "category"))
     price = _frame_col(events, "price")[keep]
+    # the raw name; where absent or NULL, the canonical one (the SQL's coalesce(raw_event, event))
+    raw = _frame_col(events, RAW_EVENT)[keep] if RAW_EVENT in events else ev
+    raw = np.array([r if r is not None else v for r, v in zip(raw.tolist(), ev.tolist())], dtype=object)
     e = len(keep)
 
     # ascending window order of the SQL (w_asc, w_item): user, ts, event, item_id, category, price
@@ -113,15 +117,17 @@ def build_sequences_frame(events: Any, examples: Any, cfg: Optional[SequenceConf
     ev_r, ev_u = _rank(ev)
     it_r, it_u = _rank(item)
     ca_r, ca_u = _rank(cat)
+    rw_r, rw_u = _rank(raw)
     p_ok = ~np.isnan(price)
     p_u = np.unique(price[p_ok])
     p_r = np.where(p_ok, np.searchsorted(p_u, np.where(p_ok, price, 0.0)), len(p_u))
-    asc = np.lexsort((np.arange(e), p_r, ca_r, it_r, ev_r, ts, u_r))
+    asc = np.lexsort((np.arange(e), rw_r, p_r, ca_r, it_r, ev_r, ts, u_r))
     u_r, ts, ev, price = u_r[asc], ts[asc], ev[asc], price[asc]
-    ev_r, it_r, ca_r, p_r = ev_r[asc], it_r[asc], ca_r[asc], p_r[asc]
+    ev_r, it_r, ca_r, p_r, rw_r = ev_r[asc], it_r[asc], ca_r[asc], p_r[asc], rw_r[asc]
     pos = np.arange(e)
     # recency order (w_desc): every key descending, NULLs still last; exact ties: later row first
-    desc = np.lexsort((-pos, _desc(p_r, len(p_u)), _desc(ca_r, len(ca_u)), _desc(it_r, len(it_u)),
+    desc = np.lexsort((-pos, _desc(rw_r, len(rw_u)), _desc(p_r, len(p_u)), _desc(ca_r, len(ca_u)),
+                       _desc(it_r, len(it_u)),
                        _desc(ev_r, len(ev_u)), -ts, u_r))  # (E,) indices into the ascending arrays
 
     first = np.r_[True, u_r[1:] != u_r[:-1]]
@@ -143,6 +149,7 @@ def build_sequences_frame(events: Any, examples: Any, cfg: Optional[SequenceConf
     event_tok = np.array([EVENT_CODES.get(v, OTHER_CODE) for v in ev.tolist()], dtype=np.int64)
     item_tok = np.array([stable_bucket(v, cfg.item_buckets) for v in it_u] + [0], np.int64)[it_r]
     cat_tok = np.array([stable_bucket(v, cfg.category_buckets) for v in ca_u] + [0], np.int64)[ca_r]
+    raw_tok = np.array([stable_bucket(v, cfg.raw_event_buckets) for v in rw_u] + [0], np.int64)[rw_r]
     edges_p = np.asarray(vocab.price_edges, dtype=np.float64)
     price_tok = np.where(np.isfinite(price), 1 + np.searchsorted(edges_p, np.nan_to_num(price), side="right"), 0)
     hour = (ts // HOUR_US) % 24 + 1
@@ -180,5 +187,6 @@ def build_sequences_frame(events: Any, examples: Any, cfg: Optional[SequenceConf
     out["hour"][row, col] = hour[idx]
     out["weekday"][row, col] = weekday[idx]
     out["item_state"][row, col] = item_state[idx]
+    out["raw_event"][row, col] = raw_tok[idx]
     out["mask"][row, col] = True
     return out

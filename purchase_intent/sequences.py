@@ -5,7 +5,8 @@ Each event becomes a token of several small integer fields (0 always means paddi
 =============  ==========================================================================
 field          value
 =============  ==========================================================================
-``event``      1..6: view, cart, remove_from_cart, wishlist, purchase, other
+``event``      1..7: view, cart, remove_from_cart, wishlist, purchase, other, checkout
+               (``vocabulary.EVENT_CODES``; checkout came last so older codes kept their meaning)
 ``item``       1..item_buckets: ``1 + int(md5(item_id).hexdigest()[:15], 16) % item_buckets``
 ``category``   1..category_buckets, the same stable hash of ``category``
 ``price``      1..len(price_edges)+1: quantile bucket, edges fitted on train events only
@@ -17,6 +18,10 @@ field          value
                whole history before the cutoff: ``1 + seen + 2 carted + 4 removed + 8 bought``
                (0 = no item id). A view of an item carted days ago reads ``1 + 1 + 2 = 4``: the
                revisit that precedes many purchases is one token, not a match attention must find.
+``raw_event``  1..raw_event_buckets: the stable hash of the event name as the shop wrote it
+               (``raw_event``; ``event`` where a workspace predates it): the sequence model sees
+               the shop's own vocabulary ("page_view", "view_item_list", "Product Clicked"), also
+               the names that ingest maps to ``other``
 =============  ==========================================================================
 
 Layout: chronological and **right-aligned**: the most recent event sits in the last column
@@ -43,9 +48,10 @@ import pandas as pd
 
 from .config import from_dict
 from .times import parse_duration
-from .vocabulary import EVENT_CODES, OTHER_CODE
+from .vocabulary import EVENT_CODES, OTHER_CODE, RAW_EVENT
 
-SEQUENCE_FIELDS = ("event", "item", "category", "price", "dt_cutoff", "dt_prev", "hour", "weekday", "item_state")
+SEQUENCE_FIELDS = ("event", "item", "category", "price", "dt_cutoff", "dt_prev", "hour", "weekday", "item_state",
+                   "raw_event")
 
 
 @dataclass
@@ -55,6 +61,7 @@ class SequenceConfig:
     max_seq_len: int = 200  # most recent events kept per example
     item_buckets: int = 20_000  # hash buckets for item ids (unseen ids still land in a bucket)
     category_buckets: int = 2_000  # hash buckets for categories
+    raw_event_buckets: int = 256  # hash buckets for the shop's own event names (GA4 has ~40, Segment's spec ~50)
     price_buckets: int = 16  # number of price quantile buckets (fewer when prices have ties)
     time_buckets: int = 32  # log-spaced buckets for time gaps, from 1 second ...
     time_max: str = "365d"  # ... to this duration (longer gaps share the last bucket)
@@ -81,6 +88,7 @@ class SequenceVocab:
             "hour": 25,
             "weekday": 8,
             "item_state": 17,
+            "raw_event": c.raw_event_buckets + 1,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,6 +110,13 @@ def _hash_sql(col: str, n_buckets: int) -> str:
     # first 15 hex digits of md5 = a 60-bit non-negative BIGINT; identical to stable_bucket()
     return (f"CASE WHEN {col} IS NULL THEN 0 ELSE "
             f"1 + (('0x' || substr(md5(CAST({col} AS VARCHAR)), 1, 15))::BIGINT % {int(n_buckets)}) END")
+
+
+def raw_event_sql(con, events: str = "events", alias: str = "e") -> str:
+    """The SQL of an event's raw name: ``raw_event``, or ``event`` where it is NULL (rows of parts
+    ingested before the column existed) or where ``events`` has no such column at all."""
+    cols = {r[0] for r in con.execute(f"DESCRIBE {events}").fetchall()}
+    return f"coalesce({alias}.{RAW_EVENT}, {alias}.event)" if RAW_EVENT in cols else f"{alias}.event"
 
 
 def _examples_sql(con, examples: Any, name: str) -> str:
@@ -169,7 +184,7 @@ def checked_vocab(cfg: Optional[SequenceConfig], vocab: Optional[SequenceVocab]
     """The vocab and config to tokenise with; raises when their bucket counts differ."""
     vocab = vocab or SequenceVocab(cfg=cfg or SequenceConfig())
     cfg = cfg or vocab.cfg
-    for name in ("item_buckets", "category_buckets", "time_buckets", "time_max"):
+    for name in ("item_buckets", "category_buckets", "raw_event_buckets", "time_buckets", "time_max"):
         if getattr(cfg, name) != getattr(vocab.cfg, name):
             raise ValueError(f"SequenceConfig.{name}={getattr(cfg, name)!r} differs from the vocab's "
                              f"{getattr(vocab.cfg, name)!r}: tokens would not match the trained model")
@@ -219,6 +234,7 @@ def build_sequences(con, examples: Any = "examples", cfg: Optional[SequenceConfi
     edges_t = time_edges(cfg)
     edges_p = np.asarray(vocab.price_edges, dtype=np.float64)
     ev_case = " ".join(f"WHEN '{k}' THEN {v}" for k, v in EVENT_CODES.items())
+    raw_col = raw_event_sql(con)
     for lo in range(0, n, max(int(cfg.chunk_size), 1)):
         chunk = ids[lo: lo + cfg.chunk_size]
         # rn = recency rank (1 = most recent); dt_prev uses the full history, not only the window
@@ -227,7 +243,7 @@ def build_sequences(con, examples: Any = "examples", cfg: Optional[SequenceConfi
             WITH x AS (SELECT example_id, user_id, cutoff FROM {ex}
                        WHERE example_id BETWEEN {int(chunk[0])} AND {int(chunk[-1])}),
             j AS (
-              SELECT x.example_id, e.ts, e.event, e.item_id, e.category, e.price,
+              SELECT x.example_id, e.ts, e.event, e.item_id, e.category, e.price, {raw_col} AS raw_event,
                      epoch_us(x.cutoff) - epoch_us(e.ts) AS us_cut,
                      epoch_us(e.ts) - epoch_us(lag(e.ts) OVER w_asc) AS us_prev,
                      row_number() OVER w_desc AS rn,
@@ -236,17 +252,20 @@ def build_sequences(con, examples: Any = "examples", cfg: Optional[SequenceConfi
                      max(CASE WHEN e.event = 'remove_from_cart' THEN 4 ELSE 0 END) OVER w_item AS it_rm,
                      max(CASE WHEN e.event = 'purchase' THEN 8 ELSE 0 END) OVER w_item AS it_buy
               FROM x JOIN events e ON e.user_id = x.user_id AND e.ts < x.cutoff
-              WINDOW w_asc AS (PARTITION BY x.example_id ORDER BY e.ts, e.event, e.item_id, e.category, e.price),
+              WINDOW w_asc AS (PARTITION BY x.example_id
+                               ORDER BY e.ts, e.event, e.item_id, e.category, e.price, {raw_col}),
                      w_item AS (PARTITION BY x.example_id, e.item_id
-                                ORDER BY e.ts, e.event, e.item_id, e.category, e.price
+                                ORDER BY e.ts, e.event, e.item_id, e.category, e.price, {raw_col}
                                 ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),
                      w_desc AS (PARTITION BY x.example_id
-                                ORDER BY e.ts DESC, e.event DESC, e.item_id DESC, e.category DESC, e.price DESC)
+                                ORDER BY e.ts DESC, e.event DESC, e.item_id DESC, e.category DESC, e.price DESC,
+                                         {raw_col} DESC)
             )
             SELECT example_id, rn,
                    CASE event {ev_case} ELSE {OTHER_CODE} END::UTINYINT AS event,
                    {_hash_sql('item_id', cfg.item_buckets)} AS item,
                    {_hash_sql('category', cfg.category_buckets)} AS category,
+                   {_hash_sql('raw_event', cfg.raw_event_buckets)} AS raw_event,
                    price, us_cut, us_prev,
                    (hour(ts) + 1)::UTINYINT AS hour, isodow(ts)::UTINYINT AS weekday,
                    CASE WHEN item_id IS NULL THEN 0
@@ -275,6 +294,7 @@ def build_sequences(con, examples: Any = "examples", cfg: Optional[SequenceConfi
         out["hour"][row, pos] = col["hour"]
         out["weekday"][row, pos] = col["weekday"]
         out["item_state"][row, pos] = col["item_state"]
+        out["raw_event"][row, pos] = col["raw_event"]
         out["mask"][row, pos] = True
     if not isinstance(examples, str):
         con.unregister("_pi_seq_examples")

@@ -38,7 +38,9 @@ def _rejects(path: Path) -> list[dict]:
 
 
 def test_every_reject_reason_with_line_numbers(tmp_path):
-    r = ingest(tmp_path, [DATA / "rejects.csv"], DataConfig(format="csv", since="2024-01-01"), progress=False)
+    # strict_events: the unknown name "teleport" is a reject (by default it is stored as other)
+    r = ingest(tmp_path, [DATA / "rejects.csv"], DataConfig(format="csv", since="2024-01-01", strict_events=True),
+               progress=False)
     assert r.accepted == 4 and r.filtered == 1
     assert r.rejected == {"bad_price": 1, "bad_ts": 1, "implausible_ts": 2, "malformed_line": 2, "missing_ts": 1,
                           "missing_user": 1, "negative_price": 1, "unknown_event": 1}
@@ -170,7 +172,8 @@ def test_idempotent(tmp_path):
     copy = tmp_path.parent / "same_content.csv"
     copy.write_bytes((DATA / "rejects.csv").read_bytes())
     assert ingest(ws, [copy], DataConfig(format="csv"), progress=False).skipped == [str(copy)]
-    assert ws.connect().sql("SELECT count(*) FROM events").fetchall()[0][0] == 5
+    # 5 known events and "teleport", stored as other
+    assert ws.connect().sql("SELECT count(*) FROM events").fetchall()[0][0] == 6
 
 
 def test_since_until_filtered(tmp_path, tiny_events):
@@ -216,7 +219,7 @@ def test_failure_midway_leaves_workspace_unchanged(tmp_path, monkeypatch, target
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]
     monkeypatch.undo()
     r = ingest(ws, [DATA / "rejects.csv", src2], DataConfig(format="csv"), progress=False)
-    assert r.accepted == 5 + 1
+    assert r.accepted == 6 + 1  # with "teleport", stored as other
 
 
 def test_sigkill_leaves_workspace_unchanged(tmp_path, tiny_events):

@@ -222,7 +222,7 @@ def _random_log(seed: int, n: int = 300) -> pd.DataFrame:
     df = pd.DataFrame({
         "user_id": pick(["u1", "u2", "u3", "ü4"], 0.0),
         "ts": ts.astype("datetime64[us]"),
-        "event": pick(["view", "cart", "remove_from_cart", "wishlist", "purchase", "other", "zoom"], 0.05),
+        "event": pick(["view", "cart", "remove_from_cart", "wishlist", "checkout", "purchase", "other", "zoom"], 0.05),
         "item_id": pick(["a", "b", "c", "B", "é"], 0.2),
         "category": pick(["x", "y", "z"], 0.3),
         "price": [None if rng.random() < 0.25 else float(v) for v in rng.choice([1.0, 2.5, 10.0, 99.0], n)],
@@ -231,10 +231,13 @@ def _random_log(seed: int, n: int = 300) -> pd.DataFrame:
     return df.drop_duplicates(["user_id", "ts", "event", "item_id", "category", "price"]).reset_index(drop=True)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_frame_build_equals_sql_on_random_logs(seed):
+@pytest.mark.parametrize("seed,raw", [(0, False), (1, False), (2, True), (3, True)])
+def test_frame_build_equals_sql_on_random_logs(seed, raw):
     events = _random_log(seed)
     rng = np.random.default_rng(100 + seed)
+    if raw:  # raw names (NULL in parts of old workspaces: the canonical name), several per event
+        events["raw_event"] = [None if rng.random() < 0.3 else v for v in
+                               rng.choice(["view_item", "page_view", "begin_checkout", "Product Viewed"], len(events))]
     users = ["u1", "u2", "u3", "ü4", "nobody"]
     cut = np.datetime64("2024-03-01T00:00:00", "us") + rng.integers(0, 24 * 3600, 9) * np.timedelta64(1, "s")
     cut[0] = events.ts.iloc[0]  # exactly at an event: that event is not visible
@@ -243,7 +246,8 @@ def test_frame_build_equals_sql_on_random_logs(seed):
                        "cutoff": cut.astype("datetime64[us]")})
     ex.loc[0, "user_id"] = events.user_id.iloc[0]
     for max_len in (4, 64):
-        cfg = SequenceConfig(max_seq_len=max_len, item_buckets=7, category_buckets=3, time_buckets=8, time_max="1d")
+        cfg = SequenceConfig(max_seq_len=max_len, item_buckets=7, category_buckets=3, time_buckets=8, time_max="1d",
+                             raw_event_buckets=5)
         vocab = SequenceVocab(cfg=cfg, price_edges=[2.0, 10.0])
         sql = build_sequences(_con(events), ex, cfg, vocab)
         _assert_same(sql, build_sequences_frame(events, ex, cfg, vocab))

@@ -264,7 +264,8 @@ def test_openapi_documents_the_request_bodies(client):
         assert body == {"$ref": f"#/components/schemas/{model}"}
     schemas = spec["components"]["schemas"]
     assert {"ScoreRequest", "BatchRequest", "Event", "ScoreResponse"} <= set(schemas)
-    assert set(schemas["Event"]["properties"]) == {"ts", "event", "item_id", "category", "price", "session_id"}
+    assert set(schemas["Event"]["properties"]) == {"ts", "event", "item_id", "category", "price", "session_id",
+                                                  "raw_event"}
 
 
 def test_malformed_bodies_and_limits(shop):

@@ -84,7 +84,9 @@ def test_parse_iso_and_epoch_seconds():
 
 
 def test_event_vocabulary():
-    assert CANONICAL_EVENTS == ("view", "cart", "remove_from_cart", "wishlist", "purchase", "other")
+    assert CANONICAL_EVENTS == ("view", "cart", "remove_from_cart", "wishlist", "checkout", "purchase", "other")
     assert EVENT_TYPES == CANONICAL_EVENTS[:-1]
-    assert EVENT_CODES == {"view": 1, "cart": 2, "remove_from_cart": 3, "wishlist": 4, "purchase": 5, "other": 6}
-    assert OTHER_CODE == 6
+    # the codes of runs trained before checkout existed keep their meaning; checkout takes the next one
+    assert EVENT_CODES == {"view": 1, "cart": 2, "remove_from_cart": 3, "wishlist": 4, "purchase": 5, "other": 6,
+                           "checkout": 7}
+    assert set(EVENT_CODES) == set(CANONICAL_EVENTS) and OTHER_CODE == 6

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,10 @@ from safetensors.torch import save as save_tensors
 
 from ..allocator import retained_heap
 from ..config import from_dict
+from ..sequences import SequenceVocab
 from ..train import TrainLoopConfig, lr_at, make_optimizer
 from .classifier import collate
+from .encoder_compat import upgrade_state
 from .transformer import BehaviourTransformer, TransformerConfig
 
 OBJECTIVES = ("masked", "contrastive", "next")
@@ -472,8 +475,14 @@ def load_encoder(directory: str | Path | None) -> tuple[BehaviourTransformer, di
     meta = json.loads((d / ENCODER_CONFIG).read_text())
     if meta.get("kind") != ENCODER_KIND:
         raise ValueError(f"{d / ENCODER_CONFIG} is not a pretrained encoder's config")
-    net = BehaviourTransformer(from_dict(TransformerConfig, meta["transformer"]))
-    net.load_state_dict(load_file(str(d / ENCODER_WEIGHTS)))
+    state = load_file(str(d / ENCODER_WEIGHTS))
+    cfg, state, note = upgrade_state(from_dict(TransformerConfig, meta["transformer"]), state,
+                                     SequenceVocab.from_dict(meta.get("vocab", {})))
+    if note:  # an encoder saved before checkout / raw_event: it computes what it computed, see encoder_compat
+        print(f"the encoder {d} predates this version's token fields: {note}", file=sys.stderr)
+        meta = {**meta, "transformer": dataclasses.asdict(cfg), "upgraded": note}
+    net = BehaviourTransformer(cfg)
+    net.load_state_dict(state)
     return net.eval(), meta
 
 

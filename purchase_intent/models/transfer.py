@@ -9,9 +9,10 @@ token fields; each parameter group is copied when its rows mean the same in the 
 ==================  ===========================================================================
 group               copied when
 ==================  ===========================================================================
-``event``           always: 1..6 are the canonical event types every shop's names are mapped to
+``event``           always: 1..7 are the canonical event types every shop's names are mapped to
 ``item``,           the bucket counts are equal (``pretrain --init`` takes them from the init
-``category``        encoder's vocab): ``md5(id) % buckets`` sends one id to one row in every shop
+``category``,       encoder's vocab): ``md5(id) % buckets`` sends one id to one row in every shop
+``raw_event``       (two shops' own event names share rows where they share names: GA4 exports)
 ``dt_cutoff``,      ``time_buckets`` and ``time_max`` are equal (fixed log-spaced edges in seconds)
 ``dt_prev``
 ``hour``,           always: UTC hour of day, ISO weekday, and the fixed code of what the user did
@@ -48,7 +49,7 @@ from .transformer import BehaviourTransformer, TransformerConfig
 # the fields whose tokens are fixed codes, the same in every shop
 FIXED_FIELDS = {"event": "canonical event types", "hour": "UTC hour of day", "weekday": "ISO weekday",
                 "item_state": "fixed code of the earlier actions on the item"}
-HASHED_FIELDS = {"item": "item_buckets", "category": "category_buckets"}
+HASHED_FIELDS = {"item": "item_buckets", "category": "category_buckets", "raw_event": "raw_event_buckets"}
 TIME_FIELDS = ("dt_cutoff", "dt_prev")
 # the encoder's parameter groups besides the field tables, in the order of the report
 ENCODER_GROUPS = ("cls", "blocks", "ln_f", "pool")

@@ -81,6 +81,9 @@ class Event(BaseModel):
     category: Optional[Id] = None
     price: Optional[Price] = None
     session_id: Optional[Id] = None
+    # the event name as the shop's tracking wrote it ("begin_checkout"), as ingest stores it in
+    # `raw_event`; the model hashes it into a token field. Default: the canonical `event`
+    raw_event: Optional[Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]] = None
 
 
 class ScoreRequest(BaseModel):

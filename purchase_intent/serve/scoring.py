@@ -174,7 +174,7 @@ class ServeState:
 # ---------------------------------------------------------------------------------------------
 # scoring (shared by the routes)
 _SCHEMA = (("user_id", "string"), ("ts", "timestamp[us]"), ("event", "string"), ("item_id", "string"),
-           ("category", "string"), ("price", "float64"), ("session_id", "string"))
+           ("category", "string"), ("price", "float64"), ("session_id", "string"), ("raw_event", "string"))
 
 
 def _event_columns(users: list[ScoreRequest], ids: list[str], sessions: dict[str, str]) -> dict[str, list]:
@@ -190,6 +190,7 @@ def _event_columns(users: list[ScoreRequest], ids: list[str], sessions: dict[str
         cols["category"] += [e.category for e in ev]
         cols["price"] += [e.price for e in ev]
         cols["session_id"] += [sessions[e.session_id] if e.session_id is not None else None for e in ev]
+        cols["raw_event"] += [e.raw_event if e.raw_event is not None else e.event for e in ev]
     return cols
 
 
