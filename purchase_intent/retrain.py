@@ -47,7 +47,7 @@ from .evaluate import paired_auc_difference, roc_auc
 from .monitor import MonitorError, training_window
 from .serve.pidfile import signal_reload
 from .times import parse_duration
-from .workspace import Workspace, _exchange, as_workspace, atomic_write_json, fsync_dir
+from .workspace import Workspace, as_workspace, atomic_write_json, exchange, fsync_dir
 
 AUDIT_LOG = "retrain-log.jsonl"
 CHALLENGER_SUFFIX = ".challenger"
@@ -206,7 +206,7 @@ def _predict(run: runs.Run, built: runs.Built, idx: np.ndarray, ws: Workspace) -
 def _promote(challenger_dir: Path, champion_dir: Path, archive_dir: Path) -> None:
     """The challenger at ``champion_dir`` and the old champion at ``archive_dir``; ``champion_dir``
     never misses where the kernel can exchange two names atomically (Linux)."""
-    if _exchange(challenger_dir, champion_dir):
+    if exchange(challenger_dir, champion_dir):
         os.replace(challenger_dir, archive_dir)  # what was the champion
     else:
         os.replace(champion_dir, archive_dir)
