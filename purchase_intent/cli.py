@@ -305,11 +305,17 @@ def cmd_serve(a: argparse.Namespace) -> int:
     app = create_app(settings)
     print(f"serving run {settings.run!r} from {settings.runs_path.resolve()} on http://{settings.host}:{settings.port} "
           f"(docs: /docs; pid {os.getpid()}; `kill -HUP {os.getpid()}` reloads the run)", flush=True)
-    record = pidfile.register(settings.runs_path, settings.run, settings.host, settings.port)  # for `retrain`
+    try:  # so that `retrain` can tell this server to reload after a promotion
+        record = pidfile.register(settings.runs_path, settings.run, settings.host, settings.port)
+    except OSError as e:  # a read-only runs directory still serves; only the signal from `retrain` is lost
+        print(f"warning: cannot record this server in {settings.runs_path} ({e.strerror or e}): "
+              "`retrain` will not signal it; reload with `kill -HUP`", file=sys.stderr)
+        record = None
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
     finally:
-        pidfile.unregister(record)
+        if record is not None:
+            pidfile.unregister(record)
     return 0
 
 

@@ -149,7 +149,7 @@ def _retrain(ws: Workspace, run: str, champion: runs.Run, challenger_dir: Path, 
     window = built.info["split"]["splits"]["test"]
 
     overlap = None
-    if champion_window is not None and window["first_cutoff"]:
+    if champion_window is not None and window["first_cutoff"] and label_cfg.task == "user":
         seen_until = datetime.fromisoformat(champion_window["last_cutoff"]) + parse_duration(label_cfg.horizon)
         if seen_until > datetime.fromisoformat(window["first_cutoff"]):
             overlap = (f"the champion learned from labels up to {seen_until.isoformat()}, inside the comparison "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -183,3 +184,46 @@ def test_a_failed_retrain_leaves_the_champion_and_says_so(ws, monkeypatch):
     assert not (ws.runs_dir / "logreg.challenger").exists()
     log = retrain.read_audit(ws)
     assert [e["decision"] for e in log] == ["failed"] and "disk gone" in log[0]["error"]
+
+
+@pytest.mark.slow
+def test_a_real_server_records_itself_and_reloads_the_promoted_run(ws, tmp_path):
+    """`serve` writes runs/.servers/<pid>.json; `retrain` promotes and the live server answers with the new version."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    key = "retrain-test-key-0123"
+    env = {**os.environ, "PURCHASE_INTENT_API_KEYS": key, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "purchase_intent.cli", "--workspace", str(ws.root), "serve",
+                             "--run", "logreg", "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, cwd=tmp_path)
+
+    def version() -> str | None:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/model", headers={"Authorization": f"Bearer {key}"})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return json.loads(r.read())["version"]
+        except OSError:
+            return None
+
+    try:
+        deadline = time.monotonic() + 60
+        while version() is None:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        assert [r["pid"] for r in pidfile.servers(ws.runs_dir)] == [proc.pid]
+        old = version()
+        d = retrain.retrain("logreg", ws, cfg=retrain.RetrainConfig(n_boot=50))
+        assert d["decision"] == "promoted" and d["reloaded_servers"] == [proc.pid]
+        deadline = time.monotonic() + 30
+        while version() == old:
+            assert time.monotonic() < deadline, "the server never reloaded"
+            time.sleep(0.2)
+        assert version() == d["challenger"]["version"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert not (ws.runs_dir / pidfile.SERVERS_DIR / f"{proc.pid}.json").exists()  # removed at shutdown
