@@ -9,7 +9,8 @@ the run's model):
 
 * the **training window**: the examples at the run's last training cutoff (the newest population
   it learned from; its first and last training cutoffs are kept in ``runs/<run>/train_window.json``
-  so that the run can be monitored after the workspace is rebuilt);
+  so that the run can be monitored after the workspace is rebuilt). While the workspace holds the
+  run's own build, their features are read from it instead of computed again;
 * the **latest window**: ``[T - horizon, T)``, where ``T`` is ``--at`` (default: the end of the
   data); its examples are the users active at the cutoff ``T - horizon`` and its labels are the
   purchases in the window, so they have matured whenever ``T`` lies within the data.
@@ -39,6 +40,7 @@ from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from . import runs
 from .evaluate import roc_auc, roc_auc_ci
@@ -226,6 +228,33 @@ def build_window(run: Run, con, cutoff: datetime, matured: bool, cfg: MonitorCon
     return Window(cutoff, cutoff + horizon, pd.concat(frames, ignore_index=True), np.concatenate(scores), labels)
 
 
+def window_from_build(run: Run, ws: Workspace, cutoff: datetime, con) -> Optional[Window]:
+    """The training window at ``cutoff`` from the workspace's build, when it is the run's own build
+    (its train examples at that cutoff: the same users, features and labels ``build_window`` would
+    compute, already stored); None otherwise. Only the scores are computed."""
+    d = ws.examples_dir
+    try:
+        info = json.loads((d / runs.BUILD_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    meta = run.meta if run.meta.get("build_id") else (run.members[0].meta if run.members else run.meta)
+    if info.get("build_id") != meta.get("build_id"):
+        return None
+    ex = pd.read_parquet(d / runs.EXAMPLES, columns=["user_id", "cutoff", "label", "split"])
+    rows = np.flatnonzero(((ex["cutoff"] == pd.Timestamp(cutoff)) & (ex["split"] == "train")).to_numpy())
+    if not len(rows) or rows[-1] - rows[0] + 1 != len(rows):  # built examples are ordered by cutoff
+        return None
+    feats = pq.read_table(d / runs.FEATURES).slice(int(rows[0]), len(rows)).to_pandas()
+    X = runs.run_features(run.meta, feats)
+    if not run.members and not runs.is_sequence_model(run.model_name):
+        scores = np.asarray(run.model.predict_proba(X), dtype=np.float64)[:, 1]
+    else:
+        scores = predict_users(run, con, ex["user_id"].iloc[rows].tolist(), cutoff)
+    horizon = parse_duration(run.meta["label_config"]["horizon"])
+    return Window(cutoff, cutoff + horizon, X.reset_index(drop=True), scores,
+                  ex["label"].to_numpy()[rows].astype(np.int8))
+
+
 def expected_interval(metrics: dict) -> dict[str, Any]:
     """The ROC-AUC interval the run's evaluation found: its pooled backtest's, else its test window's."""
     for source, block in (("backtest", (metrics.get("backtest") or {}).get("pooled")), ("test", metrics.get("test"))):
@@ -275,7 +304,11 @@ def _monitor(run: str, ws: Workspace, cfg: MonitorConfig, out: str | Path | None
         raise MonitorError(f"the latest window [{latest_cutoff}, {end}) needs the lookback {lc['lookback']} before "
                            f"it, but the data start at {lo}; choose a later --at")
     matured = end <= hi + ONE_US + end_tolerance(horizon)
-    ref = build_window(loaded, con, datetime.fromisoformat(train["last_cutoff"]), True, cfg)
+    ref_cutoff = datetime.fromisoformat(train["last_cutoff"])
+    ref = window_from_build(loaded, ws, ref_cutoff, con)  # the stored training features, when they are the run's
+    ref_source = "build" if ref is not None else "events"
+    if ref is None:
+        ref = build_window(loaded, con, ref_cutoff, True, cfg)
     new = build_window(loaded, con, latest_cutoff, matured, cfg)
 
     unknown = sorted(set(cfg.ignore) - set(ref.features.columns))
@@ -304,7 +337,8 @@ def _monitor(run: str, ws: Workspace, cfg: MonitorConfig, out: str | Path | None
         "checked_at": pd.Timestamp(now, unit="s", tz="UTC").isoformat(), "checked_at_epoch": round(now, 3),
         "config": asdict(cfg),
         "thresholds": {"stable_below": cfg.moderate, "drift_above": cfg.drift},
-        "training_window": {**train, "compared_cutoff": ref.cutoff.isoformat(), "n_compared": len(ref.scores)},
+        "training_window": {**train, "compared_cutoff": ref.cutoff.isoformat(), "n_compared": len(ref.scores),
+                            "features_from": ref_source},
         "latest_window": {"cutoff": new.cutoff.isoformat(), "end": new.end.isoformat(), "n": len(new.scores),
                           "labels_matured": matured},
         "positive_rate": {"training": _rate(train.get("positives"), train.get("n")),

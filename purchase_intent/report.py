@@ -353,10 +353,18 @@ def _evaluated(ws: Workspace, run: str) -> bool:
 
 
 def available_runs(ws: Workspace) -> list[str]:
-    """Runs of the workspace that have been evaluated (have metrics.json), by name."""
+    """Runs of the workspace that have been evaluated (have metrics.json), by name; not the versions
+    `retrain` set aside (a former champion, a challenger not promoted), which ``--run`` can still name."""
     if not ws.runs_dir.is_dir():
         return []
-    return sorted(d.name for d in ws.runs_dir.iterdir() if _evaluated(ws, d.name))
+    return sorted(d.name for d in ws.runs_dir.iterdir() if _evaluated(ws, d.name) and not _set_aside(d))
+
+
+def _set_aside(run_dir: Path) -> bool:
+    try:
+        return runs.KEPT_VERSION in runs.read_meta(run_dir)
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def _explain_section(page: Page, ws: Workspace, names: list[str], preds: dict[str, pd.DataFrame],

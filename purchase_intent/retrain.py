@@ -50,6 +50,7 @@ from .times import parse_duration
 from .workspace import Workspace, as_workspace, atomic_write_json, exchange, fsync_dir
 
 AUDIT_LOG = "retrain-log.jsonl"
+KEPT_VERSION = runs.KEPT_VERSION
 CHALLENGER_SUFFIX = ".challenger"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
 
@@ -181,14 +182,14 @@ def _retrain(ws: Workspace, run: str, champion: runs.Run, challenger_dir: Path, 
         archived = _free_name(ws, f"{run}.{champion.version}")
         _set_run_name(challenger_dir, run)
         _promote(challenger_dir, champion.dir, ws.runs_dir / archived)
-        _set_run_name(ws.runs_dir / archived, archived)
+        _set_run_name(ws.runs_dir / archived, archived, kept="former champion")
         decision["champion"]["kept_as"] = archived
         decision["challenger"]["now"] = run
         decision["ensembles_to_rebuild"] = _ensembles_of(ws, run)
         decision["reloaded_servers"] = signal_reload(ws.runs_dir, run) if cfg.reload else []
     else:
         kept = _free_name(ws, f"{run}.{challenger.version}")
-        _set_run_name(challenger_dir, kept)
+        _set_run_name(challenger_dir, kept, kept="challenger not promoted")
         os.replace(challenger_dir, ws.runs_dir / kept)
         fsync_dir(ws.runs_dir)
         decision["challenger"]["kept_as"] = kept
@@ -214,10 +215,13 @@ def _promote(challenger_dir: Path, champion_dir: Path, archive_dir: Path) -> Non
     fsync_dir(champion_dir.parent)
 
 
-def _set_run_name(run_dir: Path, name: str) -> None:
-    """Rename the run in its run.json (its version and everything else stay)."""
+def _set_run_name(run_dir: Path, name: str, kept: Optional[str] = None) -> None:
+    """Rename the run in its run.json (its version and everything else stay); ``kept`` marks a version
+    set aside (``kept_version``: why), which the default report leaves out."""
     meta = runs.read_meta(run_dir)
     meta["run"] = name
+    if kept:
+        meta[KEPT_VERSION] = {"role": kept, "at": _now()}
     atomic_write_json(run_dir / runs.RUN_JSON, meta)
 
 

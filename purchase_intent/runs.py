@@ -44,6 +44,7 @@ PREDICTIONS = "predictions.parquet"
 METRICS_JSON = "metrics.json"
 STALE_JSON = "stale.json"  # written by `forget` into every run trained on an erased user's data
 MONITOR_JSON = "monitor.json"  # written by `monitor`: drift of the latest window against the training window
+KEPT_VERSION = "kept_version"  # run.json key of a version `retrain` set aside (former champion, challenger)
 
 
 def write_json(path: Path, obj: Any) -> None:

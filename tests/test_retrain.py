@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from purchase_intent import cli, pipeline, retrain, runs
+from purchase_intent import cli, pipeline, report, retrain, runs
 from purchase_intent.config import DataConfig, LabelConfig
 from purchase_intent.monitor import TRAIN_WINDOW_JSON
 from purchase_intent.serve import pidfile
@@ -105,6 +105,8 @@ def test_a_challenger_not_worse_is_promoted_and_servers_reload(base, ws, fake_se
     kept = runs.load_run(d["champion"]["kept_as"], ws)
     assert kept.version == old.version and kept.meta["run"] == d["champion"]["kept_as"] == f"logreg.{old.version}"
     assert not (ws.runs_dir / "logreg.challenger").exists()
+    assert kept.meta["kept_version"]["role"] == "former champion" and "kept_version" not in now.meta
+    assert report.available_runs(ws) == ["logreg"]  # the default report leaves the kept version out
     # the running server was told to reload
     assert _wait_for(fake_server) and fake_server.read_text() == "hup"
     assert d["reloaded_servers"] and "PROMOTED" in printed and "signalled 1 running server" in printed
