@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from datetime import datetime
 
 import numpy as np
 import pandas as pd
@@ -79,7 +80,7 @@ def test_a_stable_window_is_not_flagged(shop):
     assert res["score"]["verdict"] == "stable" and res["score"]["psi"] < 0.1
     by_name = {f["name"]: f for f in res["features"]}
     assert by_name[AGE]["ignored"] and by_name[AGE]["verdict"] == "drift"  # measured, not counted
-    assert res["latest_window"]["labels_matured"]
+    assert res["latest_window"]["labels_matured"] and res["training_window"]["features_from"] == "build"
     perf = res["performance"]
     assert perf["roc_auc"] > 0.6 and perf["verdict"] in ("within", "above")
     assert perf["expected"]["source"] == "test"
@@ -90,6 +91,23 @@ def test_a_stable_window_is_not_flagged(shop):
     res = monitor.monitor("logreg", ws, MonitorConfig(n_boot=0))
     assert res["verdict"] == "drift" and res["reasons"] == [f"feature {AGE}: PSI {res['features'][0]['psi']:.3f} "
                                                             "> 0.25"]
+
+
+def test_the_training_window_from_the_build_equals_the_one_from_events(shop):
+    """Read from the run's build or computed from the events: the same users, features, scores, labels."""
+    _, ws = shop
+    run = runs.load_run("logreg", ws)
+    con = ws.connect()
+    cutoff = datetime.fromisoformat(monitor.training_window(ws, run)["last_cutoff"])
+    stored = monitor.window_from_build(run, ws, cutoff, con)
+    computed = monitor.build_window(run, con, cutoff, True, MonitorConfig())
+    assert stored is not None and len(stored.scores) == len(computed.scores) > 100
+    assert list(stored.features.columns) == list(computed.features.columns)
+    np.testing.assert_allclose(stored.features.to_numpy(), computed.features.to_numpy(), rtol=1e-9, equal_nan=True)
+    np.testing.assert_allclose(stored.scores, computed.scores, rtol=1e-9)
+    assert (stored.labels == computed.labels).all()
+    run.meta = {**run.meta, "build_id": "another-build"}  # converse: not the run's build, not used
+    assert monitor.window_from_build(run, ws, cutoff, con) is None
 
 
 def test_a_drifted_window_is_detected_and_fails_the_scheduler(shop, drifted, tmp_path, capsys):
