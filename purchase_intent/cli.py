@@ -27,7 +27,6 @@ from . import distributed, erasure, explain, monitor, pipeline, pretrain, report
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig
 from .ensemble import evaluate_ensemble
 from .privacy import pseudonym_for
-from .serve import pidfile
 from .serve.settings import API_KEYS_ENV, ServeSettings, read_api_keys
 from .simulate import SimConfig, write_events
 from .tabular import run_table
@@ -301,21 +300,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     settings = ServeSettings(workspace=a.workspace, run=a.run, runs_dir=a.runs_dir, host=a.host, port=a.port,
                              api_keys=read_api_keys(key_file=a.api_key_file), max_events=a.max_events,
                              max_users=a.max_users, max_body_bytes=a.max_body_bytes, log_level=a.log_level,
-                             freeze_gc=True)
+                             freeze_gc=True, record_pid=True)
     app = create_app(settings)
     print(f"serving run {settings.run!r} from {settings.runs_path.resolve()} on http://{settings.host}:{settings.port} "
           f"(docs: /docs; pid {os.getpid()}; `kill -HUP {os.getpid()}` reloads the run)", flush=True)
-    try:  # so that `retrain` can tell this server to reload after a promotion
-        record = pidfile.register(settings.runs_path, settings.run, settings.host, settings.port)
-    except OSError as e:  # a read-only runs directory still serves; only the signal from `retrain` is lost
-        print(f"warning: cannot record this server in {settings.runs_path} ({e.strerror or e}): "
-              "`retrain` will not signal it; reload with `kill -HUP`", file=sys.stderr)
-        record = None
-    try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
-    finally:
-        if record is not None:
-            pidfile.unregister(record)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
     return 0
 
 
