@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeat", type=int, default=2, help="monitor runs, each in its own process")
     p.add_argument("--workspace", help="keep the prepared workspace here (default: a temporary folder)")
     p.add_argument("--reuse", action="store_true", help="reuse the prepared workspace of --workspace")
+    p.add_argument("--training-from", choices=["build", "events"], default="build",
+                   help="events: hide the build during the monitor runs (build.json renamed, then restored), so "
+                        "that the training window is computed from the events, as after a rebuild")
     args = p.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-monitor-"))
@@ -73,10 +76,17 @@ def main(argv: list[str] | None = None) -> dict:
             steps["evaluate"], _ = _run(["--workspace", str(ws), "evaluate", "--run", args.model,
                                          "--n-boot", "200"], env)
         seconds, peaks = [], []
-        for _ in range(args.repeat):
-            s, peak = _run(["--workspace", str(ws), "monitor", "--run", args.model], env)
-            seconds.append(s)
-            peaks.append(peak)
+        build_json, hidden = ws / "examples" / "build.json", ws / "examples" / "build.json.hidden"
+        if args.training_from == "events":
+            build_json.rename(hidden)
+        try:
+            for _ in range(args.repeat):
+                s, peak = _run(["--workspace", str(ws), "monitor", "--run", args.model], env)
+                seconds.append(s)
+                peaks.append(peak)
+        finally:
+            if hidden.exists():
+                hidden.rename(build_json)
         result = json.loads((ws / "runs" / args.model / "monitor.json").read_text())
         manifest = json.loads((ws / "events" / "manifest.json").read_text())
         parts = [str(ws / "events" / p) for e in manifest["files"] for p in e["parts"]]
