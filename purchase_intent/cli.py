@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from . import distributed, erasure, explain, pipeline, pretrain, report, runs, score, tracking
+from . import distributed, erasure, explain, monitor, pipeline, pretrain, report, retrain, runs, score, tracking
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig
 from .ensemble import evaluate_ensemble
 from .event_database import DatabaseQuery, is_database_url
@@ -383,7 +383,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     settings = ServeSettings(workspace=a.workspace, run=a.run, runs_dir=a.runs_dir, host=a.host, port=a.port,
                              api_keys=read_api_keys(key_file=a.api_key_file), max_events=a.max_events,
                              max_users=a.max_users, max_body_bytes=a.max_body_bytes, log_level=a.log_level,
-                             freeze_gc=True)
+                             freeze_gc=True, record_pid=True)
     app = create_app(settings)
     print(f"serving run {settings.run!r} from {settings.runs_path.resolve()} on http://{settings.host}:{settings.port} "
           f"(docs: /docs; pid {os.getpid()}; `kill -HUP {os.getpid()}` reloads the run)", flush=True)
@@ -461,6 +461,57 @@ def _add_forget_parser(sub) -> None:
     p.add_argument("--pseudonym", action="append", metavar="P",
                    help="a pseudonym as `purchase-intent pseudonym` prints it; repeatable")
     p.set_defaults(func=cmd_forget, check=_check_forget)
+
+
+def cmd_monitor(a: argparse.Namespace) -> int:
+    cfg = monitor.MonitorConfig(at=a.at, n_bins=a.bins, moderate=a.moderate, drift=a.drift, n_boot=a.n_boot,
+                                chunk_size=a.chunk_size, ignore=tuple(a.ignore or ()))
+    result = monitor.monitor(a.run, a.workspace, cfg, out=a.out)
+    print(monitor.describe(result))
+    if a.fail_on_drift and result["verdict"] == monitor.DRIFT:
+        print(f"drift: exit {monitor.DRIFT_EXIT} (--fail-on-drift)", file=sys.stderr)
+        return monitor.DRIFT_EXIT
+    return 0
+
+
+def _add_monitor_parser(sub) -> None:
+    d = monitor.MonitorConfig()
+    p = sub.add_parser("monitor", help="drift of the latest window against the run's training window (PSI, AUC)",
+                       description=monitor.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run name under <workspace>/runs/ or a path to a run directory")
+    p.add_argument("--at", help="end of the latest window, ISO 8601 or epoch seconds (UTC); default: end of the data")
+    p.add_argument("--out", help="JSON file to write (default: runs/<run>/monitor.json, read by serve and report)")
+    p.add_argument("--fail-on-drift", action="store_true",
+                   help=f"exit with status {monitor.DRIFT_EXIT} when the verdict is drift (for schedulers)")
+    p.add_argument("--bins", type=int, default=d.n_bins, help=f"quantile bins per feature (default {d.n_bins})")
+    p.add_argument("--moderate", type=float, default=d.moderate,
+                   help=f"PSI from which a shift is moderate (default {d.moderate})")
+    p.add_argument("--drift", type=float, default=d.drift, help=f"PSI above which a shift is drift (default {d.drift})")
+    p.add_argument("--n-boot", type=int, default=d.n_boot, help="bootstrap resamples of the live ROC-AUC interval")
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help=f"users per chunk (default {d.chunk_size:,})")
+    p.add_argument("--ignore", action="append", metavar="FEATURE",
+                   help="a feature whose shift is expected (e.g. days_since_first_event): measured and reported, "
+                        "not counted in the verdict; repeatable")
+    p.set_defaults(func=cmd_monitor)
+
+
+def cmd_retrain(a: argparse.Namespace) -> int:
+    cfg = retrain.RetrainConfig(n_boot=a.n_boot, reload=not a.no_reload)
+    decision = retrain.retrain(a.run, a.workspace, data=a.data, data_cfg=_data_cfg(a) if a.data else None, cfg=cfg)
+    print(retrain.describe(decision))
+    return 0
+
+
+def _add_retrain_parser(sub) -> None:
+    d = retrain.RetrainConfig()
+    p = sub.add_parser("retrain", help="train a challenger with the champion's settings; promote it if not worse",
+                       description=retrain.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="the champion: a run name under <workspace>/runs/")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="new raw event files to ingest first")
+    _add_data_flags(p, positional=False)
+    p.add_argument("--n-boot", type=int, default=d.n_boot, help="bootstrap resamples of the paired interval")
+    p.add_argument("--no-reload", action="store_true", help="do not signal running servers after a promotion")
+    p.set_defaults(func=cmd_retrain)
 
 
 def _add_report_parser(sub) -> None:
@@ -577,12 +628,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain_parser(sub)
     _add_report_parser(sub)
     _add_forget_parser(sub)
+    _add_monitor_parser(sub)
+    _add_retrain_parser(sub)
     return parser
 
 
 # commands that write to the workspace: one at a time per workspace (Workspace.lock); the others only read
 WRITING_COMMANDS = {"ingest", "build", "train", "evaluate", "run", "quickstart", "pretrain", "ensemble", "score",
-                    "report", "forget"}
+                    "report", "forget", "monitor", "retrain"}
 
 
 def _workspace_lock(args: argparse.Namespace):

@@ -351,6 +351,43 @@ def _privacy_section(page: Page, ws: Workspace, names: list[str], k: int) -> Non
     page.add(table(["setting", "value"], rows))
 
 
+def _drift_section(page: Page, ws: Workspace, names: list[str]) -> None:
+    """What `purchase-intent monitor` found for each run that has a monitor.json (no section when none does)."""
+    found = [(r, p) for r in names if (p := ws.run_dir(r) / runs.MONITOR_JSON).exists()]
+    if not found:
+        return
+    page.section("drift", "Drift")
+    page.add('<p class="note">Latest window against the training window (<code>purchase-intent monitor</code>). '
+             "Population stability index over deciles of the training values: below 0.1 stable, above 0.25 drift "
+             "(unless the run was monitored with other thresholds, shown below). Live ROC-AUC only once the latest "
+             "window's labels have matured, judged against the run's own evaluation interval.</p>")
+    for r, path in found:
+        try:
+            _drift_run(page, r, json.loads(path.read_text()))
+        except (KeyError, TypeError, ValueError, IndexError, OSError):  # a damaged or older monitor.json: say so, go on
+            page.add(f'<p class="note">{esc(r)}: its {runs.MONITOR_JSON} cannot be read; run monitor again.</p>')
+
+
+def _drift_run(page: Page, r: str, m: dict) -> None:
+    """One run's monitor.json: verdict cards, the windows, and the features with the largest PSI."""
+    perf, rate = m["performance"], m["positive_rate"]
+    live = (f"{num(perf['roc_auc'])} {interval(perf['roc_auc_ci'])}" if perf.get("roc_auc") is not None
+            else "n/a")
+    page.add(f"<h3>{esc(r)}: {esc(m['verdict'])}</h3>" + cards([
+        ("verdict", m["verdict"]), ("score PSI", num(m["score"]["psi"])),
+        ("positive rate, training", num(rate.get("training"))), ("positive rate, latest", num(rate.get("latest"))),
+        ("live ROC-AUC", live), ("evaluation interval", interval(perf["expected"].get("roc_auc_ci")) or "n/a")]))
+    lw, th = m["latest_window"], m["thresholds"]
+    page.add(f'<p class="note">Latest window {esc(lw["cutoff"][:16])} to {esc(lw["end"][:16])} '
+             f"({num(lw['n'])} users) against the training cutoff "
+             f"{esc(m['training_window']['compared_cutoff'][:16])}; checked {esc(m['checked_at'][:16])}; "
+             f"thresholds {num(th['stable_below'], 2)} / {num(th['drift_above'], 2)}."
+             + "".join(f"<br>{esc(x)}" for x in m.get("reasons") or []) + "</p>")
+    rows = [[esc(f["name"]) + (" (ignored)" if f.get("ignored") else ""), num(f["psi"]), esc(f["verdict"])]
+            for f in m["features"][:15]]
+    page.add(table(["feature (largest PSI first)", "PSI", "verdict"], rows))
+
+
 # ---------------------------------------------------------------------------------------------
 # the report
 def _evaluated(ws: Workspace, run: str) -> bool:
@@ -358,10 +395,18 @@ def _evaluated(ws: Workspace, run: str) -> bool:
 
 
 def available_runs(ws: Workspace) -> list[str]:
-    """Runs of the workspace that have been evaluated (have metrics.json), by name."""
+    """Runs of the workspace that have been evaluated (have metrics.json), by name; not the versions
+    `retrain` set aside (a former champion, a challenger not promoted), which ``--run`` can still name."""
     if not ws.runs_dir.is_dir():
         return []
-    return sorted(d.name for d in ws.runs_dir.iterdir() if _evaluated(ws, d.name))
+    return sorted(d.name for d in ws.runs_dir.iterdir() if _evaluated(ws, d.name) and not _set_aside(d))
+
+
+def _set_aside(run_dir: Path) -> bool:
+    try:
+        return runs.KEPT_VERSION in runs.read_meta(run_dir)
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def _explain_section(page: Page, ws: Workspace, names: list[str], preds: dict[str, pd.DataFrame],
@@ -406,6 +451,7 @@ def _render(ws: Workspace, names: list[str], with_explanations: bool, n_explain:
     preds = _comparison_section(page, ws, names, k) if names else {}
     if names and with_explanations and info is not None:
         _explain_section(page, ws, names, preds, n_explain)
+    _drift_section(page, ws, names)
     _privacy_section(page, ws, names, k)
     generated = pd.Timestamp.now(tz="UTC").strftime("%Y-%m-%d %H:%M UTC")
     return page.html(f"workspace {ws.root.resolve()} · runs: {', '.join(names) or 'none'} · generated {generated}")

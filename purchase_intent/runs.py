@@ -6,7 +6,8 @@ once::
 
     examples/   examples.parquet (examples + split), features.parquet, build.json
     runs/NAME/  run.json, model/ (weights, config, vocab), predictions.parquet, metrics.json,
-                stale.json (only after `forget`: the run learned from erased data; training again clears it)
+                stale.json (only after `forget`: the run learned from erased data; training again clears it),
+                monitor.json (only after `monitor`: drift of the latest window)
 
 A run directory is self-contained and loading it never unpickles; an ``ensemble`` run holds no
 weights but names its member runs (name and version), which live next to it and load with it.
@@ -42,6 +43,8 @@ MODEL_DIR = "model"
 PREDICTIONS = "predictions.parquet"
 METRICS_JSON = "metrics.json"
 STALE_JSON = "stale.json"  # written by `forget` into every run trained on an erased user's data
+MONITOR_JSON = "monitor.json"  # written by `monitor`: drift of the latest window against the training window
+KEPT_VERSION = "kept_version"  # run.json key of a version `retrain` set aside (former champion, challenger)
 
 
 def write_json(path: Path, obj: Any) -> None:

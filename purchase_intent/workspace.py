@@ -144,6 +144,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 _RENAME_EXCHANGE = 2  # linux/fs.h
 
 
+def exchange(a: str | Path, b: str | Path) -> bool:
+    """Swap two paths atomically (each name then holds what the other held); False where the kernel
+    cannot (then nothing happened)."""
+    return _exchange(Path(a), Path(b))
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where not supported."""
     try:

@@ -43,8 +43,8 @@ LAYERS: dict[int, list[str]] = {
     2: ["models", "train"],                                             # estimators and the loop
     3: ["runs", "pretrain"],                                            # artifacts: built examples, runs
     4: ["explain"],                                                     # reasons per prediction
-    5: ["score", "report", "report_page", "ensemble", "tabular", "erasure", "tracking"],  # uses of a run
-    6: ["pipeline", "serve", "cli"],                                    # entry points
+    5: ["score", "report", "report_page", "ensemble", "tabular", "erasure", "monitor", "tracking"],  # uses of a run
+    6: ["pipeline", "serve", "cli", "retrain"],                         # entry points
 }
 
 # Third-party modules that live in an optional extra (pyproject's optional-dependencies, plus the

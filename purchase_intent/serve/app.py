@@ -27,6 +27,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from . import pidfile
 from .metrics import Metrics
 from .routes import router
 from .schemas import BatchRequest, ScoreRequest
@@ -54,7 +55,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
             except (NotImplementedError, RuntimeError) as e:  # no signals on this loop: reload via the API
                 log.warning("SIGHUP reload is not available (%s: %s); use POST /v1/admin/reload",
                             type(e).__name__, e)
+        record = _record_server(settings) if settings.record_pid else None
         yield
+        if record is not None:
+            pidfile.unregister(record)
         if hup:
             loop.remove_signal_handler(signal.SIGHUP)
         app.state.serve.close()
@@ -102,6 +106,17 @@ def _openapi_with_bodies(app, models) -> None:
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+def _record_server(settings: ServeSettings):
+    """This process in ``<runs dir>/.servers/`` (for `retrain`'s reload signal); a runs directory
+    that cannot be written still serves, with a warning."""
+    try:
+        return pidfile.register(settings.runs_path, settings.run, settings.host, settings.port)
+    except OSError as e:
+        log.warning("cannot record this server in %s (%s): `retrain` will not signal it; reload with kill -HUP",
+                    settings.runs_path, e.strerror or e)
+        return None
 
 
 def _reload_quietly(st: ServeState) -> None:

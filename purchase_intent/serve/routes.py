@@ -210,5 +210,5 @@ def reload(body: Optional[ReloadRequest] = None, st: ServeState = Depends(requir
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["admin"])
 def metrics(st: ServeState = Depends(require_key)):
-    return PlainTextResponse(st.metrics.render(st.current.info if st.current else None, onnx_fallbacks()),
-                             media_type="text/plain; version=0.0.4")
+    text = st.metrics.render(st.current.info if st.current else None, onnx_fallbacks(), st.drift_report())
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import hmac
+import json
 import logging
 import threading
 import time
@@ -87,6 +88,7 @@ class ServeState:
         self.last_reload_ok: float = time.time()  # when the run now served was loaded (epoch seconds)
         self.last_reload_failure: Optional[dict] = None  # {"run", "error", "at"} of the last failed reload
         self.metrics.reload_succeeded(self.last_reload_ok)
+        self._drift: tuple[Optional[tuple], Optional[dict]] = (None, None)  # (file stamp, monitor.json)
         self._freeze_gc()
 
     def _freeze_gc(self) -> None:
@@ -149,6 +151,31 @@ class ServeState:
             with self._reload_lock:
                 self._cons.append(con)
         return con
+
+    def drift_report(self) -> Optional[dict]:
+        """The served run's ``monitor.json`` (what `purchase-intent monitor` found last), or None.
+
+        Read again only when the file changes, so a monitor run shows at the next scrape with no
+        reload; an unreadable file counts as none (and is logged)."""
+        run = self.current
+        if run is None:
+            return None
+        path = run.dir / runs.MONITOR_JSON
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        stamp = (str(path), st.st_mtime_ns, st.st_size)
+        cached_stamp, report = self._drift
+        if stamp != cached_stamp:
+            try:
+                report = json.loads(path.read_text())
+                report = report if isinstance(report, dict) else None
+            except (OSError, ValueError) as e:
+                log.warning("cannot read %s: %s", path, e)
+                report = None
+            self._drift = (stamp, report)
+        return report
 
     def reload_status(self) -> dict:
         """What /readyz says of hot swaps: the last success, and the last failure since then (or None)."""

@@ -36,6 +36,9 @@ class ServeSettings:
     # (gc.freeze), so that full collections stop walking the modules and the model; it is
     # process-wide, so `serve` turns it on and in-process apps (tests) leave it off
     freeze_gc: bool = False
+    # record this process in <runs dir>/.servers/ while it serves (serve.pidfile), so that `retrain`
+    # can signal it to reload a promoted run; `serve` turns it on, in-process apps (tests) leave it off
+    record_pid: bool = False
 
     @property
     def runs_path(self) -> Path:
