@@ -160,18 +160,32 @@ class UserSampler:
         return rows, weights
 
 
+class _Forward(nn.Module):
+    """``fn(net, batch) -> logits`` as a module, so that ``functional_call`` can swap ``net``'s weights."""
+
+    def __init__(self, net: nn.Module, fn: Callable[[nn.Module, dict], torch.Tensor]):
+        super().__init__()
+        self.net, self.fn = net, fn
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.fn(self.net, batch)
+
+
 def train_dp(model: nn.Module, data: dict[str, np.ndarray], groups: np.ndarray, cfg: DPConfig, dp_plan: DPPlan,
              collate: Callable[[dict, np.ndarray], dict[str, torch.Tensor]], seed: int = 0,
-             progress: bool = False) -> dict:
+             progress: bool = False, logits: Optional[Callable[[nn.Module, dict], torch.Tensor]] = None) -> dict:
     """Train ``model`` in place with user-level DP-SGD; return the privacy record.
 
     ``data`` holds equal-length arrays with ``"label"``; ``collate(data, rows)`` turns rows into a
-    batch for ``model(batch) -> (logits, _)``. The record (JSON-safe) has the accountant's ``epsilon``
-    spent, the requested ``epsilon_target``, ``delta``, the noise and sampling, and ``unit: "user"``.
+    batch for ``model(batch) -> (logits, _)``, or for ``logits(model, batch)`` when given (the same
+    function written with ops that ``vmap`` batches natively, for speed). The record (JSON-safe) has
+    the accountant's ``epsilon`` spent, the requested ``epsilon_target``, ``delta``, the noise and
+    sampling, and ``unit: "user"``.
     """
     from opacus.accountants import create_accountant
     from opacus.optimizers import DPOptimizer
     from torch.func import functional_call, grad, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -179,9 +193,10 @@ def train_dp(model: nn.Module, data: dict[str, np.ndarray], groups: np.ndarray, 
     if sampler.n_users != dp_plan.n_users:
         raise ValueError(f"the plan is for {dp_plan.n_users} users, the data has {sampler.n_users}")
     model.eval()  # dropout is 0 in DP models; eval mode keeps every op batchable by vmap
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
+    call = _Forward(model, logits or (lambda net, batch: net(batch)[0]))
+    names = [n for n, p in call.named_parameters() if p.requires_grad]
+    params = dict(call.named_parameters())
+    buffers = dict(call.named_buffers())
     labels = np.asarray(data["label"], dtype=np.float32)
     generator = torch.Generator().manual_seed(seed + 1)
     opt = DPOptimizer(torch.optim.Adam([params[n] for n in names], lr=cfg.lr),
@@ -191,11 +206,12 @@ def train_dp(model: nn.Module, data: dict[str, np.ndarray], groups: np.ndarray, 
     accountant = create_accountant(cfg.accountant)
 
     def user_loss(p: dict, batch: dict, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, ({**buffers, **p},), (batch,))[0]  # (k,)
-        return (F.binary_cross_entropy_with_logits(logits.float(), y, reduction="none") * w).sum()
+        z = functional_call(call, ({**buffers, **p},), (batch,))  # (k,) logits of one user's examples
+        return (F.binary_cross_entropy_with_logits(z.float(), y, reduction="none") * w).sum()
 
     per_user = vmap(grad(user_loss), in_dims=(None, 0, 0, 0))
-    with warnings.catch_warnings():  # embedding_bag and CPU attention run in vmap's fallback loop
+    # attention as plain matmuls (vmap batches them; the fused CPU kernel runs in a loop over users)
+    with warnings.catch_warnings(), sdpa_kernel(SDPBackend.MATH):
         warnings.filterwarnings("ignore", message="There is a performance drop")
         frozen = {n: p.detach() for n, p in params.items() if n in names}
         for step in range(dp_plan.steps):

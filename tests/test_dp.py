@@ -135,3 +135,13 @@ def test_cli_refuses_with_one_line(ws, capsys):
         assert rc != 0 and match in err and len(err.splitlines()) == 1, err
     after = sorted(p.name for p in ws.runs_dir.iterdir()) if ws.runs_dir.exists() else []
     assert before == after  # nothing written
+
+
+def test_the_dp_forward_equals_the_models_own():
+    from purchase_intent.models.classifier import _dp_logits
+    from purchase_intent.models.transformer import BehaviourTransformer, preset
+
+    torch.manual_seed(0)
+    net = BehaviourTransformer(preset("tiny", field_sizes={"event": 7, "hour": 25}, n_tabular=3, dropout=0.0)).eval()
+    batch = {"tokens": torch.randint(0, 7, (4, 6, 2)), "mask": torch.rand(4, 6) > 0.3, "tabular": torch.randn(4, 3)}
+    torch.testing.assert_close(_dp_logits(net, batch), net(batch)[0])

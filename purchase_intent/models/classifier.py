@@ -31,6 +31,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -83,6 +84,16 @@ def collate(data: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Ten
     return out
 
 
+def _dp_logits(net: BehaviourTransformer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``net.logits(batch)`` with the field embeddings summed from per-field lookups: ops that ``vmap``
+    batches (``embedding_bag`` runs in its fallback loop), for the per-user gradients of DP training."""
+    emb = None
+    if net.cfg.use_sequence:
+        ids = batch["tokens"] + net.embed.offsets  # (B, T, n_fields) rows of the big table
+        emb = F.embedding(ids, net.embed.weight).sum(dim=2)  # (B, T, n_fields, D) -> (B, T, D)
+    return net.logits(batch, emb=emb)
+
+
 class TransformerClassifier(ClassifierMixin, BaseEstimator):
     """Purchase-intent classifier over event sequences and tabular features.
 
@@ -132,10 +143,11 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         Per-epoch checkpoints (resume after a kill).
     progress : bool
     random_state : int
-    dp_epsilon, dp_delta, dp_max_grad_norm, dp_users_per_step, dp_examples_per_user, dp_epochs :
+    dp_epsilon, dp_delta, dp_max_grad_norm, dp_users_per_step, dp_examples_per_user, dp_epochs, dp_lr :
         With ``dp_epsilon`` set, train with user-level DP-SGD (:mod:`purchase_intent.dp`): an
         (ε, δ)-DP guarantee per user (δ default 1/n_users), clip norm of a user's summed gradient,
-        expected users per step, most examples of a user per step, expected passes over the users.
+        expected users per step, most examples of a user per step, expected passes over the users,
+        Adam's learning rate on the noisy gradient (fixed: no schedule, no early stopping).
         ``fit`` then needs ``groups`` (the user of each example); the tabular features are
         transformed with fixed constants (sign-log1p, no train mean or scale), the ``price`` field
         (bucket edges are train quantiles) is left out, dropout is 0, and the validation data is
@@ -154,8 +166,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                  calibration: str = "platt", tabular_log: bool = True, vocab: Any = None,
                  device: str = "auto", checkpoint_dir: Optional[str] = None, progress: bool = False,
                  random_state: int = 0, dp_epsilon: Optional[float] = None, dp_delta: Optional[float] = None,
-                 dp_max_grad_norm: float = 1.0, dp_users_per_step: int = 512, dp_examples_per_user: int = 4,
-                 dp_epochs: float = 10.0):
+                 dp_max_grad_norm: float = 1.0, dp_users_per_step: int = 512, dp_examples_per_user: int = 2,
+                 dp_epochs: float = 20.0, dp_lr: float = 1e-2):
         self.preset = preset
         self.d_model = d_model
         self.n_layers = n_layers
@@ -191,6 +203,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         self.dp_users_per_step = dp_users_per_step
         self.dp_examples_per_user = dp_examples_per_user
         self.dp_epochs = dp_epochs
+        self.dp_lr = dp_lr
 
     # ------------------------------------------------------------------ arrays -> batches
     def _tabular(self, X: dict) -> Optional[np.ndarray]:
@@ -358,7 +371,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                              "give a number with dp_epsilon")
         return DPConfig(epsilon=float(self.dp_epsilon), delta=self.dp_delta, max_grad_norm=float(self.dp_max_grad_norm),
                         users_per_step=int(self.dp_users_per_step), examples_per_user=int(self.dp_examples_per_user),
-                        epochs=float(self.dp_epochs), lr=float(self.lr))
+                        epochs=float(self.dp_epochs), lr=float(self.dp_lr))
 
     def _fit_dp(self, train_data: dict, groups: np.ndarray, dp) -> "TransformerClassifier":
         from .. import dp as dpmod
@@ -367,7 +380,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         torch.manual_seed(self.random_state)
         self.model_ = BehaviourTransformer(self.model_config_)
         self.privacy_ = dpmod.train_dp(self.model_, train_data, groups, dp, dp_plan, collate,
-                                       seed=self.random_state, progress=self.progress)
+                                       seed=self.random_state, progress=self.progress, logits=_dp_logits)
         self.train_result_ = {"steps": dp_plan.steps, "dp": True}
         self.calibrator_ = fit_calibrator(np.zeros(0), np.zeros(0), "none")
         return self
