@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # the noise on one step's averaged gradient (noise_multiplier / expected users per step, in units
 # of the clip norm) above which the budget is refused: the gradient would drown in noise
@@ -184,8 +186,6 @@ def train_dp(model: nn.Module, data: dict[str, np.ndarray], groups: np.ndarray, 
     """
     from opacus.accountants import create_accountant
     from opacus.optimizers import DPOptimizer
-    from torch.func import functional_call, grad, vmap
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)

@@ -30,6 +30,7 @@ import pandas as pd
 from . import distributed, labels, runs, splits
 from . import pretrain as pretraining
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig, from_dict
+from .dp import check_budget
 from .ensemble import evaluate_ensemble
 from .evaluate import binary_metrics, comparison_table, expected_calibration_error, paired_auc_difference
 from .event_sources import preset_time_zone
@@ -172,8 +173,6 @@ def check_params(name: str, params: dict) -> None:
     if dp_keys and params.get("dp_epsilon") is None:
         raise ValueError(f"{', '.join(dp_keys)} given without dp_epsilon: add --param dp_epsilon=E for a DP model")
     if dp_keys:  # ε <= 0, δ outside (0, 1): refused before any data is read
-        from .dp import check_budget
-
         check_budget(params["dp_epsilon"], params.get("dp_delta"))
     for key in params:
         if key in _NOT_PARAMS:

@@ -26,6 +26,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .. import dp as dpmod
 from ..workspace import atomic_write_text
 from .attribution import Contributions
 
@@ -215,8 +216,6 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
         return self
 
     def _fit_dp(self, X: np.ndarray, y01: np.ndarray, groups) -> "LogisticRegressionModel":
-        from .. import dp as dpmod
-
         dpmod.check_budget(self.dp_epsilon, self.dp_delta)
         if groups is None or len(groups) != len(y01):
             raise ValueError("dp_epsilon needs the user of each train example: fit(X, y, groups=user_ids)")

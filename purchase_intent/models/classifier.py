@@ -37,6 +37,7 @@ from safetensors.torch import save as save_tensors
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from .. import distributed
+from .. import dp as dpmod
 from ..calibration import Calibrator, fit_calibrator
 from ..config import from_dict
 from ..sequences import SEQUENCE_FIELDS, SequenceVocab
@@ -359,9 +360,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         """The :class:`~purchase_intent.dp.DPConfig` of a DP fit (None without ``dp_epsilon``)."""
         if self.dp_epsilon is None:
             return None
-        from ..dp import DPConfig, check_budget
-
-        check_budget(self.dp_epsilon, self.dp_delta)
+        dpmod.check_budget(self.dp_epsilon, self.dp_delta)
         if groups is None or len(groups) != n:
             raise ValueError("dp_epsilon needs the user of each train example: fit(X, y, groups=user_ids)")
         if int(self.n_seeds) != 1:
@@ -369,13 +368,12 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         if self.pos_weight == "balanced":
             raise ValueError("pos_weight='balanced' is a statistic of the private labels: "
                              "give a number with dp_epsilon")
-        return DPConfig(epsilon=float(self.dp_epsilon), delta=self.dp_delta, max_grad_norm=float(self.dp_max_grad_norm),
-                        users_per_step=int(self.dp_users_per_step), examples_per_user=int(self.dp_examples_per_user),
-                        epochs=float(self.dp_epochs), lr=float(self.dp_lr))
+        return dpmod.DPConfig(epsilon=float(self.dp_epsilon), delta=self.dp_delta,
+                              max_grad_norm=float(self.dp_max_grad_norm), users_per_step=int(self.dp_users_per_step),
+                              examples_per_user=int(self.dp_examples_per_user), epochs=float(self.dp_epochs),
+                              lr=float(self.dp_lr))
 
     def _fit_dp(self, train_data: dict, groups: np.ndarray, dp) -> "TransformerClassifier":
-        from .. import dp as dpmod
-
         dp_plan = dpmod.plan(dp, len(np.unique(groups)))  # refuses before any training
         torch.manual_seed(self.random_state)
         self.model_ = BehaviourTransformer(self.model_config_)
