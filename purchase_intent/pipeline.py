@@ -241,7 +241,10 @@ _RUNTIME_PARAMS = {"vocab", "random_state", "n_jobs", "device", "checkpoint_dir"
 
 def _model_params(model: Any) -> dict:
     """Every hyperparameter of the fitted model (defaults resolved), so a backtest refits the same model."""
-    return jsonable({k: v for k, v in model.get_params().items() if k not in _RUNTIME_PARAMS})
+    params = model.get_params()
+    if params.get("dp_epsilon") is None:  # a non-private model: its DP settings are unused (and refused alone)
+        params = {k: v for k, v in params.items() if not k.startswith("dp_")}
+    return jsonable({k: v for k, v in params.items() if k not in _RUNTIME_PARAMS})
 
 
 def _refit_params(meta: dict) -> dict:
