@@ -30,13 +30,14 @@ import pandas as pd
 from . import distributed, labels, runs, splits
 from . import pretrain as pretraining
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig, from_dict
+from .dp import check_budget
 from .ensemble import evaluate_ensemble
 from .evaluate import binary_metrics, comparison_table, expected_calibration_error, paired_auc_difference
 from .event_database import DatabaseQuery
 from .event_sources import preset_time_zone
 from .events import ingest as ingest_events
 from .features import compute_features
-from .models import MODELS, PRETRAINED_MODELS, NotEnoughData, check_min_data
+from .models import DP_MODELS, DP_REFUSED, MODELS, PRETRAINED_MODELS, NotEnoughData, check_min_data
 from .report import write_report
 from .runs import Built, jsonable, load_built, write_json
 from .sequences import SequenceConfig, SequenceVocab, fit_vocab
@@ -167,8 +168,16 @@ def model_parameters(name: str) -> list[str] | None:
 
 def check_params(name: str, params: dict) -> None:
     """Raise ValueError naming every parameter of ``params`` that model ``name`` does not have, with the
-    list of those it has."""
+    list of those it has (and a model that cannot train with differential privacy given ``dp_*``)."""
     known = model_parameters(name)
+    dp_keys = sorted(k for k in params if k.startswith("dp_"))
+    if dp_keys and name not in DP_MODELS:
+        raise ValueError(f"{name} cannot train with differential privacy ({', '.join(dp_keys)}): "
+                         f"{DP_REFUSED.get(name, 'it has no DP training')}; DP models: {', '.join(DP_MODELS)}")
+    if dp_keys and params.get("dp_epsilon") is None:
+        raise ValueError(f"{', '.join(dp_keys)} given without dp_epsilon: add --param dp_epsilon=E for a DP model")
+    if dp_keys:  # ε <= 0, δ outside (0, 1): refused before any data is read
+        check_budget(params["dp_epsilon"], params.get("dp_delta"))
     for key in params:
         if key in _NOT_PARAMS:
             raise ValueError(f"--param {key} cannot be set for {name}: {_NOT_PARAMS[key]}")
@@ -224,7 +233,9 @@ def fit_model(name: str, params: dict, built: Built, train_idx: np.ndarray, vali
     X_train = runs.model_inputs(name, built, train_idx, ws, vocab)
     X_valid = runs.model_inputs(name, built, valid_idx, ws, vocab) if len(valid_idx) else None
     y_valid = y[valid_idx] if len(valid_idx) else None
-    model.fit(X_train, y[train_idx], X_valid=X_valid, y_valid=y_valid)
+    # a DP model accounts per user: it needs the user of each train example
+    groups = {"groups": built.examples["user_id"].to_numpy()[train_idx]} if params.get("dp_epsilon") is not None else {}
+    model.fit(X_train, y[train_idx], X_valid=X_valid, y_valid=y_valid, **groups)
     return model
 
 
@@ -234,7 +245,10 @@ _RUNTIME_PARAMS = {"vocab", "random_state", "n_jobs", "device", "checkpoint_dir"
 
 def _model_params(model: Any) -> dict:
     """Every hyperparameter of the fitted model (defaults resolved), so a backtest refits the same model."""
-    return jsonable({k: v for k, v in model.get_params().items() if k not in _RUNTIME_PARAMS})
+    params = model.get_params()
+    if params.get("dp_epsilon") is None:  # a non-private model: its DP settings are unused (and refused alone)
+        params = {k: v for k, v in params.items() if not k.startswith("dp_")}
+    return jsonable({k: v for k, v in params.items() if k not in _RUNTIME_PARAMS})
 
 
 def _refit_params(meta: dict) -> dict:
@@ -277,6 +291,8 @@ def train(name: str, run: str | None = None, params: dict | None = None, train_c
         "fit_seconds": round(seconds, 2),
         "created": pd.Timestamp.now(tz="UTC").isoformat(),
     }
+    if getattr(model, "privacy_", None):  # the accountant's (epsilon, delta) per user of a DP fit
+        meta["privacy"] = jsonable(model.privacy_)
     meta["version"] = f"{name}-" + hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]
     runs.save_run(run_dir, meta, model)
     _log(f"saved run {run_dir} ({seconds:.1f}s)", quiet)
@@ -335,6 +351,8 @@ def evaluate(run: str, workspace=None, backtest: int = 0, n_boot: int = 1000, qu
         "version": meta["version"],
         "task": {k: built.info["label_config"][k] for k in ("task", "lookback", "horizon", "step")},
     }
+    if meta.get("privacy"):  # a DP run: the guarantee the released model carries
+        metrics["privacy"] = meta["privacy"]
     p, raw, preds = {}, {}, []
     for split in ("valid", "test"):
         idx = np.flatnonzero(built.mask(split))

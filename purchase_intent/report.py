@@ -336,9 +336,15 @@ def _privacy_section(page: Page, ws: Workspace, names: list[str], k: int) -> Non
     dp = []
     for r in names:
         run_dir = ws.run_dir(r)
-        params = runs.read_meta(run_dir).get("params", {}) if (run_dir / runs.RUN_JSON).exists() else {}
+        meta = runs.read_meta(run_dir) if (run_dir / runs.RUN_JSON).exists() else {}
+        params = meta.get("params", {})
         used = {k: v for k, v in params.items()
                 if k.startswith("dp") or k in ("noise_multiplier", "epsilon", "max_grad_norm")}
+        spent = meta.get("privacy") or {}
+        if spent.get("epsilon") is not None:  # what the accountant gives at the end of training
+            used = {"guarantee": spent.get("guarantee"), "accountant epsilon": round(spent["epsilon"], 3),
+                    "delta": f"{spent['delta']:.2g}", "noise multiplier": round(spent["noise_multiplier"], 3),
+                    "steps": spent.get("steps"), **used}
         if used:
             dp.append(f"{esc(r)}: " + ", ".join(f"{esc(k)}={esc(v)}" for k, v in used.items()))
     rows = [["pseudonymisation", "on: user and session ids are HMAC-SHA256 pseudonyms" if manifest.get("key_id")

@@ -43,6 +43,13 @@ MODELS = {"logreg": make_logreg, "lightgbm": make_lightgbm, "transformer": make_
           "transformer_pt": make_transformer_pt, "lightgbm_emb": make_lightgbm_emb}
 SEQUENCE_MODELS = {"transformer", "transformer_pt", "lightgbm_emb"}
 PRETRAINED_MODELS = {"transformer_pt", "lightgbm_emb"}  # their param ``encoder``: <workspace>/runs/pretrained
+# models that train with user-level DP-SGD under ``dp_epsilon`` (purchase_intent/dp.py), and why the others refuse
+DP_MODELS = ("logreg", "transformer")
+DP_REFUSED = {
+    "lightgbm": "no well-kept library offers differentially private gradient boosting",
+    "lightgbm_emb": "no well-kept library offers differentially private gradient boosting",
+    "transformer_pt": "its encoder was pretrained without differential privacy",
+}
 
 
 def load_model(name: str, directory):
@@ -62,6 +69,8 @@ def load_model(name: str, directory):
 
 __all__ = [
     "Contributions",
+    "DP_MODELS",
+    "DP_REFUSED",
     "EmbeddingLightGBMModel",
     "PRETRAINED_MODELS",
     "PretrainedTransformerClassifier",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
@@ -25,6 +26,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .. import dp as dpmod
 from ..workspace import atomic_write_text
 from .attribution import Contributions
 
@@ -149,6 +151,15 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
         Iterations of the L-BFGS solver.
     random_state : int, RandomState or None
         Passed to the solver (L-BFGS itself is deterministic).
+    dp_epsilon, dp_delta, dp_max_grad_norm, dp_users_per_step, dp_examples_per_user, dp_epochs, dp_lr :
+        With ``dp_epsilon`` set, fit theta by user-level DP-SGD (:mod:`purchase_intent.dp`, Adam at
+        ``dp_lr``) instead of L-BFGS: (ε, δ)-DP per user; ``fit`` then needs ``groups`` (the user
+        of each example). ``C`` is not used (the clipping and noise regularise).
+    dp_feature_bound : float
+        In DP mode the features are not imputed or standardised with train statistics: NaN -> 0,
+        ``sign(x) * log1p(|x|)``, clipped to ``[-dp_feature_bound, dp_feature_bound]``. Fixed
+        constants, so fixing the range uses no private data; it bounds every example's norm by
+        ``dp_feature_bound * sqrt(n_features)``.
 
     Attributes
     ----------
@@ -161,10 +172,20 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
     feature_names_ : list of str
     """
 
-    def __init__(self, C: float = 1.0, max_iter: int = 1000, random_state=None):
+    def __init__(self, C: float = 1.0, max_iter: int = 1000, random_state=None, dp_epsilon=None, dp_delta=None,
+                 dp_max_grad_norm: float = 1.0, dp_users_per_step: int = 512, dp_examples_per_user: int = 4,
+                 dp_epochs: float = 10.0, dp_lr: float = 0.02, dp_feature_bound: float = 10.0):
         self.C = C
         self.max_iter = max_iter
         self.random_state = random_state
+        self.dp_epsilon = dp_epsilon
+        self.dp_delta = dp_delta
+        self.dp_max_grad_norm = dp_max_grad_norm
+        self.dp_users_per_step = dp_users_per_step
+        self.dp_examples_per_user = dp_examples_per_user
+        self.dp_epochs = dp_epochs
+        self.dp_lr = dp_lr
+        self.dp_feature_bound = dp_feature_bound
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -172,9 +193,15 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
         tags.classifier_tags.multi_class = False
         return tags
 
-    def fit(self, X, y, X_valid=None, y_valid=None) -> "LogisticRegressionModel":
-        """Fit on (X, y); X_valid/y_valid are accepted for the shared contract and not used."""
+    def fit(self, X, y, X_valid=None, y_valid=None, groups=None) -> "LogisticRegressionModel":
+        """Fit on (X, y); X_valid/y_valid are accepted for the shared contract and not used.
+
+        With ``dp_epsilon``: DP-SGD over the users ``groups`` (n,), the user of each row.
+        """
         X, y01 = _validate_fit(self, X, y)
+        self.privacy_ = None
+        if self.dp_epsilon is not None:
+            return self._fit_dp(X, y01, groups)
         pipe = Pipeline([
             ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
             ("scale", StandardScaler()),
@@ -188,9 +215,42 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
         self.n_iter_ = int(np.max(pipe["clf"].n_iter_))
         return self
 
+    def _fit_dp(self, X: np.ndarray, y01: np.ndarray, groups) -> "LogisticRegressionModel":
+        dpmod.check_budget(self.dp_epsilon, self.dp_delta)
+        if groups is None or len(groups) != len(y01):
+            raise ValueError("dp_epsilon needs the user of each train example: fit(X, y, groups=user_ids)")
+        if not self.dp_feature_bound > 0:
+            raise ValueError(f"dp_feature_bound must be > 0, got {self.dp_feature_bound!r}")
+        cfg = dpmod.DPConfig(epsilon=float(self.dp_epsilon), delta=self.dp_delta,
+                             max_grad_norm=float(self.dp_max_grad_norm), users_per_step=int(self.dp_users_per_step),
+                             examples_per_user=int(self.dp_examples_per_user), epochs=float(self.dp_epochs),
+                             lr=float(self.dp_lr))
+        groups = np.asarray(groups)
+        dp_plan = dpmod.plan(cfg, len(np.unique(groups)))  # refuses before any training
+        seed = self.random_state if isinstance(self.random_state, (int, np.integer)) else 0
+        n = X.shape[1]
+        self.transform_, self.medians_, self.mean_, self.scale_ = "dp", np.zeros(n), np.zeros(n), np.ones(n)
+        data = {"x": self._dp_features(X).astype(np.float32), "label": y01.astype(np.float32)}
+        torch.manual_seed(int(seed))
+        net = _LinearLogit(n)
+        self.privacy_ = dpmod.train_dp(net, data, groups, cfg, dp_plan,
+                                       lambda d, rows: {"x": torch.from_numpy(d["x"][rows])}, seed=int(seed))
+        self.coef_ = net.linear.weight.detach().double().numpy().ravel()
+        self.intercept_ = float(net.linear.bias.detach()[0])
+        self.n_iter_ = int(dp_plan.steps)
+        return self
+
+    def _dp_features(self, X: np.ndarray) -> np.ndarray:
+        """The DP transform: fixed constants only (NaN -> 0, sign-log1p, clip to the bound)."""
+        X = np.nan_to_num(X, nan=0.0, posinf=0.0, neginf=0.0)
+        b = float(self.dp_feature_bound)
+        return np.clip(np.sign(X) * np.log1p(np.abs(X)), -b, b)
+
     def _standardise(self, X) -> np.ndarray:
         check_is_fitted(self, "coef_")
         X = _validated(self, X)
+        if getattr(self, "transform_", "standard") == "dp":
+            return self._dp_features(X)
         X = np.where(np.isnan(X), self.medians_, X)
         return (X - self.mean_) / self.scale_  # (n, F)
 
@@ -229,6 +289,8 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
             "coef": self.coef_.tolist(),
             "intercept": self.intercept_,
             "n_iter": self.n_iter_,
+            "transform": getattr(self, "transform_", "standard"),
+            "privacy": getattr(self, "privacy_", None),
         }
         atomic_write_text(path / LOGREG_FILE, json.dumps(state, indent=1))
         return path / LOGREG_FILE
@@ -244,7 +306,22 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
             setattr(model, name + "_", np.asarray(state[name], dtype=np.float64))
         model.intercept_ = float(state["intercept"])
         model.n_iter_ = int(state["n_iter"])
+        model.transform_ = state.get("transform", "standard")
+        model.privacy_ = state.get("privacy")
         return model
+
+
+class _LinearLogit(torch.nn.Module):
+    """theta^T x + b as a module for :func:`purchase_intent.dp.train_dp`: ``forward(batch) -> (logits, None)``."""
+
+    def __init__(self, n_features: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(n_features, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, batch: dict, labels=None):
+        return self.linear(batch["x"]).squeeze(-1), None  # (B,)
 
 
 # rows below which LightGBM predicts on one thread: waking its OpenMP team costs more than a few

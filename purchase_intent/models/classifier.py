@@ -31,11 +31,13 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from .. import distributed
+from .. import dp as dpmod
 from ..calibration import Calibrator, fit_calibrator
 from ..config import from_dict
 from ..sequences import SEQUENCE_FIELDS, SequenceVocab
@@ -81,6 +83,16 @@ def collate(data: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Ten
     if "tabular" in data:
         out["tabular"] = torch.from_numpy(data["tabular"][idx])
     return out
+
+
+def _dp_logits(net: BehaviourTransformer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``net.logits(batch)`` with the field embeddings summed from per-field lookups: ops that ``vmap``
+    batches (``embedding_bag`` runs in its fallback loop), for the per-user gradients of DP training."""
+    emb = None
+    if net.cfg.use_sequence:
+        ids = batch["tokens"] + net.embed.offsets  # (B, T, n_fields) rows of the big table
+        emb = F.embedding(ids, net.embed.weight).sum(dim=2)  # (B, T, n_fields, D) -> (B, T, D)
+    return net.logits(batch, emb=emb)
 
 
 class TransformerClassifier(ClassifierMixin, BaseEstimator):
@@ -132,6 +144,15 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         Per-epoch checkpoints (resume after a kill).
     progress : bool
     random_state : int
+    dp_epsilon, dp_delta, dp_max_grad_norm, dp_users_per_step, dp_examples_per_user, dp_epochs, dp_lr :
+        With ``dp_epsilon`` set, train with user-level DP-SGD (:mod:`purchase_intent.dp`): an
+        (ε, δ)-DP guarantee per user (δ default 1/n_users), clip norm of a user's summed gradient,
+        expected users per step, most examples of a user per step, expected passes over the users,
+        Adam's learning rate on the noisy gradient (fixed: no schedule, no early stopping).
+        ``fit`` then needs ``groups`` (the user of each example); the tabular features are
+        transformed with fixed constants (sign-log1p, no train mean or scale), the ``price`` field
+        (bucket edges are train quantiles) is left out, dropout is 0, and the validation data is
+        not used (no early stopping, no calibration). One network (``n_seeds=1``).
 
     Measured effects of the defaults are in BENCHMARKS.md.
     """
@@ -145,7 +166,9 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                  min_steps_per_epoch: int = 16, valid_fraction: float = 0.1,
                  calibration: str = "platt", tabular_log: bool = True, vocab: Any = None,
                  device: str = "auto", checkpoint_dir: Optional[str] = None, progress: bool = False,
-                 random_state: int = 0):
+                 random_state: int = 0, dp_epsilon: Optional[float] = None, dp_delta: Optional[float] = None,
+                 dp_max_grad_norm: float = 1.0, dp_users_per_step: int = 512, dp_examples_per_user: int = 2,
+                 dp_epochs: float = 20.0, dp_lr: float = 1e-2):
         self.preset = preset
         self.d_model = d_model
         self.n_layers = n_layers
@@ -175,6 +198,13 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         self.checkpoint_dir = checkpoint_dir
         self.progress = progress
         self.random_state = random_state
+        self.dp_epsilon = dp_epsilon
+        self.dp_delta = dp_delta
+        self.dp_max_grad_norm = dp_max_grad_norm
+        self.dp_users_per_step = dp_users_per_step
+        self.dp_examples_per_user = dp_examples_per_user
+        self.dp_epochs = dp_epochs
+        self.dp_lr = dp_lr
 
     # ------------------------------------------------------------------ arrays -> batches
     def _tabular(self, X: dict) -> Optional[np.ndarray]:
@@ -227,9 +257,17 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         steps = max(1, int(self.min_steps_per_epoch))
         return int(min(self.batch_size, max(32, -(-int(n_train) // steps))))
 
-    def fit(self, X: dict, y, X_valid: Optional[dict] = None, y_valid=None) -> "TransformerClassifier":
-        """Train on (X, y); early stopping and calibration on (X_valid, y_valid) or a temporal holdout."""
+    def fit(self, X: dict, y, X_valid: Optional[dict] = None, y_valid=None,
+            groups=None) -> "TransformerClassifier":
+        """Train on (X, y); early stopping and calibration on (X_valid, y_valid) or a temporal holdout.
+
+        With ``dp_epsilon``: DP-SGD over the users ``groups`` (n,), and (X_valid, y_valid) unused.
+        """
         y = np.asarray(y).astype(int).ravel()
+        dp = self._dp_config(groups, len(y))
+        self.privacy_ = None
+        if dp is not None:
+            X_valid, y_valid = X, y  # placeholders: a DP model is neither selected nor calibrated on data
         if int(self.n_seeds) != self.n_seeds or self.n_seeds < 1:
             raise ValueError(f"n_seeds must be a positive integer, got {self.n_seeds!r}")
         self.onnx_path_ = self.onnx_scorer_ = None  # a refit must never score with an old graph
@@ -246,6 +284,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         y_valid = np.asarray(y_valid).astype(int).ravel()
         self.vocab_ = _as_vocab(self.vocab)
         drop = (self.drop_fields,) if isinstance(self.drop_fields, str) else tuple(self.drop_fields or ())
+        if dp is not None:
+            drop += ("price",)  # its bucket edges are quantiles of the train events
         unknown = set(drop) - set(SEQUENCE_FIELDS)
         if unknown:
             raise ValueError(f"drop_fields has unknown fields {sorted(unknown)}: "
@@ -273,12 +313,15 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                 mean, std = np.nanmean(t, axis=0), np.nanstd(t, axis=0)
             self.tab_mean_ = np.nan_to_num(mean, nan=0.0)
             self.tab_scale_ = np.where(np.isfinite(std) & (std > 1e-12), std, 1.0)
+            if dp is not None:  # fixed public constants: no statistic of the private data
+                self.tab_mean_, self.tab_scale_ = np.zeros(n_tab), np.ones(n_tab)
         pw = self.pos_weight
         if pw == "balanced":
             pw = float((y == 0).sum() / max((y == 1).sum(), 1))
         overrides = {k: getattr(self, k) for k in ("d_model", "n_layers", "n_heads") if getattr(self, k) is not None}
         self.model_config_ = make_preset(self.preset, field_sizes=field_sizes, n_tabular=n_tab, max_seq_len=L,
-                                         dropout=self.dropout, use_sequence=use_seq, use_tabular=use_tab,
+                                         dropout=0.0 if dp is not None else self.dropout,
+                                         use_sequence=use_seq, use_tabular=use_tab,
                                          wide=self.wide, pooling=self.pooling,
                                          pos_weight=None if pw is None else float(pw), **overrides)
         self.loop_config_ = TrainLoopConfig(
@@ -287,7 +330,10 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             warmup_frac=self.warmup_frac, patience=self.patience, grad_clip=self.grad_clip,
             ema_decay=self.ema_decay, seed=self.random_state, device=self.device, checkpoint_dir=self.checkpoint_dir,
             progress=self.progress)
-        train_data, valid_data = self._arrays(X, y), self._arrays(X_valid, y_valid)
+        train_data = self._arrays(X, y)
+        if dp is not None:
+            return self._fit_dp(train_data, np.asarray(groups), dp)
+        valid_data = self._arrays(X_valid, y_valid)
         members, results = [], []
         for k in range(int(self.n_seeds)):  # each member: its own seed, init, batch order and early stop
             seed = self.random_state + k
@@ -308,6 +354,33 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             self.model_ = SeedEnsemble(members)
             self.train_result_ = {"members": results}
         self.calibrator_ = fit_calibrator(self.decision_function(X_valid), y_valid, self.calibration)
+        return self
+
+    def _dp_config(self, groups, n: int):
+        """The :class:`~purchase_intent.dp.DPConfig` of a DP fit (None without ``dp_epsilon``)."""
+        if self.dp_epsilon is None:
+            return None
+        dpmod.check_budget(self.dp_epsilon, self.dp_delta)
+        if groups is None or len(groups) != n:
+            raise ValueError("dp_epsilon needs the user of each train example: fit(X, y, groups=user_ids)")
+        if int(self.n_seeds) != 1:
+            raise ValueError("dp_epsilon trains one network: each seed would spend the budget again (n_seeds=1)")
+        if self.pos_weight == "balanced":
+            raise ValueError("pos_weight='balanced' is a statistic of the private labels: "
+                             "give a number with dp_epsilon")
+        return dpmod.DPConfig(epsilon=float(self.dp_epsilon), delta=self.dp_delta,
+                              max_grad_norm=float(self.dp_max_grad_norm), users_per_step=int(self.dp_users_per_step),
+                              examples_per_user=int(self.dp_examples_per_user), epochs=float(self.dp_epochs),
+                              lr=float(self.dp_lr))
+
+    def _fit_dp(self, train_data: dict, groups: np.ndarray, dp) -> "TransformerClassifier":
+        dp_plan = dpmod.plan(dp, len(np.unique(groups)))  # refuses before any training
+        torch.manual_seed(self.random_state)
+        self.model_ = BehaviourTransformer(self.model_config_)
+        self.privacy_ = dpmod.train_dp(self.model_, train_data, groups, dp, dp_plan, collate,
+                                       seed=self.random_state, progress=self.progress, logits=_dp_logits)
+        self.train_result_ = {"steps": dp_plan.steps, "dp": True}
+        self.calibrator_ = fit_calibrator(np.zeros(0), np.zeros(0), "none")
         return self
 
     def decision_function(self, X: dict) -> np.ndarray:
@@ -378,7 +451,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         meta = {"estimator": "TransformerClassifier", "params": params,
                 "transformer": dataclasses.asdict(self.model_config_),
                 "train_loop": dataclasses.asdict(self.loop_config_), "tabular": tab,
-                "calibration": self.calibrator_.to_dict(), "train_result": self.train_result_}
+                "calibration": self.calibrator_.to_dict(), "train_result": self.train_result_,
+                "privacy": getattr(self, "privacy_", None)}
         state = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
         atomic_write_bytes(d / "model.safetensors", save_tensors(state))
         onnx_bytes = ox.export_checked(self.model_)
@@ -407,6 +481,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             clf.tab_scale_ = np.asarray(meta["tabular"]["scale"], dtype=np.float64)
         clf.calibrator_ = Calibrator.from_dict(meta["calibration"])
         clf.train_result_ = meta.get("train_result", {})
+        clf.privacy_ = meta.get("privacy")
         n_seeds = int(params.get("n_seeds", 1))
         clf.model_ = (BehaviourTransformer(clf.model_config_) if n_seeds == 1
                       else SeedEnsemble([BehaviourTransformer(clf.model_config_) for _ in range(n_seeds)]))

@@ -1,0 +1,247 @@
+"""Differential privacy: user-level DP-SGD, with Opacus's optimizer and Rényi accountant.
+
+The guarantee is **(ε, δ)-DP per user**: adding or removing *all* of one user's training examples
+(one per cutoff) changes the distribution of the trained weights by at most (ε, δ). Each step:
+
+1. users (not examples) are Poisson-sampled, each independently with rate ``q = users_per_step /
+   n_users``; of each sampled user at most ``examples_per_user`` of their examples are drawn;
+2. the gradient of the user's *summed* loss over those examples is computed per user
+   (``torch.func``: ``vmap(grad(...))`` over users, so the whole contribution of a user is one row);
+3. Opacus's :class:`~opacus.optimizers.DPOptimizer` clips each user's gradient to
+   ``max_grad_norm``, sums them, adds Gaussian noise of std ``noise_multiplier * max_grad_norm``
+   and divides by the expected number of users per step, then Adam steps.
+
+One user changes one clipped row of one step's sum, so this is the Poisson-subsampled Gaussian
+mechanism at the user level; Opacus's RDP accountant composes it over the steps. The noise
+multiplier is calibrated before training (``get_noise_multiplier``) so that the accountant's ε
+at the end is at most the requested one; the ε actually spent is recorded.
+
+Opacus's own per-sample hooks (``GradSampleModule``) give one gradient per *example*; summing a
+user's examples before clipping is what makes the accounting user-level, hence ``torch.func``.
+The model's forward runs in eval mode (no dropout; the fast embedding backward is a custom
+autograd function that ``vmap`` cannot batch): DP models are built with dropout 0.
+
+What the model sees must not leak either: callers fix the feature transform from public constants
+(see ``models/classifier.py`` and ``models/baselines.py``), never from train statistics, and no
+validation data selects or calibrates a DP model. Model-agnostic: any ``forward(batch) -> (logits,
+_)`` module.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# the noise on one step's averaged gradient (noise_multiplier / expected users per step, in units
+# of the clip norm) above which the budget is refused: the gradient would drown in noise
+MAX_NOISE_RATIO = 0.1
+
+
+class PrivacyBudgetError(ValueError):
+    """The requested (ε, δ) is invalid or cannot be met with the data."""
+
+
+@dataclass
+class DPConfig:
+    """How a model is trained with user-level DP-SGD (saved with the run)."""
+
+    epsilon: float  # the budget ε per user
+    delta: Optional[float] = None  # None = 1 / n_users
+    max_grad_norm: float = 1.0  # clip norm C of each user's summed gradient
+    users_per_step: int = 512  # expected users per step (Poisson sampling)
+    examples_per_user: int = 4  # most examples of one user in one step
+    epochs: float = 10.0  # expected passes over the users
+    lr: float = 2e-3  # Adam on the noisy gradient
+    accountant: str = "rdp"
+
+
+@dataclass
+class DPPlan:
+    """The noise and sampling that meet a :class:`DPConfig`'s budget on ``n_users`` users."""
+
+    n_users: int
+    delta: float
+    sample_rate: float
+    steps: int
+    noise_multiplier: float
+
+    @property
+    def expected_users(self) -> float:
+        return self.sample_rate * self.n_users
+
+
+def check_budget(epsilon, delta=None) -> None:
+    """Raise :class:`PrivacyBudgetError` for ε ≤ 0 (or not a number), or δ outside (0, 1)."""
+    try:
+        eps = float(epsilon)
+    except (TypeError, ValueError):
+        raise PrivacyBudgetError(f"dp_epsilon must be a number, got {epsilon!r}") from None
+    if not eps > 0 or math.isnan(eps):
+        raise PrivacyBudgetError(f"dp_epsilon must be > 0, got {epsilon!r} (use no dp_epsilon for a non-private model)")
+    if math.isinf(eps):
+        raise PrivacyBudgetError("dp_epsilon=inf is no privacy: leave dp_epsilon out for a non-private model")
+    if delta is not None:
+        try:
+            d = float(delta)
+        except (TypeError, ValueError):
+            raise PrivacyBudgetError(f"dp_delta must be a number, got {delta!r}") from None
+        if not 0 < d < 1:
+            raise PrivacyBudgetError(f"dp_delta must be in (0, 1), got {delta!r} (default 1/n_users)")
+
+
+def plan(cfg: DPConfig, n_users: int) -> DPPlan:
+    """Calibrate the noise multiplier for ``cfg`` on ``n_users`` users, or refuse.
+
+    Raises
+    ------
+    PrivacyBudgetError
+        For an invalid budget or settings, and when meeting the budget needs so much noise that a
+        step's averaged gradient would be mostly noise (``noise_multiplier / expected users per
+        step > MAX_NOISE_RATIO``): the data has too few users for this ε.
+    """
+    check_budget(cfg.epsilon, cfg.delta)
+    if not cfg.max_grad_norm > 0:
+        raise PrivacyBudgetError(f"dp_max_grad_norm must be > 0, got {cfg.max_grad_norm!r}")
+    if int(cfg.users_per_step) < 1 or int(cfg.examples_per_user) < 1 or not cfg.epochs > 0:
+        raise PrivacyBudgetError("dp_users_per_step, dp_examples_per_user and dp_epochs must be positive")
+    if n_users < 2:
+        raise PrivacyBudgetError(f"differential privacy needs train examples of at least 2 users, got {n_users}")
+    delta = float(cfg.delta) if cfg.delta is not None else 1.0 / n_users
+    q = min(1.0, int(cfg.users_per_step) / n_users)
+    steps = max(1, int(math.ceil(float(cfg.epochs) / q)))
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        sigma = get_noise_multiplier(target_epsilon=float(cfg.epsilon), target_delta=delta, sample_rate=q,
+                                     steps=steps, accountant=cfg.accountant, epsilon_tolerance=0.01 * cfg.epsilon)
+    except ValueError:
+        sigma = math.inf
+    ratio = sigma / (q * n_users)
+    if ratio > MAX_NOISE_RATIO:
+        raise PrivacyBudgetError(
+            f"dp_epsilon={cfg.epsilon:g} (delta={delta:.2g}) cannot be met with {n_users:,} train users: "
+            f"{steps} steps of ~{q * n_users:.0f} users need noise {sigma:.3g}x the clip norm, "
+            f"{ratio:.2f} of it on the averaged gradient (at most {MAX_NOISE_RATIO}); "
+            "give a larger dp_epsilon, fewer dp_epochs, or data with more users")
+    return DPPlan(n_users=int(n_users), delta=delta, sample_rate=q, steps=steps, noise_multiplier=float(sigma))
+
+
+class UserSampler:
+    """Poisson sampling of users, then at most ``k`` random examples of each sampled user.
+
+    ``groups`` (n,) holds the user of each example (any hashable values).
+    """
+
+    def __init__(self, groups: np.ndarray, k: int, rng: np.random.Generator):
+        users, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        self.n_users, self.k, self.rng = len(users), int(k), rng
+        self.order = np.argsort(inverse, kind="stable")  # example rows grouped by user
+        counts = np.bincount(inverse, minlength=self.n_users)
+        self.starts, self.counts = np.concatenate([[0], np.cumsum(counts)[:-1]]), counts
+
+    def sample(self, q: float) -> tuple[np.ndarray, np.ndarray]:
+        """Rows (U, k) and weights (U, k) (0 = padding) of one step's users."""
+        chosen = np.flatnonzero(self.rng.random(self.n_users) < q)
+        rows = np.zeros((len(chosen), self.k), dtype=np.int64)
+        weights = np.zeros((len(chosen), self.k), dtype=np.float32)
+        for i, u in enumerate(chosen):
+            mine = self.order[self.starts[u]:self.starts[u] + self.counts[u]]
+            if len(mine) > self.k:
+                mine = self.rng.choice(mine, self.k, replace=False)
+            rows[i, :len(mine)], rows[i, len(mine):] = mine, mine[0]  # padding repeats a row, weight 0
+            weights[i, :len(mine)] = 1.0
+        return rows, weights
+
+
+class _Forward(nn.Module):
+    """``fn(net, batch) -> logits`` as a module, so that ``functional_call`` can swap ``net``'s weights."""
+
+    def __init__(self, net: nn.Module, fn: Callable[[nn.Module, dict], torch.Tensor]):
+        super().__init__()
+        self.net, self.fn = net, fn
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.fn(self.net, batch)
+
+
+def train_dp(model: nn.Module, data: dict[str, np.ndarray], groups: np.ndarray, cfg: DPConfig, dp_plan: DPPlan,
+             collate: Callable[[dict, np.ndarray], dict[str, torch.Tensor]], seed: int = 0,
+             progress: bool = False, logits: Optional[Callable[[nn.Module, dict], torch.Tensor]] = None) -> dict:
+    """Train ``model`` in place with user-level DP-SGD; return the privacy record.
+
+    ``data`` holds equal-length arrays with ``"label"``; ``collate(data, rows)`` turns rows into a
+    batch for ``model(batch) -> (logits, _)``, or for ``logits(model, batch)`` when given (the same
+    function written with ops that ``vmap`` batches natively, for speed). The record (JSON-safe) has
+    the accountant's ``epsilon`` spent, the requested ``epsilon_target``, ``delta``, the noise and
+    sampling, and ``unit: "user"``.
+    """
+    from opacus.accountants import create_accountant
+    from opacus.optimizers import DPOptimizer
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    sampler = UserSampler(groups, cfg.examples_per_user, np.random.default_rng(seed))
+    if sampler.n_users != dp_plan.n_users:
+        raise ValueError(f"the plan is for {dp_plan.n_users} users, the data has {sampler.n_users}")
+    model.eval()  # dropout is 0 in DP models; eval mode keeps every op batchable by vmap
+    call = _Forward(model, logits or (lambda net, batch: net(batch)[0]))
+    names = [n for n, p in call.named_parameters() if p.requires_grad]
+    params = dict(call.named_parameters())
+    buffers = dict(call.named_buffers())
+    labels = np.asarray(data["label"], dtype=np.float32)
+    generator = torch.Generator().manual_seed(seed + 1)
+    opt = DPOptimizer(torch.optim.Adam([params[n] for n in names], lr=cfg.lr),
+                      noise_multiplier=dp_plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+                      expected_batch_size=max(1, int(round(dp_plan.expected_users))), loss_reduction="mean",
+                      generator=generator)
+    accountant = create_accountant(cfg.accountant)
+
+    def user_loss(p: dict, batch: dict, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        z = functional_call(call, ({**buffers, **p},), (batch,))  # (k,) logits of one user's examples
+        return (F.binary_cross_entropy_with_logits(z.float(), y, reduction="none") * w).sum()
+
+    per_user = vmap(grad(user_loss), in_dims=(None, 0, 0, 0))
+    # attention as plain matmuls (vmap batches them; the fused CPU kernel runs in a loop over users)
+    with warnings.catch_warnings(), sdpa_kernel(SDPBackend.MATH):
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        frozen = {n: p.detach() for n, p in params.items() if n in names}
+        for step in range(dp_plan.steps):
+            rows, w = sampler.sample(dp_plan.sample_rate)  # (U, k)
+            U, k = rows.shape
+            if U == 0:  # an empty Poisson draw still takes a step: noise only
+                grads = {n: params[n].new_zeros((0, *params[n].shape)) for n in names}
+            else:
+                batch = collate(data, rows.ravel())
+                batch = {key: v.reshape(U, k, *v.shape[1:]) for key, v in batch.items()}  # (U, k, ...)
+                y = torch.from_numpy(labels[rows])  # (U, k)
+                for n in names:
+                    frozen[n] = params[n].detach()
+                grads = per_user(frozen, batch, y, torch.from_numpy(w))  # name -> (U, *shape)
+            for n in names:
+                params[n].grad_sample = grads[n]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            accountant.step(noise_multiplier=dp_plan.noise_multiplier, sample_rate=dp_plan.sample_rate)
+            if progress and (step + 1) % max(1, dp_plan.steps // 10) == 0:
+                print(f"DP step {step + 1}/{dp_plan.steps}: {U} users, "
+                      f"epsilon so far {accountant.get_epsilon(delta=dp_plan.delta):.3f}", flush=True)
+    for n in names:
+        params[n].grad_sample = None
+        params[n].summed_grad = None
+    eps = float(accountant.get_epsilon(delta=dp_plan.delta))
+    return {"unit": "user", "guarantee": f"({eps:.3g}, {dp_plan.delta:.2g})-DP per user",
+            "epsilon": eps, "epsilon_target": float(cfg.epsilon), "delta": dp_plan.delta,
+            "accountant": cfg.accountant, "mechanism": "DP-SGD (Opacus DPOptimizer), Poisson-sampled users, "
+            "per-user clipping of the summed gradient",
+            "noise_multiplier": dp_plan.noise_multiplier, "sample_rate": dp_plan.sample_rate,
+            "steps": dp_plan.steps, "n_users": dp_plan.n_users, "config": asdict(cfg),
+            "seconds": round(time.perf_counter() - t0, 2)}
