@@ -265,6 +265,10 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_track(a: argparse.Namespace) -> int:
+    ws = Workspace(a.workspace)
+    missing = [r for r in a.run if not (ws.run_dir(r) / runs.RUN_JSON).exists() and not Path(r).is_dir()]
+    if missing:
+        raise ValueError(f"no run {', '.join(map(repr, missing))} in {ws.root}: name a trained run")
     _track(a, a.run)
     return 0
 

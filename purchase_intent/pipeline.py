@@ -174,19 +174,18 @@ def check_params(name: str, params: dict) -> None:
     if dp_keys and name not in DP_MODELS:
         raise ValueError(f"{name} cannot train with differential privacy ({', '.join(dp_keys)}): "
                          f"{DP_REFUSED.get(name, 'it has no DP training')}; DP models: {', '.join(DP_MODELS)}")
+    for key in params:
+        if key in _NOT_PARAMS:
+            raise ValueError(f"--param {key} cannot be set for {name}: {_NOT_PARAMS[key]}")
+    # a misspelt name (dp_epsilonn) is named as unknown before the DP checks read the dp_* ones
+    unknown = [k for k in params if k not in known] if known is not None else []
+    if unknown:
+        raise ValueError(f"{name} has no parameter {', '.join(map(repr, unknown))}; its parameters are: "
+                         f"{', '.join(known)}")
     if dp_keys and params.get("dp_epsilon") is None:
         raise ValueError(f"{', '.join(dp_keys)} given without dp_epsilon: add --param dp_epsilon=E for a DP model")
     if dp_keys:  # ε <= 0, δ outside (0, 1): refused before any data is read
         check_budget(params["dp_epsilon"], params.get("dp_delta"))
-    for key in params:
-        if key in _NOT_PARAMS:
-            raise ValueError(f"--param {key} cannot be set for {name}: {_NOT_PARAMS[key]}")
-    if known is None:  # the estimator takes any keyword: it checks its parameters itself
-        return
-    unknown = [k for k in params if k not in known]
-    if unknown:
-        raise ValueError(f"{name} has no parameter {', '.join(map(repr, unknown))}; its parameters are: "
-                         f"{', '.join(known)}")
 
 
 def _encoder_params(name: str, params: dict, ws: Workspace) -> dict:
