@@ -247,14 +247,14 @@ def _check_tracking(a: argparse.Namespace) -> None:
         raise ValueError("track needs --mlflow URI")
 
 
-def _track(a: argparse.Namespace, names: list[str]) -> None:
+def _track(a: argparse.Namespace, names: list[str], tags: Optional[dict[str, str]] = None) -> None:
     tracker = getattr(a, "tracker", None)
     if tracker is None:
         return
     ws = Workspace(a.workspace)
     for name in names:
         if (ws.run_dir(name) / runs.RUN_JSON).exists() or Path(name).is_dir():
-            run_id = tracker.log_run(ws, name, a.command)
+            run_id = tracker.log_run(ws, name, a.command, tags)
             print(f"logged run {name} to MLflow ({tracking.redact(a.mlflow)}), run id {run_id}")
 
 
@@ -503,6 +503,11 @@ def cmd_retrain(a: argparse.Namespace) -> int:
     cfg = retrain.RetrainConfig(n_boot=a.n_boot, reload=not a.no_reload)
     decision = retrain.retrain(a.run, a.workspace, data=a.data, data_cfg=_data_cfg(a) if a.data else None, cfg=cfg)
     print(retrain.describe(decision))
+    challenger = decision["challenger"]
+    _track(a, [challenger.get("now") or challenger.get("kept_as")],
+           {"retrain_decision": decision["decision"], "retrain_reason": decision["reason"],
+            "retrain_champion_version": decision["champion"]["version"],
+            "retrain_delta_roc_auc": decision["paired"]["diff"]})
     return 0
 
 
@@ -515,6 +520,7 @@ def _add_retrain_parser(sub) -> None:
     _add_data_flags(p, positional=False)
     p.add_argument("--n-boot", type=int, default=d.n_boot, help="bootstrap resamples of the paired interval")
     p.add_argument("--no-reload", action="store_true", help="do not signal running servers after a promotion")
+    _add_tracking_flags(p)
     p.set_defaults(func=cmd_retrain)
 
 

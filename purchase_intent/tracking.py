@@ -93,8 +93,10 @@ class Tracker:
             raise TrackingError(f"cannot use the MLflow tracking URI {redact(cfg.uri)}: "
                                 f"{_scrub(_first_line(e), cfg.uri)}") from e
 
-    def log_run(self, ws: Workspace, run: str, command: str) -> str:
-        """Log the run folder ``run`` of ``ws`` as one MLflow run; returns its MLflow run id."""
+    def log_run(self, ws: Workspace, run: str, command: str, tags_extra: Optional[dict[str, str]] = None) -> str:
+        """Log the run folder ``run`` of ``ws`` as one MLflow run; returns its MLflow run id.
+
+        ``tags_extra``: more MLflow tags (``purchase_intent.`` is prefixed), e.g. a retraining decision."""
         from mlflow.entities import Metric, Param, RunTag
 
         run_dir = ws.run_dir(run) if not Path(run).is_dir() else Path(run)
@@ -104,6 +106,7 @@ class Tracker:
             tags = [RunTag("purchase_intent.command", command), RunTag("purchase_intent.run", run_dir.name),
                     RunTag("purchase_intent.version", str(meta.get("version", ""))),
                     RunTag("purchase_intent.model", str(meta.get("model", "")))]
+            tags += [RunTag(f"purchase_intent.{k}", str(v)[:5000]) for k, v in (tags_extra or {}).items()]
             mlrun = self.client.create_run(self.experiment_id, run_name=f"{run_dir.name}@{meta.get('version', '')}",
                                            tags={t.key: t.value for t in tags})
             run_id = mlrun.info.run_id

@@ -229,3 +229,21 @@ def test_a_real_server_records_itself_and_reloads_the_promoted_run(ws, tmp_path)
         proc.terminate()
         proc.wait(timeout=30)
     assert not (ws.runs_dir / pidfile.SERVERS_DIR / f"{proc.pid}.json").exists()  # removed at shutdown
+
+
+def test_retrain_logs_the_run_it_leaves_with_its_decision_to_mlflow(ws, tmp_path, capsys):
+    mlflow = pytest.importorskip("mlflow")
+    store = tmp_path / "mlruns"
+    rc = cli.main(["--workspace", str(ws.root), "retrain", "--run", "logreg", "--n-boot", "100", "--no-reload",
+                   "--mlflow", str(store), "--mlflow-experiment", "retraining"])
+    assert rc == 0
+    d = retrain.read_audit(ws)[-1]
+    logged = d["challenger"].get("now") or d["challenger"]["kept_as"]
+    assert f"logged run {logged} to MLflow" in capsys.readouterr().out
+    client = mlflow.tracking.MlflowClient(tracking_uri=store.as_uri())
+    (found,) = client.search_runs([client.get_experiment_by_name("retraining").experiment_id])
+    tags = found.data.tags
+    assert tags["purchase_intent.command"] == "retrain" and tags["purchase_intent.run"] == logged
+    assert tags["purchase_intent.retrain_decision"] == d["decision"]
+    assert float(tags["purchase_intent.retrain_delta_roc_auc"]) == pytest.approx(d["paired"]["diff"])
+    assert "test.roc_auc" in found.data.metrics
