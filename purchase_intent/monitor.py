@@ -15,6 +15,12 @@ the run's model):
   data); its examples are the users active at the cutoff ``T - horizon`` and its labels are the
   purchases in the window, so they have matured whenever ``T`` lies within the data.
 
+Session-task runs compare sessions instead of users, built as ``build`` builds them (the run's
+session rules and prefix, features of each session's events before its cutoff; sessions that may
+still be going on at the end of the data are left out, so every label has matured): the training
+window is the sessions that started in the run's last training period (``[last training cutoff -
+step, last training cutoff]``), the latest window those that started in ``[T - step, T)``.
+
 Compared are the population stability index (PSI) of every feature and of the score,
 ``PSI = sum_b (a_b - e_b) * ln(a_b / e_b)`` over bins fitted on the training window (deciles of its
 values; a feature with at most ``n_bins`` distinct values is binned by value, with one bin for
@@ -43,9 +49,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from . import runs
+from .config import LabelConfig
 from .evaluate import roc_auc, roc_auc_ci
 from .feature_frame import compute_features_for_users
-from .labels import end_tolerance
+from .labels import build_examples, end_tolerance
 from .runs import Run
 from .score import predict_users
 from .times import ONE_US, parse_duration, parse_time
@@ -255,6 +262,29 @@ def window_from_build(run: Run, ws: Workspace, cutoff: datetime, con) -> Optiona
                   ex["label"].to_numpy()[rows].astype(np.int8))
 
 
+def session_windows(run: Run, con, ref_end: datetime, end: datetime) -> tuple[Window, Window]:
+    """Session task: the sessions that started in ``[ref_end - step, ref_end]`` and in
+    ``[end - step, end)``, with the features, scores and labels the build and the API give them."""
+    lc = LabelConfig(**run.meta["label_config"])
+    step = parse_duration(lc.step)
+    ex = build_examples(con, lc).to_pandas()
+    start = ex["session_start"]
+    out = []
+    for lo, in_window in ((ref_end - step, (start >= ref_end - step) & (start <= ref_end)),
+                          (end - step, (start >= end - step) & (start < end))):
+        rows = ex[in_window.to_numpy()]
+        if rows.empty:
+            raise MonitorError(f"no complete session started in [{lo}, {lo + step}): nothing to compare; "
+                               "choose another --at")
+        X = runs.inputs_for_examples(run.meta, run.model, con, rows[["user_id", "cutoff", "session_id",
+                                                                     "session_start"]].reset_index(drop=True))
+        scores = np.asarray(run.model.predict_proba(X), dtype=np.float64)[:, 1]
+        first = X[0] if isinstance(X, list) else X  # an ensemble: its first member's features
+        feats = first["tabular"] if isinstance(first, dict) else first
+        out.append(Window(lo, lo + step, feats.reset_index(drop=True), scores, rows["label"].to_numpy(np.int8)))
+    return out[0], out[1]
+
+
 def expected_interval(metrics: dict) -> dict[str, Any]:
     """The ROC-AUC interval the run's evaluation found: its pooled backtest's, else its test window's."""
     for source, block in (("backtest", (metrics.get("backtest") or {}).get("pooled")), ("test", metrics.get("test"))):
@@ -270,7 +300,7 @@ def monitor(run: str, workspace=None, cfg: MonitorConfig | None = None, out: str
 
     Parameters
     ----------
-    run : a run name under ``<workspace>/runs/`` or a run directory (a user-task run).
+    run : a run name under ``<workspace>/runs/`` or a run directory (user or session task).
     cfg : the window end, the bins and the thresholds.
     out : where the JSON goes (default ``runs/<run>/monitor.json``, which ``serve`` and ``report`` read).
 
@@ -290,26 +320,27 @@ def monitor(run: str, workspace=None, cfg: MonitorConfig | None = None, out: str
 def _monitor(run: str, ws: Workspace, cfg: MonitorConfig, out: str | Path | None) -> dict:
     t0 = time.perf_counter()
     loaded = runs.load_run(run, ws)
-    if loaded.task != "user":
-        raise MonitorError(f"run {loaded.name!r} is a {loaded.task}-task run; monitor compares windows of users "
-                           "(user-task runs)")
     lc = loaded.meta["label_config"]
-    horizon = parse_duration(lc["horizon"])
     train = training_window(ws, loaded)
     con = ws.connect()
     lo, hi = con.execute("SELECT min(ts), max(ts) FROM events").fetchall()[0]
     end = parse_time(cfg.at) if cfg.at is not None else hi + ONE_US
-    latest_cutoff = end - horizon
-    if latest_cutoff - loaded.lookback < lo - end_tolerance(loaded.lookback):
-        raise MonitorError(f"the latest window [{latest_cutoff}, {end}) needs the lookback {lc['lookback']} before "
-                           f"it, but the data start at {lo}; choose a later --at")
-    matured = end <= hi + ONE_US + end_tolerance(horizon)
     ref_cutoff = datetime.fromisoformat(train["last_cutoff"])
-    ref = window_from_build(loaded, ws, ref_cutoff, con)  # the stored training features, when they are the run's
-    ref_source = "build" if ref is not None else "events"
-    if ref is None:
-        ref = build_window(loaded, con, ref_cutoff, True, cfg)
-    new = build_window(loaded, con, latest_cutoff, matured, cfg)
+    if loaded.task == "session":
+        ref, new = session_windows(loaded, con, ref_cutoff, end)
+        matured, ref_source = True, "events"
+    else:
+        horizon = parse_duration(lc["horizon"])
+        latest_cutoff = end - horizon
+        if latest_cutoff - loaded.lookback < lo - end_tolerance(loaded.lookback):
+            raise MonitorError(f"the latest window [{latest_cutoff}, {end}) needs the lookback {lc['lookback']} "
+                               f"before it, but the data start at {lo}; choose a later --at")
+        matured = end <= hi + ONE_US + end_tolerance(horizon)
+        ref = window_from_build(loaded, ws, ref_cutoff, con)  # the stored training features, when they are the run's
+        ref_source = "build" if ref is not None else "events"
+        if ref is None:
+            ref = build_window(loaded, con, ref_cutoff, True, cfg)
+        new = build_window(loaded, con, latest_cutoff, matured, cfg)
 
     unknown = sorted(set(cfg.ignore) - set(ref.features.columns))
     if unknown:
@@ -333,7 +364,7 @@ def _monitor(run: str, ws: Workspace, cfg: MonitorConfig, out: str | Path | None
     overall = DRIFT if reasons else MODERATE if moderate else STABLE
     now = time.time()
     result = {
-        "run": loaded.name, "model": loaded.model_name, "version": loaded.version,
+        "run": loaded.name, "model": loaded.model_name, "version": loaded.version, "task": loaded.task,
         "checked_at": pd.Timestamp(now, unit="s", tz="UTC").isoformat(), "checked_at_epoch": round(now, 3),
         "config": asdict(cfg),
         "thresholds": {"stable_below": cfg.moderate, "drift_above": cfg.drift},
@@ -387,8 +418,9 @@ def describe(result: dict, top: int = 10) -> str:
     lw, tw = result["latest_window"], result["training_window"]
     rate = result["positive_rate"]
     pct = lambda x: "n/a" if x is None else f"{x:.2%}"  # noqa: E731
+    unit, ref = ("sessions", "sessions from") if result.get("task") == "session" else ("users", "cutoff")
     lines = [f"run {result['run']} ({result['version']}): latest window {lw['cutoff'][:19]} .. {lw['end'][:19]} "
-             f"({lw['n']:,} users) vs training cutoff {tw['compared_cutoff'][:19]} ({tw['n_compared']:,} users)",
+             f"({lw['n']:,} {unit}) vs training {ref} {tw['compared_cutoff'][:19]} ({tw['n_compared']:,} {unit})",
              f"positive rate: training {pct(rate['training'])}, latest {pct(rate['latest'])}",
              f"score PSI {result['score']['psi']:.4f} ({result['score']['verdict']})"]
     perf = result["performance"]

@@ -191,3 +191,46 @@ def test_the_report_has_a_drift_section(shop, tmp_path):
                                                       ).read_text()
     (ws.run_dir("logreg") / runs.MONITOR_JSON).unlink()  # converse: no monitor.json, no section
     assert 'id="drift"' not in report.write_report(ws, ["logreg"], out=tmp_path / "r.html", explain=False).read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# session-task runs: windows of sessions, built as `build` builds them
+@pytest.fixture(scope="module")
+def session_shop(tmp_path_factory):
+    root = tmp_path_factory.mktemp("monitor-session")
+    write_events(SimConfig(n_users=1500, days=35, seed=4), root / "sim.csv")
+    ws = Workspace(root / "ws")
+    pipeline.run(root / "sim.csv", DataConfig(format="csv"), LabelConfig(task="session", step="7d"),
+                 models=["logreg"], workspace=ws, n_boot=50, report=False, quiet=True)
+    return ws
+
+
+def test_a_session_task_run_is_monitored_on_windows_of_sessions(session_shop, capsys):
+    ws = session_shop
+    run = runs.load_run("logreg", ws)
+    con = ws.connect()
+    last = datetime.fromisoformat(monitor.training_window(ws, run)["last_cutoff"])
+    hi = con.execute("SELECT max(ts) FROM events").fetchall()[0][0]
+    ref, new = monitor.session_windows(run, con, last, hi)
+    # the training window's sessions have the features and labels the build stored for them
+    ex = pd.read_parquet(ws.examples_dir / runs.EXAMPLES)
+    feats = pd.read_parquet(ws.examples_dir / runs.FEATURES)
+    rows = ((ex["session_start"] >= pd.Timestamp(ref.cutoff)) & (ex["session_start"] <= pd.Timestamp(last))).to_numpy()
+    assert len(ref.scores) == rows.sum() > 50
+    order = np.lexsort((ex["session_id"][rows].to_numpy(), ex["user_id"][rows].to_numpy(),
+                        ex["cutoff"][rows].to_numpy()))
+    stored = runs.run_features(run.meta, feats[rows]).to_numpy()[order]
+    np.testing.assert_allclose(ref.features.to_numpy(), stored, rtol=1e-9, equal_nan=True)
+    assert (ref.labels == ex["label"][rows].to_numpy()[order]).all()
+    assert len(new.scores) > 50 and new.labels is not None
+    # through the CLI: sessions, matured labels, a live ROC-AUC and a verdict
+    assert cli.main(["--workspace", str(ws.root), "monitor", "--run", "logreg", "--ignore", AGE,
+                     "--n-boot", "50"]) in (0,)
+    out = capsys.readouterr().out
+    assert "sessions" in out and "live ROC-AUC" in out
+    res = json.loads((ws.run_dir("logreg") / runs.MONITOR_JSON).read_text())
+    assert res["task"] == "session" and res["latest_window"]["labels_matured"]
+    assert res["performance"]["roc_auc"] is not None and res["positive_rate"]["latest"] is not None
+    # a window with no complete session: one line
+    assert cli.main(["--workspace", str(ws.root), "monitor", "--run", "logreg", "--at", "2000-01-01"]) == 1
+    assert "no complete session started" in capsys.readouterr().err
