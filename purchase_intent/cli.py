@@ -180,7 +180,7 @@ def _train_cfg(a: argparse.Namespace) -> TrainConfig:
 def _add_pretrain_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """The PretrainConfig flags; ``prefix`` ("pretrain-") when they sit beside other commands' flags."""
     d = pretrain.PretrainConfig()
-    p.add_argument(f"--{prefix}objective", choices=["masked", "contrastive", "next"], default=d.objective,
+    p.add_argument(f"--{prefix}objective", choices=list(pretrain.OBJECTIVES), default=d.objective,
                    help=f"masked-event modelling, contrastive (two crops of one user) or next-event (default "
                         f"{d.objective})")
     p.add_argument(f"--{prefix}preset", choices=["tiny", "small", "base"], default=d.preset,

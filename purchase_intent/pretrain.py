@@ -40,7 +40,7 @@ from .models.transfer import TransferReport, load_init, transfer_config, transfe
 from .models.transformer import PRESETS, BehaviourTransformer
 from .models.transformer import preset as make_preset
 from .runs import load_built
-from .sequences import SEQUENCE_FIELDS, SequenceConfig, SequenceVocab, build_sequences, fit_vocab
+from .sequences import SEQUENCE_FIELDS, SequenceConfig, SequenceVocab, build_sequences, fit_vocab, time_edges
 from .times import parse_time
 from .train import TrainLoopConfig
 from .workspace import Workspace, as_workspace, atomic_dir, atomic_write_bytes
@@ -54,7 +54,7 @@ ONE_US = timedelta(microseconds=1)
 class PretrainConfig:
     """What ``pretrain`` trains (saved in the encoder's config.json)."""
 
-    # masked | contrastive | next; none won beyond the paired intervals (benchmarks/results/pretrain.md)
+    # masked | contrastive | next | future; none won beyond the paired intervals (benchmarks/results/pretrain.md)
     objective: str = "masked"
     preset: str = "tiny"  # TransformerClassifier presets: tiny | small | base
     max_seq_len: int = 50  # most recent events per user (the classifier's default window)
@@ -167,10 +167,13 @@ def pretrain(workspace: Workspace | str | Path | None = None, cfg: Optional[Pret
                 "SELECT (row_number() OVER (ORDER BY user_id) - 1)::BIGINT AS example_id, user_id, "
                 "?::TIMESTAMP AS cutoff FROM (SELECT DISTINCT user_id FROM events WHERE ts < ?)", [t_cut, t_cut])
     vocab = fit_vocab(con, "pretrain_examples", seq_cfg)
-    arrays = build_sequences(con, "pretrain_examples", seq_cfg, vocab)
+    times = cfg.objective == "future"  # its targets are the events after a random cutoff in each history
+    arrays = build_sequences(con, "pretrain_examples", seq_cfg, vocab, times=times)
     sizes = vocab.field_sizes()
     data = {f: arrays[f] for f in fields}
     data["mask"] = arrays["mask"]
+    if times:
+        data["us_cut"] = arrays["us_cut"]
     torch.manual_seed(cfg.seed)
     sources = sorted({e["sha256"] for e in ws.read_manifest()["files"]})  # the ingested files, by content
     init = None
@@ -189,7 +192,7 @@ def pretrain(workspace: Workspace | str | Path | None = None, cfg: Optional[Pret
         net = BehaviourTransformer(make_preset(cfg.preset, field_sizes={f: sizes[f] for f in fields},
                                                max_seq_len=int(cfg.max_seq_len), dropout=cfg.dropout,
                                                use_tabular=False, n_tabular=0, **extra))
-    objective = make_objective(cfg.objective, net)
+    objective = make_objective(cfg.objective, net, time_edges(seq_cfg))
     loop = TrainLoopConfig(max_epochs=int(cfg.epochs), batch_size=int(cfg.batch_size), lr=float(cfg.lr),
                            weight_decay=float(cfg.weight_decay), seed=int(cfg.seed), device="cpu", progress=False)
     if log is not None:

@@ -192,8 +192,8 @@ def checked_vocab(cfg: Optional[SequenceConfig], vocab: Optional[SequenceVocab]
 
 
 def build_sequences(con, examples: Any = "examples", cfg: Optional[SequenceConfig] = None,
-                    vocab: Optional[SequenceVocab] = None, out_dir: str | Path | None = None
-                    ) -> dict[str, np.ndarray]:
+                    vocab: Optional[SequenceVocab] = None, out_dir: str | Path | None = None,
+                    times: bool = False) -> dict[str, np.ndarray]:
     """Token arrays for every example, rows in ``example_id`` order.
 
     Parameters
@@ -208,6 +208,9 @@ def build_sequences(con, examples: Any = "examples", cfg: Optional[SequenceConfi
         From :func:`fit_vocab` (price edges). Without one, price is left as 0 (missing).
     out_dir : path, optional
         Write the arrays as memory-mapped ``.npy`` files there (for millions of examples).
+    times : bool
+        Also ``"us_cut"`` (N, T) int64: microseconds from each event to its example's cutoff (0 for
+        padding), which the ``future`` pretraining objective reads; not a token field.
 
     Returns
     -------
@@ -231,6 +234,8 @@ def build_sequences(con, examples: Any = "examples", cfg: Optional[SequenceConfi
 
     out = {f: alloc(f, field_dtype(sizes[f])) for f in SEQUENCE_FIELDS}
     out["mask"] = alloc("mask", np.dtype(bool))
+    if times:
+        out["us_cut"] = alloc("us_cut", np.dtype(np.int64))
     edges_t = time_edges(cfg)
     edges_p = np.asarray(vocab.price_edges, dtype=np.float64)
     ev_case = " ".join(f"WHEN '{k}' THEN {v}" for k, v in EVENT_CODES.items())
@@ -286,6 +291,8 @@ def build_sequences(con, examples: Any = "examples", cfg: Optional[SequenceConfi
         price = np.asarray(col["price"], dtype=np.float64)  # NaN for NULL
         pb = 1 + np.searchsorted(edges_p, np.nan_to_num(price), side="right")
         out["price"][row, pos] = np.where(np.isfinite(price), pb, 0)
+        if times:
+            out["us_cut"][row, pos] = col["us_cut"]
         cut_s = np.asarray(col["us_cut"], dtype=np.float64) / 1e6
         out["dt_cutoff"][row, pos] = 1 + np.searchsorted(edges_t, cut_s, side="right")
         prev_s = np.asarray(col["us_prev"], dtype=np.float64) / 1e6  # NaN = no earlier event

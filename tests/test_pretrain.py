@@ -65,10 +65,11 @@ def _batches(ws, n=128):
     from purchase_intent.sequences import SequenceConfig, build_sequences
     con.execute("CREATE TABLE ex AS SELECT (row_number() OVER (ORDER BY user_id) - 1)::BIGINT AS example_id, "
                 "user_id, (SELECT max(ts) FROM events) AS cutoff FROM (SELECT DISTINCT user_id FROM events)")
-    a = build_sequences(con, "ex", SequenceConfig(max_seq_len=20))
+    a = build_sequences(con, "ex", SequenceConfig(max_seq_len=20), times=True)
     fields = ["event", "category", "dt_cutoff", "dt_prev", "hour"]
     data = {f: a[f][:n] for f in fields}
     data["mask"] = a["mask"][:n]
+    data["us_cut"] = a["us_cut"][:n]
     return data, {f: int(a[f].max()) + 1 for f in fields}
 
 
@@ -99,6 +100,8 @@ def _synthetic(n=96, T=30, seed=0):
     mask = np.arange(T)[None, :] >= T - lengths[:, None]
     data = {f: (rng.integers(1, s, size=(n, T)) * mask).astype(np.int16) for f, s in sizes.items()}
     data["mask"] = mask
+    gaps = rng.exponential(2 * 86_400e6, size=(n, T)).astype(np.int64)  # µs between events, newest on the right
+    data["us_cut"] = np.cumsum(gaps[:, ::-1], axis=1)[:, ::-1] * mask
     return data, sizes
 
 
@@ -455,3 +458,53 @@ def test_session_task_encoder_reads_no_event_of_a_test_session(shop, tmp_path):
     for fold in splits.backtest_folds(ex, 2, built.label_cfg):
         assert (ex["session_start"][np.asarray(fold.test_mask)] >= t2).all()
     assert t2 < t
+
+
+def test_the_future_objective_reads_only_events_before_tau_and_censors_by_time_alone():
+    """Its prefix is the events strictly before a random tau, re-bucketed to tau; its purchase targets
+    are events at or after tau within the horizon; a horizon past the pretraining cutoff is unknown,
+    whatever happened inside it."""
+    from purchase_intent.models.pretraining import FUTURE_HORIZONS, FutureEventsObjective
+    from purchase_intent.sequences import SequenceConfig, time_edges
+    from purchase_intent.vocabulary import EVENT_CODES
+
+    data, sizes = _synthetic(n=200, T=30, seed=2)
+    data["event"][:, -3:] = np.where(data["mask"][:, -3:], EVENT_CODES["purchase"], 0)  # recent purchases
+    sizes = {**sizes, "dt_cutoff": 30}
+    data["dt_cutoff"] = (data["mask"] * 3).astype(np.int16)
+    net = BehaviourTransformer(preset("tiny", field_sizes=sizes, max_seq_len=30, use_tabular=False, dropout=0.0))
+    obj = FutureEventsObjective(net, time_edges(SequenceConfig()))
+    batch = collate(data, np.arange(200))
+    torch.manual_seed(1)
+    d = obj.draw(batch)
+    us, mask = batch["us_cut"], batch["mask"]
+    c_tau = d["c_tau"]
+    assert bool((d["before"] <= mask).all())
+    assert bool((us[d["before"]] > c_tau[d["before"].nonzero()[:, 0]]).all())  # strictly before tau
+    after = mask & ~d["before"]
+    assert bool((us[after] <= c_tau[after.nonzero()[:, 0]]).all())
+    assert bool((c_tau >= 0).all()) and bool((d["length"] == d["before"].sum(1)).all())
+    for j, (_, h) in enumerate(FUTURE_HORIZONS):
+        known = d["known"][:, j]
+        assert torch.equal(known, c_tau >= h * 1_000_000)  # by time alone, not by outcome
+        for b in range(200):  # the targets by hand
+            ev = batch["event"][b]
+            hit = bool(((ev == EVENT_CODES["purchase"]) & after[b] & (us[b] > c_tau[b] - h * 1_000_000)).any())
+            assert bool(d["y"][b, j]) == hit
+    assert 0 < int(d["known"].sum()) < d["known"].numel()  # both known and censored horizons occur
+    assert 0 < float(d["y"][d["known"]].mean()) < 1
+    # the encoder sees dt_cutoff measured to tau, bucketed as build_sequences buckets time to a cutoff
+    dt = obj.prefix_tokens(batch, d)[:, :, list(sizes).index("dt_cutoff")]
+    rows = d["before"].nonzero()[:, 0]
+    secs = (us[d["before"]] - c_tau[rows]).numpy() / 1e6
+    assert np.array_equal(dt[d["before"]].numpy(), 1 + np.searchsorted(time_edges(SequenceConfig()), secs, "right"))
+    assert torch.equal(dt[~d["before"]], batch["dt_cutoff"][~d["before"]])
+    assert torch.isfinite(obj(batch))
+
+
+def test_future_pretraining_needs_event_times():
+    data, sizes = _synthetic()
+    del data["us_cut"]
+    net = BehaviourTransformer(preset("tiny", field_sizes=sizes, max_seq_len=30, use_tabular=False))
+    with pytest.raises(ValueError, match="times=True"):
+        make_objective("future", net)(collate(data, np.arange(8)))

@@ -72,7 +72,7 @@ def collate(data: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Ten
         cols = np.flatnonzero(m.any(axis=0))
         start = int(cols[0]) if len(cols) else m.shape[1] - 1
         out["mask"] = torch.from_numpy(np.ascontiguousarray(m[:, start:]))
-    fields = [k for k in data if k not in ("mask", "label", "tabular")]
+    fields = [k for k in data if k not in ("mask", "label", "tabular", "us_cut")]
     if fields:
         tokens = np.empty((len(idx), data[fields[0]].shape[1] - start, len(fields)), dtype=np.int64)
         for i, f in enumerate(fields):
@@ -82,6 +82,8 @@ def collate(data: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Ten
             out[f] = out["tokens"][:, :, i]  # (B, T') views
     if "tabular" in data:
         out["tabular"] = torch.from_numpy(data["tabular"][idx])
+    if "us_cut" in data:  # event times (pretraining's `future` objective), not a token field
+        out["us_cut"] = torch.from_numpy(np.ascontiguousarray(data["us_cut"][idx, start:]))
     return out
 
 

@@ -14,6 +14,13 @@ the classifier's ``collate`` (``"tokens"`` (B, T, n_fields), ``"mask"`` (B, T), 
 - ``"next"`` (next-event prediction): a random prefix of the history (at least one event, one
   event left after it) is encoded and its summary predicts the type and category bucket of the
   event that follows.
+- ``"future"`` (next events in time, HSTU-style): a random time ``tau`` inside each history
+  (between two of its events, or after the last) plays the cutoff: the events before ``tau`` are
+  encoded with their ``dt_cutoff`` measured to ``tau``, exactly as a training example at cutoff
+  ``tau`` would be, and the summary predicts the type and category of the next event and whether
+  a purchase follows within 1, 7 and 28 days of ``tau``. A horizon that reaches past the
+  pretraining cutoff is censored (its outcome is unknown) and left out of the loss, so every
+  target is an event before the cutoff. It reads the events' times (``build_sequences(times=True)``).
 
 All random draws (masks, crops) come from torch's generator, so one seed gives one encoder.
 
@@ -45,18 +52,20 @@ from safetensors.torch import save as save_tensors
 
 from ..allocator import retained_heap
 from ..config import from_dict
-from ..sequences import SequenceVocab
+from ..sequences import SequenceConfig, SequenceVocab, time_edges
 from ..train import TrainLoopConfig, lr_at, make_optimizer
+from ..vocabulary import EVENT_CODES
 from .classifier import collate
 from .encoder_compat import upgrade_state
 from .transformer import BehaviourTransformer, TransformerConfig
 
-OBJECTIVES = ("masked", "contrastive", "next")
+OBJECTIVES = ("masked", "contrastive", "next", "future")
 MASK_RATE = 0.15
 CROP_MIN = 0.4  # shortest contrastive view, as a fraction of the history
 TEMPERATURE = 0.1
 TIME_FIELD = "dt_prev"  # the time bucket the masked objective predicts
 LENGTH_GROUPS = 4  # the encoder reads a batch in this many groups of rows of similar history length
+FUTURE_HORIZONS = (("1d", 86_400), ("7d", 7 * 86_400), ("28d", 28 * 86_400))  # purchase-within targets, seconds
 
 
 def token_states(net: BehaviourTransformer, batch: dict[str, torch.Tensor],
@@ -258,6 +267,97 @@ class NextEventObjective(nn.Module):
         return _head_loss(self.heads, self.targets, self.index, h, target, norm)
 
 
+class FutureEventsObjective(nn.Module):
+    """At a random time ``tau`` inside each history: encode the events before it as an example with
+    cutoff ``tau``; predict the next event and whether a purchase follows within each of
+    :data:`FUTURE_HORIZONS` (BCE, censored horizons left out) of ``tau``.
+
+    ``tau`` is drawn uniformly between a random event ``p`` (uniform over the history) and the one
+    after it (the pretraining cutoff after the last), so histories end where examples' do: some
+    time after their last event. ``forward(batch, norm)`` divides the summed losses by ``norm``
+    instead of averaging them (see :class:`MaskedEventObjective`).
+    """
+
+    def __init__(self, net: BehaviourTransformer, edges: Optional[np.ndarray] = None):
+        super().__init__()
+        self.net = net
+        self.groups = LENGTH_GROUPS  # encoder passes per batch (encode_by_length); 1 = the whole batch at once
+        if "event" not in net.fields:
+            raise ValueError("the future objective needs the event field")
+        self.targets, self.index, self.heads = _field_heads(net, ("event", "category"), "future")
+        self.event_col = net.fields.index("event")
+        self.dt_col = net.fields.index("dt_cutoff") if "dt_cutoff" in net.fields else None
+        edges = time_edges(SequenceConfig()) if edges is None else np.asarray(edges, dtype=np.float64)
+        self.register_buffer("edges", torch.as_tensor(edges, dtype=torch.float64), persistent=False)
+        self.register_buffer("horizons_us", torch.tensor([h * 1_000_000 for _, h in FUTURE_HORIZONS]),
+                             persistent=False)
+        D = net.cfg.d_model
+        self.future = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.LayerNorm(D), nn.Linear(D, len(FUTURE_HORIZONS)))
+
+    @staticmethod
+    def expected_targets(lengths: np.ndarray, batch_size: int) -> float:
+        """Rows of a batch of ``batch_size`` rows (each one a prefix to encode)."""
+        return float(batch_size)
+
+    def draw(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The random cutoffs of a batch: ``c_tau`` (B,) in microseconds before the pretraining
+        cutoff, the prefix (events before ``tau``) and the targets."""
+        if "us_cut" not in batch:
+            raise ValueError("the future objective needs the events' times: build_sequences(..., times=True)")
+        mask, us = batch["mask"], batch["us_cut"]  # (B, T), (B, T): larger = older
+        B, T = mask.shape
+        n, first = _history(mask)
+        p = torch.minimum(1 + torch.floor(torch.rand(B, device=mask.device) * n).long(), n).clamp(min=1)
+        col = (first + p - 1).clamp(0, T - 1)  # column of event p
+        c_p = us.gather(1, col[:, None])[:, 0]
+        c_next = torch.where(p < n, us.gather(1, (col + 1).clamp(max=T - 1)[:, None])[:, 0], torch.zeros_like(c_p))
+        u = 1.0 - torch.rand(B, device=mask.device, dtype=torch.float64)  # (0, 1]
+        c_tau = (c_p.double() - u * (c_p - c_next).double()).floor().long()
+        before = mask & (us > c_tau[:, None])  # events strictly before tau: a right-open prefix
+        after = mask & ~before
+        length = before.sum(dim=1)
+        is_buy = batch["tokens"][:, :, self.event_col] == EVENT_CODES["purchase"]
+        within = after[:, :, None] & is_buy[:, :, None] & (us[:, :, None] > (c_tau[:, None, None] - self.horizons_us))
+        y = within.any(dim=1).float()  # (B, H)
+        # tau + h before the cutoff; a purchase seen inside a censored horizon does not make it known
+        # (censoring must not depend on the outcome)
+        known = (c_tau[:, None] >= self.horizons_us[None, :]).expand(B, -1)
+        return {"first": first, "length": length, "before": before, "c_tau": c_tau, "y": y, "known": known,
+                "next_col": (first + length).clamp(max=T - 1), "has_next": length < n}
+
+    def prefix_tokens(self, batch: dict[str, torch.Tensor], d: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's tokens with the prefix events' ``dt_cutoff`` measured to ``tau``, as an
+        example's are to its cutoff (the bucket ``build_sequences`` gives)."""
+        tokens = batch["tokens"]
+        if self.dt_col is None:
+            return tokens
+        secs = (batch["us_cut"] - d["c_tau"][:, None]).double() / 1e6
+        bucket = 1 + torch.bucketize(secs, self.edges, right=True)
+        tokens = tokens.clone()
+        tokens[:, :, self.dt_col] = torch.where(d["before"], bucket.to(tokens.dtype), tokens[:, :, self.dt_col])
+        return tokens
+
+    def forward(self, batch: dict[str, torch.Tensor], norm: Optional[float] = None) -> torch.Tensor:
+        d = self.draw(batch)
+        ok = d["length"] >= 1
+        if not bool(ok.any()):
+            return sum(p.sum() * 0.0 for p in self.parameters())
+        tokens = self.prefix_tokens(batch, d)
+        sub = {"tokens": tokens[ok], "mask": batch["mask"][ok]}
+        h = encode_by_length(self.net, crop(sub, d["first"][ok], d["length"][ok]), self.groups)  # (B', D)
+        logits = self.future(h).float()  # (B', H)
+        known = d["known"][ok]
+        bce = F.binary_cross_entropy_with_logits(logits, d["y"][ok], reduction="none")[known].sum()
+        has_next = d["has_next"][ok]
+        nxt = torch.gather(batch["tokens"][ok], 1, d["next_col"][ok][:, None, None].expand(
+            -1, 1, tokens.shape[2]))[:, 0]  # (B', nf): the first event at or after tau
+        ce = _head_loss(self.heads, self.targets, self.index, h[has_next], nxt[has_next], 1.0) if bool(
+            has_next.any()) else h.sum() * 0.0
+        if norm is None:  # means: BCE over the known (row, horizon) pairs, CE over rows with a next event
+            return bce / max(int(known.sum()), 1) + ce / max(int(has_next.sum()), 1)
+        return (bce / len(FUTURE_HORIZONS) + ce) / norm
+
+
 def _field_heads(net: BehaviourTransformer, wanted: tuple, objective: str) -> tuple[list, list, nn.ModuleDict]:
     """The fields of ``wanted`` the encoder has, their column in the tokens, and one classifier head
     per field (D -> its vocabulary), for :func:`_head_loss`."""
@@ -279,14 +379,17 @@ def _head_loss(heads: nn.ModuleDict, targets: list, index: list, h: torch.Tensor
     return loss / len(targets) if norm is None else loss / (len(targets) * norm)
 
 
-def make_objective(name: str, net: BehaviourTransformer) -> nn.Module:
-    """The objective ``name`` (masked, contrastive, next) over encoder ``net``."""
+def make_objective(name: str, net: BehaviourTransformer, edges: Optional[np.ndarray] = None) -> nn.Module:
+    """The objective ``name`` (masked, contrastive, next, future) over encoder ``net``; ``edges``:
+    the sequences' time-bucket edges (``sequences.time_edges``), which ``future`` re-buckets with."""
     if name == "masked":
         return MaskedEventObjective(net)
     if name == "contrastive":
         return ContrastiveObjective(net)
     if name == "next":
         return NextEventObjective(net)
+    if name == "future":
+        return FutureEventsObjective(net, edges)
     raise ValueError(f"unknown pretraining objective {name!r}: choose one of {', '.join(OBJECTIVES)}")
 
 
