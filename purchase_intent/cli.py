@@ -181,8 +181,8 @@ def _add_pretrain_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """The PretrainConfig flags; ``prefix`` ("pretrain-") when they sit beside other commands' flags."""
     d = pretrain.PretrainConfig()
     p.add_argument(f"--{prefix}objective", choices=list(pretrain.OBJECTIVES), default=d.objective,
-                   help=f"masked-event modelling, contrastive (two crops of one user) or next-event (default "
-                        f"{d.objective})")
+                   help=f"masked-event modelling, contrastive (two crops of one user), next-event or future "
+                        f"(next events and purchases within 1/7/28 days of a random cutoff; default {d.objective})")
     p.add_argument(f"--{prefix}preset", choices=["tiny", "small", "base"], default=d.preset,
                    help=f"encoder size (default {d.preset})")
     p.add_argument(f"--{prefix}max-seq-len", type=int, default=d.max_seq_len,
