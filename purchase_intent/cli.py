@@ -8,6 +8,7 @@
     purchase-intent run --data UserBehavior.csv.gz --format taobao --lookback 3d --horizon 1d --step 1d
     purchase-intent ingest --data postgresql://shop@db:5432/shop --query "SELECT * FROM events" --since-last
     purchase-intent forget --user 12345
+    purchase-intent rotate-key --new-key-file new.key
 
 Flags map 1:1 onto the fields of the config dataclasses in `purchase_intent.config`; a flag not
 given keeps the dataclass default. The workspace is `--workspace DIR`, else the environment variable
@@ -25,11 +26,24 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from . import distributed, erasure, explain, monitor, pipeline, pretrain, report, retrain, runs, score, tracking
+from . import (
+    distributed,
+    erasure,
+    explain,
+    monitor,
+    pipeline,
+    pretrain,
+    report,
+    retrain,
+    rotation,
+    runs,
+    score,
+    tracking,
+)
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig
 from .ensemble import evaluate_ensemble
 from .event_database import DatabaseQuery, is_database_url
-from .privacy import pseudonym_for
+from .privacy import KEY_ENV, pseudonym_for
 from .serve.settings import API_KEYS_ENV, ServeSettings, read_api_keys
 from .simulate import SimConfig, write_events
 from .tabular import run_table
@@ -467,6 +481,31 @@ def _add_forget_parser(sub) -> None:
     p.set_defaults(func=cmd_forget, check=_check_forget)
 
 
+def cmd_rotate_key(a: argparse.Namespace) -> int:
+    print(rotation.describe(rotation.rotate_key(a.workspace, a.new_key)))
+    return 0
+
+
+def _check_rotate_key(a: argparse.Namespace) -> None:
+    """Before the lock: no workspace, no new key or a bad one: one line, nothing created or changed."""
+    if not Workspace(a.workspace).root.is_dir():
+        raise ValueError(f"no workspace at {a.workspace}")
+    if a.generate and os.environ.get(KEY_ENV):
+        raise ValueError(f"--generate writes the key chain to the workspace key file, but the key is ${KEY_ENV}: "
+                         "give the new key with --new-key-file (you set the variable to the chain afterwards)")
+    a.new_key = rotation.read_new_key(a.new_key_file, a.generate)
+
+
+def _add_rotate_key_parser(sub) -> None:
+    p = sub.add_parser("rotate-key", help="re-pseudonymise the workspace under a new key, in one commit",
+                       description=rotation.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--new-key-file", metavar="FILE",
+                   help=f"the new key (hex, or text of at least 16 bytes); else ${rotation.NEW_KEY_ENV}")
+    p.add_argument("--generate", action="store_true",
+                   help="a random 32-byte new key, kept in the workspace key file (not with $" + KEY_ENV + ")")
+    p.set_defaults(func=cmd_rotate_key, check=_check_rotate_key)
+
+
 def cmd_monitor(a: argparse.Namespace) -> int:
     cfg = monitor.MonitorConfig(at=a.at, n_bins=a.bins, moderate=a.moderate, drift=a.drift, n_boot=a.n_boot,
                                 chunk_size=a.chunk_size, ignore=tuple(a.ignore or ()))
@@ -632,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain_parser(sub)
     _add_report_parser(sub)
     _add_forget_parser(sub)
+    _add_rotate_key_parser(sub)
     _add_monitor_parser(sub)
     _add_retrain_parser(sub)
     return parser
@@ -639,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # commands that write to the workspace: one at a time per workspace (Workspace.lock); the others only read
 WRITING_COMMANDS = {"ingest", "build", "train", "evaluate", "run", "quickstart", "pretrain", "ensemble", "score",
-                    "report", "forget", "monitor", "retrain"}
+                    "report", "forget", "rotate-key", "monitor", "retrain"}
 
 
 def _workspace_lock(args: argparse.Namespace):
