@@ -210,10 +210,19 @@ def _add_pretrain_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
                         "re-initialised (one line each); then the epochs run here (0 keeps the copy)")
     p.add_argument(f"--{prefix}d-model", type=int, metavar="D",
                    help="encoder width (default: the preset's; with an init the init encoder's, and another raises)")
+    p.add_argument(f"--{prefix}param", action="append", metavar="KEY=VALUE",
+                   help="differential privacy: dp_epsilon=E (user-level DP-SGD; masked or next objective), and "
+                        f"{', '.join(pretrain.DP_PARAMS[1:])} as for train; repeatable")
 
 
 def _pretrain_cfg(a: argparse.Namespace, prefix: str = "", **extra) -> pretrain.PretrainConfig:
     g = lambda name: getattr(a, prefix.replace("-", "_") + name)  # noqa: E731
+    params = _params(g("param"))
+    unknown = sorted(set(params) - set(pretrain.DP_PARAMS))
+    if unknown:
+        raise ValueError(f"unknown --{prefix}param {', '.join(unknown)}: pretrain takes "
+                         f"{', '.join(pretrain.DP_PARAMS)} (its other settings are flags, see --help)")
+    extra = {**params, **extra}
     return pretrain.PretrainConfig(objective=g("objective"), preset=g("preset"), max_seq_len=g("max_seq_len"),
                                    epochs=g("epochs"), batch_size=g("batch_size"), lr=g("lr"), init=g("init"),
                                    d_model=g("d_model"), **extra)

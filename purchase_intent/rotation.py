@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import os
 import re
@@ -54,7 +55,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import runs
-from .erasure import ERASURE_LOG, run_dirs, link_tree
+from .erasure import ERASURE_LOG, link_tree, run_dirs
 from .privacy import (
     KEY_ENV,
     PSEUDONYM_HEX,
@@ -174,7 +175,6 @@ def _csv_rows(path: Path) -> list[list[str]]:
 
 
 def _csv_bytes(rows: list[list[str]], gz: bool) -> bytes:
-    import io
     buf = io.StringIO()
     csv.writer(buf).writerows(rows)
     data = buf.getvalue().encode("utf-8")
