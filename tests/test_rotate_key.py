@@ -331,3 +331,29 @@ def test_a_killed_rotation_leaves_old_or_new(ws, new_key_file):
         now = raw_bytes(trial)
         outcomes.append("old" if now == old_bytes else "new" if len(key_chain(load_key(trial))) == 2 else "neither")
     assert outcomes == ["old", "new"]
+
+
+# ---------------------------------------------------------------------------------------------
+def test_a_key_chain_wraps_pseudonyms_in_python_arrow_and_sql_alike(tmp_path, monkeypatch):
+    import duckdb
+
+    from purchase_intent.privacy import key_id, pseudonym_params, pseudonym_sql, pseudonym_table
+    k1, k2, k3 = bytes(range(32)), b"second key, as text bytes", bytes.fromhex("cd" * 40)
+    ids = ["u1", "ünïcode", "", None, "x" * 70]
+    one = pseudonymise(ids, k1)
+    chain = pseudonymise(ids, (k1, k2, k3))
+    assert chain == [None if p is None else pseudonymise(pseudonymise([p], k2), k3)[0] for p in one]
+    assert pseudonym_table(pa.array(ids, pa.string()), (k1, k2, k3)).column("pid").to_pylist() == chain
+    con = duckdb.connect()
+    sql = f"SELECT {pseudonym_sql('id', n_keys=3)} FROM (SELECT unnest($ids::VARCHAR[]) AS id)"
+    assert [r[0] for r in con.execute(sql, {**pseudonym_params((k1, k2, k3)), "ids": ids}).fetchall()] == chain
+    assert key_id(k1) == hashlib.sha256(b"purchase-intent key id\0" + k1).hexdigest()[:16]  # as before chains
+    assert len({key_id(k1), key_id((k1, k2)), key_id((k2, k1))}) == 3
+    # the environment and the key file hold a chain as hex keys, oldest first
+    monkeypatch.setenv(KEY_ENV, f"{k1.hex()},{k2.hex()}")
+    assert load_key(tmp_path) == (k1, k2)
+    monkeypatch.setenv(KEY_ENV, "a passphrase, with a comma, long enough")  # text: one key, commas and all
+    assert load_key(tmp_path) == b"a passphrase, with a comma, long enough"
+    monkeypatch.delenv(KEY_ENV)
+    (tmp_path / "pseudonym.key").write_text(f"{k1.hex()}\n{k3.hex()}\n")
+    assert load_key(tmp_path) == (k1, k3)
