@@ -293,10 +293,21 @@ def _leftovers(ws: Workspace, seen: set, planned: set[str]) -> dict[str, Writer]
     out: dict[str, Writer] = {}
     prefixes = {p[:REPORT_ID_CHARS].encode() for p in seen}
     needles = {p.encode() for p in seen}
+    known = pa.array(sorted(seen), pa.string())
     sources = _sources(ws)
     for path in sorted(ws.root.rglob("*")):
         rel = str(path.relative_to(ws.root))
-        if rel in planned or _skipped(ws, path, sources) or path.suffix == ".parquet" or path.name == ".lock":
+        if rel in planned or _skipped(ws, path, sources) or path.name == ".lock":
+            continue
+        if path.suffix == ".parquet":  # other string columns (the id columns were rewritten above)
+            schema = pq.read_schema(path)
+            text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+            table = pq.read_table(path, columns=text) if text and len(known) else None
+            if table is not None and any(pc.any(pc.is_in(table.column(c).cast(pa.string()), value_set=known)).as_py()
+                                         for c in text):
+                raise KeyRotationError(f"{path} holds a pseudonym in a column rotate-key does not rewrite (only "
+                                       f"{' and '.join(ID_COLUMNS)}); remove the file, then rotate again. Nothing was "
+                                       "changed")
             continue
         data = path.read_bytes()
         if path.suffix == ".gz":

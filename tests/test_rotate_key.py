@@ -227,7 +227,8 @@ def test_rotating_twice_and_an_environment_key(shop, tmp_path, monkeypatch, caps
 
 
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["missing", "identical", "short", "two keys", "no key file", "unknown file"])
+@pytest.mark.parametrize("case", ["missing", "identical", "short", "two keys", "no key file", "unknown file",
+                                  "unknown column"])
 def test_bad_input_is_one_line_and_changes_nothing(ws, case, tmp_path, capsys):
     before = raw_bytes(ws)
     args = ["rotate-key"]
@@ -249,12 +250,17 @@ def test_bad_input_is_one_line_and_changes_nothing(ws, case, tmp_path, capsys):
         pid = sorted(stored_pseudonyms(ws))[0]
         (ws / "notes.txt").write_text(f"call back {pid}\n")
         before = raw_bytes(ws)
+    if case == "unknown column":
+        pid = sorted(stored_pseudonyms(ws))[0]
+        pq.write_table(pa.table({"shopper": [pid, "x"]}), ws / "runs" / "logreg" / "contacts.parquet")
+        before = raw_bytes(ws)
     assert _cli(ws, *args) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     expected = {"missing": "needs the new key", "identical": "is the key in use", "short": "at least 16 bytes",
                 "two keys": "more than one key", "no key file": "key is missing",
-                "unknown file": "notes.txt holds a pseudonym"}[case]
+                "unknown file": "notes.txt holds a pseudonym",
+                "unknown column": "contacts.parquet holds a pseudonym in a column"}[case]
     assert expected in err
     assert raw_bytes(ws) == before and litter(ws) == []
 
