@@ -132,3 +132,11 @@ def test_a_model_on_a_dp_encoder_says_it_is_not_dp_itself(ws, dp_encoder):
     assert "privacy" not in meta
     enc = meta["encoder_privacy"]
     assert enc["encoder"]["epsilon"] <= 4.0 and "not differentially private" in enc["released_model"]
+
+
+def test_pretrain_params_reach_the_config_from_run_too():
+    from purchase_intent.cli import _pretrain_cfg, build_parser
+    a = build_parser().parse_args(["run", "--pretrain", "--pretrain-param", "dp_epsilon=3",
+                                   "--pretrain-param", "dp_delta=1e-6"])
+    cfg = _pretrain_cfg(a, "pretrain-", seed=0)
+    assert cfg.dp_epsilon == 3 and cfg.dp_delta == 1e-6

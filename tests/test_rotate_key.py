@@ -363,3 +363,18 @@ def test_a_key_chain_wraps_pseudonyms_in_python_arrow_and_sql_alike(tmp_path, mo
     monkeypatch.delenv(KEY_ENV)
     (tmp_path / "pseudonym.key").write_text(f"{k1.hex()}\n{k3.hex()}\n")
     assert load_key(tmp_path) == (k1, k3)
+
+
+def test_ingest_after_rotation_files_new_events_under_the_same_pseudonyms(shop, ws, new_key_file, tmp_path):
+    _, raw_users, _ = shop
+    assert _cli(ws, "rotate-key", "--new-key-file", str(new_key_file)) == 0
+    raw = raw_users[9]
+    more = tmp_path / "more.csv"
+    more.write_text("user_id,ts,event,item_id,category,price,session_id\n"
+                    f'"{raw}",1706745600000,"view","i1","c1",1.0,"s9"\n"new-shopper",1706745600000,"view","i1","c1",1.0,"s9"\n')
+    assert _cli(ws, "ingest", str(more)) == 0
+    chain = load_key(ws)
+    ev = pd.concat([pd.read_parquet(p) for p in sorted((ws / "events").glob("part-*.parquet"))])
+    mine = pseudonymise([raw], chain)[0]
+    assert (ev["user_id"] == mine).sum() >= 2  # the old events (rekeyed) and the new one, one shopper
+    assert pseudonymise(["new-shopper"], chain)[0] in set(ev["user_id"])
