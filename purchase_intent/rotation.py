@@ -64,8 +64,6 @@ from .privacy import (
     key_chain,
     key_id,
     parse_one_key,
-    pseudonym_params,
-    pseudonym_sql,
     pseudonym_table,
     pseudonymise,
     workspace_key,
@@ -187,22 +185,27 @@ Writer = Optional[Callable[[Path], None]]
 
 
 def _event_writers(ws: Workspace, key: bytes, seen: set, con) -> dict[str, Writer]:
+    """Each events part with its user and session pseudonyms rekeyed, its rows in their order: the
+    distinct pseudonyms are mapped once (``pseudonym_table``, as ingest does) and joined in DuckDB."""
     out: dict[str, Writer] = {}
-    params = pseudonym_params(key)
-    for part in ws.part_paths():
-        cols = [d[0] for d in con.execute(f"SELECT * FROM read_parquet({_sql_str(part)}) LIMIT 0").description]
+    for n, part in enumerate(ws.part_paths()):
+        src = f"read_parquet({_sql_str(part)})"
+        cols = [d[0] for d in con.execute(f"SELECT * FROM {src} LIMIT 0").description]
         ids = [c for c in ID_COLUMNS if c in cols]
-        for c in ids:
-            seen.update(r[0] for r in con.execute(
-                f"SELECT DISTINCT {c} FROM read_parquet({_sql_str(part)}) WHERE {c} IS NOT NULL").fetchall())
         if not ids:
             continue
-        replace = ", ".join(f"CASE WHEN regexp_full_match({c}, '[0-9a-f]{{{PSEUDONYM_HEX}}}') THEN "
-                            f"{pseudonym_sql(c)} ELSE {c} END AS {c}" for c in ids)
+        old = con.sql(" UNION ".join(f"SELECT {c} AS p FROM {src} WHERE regexp_full_match({c}, "
+                                         f"'[0-9a-f]{{{PSEUDONYM_HEX}}}')" for c in ids)).to_arrow_table().column(0)
+        seen.update(old.to_pylist())
+        name = f"rekey_map_{n}"
+        con.register(name, pseudonym_table(old, key))
+        joins = " ".join(f"LEFT JOIN {name} m_{c} ON m_{c}.raw = e.{c}" for c in ids)
+        replace = ", ".join(f"coalesce(m_{c}.pid, e.{c}) AS {c}" for c in ids)
 
-        def write(dest: Path, part=part, replace=replace) -> None:  # ingest's COPY, the ids rekeyed, rows in order
-            con.execute(f"COPY (SELECT * REPLACE ({replace}) FROM read_parquet({_sql_str(part)})) "
-                        f"TO {_sql_str(dest)} (FORMAT parquet)", params)
+        def write(dest: Path, src=src, joins=joins, replace=replace) -> None:  # rows in their order
+            con.execute(f"COPY (SELECT e.* EXCLUDE (_row) REPLACE ({replace}) FROM "
+                        f"(SELECT *, row_number() OVER () AS _row FROM {src}) e {joins} ORDER BY e._row) "
+                        f"TO {_sql_str(dest)} (FORMAT parquet)")
         out[str(part.relative_to(ws.root))] = write
     return out
 

@@ -150,6 +150,13 @@ def test_no_file_holds_an_old_pseudonym_and_old_runs_keep_working(shop, ws, new_
     assert oct((ws / "pseudonym.key").stat().st_mode & 0o777) == "0o600"
     remap = lambda ids: pseudonymise(list(ids), new_key)  # noqa: E731
     assert stored_pseudonyms(ws) == set(remap(old))
+    for part in sorted((ws / "events").glob("part-*.parquet")):  # every row where it was, its ids mapped
+        was, now = pd.read_parquet(shop[0] / "events" / part.name), pd.read_parquet(part)
+        assert now.drop(columns=["user_id", "session_id"]).equals(was.drop(columns=["user_id", "session_id"]))
+        assert now["user_id"].tolist() == remap(was["user_id"])
+        assert now["session_id"].tolist() == remap(was["session_id"])
+        schema = lambda p: [(f.name, f.type) for f in pq.read_schema(p)]  # noqa: E731
+        assert schema(part) == schema(shop[0] / "events" / part.name)
     assert not set(pseudonymise(raw_users, old_key)) & stored_pseudonyms(ws)
 
     # the old run's scores file: the same rows, pseudonyms mapped
