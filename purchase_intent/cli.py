@@ -8,6 +8,7 @@
     purchase-intent run --data UserBehavior.csv.gz --format taobao --lookback 3d --horizon 1d --step 1d
     purchase-intent ingest --data postgresql://shop@db:5432/shop --query "SELECT * FROM events" --since-last
     purchase-intent forget --user 12345
+    purchase-intent rotate-key --new-key-file new.key
 
 Flags map 1:1 onto the fields of the config dataclasses in `purchase_intent.config`; a flag not
 given keeps the dataclass default. The workspace is `--workspace DIR`, else the environment variable
@@ -25,11 +26,24 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from . import distributed, erasure, explain, monitor, pipeline, pretrain, report, retrain, runs, score, tracking
+from . import (
+    distributed,
+    erasure,
+    explain,
+    monitor,
+    pipeline,
+    pretrain,
+    report,
+    retrain,
+    rotation,
+    runs,
+    score,
+    tracking,
+)
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig
 from .ensemble import evaluate_ensemble
 from .event_database import DatabaseQuery, is_database_url
-from .privacy import pseudonym_for
+from .privacy import KEY_ENV, pseudonym_for
 from .serve.settings import API_KEYS_ENV, ServeSettings, read_api_keys
 from .simulate import SimConfig, write_events
 from .tabular import run_table
@@ -196,10 +210,19 @@ def _add_pretrain_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
                         "re-initialised (one line each); then the epochs run here (0 keeps the copy)")
     p.add_argument(f"--{prefix}d-model", type=int, metavar="D",
                    help="encoder width (default: the preset's; with an init the init encoder's, and another raises)")
+    p.add_argument(f"--{prefix}param", action="append", metavar="KEY=VALUE",
+                   help="differential privacy: dp_epsilon=E (user-level DP-SGD; masked or next objective), and "
+                        f"{', '.join(pretrain.DP_PARAMS[1:])} as for train; repeatable")
 
 
 def _pretrain_cfg(a: argparse.Namespace, prefix: str = "", **extra) -> pretrain.PretrainConfig:
     g = lambda name: getattr(a, prefix.replace("-", "_") + name)  # noqa: E731
+    params = _params(g("param"))
+    unknown = sorted(set(params) - set(pretrain.DP_PARAMS))
+    if unknown:
+        raise ValueError(f"unknown --{prefix}param {', '.join(unknown)}: pretrain takes "
+                         f"{', '.join(pretrain.DP_PARAMS)} (its other settings are flags, see --help)")
+    extra = {**params, **extra}
     return pretrain.PretrainConfig(objective=g("objective"), preset=g("preset"), max_seq_len=g("max_seq_len"),
                                    epochs=g("epochs"), batch_size=g("batch_size"), lr=g("lr"), init=g("init"),
                                    d_model=g("d_model"), **extra)
@@ -467,6 +490,31 @@ def _add_forget_parser(sub) -> None:
     p.set_defaults(func=cmd_forget, check=_check_forget)
 
 
+def cmd_rotate_key(a: argparse.Namespace) -> int:
+    print(rotation.describe(rotation.rotate_key(a.workspace, a.new_key)))
+    return 0
+
+
+def _check_rotate_key(a: argparse.Namespace) -> None:
+    """Before the lock: no workspace, no new key or a bad one: one line, nothing created or changed."""
+    if not Workspace(a.workspace).root.is_dir():
+        raise ValueError(f"no workspace at {a.workspace}")
+    if a.generate and os.environ.get(KEY_ENV):
+        raise ValueError(f"--generate writes the key chain to the workspace key file, but the key is ${KEY_ENV}: "
+                         "give the new key with --new-key-file (you set the variable to the chain afterwards)")
+    a.new_key = rotation.read_new_key(a.new_key_file, a.generate)
+
+
+def _add_rotate_key_parser(sub) -> None:
+    p = sub.add_parser("rotate-key", help="re-pseudonymise the workspace under a new key, in one commit",
+                       description=rotation.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--new-key-file", metavar="FILE",
+                   help=f"the new key (hex, or text of at least 16 bytes); else ${rotation.NEW_KEY_ENV}")
+    p.add_argument("--generate", action="store_true",
+                   help="a random 32-byte new key, kept in the workspace key file (not with $" + KEY_ENV + ")")
+    p.set_defaults(func=cmd_rotate_key, check=_check_rotate_key)
+
+
 def cmd_monitor(a: argparse.Namespace) -> int:
     cfg = monitor.MonitorConfig(at=a.at, n_bins=a.bins, moderate=a.moderate, drift=a.drift, n_boot=a.n_boot,
                                 chunk_size=a.chunk_size, ignore=tuple(a.ignore or ()))
@@ -638,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain_parser(sub)
     _add_report_parser(sub)
     _add_forget_parser(sub)
+    _add_rotate_key_parser(sub)
     _add_monitor_parser(sub)
     _add_retrain_parser(sub)
     return parser
@@ -645,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # commands that write to the workspace: one at a time per workspace (Workspace.lock); the others only read
 WRITING_COMMANDS = {"ingest", "build", "train", "evaluate", "run", "quickstart", "pretrain", "ensemble", "score",
-                    "report", "forget", "monitor", "retrain"}
+                    "report", "forget", "rotate-key", "monitor", "retrain"}
 
 
 def _workspace_lock(args: argparse.Namespace):

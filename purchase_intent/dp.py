@@ -24,7 +24,8 @@ autograd function that ``vmap`` cannot batch): DP models are built with dropout 
 What the model sees must not leak either: callers fix the feature transform from public constants
 (see ``models/classifier.py`` and ``models/baselines.py``), never from train statistics, and no
 validation data selects or calibrates a DP model. Model-agnostic: any ``forward(batch) -> (logits,
-_)`` module.
+_)`` module, or any model with a per-example loss (the self-supervised pretraining of the encoder,
+:mod:`purchase_intent.models.dp_pretraining`).
 """
 from __future__ import annotations
 
@@ -175,14 +176,18 @@ class _Forward(nn.Module):
 
 def train_dp(model: nn.Module, data: dict[str, np.ndarray], groups: np.ndarray, cfg: DPConfig, dp_plan: DPPlan,
              collate: Callable[[dict, np.ndarray], dict[str, torch.Tensor]], seed: int = 0,
-             progress: bool = False, logits: Optional[Callable[[nn.Module, dict], torch.Tensor]] = None) -> dict:
+             progress: bool = False, logits: Optional[Callable[[nn.Module, dict], torch.Tensor]] = None,
+             loss: Optional[Callable[[nn.Module, dict], torch.Tensor]] = None) -> dict:
     """Train ``model`` in place with user-level DP-SGD; return the privacy record.
 
     ``data`` holds equal-length arrays with ``"label"``; ``collate(data, rows)`` turns rows into a
     batch for ``model(batch) -> (logits, _)``, or for ``logits(model, batch)`` when given (the same
-    function written with ops that ``vmap`` batches natively, for speed). The record (JSON-safe) has
-    the accountant's ``epsilon`` spent, the requested ``epsilon_target``, ``delta``, the noise and
-    sampling, and ``unit: "user"``.
+    function written with ops that ``vmap`` batches natively, for speed), whose BCE against the
+    labels is the loss. A self-supervised model gives ``loss(model, batch) -> (k,)`` instead: the
+    loss of each of the batch's k rows (one user's), and ``data`` needs no ``"label"``; ``collate``
+    may then draw the objective's random masks (with torch's generator, outside ``vmap``). The
+    record (JSON-safe) has the accountant's ``epsilon`` spent, the requested ``epsilon_target``,
+    ``delta``, the noise and sampling, and ``unit: "user"``.
     """
     from opacus.accountants import create_accountant
     from opacus.optimizers import DPOptimizer
@@ -193,11 +198,11 @@ def train_dp(model: nn.Module, data: dict[str, np.ndarray], groups: np.ndarray, 
     if sampler.n_users != dp_plan.n_users:
         raise ValueError(f"the plan is for {dp_plan.n_users} users, the data has {sampler.n_users}")
     model.eval()  # dropout is 0 in DP models; eval mode keeps every op batchable by vmap
-    call = _Forward(model, logits or (lambda net, batch: net(batch)[0]))
+    call = _Forward(model, loss or logits or (lambda net, batch: net(batch)[0]))
     names = [n for n, p in call.named_parameters() if p.requires_grad]
     params = dict(call.named_parameters())
     buffers = dict(call.named_buffers())
-    labels = np.asarray(data["label"], dtype=np.float32)
+    labels = np.asarray(data["label"], dtype=np.float32) if loss is None else np.zeros(len(groups), np.float32)
     generator = torch.Generator().manual_seed(seed + 1)
     opt = DPOptimizer(torch.optim.Adam([params[n] for n in names], lr=cfg.lr),
                       noise_multiplier=dp_plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
@@ -206,8 +211,10 @@ def train_dp(model: nn.Module, data: dict[str, np.ndarray], groups: np.ndarray, 
     accountant = create_accountant(cfg.accountant)
 
     def user_loss(p: dict, batch: dict, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        z = functional_call(call, ({**buffers, **p},), (batch,))  # (k,) logits of one user's examples
-        return (F.binary_cross_entropy_with_logits(z.float(), y, reduction="none") * w).sum()
+        z = functional_call(call, ({**buffers, **p},), (batch,))  # (k,) logits (or losses) of one user's examples
+        per_example = z.float() if loss is not None else F.binary_cross_entropy_with_logits(z.float(), y,
+                                                                                          reduction="none")
+        return (per_example * w).sum()
 
     per_user = vmap(grad(user_loss), in_dims=(None, 0, 0, 0))
     # attention as plain matmuls (vmap batches them; the fused CPU kernel runs in a loop over users)

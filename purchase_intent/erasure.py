@@ -240,7 +240,7 @@ def _example_changes(ws: Workspace, pids: list[str]) -> tuple[list[_Change], set
     return out, ids
 
 
-def _run_dirs(ws: Workspace) -> list[Path]:
+def run_dirs(ws: Workspace) -> list[Path]:
     if not ws.runs_dir.is_dir():
         return []
     return sorted(p for p in ws.runs_dir.iterdir()
@@ -253,7 +253,7 @@ def _prediction_changes(ws: Workspace, example_ids: set[int], pids: list[str],
     build = ws.examples_dir / runs.BUILD_JSON
     build_id = json.loads(build.read_text()).get("build_id") if build.exists() else None
     out, unmapped = [], []
-    for d in _run_dirs(ws):
+    for d in run_dirs(ws):
         path = d / runs.PREDICTIONS
         if not path.exists() or not example_ids:
             continue
@@ -382,7 +382,7 @@ def plan(ws: Workspace, pids: list[str], raw_ids: Optional[dict[str, str]] = Non
     changes += pred_changes
     skip = {ws.root / c.rel for c in changes} | set(ws.part_paths())
     skip |= {ws.examples_dir / runs.EXAMPLES, ws.examples_dir / runs.FEATURES}
-    skip |= {d / runs.PREDICTIONS for d in _run_dirs(ws)}
+    skip |= {d / runs.PREDICTIONS for d in run_dirs(ws)}
     changes += _score_changes(ws, pids, skip)
     changes += _leftover_changes(ws, pids, {c.rel for c in changes})
     return changes, unmapped
@@ -390,8 +390,9 @@ def plan(ws: Workspace, pids: list[str], raw_ids: Optional[dict[str, str]] = Non
 
 # ---------------------------------------------------------------------------------------------
 # the commit: a second tree, swapped in with one rename
-def _link_tree(src: Path, dest: Path, changed: dict[str, _Change]) -> None:
-    """Fill ``dest`` with ``src``'s tree: changed files rewritten, removed ones left out, the rest hard-linked."""
+def link_tree(src: Path, dest: Path, changed: dict[str, Optional[Callable[[Path], None]]]) -> None:
+    """Fill ``dest`` with ``src``'s tree: the files of ``changed`` (relative path -> a writer of the new
+    content, None to leave the file out) rewritten or removed, the rest hard-linked."""
     os.chmod(dest, stat.S_IMODE(src.stat().st_mode))
     for dirpath, dirnames, filenames in os.walk(src):
         dirnames[:] = [d for d in dirnames if not d.startswith(TMP_PREFIX)]
@@ -409,10 +410,10 @@ def _link_tree(src: Path, dest: Path, changed: dict[str, _Change]) -> None:
                 continue
             rel = str(rel_dir / name)
             s, t = here / name, dest / rel
-            c = changed.get(rel)
-            if c is not None:
-                if c.write is not None:
-                    c.write(t)
+            if rel in changed:
+                write = changed[rel]
+                if write is not None:
+                    write(t)
                     os.chmod(t, stat.S_IMODE(s.stat().st_mode))
             elif s.is_symlink():
                 os.symlink(os.readlink(s), t)
@@ -480,7 +481,7 @@ def forget(workspace: Workspace | str | Path | None = None, users: Iterable[str]
             who = ", ".join(f"{names[p]!r} (pseudonym {p})" if p in names else f"pseudonym {p}" for p in unknown)
             raise UnknownUserError(f"no data of user {who} in workspace {ws.root}; nothing was changed")
         learned = sum(removed[p]["events"] + removed[p]["examples"] for p in pids)
-        stale = [d.name for d in _run_dirs(ws)] if learned else []
+        stale = [d.name for d in run_dirs(ws)] if learned else []
         now = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
         changed = {c.rel: c for c in changes}
         if any(c.kind == "events" for c in changes):
@@ -493,7 +494,7 @@ def forget(workspace: Workspace | str | Path | None = None, users: Iterable[str]
         changed[ERASURE_LOG] = _Change(ERASURE_LOG, "log", {}, _write_bytes(old_log + lines.encode()))
         root = ws.root.resolve()
         with atomic_dir(root) as new:
-            _link_tree(root, new, changed)
+            link_tree(root, new, {rel: c.write for rel, c in changed.items()})
             if not log.exists():
                 (new / ERASURE_LOG).write_bytes(lines.encode())
             os.chmod(new / ERASURE_LOG, 0o600)  # it names pseudonyms

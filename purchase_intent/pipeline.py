@@ -21,7 +21,7 @@ import time
 import typing
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
@@ -257,6 +257,20 @@ def _refit_params(meta: dict) -> dict:
     return {**meta.get("model_params", {}), **meta.get("params", {})}
 
 
+def encoder_privacy_note(encoder_meta: Optional[dict]) -> Optional[dict]:
+    """What a model fine-tuned on (or reading) a DP-pretrained encoder may claim: the encoder's (ε, δ)
+    per user, and that the released model is not DP, since its own training reads the train users'
+    examples without noise. None when the encoder was not pretrained with DP."""
+    record = (encoder_meta or {}).get("privacy")
+    if not record:
+        return None
+    return {"encoder": jsonable(record),
+            "released_model": "not differentially private: the encoder's weights are "
+                              f"{record.get('guarantee')}, but this model's own training reads the train users' "
+                              "examples without noise, so the pipeline has no DP guarantee (for one, the downstream "
+                              "training must be DP too; budgets on the same users then add up)"}
+
+
 def train(name: str, run: str | None = None, params: dict | None = None, train_cfg: TrainConfig | None = None,
           workspace=None, quiet: bool = False) -> Path:
     """Fit model `name` on the train split (valid for early stopping); save it as a run. Returns its directory."""
@@ -292,6 +306,9 @@ def train(name: str, run: str | None = None, params: dict | None = None, train_c
     }
     if getattr(model, "privacy_", None):  # the accountant's (epsilon, delta) per user of a DP fit
         meta["privacy"] = jsonable(model.privacy_)
+    encoder_privacy = encoder_privacy_note(getattr(model, "encoder_meta_", None))
+    if encoder_privacy:  # a DP-pretrained encoder under a model whose own training is not DP
+        meta["encoder_privacy"] = encoder_privacy
     meta["version"] = f"{name}-" + hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]
     runs.save_run(run_dir, meta, model)
     _log(f"saved run {run_dir} ({seconds:.1f}s)", quiet)
@@ -352,6 +369,8 @@ def evaluate(run: str, workspace=None, backtest: int = 0, n_boot: int = 1000, qu
     }
     if meta.get("privacy"):  # a DP run: the guarantee the released model carries
         metrics["privacy"] = meta["privacy"]
+    if meta.get("encoder_privacy"):  # the encoder's guarantee only: the released model is not DP
+        metrics["encoder_privacy"] = meta["encoder_privacy"]
     p, raw, preds = {}, {}, []
     for split in ("valid", "test"):
         idx = np.flatnonzero(built.mask(split))

@@ -20,6 +20,13 @@ counts (the window may only shorten), copies every weight that keeps its meaning
 re-initialises the rest, one log line each (:mod:`~purchase_intent.models.transfer`), then trains
 ``epochs`` more epochs on this workspace's events before the cutoff (0 keeps the copied weights).
 config.json records the init folder, its cutoff and what was transferred or re-initialised.
+
+``dp_epsilon`` (``pretrain --param dp_epsilon=E``, with ``dp_delta``, ``dp_max_grad_norm``,
+``dp_users_per_step``, ``dp_epochs``, ``dp_lr`` as for ``train``) pretrains with user-level DP-SGD
+(:mod:`~purchase_intent.models.dp_pretraining` on :mod:`~purchase_intent.dp`): one sequence per user,
+Poisson-sampled users, per-user clipping, Gaussian noise, Rényi accounting; config.json gets the
+accountant's ε, δ, the noise and the steps under ``"privacy"``. The price field (quantile bucket
+edges of the events) and dropout are left out; the contrastive objective and ``init`` are refused.
 """
 from __future__ import annotations
 
@@ -35,6 +42,9 @@ import torch
 
 from . import splits
 from .config import from_dict
+from .dp import DPConfig, check_budget
+from .dp import plan as dp_plan
+from .models.dp_pretraining import DATA_FITTED_FIELDS, check_objective, pretrain_encoder_dp
 from .models.pretraining import OBJECTIVES, encoder_files, make_objective, pretrain_encoder
 from .models.transfer import TransferReport, load_init, transfer_config, transfer_state
 from .models.transformer import PRESETS, BehaviourTransformer
@@ -70,6 +80,34 @@ class PretrainConfig:
     d_model: Optional[int] = None  # None: the preset's (with init: the init encoder's; another value raises)
     # an encoder folder of another workspace to start from; its architecture, fields and buckets are kept
     init: Optional[str] = None
+    # user-level DP-SGD (models/dp_pretraining.py, on dp.py): None = not private; the rest as `train`'s dp_*
+    dp_epsilon: Optional[float] = None
+    dp_delta: Optional[float] = None  # None = 1 / the users pretrained on
+    dp_max_grad_norm: float = 1.0
+    dp_users_per_step: int = 256
+    dp_epochs: float = 5.0
+    dp_lr: float = 2e-3
+
+
+DP_PARAMS = ("dp_epsilon", "dp_delta", "dp_max_grad_norm", "dp_users_per_step", "dp_epochs", "dp_lr")
+
+
+def dp_config(cfg: PretrainConfig) -> Optional[DPConfig]:
+    """The :class:`~purchase_intent.dp.DPConfig` of a DP pretraining (None without ``dp_epsilon``); raises
+    ValueError for dp_* settings without dp_epsilon, a bad budget, an objective that cannot be made per
+    user (contrastive) or an init encoder."""
+    if cfg.dp_epsilon is None:
+        given = [k for k in DP_PARAMS if getattr(cfg, k) != getattr(PretrainConfig, k)]
+        if given:
+            raise ValueError(f"{', '.join(given)} given without dp_epsilon: add --param dp_epsilon=E for a DP encoder")
+        return None
+    check_budget(cfg.dp_epsilon, cfg.dp_delta)
+    check_objective(cfg.objective)
+    if cfg.init is not None:
+        raise ValueError("dp_epsilon with --init is not supported: pretrain the DP encoder from scratch")
+    return DPConfig(epsilon=float(cfg.dp_epsilon), delta=None if cfg.dp_delta is None else float(cfg.dp_delta),
+                    max_grad_norm=float(cfg.dp_max_grad_norm), users_per_step=int(cfg.dp_users_per_step),
+                    examples_per_user=1, epochs=float(cfg.dp_epochs), lr=float(cfg.dp_lr))
 
 
 def evaluation_cutoff(workspace: Workspace | str | Path | None, backtest: int = 0) -> Optional[datetime]:
@@ -130,6 +168,10 @@ def pretrain(workspace: Workspace | str | Path | None = None, cfg: Optional[Pret
     encoder or one that cannot be mapped (unknown fields, another ``d_model`` than ``cfg.d_model``).
     """
     cfg = cfg or PretrainConfig()
+    dp = dp_config(cfg)  # refused before any data is read
+    if dp is not None:  # no data-fitted bucket edges, no dropout (train_dp runs the encoder in eval mode)
+        cfg = dataclasses.replace(cfg, dropout=0.0,
+                                  drop_fields=list(dict.fromkeys([*cfg.drop_fields, *DATA_FITTED_FIELDS])))
     src_net, src_meta = load_init(cfg.init) if cfg.init is not None else (None, None)
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"unknown pretraining objective {cfg.objective!r}: choose one of {', '.join(OBJECTIVES)}")
@@ -193,23 +235,34 @@ def pretrain(workspace: Workspace | str | Path | None = None, cfg: Optional[Pret
                                                max_seq_len=int(cfg.max_seq_len), dropout=cfg.dropout,
                                                use_tabular=False, n_tabular=0, **extra))
     objective = make_objective(cfg.objective, net, time_edges(seq_cfg))
+    if dp is not None:  # a budget the data cannot give is refused here, before anything is trained
+        dp_plan(dp, int(data["mask"].any(axis=1).sum()))
     loop = TrainLoopConfig(max_epochs=int(cfg.epochs), batch_size=int(cfg.batch_size), lr=float(cfg.lr),
                            weight_decay=float(cfg.weight_decay), seed=int(cfg.seed), device="cpu", progress=False)
     if log is not None:
         log(f"pretraining the {used.preset} encoder ({cfg.objective}) on {int(data['mask'].any(axis=1).sum()):,} "
             f"users, {n_before:,} events before {t_cut} ({how})")
-    res = pretrain_encoder(objective, data, loop, log)
+    privacy = None
+    if dp is not None:
+        res, privacy = pretrain_encoder_dp(objective, cfg.objective, data, dp, seed=int(cfg.seed), log=log)
+    else:
+        res = pretrain_encoder(objective, data, loop, log)
     meta = {"pretrain_config": dataclasses.asdict(used), "init": init, "vocab": vocab.to_dict(), "fields": fields,
             "cutoff": t_cut.isoformat(), "cutoff_source": how, "sources": sources, "n_users": int(n_users_before),
             "n_events": int(n_before),
             "result": {"steps": res.steps, "seconds": round(res.seconds, 3), "loss_history": res.history,
                        "sequences_per_s": round(res.sequences_per_s, 1)}}
+    if privacy is not None:  # (epsilon, delta) per user of the encoder's weights, the noise and the steps
+        meta["privacy"] = privacy
     out = ws.run_dir(PRETRAINED_RUN)
     with atomic_dir(out) as tmp:
         for name, blob in encoder_files(net, meta).items():
             atomic_write_bytes(tmp / name, blob)
     if log is not None:
         log(f"saved the pretrained encoder to {out} ({res.seconds:.1f}s, {res.sequences_per_s:,.0f} sequences/s)")
+        if privacy is not None:
+            log(f"privacy: {privacy['guarantee']} (target epsilon {privacy['epsilon_target']:g}, noise "
+                f"{privacy['noise_multiplier']:.3g}, {privacy['steps']} steps)")
     return out
 
 

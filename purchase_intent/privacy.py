@@ -9,15 +9,25 @@ The key comes from ``$PURCHASE_INTENT_PSEUDONYM_KEY`` (hex, or any other text ta
 bytes), else from ``<workspace>/pseudonym.key``, created on first use with 32 random bytes
 (hex), mode 0600, atomically. The same key must be used for every ingest into one workspace:
 the manifest records a key id (a hash of the key, not the key) and ingest refuses a different one.
+
+After ``purchase-intent rotate-key`` (:mod:`~purchase_intent.rotation`) the key is a *chain*
+``k1, k2, ...`` (oldest first): the pseudonym of a raw id is ``P_n(...P_2(P_1(raw)))`` where
+``P_i(x) = HMAC-SHA256(k_i, x)`` truncated to 32 hex characters, each applied to the previous
+pseudonym's text. A rotation wraps every stored pseudonym in one more ``P``; the raw ids, which the
+workspace never holds, are not needed. The key file then holds one key per line, oldest first;
+``$PURCHASE_INTENT_PSEUDONYM_KEY`` holds them as hex, separated by commas (or newlines). Every
+function here takes a single key (bytes) or a chain (a tuple of bytes).
 """
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import os
+import re
 import secrets
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Union
 
 import numpy as np
 import pyarrow as pa
@@ -26,9 +36,12 @@ from purchase_intent.workspace import Workspace, fsync_dir, tmp_path
 
 KEY_ENV = "PURCHASE_INTENT_PSEUDONYM_KEY"
 PSEUDONYM_HEX = 32  # hex characters kept from the 64-character HMAC-SHA256 digest
+MIN_KEY_BYTES = 16
+Key = Union[bytes, tuple]  # one key, or a chain of keys (oldest first) after rotate-key
 
 
-def _parse_key(text: str) -> bytes:
+def parse_one_key(text: str) -> bytes:
+    """One key: hex, else the text's UTF-8 bytes; at least 16 bytes (ValueError otherwise)."""
     text = text.strip()
     if not text:
         raise ValueError("the pseudonymisation key is empty")
@@ -36,13 +49,47 @@ def _parse_key(text: str) -> bytes:
         key = bytes.fromhex(text)
     except ValueError:
         key = text.encode("utf-8")
-    if len(key) < 16:
-        raise ValueError("the pseudonymisation key must hold at least 16 bytes (32 hex characters)")
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"the pseudonymisation key must hold at least {MIN_KEY_BYTES} bytes (32 hex characters)")
     return key
 
 
-def load_key(workspace_root: str | Path | Workspace) -> bytes:
-    """The pseudonymisation key: from ``$PURCHASE_INTENT_PSEUDONYM_KEY`` or the workspace key file.
+def _is_hex_key(part: str) -> bool:
+    try:
+        return len(bytes.fromhex(part.strip())) >= MIN_KEY_BYTES
+    except ValueError:
+        return False
+
+
+def _parse_key(text: str) -> Key:
+    """One key (hex, else UTF-8 text), or a chain: several hex keys, one per line or comma-separated."""
+    parts = [p for p in re.split(r"[,\n]", text.strip()) if p.strip()]
+    if len(parts) > 1 and all(_is_hex_key(p) for p in parts):
+        return tuple(bytes.fromhex(p.strip()) for p in parts)
+    return parse_one_key(text)
+
+
+def key_chain(key: Key) -> tuple:
+    """``key`` as a chain: a tuple of one or more keys, oldest first."""
+    chain = (bytes(key),) if isinstance(key, (bytes, bytearray)) else tuple(bytes(k) for k in key)
+    if not chain:
+        raise ValueError("the pseudonymisation key is empty")
+    return chain
+
+
+def chain_text(key: Key) -> str:
+    """The text of a key file (or of ``$PURCHASE_INTENT_PSEUDONYM_KEY``) for ``key``: hex, one key per line."""
+    return "".join(k.hex() + "\n" for k in key_chain(key))
+
+
+def as_key(chain: tuple) -> Key:
+    """A chain of one key as that key (bytes), else the chain itself."""
+    return chain[0] if len(chain) == 1 else tuple(chain)
+
+
+def load_key(workspace_root: str | Path | Workspace) -> Key:
+    """The pseudonymisation key: from ``$PURCHASE_INTENT_PSEUDONYM_KEY`` or the workspace key file
+    (bytes; a tuple of keys, oldest first, after a key rotation).
 
     The key file ``<workspace>/pseudonym.key`` is created on first use (32 random bytes as hex,
     mode 0600). Creation is atomic and race-free: the key is written to a temporary file and
@@ -64,6 +111,21 @@ def load_key(workspace_root: str | Path | Workspace) -> bytes:
         raise ValueError(f"{path}: {e}; restore the key file (or set {KEY_ENV})") from None
 
 
+def workspace_key(workspace: str | Path | Workspace) -> Key:
+    """:func:`load_key`, checked against the key id the workspace's manifest records: a key other than
+    the one its ids were pseudonymised with (e.g. the old key after ``rotate-key``) raises ValueError."""
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+    key = load_key(ws)
+    recorded = ws.read_manifest().get("key_id")
+    if recorded and recorded != key_id(key):
+        rotated = " (it was rotated: the key is now the chain of the old and new keys)" \
+            if ws.read_manifest().get("key_rotations") else ""
+        raise ValueError(f"the pseudonymisation key differs from the one this workspace was built with (key id "
+                         f"{key_id(key)}, the workspace's is {recorded}){rotated}; set {KEY_ENV} to its key: hex "
+                         "keys, comma-separated, oldest first")
+    return key
+
+
 def _create_key_file(root: Path, path: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
@@ -82,9 +144,15 @@ def _create_key_file(root: Path, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def key_id(key: bytes) -> str:
-    """A short public fingerprint of the key (to detect a key change between ingests)."""
-    return hashlib.sha256(b"purchase-intent key id\0" + key).hexdigest()[:16]
+def key_id(key: Key) -> str:
+    """A short public fingerprint of the key or key chain (to detect a key change between ingests)."""
+    chain = key_chain(key)
+    if len(chain) == 1:
+        return hashlib.sha256(b"purchase-intent key id\0" + chain[0]).hexdigest()[:16]
+    h = hashlib.sha256(b"purchase-intent key chain id\0")
+    for k in chain:
+        h.update(len(k).to_bytes(8, "big") + k)
+    return h.hexdigest()[:16]
 
 
 def hmac_pads(key: bytes) -> tuple[bytes, bytes]:
@@ -99,15 +167,17 @@ def hmac_pads(key: bytes) -> tuple[bytes, bytes]:
     return bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)
 
 
+@functools.lru_cache(maxsize=8)
 def _hmac_states(key: bytes) -> tuple["hashlib._Hash", "hashlib._Hash"]:
     # The inner and outer pads hashed once; per id only copies are made, which is about twice as
-    # fast as hmac.new per id.
+    # fast as hmac.new per id. Cached: rotate-key maps pseudonyms one by one (callers only copy the states).
     ipad, opad = hmac_pads(key)
     return hashlib.sha256(ipad), hashlib.sha256(opad)
 
 
-def pseudonym_sql(expr: str) -> str:
-    """DuckDB SQL for the pseudonym of the text expression ``expr`` (SQL text, e.g. a column name).
+def pseudonym_sql(expr: str, n_keys: int = 1) -> str:
+    """DuckDB SQL for the pseudonym of the text expression ``expr`` (SQL text, e.g. a column name)
+    under a key chain of ``n_keys`` keys (1: a single key).
 
     The same value as :func:`pseudonymise`: HMAC-SHA256 over the UTF-8 bytes of the text, as hex,
     truncated to 32 characters; NULL maps to NULL. It computes inside DuckDB, vectorised and on
@@ -117,31 +187,48 @@ def pseudonym_sql(expr: str) -> str:
     parameters, never part of the SQL text (which DuckDB quotes in its error messages): execute
     with ``pseudonym_params(key)``.
     """
-    inner = f"unhex(sha256(CAST($pseudonym_ipad AS BLOB) || encode(CAST({expr} AS VARCHAR))))"
-    return f"left(sha256(CAST($pseudonym_opad AS BLOB) || {inner}), {PSEUDONYM_HEX})"
+    for i in range(int(n_keys)):
+        suffix = f"_{i}" if i else ""
+        inner = f"unhex(sha256(CAST($pseudonym_ipad{suffix} AS BLOB) || encode(CAST({expr} AS VARCHAR))))"
+        expr = f"left(sha256(CAST($pseudonym_opad{suffix} AS BLOB) || {inner}), {PSEUDONYM_HEX})"
+    return expr
 
 
-def pseudonym_params(key: bytes) -> dict[str, bytes]:
-    """The named parameters that :func:`pseudonym_sql` needs (the key's HMAC blocks, as BLOBs)."""
-    ipad, opad = hmac_pads(key)
-    return {"pseudonym_ipad": ipad, "pseudonym_opad": opad}
+def pseudonym_params(key: Key) -> dict[str, bytes]:
+    """The named parameters that :func:`pseudonym_sql` needs (each key's HMAC blocks, as BLOBs);
+    give ``pseudonym_sql`` ``n_keys=len(key_chain(key))``."""
+    out = {}
+    for i, k in enumerate(key_chain(key)):
+        ipad, opad = hmac_pads(k)
+        suffix = f"_{i}" if i else ""
+        out[f"pseudonym_ipad{suffix}"], out[f"pseudonym_opad{suffix}"] = ipad, opad
+    return out
 
 
-def pseudonymise(ids: Iterable[str], key: bytes) -> list[str]:
-    """Pseudonyms of ``ids``: HMAC-SHA256(key, id) as hex, truncated to 32 characters.
+def pseudonymise(ids: Iterable[str], key: Key) -> list[str]:
+    """Pseudonyms of ``ids``: HMAC-SHA256(key, id) as hex, truncated to 32 characters (under a
+    chain, each key in turn over the previous pseudonym).
 
     Parameters
     ----------
     ids : iterable of str
         Raw ids (UTF-8 encoded before hashing). ``None`` maps to ``None``.
-    key : bytes
-        The key from :func:`load_key`.
+    key : bytes or tuple of bytes
+        The key (or key chain) from :func:`load_key`.
 
     Returns
     -------
     list of str
         One pseudonym per id, in order.
     """
+    chain = key_chain(key)
+    out = _pseudonymise_one(ids, chain[0])
+    for k in chain[1:]:
+        out = _pseudonymise_one(out, k)
+    return out
+
+
+def _pseudonymise_one(ids: Iterable[str], key: bytes) -> list[str]:
     inner, outer = _hmac_states(key)
     out: list[str] = []
     append = out.append
@@ -157,7 +244,7 @@ def pseudonymise(ids: Iterable[str], key: bytes) -> list[str]:
     return out
 
 
-def pseudonym_table(ids: pa.Array | pa.ChunkedArray, key: bytes) -> pa.Table:
+def pseudonym_table(ids: pa.Array | pa.ChunkedArray, key: Key) -> pa.Table:
     """A mapping table ``(raw VARCHAR, pid VARCHAR)`` for distinct raw ids, to join in DuckDB.
 
     Null ids map to null. The pseudonyms are built as one buffer of fixed-width hex strings
@@ -167,10 +254,17 @@ def pseudonym_table(ids: pa.Array | pa.ChunkedArray, key: bytes) -> pa.Table:
     if isinstance(ids, pa.ChunkedArray):
         ids = ids.combine_chunks() if ids.num_chunks else pa.array([], pa.string())
     ids = ids.cast(pa.string())
+    chain = key_chain(key)
+    pids = _pseudonym_array(ids, chain[0])
+    for k in chain[1:]:
+        pids = _pseudonym_array(pids, k)
+    return pa.table({"raw": ids, "pid": pids})
+
+
+def _pseudonym_array(ids: pa.Array, key: bytes) -> pa.Array:
     n = len(ids)
     if ids.null_count:
-        pids = pa.array(pseudonymise(ids.to_pylist(), key), pa.string())
-        return pa.table({"raw": ids, "pid": pids})
+        return pa.array(_pseudonymise_one(ids.to_pylist(), key), pa.string())
     inner, outer = _hmac_states(key)
     new_inner, new_outer = inner.copy, outer.copy
     digests = []
@@ -184,8 +278,7 @@ def pseudonym_table(ids: pa.Array | pa.ChunkedArray, key: bytes) -> pa.Table:
     packed = np.frombuffer(b"".join(digests), np.uint8).reshape(n, 32)[:, : PSEUDONYM_HEX // 2]
     text = packed.tobytes().hex().encode("ascii")  # (n * PSEUDONYM_HEX,)
     offsets = np.arange(n + 1, dtype=np.int32) * PSEUDONYM_HEX
-    pids = pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(text))
-    return pa.table({"raw": ids, "pid": pids})
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(text))
 
 
 def pseudonym_for(workspace: Workspace | str | Path, ids: Iterable[str]) -> dict[str, str]:
@@ -197,7 +290,7 @@ def pseudonym_for(workspace: Workspace | str | Path, ids: Iterable[str]) -> dict
         ``{raw_id: pseudonym}``.
     """
     ids = [str(i) for i in ids]
-    return dict(zip(ids, pseudonymise(ids, load_key(workspace))))
+    return dict(zip(ids, pseudonymise(ids, workspace_key(workspace))))
 
 
 # --- thresholds ------------------------------------------------------------------------------------

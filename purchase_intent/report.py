@@ -347,6 +347,10 @@ def _privacy_section(page: Page, ws: Workspace, names: list[str], k: int) -> Non
                     "steps": spent.get("steps"), **used}
         if used:
             dp.append(f"{esc(r)}: " + ", ".join(f"{esc(k)}={esc(v)}" for k, v in used.items()))
+        enc = (meta.get("encoder_privacy") or {}).get("encoder") or {}
+        if enc.get("guarantee"):  # a DP-pretrained encoder; the run itself is not DP
+            dp.append(f"{esc(r)}: not DP; its pretrained encoder is {esc(enc['guarantee'])} "
+                      f"(noise {esc(round(float(enc.get('noise_multiplier', 0)), 3))}, {esc(enc.get('steps'))} steps)")
     rows = [["pseudonymisation", "on: user and session ids are HMAC-SHA256 pseudonyms" if manifest.get("key_id")
              else "no events ingested"],
             ["key id (a hash of the key, not the key)", esc(manifest.get("key_id") or "–")],

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from . import runs
 from .explain import explain_inputs
 from .feature_frame import compute_features_for_users
-from .privacy import MIN_USERS, below_threshold, check_min_users, load_key, pseudonym_table, read_raw_ids
+from .privacy import MIN_USERS, below_threshold, check_min_users, pseudonym_table, read_raw_ids, workspace_key
 from .runs import Run
 from .workspace import as_workspace, atomic_write_text, fsync_dir, tmp_path
 
@@ -275,7 +275,7 @@ def score(run: str, out: str | Path | None = None, cfg: ScoreConfig | None = Non
         params = {"cutoff": cutoff, "model": name, "version": version}
         sel = f"SELECT * FROM ({ranked}) WHERE {where} ORDER BY rank"
         if raw_ids is not None:  # the key holder's raw ids, joined on their pseudonyms under this workspace's key
-            con.register("_reidentify", pseudonym_table(pa.array(raw_ids, pa.string()), load_key(ws)))
+            con.register("_reidentify", pseudonym_table(pa.array(raw_ids, pa.string()), workspace_key(ws)))
             sel = (f"SELECT s.user_id, m.raw AS raw_user_id, s.* EXCLUDE (user_id) FROM ({ranked}) s "
                    f"LEFT JOIN (SELECT DISTINCT raw, pid FROM _reidentify) m ON m.pid = s.user_id "
                    f"WHERE {where} ORDER BY rank")

@@ -43,7 +43,7 @@ LAYERS: dict[int, list[str]] = {
     2: ["models", "train", "dp"],                                       # estimators and the loops
     3: ["runs", "pretrain"],                                            # artifacts: built examples, runs
     4: ["explain"],                                                     # reasons per prediction
-    5: ["score", "report", "report_page", "ensemble", "tabular", "erasure", "monitor", "tracking"],  # uses of a run
+    5: ["score", "report", "report_page", "ensemble", "tabular", "erasure", "rotation", "monitor", "tracking"],
     6: ["pipeline", "serve", "cli", "retrain"],                         # entry points
 }
 

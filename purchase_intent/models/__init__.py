@@ -48,7 +48,8 @@ DP_MODELS = ("logreg", "transformer")
 DP_REFUSED = {
     "lightgbm": "no well-kept library offers differentially private gradient boosting",
     "lightgbm_emb": "no well-kept library offers differentially private gradient boosting",
-    "transformer_pt": "its encoder was pretrained without differential privacy",
+    "transformer_pt": "fine-tuning from the pretrained encoder has no DP mode (the encoder itself can be: "
+                      "pretrain --param dp_epsilon=E; the fine-tuned model is then still not DP)",
 }
 
 

@@ -69,17 +69,18 @@ FUTURE_HORIZONS = (("1d", 86_400), ("7d", 7 * 86_400), ("28d", 28 * 86_400))  # 
 
 
 def token_states(net: BehaviourTransformer, batch: dict[str, torch.Tensor],
-                 rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 rows: Optional[torch.Tensor] = None, emb: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Token states after all blocks: :meth:`BehaviourTransformer.encode` without its [CLS]-only
     last block (the same modules and weights).
 
     Every token's, (B, T, D); or, with ``rows`` (B, T) bool, those of the ``rows`` tokens only,
     (M, D) in the order of ``states[rows]``: the last block then computes its queries, attention
     output and MLP for these tokens alone (keys and values for all), as ``encode`` does for [CLS].
+    ``emb`` (B, T, D), when given, replaces the summed field embeddings of the tokens.
     """
     mask = batch["mask"]  # (B, T)
     B, T = mask.shape
-    emb = net.embed(batch["tokens"].long())  # (B, T, D)
+    emb = net.embed(batch["tokens"].long()) if emb is None else emb  # (B, T, D)
     rank = torch.arange(T - 1, -1, -1, device=mask.device)
     x = torch.cat([net.cls.expand(B, 1, -1).to(emb.dtype), emb + net.pos(rank)], dim=1)  # (B, 1+T, D)
     x = net.drop(x)
@@ -164,7 +165,7 @@ def encode_by_length(net: BehaviourTransformer, batch: dict[str, torch.Tensor], 
     return z[torch.argsort(torch.cat(groups))]
 
 
-def _history(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def history_span(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Number of events (B,) and the column of the oldest one (B,) of a right-aligned mask."""
     n = mask.sum(dim=1)
     return n, mask.shape[1] - n
@@ -220,7 +221,7 @@ class ContrastiveObjective(nn.Module):
         self.proj = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D))
 
     def view(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        n, first = _history(batch["mask"])
+        n, first = history_span(batch["mask"])
         lo = torch.clamp(torch.ceil(n * CROP_MIN), min=1)
         length = (lo + torch.floor(torch.rand(n.shape, device=n.device) * (n - lo + 1))).long().clamp(min=1)
         start = first + torch.floor(torch.rand(n.shape, device=n.device) * (n - length + 1)).long()
@@ -254,7 +255,7 @@ class NextEventObjective(nn.Module):
         return batch_size * float(np.mean(np.asarray(lengths) >= 2))
 
     def forward(self, batch: dict[str, torch.Tensor], norm: Optional[float] = None) -> torch.Tensor:
-        n, first = _history(batch["mask"])
+        n, first = history_span(batch["mask"])
         ok = n >= 2  # one event to read and one to predict
         if not bool(ok.any()):
             return sum(p.sum() * 0.0 for p in self.parameters())
@@ -306,7 +307,7 @@ class FutureEventsObjective(nn.Module):
             raise ValueError("the future objective needs the events' times: build_sequences(..., times=True)")
         mask, us = batch["mask"], batch["us_cut"]  # (B, T), (B, T): larger = older
         B, T = mask.shape
-        n, first = _history(mask)
+        n, first = history_span(mask)
         p = torch.minimum(1 + torch.floor(torch.rand(B, device=mask.device) * n).long(), n).clamp(min=1)
         col = (first + p - 1).clamp(0, T - 1)  # column of event p
         c_p = us.gather(1, col[:, None])[:, 0]

@@ -32,7 +32,7 @@ from .. import runs
 from ..explain import explain_inputs
 from ..feature_frame import compute_features_frame
 from ..labels import single_example
-from ..privacy import load_key, pseudonymise
+from ..privacy import pseudonymise, workspace_key
 from ..runs import Run
 from ..sequence_frame import build_sequences_frame
 from ..times import ONE_US
@@ -78,7 +78,7 @@ class ServeState:
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         self.metrics = Metrics()
-        self.key = load_key(Path(settings.workspace))
+        self.key = workspace_key(Path(settings.workspace))
         self._digests = [hashlib.sha256(k.encode()).digest() for k in settings.api_keys]
         self._local = threading.local()
         self._cons: list = []  # every DuckDB connection handed out, closed at shutdown
