@@ -433,6 +433,11 @@ def _explain_section(page: Page, ws: Workspace, names: list[str], preds: dict[st
         except Exception as e:  # one run that cannot be explained must not cost the whole report
             page.add(f'<p class="note">{esc(r)}: no explanations ({esc(type(e).__name__)}: {esc(e)}).</p>')
     page.add("<h3>Example users: the highest and lowest test scores</h3>")
+    if storage.active():  # the page is not encrypted: no pseudonym, item or category of a shopper on it
+        page.add('<p class="note">Left out: this workspace is encrypted at rest, and these examples name users, '
+                 "items and categories. <code>purchase-intent explain --run R --user ID</code> explains one user."
+                 "</p>")
+        return
     for r, blocks in examples.items():
         if blocks:
             page.add(f"<h4>{esc(r)}</h4>" + "".join(blocks))

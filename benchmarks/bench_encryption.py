@@ -1,0 +1,99 @@
+"""The cost of encryption at rest: `ingest` and `build` with and without an encryption key, alternating.
+
+    python benchmarks/bench_encryption.py --users 4000 --days 60 --repeat 3
+
+Writes the simulated shop's log (``purchase_intent.simulate``, seeded) to a CSV.gz once, then runs
+``ingest`` + ``build`` (user task, 28d lookback, 7d horizon and step) into a fresh workspace, once
+without a key ("plain") and once with ``$PURCHASE_INTENT_ENCRYPTION_KEY`` set ("encrypted"), in the
+order plain, encrypted, encrypted, plain, ... so that a change of the machine's load hits both alike.
+Every round uses one fixed pseudonymisation key, and checks that both workspaces built the same
+features (the same table once decrypted, up to float rounding). Prints one JSON line: events,
+examples, the 1-minute load average before and after, per variant the median, min and max seconds
+of ingest and build, and the ratios encrypted / plain of the medians (the goal: at most 1.3).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from purchase_intent import pipeline, storage
+from purchase_intent.config import DataConfig, FeatureConfig, LabelConfig
+from purchase_intent.privacy import KEY_ENV
+from purchase_intent.simulate import SimConfig, write_events
+from purchase_intent.workspace import Workspace
+
+KEY = "benchmark key: not a secret, 0123456789abcdef"
+
+
+def one(data: Path, root: Path, encrypted: bool) -> dict:
+    if encrypted:
+        os.environ[storage.ENCRYPTION_KEY_ENV] = KEY
+    else:
+        os.environ.pop(storage.ENCRYPTION_KEY_ENV, None)
+    try:
+        ws = Workspace(root)
+        t0 = time.perf_counter()
+        pipeline.ingest(data, DataConfig(format="csv"), ws, progress=False)
+        t1 = time.perf_counter()
+        built = pipeline.build(LabelConfig(lookback="28d", horizon="7d", step="7d"), FeatureConfig(), ws, quiet=True)
+        t2 = time.perf_counter()
+        parts = list((root / "events").glob("part-*.parquet"))
+        assert all(storage.is_encrypted_file(p) == encrypted for p in parts)
+        features = storage.read_frame(root / "examples" / "features.parquet")
+        return {"ingest_s": t1 - t0, "build_s": t2 - t1, "examples": len(built.examples), "features": features}
+    finally:
+        os.environ.pop(storage.ENCRYPTION_KEY_ENV, None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--users", type=int, default=4000)
+    ap.add_argument("--days", type=int, default=60)
+    ap.add_argument("--repeat", type=int, default=3, help="rounds; each runs both variants")
+    ap.add_argument("--tmp", default=None, help="scratch folder (default: a fresh one under $TMPDIR)")
+    args = ap.parse_args()
+    os.environ.setdefault(KEY_ENV, "0" * 64)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-enc-", dir=args.tmp))
+    try:
+        data = tmp / "events.csv.gz"
+        n_events = write_events(SimConfig(n_users=args.users, days=args.days, seed=0), data)
+        load_before = os.getloadavg()[0]
+        times: dict[str, dict[str, list[float]]] = {v: {"ingest_s": [], "build_s": []} for v in ("plain", "encrypted")}
+        examples = None
+        for r in range(args.repeat):
+            order = ("plain", "encrypted") if r % 2 == 0 else ("encrypted", "plain")
+            feats = {}
+            for variant in order:
+                root = tmp / f"ws-{r}-{variant}"
+                res = one(data, root, variant == "encrypted")
+                for k in ("ingest_s", "build_s"):
+                    times[variant][k].append(res[k])
+                examples, feats[variant] = res["examples"], res["features"]
+                shutil.rmtree(root)
+                print(f"round {r} {variant}: ingest {res['ingest_s']:.2f}s, build {res['build_s']:.2f}s",
+                      file=sys.stderr)
+            # the same features (up to the order of float sums, which DuckDB's threads vary run to run)
+            pd.testing.assert_frame_equal(feats["plain"], feats["encrypted"], check_exact=False, rtol=1e-9)
+        out = {"events": n_events, "examples": examples, "users": args.users, "days": args.days,
+               "repeat": args.repeat, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
+        for variant, ts in times.items():
+            out[variant] = {k: {"median": round(statistics.median(v), 3), "min": round(min(v), 3),
+                                "max": round(max(v), 3)} for k, v in ts.items()}
+        for k in ("ingest_s", "build_s"):
+            out[f"ratio_{k[:-2]}"] = round(out["encrypted"][k]["median"] / out["plain"][k]["median"], 3)
+        print(json.dumps(out))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
