@@ -1,8 +1,10 @@
 """The cost of encryption at rest: `ingest` and `build` with and without an encryption key, alternating.
 
-    python benchmarks/bench_encryption.py --users 4000 --days 60 --repeat 3
+    python benchmarks/bench_encryption.py --users 10000 --days 90 --repeat 3
+    python benchmarks/bench_encryption.py --data sim-1m.csv.gz --repeat 3   # e.g. from benchmarks/make_sim_data.py
 
-Writes the simulated shop's log (``purchase_intent.simulate``, seeded) to a CSV.gz once, then runs
+Writes the simulated shop's log (``purchase_intent.simulate``, seeded) to a CSV.gz once (or takes
+``--data``, a CSV.gz with the canonical columns), then runs
 ``ingest`` + ``build`` (user task, 28d lookback, 7d horizon and step) into a fresh workspace, once
 without a key ("plain") and once with ``$PURCHASE_INTENT_ENCRYPTION_KEY`` set ("encrypted"), in the
 order plain, encrypted, encrypted, plain, ... so that a change of the machine's load hits both alike.
@@ -14,6 +16,7 @@ of ingest and build, and the ratios encrypted / plain of the medians (the goal: 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shutil
@@ -56,16 +59,22 @@ def one(data: Path, root: Path, encrypted: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--users", type=int, default=4000)
-    ap.add_argument("--days", type=int, default=60)
+    ap.add_argument("--data", help="a CSV(.gz) of canonical events instead of the simulated shop")
+    ap.add_argument("--users", type=int, default=10000)
+    ap.add_argument("--days", type=int, default=90)
     ap.add_argument("--repeat", type=int, default=3, help="rounds; each runs both variants")
     ap.add_argument("--tmp", default=None, help="scratch folder (default: a fresh one under $TMPDIR)")
     args = ap.parse_args()
     os.environ.setdefault(KEY_ENV, "0" * 64)
     tmp = Path(tempfile.mkdtemp(prefix="bench-enc-", dir=args.tmp))
     try:
-        data = tmp / "events.csv.gz"
-        n_events = write_events(SimConfig(n_users=args.users, days=args.days, seed=0), data)
+        if args.data:
+            data = Path(args.data)
+            with (gzip.open(data, "rt") if data.name.endswith(".gz") else open(data)) as f:
+                n_events = sum(1 for _ in f) - 1  # the header
+        else:
+            data = tmp / "events.csv.gz"
+            n_events = write_events(SimConfig(n_users=args.users, days=args.days, seed=0), data)
         load_before = os.getloadavg()[0]
         times: dict[str, dict[str, list[float]]] = {v: {"ingest_s": [], "build_s": []} for v in ("plain", "encrypted")}
         examples = None
@@ -83,7 +92,8 @@ def main() -> None:
                       file=sys.stderr)
             # the same features (up to the order of float sums, which DuckDB's threads vary run to run)
             pd.testing.assert_frame_equal(feats["plain"], feats["encrypted"], check_exact=False, rtol=1e-9)
-        out = {"events": n_events, "examples": examples, "users": args.users, "days": args.days,
+        source = {"data": str(args.data)} if args.data else {"users": args.users, "days": args.days}
+        out = {"events": n_events, "examples": examples, **source,
                "repeat": args.repeat, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
         for variant, ts in times.items():
             out[variant] = {k: {"median": round(statistics.median(v), 3), "min": round(min(v), 3),

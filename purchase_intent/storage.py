@@ -344,6 +344,26 @@ def scan(con, paths: Iterable[str | Path], union_by_name: bool = False) -> str:
     return name
 
 
+# encrypted events up to this size (of their Parquet files) are decrypted once into a DuckDB temp table;
+# larger ones are scanned through the decrypting dataset by every query (slower, but memory stays bounded)
+MATERIALIZE_BYTES = 512 * 2 ** 20
+
+
+def create_view(con, name: str, paths: Iterable[str | Path], union_by_name: bool = False) -> None:
+    """``name`` in ``con``: the rows of Parquet ``paths``, for queries to read by that name.
+
+    Plain files: a view over DuckDB's ``read_parquet`` (as before encryption existed). Encrypted ones:
+    decrypted once into a temporary table when they are small enough (DuckDB's own storage, as fast to
+    query as plain Parquet), else a view over the decrypting dataset."""
+    paths = [Path(p) for p in paths]
+    source = scan(con, paths, union_by_name)
+    if not source.startswith("_pi_scan_") or sum(p.stat().st_size for p in paths) > MATERIALIZE_BYTES:
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {source}")
+        return
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT * FROM {source}")
+    con.unregister(source)
+
+
 def _missing_key(path: Path) -> bytes:
     raise EncryptionKeyError(f"{path} is encrypted: {_HOW}")
 

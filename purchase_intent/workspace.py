@@ -444,8 +444,7 @@ class Workspace:
         con = duckdb.connect(database)
         con.execute("SET TimeZone = 'UTC'")
         try:
-            events = storage.scan(con, parts, union_by_name=True)
-            con.execute(f"CREATE OR REPLACE VIEW events AS SELECT * FROM {events}")
+            storage.create_view(con, "events", parts, union_by_name=True)
         except (duckdb.Error, OSError) as e:
             con.close()
             raise DamagedWorkspaceError(self._damaged_part_message(parts, e)) from None

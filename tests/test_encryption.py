@@ -199,3 +199,32 @@ def test_seal_round_trip_and_tamper(monkeypatch):
     assert storage.seal(b"x") == b"x"  # no key: plain
     with pytest.raises(storage.EncryptionKeyError, match="is encrypted"):
         storage.unseal(sealed)
+
+
+def test_the_key_file_and_the_environment_are_the_same_key(workspaces, monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv(storage.ENCRYPTION_KEY_ENV, raising=False)
+    (tmp_path / "key").write_text(KEY + "\n")
+    ws = tmp_path / "ws"
+    assert _cli("--encryption-key-file", str(tmp_path / "key"), "--workspace", str(ws),
+                "ingest", str(workspaces["data"]), "--format", "csv") == 0
+    assert (ws / storage.MARKER).exists() and storage.is_encrypted_file(next((ws / "events").glob("part-*")))
+    assert not storage.active()  # the file's key was for that command only
+    monkeypatch.setenv(storage.ENCRYPTION_KEY_ENV, KEY)
+    capsys.readouterr()
+    assert _cli("--workspace", str(ws), "pseudonym", "rawUSERqx1") == 0
+    assert capsys.readouterr().out.startswith("rawUSERqx1\t")
+
+
+def test_large_encrypted_events_are_scanned_not_loaded(workspaces, monkeypatch):
+    from purchase_intent.workspace import Workspace
+    monkeypatch.setenv(storage.ENCRYPTION_KEY_ENV, KEY)
+    q = "SELECT count(*), count(DISTINCT user_id), sum(price), max(ts) FROM events"
+    con = Workspace(workspaces["enc"]).connect()
+    loaded = con.execute(q).fetchall()
+    assert con.execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'events'"
+                       ).fetchall() == [("LOCAL TEMPORARY",)]
+    monkeypatch.setattr(storage, "MATERIALIZE_BYTES", 0)
+    con = Workspace(workspaces["enc"]).connect()
+    assert con.execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'events'"
+                       ).fetchall() == [("VIEW",)]
+    assert con.execute(q).fetchall() == loaded
