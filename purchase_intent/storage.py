@@ -17,7 +17,9 @@ and file calls the workspace always used (DuckDB's own ``read_parquet`` and ``CO
 
 DuckDB here cannot write encrypted Parquet, so in an encrypted workspace DuckDB scans the files
 through a decrypting pyarrow dataset (:func:`scan`, streaming) and query results go out as Arrow
-record batches into an encrypting ``ParquetWriter`` (:func:`copy_to_parquet`).
+record batches into an encrypting ``ParquetWriter`` (:func:`copy_to_parquet`). The events, read by
+many queries of one command, are decrypted once into a DuckDB temporary table when they are small
+enough (:func:`create_view`, :data:`MATERIALIZE_BYTES`).
 """
 from __future__ import annotations
 
