@@ -32,8 +32,14 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+import pyarrow.parquet.encryption as pe
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 ENCRYPTION_KEY_ENV = "PURCHASE_INTENT_ENCRYPTION_KEY"
 MARKER = "encryption.json"  # in the workspace root: encrypted or not, and the key check value
@@ -90,12 +96,10 @@ def active() -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _master(key: bytes) -> bytes:
-    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
     return Scrypt(salt=_KDF_SALT, length=32, n=2 ** 14, r=8, p=1).derive(key)
 
 
-def _aead(key: bytes | None = None):
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+def _aead(key: bytes | None = None) -> AESGCM:
     k = key if key is not None else user_key()
     if k is None:
         raise EncryptionKeyError(f"no encryption key: {_HOW}")
@@ -113,10 +117,10 @@ def _holds_data(root: Path) -> bool:
     return any((root / d).exists() for d in ("events", "rejects", "examples", "runs"))
 
 
-def check_workspace(root: str | Path, create: bool = False) -> bool:
+def check_workspace(root: str | Path) -> bool:
     """Refuse a missing or wrong key for an encrypted workspace, and a key for an unencrypted one that
-    holds data; True when the workspace is encrypted. ``create``: mark a fresh workspace encrypted when a
-    key is given (writers do, under the workspace lock)."""
+    holds data; True when the workspace is (or, given a key and still empty, is to be) encrypted. A
+    writer then records :func:`new_marker` in a workspace that has none (``Workspace.lock`` does)."""
     root = Path(root)
     marker = root / MARKER
     key = user_key()
@@ -128,7 +132,6 @@ def check_workspace(root: str | Path, create: bool = False) -> bool:
             raw = base64.b64decode(rec["check"])
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise EncryptionKeyError(f"{marker} is damaged ({e}); restore it from a backup") from None
-        from cryptography.exceptions import InvalidTag
         try:
             ok = _aead(key).decrypt(raw[:12], raw[12:], b"check") == _CHECK_TEXT
         except InvalidTag:
@@ -143,15 +146,16 @@ def check_workspace(root: str | Path, create: bool = False) -> bool:
         raise EncryptionKeyError(f"workspace {root} holds unencrypted data and an encryption key is given: "
                                  f"unset {ENCRYPTION_KEY_ENV} (and --encryption-key-file) to use it, "
                                  "or use a new workspace")
-    if create:
-        from .workspace import atomic_write_json
-        nonce = os.urandom(12)
-        check = base64.b64encode(nonce + _aead(key).encrypt(nonce, _CHECK_TEXT, b"check")).decode()
-        atomic_write_json(marker, {
-            "version": 1, "parquet": "modular encryption, AES_GCM_V1, footer and all columns encrypted",
-            "other_files": "AES-256-GCM, sealed whole", "kdf": "scrypt (n=2^14, r=8, p=1)",
-            "check": check, "note": "key check value only; the key is never stored here"})
     return True
+
+
+def new_marker() -> dict:
+    """The content of ``encryption.json`` for the key given: the key check value, never the key."""
+    nonce = os.urandom(12)
+    check = base64.b64encode(nonce + _aead().encrypt(nonce, _CHECK_TEXT, b"check")).decode()
+    return {"version": 1, "parquet": "modular encryption, AES_GCM_V1, footer and all columns encrypted",
+            "other_files": "AES-256-GCM, sealed whole", "kdf": "scrypt (n=2^14, r=8, p=1)",
+            "check": check, "note": "key check value only; the key is never stored here"}
 
 
 # --- sealed files (anything but Parquet) -------------------------------------------------------
@@ -171,7 +175,6 @@ def unseal(data: bytes, what: str | Path = "a file") -> bytes:
         return data
     if not active():
         raise EncryptionKeyError(f"{what} is encrypted: {_HOW}")
-    from cryptography.exceptions import InvalidTag
     body = data[len(SEALED_MAGIC):]
     try:
         return _aead().decrypt(body[:12], body[12:], SEALED_MAGIC)
@@ -195,44 +198,33 @@ def is_sealed(path: str | Path) -> bool:
 # --- Parquet ----------------------------------------------------------------------------------
 
 
-def _kms_client_class():
-    import pyarrow.parquet.encryption as pe
-    from cryptography.exceptions import InvalidTag
+class _LocalKms(pe.KmsClient):
+    """Wraps the per-file keys with AES-GCM under the master key; no key server involved."""
 
-    class _LocalKms(pe.KmsClient):
-        """Wraps the per-file keys with AES-GCM under the master key; no key server involved."""
+    def __init__(self, aead: AESGCM):
+        super().__init__()
+        self._aead = aead
 
-        def __init__(self, aead):
-            super().__init__()
-            self._aead = aead
+    def wrap_key(self, key_bytes, master_key_identifier):
+        nonce = os.urandom(12)
+        return base64.b64encode(nonce + self._aead.encrypt(nonce, key_bytes, master_key_identifier.encode())).decode()
 
-        def wrap_key(self, key_bytes, master_key_identifier):
-            nonce = os.urandom(12)
-            return base64.b64encode(nonce + self._aead.encrypt(nonce, key_bytes, master_key_identifier.encode())
-                                    ).decode()
-
-        def unwrap_key(self, wrapped_key, master_key_identifier):
-            raw = base64.b64decode(wrapped_key)
-            try:
-                return self._aead.decrypt(raw[:12], raw[12:], master_key_identifier.encode())
-            except InvalidTag:
-                raise EncryptionKeyError("cannot decrypt a Parquet file: wrong encryption key") from None
-
-    return _LocalKms
+    def unwrap_key(self, wrapped_key, master_key_identifier):
+        raw = base64.b64decode(wrapped_key)
+        try:
+            return self._aead.decrypt(raw[:12], raw[12:], master_key_identifier.encode())
+        except InvalidTag:
+            raise EncryptionKeyError("cannot decrypt a Parquet file: wrong encryption key") from None
 
 
 @functools.lru_cache(maxsize=8)
-def _crypto(key: bytes):
+def _crypto(key: bytes) -> tuple[pe.CryptoFactory, pe.KmsConnectionConfig]:
     """(CryptoFactory, KmsConnectionConfig) for one user key (one factory per key: no cache shared)."""
-    import pyarrow.parquet.encryption as pe
     aead = _aead(key)
-    kms = _kms_client_class()
-    factory = pe.CryptoFactory(lambda _config: kms(aead))
-    return factory, pe.KmsConnectionConfig()
+    return pe.CryptoFactory(lambda _config: _LocalKms(aead)), pe.KmsConnectionConfig()
 
 
 def _encryption_properties():
-    import pyarrow.parquet.encryption as pe
     factory, kms = _crypto(user_key())
     cfg = pe.EncryptionConfiguration(footer_key=_MASTER_KEY_ID, uniform_encryption=True,
                                      encryption_algorithm="AES_GCM_V1", plaintext_footer=False,
@@ -241,7 +233,6 @@ def _encryption_properties():
 
 
 def _decryption_properties(path: str | Path):
-    import pyarrow.parquet.encryption as pe
     key = user_key()
     if key is None:
         raise EncryptionKeyError(f"{path} is encrypted: {_HOW}")
@@ -305,7 +296,6 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
 def read_frame(path: str | Path, columns: list[str] | None = None):
     """A Parquet file as a DataFrame (decrypted when encrypted)."""
     if not is_encrypted_file(path):
-        import pandas as pd
         return pd.read_parquet(path, columns=columns)
     return read_table(path, columns).to_pandas()
 
@@ -334,8 +324,6 @@ def scan(con, paths: Iterable[str | Path], union_by_name: bool = False) -> str:
     if not any(is_encrypted_file(p) for p in paths):
         files = ", ".join(_sql_str(p) for p in paths)
         return f"read_parquet([{files}]{', union_by_name = true' if union_by_name else ''})"
-    import pyarrow.dataset as ds
-    import pyarrow.parquet.encryption as pe
     factory, kms = _crypto(user_key() or _missing_key(paths[0]))
     config = ds.ParquetDecryptionConfig(factory, kms, pe.DecryptionConfiguration())
     fmt = ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(decryption_config=config))

@@ -372,7 +372,9 @@ class Workspace:
             with _HELD_GUARD:
                 _HELD[key] = (threading.get_ident(), command)
             try:
-                storage.check_workspace(self.root, create=True)  # a missing or wrong key: nothing is written
+                # a missing or wrong key: nothing is written; a key for a new workspace: it is marked encrypted
+                if storage.check_workspace(self.root) and not storage.is_encrypted_workspace(self.root):
+                    atomic_write_json(self.root / storage.MARKER, storage.new_marker())
                 if stale:
                     self.recover()
                 yield
