@@ -46,6 +46,7 @@ from .event_database import DatabaseQuery, is_database_url
 from .privacy import KEY_ENV, pseudonym_for
 from .serve.settings import API_KEYS_ENV, ServeSettings, read_api_keys
 from .simulate import SimConfig, write_events
+from .storage import ENCRYPTION_KEY_ENV, check_workspace, set_key_file
 from .tabular import run_table
 from .workspace import WORKSPACE_ENV, Workspace
 
@@ -76,6 +77,10 @@ def _params(values: Optional[list[str]]) -> dict[str, Any]:
 def _add_global_flags(p: argparse.ArgumentParser, default_workspace: Any) -> None:
     p.add_argument("--workspace", default=default_workspace,
                    help="workspace folder (default: $PURCHASE_INTENT_WORKSPACE or ./pi-workspace)")
+    p.add_argument("--encryption-key-file", metavar="PATH",
+                   default=argparse.SUPPRESS if default_workspace is argparse.SUPPRESS else None,
+                   help=f"encrypt the workspace at rest with the key in this file (kept outside the workspace; "
+                        f"else ${ENCRYPTION_KEY_ENV}, if set; README, 'Encryption at rest')")
 
 
 class _CommandParser(argparse.ArgumentParser):
@@ -697,6 +702,10 @@ WRITING_COMMANDS = {"ingest", "build", "train", "evaluate", "run", "quickstart",
                     "report", "forget", "rotate-key", "monitor", "retrain"}
 
 
+# commands that do not use the workspace
+NO_WORKSPACE_COMMANDS = {"simulate"}
+
+
 def _workspace_lock(args: argparse.Namespace):
     if args.command not in WRITING_COMMANDS or not distributed.is_main():  # under torchrun rank 0 writes
         return contextlib.nullcontext()
@@ -706,6 +715,9 @@ def _workspace_lock(args: argparse.Namespace):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        set_key_file(getattr(args, "encryption_key_file", None))
+        if args.command not in NO_WORKSPACE_COMMANDS:  # a missing or wrong key: refused before anything is read
+            check_workspace(args.workspace)
         if getattr(args, "check", None) is not None:  # what can be refused before the lock is taken
             args.check(args)
         with _workspace_lock(args):
@@ -717,6 +729,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         msg = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror and e.filename else str(e)
         print(f"error: {msg}", file=sys.stderr)
         return 1
+    finally:
+        set_key_file(None)
 
 
 if __name__ == "__main__":

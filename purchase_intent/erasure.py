@@ -72,9 +72,8 @@ from typing import Callable, Iterable, Optional
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from . import runs
+from . import runs, storage
 from .pretrain import PRETRAINED_RUN
 from .privacy import KEY_ENV, PSEUDONYM_HEX, key_id, load_key, pseudonymise
 from .score import summary_path
@@ -141,36 +140,33 @@ class _Change:
     write: Optional[Callable[[Path], None]]  # writes the new content; None removes the file
 
 
-def _sql_str(p: Path) -> str:
-    return "'" + str(p).replace("'", "''") + "'"
-
-
 def _event_changes(ws: Workspace, pids: list[str], con) -> list[_Change]:
     out = []
     for part in ws.part_paths():
-        rows = con.execute(f"SELECT user_id, count(*) FROM read_parquet({_sql_str(part)}) "
+        rows = con.execute(f"SELECT user_id, count(*) FROM {storage.scan(con, [part])} "
                            "WHERE list_contains($p, user_id) GROUP BY 1", {"p": pids}).fetchall()
         if not rows:
             continue
 
         def write(dest: Path, part=part) -> None:  # the same COPY as ingest's, minus the users' rows
-            con.execute(f"COPY (SELECT * FROM read_parquet({_sql_str(part)}) WHERE user_id IS NULL OR "
-                        f"NOT list_contains($p, user_id)) TO {_sql_str(dest)} (FORMAT parquet)", {"p": pids})
+            storage.copy_to_parquet(con, f"SELECT * FROM {storage.scan(con, [part])} WHERE user_id IS NULL OR "
+                                    "NOT list_contains($p, user_id)", dest, {"p": pids})
         out.append(_Change(str(part.relative_to(ws.root)), "events", dict(rows), write))
     return out
 
 
 def _csv_rows(path: Path) -> list[list[str]]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", newline="") as f:
-        return list(csv.reader(f))
+    data = storage.read_bytes(path)  # sealed in an encrypted workspace
+    if path.name.endswith(".gz"):
+        data = gzip.decompress(data)
+    return list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
 
 
 def _csv_bytes(rows: list[list[str]], gz: bool) -> bytes:
     buf = io.StringIO()
     csv.writer(buf).writerows(rows)
     data = buf.getvalue().encode("utf-8")
-    return gzip.compress(data, mtime=0) if gz else data
+    return storage.seal(gzip.compress(data, mtime=0) if gz else data)
 
 
 def _write_bytes(data: bytes) -> Callable[[Path], None]:
@@ -210,7 +206,7 @@ def _reject_changes(ws: Workspace, pids: list[str], raw_ids: dict[str, str]) -> 
 
 
 def _filtered_table(table: pa.Table, keep: np.ndarray) -> Callable[[Path], None]:
-    return lambda dest: pq.write_table(table.filter(pa.array(keep)), dest)
+    return lambda dest: storage.write_parquet(table.filter(pa.array(keep)), dest)
 
 
 def _user_counts(user_ids: np.ndarray, pids: list[str]) -> tuple[dict[str, int], np.ndarray]:
@@ -225,14 +221,14 @@ def _example_changes(ws: Workspace, pids: list[str]) -> tuple[list[_Change], set
     d = ws.examples_dir
     if not (d / runs.EXAMPLES).exists():
         return [], set()
-    ex = pq.read_table(d / runs.EXAMPLES)
+    ex = storage.read_table(d / runs.EXAMPLES)
     counts, keep = _user_counts(np.asarray(ex.column("user_id").to_pylist(), dtype=object), pids)
     if not counts:
         return [], set()
     ids = set(np.asarray(ex.column("example_id"))[~keep].tolist())
     out = [_Change(f"examples/{runs.EXAMPLES}", "examples", counts, _filtered_table(ex, keep))]
     if (d / runs.FEATURES).exists():
-        feats = pq.read_table(d / runs.FEATURES)
+        feats = storage.read_table(d / runs.FEATURES)
         if feats.num_rows != ex.num_rows:
             raise RuntimeError(f"{d / runs.FEATURES} has {feats.num_rows} rows for {ex.num_rows} examples: "
                                "rebuild with `purchase-intent build`, then forget again")
@@ -261,7 +257,7 @@ def _prediction_changes(ws: Workspace, example_ids: set[int], pids: list[str],
         if meta.get("build_id") not in (None, build_id):
             unmapped.append(d.name)
             continue
-        table = pq.read_table(path)
+        table = storage.read_table(path)
         eids = np.asarray(table.column("example_id"))
         hit = np.isin(eids, list(example_ids))
         if hit.any():
@@ -303,9 +299,9 @@ def _score_changes(ws: Workspace, pids: list[str], skip: set[Path]) -> list[_Cha
         if any(part.startswith(TMP_PREFIX) for part in rel.parts) or runs.MODEL_DIR in rel.parts[:-1]:
             continue
         if path.suffix == ".parquet":
-            if "user_id" not in pq.read_schema(path).names:
+            if "user_id" not in storage.read_schema(path).names:
                 continue
-            table = pq.read_table(path)
+            table = storage.read_table(path)
             cols = {c: table.column(c).to_pylist() for c in ("user_id", "probability") if c in table.column_names}
         else:
             rows = _csv_rows(path)
@@ -346,7 +342,7 @@ def _leftover_changes(ws: Workspace, pids: list[str], planned: set[str]) -> list
             continue
         if path.resolve() in sources:
             continue
-        data = path.read_bytes()
+        data = storage.unseal(path.read_bytes(), path)
         if path.suffix == ".gz":
             try:
                 data = gzip.decompress(data)
@@ -376,7 +372,7 @@ def plan(ws: Workspace, pids: list[str], raw_ids: Optional[dict[str, str]] = Non
     changes += ex_changes
     owner: dict[int, str] = {}
     if example_ids:
-        ex = pq.read_table(ws.examples_dir / runs.EXAMPLES, columns=["example_id", "user_id"]).to_pydict()
+        ex = storage.read_table(ws.examples_dir / runs.EXAMPLES, columns=["example_id", "user_id"]).to_pydict()
         owner = {e: u for e, u in zip(ex["example_id"], ex["user_id"]) if e in example_ids}
     pred_changes, unmapped = _prediction_changes(ws, example_ids, pids, owner)
     changes += pred_changes
@@ -490,13 +486,13 @@ def forget(workspace: Workspace | str | Path | None = None, users: Iterable[str]
         lines = "".join(json.dumps({"time": now, "pseudonym": p, "removed": removed[p], "runs_marked_stale": stale})
                         + "\n" for p in pids)
         log = ws.root / ERASURE_LOG
-        old_log = log.read_bytes() if log.exists() else b""
-        changed[ERASURE_LOG] = _Change(ERASURE_LOG, "log", {}, _write_bytes(old_log + lines.encode()))
+        old_log = storage.read_bytes(log) if log.exists() else b""  # sealed in an encrypted workspace
+        changed[ERASURE_LOG] = _Change(ERASURE_LOG, "log", {}, _write_bytes(storage.seal(old_log + lines.encode())))
         root = ws.root.resolve()
         with atomic_dir(root) as new:
             link_tree(root, new, {rel: c.write for rel, c in changed.items()})
             if not log.exists():
-                (new / ERASURE_LOG).write_bytes(lines.encode())
+                (new / ERASURE_LOG).write_bytes(storage.seal(lines.encode()))
             os.chmod(new / ERASURE_LOG, 0o600)  # it names pseudonyms
             for name in stale:
                 _mark_stale(new / "runs" / name, now, len(pids))

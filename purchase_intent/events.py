@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -32,6 +33,7 @@ from typing import Iterable, Optional
 
 import duckdb
 
+from . import storage
 from .config import DataConfig
 from .event_database import DatabaseQuery, QueryRows
 from .event_rejects import collect_rejects
@@ -356,19 +358,19 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
         if report.accepted:
             report.part = f"part-{sha[:16]}.parquet"
             extra_sel = "".join(f", s.{sql_ident(n)}" for n in extras.values())
-            con.execute(f"""COPY (
+            storage.copy_to_parquet(con, f"""
                 SELECT m.pid AS user_id, s.ts, s.event, s.item_id, s.category, s.price, ms.pid AS session_id,
                        s.{RAW_EVENT}{extra_sel}
                 FROM staged s JOIN user_map m ON s.user_raw = m.raw LEFT JOIN session_map ms ON s.session_raw = ms.raw
-                WHERE s.reason IS NULL
-            ) TO {sql_literal(stage / report.part)} (FORMAT parquet)""")
+                WHERE s.reason IS NULL""", stage / report.part)
         if report.rejected:
             rows = collect_rejects(con, src, kind, mapping, key, str(path))
             report.rejects_path = stage / f"{sha[:16]}.csv"
-            with open(report.rejects_path, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["source_file", "line", "reason", "raw"])
-                w.writerows(rows)
+            text = io.StringIO(newline="")
+            w = csv.writer(text)
+            w.writerow(["source_file", "line", "reason", "raw"])
+            w.writerows(rows)
+            report.rejects_path.write_bytes(storage.seal(text.getvalue().encode("utf-8")))
     finally:
         con.close()
         shutil.rmtree(tmpdir, ignore_errors=True)

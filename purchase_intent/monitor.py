@@ -46,9 +46,8 @@ from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
-from . import runs
+from . import runs, storage
 from .config import LabelConfig
 from .evaluate import roc_auc, roc_auc_ci
 from .feature_frame import compute_features_for_users
@@ -247,11 +246,11 @@ def window_from_build(run: Run, ws: Workspace, cutoff: datetime, con) -> Optiona
     meta = run.meta if run.meta.get("build_id") else (run.members[0].meta if run.members else run.meta)
     if info.get("build_id") != meta.get("build_id"):
         return None
-    ex = pd.read_parquet(d / runs.EXAMPLES, columns=["user_id", "cutoff", "label", "split"])
+    ex = storage.read_frame(d / runs.EXAMPLES, columns=["user_id", "cutoff", "label", "split"])
     rows = np.flatnonzero(((ex["cutoff"] == pd.Timestamp(cutoff)) & (ex["split"] == "train")).to_numpy())
     if not len(rows) or rows[-1] - rows[0] + 1 != len(rows):  # built examples are ordered by cutoff
         return None
-    feats = pq.read_table(d / runs.FEATURES).slice(int(rows[0]), len(rows)).to_pandas()
+    feats = storage.read_table(d / runs.FEATURES).slice(int(rows[0]), len(rows)).to_pandas()
     X = runs.run_features(run.meta, feats)
     if not run.members and not runs.is_sequence_model(run.model_name):
         scores = np.asarray(run.model.predict_proba(X), dtype=np.float64)[:, 1]

@@ -17,6 +17,8 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import shutil
+import tempfile
 import time
 import typing
 from dataclasses import asdict
@@ -27,7 +29,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import numpy as np
 import pandas as pd
 
-from . import distributed, labels, runs, splits
+from . import distributed, labels, runs, splits, storage
 from . import pretrain as pretraining
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig, from_dict
 from .dp import check_budget
@@ -517,6 +519,14 @@ def quickstart(workspace=None, models: Sequence[str] = ("logreg", "lightgbm", "t
     ws.root.mkdir(parents=True, exist_ok=True)
     sim_cfg = SimConfig(n_users=n_users, days=days, seed=seed)
     path = ws.root / f"simulated-shop-{n_users}u-{days}d-seed{seed}.csv.gz"
+    if storage.active():  # an encrypted workspace keeps no plaintext log: the simulated one is made anew outside it
+        scratch = Path(tempfile.mkdtemp(prefix="pi-simulated-shop-"))
+        try:
+            write_events(sim_cfg, scratch / path.name)
+            return run(scratch / path.name, DataConfig(format="csv"), LabelConfig(), FeatureConfig(), models=models,
+                       workspace=ws, quiet=quiet)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     if not path.exists():
         t0 = time.perf_counter()
         tmp = path.with_name(path.name + ".tmp.csv.gz")

@@ -32,6 +32,7 @@ from typing import Iterable, Union
 import numpy as np
 import pyarrow as pa
 
+from purchase_intent import storage
 from purchase_intent.workspace import Workspace, fsync_dir, tmp_path
 
 KEY_ENV = "PURCHASE_INTENT_PSEUDONYM_KEY"
@@ -106,7 +107,7 @@ def load_key(workspace_root: str | Path | Workspace) -> Key:
         except OSError as e:
             raise RuntimeError(f"cannot create the pseudonymisation key {path}: {e.strerror or e}") from e
     try:
-        return _parse_key(path.read_text(errors="replace"))
+        return _parse_key(storage.read_bytes(path).decode(errors="replace"))
     except ValueError as e:
         raise ValueError(f"{path}: {e}; restore the key file (or set {KEY_ENV})") from None
 
@@ -131,8 +132,8 @@ def _create_key_file(root: Path, path: Path) -> None:
     tmp = tmp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_bytes(32).hex() + "\n")
+        with os.fdopen(fd, "wb") as f:  # sealed in an encrypted workspace
+            f.write(storage.seal((secrets.token_bytes(32).hex() + "\n").encode()))
             f.flush()
             os.fsync(f.fileno())
         try:

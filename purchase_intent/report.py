@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from . import explain, runs
+from . import explain, runs, storage
 from .evaluate import reliability_curve
 from .privacy import KEY_ENV, MIN_USERS, below_threshold, check_min_users, count_text
 from .report_page import Page, cards, esc, interval, num, table
@@ -121,7 +121,7 @@ def _task_section(page: Page, ws: Workspace, k: int) -> Optional[dict]:
         return None
     info = json.loads(info_path.read_text())
     page.add(f"<p>{esc(label_text(info['label_config']))}</p>")
-    ex = pd.read_parquet(ws.examples_dir / runs.EXAMPLES, columns=["user_id", "cutoff", "label", "split"])
+    ex = storage.read_frame(ws.examples_dir / runs.EXAMPLES, columns=["user_id", "cutoff", "label", "split"])
     rows, small = [], False
     for split in ("train", "gap", "valid", "test"):
         g = ex[ex["split"] == split]
@@ -161,7 +161,7 @@ def _test_user_counts(ws: Workspace, pred: Optional[pd.DataFrame]) -> Optional[t
     if pred is None or not path.exists():
         return None
     t = pred.loc[pred["split"] == "test", ["example_id", "label"]]
-    users = pd.read_parquet(path, columns=["example_id", "user_id"])
+    users = storage.read_frame(path, columns=["example_id", "user_id"])
     return _user_counts(t.merge(users, on="example_id", how="inner"))
 
 
@@ -437,6 +437,11 @@ def _explain_section(page: Page, ws: Workspace, names: list[str], preds: dict[st
         except Exception as e:  # one run that cannot be explained must not cost the whole report
             page.add(f'<p class="note">{esc(r)}: no explanations ({esc(type(e).__name__)}: {esc(e)}).</p>')
     page.add("<h3>Example users: the highest and lowest test scores</h3>")
+    if storage.active():  # the page is not encrypted: no pseudonym, item or category of a shopper on it
+        page.add('<p class="note">Left out: this workspace is encrypted at rest, and these examples name users, '
+                 "items and categories. <code>purchase-intent explain --run R --user ID</code> explains one user."
+                 "</p>")
+        return
     for r, blocks in examples.items():
         if blocks:
             page.add(f"<h4>{esc(r)}</h4>" + "".join(blocks))

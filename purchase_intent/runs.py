@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import storage
 from .config import FeatureConfig, LabelConfig, from_dict
 from .features import compute_features
 from .models import SEQUENCE_MODELS, load_model
@@ -84,8 +85,8 @@ class Built:
 def save_built(workspace: Workspace, built: Built) -> None:
     """Write ``built`` to ``<workspace>/examples/`` as one atomic directory swap."""
     with atomic_dir(workspace.examples_dir) as tmp:
-        built.examples.to_parquet(tmp / EXAMPLES, index=False)
-        built.features.to_parquet(tmp / FEATURES, index=False)
+        storage.write_parquet(built.examples, tmp / EXAMPLES)
+        storage.write_parquet(built.features, tmp / FEATURES)
         (tmp / BUILD_JSON).write_text(json.dumps(built.info, indent=2, default=str))
 
 
@@ -95,7 +96,7 @@ def load_built(workspace: Workspace | str | Path | None = None) -> Built:
     if not (d / BUILD_JSON).exists():
         raise FileNotFoundError(f"no built examples in {d}: run `purchase-intent build` first")
     info = json.loads((d / BUILD_JSON).read_text())
-    return Built(pd.read_parquet(d / EXAMPLES), pd.read_parquet(d / FEATURES), info)
+    return Built(storage.read_frame(d / EXAMPLES), storage.read_frame(d / FEATURES), info)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,11 +282,11 @@ def read_metrics(run_dir: Path) -> dict:
 
 
 def read_predictions(run_dir: Path) -> pd.DataFrame:
-    return pd.read_parquet(Path(run_dir) / PREDICTIONS)
+    return storage.read_frame(Path(run_dir) / PREDICTIONS)
 
 
 def write_predictions(run_dir: Path, predictions: pd.DataFrame) -> None:
-    atomic_write_bytes(Path(run_dir) / PREDICTIONS, predictions.to_parquet(index=False))
+    atomic_write_bytes(Path(run_dir) / PREDICTIONS, storage.parquet_bytes(predictions))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,10 +30,9 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from . import runs
+from . import runs, storage
 from .explain import explain_inputs
 from .feature_frame import compute_features_for_users
 from .privacy import MIN_USERS, below_threshold, check_min_users, pseudonym_table, read_raw_ids, workspace_key
@@ -175,6 +174,9 @@ def parse_share(text: str | float) -> float:
 def _copy_sql(out: Path) -> str:
     name = out.name.lower()
     if name.endswith(".csv") or name.endswith(".csv.gz"):
+        if storage.active():  # a CSV cannot be encrypted and still be read as CSV
+            raise ValueError(f"--out {out}: with an encryption key, scores and audiences are written as encrypted "
+                             "Parquet only; use a .parquet file name")
         return "(FORMAT CSV, HEADER)"
     if name.endswith(".parquet") or name.endswith(".pq"):
         return "(FORMAT PARQUET)"
@@ -249,7 +251,7 @@ def score(run: str, out: str | Path | None = None, cfg: ScoreConfig | None = Non
         schema = pa.schema(fields)
         n_chunks = (n + cfg.chunk_size - 1) // cfg.chunk_size
         bar = _progress(n, progress)
-        with pq.ParquetWriter(raw, schema) as writer:
+        with storage.parquet_writer(raw, schema) as writer:
             for k in range(n_chunks):
                 users = [r[0] for r in con.execute(
                     "SELECT user_id FROM _score_users WHERE _i >= $a AND _i < $b ORDER BY _i",
@@ -271,7 +273,7 @@ def score(run: str, out: str | Path | None = None, cfg: ScoreConfig | None = Non
                    CAST(1 + floor((row_number() OVER (ORDER BY probability DESC, user_id) - 1) * 10 / {n})
                         AS INTEGER) AS decile,
                    $cutoff::TIMESTAMP AS cutoff, $model AS model, $version AS version{reason_cols}
-            FROM read_parquet('{_sql_path(raw)}')"""
+            FROM {storage.scan(con, [raw])}"""
         params = {"cutoff": cutoff, "model": name, "version": version}
         sel = f"SELECT * FROM ({ranked}) WHERE {where} ORDER BY rank"
         if raw_ids is not None:  # the key holder's raw ids, joined on their pseudonyms under this workspace's key
@@ -280,12 +282,15 @@ def score(run: str, out: str | Path | None = None, cfg: ScoreConfig | None = Non
                    f"LEFT JOIN (SELECT DISTINCT raw, pid FROM _reidentify) m ON m.pid = s.user_id "
                    f"WHERE {where} ORDER BY rank")
         tmp_out = tmpdir / ("out" + "".join(out.suffixes[-2:]))
-        con.execute(f"COPY ({sel}) TO '{_sql_path(tmp_out)}' {fmt}", params)
+        if fmt == "(FORMAT PARQUET)":
+            storage.copy_to_parquet(con, sel, tmp_out, params)
+        else:
+            con.execute(f"COPY ({sel}) TO '{_sql_path(tmp_out)}' {fmt}", params)
         rows, buyers, matched = con.execute(
             f"SELECT count(*), coalesce(sum(probability), 0), "
             f"{'count(raw_user_id)' if raw_ids is not None else 'NULL'} FROM ({sel})", params).fetchall()[0]
         buyers_all = con.execute(f"SELECT coalesce(sum(probability), 0) "
-                                 f"FROM read_parquet('{_sql_path(raw)}')").fetchall()[0][0]
+                                 f"FROM {storage.scan(con, [raw])}").fetchall()[0][0]
         result = ScoreResult(
             out=str(out), run=str(loaded.meta.get("run", run)), model=name, version=version,
             cutoff=cutoff.isoformat(), lookback=lookback_text, n_scored=n, n_rows=int(rows),

@@ -6,6 +6,7 @@ Layout of a workspace (default ``./pi-workspace``, or ``$PURCHASE_INTENT_WORKSPA
     events/part-*.parquet    canonical events, one part per ingested source file
     rejects/*.csv            rejected rows: source_file, line, reason, raw
     pseudonym.key            the pseudonymisation key (unless $PURCHASE_INTENT_PSEUDONYM_KEY is set)
+    encryption.json          only in an encrypted workspace: its key check value (see ``storage``)
     .lock                    who writes now: command, pid, start time (see ``Workspace.lock``)
     examples/                built examples and features
     runs/<name>/             one directory per trained model
@@ -33,7 +34,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import duckdb
-import pyarrow.parquet as pq
+
+from . import storage
 
 WORKSPACE_ENV = "PURCHASE_INTENT_WORKSPACE"
 DEFAULT_WORKSPACE = "pi-workspace"
@@ -370,6 +372,9 @@ class Workspace:
             with _HELD_GUARD:
                 _HELD[key] = (threading.get_ident(), command)
             try:
+                # a missing or wrong key: nothing is written; a key for a new workspace: it is marked encrypted
+                if storage.check_workspace(self.root) and not storage.is_encrypted_workspace(self.root):
+                    atomic_write_json(self.root / storage.MARKER, storage.new_marker())
                 if stale:
                     self.recover()
                 yield
@@ -432,6 +437,7 @@ class Workspace:
         NothingIngestedError
             When no events were ingested into this workspace yet.
         """
+        storage.check_workspace(self.root)
         parts = self.part_paths()
         if not parts:
             raise NothingIngestedError(
@@ -439,10 +445,9 @@ class Workspace:
             )
         con = duckdb.connect(database)
         con.execute("SET TimeZone = 'UTC'")
-        files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
         try:
-            con.execute(f"CREATE OR REPLACE VIEW events AS SELECT * FROM read_parquet([{files}], union_by_name = true)")
-        except duckdb.Error as e:
+            storage.create_view(con, "events", parts, union_by_name=True)
+        except (duckdb.Error, OSError) as e:
             con.close()
             raise DamagedWorkspaceError(self._damaged_part_message(parts, e)) from None
         return con
@@ -451,7 +456,7 @@ class Workspace:
         sources = {p: entry.get("source", "?") for entry in self.read_manifest()["files"] for p in entry["parts"]}
         for p in parts:
             try:
-                pq.read_metadata(p)
+                storage.read_metadata(p)
             except (OSError, ValueError) as err:
                 why = "it is missing" if not p.exists() else f"it is damaged ({str(err).splitlines()[0]})"
                 return (f"events part {p} cannot be read: {why}; restore it from a backup, or ingest its source "

@@ -1,0 +1,122 @@
+"""The cost of encryption at rest: `ingest` and `build` with and without an encryption key, alternating.
+
+    python benchmarks/bench_encryption.py --users 10000 --days 90 --repeat 3
+    python benchmarks/bench_encryption.py --data sim-1m.csv.gz --repeat 3   # e.g. from benchmarks/make_sim_data.py
+
+Writes the simulated shop's log (``purchase_intent.simulate``, seeded) to a CSV.gz once (or takes
+``--data``, a CSV.gz with the canonical columns), then runs
+``ingest`` + ``build`` (user task, 28d lookback, 7d horizon and step) into a fresh workspace, once
+without a key ("plain") and once with ``$PURCHASE_INTENT_ENCRYPTION_KEY`` set ("encrypted"), in the
+order plain, encrypted, encrypted, plain, ... so that a change of the machine's load hits both alike.
+Every round uses one fixed pseudonymisation key, and checks that both workspaces built the same
+features (the same table once decrypted, up to float rounding). Prints one JSON line: events,
+examples, the 1-minute load average before and after, per variant the median, min and max seconds
+of ingest and build (wall, and CPU of all threads: less sensitive to a shared machine's load), and
+per measure the ratio encrypted / plain of each round and their median (the goal: at most 1.3).
+``--stream`` measures the path of large encrypted logs (scanned through Arrow by every query).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from purchase_intent import pipeline, storage
+from purchase_intent.config import DataConfig, FeatureConfig, LabelConfig
+from purchase_intent.privacy import KEY_ENV
+from purchase_intent.simulate import SimConfig, write_events
+from purchase_intent.workspace import Workspace
+
+KEY = "benchmark key: not a secret, 0123456789abcdef"
+KEYS = ("ingest_s", "build_s", "ingest_cpu_s", "build_cpu_s")  # wall and CPU (all threads of this process)
+
+
+def one(data: Path, root: Path, encrypted: bool) -> dict:
+    if encrypted:
+        os.environ[storage.ENCRYPTION_KEY_ENV] = KEY
+    else:
+        os.environ.pop(storage.ENCRYPTION_KEY_ENV, None)
+    try:
+        ws = Workspace(root)
+        t0, c0 = time.perf_counter(), time.process_time()
+        pipeline.ingest(data, DataConfig(format="csv"), ws, progress=False)
+        t1, c1 = time.perf_counter(), time.process_time()
+        built = pipeline.build(LabelConfig(lookback="28d", horizon="7d", step="7d"), FeatureConfig(), ws, quiet=True)
+        t2, c2 = time.perf_counter(), time.process_time()
+        parts = list((root / "events").glob("part-*.parquet"))
+        assert all(storage.is_encrypted_file(p) == encrypted for p in parts)
+        features = storage.read_frame(root / "examples" / "features.parquet")
+        return {"ingest_s": t1 - t0, "build_s": t2 - t1, "ingest_cpu_s": c1 - c0, "build_cpu_s": c2 - c1,
+                "examples": len(built.examples), "features": features}
+    finally:
+        os.environ.pop(storage.ENCRYPTION_KEY_ENV, None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", help="a CSV(.gz) of canonical events instead of the simulated shop")
+    ap.add_argument("--users", type=int, default=10000)
+    ap.add_argument("--days", type=int, default=90)
+    ap.add_argument("--repeat", type=int, default=3, help="rounds; each runs both variants")
+    ap.add_argument("--stream", action="store_true",
+                    help="scan encrypted events through the decrypting dataset at every query, as for logs over "
+                         "storage.MATERIALIZE_BYTES (default: decrypted once per connection into a temp table)")
+    ap.add_argument("--tmp", default=None, help="scratch folder (default: a fresh one under $TMPDIR)")
+    args = ap.parse_args()
+    if args.stream:
+        storage.MATERIALIZE_BYTES = 0
+    os.environ.setdefault(KEY_ENV, "0" * 64)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-enc-", dir=args.tmp))
+    try:
+        if args.data:
+            data = Path(args.data)
+            with (gzip.open(data, "rt") if data.name.endswith(".gz") else open(data)) as f:
+                n_events = sum(1 for _ in f) - 1  # the header
+        else:
+            data = tmp / "events.csv.gz"
+            n_events = write_events(SimConfig(n_users=args.users, days=args.days, seed=0), data)
+        load_before = os.getloadavg()[0]
+        times: dict[str, dict[str, list[float]]] = {v: {k: [] for k in KEYS} for v in ("plain", "encrypted")}
+        examples = None
+        for r in range(args.repeat):
+            order = ("plain", "encrypted") if r % 2 == 0 else ("encrypted", "plain")
+            feats = {}
+            for variant in order:
+                root = tmp / f"ws-{r}-{variant}"
+                res = one(data, root, variant == "encrypted")
+                for k in KEYS:
+                    times[variant][k].append(res[k])
+                examples, feats[variant] = res["examples"], res["features"]
+                shutil.rmtree(root)
+                print(f"round {r} {variant}: ingest {res['ingest_s']:.2f}s ({res['ingest_cpu_s']:.2f} CPU s), "
+                      f"build {res['build_s']:.2f}s ({res['build_cpu_s']:.2f} CPU s), "
+                      f"load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+            # the same features (up to the order of float sums, which DuckDB's threads vary run to run)
+            pd.testing.assert_frame_equal(feats["plain"], feats["encrypted"], check_exact=False, rtol=1e-9)
+        source = {"data": str(args.data)} if args.data else {"users": args.users, "days": args.days}
+        source["encrypted_events"] = "streamed" if args.stream else "decrypted once per connection"
+        out = {"events": n_events, "examples": examples, **source,
+               "repeat": args.repeat, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
+        for variant, ts in times.items():
+            out[variant] = {k: {"median": round(statistics.median(v), 3), "min": round(min(v), 3),
+                                "max": round(max(v), 3)} for k, v in ts.items()}
+        for k in KEYS:  # the median of the rounds' own ratios: each round ran both variants back to back
+            ratios = [e / p for e, p in zip(times["encrypted"][k], times["plain"][k])]
+            out[f"ratio_{k[:-2]}"] = round(statistics.median(ratios), 3)
+            out[f"ratios_{k[:-2]}"] = [round(x, 3) for x in ratios]
+        print(json.dumps(out))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
