@@ -155,14 +155,14 @@ def _event_changes(ws: Workspace, pids: list[str], con) -> list[_Change]:
     return out
 
 
-def _csv_rows(path: Path) -> list[list[str]]:
+def csv_rows(path: Path) -> list[list[str]]:
     data = storage.read_bytes(path)  # sealed in an encrypted workspace
     if path.name.endswith(".gz"):
         data = gzip.decompress(data)
     return list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
 
 
-def _csv_bytes(rows: list[list[str]], gz: bool) -> bytes:
+def csv_bytes(rows: list[list[str]], gz: bool) -> bytes:
     buf = io.StringIO()
     csv.writer(buf).writerows(rows)
     data = buf.getvalue().encode("utf-8")
@@ -188,7 +188,7 @@ def _raw_id_owner(text: str, raw_ids: dict[str, str]) -> Optional[str]:
 def _reject_changes(ws: Workspace, pids: list[str], raw_ids: dict[str, str]) -> list[_Change]:
     out = []
     for path in sorted(ws.rejects_dir.glob("*.csv")) if ws.rejects_dir.is_dir() else []:
-        rows = _csv_rows(path)
+        rows = csv_rows(path)
         counts: dict[str, int] = defaultdict(int)
         kept = rows[:1]
         for row in rows[1:]:
@@ -201,7 +201,7 @@ def _reject_changes(ws: Workspace, pids: list[str], raw_ids: dict[str, str]) -> 
                 counts[hit] += 1
         if counts:
             out.append(_Change(str(path.relative_to(ws.root)), "rejects", dict(counts),
-                               _write_bytes(_csv_bytes(kept, gz=False))))
+                               _write_bytes(csv_bytes(kept, gz=False))))
     return out
 
 
@@ -304,7 +304,7 @@ def _score_changes(ws: Workspace, pids: list[str], skip: set[Path]) -> list[_Cha
             table = storage.read_table(path)
             cols = {c: table.column(c).to_pylist() for c in ("user_id", "probability") if c in table.column_names}
         else:
-            rows = _csv_rows(path)
+            rows = csv_rows(path)
             if not rows or "user_id" not in rows[0]:
                 continue
             cols = {c: [r[rows[0].index(c)] for r in rows[1:]] for c in ("user_id", "probability") if c in rows[0]}
@@ -314,7 +314,7 @@ def _score_changes(ws: Workspace, pids: list[str], skip: set[Path]) -> list[_Cha
         if path.suffix == ".parquet":
             write = _filtered_table(table, keep)
         else:
-            write = _write_bytes(_csv_bytes(rows[:1] + [r for r, k in zip(rows[1:], keep) if k],
+            write = _write_bytes(csv_bytes(rows[:1] + [r for r, k in zip(rows[1:], keep) if k],
                                             gz=path.name.endswith(".gz")))
         out.append(_Change(str(rel), "scores", counts, write))
         prob = np.asarray(cols.get("probability", np.zeros(len(keep))), dtype=np.float64)

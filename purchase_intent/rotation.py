@@ -37,9 +37,7 @@ after it the new one, and the next command removes the other tree.
 """
 from __future__ import annotations
 
-import csv
 import gzip
-import io
 import json
 import os
 import re
@@ -52,10 +50,9 @@ from typing import Callable, Optional
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from . import runs
-from .erasure import ERASURE_LOG, link_tree, run_dirs
+from . import runs, storage
+from .erasure import ERASURE_LOG, csv_bytes, csv_rows, link_tree, run_dirs
 from .privacy import (
     KEY_ENV,
     PSEUDONYM_HEX,
@@ -162,23 +159,6 @@ def _rekey_text(text: str, key: bytes, seen: set) -> str:
     return _TOKEN_TEXT.sub(sub, text)
 
 
-def _sql_str(p: Path) -> str:
-    return "'" + str(p).replace("'", "''") + "'"
-
-
-def _csv_rows(path: Path) -> list[list[str]]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", newline="") as f:
-        return list(csv.reader(f))
-
-
-def _csv_bytes(rows: list[list[str]], gz: bool) -> bytes:
-    buf = io.StringIO()
-    csv.writer(buf).writerows(rows)
-    data = buf.getvalue().encode("utf-8")
-    return gzip.compress(data, mtime=0) if gz else data
-
-
 # ---------------------------------------------------------------------------------------------
 # the plan: relative path -> a writer of the new content (None: the file is removed)
 Writer = Optional[Callable[[Path], None]]
@@ -189,7 +169,7 @@ def _event_writers(ws: Workspace, key: bytes, seen: set, con) -> dict[str, Write
     distinct pseudonyms are mapped once (``pseudonym_table``, as ingest does) and joined in DuckDB."""
     out: dict[str, Writer] = {}
     for n, part in enumerate(ws.part_paths()):
-        src = f"read_parquet({_sql_str(part)})"
+        src = storage.scan(con, [part])
         cols = [d[0] for d in con.execute(f"SELECT * FROM {src} LIMIT 0").description]
         ids = [c for c in ID_COLUMNS if c in cols]
         if not ids:
@@ -203,9 +183,9 @@ def _event_writers(ws: Workspace, key: bytes, seen: set, con) -> dict[str, Write
         replace = ", ".join(f"coalesce(m_{c}.pid, e.{c}) AS {c}" for c in ids)
 
         def write(dest: Path, src=src, joins=joins, replace=replace) -> None:  # rows in their order
-            con.execute(f"COPY (SELECT e.* EXCLUDE (_row) REPLACE ({replace}) FROM "
-                        f"(SELECT *, row_number() OVER () AS _row FROM {src}) e {joins} ORDER BY e._row) "
-                        f"TO {_sql_str(dest)} (FORMAT parquet)")
+            storage.copy_to_parquet(con, f"SELECT e.* EXCLUDE (_row) REPLACE ({replace}) FROM "
+                                    f"(SELECT *, row_number() OVER () AS _row FROM {src}) e {joins} ORDER BY e._row",
+                                    dest)
         out[str(part.relative_to(ws.root))] = write
     return out
 
@@ -213,13 +193,13 @@ def _event_writers(ws: Workspace, key: bytes, seen: set, con) -> dict[str, Write
 def _reject_writers(ws: Workspace, key: bytes, seen: set) -> dict[str, Writer]:
     out: dict[str, Writer] = {}
     for path in sorted(ws.rejects_dir.glob("*.csv")) if ws.rejects_dir.is_dir() else []:
-        rows = _csv_rows(path)
+        rows = csv_rows(path)
         if not rows:
             continue
         cols = [i for i, h in enumerate(rows[0]) if h in ("raw", "reason")]
         new = rows[:1] + [[_rekey_text(v, key, seen) if i in cols else v for i, v in enumerate(r)] for r in rows[1:]]
         if new != rows:
-            data = _csv_bytes(new, gz=False)
+            data = csv_bytes(new, gz=False)
             out[str(path.relative_to(ws.root))] = lambda dest, data=data: dest.write_bytes(data)
     return out
 
@@ -246,14 +226,14 @@ def _table_writers(ws: Workspace, key: bytes, seen: set, done: set[str]) -> tupl
         if rel in done or _skipped(ws, path, sources) or path.parent == ws.rejects_dir:
             continue
         if path.suffix == ".parquet":
-            if not set(ID_COLUMNS) & set(pq.read_schema(path).names):
+            if not set(ID_COLUMNS) & set(storage.read_schema(path).names):
                 continue
-            table = _rekey_table(pq.read_table(path), key, seen)
+            table = _rekey_table(storage.read_table(path), key, seen)
             if table is None:
                 continue
-            out[rel] = lambda dest, table=table: pq.write_table(table, dest)
+            out[rel] = lambda dest, table=table: storage.write_parquet(table, dest)
         else:
-            rows = _csv_rows(path)
+            rows = csv_rows(path)
             if not rows or not set(ID_COLUMNS) & set(rows[0]):
                 continue
             idx = [rows[0].index(c) for c in ID_COLUMNS if c in rows[0]]
@@ -265,7 +245,7 @@ def _table_writers(ws: Workspace, key: bytes, seen: set, done: set[str]) -> tupl
                     return pseudonymise([v], key)[0]
                 return v
             new = rows[:1] + [[cell(i, v) for i, v in enumerate(r)] for r in rows[1:]]
-            data = _csv_bytes(new, gz=path.name.endswith(".gz"))
+            data = csv_bytes(new, gz=path.name.endswith(".gz"))
             out[rel] = lambda dest, data=data: dest.write_bytes(data)
         parts = Path(rel).parts
         if parts[0] == "runs" and len(parts) > 2:
@@ -278,7 +258,7 @@ def _log_writer(ws: Workspace, key: bytes, seen: set) -> dict[str, Writer]:
     if not log.exists():
         return {}
     lines = []
-    for line in log.read_text().splitlines():
+    for line in storage.read_text(log).splitlines():
         if not line.strip():
             continue
         rec = json.loads(line)
@@ -286,7 +266,7 @@ def _log_writer(ws: Workspace, key: bytes, seen: set) -> dict[str, Writer]:
             seen.add(rec["pseudonym"])
             rec["pseudonym"] = pseudonymise([rec["pseudonym"]], key)[0]
         lines.append(json.dumps(rec) + "\n")
-    data = "".join(lines).encode()
+    data = storage.seal("".join(lines).encode())
     return {ERASURE_LOG: lambda dest: dest.write_bytes(data)}
 
 
@@ -303,16 +283,16 @@ def _leftovers(ws: Workspace, seen: set, planned: set[str]) -> dict[str, Writer]
         if rel in planned or _skipped(ws, path, sources) or path.name == ".lock":
             continue
         if path.suffix == ".parquet":  # other string columns (the id columns were rewritten above)
-            schema = pq.read_schema(path)
+            schema = storage.read_schema(path)
             text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-            table = pq.read_table(path, columns=text) if text and len(known) else None
+            table = storage.read_table(path, columns=text) if text and len(known) else None
             if table is not None and any(pc.any(pc.is_in(table.column(c).cast(pa.string()), value_set=known)).as_py()
                                          for c in text):
                 raise KeyRotationError(f"{path} holds a pseudonym in a column rotate-key does not rewrite (only "
                                        f"{' and '.join(ID_COLUMNS)}); remove the file, then rotate again. Nothing was "
                                        "changed")
             continue
-        data = path.read_bytes()
+        data = storage.unseal(path.read_bytes(), path)
         if path.suffix == ".gz":
             try:
                 data = gzip.decompress(data)
@@ -385,7 +365,7 @@ def rotate_key(workspace: Workspace | str | Path | None = None, new_key: Optiona
         writers[str(ws.manifest_path.relative_to(ws.root))] = lambda dest: dest.write_bytes(manifest_bytes)
         key_file = None if from_env else ws.key_path
         if key_file is not None:
-            text = chain_text(chain).encode()
+            text = storage.seal(chain_text(chain).encode())  # sealed in an encrypted workspace, as ingest writes it
             writers[str(key_file.relative_to(ws.root))] = lambda dest: dest.write_bytes(text)
         root = ws.root.resolve()
         with atomic_dir(root) as new:

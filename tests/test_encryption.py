@@ -228,3 +228,28 @@ def test_large_encrypted_events_are_scanned_not_loaded(workspaces, monkeypatch):
     assert con.execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'events'"
                        ).fetchall() == [("VIEW",)]
     assert con.execute(q).fetchall() == loaded
+
+
+def test_rotate_key_keeps_an_encrypted_workspace_encrypted(workspaces, monkeypatch, tmp_path, capsys):
+    import shutil
+
+    ws = tmp_path / "rotated"
+    shutil.copytree(workspaces["enc"], ws)
+    monkeypatch.setenv(storage.ENCRYPTION_KEY_ENV, KEY)
+    monkeypatch.delenv("PURCHASE_INTENT_PSEUDONYM_KEY", raising=False)
+    old = workspaces["pseudonyms"]
+    assert _cli("--workspace", str(ws), "rotate-key", "--generate") == 0
+    new_scores = _scores(ws)
+    new = new_scores.column("user_id").to_pylist()
+    assert new and not set(new) & set(old)  # every pseudonym rekeyed
+    needles = old + new + workspaces["ids"]["items"] + workspaces["ids"]["categories"]
+    leaks = []
+    for p in (p for p in ws.rglob("*") if p.is_file()):
+        data = p.read_bytes()
+        leaks += [f"{p.relative_to(ws)}: {n}" for n in needles if n.encode() in data]
+        if p.suffix == ".parquet":
+            assert data[:4] == data[-4:] == b"PARE", p
+    assert not leaks, leaks[:10]
+    assert len(storage.read_text(ws / "pseudonym.key").split()) == 2  # the key chain, sealed
+    capsys.readouterr()
+    assert _cli("--workspace", str(ws), "score", "--run", "logreg", "--quiet") == 0  # still scores
