@@ -15,6 +15,7 @@ extraction users/s, on CPU.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -82,9 +83,13 @@ def main():
     ap.add_argument("--objectives", default="masked,contrastive,next")
     ap.add_argument("--label-fraction", type=float, default=0.0)
     ap.add_argument("--n-boot", type=int, default=500)
+    ap.add_argument("--pt-param", action="append", default=[], metavar="KEY=VALUE",
+                    help="a parameter of transformer_pt (e.g. freeze_encoder=true, lr=3e-4); repeatable")
     ap.add_argument("--workdir", default="/tmp/bench_pretrain")
     ap.add_argument("--out", default="benchmarks/results/pretrain.md")
     args = ap.parse_args()
+    pt_params = {k: json.loads(v) if v[:1].isdigit() or v in ("true", "false") else v
+                 for k, v in (p.split("=", 1) for p in args.pt_param)}
     load0 = open("/proc/loadavg").read().split()[:3]
     t_start = time.perf_counter()
     work = Path(args.workdir)
@@ -129,7 +134,8 @@ def main():
         for tag, rows in subsets:
             for name in ("transformer_pt", "lightgbm_emb"):
                 key = (tag, f"{name}[{obj}]")
-                preds[key], secs[key] = fit_and_score(name, {"encoder": str(keep)}, built, rows, va, te, ws)
+                params = {"encoder": str(keep), **(pt_params if name == "transformer_pt" else {})}
+                preds[key], secs[key] = fit_and_score(name, params, built, rows, va, te, ws)
                 log(f"{tag} {key[1]}: {roc_auc_score(yt, preds[key]):.4f} ({secs[key]:.0f}s)")
     sp = speed(ws)
     load1 = open("/proc/loadavg").read().split()[:3]
@@ -139,7 +145,7 @@ def main():
               f"Command: `.venv/bin/python benchmarks/bench_pretrain.py --users {args.users} --days {args.days} "
               f"--epochs {args.epochs} --objectives {args.objectives}"
               + (f" --label-fraction {args.label_fraction}" if args.label_fraction else "")
-              + f" --n-boot {args.n_boot}`",
+              + f" --n-boot {args.n_boot}" + "".join(f" --pt-param {p}" for p in args.pt_param) + "`",
               "",
               f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared VM), "
               f"load average at start {' '.join(load0)}, at end {' '.join(load1)}; total "
