@@ -15,8 +15,14 @@ work on them unchanged), and ranking the scores (DuckDB, out of core).
 """
 from __future__ import annotations
 
+import csv
 import json
-from datetime import datetime
+import os
+import shutil
+import tempfile
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Optional
 from zoneinfo import ZoneInfo
 
@@ -26,12 +32,17 @@ import pandas as pd
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 
-from . import labels
-from .config import FeatureConfig, LabelConfig
+from . import labels, runs
+from .config import DataConfig, FeatureConfig, LabelConfig
 from .engine import EngineConfig, EngineError
+from .event_sources import PRESETS, Source, sql_ident
+from .events import REASONS, FileReport, resolve_columns, stage_sql
 from .features import features_sql
+from .models import load_model
+from .privacy import pseudonym_params, pseudonym_sql
 from .spark_sql import PARAMS, SESSION_CONF, to_spark
-from .times import duration_us
+from .times import duration_us, parse_time
+from .vocabulary import RAW_EVENT
 from .workspace import NothingIngestedError, Workspace
 
 CANONICAL = ("user_id", "ts", "event", "item_id", "category", "price", "session_id")
@@ -186,3 +197,148 @@ class SparkBuild:
         df = to_arrow(sql(spark, features_sql(cfg, "examples", "events", session=session,
                                               session_ids=bool(ids)))).to_pandas()
         return df.set_index("example_id").astype("float64")
+
+
+# ---------------------------------------------------------------------------------------------
+# ingest
+
+
+class SparkIngest:
+    """``events.ingest``'s per-file step on Spark, for Parquet sources: the same mapping and validation
+    (``events.stage_sql``) and the same pseudonyms (``privacy.pseudonym_sql``), computed on the executors.
+
+    The key's HMAC blocks reach the executors as the one-row relation ``_pi_params``; they are never part
+    of a query's text or of a log line. The accepted rows are written as one Parquet part in the stage
+    folder (``ts`` as a time without zone, as DuckDB writes it); rejected rows go to the same rejects CSV.
+    """
+
+    def __init__(self, cfg: EngineConfig):
+        self.spark = spark_session(cfg)
+
+    def __call__(self, path: Path, sha: str, cfg: DataConfig, key: bytes, stage: Path, now: datetime,
+                 known: frozenset[str] = frozenset()) -> FileReport:
+        t0 = time.perf_counter()
+        preset = PRESETS[cfg.format]
+        if preset["kind"] != "parquet":
+            raise ValueError(f"--engine spark ingests Parquet (--format parquet); {path} is --format {cfg.format}: "
+                             "ingest it with --engine duckdb")
+        spark = self.spark
+        report = FileReport(source=str(path), sha256=sha)
+        raw = spark.read.parquet(str(path))
+        columns = list(raw.columns)
+        raw.selectExpr("*", "_metadata.row_index AS `_pi_row`").createOrReplaceTempView("_pi_raw")
+        text = ", ".join(f"CAST(`{c}` AS STRING) AS `{c}`" for c in columns)
+        spark.sql(f"SELECT `_pi_row` + 1 AS _pos, false AS _bad, CAST(NULL AS STRING) AS _raw_text, {text} "
+                  "FROM _pi_raw").createOrReplaceTempView("_pi_src")
+        src = Source('SELECT * FROM "_pi_src"', columns, pos_is_line=True)
+        mapping, events, extras = resolve_columns(cfg, preset, columns)
+        since, until = (parse_time(t) if t else None for t in (cfg.since, cfg.until))
+        staged = sql(spark, stage_sql(src, mapping, events, extras, cfg.ts_unit or preset.get("ts_unit"), since, until,
+                                      now, cfg.strict_events)).cache()
+        try:
+            staged.createOrReplaceTempView("staged")
+            counts = {r[0] or "": r[1]
+                      for r in spark.sql("SELECT reason, count(*) FROM staged GROUP BY reason").collect()}
+            report.accepted = counts.pop("", 0)
+            report.filtered = counts.pop("filtered", 0)
+            report.rejected = {r: counts[r] for r in REASONS if counts.get(r)}
+            report.rows_read = report.accepted + report.filtered + sum(report.rejected.values())
+            report.unmapped = {r[0]: r[1] for r in spark.sql(
+                f"SELECT {RAW_EVENT}, count(*) AS n FROM staged WHERE reason IS NULL AND _unmapped "
+                f"GROUP BY {RAW_EVENT} ORDER BY n DESC, {RAW_EVENT}").collect()}
+            if cfg.strict and report.rejected:
+                return report
+            register_params(spark, pseudonym_params(key))
+            extra_sel = "".join(f", s.{sql_ident(n)}" for n in extras.values())
+            ids = (f"{pseudonym_sql('s.user_raw')} AS user_id, s.ts, s.event, s.item_id, "
+                   f"s.category, s.price, {pseudonym_sql('s.session_raw')} AS session_id")
+            if report.accepted:
+                report.part = f"part-{sha[:16]}.parquet"
+                out = sql(spark, f"SELECT {ids}, s.{RAW_EVENT}{extra_sel} FROM staged s WHERE s.reason IS NULL")
+                out = out.withColumn("ts", out["ts"].cast("timestamp_ntz"))
+                folder = stage / f"spark-{sha[:16]}"
+                out.repartition(1).write.parquet(str(folder))
+                (part,) = sorted(folder.glob("part-*.parquet"))
+                os.replace(part, stage / report.part)
+                shutil.rmtree(folder)
+            if report.rejected:
+                report.rejects_path = stage / f"{sha[:16]}.csv"
+                self._write_rejects(report.rejects_path, str(path), columns, mapping)
+        finally:
+            staged.unpersist()
+            self.spark.catalog.dropTempView(PARAMS)
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def _write_rejects(self, out: Path, source: str, columns: list[str], mapping: dict[str, str]) -> None:
+        """The rejects CSV of the DuckDB path for a Parquet source: each rejected row's fields as JSON, its
+        user and session ids replaced by their pseudonyms."""
+        ids = {mapping[c]: c for c in ("user_id", "session_id") if c in mapping}
+        pids = {"user_id": pseudonym_sql("s.user_raw"), "session_id": pseudonym_sql("s.session_raw")}
+        sel = ", ".join(f"{pids[ids[c]] if c in ids else sql_ident(c)} AS {sql_ident(c)}" for c in columns)
+        rows = sql(self.spark, f"SELECT s._pos, s.reason, {sel} FROM staged s "
+                               "WHERE s.reason IS NOT NULL AND s.reason <> 'filtered' ORDER BY s._pos").collect()
+        with open(out, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["source_file", "line", "reason", "raw"])
+            for r in rows:
+                w.writerow([source, r[0], r[1], json.dumps(dict(zip(columns, r[2:])), separators=(",", ":"))])
+
+
+# ---------------------------------------------------------------------------------------------
+# batch scoring
+
+
+def _model_files(run: runs.Run) -> dict[str, bytes]:
+    """The run's model folder as ``{relative path: bytes}``: what the executors rebuild the model from
+    (LightGBM's text model, logistic regression's JSON; ``models.load_model`` never unpickles)."""
+    d = run.dir / runs.MODEL_DIR
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def score_users(ws: Workspace, run: runs.Run, cutoff: datetime, lookback: timedelta, out_dir: Path,
+                cfg: EngineConfig) -> int:
+    """Probabilities of every user active in ``[cutoff - lookback, cutoff)`` written as Parquet files
+    ``(user_id, probability)`` into ``out_dir`` by Spark; returns the number of users.
+
+    Features come from ``features.features_sql`` at the one cutoff; the model runs on the executors with
+    ``mapInPandas``, rebuilt there from the run's model files (no pickle from the run folder).
+    """
+    if run.members or runs.is_sequence_model(run.model_name):
+        raise ValueError(f"--engine spark scores tabular runs (lightgbm, logreg); run {run.name!r} is a "
+                         f"{run.model_name} run: score it with --engine duckdb")
+    spark = spark_session(cfg)
+    register_events(spark, ws)
+    lo = cutoff - lookback
+    ex = spark.sql(f"""
+        SELECT CAST(monotonically_increasing_id() AS BIGINT) AS example_id, user_id,
+               TIMESTAMP '{cutoff.isoformat(sep=' ')}' AS cutoff, CAST(NULL AS TIMESTAMP) AS session_start
+        FROM (SELECT DISTINCT user_id FROM events WHERE ts >= TIMESTAMP '{lo.isoformat(sep=' ')}'
+              AND ts < TIMESTAMP '{cutoff.isoformat(sep=' ')}' AND user_id IS NOT NULL)""").cache()
+    try:
+        ex.createOrReplaceTempView("examples")
+        n = ex.count()
+        if n == 0:
+            return 0
+        ids = spark.sql("SELECT count(session_id) > 0 FROM events").collect()[0][0]
+        names = list(run.meta["feature_names"])
+        feats = sql(spark, features_sql(run.feature_cfg, "examples", "events", session=False, session_ids=bool(ids)))
+        X = ex.select("example_id", "user_id").join(feats, "example_id").select("user_id", *[f"`{c}`" for c in names])
+        files = spark.sparkContext.broadcast(_model_files(run))
+        model_name = run.model_name
+
+        def predict(batches):
+            with tempfile.TemporaryDirectory(prefix="purchase-intent-model-") as d:
+                for rel, data in files.value.items():
+                    (Path(d) / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (Path(d) / rel).write_bytes(data)
+                model = load_model(model_name, d)
+            for pdf in batches:
+                p = model.predict_proba(pdf[names].astype("float64"))[:, 1]
+                yield pd.DataFrame({"user_id": pdf["user_id"], "probability": np.asarray(p, dtype=np.float64)})
+
+        X.mapInPandas(predict, "user_id string, probability double").write.parquet(str(out_dir))
+        files.unpersist()
+        return int(n)
+    finally:
+        ex.unpersist()

@@ -14,6 +14,7 @@ rule on the syntax tree, so a new feature written in the same constructs runs on
   ``length(list)`` -> ``size(list)``; ``strftime`` with a literal ``T`` quoted for Java's pattern;
 * ``SELECT * EXCLUDE (...)``: only used on ``USING`` joins (whose key columns Spark already keeps once)
   and on helper columns nothing downstream reads, so it becomes ``*``;
+* ``isfinite(x)`` -> ``NOT isnan(x) AND abs(x) < Infinity``; ``TRY(x)`` -> ``x`` (ANSI mode is off: NULL on error);
 * ``$name`` parameters become columns of a one-row relation ``_pi_params`` cross-joined into the query:
   the pseudonymisation key blocks travel to the executors as data, never in the SQL text (which Spark
   logs and shows in its UI).
@@ -77,8 +78,13 @@ def _rewrite(node: exp.Expression) -> exp.Expression:
         args = node.expressions
         if name == "epoch_us":
             return exp.Anonymous(this="unix_micros", expressions=args)
+        if name == "isfinite":
+            return sqlglot.parse_one(f"(NOT isnan({args[0].sql('spark')}) AND abs({args[0].sql('spark')}) "
+                                     "< CAST('Infinity' AS DOUBLE))", read="spark")
         if name == "timezone" and len(args) == 2 and isinstance(args[1], exp.AtTimeZone):
             return exp.Anonymous(this="from_utc_timestamp", expressions=[args[1].this, args[0]])
+    if isinstance(node, exp.Try):  # DuckDB's TRY(expr): NULL on error, as Spark without ANSI mode
+        return node.this
     if isinstance(node, exp.DayOfWeekIso):
         return exp.Extract(this=exp.var("DAYOFWEEK_ISO"), expression=node.this)
     if isinstance(node, exp.Length) and isinstance(node.this, (exp.ArrayDistinct, exp.Flatten, exp.ArrayConcat,
