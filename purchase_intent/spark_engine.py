@@ -16,6 +16,7 @@ work on them unchanged), and ranking the scores (DuckDB, out of core).
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import shutil
@@ -30,6 +31,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from py4j.protocol import Py4JError
+from pyspark.errors import PySparkException
 from pyspark.sql import DataFrame, SparkSession
 
 from . import labels, runs
@@ -48,10 +51,28 @@ from .workspace import NothingIngestedError, Workspace
 CANONICAL = ("user_id", "ts", "event", "item_id", "category", "price", "session_id")
 
 
+class SparkJobError(RuntimeError):
+    """A Spark job failed (an unreadable path, an executor lost, out of memory): its first line."""
+
+
+def _one_line(fn):
+    """Spark's errors (Java stack traces included) as one SparkJobError line, which ``cli.main`` prints."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (PySparkException, Py4JError) as e:
+            text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SparkJobError(f"Spark: {text}") from None
+    return wrapper
+
+
 def spark_session(cfg: EngineConfig) -> SparkSession:
     """The Spark session: the running one (e.g. a test's ``local[2]``) or a new one from the user's Spark
     configuration plus ``cfg.spark_conf``; our SQL settings (``spark_sql.SESSION_CONF``) on top."""
     builder = SparkSession.builder.appName("purchase-intent")
+    # quiet by default: no progress bars or log lines in the command's output (--spark-conf overrides)
+    builder = builder.config("spark.ui.showConsoleProgress", "false").config("spark.log.level", "ERROR")
     for k, v in cfg.spark_conf.items():
         builder = builder.config(k, v)
     try:
@@ -129,6 +150,7 @@ class SparkBuild:
         self.lo, self.hi = lo, hi
 
     @classmethod
+    @_one_line
     def for_workspace(cls, ws: Workspace, cfg: EngineConfig) -> "SparkBuild":
         spark = spark_session(cfg)
         return cls(spark, register_events(spark, ws))
@@ -136,6 +158,7 @@ class SparkBuild:
     def suggest_step(self, cfg: LabelConfig) -> Optional[str]:
         return labels.suggest_step(_range_con(self.lo, self.hi), cfg)
 
+    @_one_line
     def build_examples(self, cfg: LabelConfig) -> pa.Table:
         """As ``labels.build_examples`` (same columns, order and counts metadata)."""
         if cfg.task == "user":
@@ -181,6 +204,7 @@ class SparkBuild:
                               "may continue after the end of the data": n_open}}
         return table, counts
 
+    @_one_line
     def compute_features(self, examples: pd.DataFrame, cfg: FeatureConfig) -> pd.DataFrame:
         """As ``features.compute_features`` over ``examples`` (example_id, user_id, cutoff[, session_start])."""
         spark = self.spark
@@ -215,6 +239,7 @@ class SparkIngest:
     def __init__(self, cfg: EngineConfig):
         self.spark = spark_session(cfg)
 
+    @_one_line
     def __call__(self, path: Path, sha: str, cfg: DataConfig, key: bytes, stage: Path, now: datetime,
                  known: frozenset[str] = frozenset()) -> FileReport:
         t0 = time.perf_counter()
@@ -296,6 +321,7 @@ def _model_files(run: runs.Run) -> dict[str, bytes]:
     return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
+@_one_line
 def score_users(ws: Workspace, run: runs.Run, cutoff: datetime, lookback: timedelta, out_dir: Path,
                 cfg: EngineConfig) -> int:
     """Probabilities of every user active in ``[cutoff - lookback, cutoff)`` written as Parquet files
