@@ -43,12 +43,21 @@ from .events import REASONS, FileReport, resolve_columns, stage_sql
 from .features import features_sql
 from .models import load_model
 from .privacy import pseudonym_params, pseudonym_sql
-from .spark_sql import PARAMS, SESSION_CONF, to_spark
+from .spark_sql import PARAMS, SESSION_CONF, split_ctes
 from .times import duration_us, parse_time
 from .vocabulary import RAW_EVENT
 from .workspace import NothingIngestedError, Workspace
 
 CANONICAL = ("user_id", "ts", "event", "item_id", "category", "price", "session_id")
+
+
+class _Uncached:
+    def unpersist(self) -> None:
+        pass
+
+
+_NONE = _Uncached()
+_CACHED: dict[str, DataFrame] = {}  # the cached CTE views of the last queries (see ``sql``)
 
 
 class SparkJobError(RuntimeError):
@@ -86,8 +95,22 @@ def spark_session(cfg: EngineConfig) -> SparkSession:
 
 
 def sql(spark: SparkSession, duckdb_sql: str) -> DataFrame:
-    """Run one DuckDB definition on Spark (transpiled by ``spark_sql.to_spark``)."""
-    return spark.sql(to_spark(duckdb_sql))
+    """Run one DuckDB definition on Spark (transpiled by ``spark_sql.to_spark``).
+
+    Its top-level CTEs become temporary views, cached when read more than once (Spark would recompute
+    them at every reference); they stay cached for the session's life of the view, i.e. until the next
+    query that defines the same names.
+    """
+    ctes, final = split_ctes(duckdb_sql)
+    for name, text, uses in ctes:
+        df = spark.sql(text)
+        if uses > 1:
+            df = df.cache()
+        _CACHED.pop(name, _NONE).unpersist()
+        if uses > 1:
+            _CACHED[name] = df
+        df.createOrReplaceTempView(name)
+    return spark.sql(final)
 
 
 def to_arrow(df: DataFrame) -> pa.Table:

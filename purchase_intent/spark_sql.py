@@ -97,6 +97,27 @@ def _rewrite(node: exp.Expression) -> exp.Expression:
     return node
 
 
+def split_ctes(sql: str) -> tuple[list[tuple[str, str, int]], str]:
+    """A query's top-level CTEs, each as ``(name, Spark SQL, times referenced)``, and the final SELECT.
+
+    Spark inlines a CTE at every reference, so the per-event window of the feature SQL would be computed
+    once per use; the caller registers each CTE as a view instead, cached when it is read more than once.
+    """
+    tree = sqlglot.parse_one(sql, read="duckdb")
+    with_ = tree.args.get("with_") or tree.args.get("with")
+    if with_ is None:
+        return [], to_spark(sql)
+    ctes = list(with_.expressions)
+    tree.set("with_" if "with_" in tree.args else "with", None)
+    rest = [c.this for c in ctes] + [tree]
+    out = []
+    for i, cte in enumerate(ctes):
+        name = cte.alias
+        uses = sum(1 for node in rest[i + 1:] for t in node.find_all(exp.Table) if t.name == name and not t.db)
+        out.append((name, to_spark(cte.this.sql("duckdb")), uses))
+    return out, to_spark(tree.sql("duckdb"))
+
+
 def to_spark(sql: str, pretty: bool = False) -> str:
     """A DuckDB query written in Spark SQL (SQLGlot plus the rewrites of the module doc).
 
