@@ -20,7 +20,7 @@ from test_leakage import FEATURE_CFGS, TASKS, _worlds, perturb_after
 
 from purchase_intent import pipeline
 from purchase_intent.cli import main
-from purchase_intent.config import DataConfig, LabelConfig
+from purchase_intent.config import DataConfig, LabelConfig, TrainConfig
 from purchase_intent.engine import EngineConfig, EngineError, check_engine, parse_spark_conf
 from purchase_intent.features import compute_features
 from purchase_intent.labels import build_examples
@@ -211,7 +211,7 @@ def test_simulator_ingest_build_and_score_equal_duckdb(spark, tmp_path, monkeypa
         pipeline.build(lcfg, workspace=ws, quiet=True, engine=SPARK)
         _same_workspace_files(wd, ws)
     # the Spark workspace trains as any other; its run scores the same on both engines
-    pipeline.train("lightgbm", workspace=ws, quiet=True)
+    pipeline.train("lightgbm", workspace=ws, quiet=True, train_cfg=TrainConfig(min_positives=10, min_negatives=10))
     a = score.score("lightgbm", tmp_path / "duck.parquet", workspace=ws, progress=False)
     b = score.score("lightgbm", tmp_path / "spark.parquet", workspace=ws, progress=False, engine=SPARK)
     sa, sb = pd.read_parquet(a.out), pd.read_parquet(b.out)
@@ -231,7 +231,7 @@ def _taobao_parquet(src, out) -> None:
 @needs_spark
 @pytest.mark.slow
 @pytest.mark.shared_data
-def test_taobao_slice_equal_duckdb_and_mixed_engines(spark, shared_data, tmp_path, monkeypatch):
+def test_taobao_slice_equal_duckdb_with_mixed_engines(spark, shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("PURCHASE_INTENT_PSEUDONYM_KEY", KEY)
     data = tmp_path / "taobao.parquet"
     _taobao_parquet(shared_data / "taobao_userbehavior" / "UserBehavior_head.csv.gz", data)
@@ -243,15 +243,14 @@ def test_taobao_slice_equal_duckdb_and_mixed_engines(spark, shared_data, tmp_pat
     pipeline.ingest(data, cfg, ws, progress=False, engine=SPARK)
     pd.testing.assert_frame_equal(_events(wd), _events(ws), check_dtype=False)
     assert json.loads(ws.manifest_path.read_text())["files"][0]["filtered"] == 35
-    for lcfg in (LabelConfig(lookback="3d", horizon="1d", step="1d", tz="Asia/Shanghai"),
-                 LabelConfig(task="session", step="1d", tz="Asia/Shanghai")):
-        pipeline.build(lcfg, workspace=wd, quiet=True)
-        pipeline.build(lcfg, workspace=ws, quiet=True, engine=SPARK)
-        _same_workspace_files(wd, ws)
-    # mixed engines on one workspace: DuckDB's ingest, Spark's build, DuckDB's build again, same files
-    mixed = Workspace(tmp_path / "mixed")
-    shutil.copytree(wd.events_dir, mixed.events_dir)
-    pipeline.build(LabelConfig(task="session", step="1d", tz="Asia/Shanghai"), workspace=mixed, quiet=True,
-                   engine=SPARK)
-    ea = pd.read_parquet(mixed.examples_dir / "examples.parquet")
-    pd.testing.assert_frame_equal(ea, pd.read_parquet(wd.examples_dir / "examples.parquet"))
+    user = LabelConfig(lookback="3d", horizon="1d", step="1d", tz="Asia/Shanghai")
+    pipeline.build(user, workspace=wd, quiet=True)
+    pipeline.build(user, workspace=ws, quiet=True, engine=SPARK)
+    _same_workspace_files(wd, ws)
+    # the session task on mixed engines: DuckDB's ingest and build, then Spark's build of the same workspace
+    session = LabelConfig(task="session", step="1d", tz="Asia/Shanghai")
+    pipeline.build(session, workspace=wd, quiet=True)
+    duck = Workspace(tmp_path / "duck-session")
+    shutil.copytree(wd.examples_dir, duck.examples_dir)
+    pipeline.build(session, workspace=wd, quiet=True, engine=SPARK)
+    _same_workspace_files(duck, wd)
