@@ -20,6 +20,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from datetime import datetime, timedelta
@@ -71,7 +72,8 @@ def _one_line(fn):
         try:
             return fn(*args, **kwargs)
         except (PySparkException, Py4JError) as e:
-            text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+            text = lines[0] if not lines[0].endswith(":") or len(lines) == 1 else f"{lines[0]} {lines[1]}"
             raise SparkJobError(f"Spark: {text}") from None
     return wrapper
 
@@ -82,6 +84,9 @@ def spark_session(cfg: EngineConfig) -> SparkSession:
     builder = SparkSession.builder.appName("purchase-intent")
     # quiet by default: no progress bars or log lines in the command's output (--spark-conf overrides)
     builder = builder.config("spark.ui.showConsoleProgress", "false").config("spark.log.level", "ERROR")
+    if not (os.environ.get("PYSPARK_PYTHON") or "spark.pyspark.python" in cfg.spark_conf):
+        # Python workers (scoring's mapInPandas) run this interpreter, with this package, unless told otherwise
+        builder = builder.config("spark.pyspark.python", sys.executable)
     for k, v in cfg.spark_conf.items():
         builder = builder.config(k, v)
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 
 import duckdb
 import numpy as np
@@ -52,6 +53,7 @@ def spark():
 
     session = (SparkSession.builder.master("local[2]").appName("purchase-intent-tests")
                .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
+               .config("spark.pyspark.python", sys.executable)
                .config("spark.sql.shuffle.partitions", "4").config("spark.log.level", "ERROR").getOrCreate())
     yield session
     session.stop()
