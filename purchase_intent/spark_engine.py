@@ -86,7 +86,7 @@ def spark_session(cfg: EngineConfig) -> SparkSession:
     builder = builder.config("spark.ui.showConsoleProgress", "false").config("spark.log.level", "ERROR")
     if not (os.environ.get("PYSPARK_PYTHON") or "spark.pyspark.python" in cfg.spark_conf):
         # Python workers (scoring's mapInPandas) run this interpreter, with this package, unless told otherwise
-        builder = builder.config("spark.pyspark.python", sys.executable)
+        os.environ["PYSPARK_PYTHON"] = sys.executable
     for k, v in cfg.spark_conf.items():
         builder = builder.config(k, v)
     try:

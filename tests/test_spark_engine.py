@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import sys
 
@@ -51,9 +52,9 @@ def spark():
         pytest.skip(_spark_missing())
     from pyspark.sql import SparkSession
 
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the workers need this venv (torch, the package)
     session = (SparkSession.builder.master("local[2]").appName("purchase-intent-tests")
                .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
-               .config("spark.pyspark.python", sys.executable)
                .config("spark.sql.shuffle.partitions", "4").config("spark.log.level", "ERROR").getOrCreate())
     yield session
     session.stop()
