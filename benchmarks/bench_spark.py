@@ -2,6 +2,7 @@
 
     python benchmarks/bench_spark.py --events 1000000
     python benchmarks/bench_spark.py --events 1000000 3000000 --master 'local[2]' --out benchmarks/results/spark.json
+    python benchmarks/bench_spark.py --events 1000000 --spark-conf spark.sql.shuffle.partitions=8 --no-metrics
 
 For each size: the simulator's log (``make_sim_data.py``, 90 days) is written as Parquet and ingested
 once with DuckDB; then ``purchase-intent build --task user`` (28d lookback, 7d horizon, 7d step) runs as
@@ -36,10 +37,10 @@ CLI = [sys.executable, "-m", "purchase_intent.cli"]
 TASK = ["--task", "user", "--lookback", "28d", "--horizon", "7d", "--step", "7d"]
 
 
-def _build(ws: Path, engine: str, master: str) -> dict:
+def _build(ws: Path, engine: str, master: str, conf: list[str]) -> dict:
     cmd = CLI + ["--workspace", str(ws), "build", *TASK, "--engine", engine]
     if engine == "spark":
-        cmd += ["--spark-conf", f"spark.master={master}"]
+        cmd += ["--spark-conf", f"spark.master={master}"] + [a for c in conf for a in ("--spark-conf", c)]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
@@ -71,7 +72,7 @@ def _stage_metrics(ws: Path, master: str) -> dict:
     return out
 
 
-def run(n_events: int, repeat: int, master: str, metrics: bool) -> dict:
+def run(n_events: int, repeat: int, master: str, metrics: bool, conf: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-spark-") as d:
         d = Path(d)
         cfg = SimConfig(days=90, seed=0)
@@ -84,7 +85,7 @@ def run(n_events: int, repeat: int, master: str, metrics: bool) -> dict:
         times: dict[str, list[dict]] = {"duckdb": [], "spark": []}
         for _ in range(repeat):
             for engine in ("duckdb", "spark"):
-                times[engine].append(_build(ws, engine, master))
+                times[engine].append(_build(ws, engine, master, conf))
         a, b = times["duckdb"][-1].pop("ex"), times["spark"][-1].pop("ex")
         pd.testing.assert_frame_equal(a, b)  # the same examples and splits from both engines
         for rs in times.values():
@@ -93,6 +94,7 @@ def run(n_events: int, repeat: int, master: str, metrics: bool) -> dict:
         best = {e: min(r["wall_s"] for r in rs) for e, rs in times.items()}
         best_build = {e: min(r["build_s"] for r in rs) for e, rs in times.items()}
         out = {"events": rows, "users": cfg.n_users, "examples": times["duckdb"][0]["examples"], "master": master,
+               "spark_conf": conf,
                "duckdb_wall_s": best["duckdb"], "spark_wall_s": best["spark"],
                "duckdb_build_s": best_build["duckdb"], "spark_build_s": best_build["spark"],
                "ratio_wall": round(best["spark"] / best["duckdb"], 2),
@@ -108,12 +110,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--events", nargs="+", type=lambda s: int(s.replace("_", "")), default=[1_000_000])
     p.add_argument("--repeat", type=int, default=1, help="alternating builds per engine (best is reported)")
     p.add_argument("--master", default="local[2]", help="spark.master of the Spark builds (default local[2])")
+    p.add_argument("--spark-conf", action="append", default=[], metavar="KEY=VALUE",
+                   help="more Spark settings for the CLI builds (repeatable)")
     p.add_argument("--no-metrics", action="store_true", help="skip the in-process build that reads stage metrics")
     p.add_argument("--out", help="also write the results as a JSON list to this file")
     args = p.parse_args(argv)
     results = []
     for n in args.events:
-        r = run(n, args.repeat, args.master, not args.no_metrics)
+        r = run(n, args.repeat, args.master, not args.no_metrics, args.spark_conf)
         print(json.dumps(r), flush=True)
         results.append(r)
     if args.out:
