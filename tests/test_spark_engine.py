@@ -173,6 +173,24 @@ def test_events_at_or_after_cutoff_change_no_feature_on_spark(spark, tiny_events
     assert not np.allclose(Y[i], Y[n + i], equal_nan=True)
 
 
+@needs_spark
+def test_pseudonyms_on_spark_equal_python_hmac_and_the_key_stays_out_of_the_plan(spark):
+    from purchase_intent.privacy import hmac_pads, pseudonym_params, pseudonym_sql, pseudonymise
+    from purchase_intent.spark_engine import register_params, spark_session, sql
+
+    spark_session(SPARK)
+    key = bytes.fromhex(KEY) + b"-spark"
+    ids = ["u1", "ü-ß 😀", "", "x" * 200, None]
+    spark.createDataFrame([(i,) for i in ids], "raw string").createOrReplaceTempView("ids")
+    register_params(spark, pseudonym_params(key))
+    df = sql(spark, f"SELECT raw, {pseudonym_sql('raw')} AS pid FROM ids")
+    got = {r["raw"]: r["pid"] for r in df.collect()}
+    assert [got[i] for i in ids] == pseudonymise(ids, key)
+    plan = df._jdf.queryExecution().toString() + spark.sql("SHOW VIEWS").toPandas().to_string()
+    for secret in (key.hex(), *(p.hex() for p in hmac_pads(key))):
+        assert secret not in plan.lower()
+
+
 # --- whole workspaces: the simulator and the Taobao slice -----------------------------------------------
 
 
