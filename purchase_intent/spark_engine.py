@@ -52,12 +52,6 @@ from .workspace import NothingIngestedError, Workspace
 CANONICAL = ("user_id", "ts", "event", "item_id", "category", "price", "session_id")
 
 
-class _Uncached:
-    def unpersist(self) -> None:
-        pass
-
-
-_NONE = _Uncached()
 _CACHED: dict[str, DataFrame] = {}  # the cached CTE views of the last queries (see ``sql``)
 
 
@@ -100,7 +94,7 @@ def spark_session(cfg: EngineConfig) -> SparkSession:
 
 
 def sql(spark: SparkSession, duckdb_sql: str) -> DataFrame:
-    """Run one DuckDB definition on Spark (transpiled by ``spark_sql.to_spark``).
+    """Run one DuckDB definition on Spark (transpiled by ``spark_sql.split_ctes`` / ``to_spark``).
 
     Its top-level CTEs become temporary views, cached when read more than once (Spark would recompute
     them at every reference); they stay cached for the session's life of the view, i.e. until the next
@@ -108,12 +102,12 @@ def sql(spark: SparkSession, duckdb_sql: str) -> DataFrame:
     """
     ctes, final = split_ctes(duckdb_sql)
     for name, text, uses in ctes:
+        old = _CACHED.pop(name, None)
+        if old is not None:
+            old.unpersist()
         df = spark.sql(text)
         if uses > 1:
-            df = df.cache()
-        _CACHED.pop(name, _NONE).unpersist()
-        if uses > 1:
-            _CACHED[name] = df
+            df = _CACHED[name] = df.cache()
         df.createOrReplaceTempView(name)
     return spark.sql(final)
 
