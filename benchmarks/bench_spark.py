@@ -42,8 +42,11 @@ def _build(ws: Path, engine: str, master: str, conf: list[str]) -> dict:
     if engine == "spark":
         cmd += ["--spark-conf", f"spark.master={master}"] + [a for c in conf for a in ("--spark-conf", c)]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
+    if done.returncode:
+        errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")] or done.stderr.splitlines()[-1:]
+        raise SystemExit(f"{engine} build failed after {wall:.0f}s: {errors[-1] if errors else done.returncode}")
     info = json.loads((ws / "examples" / "build.json").read_text())
     ex = pd.read_parquet(ws / "examples" / "examples.parquet", columns=["example_id", "user_id", "cutoff", "split"])
     return {"wall_s": round(wall, 2), "build_s": info["seconds"], "examples": info["n_examples"], "ex": ex}
