@@ -32,7 +32,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from py4j.protocol import Py4JError
+from py4j.protocol import Py4JError, Py4JJavaError
 from pyspark.errors import PySparkException
 from pyspark.sql import DataFrame, SparkSession
 
@@ -66,8 +66,16 @@ def _one_line(fn):
         try:
             return fn(*args, **kwargs)
         except (PySparkException, Py4JError) as e:
-            lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+            raw = str(e)
+            if isinstance(e, Py4JJavaError):  # "An error occurred while calling o145.getResult": say what
+                try:
+                    raw = str(e.java_exception.toString())
+                except Py4JError:  # the JVM itself is gone (e.g. killed for memory)
+                    pass
+            lines = [ln.strip() for ln in raw.strip().splitlines() if ln.strip()] or [type(e).__name__]
             text = lines[0] if not lines[0].endswith(":") or len(lines) == 1 else f"{lines[0]} {lines[1]}"
+            if "OutOfMemoryError" in raw or "Java heap space" in raw:
+                text += " (give Spark more memory: --spark-conf spark.driver.memory=6g, or executors on a cluster)"
             raise SparkJobError(f"Spark: {text}") from None
     return wrapper
 
