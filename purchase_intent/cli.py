@@ -41,6 +41,7 @@ from . import (
     tracking,
 )
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig
+from .engine import ENGINES, JAVA_PACKAGE, EngineConfig, check_engine, parse_spark_conf
 from .ensemble import evaluate_ensemble
 from .event_database import DatabaseQuery, is_database_url
 from .privacy import KEY_ENV, pseudonym_for
@@ -233,13 +234,34 @@ def _pretrain_cfg(a: argparse.Namespace, prefix: str = "", **extra) -> pretrain.
                                    d_model=g("d_model"), **extra)
 
 
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=ENGINES, default="duckdb",
+                   help="duckdb (embedded, default) or spark: the same definitions on Apache Spark "
+                        "(pip install 'purchase-intent[spark]' and Java 17: apt-get install " + JAVA_PACKAGE + ")")
+    p.add_argument("--spark-conf", action="append", metavar="KEY=VALUE",
+                   help="a Spark setting (repeatable), e.g. spark.master=spark://host:7077 or spark.driver.memory=4g; "
+                        "on top of $SPARK_CONF_DIR/spark-defaults.conf and SPARK_* variables")
+    p.set_defaults(check=_check_engine)
+
+
+def _engine(a: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(a.engine, parse_spark_conf(a.spark_conf))
+
+
+def _check_engine(a: argparse.Namespace) -> None:
+    """Before the workspace lock: Spark or Java missing costs one line and nothing else."""
+    check_engine(_engine(a))
+    if hasattr(a, "mlflow"):  # run: the tracking flags' own check too
+        _check_tracking(a)
+
+
 # ---------------------------------------------------------------------------------------------
 # commands
 def cmd_ingest(a: argparse.Namespace) -> int:
     sources = _sources(a)
     if not sources:
         raise SystemExit("error: ingest needs PATH... (files) or --data postgresql://... --query \"SELECT ...\"")
-    report = pipeline.ingest(sources, _data_cfg(a), a.workspace)
+    report = pipeline.ingest(sources, _data_cfg(a), a.workspace, engine=_engine(a))
     print(report.summary())
     return 0
 
@@ -251,7 +273,7 @@ def cmd_pseudonym(a: argparse.Namespace) -> int:
 
 
 def cmd_build(a: argparse.Namespace) -> int:
-    pipeline.build(_label_cfg(a), _feature_cfg(a), a.workspace)
+    pipeline.build(_label_cfg(a), _feature_cfg(a), a.workspace, engine=_engine(a))
     return 0
 
 
@@ -340,7 +362,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         raise SystemExit(f"error: {', '.join(pretrained)} need a pretrained encoder: add --pretrain")
     pt = _pretrain_cfg(a, "pretrain-", seed=a.seed) if a.pretrain else False
     pipeline.run(data, _data_cfg(a), _label_cfg(a), _feature_cfg(a), models=models, backtest=a.backtest,
-                 train_cfg=_train_cfg(a), params=params, workspace=a.workspace, n_boot=a.n_boot, pretrain=pt)
+                 train_cfg=_train_cfg(a), params=params, workspace=a.workspace, n_boot=a.n_boot, pretrain=pt,
+                 engine=_engine(a))
     _track(a, models)
     return 0
 
@@ -361,7 +384,7 @@ def cmd_score(a: argparse.Namespace) -> int:
     cfg = score.ScoreConfig(at=a.at, chunk_size=a.chunk_size, top=a.top, top_n=a.top_n,
                             min_probability=a.min_probability, reasons=a.reasons, min_users=a.min_users,
                             reidentify=a.reidentify)
-    result = score.score(a.run, a.out, cfg, workspace=a.workspace, progress=not a.quiet)
+    result = score.score(a.run, a.out, cfg, workspace=a.workspace, progress=not a.quiet, engine=_engine(a))
     print(score.describe(result))
     return 0
 
@@ -388,6 +411,7 @@ def _add_score_parser(sub) -> None:
                    help="the key holder's file of raw user ids (CSV with a user_id column, or .txt, one per line): "
                         "adds their raw id as a column raw_user_id (the scores file then is personal data)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_engine_flags(p)
     p.set_defaults(func=cmd_score)
 
 
@@ -602,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(p, positional=True)
     p.add_argument("--data", nargs="+", metavar="PATH_OR_URL", help="more files, or a database URL (with --query)")
     _add_database_flags(p)
+    _add_engine_flags(p)
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("pseudonym", help="print the pseudonyms of your own user ids (needs the workspace key)")
@@ -610,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="examples + time split + features from the ingested events")
     _add_label_flags(p)
+    _add_engine_flags(p)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("train", help="fit one model on the built train split")
@@ -670,6 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-column", help="tabular mode: split by this column's order (else a seeded stratified split)")
     p.add_argument("--drop", help="tabular mode: comma-separated columns not to use as features")
     _add_tracking_flags(p)
+    _add_engine_flags(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("quickstart", help="`run` on the built-in seeded shop simulator")

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import duckdb
 
@@ -178,7 +178,7 @@ def _sha256(path: Path) -> str:
 
 
 
-def _resolve(cfg: DataConfig, preset: dict, columns: list[str]
+def resolve_columns(cfg: DataConfig, preset: dict, columns: list[str]
              ) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     """(canonical -> source column, raw event -> canonical event, extra source column -> name)."""
     mapping = {**preset.get("mapping", {}), **cfg.mapping}
@@ -210,7 +210,7 @@ def _resolve(cfg: DataConfig, preset: dict, columns: list[str]
     return mapping, events, extras
 
 
-def _stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], extras: dict[str, str],
+def stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], extras: dict[str, str],
                ts_unit: Optional[str], since: Optional[datetime], until: Optional[datetime], now: datetime,
                strict_events: bool = False) -> str:
     def col(canon: str) -> str:
@@ -299,8 +299,8 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
         ts_unit = cfg.ts_unit or preset.get("ts_unit")
 
         def stage_with(src: Source) -> tuple[dict, dict, dict]:
-            mapping, events, extras = _resolve(cfg, preset, src.columns)
-            sql = _stage_sql(src, mapping, events, extras, ts_unit, _parse_time(cfg.since), _parse_time(cfg.until),
+            mapping, events, extras = resolve_columns(cfg, preset, src.columns)
+            sql = stage_sql(src, mapping, events, extras, ts_unit, _parse_time(cfg.since), _parse_time(cfg.until),
                              now, cfg.strict_events)
             con.execute(f"CREATE TEMP TABLE staged AS {sql}")
             return mapping, events, extras
@@ -308,7 +308,7 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
         try:
             if isinstance(path, DatabaseQuery):  # the rows of a query (event_database); identified once read
                 kind = "database"
-                with QueryRows(con, path, lambda cols: _resolve(cfg, preset, cols)[0]) as rows:
+                with QueryRows(con, path, lambda cols: resolve_columns(cfg, preset, cols)[0]) as rows:
                     src = rows.source
                     mapping, events, extras = stage_with(src)  # the rows stream in here
                 sha, report.manifest = rows.record()
@@ -415,7 +415,7 @@ def _folder_files(path: Path) -> list[Path]:
 
 
 def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str | Path, cfg: DataConfig,
-           progress: bool = True) -> IngestReport:
+           progress: bool = True, ingest_file: Optional[Callable[..., FileReport]] = None) -> IngestReport:
     """Read, validate, pseudonymise and store raw event files; all files land or none.
 
     Parameters
@@ -431,6 +431,10 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
         unit, strict mode and the ``since``/``until`` window.
     progress : bool
         Print one line per file to stderr.
+    ingest_file : callable, optional
+        Reads one file into the stage folder, with the arguments and result of ``_ingest_file`` (DuckDB,
+        the default); ``spark_engine.SparkIngest`` does it on Spark. The rest (key, manifest, moving the
+        parts into place, all files or none) is the same for every engine.
 
     Returns
     -------
@@ -478,7 +482,7 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
                         if progress:
                             print(f"skipped {p} (already ingested)", file=sys.stderr)
                         continue
-                    fr = _ingest_file(p, sha, cfg, key, stage, now, frozenset(known))
+                    fr = (ingest_file or _ingest_file)(p, sha, cfg, key, stage, now, frozenset(known))
                     report.files.append(fr)
                     if fr.skipped:  # a query: the same rows as an earlier load, or none
                         if progress:

@@ -101,9 +101,13 @@ def make_cutoffs(con: duckdb.DuckDBPyConnection, cfg: LabelConfig, events: str =
     -------
     list of datetime, possibly empty when the data span less than lookback + horizon.
     """
+    return cutoffs_between(*data_range(con, events), cfg)
+
+
+def cutoffs_between(lo: datetime, hi: datetime, cfg: LabelConfig) -> list[datetime]:
+    """``make_cutoffs`` for data from ``lo`` to ``hi`` (min and max ts), whichever engine found them."""
     lookback, horizon, step = (parse_duration(x) for x in (cfg.lookback, cfg.horizon, cfg.step))
     tz = ZoneInfo(cfg.tz or "UTC")
-    lo, hi = data_range(con, events)
     first_ok = lo + lookback - end_tolerance(lookback)  # logs also start a few seconds after midnight
     last = _grid_floor(hi + end_tolerance(horizon) - horizon, timedelta(days=1) if is_day_based(step) else step, tz)
     cutoffs = []
@@ -264,7 +268,6 @@ def _cutoff_table(con: duckdb.DuckDBPyConnection, name: str, times: list[datetim
 
 
 def _user_examples(con, cfg: LabelConfig, events: str) -> tuple[pa.Table, dict]:
-    lookback, horizon = parse_duration(cfg.lookback), parse_duration(cfg.horizon)
     cutoffs = make_cutoffs(con, cfg, events)
     if not cutoffs:
         lo, hi = data_range(con, events)
@@ -273,16 +276,30 @@ def _user_examples(con, cfg: LabelConfig, events: str) -> tuple[pa.Table, dict]:
                          f"lookback {cfg.lookback} + horizon {cfg.horizon}: no cutoff fits; use more data or a "
                          f"shorter --lookback / --horizon")
     _cutoff_table(con, "_pi_cutoffs", cutoffs)
+    table = con.sql(user_examples_sql(cfg, events, "_pi_cutoffs")).to_arrow_table()
+    n_users = con.execute(f"SELECT count(DISTINCT user_id) FROM {events}").fetchall()[0][0]
+    n_never = n_users - pa.compute.count_distinct(table["user_id"]).as_py()
+    con.execute("DROP TABLE IF EXISTS _pi_cutoffs")
+    counts = {"task": "user", "cutoffs": len(cutoffs), "examples": table.num_rows,
+              "positives": int(pa.compute.sum(table["label"]).as_py() or 0), "users": n_users,
+              "dropped": {"users never active in a lookback window": n_never}}
+    return table, counts
+
+
+def user_examples_sql(cfg: LabelConfig, events: str = "events", cutoffs: str = "_pi_cutoffs") -> str:
+    """SQL of the user task's examples (the ``_OUT`` columns) from ``events`` and the relation ``cutoffs``
+    ``(period INTEGER, t TIMESTAMP)`` of ``make_cutoffs``. Both engines run it (Spark: ``spark_sql``)."""
+    lookback, horizon = parse_duration(cfg.lookback), parse_duration(cfg.horizon)
     # An event at ts makes its user active at cutoffs c in (ts, ts + lookback]; a purchase makes the
     # label 1 at cutoffs c in (ts - horizon, ts]. ASOF joins find those period ranges per event, so
     # nothing is materialised per (event, cutoff) pair.
-    table = con.sql(f"""
+    return f"""
     WITH ev AS (SELECT user_id, ts, event FROM {events}),
     act AS (
         SELECT DISTINCT e.user_id, coalesce(a.period + 1, 0) AS lo, b.period AS hi
         FROM ev e
-        ASOF LEFT JOIN _pi_cutoffs a ON e.ts >= a.t
-        ASOF LEFT JOIN _pi_cutoffs b ON e.ts + INTERVAL '{duration_us(lookback)} microseconds' >= b.t
+        ASOF LEFT JOIN {cutoffs} a ON e.ts >= a.t
+        ASOF LEFT JOIN {cutoffs} b ON e.ts + INTERVAL '{duration_us(lookback)} microseconds' >= b.t
     ),
     active AS (
         SELECT DISTINCT user_id, unnest(range(lo, hi + 1)) AS period FROM act WHERE hi >= lo
@@ -290,8 +307,8 @@ def _user_examples(con, cfg: LabelConfig, events: str) -> tuple[pa.Table, dict]:
     buy AS (
         SELECT DISTINCT e.user_id, coalesce(a.period + 1, 0) AS lo, b.period AS hi
         FROM (SELECT * FROM ev WHERE event = 'purchase') e
-        ASOF LEFT JOIN _pi_cutoffs a ON e.ts - INTERVAL '{duration_us(horizon)} microseconds' >= a.t
-        ASOF LEFT JOIN _pi_cutoffs b ON e.ts >= b.t
+        ASOF LEFT JOIN {cutoffs} a ON e.ts - INTERVAL '{duration_us(horizon)} microseconds' >= a.t
+        ASOF LEFT JOIN {cutoffs} b ON e.ts >= b.t
     ),
     bought AS (
         SELECT DISTINCT user_id, unnest(range(lo, hi + 1)) AS period FROM buy WHERE hi >= lo
@@ -300,17 +317,10 @@ def _user_examples(con, cfg: LabelConfig, events: str) -> tuple[pa.Table, dict]:
         SELECT a.user_id, c.t AS cutoff, (b.user_id IS NOT NULL)::INTEGER AS label,
                c.t + INTERVAL '{duration_us(horizon)} microseconds' AS label_end, a.period,
                NULL::VARCHAR AS session_id, NULL::TIMESTAMP AS session_start
-        FROM active a JOIN _pi_cutoffs c USING (period)
+        FROM active a JOIN {cutoffs} c USING (period)
         LEFT JOIN bought b ON a.user_id = b.user_id AND a.period = b.period
     )
-    {_OUT.format(src="ex")}""").to_arrow_table()
-    n_users = con.execute(f"SELECT count(DISTINCT user_id) FROM {events}").fetchall()[0][0]
-    n_never = n_users - pa.compute.count_distinct(table["user_id"]).as_py()
-    con.execute("DROP TABLE IF EXISTS _pi_cutoffs")
-    counts = {"task": "user", "cutoffs": len(cutoffs), "examples": table.num_rows,
-              "positives": int(pa.compute.sum(table["label"]).as_py() or 0), "users": n_users,
-              "dropped": {"users never active in a lookback window": n_never}}
-    return table, counts
+    {_OUT.format(src="ex")}"""
 
 
 def _session_examples(con, cfg: LabelConfig, events: str) -> tuple[pa.Table, dict]:
@@ -322,31 +332,42 @@ def _session_examples(con, cfg: LabelConfig, events: str) -> tuple[pa.Table, dic
     lo, hi = data_range(con, events)
     gap_us = duration_us(cfg.session_gap or DEFAULT_SESSION_GAP)
     _cutoff_table(con, "_pi_periods", period_edges(lo, hi, step, tz))
-    con.execute(f"""
-    CREATE OR REPLACE TEMP TABLE _pi_sess_ex AS
-    SELECT s.*, last_visible + INTERVAL 1 microsecond AS cutoff,
-           (first_purchase IS NOT NULL)::INTEGER AS label,
-           session_end + INTERVAL 1 microsecond AS label_end,
-           epoch_us(session_end) > epoch_us(TIMESTAMP '{hi}') - {gap_us} AS open_at_end
-    FROM _pi_sessions s""")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _pi_sess_ex AS {session_candidates_sql('_pi_sessions', hi, gap_us)}")
     # sessions whose first event is at or after the cutoff (e.g. a purchase first) have nothing to
     # predict from; sessions that end within one gap of the last event may still be going on.
     n_total, n_empty, n_open = con.execute("""
         SELECT count(*), count(*) FILTER (WHERE cutoff IS NULL),
                count(*) FILTER (WHERE cutoff IS NOT NULL AND open_at_end) FROM _pi_sess_ex""").fetchall()[0]
-    table = con.sql(f"""
-    WITH ex AS (
-        SELECT s.user_id, s.cutoff, s.label, s.label_end, p.period, s.session_id, s.session_start
-        FROM (SELECT * FROM _pi_sess_ex WHERE cutoff IS NOT NULL AND NOT open_at_end) s
-        ASOF JOIN _pi_periods p ON s.session_start >= p.t
-    )
-    {_OUT.format(src="ex")}""").to_arrow_table()
+    table = con.sql(session_examples_sql("_pi_sess_ex", "_pi_periods")).to_arrow_table()
     con.execute("DROP TABLE IF EXISTS _pi_sessions; DROP TABLE IF EXISTS _pi_sess_ex; DROP TABLE IF EXISTS _pi_periods")
     counts = {"task": "session", "sessions": n_total, "session_ids": "data" if use_ids else "gap",
               "examples": table.num_rows, "positives": int(pa.compute.sum(table["label"]).as_py() or 0),
               "dropped": {"no event before the cutoff": n_empty,
                           "may continue after the end of the data": n_open}}
     return table, counts
+
+
+def session_candidates_sql(sessions: str, hi: datetime, gap_us: int) -> str:
+    """SQL: the sessions of ``sessions`` (``sessions_sql``) with cutoff, label, label_end and ``open_at_end``
+    (the session ends within one gap of ``hi``, the last event of the data, so it may still be going on)."""
+    return f"""
+    SELECT s.*, last_visible + INTERVAL 1 microsecond AS cutoff,
+           (first_purchase IS NOT NULL)::INTEGER AS label,
+           session_end + INTERVAL 1 microsecond AS label_end,
+           epoch_us(session_end) > epoch_us(TIMESTAMP '{hi}') - {gap_us} AS open_at_end
+    FROM {sessions} s"""
+
+
+def session_examples_sql(candidates: str, periods: str) -> str:
+    """SQL of the session task's examples (the ``_OUT`` columns) from ``session_candidates_sql``'s rows and
+    the relation ``periods (period, t)`` of ``period_edges``. Both engines run it (Spark: ``spark_sql``)."""
+    return f"""
+    WITH ex AS (
+        SELECT s.user_id, s.cutoff, s.label, s.label_end, p.period, s.session_id, s.session_start
+        FROM (SELECT * FROM {candidates} WHERE cutoff IS NOT NULL AND NOT open_at_end) s
+        ASOF JOIN {periods} p ON s.session_start >= p.t
+    )
+    {_OUT.format(src="ex")}"""
 
 
 def single_example(con: duckdb.DuckDBPyConnection, user_id: str, at: datetime, cfg: LabelConfig,

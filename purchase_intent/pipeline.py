@@ -33,6 +33,7 @@ from . import distributed, labels, runs, splits, storage
 from . import pretrain as pretraining
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig, from_dict
 from .dp import check_budget
+from .engine import EngineConfig, check_engine
 from .ensemble import evaluate_ensemble
 from .evaluate import binary_metrics, comparison_table, expected_calibration_error, paired_auc_difference
 from .event_database import DatabaseQuery
@@ -57,13 +58,20 @@ def _log(msg: str, quiet: bool = False) -> None:
 # ---------------------------------------------------------------------------------------------
 # ingest
 def ingest(paths: str | Path | DatabaseQuery | Sequence[str | Path | DatabaseQuery], cfg: DataConfig, workspace=None,
-           progress: bool = True):
+           progress: bool = True, engine: EngineConfig | None = None):
     """Read, validate, pseudonymise and store raw event files (or a database query's rows). Returns the
-    ingest report."""
+    ingest report. ``engine=EngineConfig("spark")`` reads Parquet files on Spark (the same files result)."""
     if isinstance(paths, (str, Path, DatabaseQuery)):
         paths = [paths]
+    ingest_file = None
+    if engine is not None and engine.name != "duckdb":
+        check_engine(engine)
+        if any(isinstance(p, DatabaseQuery) for p in paths):
+            raise ValueError("--engine spark ingests Parquet files; read a database with --engine duckdb")
+        from .spark_engine import SparkIngest  # needs the spark extra
+        ingest_file = SparkIngest(engine)
     return ingest_events(as_workspace(workspace), [p if isinstance(p, DatabaseQuery) else Path(p) for p in paths],
-                         cfg, progress=progress)
+                         cfg, progress=progress, ingest_file=ingest_file)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,9 +94,36 @@ def resolve_time_zone(ws: Workspace, tz: str | None, quiet: bool = True) -> str:
     return tz
 
 
+class _DuckDBBuild:
+    """``build``'s three engine calls on DuckDB (``spark_engine.SparkBuild`` has the same on Spark)."""
+
+    def __init__(self, ws: Workspace):
+        self.con = ws.connect()
+
+    def build_examples(self, cfg: LabelConfig):
+        return labels.build_examples(self.con, cfg)
+
+    def suggest_step(self, cfg: LabelConfig):
+        return labels.suggest_step(self.con, cfg)
+
+    def compute_features(self, ex: pd.DataFrame, cfg: FeatureConfig) -> pd.DataFrame:
+        runs.register_examples(self.con, ex)
+        return compute_features(self.con, "examples", cfg)
+
+
+def _builder(ws: Workspace, engine: EngineConfig | None):
+    engine = engine or EngineConfig()
+    check_engine(engine)
+    if engine.name == "spark":
+        from .spark_engine import SparkBuild  # needs the spark extra
+        return SparkBuild.for_workspace(ws, engine)
+    return _DuckDBBuild(ws)
+
+
 def build(label_cfg: LabelConfig, feature_cfg: FeatureConfig | None = None, workspace=None,
-          quiet: bool = False) -> Built:
-    """Examples (cutoffs x active users, or sessions) + time split + tabular features."""
+          quiet: bool = False, engine: EngineConfig | None = None) -> Built:
+    """Examples (cutoffs x active users, or sessions) + time split + tabular features, on DuckDB or, with
+    ``engine=EngineConfig("spark")``, on Spark (the same definitions and the same files)."""
     ws = as_workspace(workspace)
     feature_cfg = feature_cfg or FeatureConfig()
     label_cfg = dataclasses.replace(label_cfg, tz=resolve_time_zone(ws, label_cfg.tz, quiet))
@@ -97,9 +132,9 @@ def build(label_cfg: LabelConfig, feature_cfg: FeatureConfig | None = None, work
     # hour-of-day and weekday features read the clock of the shop's time zone
     feature_cfg = dataclasses.replace(feature_cfg, tz=label_cfg.tz)
     t0 = time.perf_counter()
-    con = ws.connect()
+    eng = _builder(ws, engine)
     _log(f"building {label_cfg.task}-task examples ...", quiet)
-    table = labels.build_examples(con, label_cfg)
+    table = eng.build_examples(label_cfg)
     counts = labels.example_counts(table)
     ex = table.to_pandas()
     if len(ex) == 0:
@@ -107,13 +142,12 @@ def build(label_cfg: LabelConfig, feature_cfg: FeatureConfig | None = None, work
     try:
         split, split_info = splits.split_examples(ex, label_cfg)
     except splits.TooFewPeriods as e:
-        step = labels.suggest_step(con, label_cfg)
+        step = eng.suggest_step(label_cfg)
         raise splits.TooFewPeriods(f"{e} (e.g. --step {step}, which fits this data)" if step else str(e)) from None
     _log(describe_dropped(counts), quiet)
     ex["split"] = np.asarray(split)
-    runs.register_examples(con, ex)
     _log(f"computing features for {len(ex):,} examples ...", quiet)
-    feats = runs.align_features(compute_features(con, "examples", feature_cfg), ex).reset_index(drop=True)
+    feats = runs.align_features(eng.compute_features(ex, feature_cfg), ex).reset_index(drop=True)
     _log(split_info.describe(), quiet)
     info = {
         "label_config": asdict(label_cfg),
@@ -124,6 +158,7 @@ def build(label_cfg: LabelConfig, feature_cfg: FeatureConfig | None = None, work
         "dropped": dict(counts.get("dropped", {})),  # examples never made, by reason
         "split": jsonable(split_info),
         "seconds": round(time.perf_counter() - t0, 2),
+        "engine": (engine or EngineConfig()).name,
     }
     info["build_id"] = hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:12]
     built = Built(ex, feats, info)
@@ -475,9 +510,9 @@ def run(data: str | Path | DatabaseQuery | Sequence[str | Path | DatabaseQuery] 
         feature_cfg: FeatureConfig | None = None, models: Sequence[str] = BASELINES, backtest: int = 0,
         train_cfg: TrainConfig | None = None, params: dict[str, dict] | None = None, workspace=None,
         n_boot: int = 1000, report: bool = True, quiet: bool = False,
-        pretrain: bool | pretraining.PretrainConfig = False) -> str:
+        pretrain: bool | pretraining.PretrainConfig = False, engine: EngineConfig | None = None) -> str:
     """ingest -> build -> [pretrain] -> train -> evaluate for each model; returns (and prints) the
-    comparison table.
+    comparison table. ``engine`` runs ingest and build (DuckDB by default, or Spark).
 
     Each model's run is saved under ``<workspace>/runs/<model>``. ``pretrain`` (True or a
     PretrainConfig) pretrains the sequence encoder after the build, on the events before the earliest
@@ -489,8 +524,8 @@ def run(data: str | Path | DatabaseQuery | Sequence[str | Path | DatabaseQuery] 
         if name != "ensemble":
             check_params(name, params.get(name) or {})
     if data is not None:
-        _log(ingest(data, data_cfg, ws, progress=not quiet).summary(), quiet)
-    build(label_cfg, feature_cfg, ws, quiet=quiet)
+        _log(ingest(data, data_cfg, ws, progress=not quiet, engine=engine).summary(), quiet)
+    build(label_cfg, feature_cfg, ws, quiet=quiet, engine=engine)
     if pretrain:
         cfg = pretrain if isinstance(pretrain, pretraining.PretrainConfig) else pretraining.PretrainConfig()
         cfg = dataclasses.replace(cfg, backtest=max(cfg.backtest, backtest))

@@ -17,6 +17,7 @@ the list to a JSON sidecar, ``<out stem>.summary.json``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,6 +34,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from . import runs, storage
+from .engine import EngineConfig, check_engine
 from .explain import explain_inputs
 from .feature_frame import compute_features_for_users
 from .privacy import MIN_USERS, below_threshold, check_min_users, pseudonym_table, read_raw_ids, workspace_key
@@ -196,7 +198,7 @@ def default_out(run_dir: Path, cutoff: datetime) -> Path:
 
 
 def score(run: str, out: str | Path | None = None, cfg: ScoreConfig | None = None, workspace=None,
-          progress: bool = True) -> ScoreResult:
+          progress: bool = True, engine: EngineConfig | None = None) -> ScoreResult:
     """Score every active user at the cutoff with run ``run``; write the ranked list to ``out``.
 
     Parameters
@@ -208,11 +210,19 @@ def score(run: str, out: str | Path | None = None, cfg: ScoreConfig | None = Non
     cfg : the scoring time, chunk size and the audience rule (at most one of top / top_n /
         min_probability).
 
+    engine : ``EngineConfig("spark")`` computes the features and probabilities on Spark (tabular runs:
+        the model runs on the executors, ``spark_engine.score_users``); the ranking and the files are the same.
+
     Returns
     -------
     ScoreResult, also written as JSON to ``summary_path(out)``.
     """
     cfg = cfg or ScoreConfig()
+    spark = engine is not None and engine.name != "duckdb"
+    if spark:
+        check_engine(engine)
+        if cfg.reasons:
+            raise ValueError("--reasons are computed with --engine duckdb; drop one of --reasons, --engine spark")
     if cfg.chunk_size < 1:
         raise ValueError("chunk size must be >= 1")
     k_min = check_min_users(cfg.min_users)
@@ -233,10 +243,11 @@ def score(run: str, out: str | Path | None = None, cfg: ScoreConfig | None = Non
     if out is None:
         out = default_out(loaded.dir, cutoff)
         fmt = _copy_sql(out)
-    n = _active_users_table(con, cutoff, lookback)
+    n = None if spark else _active_users_table(con, cutoff, lookback)
     if n == 0:
         raise ValueError(f"no user has an event in [{cutoff - lookback}, {cutoff}): nothing to score")
-    where, audience = _audience_filter(cfg, n)
+    if n is not None:
+        where, audience = _audience_filter(cfg, n)
 
     # scratch next to the output (same file system, so the last step is one atomic rename); its name is
     # one that Workspace.recover removes if this process dies before the end
@@ -245,14 +256,21 @@ def score(run: str, out: str | Path | None = None, cfg: ScoreConfig | None = Non
     tmpdir.mkdir()
     try:
         raw = tmpdir / "probabilities.parquet"
+        if spark:
+            from .spark_engine import score_users  # needs the spark extra
+            n = score_users(ws, loaded, cutoff, lookback, raw, engine)
+            if n == 0:
+                raise ValueError(f"no user has an event in [{cutoff - lookback}, {cutoff}): nothing to score")
+            where, audience = _audience_filter(cfg, n)
+            raw = raw / "*.parquet"  # Spark's folder of parts
         fields = [("user_id", pa.string()), ("probability", pa.float64())]
         for j in range(cfg.reasons):
             fields += [(f"reason_{j + 1}", pa.string()), (f"reason_{j + 1}_contribution", pa.float64())]
         schema = pa.schema(fields)
         n_chunks = (n + cfg.chunk_size - 1) // cfg.chunk_size
-        bar = _progress(n, progress)
-        with storage.parquet_writer(raw, schema) as writer:
-            for k in range(n_chunks):
+        bar = _progress(n, progress and not spark)
+        with contextlib.nullcontext() if spark else storage.parquet_writer(raw, schema) as writer:
+            for k in range(0 if spark else n_chunks):
                 users = [r[0] for r in con.execute(
                     "SELECT user_id FROM _score_users WHERE _i >= $a AND _i < $b ORDER BY _i",
                     {"a": k * cfg.chunk_size, "b": (k + 1) * cfg.chunk_size}).fetchall()]

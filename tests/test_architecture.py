@@ -37,13 +37,14 @@ REPO = Path(__file__).resolve().parents[1]
 # A new module fails test_layers until it is added here (and to docs/ARCHITECTURE.md).
 LAYERS: dict[int, list[str]] = {
     0: ["__init__", "config", "times", "vocabulary", "workspace", "allocator", "distributed",
-        "calibration", "privacy", "simulate", "storage"],               # foundations, no domain logic
+        "calibration", "privacy", "simulate", "storage", "engine"],     # foundations, no domain logic
     1: ["events", "event_*", "events_*", "formats", "labels", "splits", "features", "feature_frame", "sequences",
-        "sequence_frame", "reason_text", "evaluate"],                   # data: events -> examples -> X
+        "sequence_frame", "reason_text", "evaluate", "spark_sql"],                   # data: events -> examples -> X
     2: ["models", "train", "dp"],                                       # estimators and the loops
     3: ["runs", "pretrain"],                                            # artifacts: built examples, runs
     4: ["explain"],                                                     # reasons per prediction
-    5: ["score", "report", "report_page", "ensemble", "tabular", "erasure", "rotation", "monitor", "tracking"],
+    5: ["score", "report", "report_page", "ensemble", "tabular", "erasure", "rotation", "monitor", "tracking",
+        "spark_engine"],  # uses of a run
     6: ["pipeline", "serve", "cli", "retrain"],                         # entry points
 }
 
@@ -58,6 +59,7 @@ OPTIONAL_EXTRAS: frozenset[str] = frozenset({
     "onnx", "onnxruntime", "onnxscript",                                 # onnx
     "opacus", "pyspark", "mlflow", "psycopg", "psycopg2", "playwright",  # dp, spark, mlflow, postgres, browser
     "adbc_driver_postgresql", "adbc_driver_manager",                     # postgres (ADBC)
+    "sqlglot", "py4j",                                                   # spark (with pyspark)
 })
 
 

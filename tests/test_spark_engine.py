@@ -1,0 +1,280 @@
+"""``--engine spark``: the DuckDB definitions transpiled to Spark give the same workspace, on a real local Spark.
+
+One Spark session (``local[2]``) serves every test of the module. Parity is checked where it matters:
+examples (ids, cutoffs, labels, splits) equal, features equal to 1e-9, events (pseudonyms included)
+equal after ingest, batch scores equal to 1e-6; and the leakage perturbation test of
+``test_leakage.py`` runs on the Spark engine too. Tests skip (with the reason) only when PySpark,
+SQLGlot or Java is missing; ``.ci/run`` installs Java and ``make venv`` the ``spark`` extra.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+from test_leakage import FEATURE_CFGS, TASKS, _worlds, perturb_after
+
+from purchase_intent import pipeline
+from purchase_intent.cli import main
+from purchase_intent.config import DataConfig, LabelConfig, TrainConfig
+from purchase_intent.engine import EngineConfig, EngineError, check_engine, parse_spark_conf
+from purchase_intent.features import compute_features
+from purchase_intent.labels import build_examples
+from purchase_intent.simulate import SimConfig, write_events
+from purchase_intent.workspace import Workspace
+
+# PySpark 4.3 warns about pandas 3 on every conversion; the parity checks below are what counts
+pytestmark = pytest.mark.filterwarnings("ignore:PySpark does not yet fully support pandas:FutureWarning")
+SPARK = EngineConfig("spark")
+KEY = "00112233445566778899aabbccddeeff"
+
+
+def _spark_missing() -> str | None:
+    try:
+        check_engine(SPARK)
+    except EngineError as e:
+        return str(e)
+    return None
+
+
+needs_spark = pytest.mark.skipif(_spark_missing() is not None, reason=f"no Spark here: {_spark_missing()}")
+
+
+@pytest.fixture(scope="session")
+def spark():
+    if _spark_missing():
+        pytest.skip(_spark_missing())
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the workers need this venv (torch, the package)
+    session = (SparkSession.builder.master("local[2]").appName("purchase-intent-tests")
+               .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
+               .config("spark.sql.shuffle.partitions", "4").config("spark.log.level", "ERROR").getOrCreate())
+    yield session
+    session.stop()
+
+
+def _duckdb(events: pd.DataFrame) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    con.register("events_df", events)
+    con.execute("CREATE TABLE events AS SELECT * FROM events_df")
+    con.unregister("events_df")
+    return con
+
+
+def _spark_build(spark, events: pd.DataFrame):
+    from purchase_intent.spark_engine import CANONICAL, SparkBuild, spark_session
+
+    spark_session(SPARK)  # our settings on the running test session
+    df = spark.createDataFrame(events[list(CANONICAL)]).selectExpr(
+        *[f"CAST({c} AS TIMESTAMP) AS {c}" if c == "ts" else c for c in CANONICAL])
+    return SparkBuild(spark, df)
+
+
+def _close(a: pd.DataFrame, b: pd.DataFrame, tol: float) -> None:
+    assert list(a.columns) == list(b.columns)
+    np.testing.assert_allclose(b.to_numpy(np.float64), a.to_numpy(np.float64), rtol=tol, atol=tol, equal_nan=True)
+
+
+# --- the transpiler and the one-line errors: no JVM needed --------------------------------------------
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sqlglot") is None, reason="sqlglot (the spark extra) is not installed")
+def test_to_spark_rewrites_what_spark_lacks():
+    from purchase_intent.privacy import pseudonym_sql
+    from purchase_intent.spark_sql import to_spark
+
+    text = to_spark("SELECT k.t, epoch_us(e.ts), isodow(e.ts), length(list_distinct(flatten(list(e.x)))) "
+                    "FROM e ASOF LEFT JOIN edges k ON e.ts >= k.t")
+    assert "ASOF JOIN" not in text.upper() and "LEAD(t) OVER (ORDER BY t" in text and "LEFT JOIN" in text
+    assert "UNIX_MICROS(e.ts)" in text and "DAYOFWEEK_ISO" in text and "SIZE(ARRAY_DISTINCT" in text
+    # the key blocks are read from a relation, never written into the SQL text
+    text = to_spark(f"SELECT {pseudonym_sql('u')} AS pid FROM t")
+    assert "_pi_params.pseudonym_ipad" in text and "CROSS JOIN _pi_params" in text
+    with pytest.raises(ValueError, match="ASOF join"):
+        to_spark("SELECT * FROM e ASOF JOIN k ON e.ts = k.t")
+
+
+def test_missing_extra_or_java_is_one_line(monkeypatch, tmp_path, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyspark" else real(name, *a))
+    with pytest.raises(EngineError, match=r"pip install 'purchase-intent\[spark\]'"):
+        check_engine(SPARK)
+    rc = main(["--workspace", str(tmp_path / "ws"), "build", "--engine", "spark"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "purchase-intent[spark]" in err[0]
+    assert not (tmp_path / "ws").exists()  # refused before the workspace was touched
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(EngineError, match="apt-get install openjdk-17-jre-headless"):
+        check_engine(SPARK)
+    with pytest.raises(EngineError, match="KEY=VALUE"):
+        parse_spark_conf(["executor.memory"])
+    monkeypatch.setenv("PURCHASE_INTENT_ENCRYPTION_KEY", "correct horse battery staple 0123456789")
+    with pytest.raises(EngineError, match="cannot keep a workspace encrypted"):  # before Java is looked for
+        check_engine(SPARK)
+    assert parse_spark_conf(["spark.driver.memory=4g"]) == {"spark.driver.memory": "4g"}
+
+
+# --- parity on a real local Spark ---------------------------------------------------------------------
+
+
+@needs_spark
+@pytest.mark.parametrize("task,fname", [
+    ("user", "all-history"),  # the one Spark test of the default run (a JVM start and a few seconds)
+    pytest.param("session", "bounded-history", marks=pytest.mark.slow),
+    pytest.param("session-gap-prefix", "all-history", marks=pytest.mark.slow)])
+def test_examples_and_features_equal_duckdb(spark, tiny_events, task, fname):
+    lcfg, fcfg = TASKS[task], FEATURE_CFGS[fname]
+    con = _duckdb(tiny_events)
+    want = build_examples(con, lcfg)
+    sb = _spark_build(spark, tiny_events)
+    got = sb.build_examples(lcfg)
+    pd.testing.assert_frame_equal(got.to_pandas(), want.to_pandas())
+    assert got.schema.metadata == want.schema.metadata  # the same counts, dropped rows by reason included
+    ex = want.to_pandas()
+    con.register("examples", ex)
+    _close(compute_features(con, "examples", fcfg), sb.compute_features(ex, fcfg), 1e-9)
+
+
+@needs_spark
+@pytest.mark.slow
+@pytest.mark.parametrize("task", list(TASKS))
+def test_events_at_or_after_cutoff_change_no_feature_on_spark(spark, tiny_events, task):
+    """``test_leakage``'s perturbation test, with the features computed by Spark."""
+    fcfg = FEATURE_CFGS["bounded-history" if task == "session" else "all-history"]
+    examples = build_examples(_duckdb(tiny_events), TASKS[task])
+    ex = examples.to_pandas()
+    cutoffs = np.sort(ex["cutoff"].unique())
+    times = [pd.Timestamp(t) for t in cutoffs[:: max(1, len(cutoffs) // 4)]]
+    plan = [(seed, t) for seed in range(2) for t in times]
+    worlds = [tiny_events] + [perturb_after(tiny_events, t, np.random.default_rng([seed, i]))
+                              for i, (seed, t) in enumerate(plan)]
+    events, stacked = _worlds(tiny_events, examples, worlds)
+    X = _spark_build(spark, events).compute_features(stacked.to_pandas(), fcfg).to_numpy()
+    n = len(ex)
+    for k, (seed, t) in enumerate(plan, start=1):
+        keep = np.flatnonzero((ex["cutoff"] <= t).to_numpy())
+        np.testing.assert_allclose(X[k * n + keep], X[keep], rtol=1e-12, atol=1e-9, equal_nan=True,
+                                   err_msg=f"leak on Spark: seed {seed}, perturbed at/after {t}")
+    # and the check can fail: a changed event before a cutoff moves that example's features
+    before = tiny_events.copy()
+    row = ex.iloc[len(ex) // 2]
+    mine = before.index[(before["user_id"] == row["user_id"]) & (before["ts"] < row["cutoff"])]
+    before.loc[mine[-1], "event"] = "purchase" if before.loc[mine[-1], "event"] != "purchase" else "view"
+    events, stacked = _worlds(tiny_events, examples, [tiny_events, before])
+    Y = _spark_build(spark, events).compute_features(stacked.to_pandas(), fcfg).to_numpy()
+    i = len(ex) // 2
+    assert not np.allclose(Y[i], Y[n + i], equal_nan=True)
+
+
+@needs_spark
+def test_pseudonyms_on_spark_equal_python_hmac_and_the_key_stays_out_of_the_plan(spark):
+    from purchase_intent.privacy import hmac_pads, pseudonym_params, pseudonym_sql, pseudonymise
+    from purchase_intent.spark_engine import register_params, spark_session, sql
+
+    spark_session(SPARK)
+    key = bytes.fromhex(KEY) + b"-spark"
+    ids = ["u1", "ü-ß 😀", "", "x" * 200, None]
+    spark.createDataFrame([(i,) for i in ids], "raw string").createOrReplaceTempView("ids")
+    register_params(spark, pseudonym_params(key))
+    df = sql(spark, f"SELECT raw, {pseudonym_sql('raw')} AS pid FROM ids")
+    got = {r["raw"]: r["pid"] for r in df.collect()}
+    assert [got[i] for i in ids] == pseudonymise(ids, key)
+    plan = df._jdf.queryExecution().toString() + spark.sql("SHOW VIEWS").toPandas().to_string()
+    for secret in (key.hex(), *(p.hex() for p in hmac_pads(key))):
+        assert secret not in plan.lower()
+
+
+# --- whole workspaces: the simulator and the Taobao slice -----------------------------------------------
+
+
+def _same_workspace_files(a: Workspace, b: Workspace) -> None:
+    ea, eb = (pd.read_parquet(w.examples_dir / "examples.parquet") for w in (a, b))
+    pd.testing.assert_frame_equal(ea, eb)  # example ids, users, cutoffs, labels and splits
+    _close(pd.read_parquet(a.examples_dir / "features.parquet"), pd.read_parquet(b.examples_dir / "features.parquet"),
+           1e-9)
+    ia, ib = (json.loads((w.examples_dir / "build.json").read_text()) for w in (a, b))
+    for k in ("label_config", "feature_config", "feature_names", "n_examples", "positives", "dropped", "split"):
+        assert ia[k] == ib[k], k
+    assert (ia["engine"], ib["engine"]) == ("duckdb", "spark")
+
+
+def _events(ws: Workspace) -> pd.DataFrame:
+    df = pd.concat([pd.read_parquet(p) for p in ws.part_paths()], ignore_index=True)
+    return df.sort_values(["user_id", "ts", "event", "item_id", "raw_event"], kind="stable").reset_index(drop=True)
+
+
+@needs_spark
+@pytest.mark.slow
+def test_simulator_ingest_build_and_score_equal_duckdb(spark, tmp_path, monkeypatch):
+    pytest.importorskip("lightgbm")
+    from purchase_intent import score
+
+    monkeypatch.setenv("PURCHASE_INTENT_PSEUDONYM_KEY", KEY)
+    data = tmp_path / "sim.parquet"
+    write_events(SimConfig(n_users=300, days=30, seed=3), data)
+    wd, ws = Workspace(tmp_path / "duck"), Workspace(tmp_path / "spark")
+    pipeline.ingest(data, DataConfig(format="parquet"), wd, progress=False)
+    pipeline.ingest(data, DataConfig(format="parquet"), ws, progress=False, engine=SPARK)
+    pd.testing.assert_frame_equal(_events(wd), _events(ws), check_dtype=False)  # pseudonyms included
+    ma, mb = (json.loads(w.manifest_path.read_text()) for w in (wd, ws))
+    assert ma["key_id"] == mb["key_id"] and ma["files"][0]["parts"] == mb["files"][0]["parts"]
+    for k in ("rows_read", "accepted", "rejected", "filtered", "unmapped_events"):
+        assert ma["files"][0][k] == mb["files"][0][k], k
+    for lcfg in (LabelConfig(task="session", step="3d"), LabelConfig(lookback="7d", horizon="3d", step="3d")):
+        pipeline.build(lcfg, workspace=wd, quiet=True)
+        pipeline.build(lcfg, workspace=ws, quiet=True, engine=SPARK)
+        _same_workspace_files(wd, ws)
+    # the Spark workspace trains as any other; its run scores the same on both engines
+    pipeline.train("lightgbm", workspace=ws, quiet=True, train_cfg=TrainConfig(min_positives=10, min_negatives=10))
+    a = score.score("lightgbm", tmp_path / "duck.parquet", workspace=ws, progress=False)
+    b = score.score("lightgbm", tmp_path / "spark.parquet", workspace=ws, progress=False, engine=SPARK)
+    sa, sb = pd.read_parquet(a.out), pd.read_parquet(b.out)
+    assert a.n_scored == b.n_scored > 50 and sa["user_id"].tolist() == sb["user_id"].tolist()
+    np.testing.assert_allclose(sb["probability"], sa["probability"], rtol=0, atol=1e-6)
+    assert (sa["rank"] == sb["rank"]).all() and (sa["decile"] == sb["decile"]).all()
+
+
+def _taobao_parquet(src, out) -> None:
+    """The Taobao slice's raw columns as Parquet (Spark ingests Parquet): no header, ts in epoch seconds."""
+    con = duckdb.connect()
+    con.execute(f"""COPY (SELECT * FROM read_csv('{src}', header = false, ignore_errors = true,
+        columns = {{'user_id': 'BIGINT', 'item_id': 'BIGINT', 'category_id': 'BIGINT', 'behavior': 'VARCHAR',
+                   'ts': 'BIGINT'}})) TO '{out}' (FORMAT parquet)""")
+
+
+@needs_spark
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_taobao_slice_equal_duckdb_with_mixed_engines(spark, shared_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("PURCHASE_INTENT_PSEUDONYM_KEY", KEY)
+    data = tmp_path / "taobao.parquet"
+    _taobao_parquet(shared_data / "taobao_userbehavior" / "UserBehavior_head.csv.gz", data)
+    cfg = DataConfig(format="parquet", mapping={"category": "category_id", "event": "behavior"},
+                     event_map={"pv": "view", "buy": "purchase", "fav": "wishlist"}, ts_unit="s",
+                     since="2017-11-25T00:00:00+08:00", until="2017-12-04T00:00:00+08:00")
+    wd, ws = Workspace(tmp_path / "duck"), Workspace(tmp_path / "spark")
+    pipeline.ingest(data, cfg, wd, progress=False)
+    pipeline.ingest(data, cfg, ws, progress=False, engine=SPARK)
+    pd.testing.assert_frame_equal(_events(wd), _events(ws), check_dtype=False)
+    assert json.loads(ws.manifest_path.read_text())["files"][0]["filtered"] == 35
+    user = LabelConfig(lookback="3d", horizon="1d", step="1d", tz="Asia/Shanghai")
+    pipeline.build(user, workspace=wd, quiet=True)
+    pipeline.build(user, workspace=ws, quiet=True, engine=SPARK)
+    _same_workspace_files(wd, ws)
+    # the session task on mixed engines: DuckDB's ingest and build, then Spark's build of the same workspace
+    session = LabelConfig(task="session", step="1d", tz="Asia/Shanghai")
+    pipeline.build(session, workspace=wd, quiet=True)
+    duck = Workspace(tmp_path / "duck-session")
+    shutil.copytree(wd.examples_dir, duck.examples_dir)
+    pipeline.build(session, workspace=wd, quiet=True, engine=SPARK)
+    _same_workspace_files(duck, wd)
