@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from . import distributed, erasure, explain, monitor, pipeline, pretrain, report, retrain, runs, score, tracking
+from . import distributed, erasure, explain, memory, monitor, pipeline, pretrain, report, retrain, runs, score, tracking
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig
 from .ensemble import evaluate_ensemble
 from .event_database import DatabaseQuery, is_database_url
@@ -62,6 +62,10 @@ def _params(values: Optional[list[str]]) -> dict[str, Any]:
 def _add_global_flags(p: argparse.ArgumentParser, default_workspace: Any) -> None:
     p.add_argument("--workspace", default=default_workspace,
                    help="workspace folder (default: $PURCHASE_INTENT_WORKSPACE or ./pi-workspace)")
+    p.add_argument("--memory-limit", metavar="SIZE", default=None if default_workspace is not argparse.SUPPRESS
+                   else argparse.SUPPRESS,
+                   help=f"memory DuckDB and the streamed batches may use, e.g. 4GB; DuckDB spills past it "
+                        f"(default: ${memory.MEMORY_LIMIT_ENV}, else DuckDB's 80%% of RAM)")
 
 
 class _CommandParser(argparse.ArgumentParser):
@@ -651,9 +655,11 @@ def _workspace_lock(args: argparse.Namespace):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        memory.set_limit(getattr(args, "memory_limit", None))  # checked before anything is read
+        memory.limit_bytes()  # a bad $PURCHASE_INTENT_MEMORY_LIMIT is refused here too
         if getattr(args, "check", None) is not None:  # what can be refused before the lock is taken
             args.check(args)
-        with _workspace_lock(args):
+        with _workspace_lock(args), memory.step(args.command):
             return args.func(args)
     except KeyboardInterrupt:
         print("interrupted; the workspace is unchanged by the unfinished step", file=sys.stderr)

@@ -36,7 +36,7 @@ from .evaluate import binary_metrics, comparison_table, expected_calibration_err
 from .event_database import DatabaseQuery
 from .event_sources import preset_time_zone
 from .events import ingest as ingest_events
-from .features import compute_features
+from .features import copy_features
 from .models import DP_MODELS, DP_REFUSED, MODELS, PRETRAINED_MODELS, NotEnoughData, check_min_data
 from .report import write_report
 from .runs import Built, jsonable, load_built, write_json
@@ -109,24 +109,34 @@ def build(label_cfg: LabelConfig, feature_cfg: FeatureConfig | None = None, work
         raise splits.TooFewPeriods(f"{e} (e.g. --step {step}, which fits this data)" if step else str(e)) from None
     _log(describe_dropped(counts), quiet)
     ex["split"] = np.asarray(split)
+    if not ex["example_id"].is_monotonic_increasing:  # the feature file's rows follow example_id
+        raise RuntimeError("examples are not in example_id order; this is a bug, please report it")
     runs.register_examples(con, ex)
     _log(f"computing features for {len(ex):,} examples ...", quiet)
-    feats = runs.align_features(compute_features(con, "examples", feature_cfg), ex).reset_index(drop=True)
+    names: list[str] = []
+
+    def write_features(path: Path) -> None:  # DuckDB streams the rows to the file (nothing in Python)
+        names.extend(copy_features(con, path, "examples", feature_cfg))
+
+    def make_info() -> dict:
+        info = {
+            "label_config": asdict(label_cfg),
+            "feature_config": asdict(feature_cfg),
+            "feature_names": names,
+            "n_examples": int(len(ex)),
+            "positives": int(ex["label"].sum()),
+            "dropped": dict(counts.get("dropped", {})),  # examples never made, by reason
+            "split": jsonable(split_info),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        info["build_id"] = hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return info
+
+    runs.write_built(ws, ex, write_features, make_info)
+    con.close()
     _log(split_info.describe(), quiet)
-    info = {
-        "label_config": asdict(label_cfg),
-        "feature_config": asdict(feature_cfg),
-        "feature_names": list(feats.columns),
-        "n_examples": int(len(ex)),
-        "positives": int(ex["label"].sum()),
-        "dropped": dict(counts.get("dropped", {})),  # examples never made, by reason
-        "split": jsonable(split_info),
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    info["build_id"] = hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    built = Built(ex, feats, info)
-    runs.save_built(ws, built)
-    _log(f"built {len(ex):,} examples with {feats.shape[1]} features in {info['seconds']:.1f}s", quiet)
+    built = load_built(ws)
+    _log(f"built {len(ex):,} examples with {len(names)} features in {built.info['seconds']:.1f}s", quiet)
     return built
 
 

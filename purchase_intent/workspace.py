@@ -35,6 +35,8 @@ from typing import Any, Iterator
 import duckdb
 import pyarrow.parquet as pq
 
+from . import memory
+
 WORKSPACE_ENV = "PURCHASE_INTENT_WORKSPACE"
 DEFAULT_WORKSPACE = "pi-workspace"
 TMP_PREFIX = ".tmp-"
@@ -439,6 +441,7 @@ class Workspace:
             )
         con = duckdb.connect(database)
         con.execute("SET TimeZone = 'UTC'")
+        memory.configure(con, self.root)  # the user's memory limit; spills under the workspace
         files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
         try:
             con.execute(f"CREATE OR REPLACE VIEW events AS SELECT * FROM read_parquet([{files}], union_by_name = true)")
