@@ -32,6 +32,7 @@ from typing import Iterable, Optional
 
 import duckdb
 
+from . import memory
 from .config import DataConfig
 from .event_database import DatabaseQuery, QueryRows
 from .event_rejects import collect_rejects
@@ -291,6 +292,7 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
     tmpdir = Path(tempfile.mkdtemp(prefix="purchase-intent-ingest-"))
     try:
         con.execute(f"SET temp_directory = {sql_literal(tmpdir)}")
+        memory.configure(con)  # the user's memory limit (spills stay in tmpdir: they hold raw ids)
         con.execute("SET TimeZone = 'UTC'")
         con.execute("SET enable_progress_bar = false")
         con.execute("SET preserve_insertion_order = true")  # row_number() OVER () follows the file
