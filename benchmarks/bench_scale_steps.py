@@ -41,7 +41,8 @@ SCAN = """
 import sys, duckdb
 con = duckdb.connect(); con.execute("SET threads = 2")
 cols = [r[0] for r in con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [sys.argv[1]]).fetchall()]
-con.execute("SELECT " + ", ".join(f'sum(hash("{c}"))' for c in cols) + " FROM read_parquet(?)", [sys.argv[1]]).fetchall()
+sums = ", ".join(f'sum(hash("{c}"))' for c in cols)
+con.execute("SELECT " + sums + " FROM read_parquet(?)", [sys.argv[1]]).fetchall()
 """
 
 

@@ -22,6 +22,8 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+import duckdb
+
 MEMORY_LIMIT_ENV = "PURCHASE_INTENT_MEMORY_LIMIT"
 MIN_LIMIT = 64 * 2 ** 20  # below this DuckDB cannot even plan the feature SQL
 DEFAULT_BATCH_BUDGET = 2 * 2 ** 30  # bytes batches are sized for when no limit is set
@@ -85,8 +87,6 @@ def configure(con, root: Path | None = None) -> None:
 
 
 def _is_out_of_memory(e: BaseException) -> bool:
-    import duckdb
-
     return isinstance(e, (MemoryError, duckdb.OutOfMemoryException)) or (
         isinstance(e, duckdb.Error) and "out of memory" in str(e).lower())
 

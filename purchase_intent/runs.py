@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from .config import FeatureConfig, LabelConfig, from_dict
 from .features import compute_features
@@ -71,8 +72,6 @@ class FeatureRows:
     """
 
     def __init__(self, path: Path):
-        import pyarrow.parquet as pq
-
         self.path = Path(path)
         meta = pq.ParquetFile(self.path).metadata
         self.columns = pd.Index(pq.read_schema(self.path).names)
@@ -87,8 +86,6 @@ class FeatureRows:
         return self
 
     def __getitem__(self, idx) -> pd.DataFrame:
-        import pyarrow.parquet as pq
-
         pos = np.arange(self.shape[0])[idx] if isinstance(idx, slice) else np.asarray(idx)
         if pos.dtype == bool:
             pos = np.flatnonzero(pos)
