@@ -46,13 +46,13 @@ con.execute("SELECT " + sums + " FROM read_parquet(?)", [sys.argv[1]]).fetchall(
 """
 
 
-def run_child(cmd: list[str], env: dict, log: Path) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS MiB, exit status) of ``cmd`` run to completion."""
+def run_child(cmd: list[str], env: dict, log: Path, cwd: Path) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS MiB, exit status) of ``cmd`` run to completion in folder ``cwd``."""
     t0 = time.perf_counter()
     with open(log, "ab") as out:
         out.write(("$ " + " ".join(cmd) + "\n").encode())
         out.flush()
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return time.perf_counter() - t0, usage.ru_maxrss / 1024, proc.returncode
@@ -125,7 +125,7 @@ def main() -> None:
             load = open("/proc/loadavg").read().split()[0]
             seconds, rss, rc = 0.0, 0.0, 0
             for cmd in step_commands(step, data, args):
-                s, r, rc = run_child(cmd, {**step_env}, log)
+                s, r, rc = run_child(cmd, step_env, log, ws)  # score's --out lands in the workspace
                 seconds, rss = seconds + s, max(rss, r)
                 if rc:
                     break
