@@ -19,7 +19,10 @@ each is decoded: a count would be answered from the file's statistics), the refe
 
 Growth exponent b per step: the least-squares slope of log(seconds) against log(events) (and of
 log(peak RSS)) over the sizes given. Writes one JSON file with every row and the fits, and prints
-a Markdown table.
+a Markdown table. ``--refit A.json B.json ...`` pools the rows of earlier runs (same label; the
+later run of a step and size wins) and prints the table and the fits over all of them::
+
+    .venv/bin/python benchmarks/bench_scale_steps.py --refit results/a.json results/b.json --label after
 """
 from __future__ import annotations
 
@@ -85,9 +88,35 @@ def fit_exponent(events: list[int], values: list[float]) -> float | None:
     return float(np.polyfit(np.log(events), np.log(values), 1)[0])
 
 
+def fit_all(steps, rows) -> dict:
+    fits = {}
+    for step in steps:
+        ok = [r for r in rows if r["step"] == step and r["rc"] == 0]
+        ev = [r["events"] for r in ok]
+        fits[step] = {"b_time": fit_exponent(ev, [max(r["seconds"], 1e-3) for r in ok]),
+                      "b_rss": fit_exponent(ev, [r["peak_rss_mib"] for r in ok])}
+    return fits
+
+
+def print_table(label: str, steps, rows, fits, note: str) -> None:
+    sizes = sorted({r["events"] for r in rows})
+    print(f"\n{label}: {note}")
+    print("| step | " + " | ".join(f"{n:,} events s / MiB" for n in sizes) + " | b (time) | b (RSS) |")
+    print("|---" * (len(sizes) + 3) + "|")
+    fmt = lambda b: "-" if b is None else f"{b:.2f}"  # noqa: E731
+    for step in steps:
+        cells = []
+        for n in sizes:
+            r = next((r for r in rows if r["step"] == step and r["events"] == n), None)
+            cells.append("-" if r is None else (f"{r['seconds']:.1f} / {r['peak_rss_mib']:,}" if r["rc"] == 0
+                                                else f"failed (rc {r['rc']})"))
+        print(f"| {step} | " + " | ".join(cells) + f" | {fmt(fits[step]['b_time'])} | {fmt(fits[step]['b_rss'])} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("data", nargs="+", type=Path, help="Parquet files of make_sim_data.py, smallest first")
+    ap.add_argument("data", nargs="*", type=Path, help="Parquet files of make_sim_data.py, smallest first")
+    ap.add_argument("--refit", nargs="+", type=Path, metavar="JSON", help="pool these result files; run nothing")
     ap.add_argument("--steps", default=",".join(STEPS), help="comma-separated, of: " + ",".join(STEPS))
     ap.add_argument("--memory-limit", help="passed to every step as $PURCHASE_INTENT_MEMORY_LIMIT")
     ap.add_argument("--src", type=Path, default=Path(__file__).resolve().parents[1],
@@ -100,6 +129,19 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep each workspace (default: removed after its file)")
     ap.add_argument("--out", type=Path, help="JSON file of the results (appended to when it exists)")
     args = ap.parse_args()
+    if args.refit:
+        pooled: dict = {}
+        for f in args.refit:
+            for res in json.loads(f.read_text()):
+                for r in res["rows"]:
+                    if r["label"] == args.label:
+                        pooled[(r["step"], r["events"])] = r
+        rows = list(pooled.values())
+        print_table(args.label, [s for s in STEPS if any(r["step"] == s for r in rows)], rows, fit_all(STEPS, rows),
+                    "pooled from " + ", ".join(map(str, args.refit)))
+        return
+    if not args.data:
+        raise SystemExit("give the data files (or --refit JSON files)")
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     bad = [s for s in steps if s not in STEPS]
     if bad:
@@ -138,12 +180,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(ws, ignore_errors=True)
 
-    fits = {}
-    for step in steps:
-        ok = [r for r in rows if r["step"] == step and r["rc"] == 0]
-        ev = [r["events"] for r in ok]
-        fits[step] = {"b_time": fit_exponent(ev, [max(r["seconds"], 1e-3) for r in ok]),
-                      "b_rss": fit_exponent(ev, [r["peak_rss_mib"] for r in ok])}
+    fits = fit_all(steps, rows)
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
@@ -156,18 +193,7 @@ def main() -> None:
         old = json.loads(args.out.read_text()) if args.out.exists() else []
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps([*old, result], indent=1) + "\n")
-    print(f"\n{args.label}: memory limit {args.memory_limit or 'none'}; {result['machine']}")
-    print("| step | " + " | ".join(f"{r:,} events s / MiB" for r in sorted({r['events'] for r in rows})) +
-          " | b (time) | b (RSS) |")
-    for step in steps:
-        cells = []
-        for n in sorted({r["events"] for r in rows}):
-            r = next((r for r in rows if r["step"] == step and r["events"] == n), None)
-            cells.append("-" if r is None else (f"{r['seconds']:.1f} / {r['peak_rss_mib']:,}" if r["rc"] == 0
-                                                else f"failed (rc {r['rc']})"))
-        f = fits[step]
-        fmt = lambda b: "-" if b is None else f"{b:.2f}"  # noqa: E731
-        print(f"| {step} | " + " | ".join(cells) + f" | {fmt(f['b_time'])} | {fmt(f['b_rss'])} |")
+    print_table(args.label, steps, rows, fits, f"memory limit {args.memory_limit or 'none'}; {result['machine']}")
 
 
 if __name__ == "__main__":
