@@ -106,3 +106,16 @@ def test_cli_build_and_train_under_a_limit(built_ws, monkeypatch):
     assert cli.main(["--memory-limit", "256MB", "--workspace", root, "train", "--model", "logreg",
                      "--min-positives", "1", "--min-negatives", "1"]) == 0
     assert not (built_ws.root / memory.TMP_DIR).exists() or not any((built_ws.root / memory.TMP_DIR).iterdir())
+
+
+def test_bench_scale_steps_fits_the_growth_exponent():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scale_steps.py"
+    spec = importlib.util.spec_from_file_location("bench_scale_steps", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.fit_exponent([10, 100, 1000], [1.0, 10.0, 100.0]) == pytest.approx(1.0)
+    assert mod.fit_exponent([10, 100], [1.0, 100.0]) == pytest.approx(2.0)
+    assert mod.fit_exponent([10, 10], [1.0, 2.0]) is None  # one size: nothing to fit
