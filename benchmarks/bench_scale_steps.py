@@ -131,8 +131,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.refit:
         pooled: dict = {}
-        for f in args.refit:
-            for res in json.loads(f.read_text()):
+        for f in args.refit:  # a results file, or the JSON lines a run printed (one row each)
+            text = f.read_text()
+            results = json.loads(text) if text.lstrip().startswith("[") else [
+                {"rows": [json.loads(line) for line in text.splitlines() if line.startswith("{")]}]
+            for res in results:
                 for r in res["rows"]:
                     if r["label"] == args.label:
                         pooled[(r["step"], r["events"])] = r
