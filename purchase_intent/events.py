@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import duckdb
+import pyarrow as pa
 
 from . import memory
 from .config import DataConfig
@@ -271,8 +272,15 @@ def _pseudonym_map(con: duckdb.DuckDBPyConnection, name: str, col: str, key: byt
 
     ``privacy.pseudonym_sql`` computes the same pseudonyms inside DuckDB; on two busy cores it was
     not faster (benchmarks/results/ingest_hmac.md), so ingest keeps this path."""
-    ids = con.sql(f"SELECT DISTINCT {col} FROM staged WHERE {col} IS NOT NULL").to_arrow_table()
-    con.register("ids_arrow", pseudonym_table(ids.column(0), key))
+    # in batches sized by the memory limit: Python holds one batch's ids and digests at a time (a
+    # log's session ids are millions); the map itself is Arrow (raw and pid text only)
+    reader = con.sql(f"SELECT DISTINCT {col} FROM staged WHERE {col} IS NOT NULL").to_arrow_reader(
+        memory.batch_rows(400))
+    parts = [pseudonym_table(batch.column(0), key) for batch in reader]
+    table = pa.concat_tables(parts) if parts else pa.table({"raw": pa.array([], pa.string()),
+                                                            "pid": pa.array([], pa.string())})
+    del parts
+    con.register("ids_arrow", table)
     con.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM ids_arrow")
     con.unregister("ids_arrow")
 
