@@ -86,9 +86,15 @@ def configure(con, root: Path | None = None) -> None:
         con.execute("SET temp_directory = '" + str(tmp).replace("'", "''") + "'")
 
 
-def _is_out_of_memory(e: BaseException) -> bool:
-    return isinstance(e, (MemoryError, duckdb.OutOfMemoryException)) or (
-        isinstance(e, duckdb.Error) and "out of memory" in str(e).lower())
+def _out_of_memory(e: BaseException | None) -> BaseException | None:
+    """The out-of-memory error ``e`` is, or was raised from (a step may wrap DuckDB's), or None."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, (MemoryError, duckdb.OutOfMemoryException)) or (
+                isinstance(e, duckdb.Error) and "out of memory" in str(e).lower()):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 @contextlib.contextmanager
@@ -96,8 +102,9 @@ def step(name: str) -> Iterator[None]:
     """Run step ``name``; running out of memory ends it with one line naming the limit and the step."""
     try:
         yield
-    except Exception as e:
-        if not _is_out_of_memory(e):
+    except Exception as err:
+        e = _out_of_memory(err)
+        if e is None:
             raise
         text = limit_text()
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -119,3 +119,15 @@ def test_bench_scale_steps_fits_the_growth_exponent():
     assert mod.fit_exponent([10, 100, 1000], [1.0, 10.0, 100.0]) == pytest.approx(1.0)
     assert mod.fit_exponent([10, 100], [1.0, 100.0]) == pytest.approx(2.0)
     assert mod.fit_exponent([10, 10], [1.0, 2.0]) is None  # one size: nothing to fit
+
+
+def test_out_of_memory_wrapped_by_a_step_is_still_named(monkeypatch):
+    monkeypatch.setenv(memory.MEMORY_LIMIT_ENV, "512MB")
+    con = duckdb.connect()
+    con.execute("SET memory_limit = '2MB'; SET temp_directory = ''; SET threads = 1")
+    with pytest.raises(memory.MemoryLimitError, match=r"^memory limit 512MB is too small for step ingest \("):
+        with memory.step("ingest"):
+            try:
+                con.execute("SELECT count(DISTINCT i::VARCHAR || 'x') FROM range(3000000) t(i)").fetchall()
+            except duckdb.Error as e:  # as ingest does: its own error, raised from DuckDB's
+                raise RuntimeError(f"ingest stopped, nothing was stored: {e}") from e
