@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     con.sql("CREATE VIEW ex AS SELECT * FROM ex_df")
     order = con.sql(ORDER_SQL).df().set_index("example_id").loc[built.examples["example_id"]]
     y = built.examples["label"].to_numpy()
-    X0 = built.features.to_numpy(np.float64)
+    X0 = built.features.to_frame().to_numpy(np.float64)  # a small build: the whole matrix
     X1 = np.column_stack([X0, order.to_numpy(np.float64)])
     tr, va, te = (built.mask(s) for s in ("train", "valid", "test"))
     result: dict = {"lightgbm_test_auc": {}, "stacked": {}}

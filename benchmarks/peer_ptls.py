@@ -56,7 +56,7 @@ def cmd_export(args) -> None:
     ex = built.examples
     examples = ex[["example_id", "user_id", "cutoff", "label"]].reset_index(drop=True)
     examples.to_parquet(out / "examples.parquet", index=False)
-    feats = built.features.reset_index(drop=True).copy()
+    feats = built.features.to_frame()
     if len(feats) != len(examples):
         raise SystemExit(f"features ({len(feats)}) and examples ({len(examples)}) differ in length")
     feats.insert(0, "example_id", examples["example_id"].to_numpy())

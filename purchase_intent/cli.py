@@ -30,6 +30,7 @@ from . import (
     distributed,
     erasure,
     explain,
+    memory,
     monitor,
     pipeline,
     pretrain,
@@ -82,6 +83,10 @@ def _add_global_flags(p: argparse.ArgumentParser, default_workspace: Any) -> Non
                    default=argparse.SUPPRESS if default_workspace is argparse.SUPPRESS else None,
                    help=f"encrypt the workspace at rest with the key in this file (kept outside the workspace; "
                         f"else ${ENCRYPTION_KEY_ENV}, if set; README, 'Encryption at rest')")
+    p.add_argument("--memory-limit", metavar="SIZE", default=None if default_workspace is not argparse.SUPPRESS
+                   else argparse.SUPPRESS,
+                   help=f"memory DuckDB and the streamed batches may use, e.g. 4GB; DuckDB spills past it "
+                        f"(default: ${memory.MEMORY_LIMIT_ENV}, else DuckDB's 80%% of RAM)")
 
 
 class _CommandParser(argparse.ArgumentParser):
@@ -742,12 +747,14 @@ def _workspace_lock(args: argparse.Namespace):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        memory.set_limit(getattr(args, "memory_limit", None))  # checked before anything is read
+        memory.limit_bytes()  # a bad $PURCHASE_INTENT_MEMORY_LIMIT is refused here too
         set_key_file(getattr(args, "encryption_key_file", None))
         if args.command not in NO_WORKSPACE_COMMANDS:  # a missing or wrong key: refused before anything is read
             check_workspace(args.workspace)
         if getattr(args, "check", None) is not None:  # what can be refused before the lock is taken
             args.check(args)
-        with _workspace_lock(args):
+        with _workspace_lock(args), memory.step(args.command):
             return args.func(args)
     except KeyboardInterrupt:
         print("interrupted; the workspace is unchanged by the unfinished step", file=sys.stderr)

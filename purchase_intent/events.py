@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import duckdb
+import pyarrow as pa
 
-from . import storage
+from . import memory, storage
 from .config import DataConfig
 from .event_database import DatabaseQuery, QueryRows
 from .event_rejects import collect_rejects
@@ -272,8 +273,15 @@ def _pseudonym_map(con: duckdb.DuckDBPyConnection, name: str, col: str, key: byt
 
     ``privacy.pseudonym_sql`` computes the same pseudonyms inside DuckDB; on two busy cores it was
     not faster (benchmarks/results/ingest_hmac.md), so ingest keeps this path."""
-    ids = con.sql(f"SELECT DISTINCT {col} FROM staged WHERE {col} IS NOT NULL").to_arrow_table()
-    con.register("ids_arrow", pseudonym_table(ids.column(0), key))
+    # in batches sized by the memory limit: Python holds one batch's ids and digests at a time (a
+    # log's session ids are millions); the map itself is Arrow (raw and pid text only)
+    reader = con.sql(f"SELECT DISTINCT {col} FROM staged WHERE {col} IS NOT NULL").to_arrow_reader(
+        memory.batch_rows(400))
+    parts = [pseudonym_table(batch.column(0), key) for batch in reader]
+    table = pa.concat_tables(parts) if parts else pa.table({"raw": pa.array([], pa.string()),
+                                                            "pid": pa.array([], pa.string())})
+    del parts
+    con.register("ids_arrow", table)
     con.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM ids_arrow")
     con.unregister("ids_arrow")
 
@@ -293,6 +301,7 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
     tmpdir = Path(tempfile.mkdtemp(prefix="purchase-intent-ingest-"))
     try:
         con.execute(f"SET temp_directory = {sql_literal(tmpdir)}")
+        memory.configure(con)  # the user's memory limit (spills stay in tmpdir: they hold raw ids)
         con.execute("SET TimeZone = 'UTC'")
         con.execute("SET enable_progress_bar = false")
         con.execute("SET preserve_insertion_order = true")  # row_number() OVER () follows the file

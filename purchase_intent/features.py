@@ -27,9 +27,12 @@ are unread. A change of a definition goes into both modules.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import duckdb
 import pandas as pd
 
+from . import storage
 from .config import FeatureConfig
 from .times import DAY_US, HOUR_US, duration_us
 from .vocabulary import EVENT_TYPES
@@ -91,11 +94,12 @@ def _columns(con: duckdb.DuckDBPyConnection, relation: str) -> list[str]:
 
 
 def features_sql(cfg: FeatureConfig, examples: str = "examples", events: str = "events",
-                 session: bool = False, session_ids: bool = True) -> str:
+                 session: bool = False, session_ids: bool = True, with_id: bool = True) -> str:
     """The SQL of ``compute_features``: one row per example of ``examples`` (example_id first).
 
     ``session=True`` adds the in-session features; ``session_ids=False`` is a shortcut for logs
-    without any session_id (one window sort less).
+    without any session_id (one window sort less); ``with_id=False`` leaves example_id out (rows
+    are still in its order).
     """
     wins = {w: duration_us(w) for w in cfg.windows}
     hist_us = duration_us(cfg.history) if cfg.history else None
@@ -237,7 +241,7 @@ def features_sql(cfg: FeatureConfig, examples: str = "examples", events: str = "
         FROM x JOIN b ON b.user_id = x.user_id AND b.bucket_end <= x.cutoff {hist_bound}
     ),
     a AS (SELECT example_id, {', '.join(f'{q} AS "{n}"' for n, q in out.items())} FROM hist GROUP BY example_id)
-    SELECT x.example_id, {', '.join(sel)}
+    SELECT {"x.example_id, " if with_id else ""}{', '.join(sel)}
     FROM x LEFT JOIN a USING (example_id)
     ORDER BY x.example_id"""
 
@@ -258,10 +262,33 @@ def compute_features(con: duckdb.DuckDBPyConnection, examples: str = "examples",
     pandas.DataFrame (n_examples, n_features) of float64, index ``example_id`` in ascending order,
     columns in the order of ``feature_docs(cfg, session)``.
     """
-    cols = _columns(con, examples)
-    session = "session_start" in cols and con.execute(
-        f"SELECT count(session_start) > 0 FROM {examples}").fetchall()[0][0]
-    ids = con.execute(f"SELECT count(session_id) > 0 FROM {events}").fetchall()[0][0]
-    df = con.sql(features_sql(cfg, examples, events, session=bool(session), session_ids=bool(ids))).df()
+    sql, _ = _planned_sql(con, examples, cfg, events)
+    df = con.sql(sql).df()
     df = df.set_index("example_id")
     return df.astype("float64")
+
+
+def _planned_sql(con: duckdb.DuckDBPyConnection, examples: str, cfg: FeatureConfig,
+                 events: str, with_id: bool = True) -> tuple[str, list[str]]:
+    """``features_sql`` for these relations (in-session features when some example has a session
+    start; the shortcut for logs without session ids) and its feature names, in column order."""
+    cols = _columns(con, examples)
+    session = bool("session_start" in cols and con.execute(
+        f"SELECT count(session_start) > 0 FROM {examples}").fetchall()[0][0])
+    ids = con.execute(f"SELECT count(session_id) > 0 FROM {events}").fetchall()[0][0]
+    return (features_sql(cfg, examples, events, session=session, session_ids=bool(ids), with_id=with_id),
+            list(feature_docs(cfg, session)))
+
+
+def copy_features(con: duckdb.DuckDBPyConnection, path: str | Path, examples: str = "examples",
+                  cfg: FeatureConfig = FeatureConfig(), events: str = "events") -> list[str]:
+    """``compute_features`` written straight to the Parquet file ``path`` by DuckDB (``COPY ... TO``).
+
+    Nothing passes through Python: DuckDB streams the rows to the file within its ``memory_limit``
+    (spilling the joins and sorts past it), so the size of the log bounds disk, not memory. Rows
+    are in ascending ``example_id``; the columns are the features only (float64), without the id.
+    Returns the feature names, in column order.
+    """
+    sql, names = _planned_sql(con, examples, cfg, events, with_id=False)
+    storage.copy_to_parquet(con, sql, path, compression="zstd", row_group_size=122_880)
+    return names

@@ -39,7 +39,7 @@ from .evaluate import binary_metrics, comparison_table, expected_calibration_err
 from .event_database import DatabaseQuery
 from .event_sources import preset_time_zone
 from .events import ingest as ingest_events
-from .features import compute_features
+from .features import compute_features, copy_features
 from .models import DP_MODELS, DP_REFUSED, MODELS, PRETRAINED_MODELS, NotEnoughData, check_min_data
 from .report import write_report
 from .runs import Built, jsonable, load_built, write_json
@@ -110,6 +110,14 @@ class _DuckDBBuild:
         runs.register_examples(self.con, ex)
         return compute_features(self.con, "examples", cfg)
 
+    def write_features(self, ex: pd.DataFrame, cfg: FeatureConfig, path: Path) -> list[str]:
+        """The features of ``ex`` streamed by DuckDB to the Parquet file ``path`` (nothing in Python)."""
+        runs.register_examples(self.con, ex)
+        return copy_features(self.con, path, "examples", cfg)
+
+    def close(self) -> None:
+        self.con.close()
+
 
 def _builder(ws: Workspace, engine: EngineConfig | None):
     engine = engine or EngineConfig()
@@ -146,24 +154,34 @@ def build(label_cfg: LabelConfig, feature_cfg: FeatureConfig | None = None, work
         raise splits.TooFewPeriods(f"{e} (e.g. --step {step}, which fits this data)" if step else str(e)) from None
     _log(describe_dropped(counts), quiet)
     ex["split"] = np.asarray(split)
+    if not ex["example_id"].is_monotonic_increasing:  # the feature file's rows follow example_id
+        raise RuntimeError("examples are not in example_id order; this is a bug, please report it")
     _log(f"computing features for {len(ex):,} examples ...", quiet)
-    feats = runs.align_features(eng.compute_features(ex, feature_cfg), ex).reset_index(drop=True)
+    names: list[str] = []
+
+    def write_features(path: Path) -> None:
+        names.extend(eng.write_features(ex, feature_cfg, path))
+
+    def make_info() -> dict:
+        info = {
+            "label_config": asdict(label_cfg),
+            "feature_config": asdict(feature_cfg),
+            "feature_names": names,
+            "n_examples": int(len(ex)),
+            "positives": int(ex["label"].sum()),
+            "dropped": dict(counts.get("dropped", {})),  # examples never made, by reason
+            "split": jsonable(split_info),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "engine": (engine or EngineConfig()).name,
+        }
+        info["build_id"] = hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return info
+
+    runs.write_built(ws, ex, write_features, make_info)
+    eng.close()
     _log(split_info.describe(), quiet)
-    info = {
-        "label_config": asdict(label_cfg),
-        "feature_config": asdict(feature_cfg),
-        "feature_names": list(feats.columns),
-        "n_examples": int(len(ex)),
-        "positives": int(ex["label"].sum()),
-        "dropped": dict(counts.get("dropped", {})),  # examples never made, by reason
-        "split": jsonable(split_info),
-        "seconds": round(time.perf_counter() - t0, 2),
-        "engine": (engine or EngineConfig()).name,
-    }
-    info["build_id"] = hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    built = Built(ex, feats, info)
-    runs.save_built(ws, built)
-    _log(f"built {len(ex):,} examples with {feats.shape[1]} features in {info['seconds']:.1f}s", quiet)
+    built = load_built(ws)
+    _log(f"built {len(ex):,} examples with {len(names)} features in {built.info['seconds']:.1f}s", quiet)
     return built
 
 

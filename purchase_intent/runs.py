@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -62,12 +62,62 @@ def jsonable(obj: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # built examples
+class FeatureRows:
+    """The feature matrix of a build, left in its Parquet file: ``iloc[idx]`` reads only rows ``idx``.
+
+    What ``load_built`` gives as ``Built.features``, so that no step holds every example's features:
+    ``iloc`` reads the file one row group at a time, keeps the rows asked for and returns them as a
+    float64 DataFrame in the order asked (as ``DataFrame.iloc`` would). Memory: the rows returned
+    plus one row group.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        meta = storage.read_metadata(self.path)
+        self.columns = pd.Index(storage.read_schema(self.path).names)
+        self._starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+        self.shape = (int(self._starts[-1]), len(self.columns))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def iloc(self) -> "FeatureRows":
+        return self
+
+    def __getitem__(self, idx) -> pd.DataFrame:
+        pos = np.arange(self.shape[0])[idx] if isinstance(idx, slice) else np.asarray(idx)
+        if pos.dtype == bool:
+            pos = np.flatnonzero(pos)
+        pos = pos.astype(np.int64).reshape(-1)
+        if len(pos) and (pos.min() < 0 or pos.max() >= self.shape[0]):
+            raise IndexError(f"feature rows {pos.min()}..{pos.max()} outside 0..{self.shape[0] - 1}")
+        order = np.argsort(pos, kind="stable")
+        want = pos[order]
+        out = np.empty((len(pos), self.shape[1]), np.float64)
+        pf = storage.parquet_file(self.path)
+        bounds = np.searchsorted(want, self._starts)
+        for g in range(len(self._starts) - 1):
+            a, b = bounds[g], bounds[g + 1]
+            if a == b:
+                continue
+            tbl = pf.read_row_group(g)
+            local = want[a:b] - self._starts[g]
+            for j, col in enumerate(tbl.columns):
+                out[order[a:b], j] = col.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)[local]
+        return pd.DataFrame(out, columns=self.columns.copy())
+
+    def to_frame(self) -> pd.DataFrame:
+        """Every row (what a small build or a test may want whole)."""
+        return self[slice(None)]
+
+
 @dataclass
 class Built:
     """The built examples of a workspace: one row per example, its split and its features."""
 
     examples: pd.DataFrame  # example_id, user_id, cutoff, label, label_end, period, split, ...
-    features: pd.DataFrame  # feature matrix in the examples' row order
+    features: pd.DataFrame | FeatureRows  # feature matrix in the examples' row order (``.iloc[idx]``)
     info: dict[str, Any]  # build.json
 
     @property
@@ -84,19 +134,30 @@ class Built:
 
 def save_built(workspace: Workspace, built: Built) -> None:
     """Write ``built`` to ``<workspace>/examples/`` as one atomic directory swap."""
+    feats = built.features.to_frame() if isinstance(built.features, FeatureRows) else built.features
+    write_built(workspace, built.examples, lambda path: storage.write_parquet(feats, path), lambda: built.info)
+
+
+def write_built(workspace: Workspace, examples: pd.DataFrame, write_features: Callable[[Path], Any],
+                info: Callable[[], dict]) -> None:
+    """Write a build to ``<workspace>/examples/`` as one atomic directory swap.
+
+    ``write_features(path)`` writes the feature matrix (rows in the examples' order) to the Parquet
+    file ``path`` itself (``features.copy_features`` streams it from DuckDB); ``info()`` gives
+    build.json once the features are written."""
     with atomic_dir(workspace.examples_dir) as tmp:
-        storage.write_parquet(built.examples, tmp / EXAMPLES)
-        storage.write_parquet(built.features, tmp / FEATURES)
-        (tmp / BUILD_JSON).write_text(json.dumps(built.info, indent=2, default=str))
+        write_features(tmp / FEATURES)
+        storage.write_parquet(examples, tmp / EXAMPLES)
+        (tmp / BUILD_JSON).write_text(json.dumps(info(), indent=2, default=str))
 
 
 def load_built(workspace: Workspace | str | Path | None = None) -> Built:
-    """Read what `build` wrote."""
+    """Read what `build` wrote: the examples whole, the features left in their file (:class:`FeatureRows`)."""
     d = as_workspace(workspace).examples_dir
     if not (d / BUILD_JSON).exists():
         raise FileNotFoundError(f"no built examples in {d}: run `purchase-intent build` first")
     info = json.loads((d / BUILD_JSON).read_text())
-    return Built(storage.read_frame(d / EXAMPLES), storage.read_frame(d / FEATURES), info)
+    return Built(storage.read_frame(d / EXAMPLES), FeatureRows(d / FEATURES), info)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from py4j.protocol import Py4JError, Py4JJavaError
 from pyspark.errors import PySparkException
 from pyspark.sql import DataFrame, SparkSession
 
-from . import labels, runs
+from . import labels, runs, storage
 from .config import DataConfig, FeatureConfig, LabelConfig
 from .engine import EngineConfig, EngineError
 from .event_sources import PRESETS, Source, sql_ident
@@ -251,6 +251,16 @@ class SparkBuild:
         df = to_arrow(sql(spark, features_sql(cfg, "examples", "events", session=session,
                                               session_ids=bool(ids)))).to_pandas()
         return df.set_index("example_id").astype("float64")
+
+    def write_features(self, examples: pd.DataFrame, cfg: FeatureConfig, path: Path) -> list[str]:
+        """The features collected to the driver, in the examples' row order, written as the same Parquet
+        file as DuckDB's; returns their names."""
+        feats = runs.align_features(self.compute_features(examples, cfg), examples).reset_index(drop=True)
+        storage.write_parquet(feats, path)
+        return list(feats.columns)
+
+    def close(self) -> None:
+        """Nothing to close: the Spark session stays for the process (the next step reuses it)."""
 
 
 # ---------------------------------------------------------------------------------------------

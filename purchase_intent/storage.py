@@ -308,6 +308,11 @@ def read_metadata(path: str | Path) -> pq.FileMetaData:
     return pq.read_metadata(path, **_read_kw(path))
 
 
+def parquet_file(path: str | Path) -> pq.ParquetFile:
+    """A ``ParquetFile`` to read row group by row group (decrypting when encrypted)."""
+    return pq.ParquetFile(path, **_read_kw(path))
+
+
 def _sql_str(p: str | Path) -> str:
     return "'" + str(p).replace("'", "''") + "'"
 
@@ -358,13 +363,18 @@ def _missing_key(path: Path) -> bytes:
     raise EncryptionKeyError(f"{path} is encrypted: {_HOW}")
 
 
-def copy_to_parquet(con, sql: str, path: str | Path, params: dict | None = None) -> None:
+def copy_to_parquet(con, sql: str, path: str | Path, params: dict | None = None, compression: str | None = None,
+                    row_group_size: int = 122_880) -> None:
     """Write the result of the DuckDB query ``sql`` to the Parquet file ``path`` (encrypted when a key
-    is given: streamed as record batches, never whole in memory)."""
+    is given: streamed as record batches, never whole in memory). ``compression`` (e.g. "zstd") and
+    ``row_group_size``: None / DuckDB's default row groups unless given."""
     if not active():
-        con.execute(f"COPY ({sql}) TO {_sql_str(path)} (FORMAT parquet)", params)
+        opts = "".join(f", {k} {v}" for k, v in (("COMPRESSION", compression), ("ROW_GROUP_SIZE", row_group_size))
+                       if v is not None)
+        con.execute(f"COPY ({sql}) TO {_sql_str(path)} (FORMAT parquet{opts})", params)
         return
-    reader = con.sql(sql, params=params).to_arrow_reader(122_880)
-    with pq.ParquetWriter(path, reader.schema, encryption_properties=_encryption_properties()) as writer:
+    reader = con.sql(sql, params=params).to_arrow_reader(row_group_size)
+    with pq.ParquetWriter(path, reader.schema, encryption_properties=_encryption_properties(),
+                          compression=compression or "snappy") as writer:
         for batch in reader:
             writer.write_batch(batch)

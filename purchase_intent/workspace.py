@@ -35,7 +35,7 @@ from typing import Any, Iterator
 
 import duckdb
 
-from . import storage
+from . import memory, storage
 
 WORKSPACE_ENV = "PURCHASE_INTENT_WORKSPACE"
 DEFAULT_WORKSPACE = "pi-workspace"
@@ -445,6 +445,7 @@ class Workspace:
             )
         con = duckdb.connect(database)
         con.execute("SET TimeZone = 'UTC'")
+        memory.configure(con, self.root)  # the user's memory limit; spills under the workspace
         try:
             storage.create_view(con, "events", parts, union_by_name=True)
         except (duckdb.Error, OSError) as e:

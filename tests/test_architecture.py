@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 # "models" likewise; "events_*" is a pattern; "__init__" is purchase_intent/__init__.py itself.
 # A new module fails test_layers until it is added here (and to docs/ARCHITECTURE.md).
 LAYERS: dict[int, list[str]] = {
-    0: ["__init__", "config", "times", "vocabulary", "workspace", "allocator", "distributed",
+    0: ["__init__", "config", "times", "vocabulary", "workspace", "memory", "allocator", "distributed",
         "calibration", "privacy", "simulate", "storage", "engine"],     # foundations, no domain logic
     1: ["events", "event_*", "events_*", "formats", "labels", "splits", "features", "feature_frame", "sequences",
         "sequence_frame", "reason_text", "evaluate", "spark_sql"],                   # data: events -> examples -> X
