@@ -69,7 +69,10 @@ def _one_line(fn):
             raw = str(e)
             if isinstance(e, Py4JJavaError):  # "An error occurred while calling o145.getResult": say what
                 try:
-                    raw = str(e.java_exception.toString())
+                    j = e.java_exception
+                    while j.getCause() is not None:  # the root cause, not "Exception thrown in awaitResult:"
+                        j = j.getCause()
+                    raw = str(j.toString())
                 except Py4JError:  # the JVM itself is gone (e.g. killed for memory)
                     pass
             lines = [ln.strip() for ln in raw.strip().splitlines() if ln.strip()] or [type(e).__name__]
