@@ -73,7 +73,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from . import runs, storage
+from . import memory, runs, storage
 from .pretrain import PRETRAINED_RUN
 from .privacy import KEY_ENV, PSEUDONYM_HEX, key_id, load_key, pseudonymise
 from .score import summary_path
@@ -205,8 +205,8 @@ def _reject_changes(ws: Workspace, pids: list[str], raw_ids: dict[str, str]) -> 
     return out
 
 
-def _filtered_table(table: pa.Table, keep: np.ndarray) -> Callable[[Path], None]:
-    return lambda dest: storage.write_parquet(table.filter(pa.array(keep)), dest)
+def _filtered_table(table: pa.Table, keep: np.ndarray, row_group_size: int | None = None) -> Callable[[Path], None]:
+    return lambda dest: storage.write_parquet(table.filter(pa.array(keep)), dest, row_group_size)
 
 
 def _user_counts(user_ids: np.ndarray, pids: list[str]) -> tuple[dict[str, int], np.ndarray]:
@@ -232,7 +232,8 @@ def _example_changes(ws: Workspace, pids: list[str]) -> tuple[list[_Change], set
         if feats.num_rows != ex.num_rows:
             raise RuntimeError(f"{d / runs.FEATURES} has {feats.num_rows} rows for {ex.num_rows} examples: "
                                "rebuild with `purchase-intent build`, then forget again")
-        out.append(_Change(f"examples/{runs.FEATURES}", "features", {}, _filtered_table(feats, keep)))
+        out.append(_Change(f"examples/{runs.FEATURES}", "features", {},
+                           _filtered_table(feats, keep, runs.FEATURE_ROW_GROUP)))
     return out, ids
 
 
@@ -366,6 +367,7 @@ def plan(ws: Workspace, pids: list[str], raw_ids: Optional[dict[str, str]] = Non
     kept as read because it could not locate their id field."""
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
+    memory.configure(con, ws.root)  # the user's memory limit; spills under the workspace, as its other steps
     changes = _event_changes(ws, pids, con) if ws.part_paths() else []
     changes += _reject_changes(ws, pids, raw_ids or {})
     ex_changes, example_ids = _example_changes(ws, pids)

@@ -290,5 +290,5 @@ def copy_features(con: duckdb.DuckDBPyConnection, path: str | Path, examples: st
     Returns the feature names, in column order.
     """
     sql, names = _planned_sql(con, examples, cfg, events, with_id=False)
-    storage.copy_to_parquet(con, sql, path, compression="zstd", row_group_size=122_880)
+    storage.copy_to_parquet(con, sql, path, compression="zstd", row_group_size=122_880)  # runs.FEATURE_ROW_GROUP
     return names

@@ -3,7 +3,7 @@
 ``--memory-limit 4GB`` on those commands, or ``PURCHASE_INTENT_MEMORY_LIMIT=4GB``, sets it. It is:
 
 - DuckDB's ``memory_limit`` on every workspace connection (``Workspace.connect``); past it DuckDB
-  spills to ``<workspace>/.duckdb-tmp/`` (removed when the connection closes), so the feature SQL
+  spills to ``<workspace>/.tmp-duckdb-<id>/`` (one per connection, removed when it closes), so the feature SQL
   over a log larger than memory still runs;
 - the size of the record batches the steps stream (``batch_rows``): a batch is at most 1/16 of the
   limit, so batches plus DuckDB's share stay under it.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -27,7 +28,11 @@ import duckdb
 MEMORY_LIMIT_ENV = "PURCHASE_INTENT_MEMORY_LIMIT"
 MIN_LIMIT = 64 * 2 ** 20  # below this DuckDB cannot even plan the feature SQL
 DEFAULT_BATCH_BUDGET = 2 * 2 ** 30  # bytes batches are sized for when no limit is set
-TMP_DIR = ".duckdb-tmp"  # under the workspace root: where DuckDB spills past the limit
+# under the workspace root, one folder per connection (DuckDB's temp file names are not unique per
+# instance, and DuckDB removes the folder it created when the connection closes); it starts with the
+# workspace's TMP_PREFIX, so a crash's leftover is removed by the next command and `forget` /
+# `rotate-key` never copy it
+TMP_DIR_PREFIX = ".tmp-duckdb-"
 
 _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3, "TB": 1000 ** 4,
           "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
@@ -82,7 +87,7 @@ def configure(con, root: Path | None = None) -> None:
     if n is not None:
         con.execute(f"SET memory_limit = '{n // 2 ** 20}MiB'")
     if root is not None and Path(root).is_dir():
-        tmp = Path(root) / TMP_DIR
+        tmp = Path(root) / f"{TMP_DIR_PREFIX}{uuid.uuid4().hex[:12]}"
         con.execute("SET temp_directory = '" + str(tmp).replace("'", "''") + "'")
 
 

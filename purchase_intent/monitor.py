@@ -250,7 +250,7 @@ def window_from_build(run: Run, ws: Workspace, cutoff: datetime, con) -> Optiona
     rows = np.flatnonzero(((ex["cutoff"] == pd.Timestamp(cutoff)) & (ex["split"] == "train")).to_numpy())
     if not len(rows) or rows[-1] - rows[0] + 1 != len(rows):  # built examples are ordered by cutoff
         return None
-    feats = storage.read_table(d / runs.FEATURES).slice(int(rows[0]), len(rows)).to_pandas()
+    feats = runs.FeatureRows(d / runs.FEATURES).iloc[rows]  # those rows only, not the whole matrix
     X = runs.run_features(run.meta, feats)
     if not run.members and not runs.is_sequence_model(run.model_name):
         scores = np.asarray(run.model.predict_proba(X), dtype=np.float64)[:, 1]
@@ -278,9 +278,10 @@ def session_windows(run: Run, con, ref_end: datetime, end: datetime) -> tuple[Wi
         X = runs.inputs_for_examples(run.meta, run.model, con, rows[["user_id", "cutoff", "session_id",
                                                                      "session_start"]].reset_index(drop=True))
         scores = np.asarray(run.model.predict_proba(X), dtype=np.float64)[:, 1]
-        first = X[0] if isinstance(X, list) else X  # an ensemble: its first member's features
-        feats = first["tabular"] if isinstance(first, dict) else first
-        out.append(Window(lo, lo + step, feats.reset_index(drop=True), scores, rows["label"].to_numpy(np.int8)))
+        first, meta = (X[0], run.members[0].meta) if isinstance(X, list) else (X, run.meta)  # ensemble: 1st member
+        feats = first["tabular"] if isinstance(first, dict) else first  # sequence models: an array
+        feats = pd.DataFrame(np.asarray(feats, dtype=np.float64), columns=meta["feature_names"])
+        out.append(Window(lo, lo + step, feats, scores, rows["label"].to_numpy(np.int8)))
     return out[0], out[1]
 
 

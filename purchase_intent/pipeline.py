@@ -177,8 +177,10 @@ def build(label_cfg: LabelConfig, feature_cfg: FeatureConfig | None = None, work
         info["build_id"] = hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:12]
         return info
 
-    runs.write_built(ws, ex, write_features, make_info)
-    eng.close()
+    try:
+        runs.write_built(ws, ex, write_features, make_info)
+    finally:
+        eng.close()
     _log(split_info.describe(), quiet)
     built = load_built(ws)
     _log(f"built {len(ex):,} examples with {len(names)} features in {built.info['seconds']:.1f}s", quiet)

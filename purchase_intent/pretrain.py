@@ -105,6 +105,14 @@ def dp_config(cfg: PretrainConfig) -> Optional[DPConfig]:
     check_objective(cfg.objective)
     if cfg.init is not None:
         raise ValueError("dp_epsilon with --init is not supported: pretrain the DP encoder from scratch")
+    for name, kind in (("dp_delta", float), ("dp_max_grad_norm", float), ("dp_users_per_step", int),
+                       ("dp_epochs", float), ("dp_lr", float)):
+        value = getattr(cfg, name)
+        if name == "dp_delta" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise ValueError(f"{name}={value!r} is not {'a whole number' if kind is int else 'a number'}: "
+                             f"give e.g. --pretrain-param {name}={getattr(PretrainConfig, name) or 1e-5}")
     return DPConfig(epsilon=float(cfg.dp_epsilon), delta=None if cfg.dp_delta is None else float(cfg.dp_delta),
                     max_grad_norm=float(cfg.dp_max_grad_norm), users_per_step=int(cfg.dp_users_per_step),
                     examples_per_user=1, epochs=float(cfg.dp_epochs), lr=float(cfg.dp_lr))

@@ -51,7 +51,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import runs, storage
+from . import memory, runs, storage
 from .erasure import ERASURE_LOG, csv_bytes, csv_rows, link_tree, run_dirs
 from .privacy import (
     KEY_ENV,
@@ -314,6 +314,7 @@ def plan(ws: Workspace, new_key: bytes) -> tuple[dict[str, Writer], set[str], se
     seen: set[str] = set()
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
+    memory.configure(con, ws.root)  # the user's memory limit; spills under the workspace, as its other steps
     writers = _event_writers(ws, new_key, seen, con) if ws.part_paths() else {}
     writers.update(_reject_writers(ws, new_key, seen))
     tables, run_names = _table_writers(ws, new_key, seen, set(writers))

@@ -62,6 +62,9 @@ def jsonable(obj: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # built examples
+FEATURE_ROW_GROUP = 122_880  # rows per row group of features.parquet: what FeatureRows decodes at a time
+
+
 class FeatureRows:
     """The feature matrix of a build, left in its Parquet file: ``iloc[idx]`` reads only rows ``idx``.
 

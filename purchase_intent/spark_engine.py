@@ -43,7 +43,7 @@ from .event_sources import PRESETS, Source, sql_ident
 from .events import REASONS, FileReport, resolve_columns, stage_sql
 from .features import features_sql
 from .models import load_model
-from .privacy import pseudonym_params, pseudonym_sql
+from .privacy import key_chain, pseudonym_params, pseudonym_sql
 from .spark_sql import PARAMS, SESSION_CONF, split_ctes
 from .times import duration_us, parse_time
 from .vocabulary import RAW_EVENT
@@ -177,7 +177,9 @@ class SparkBuild:
     def __init__(self, spark: SparkSession, events: DataFrame):
         self.spark = spark
         events.createOrReplaceTempView("events")
-        lo, hi = self.spark.sql("SELECT min(ts), max(ts) FROM events").collect()[0]
+        # as TIMESTAMP_NTZ: collect() would turn a TIMESTAMP into the Python process's local time
+        lo, hi = self.spark.sql("SELECT CAST(min(ts) AS TIMESTAMP_NTZ), CAST(max(ts) AS TIMESTAMP_NTZ) "
+                                "FROM events").collect()[0]
         if lo is None:
             raise ValueError("relation 'events' has no events")
         self.lo, self.hi = lo, hi
@@ -317,9 +319,10 @@ class SparkIngest:
             if cfg.strict and report.rejected:
                 return report
             register_params(spark, pseudonym_params(key))
+            n_keys = len(key_chain(key))  # after rotate-key: every key of the chain, oldest first
             extra_sel = "".join(f", s.{sql_ident(n)}" for n in extras.values())
-            ids = (f"{pseudonym_sql('s.user_raw')} AS user_id, s.ts, s.event, s.item_id, "
-                   f"s.category, s.price, {pseudonym_sql('s.session_raw')} AS session_id")
+            ids = (f"{pseudonym_sql('s.user_raw', n_keys)} AS user_id, s.ts, s.event, s.item_id, "
+                   f"s.category, s.price, {pseudonym_sql('s.session_raw', n_keys)} AS session_id")
             if report.accepted:
                 report.part = f"part-{sha[:16]}.parquet"
                 out = sql(spark, f"SELECT {ids}, s.{RAW_EVENT}{extra_sel} FROM staged s WHERE s.reason IS NULL")
@@ -331,18 +334,19 @@ class SparkIngest:
                 shutil.rmtree(folder)
             if report.rejected:
                 report.rejects_path = stage / f"{sha[:16]}.csv"
-                self._write_rejects(report.rejects_path, str(path), columns, mapping)
+                self._write_rejects(report.rejects_path, str(path), columns, mapping, n_keys)
         finally:
             staged.unpersist()
             self.spark.catalog.dropTempView(PARAMS)
         report.seconds = time.perf_counter() - t0
         return report
 
-    def _write_rejects(self, out: Path, source: str, columns: list[str], mapping: dict[str, str]) -> None:
+    def _write_rejects(self, out: Path, source: str, columns: list[str], mapping: dict[str, str],
+                       n_keys: int = 1) -> None:
         """The rejects CSV of the DuckDB path for a Parquet source: each rejected row's fields as JSON, its
         user and session ids replaced by their pseudonyms."""
         ids = {mapping[c]: c for c in ("user_id", "session_id") if c in mapping}
-        pids = {"user_id": pseudonym_sql("s.user_raw"), "session_id": pseudonym_sql("s.session_raw")}
+        pids = {"user_id": pseudonym_sql("s.user_raw", n_keys), "session_id": pseudonym_sql("s.session_raw", n_keys)}
         sel = ", ".join(f"{pids[ids[c]] if c in ids else sql_ident(c)} AS {sql_ident(c)}" for c in columns)
         rows = sql(self.spark, f"SELECT s._pos, s.reason, {sel} FROM staged s "
                                "WHERE s.reason IS NOT NULL AND s.reason <> 'filtered' ORDER BY s._pos").collect()

@@ -253,15 +253,17 @@ def _table(data: pa.Table | Any) -> pa.Table:
     return data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, preserve_index=False)
 
 
-def write_parquet(data: pa.Table | Any, path: str | Path) -> None:
-    """A table or DataFrame to ``path`` (encrypted when a key is given; a DataFrame without its index)."""
+def write_parquet(data: pa.Table | Any, path: str | Path, row_group_size: int | None = None) -> None:
+    """A table or DataFrame to ``path`` (encrypted when a key is given; a DataFrame without its index);
+    ``row_group_size``: rows per row group (None: pyarrow's default)."""
+    kw = {} if row_group_size is None else {"row_group_size": int(row_group_size)}
     if not active():
         if isinstance(data, pa.Table):
-            pq.write_table(data, path)
+            pq.write_table(data, path, **kw)
         else:
-            data.to_parquet(path, index=False)
+            data.to_parquet(path, index=False, **kw)
         return
-    pq.write_table(_table(data), path, encryption_properties=_encryption_properties())
+    pq.write_table(_table(data), path, encryption_properties=_encryption_properties(), **kw)
 
 
 def parquet_bytes(data: pa.Table | Any) -> bytes:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from purchase_intent import cli, monitor, pipeline, report, runs
-from purchase_intent.config import DataConfig, LabelConfig
+from purchase_intent.config import DataConfig, LabelConfig, TrainConfig
 from purchase_intent.monitor import MonitorConfig, bin_counts, fit_bins, psi
 from purchase_intent.simulate import SimConfig, write_events
 from purchase_intent.workspace import Workspace
@@ -234,3 +234,15 @@ def test_a_session_task_run_is_monitored_on_windows_of_sessions(session_shop, ca
     # a window with no complete session: one line
     assert cli.main(["--workspace", str(ws.root), "monitor", "--run", "logreg", "--at", "2000-01-01"]) == 1
     assert "no complete session started" in capsys.readouterr().err
+
+
+def test_a_session_task_sequence_run_is_monitored_too(session_shop):
+    """A Transformer's inputs carry the tabular features as an array: monitor names them by the run's features."""
+    ws = session_shop
+    pipeline.train("transformer", run="seq", params={"max_epochs": 1, "preset": "tiny", "max_seq_len": 16},
+                   train_cfg=TrainConfig(min_positives=1, min_negatives=1), workspace=ws)
+    res = monitor.monitor("seq", ws, MonitorConfig(n_boot=0, ignore=(AGE,)))
+    assert res["task"] == "session" and res["latest_window"]["n"] > 50
+    names = {f["name"] for f in res["features"]}
+    assert names == set(runs.load_run("seq", ws).meta["feature_names"])
+    assert res["score"]["psi"] is not None
