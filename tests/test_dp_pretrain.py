@@ -140,3 +140,12 @@ def test_pretrain_params_reach_the_config_from_run_too():
                                    "--pretrain-param", "dp_delta=1e-6"])
     cfg = _pretrain_cfg(a, "pretrain-", seed=0)
     assert cfg.dp_epsilon == 3 and cfg.dp_delta == 1e-6
+
+
+def test_pretrain_params_without_pretrain_are_refused_in_one_line(tmp_path, capsys):
+    from purchase_intent.cli import main
+    rc = main(["--workspace", str(tmp_path / "ws"), "run", "--data", str(tmp_path / "none.csv"),
+               "--pretrain-param", "dp_epsilon=3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "add --pretrain" in err[0]
+    assert not (tmp_path / "ws").exists()  # refused before any work
