@@ -162,6 +162,18 @@ def csv_rows(path: Path) -> list[list[str]]:
     return list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
 
 
+def file_bytes(path: Path) -> bytes:
+    """The content of any workspace file, unsealed, and decompressed when it is gzip (what the scans
+    for leftover pseudonyms of ``forget`` and ``rotate-key`` read)."""
+    data = storage.unseal(path.read_bytes(), path)
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError):
+            pass  # not gzip after all: its bytes
+    return data
+
+
 def csv_bytes(rows: list[list[str]], gz: bool) -> bytes:
     buf = io.StringIO()
     csv.writer(buf).writerows(rows)
@@ -343,12 +355,7 @@ def _leftover_changes(ws: Workspace, pids: list[str], planned: set[str]) -> list
             continue
         if path.resolve() in sources:
             continue
-        data = storage.unseal(path.read_bytes(), path)
-        if path.suffix == ".gz":
-            try:
-                data = gzip.decompress(data)
-            except (OSError, EOFError):
-                pass  # not gzip after all: its bytes
+        data = file_bytes(path)
         if path.suffix in (".html", ".htm"):
             hits = {p: 1 for p, pre in zip(pids, prefixes) if pre in data}
             if hits:

@@ -37,7 +37,6 @@ after it the new one, and the next command removes the other tree.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
@@ -52,7 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import memory, runs, storage
-from .erasure import ERASURE_LOG, csv_bytes, csv_rows, link_tree, run_dirs
+from .erasure import ERASURE_LOG, csv_bytes, csv_rows, file_bytes, link_tree, run_dirs
 from .privacy import (
     KEY_ENV,
     PSEUDONYM_HEX,
@@ -292,12 +291,7 @@ def _leftovers(ws: Workspace, seen: set, planned: set[str]) -> dict[str, Writer]
                                        f"{' and '.join(ID_COLUMNS)}); remove the file, then rotate again. Nothing was "
                                        "changed")
             continue
-        data = storage.unseal(path.read_bytes(), path)
-        if path.suffix == ".gz":
-            try:
-                data = gzip.decompress(data)
-            except (OSError, EOFError):
-                pass
+        data = file_bytes(path)
         if path.suffix in (".html", ".htm"):
             if any(m.group(0) in prefixes for m in _REPORT_TOKEN.finditer(data)):
                 out[rel] = None
