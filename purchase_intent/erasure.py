@@ -61,8 +61,6 @@ import io
 import json
 import os
 import re
-import shutil
-import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -77,7 +75,7 @@ from . import memory, runs, storage
 from .pretrain import PRETRAINED_RUN
 from .privacy import KEY_ENV, PSEUDONYM_HEX, key_id, load_key, pseudonymise
 from .score import summary_path
-from .workspace import TMP_PREFIX, Workspace, as_workspace, atomic_dir
+from .workspace import TMP_PREFIX, Workspace, as_workspace, atomic_dir, link_tree
 
 ERASURE_LOG = "erasure-log.jsonl"
 REPORT_ID_CHARS = 12  # the report shows this many characters of a pseudonym
@@ -395,40 +393,6 @@ def plan(ws: Workspace, pids: list[str], raw_ids: Optional[dict[str, str]] = Non
 
 # ---------------------------------------------------------------------------------------------
 # the commit: a second tree, swapped in with one rename
-def link_tree(src: Path, dest: Path, changed: dict[str, Optional[Callable[[Path], None]]]) -> None:
-    """Fill ``dest`` with ``src``'s tree: the files of ``changed`` (relative path -> a writer of the new
-    content, None to leave the file out) rewritten or removed, the rest hard-linked."""
-    os.chmod(dest, stat.S_IMODE(src.stat().st_mode))
-    for dirpath, dirnames, filenames in os.walk(src):
-        dirnames[:] = [d for d in dirnames if not d.startswith(TMP_PREFIX)]
-        here = Path(dirpath)
-        rel_dir = here.relative_to(src)
-        for d in dirnames:
-            target = dest / rel_dir / d
-            if (here / d).is_symlink():
-                os.symlink(os.readlink(here / d), target)
-                continue
-            target.mkdir()
-            os.chmod(target, stat.S_IMODE((here / d).stat().st_mode))
-        for name in filenames:
-            if name.startswith(TMP_PREFIX):
-                continue
-            rel = str(rel_dir / name)
-            s, t = here / name, dest / rel
-            if rel in changed:
-                write = changed[rel]
-                if write is not None:
-                    write(t)
-                    os.chmod(t, stat.S_IMODE(s.stat().st_mode))
-            elif s.is_symlink():
-                os.symlink(os.readlink(s), t)
-            else:
-                try:
-                    os.link(s, t)
-                except OSError:  # a file system without hard links: a copy
-                    shutil.copy2(s, t)
-
-
 def _mark_stale(run_dir: Path, now: str, n_users: int) -> None:
     old = runs.read_stale(run_dir) or {}
     users = int(old.get("users", 0)) + n_users

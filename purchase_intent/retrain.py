@@ -20,8 +20,13 @@ The **champion** is the run at ``runs/<run>``: the name that ``serve --run <run>
 6. after a promotion sends SIGHUP to every running ``serve`` of ``<run>`` (they record themselves in
    ``runs/.servers/``), which reloads the run in place (the server's hot swap);
 7. appends the decision (windows, both versions, AUCs, the interval, the outcome and why, the
-   servers signalled) to ``<workspace>/retrain-log.jsonl``. A retrain that fails after it started
-   appends a ``failed`` line and removes its challenger; the champion is untouched.
+   servers signalled) to ``<workspace>/retrain-log.jsonl``.
+
+All or nothing: steps 1–5 run inside ``workspace.all_or_nothing``. A retrain that fails after it
+started (an error, Ctrl-C) puts the workspace back as it was, the new events and the rebuild
+included, then appends a ``failed`` line; one killed outright (``kill -9``) is put back by the next
+writing command. A server started while a retrain runs records itself in the tree that a failure
+discards, so it is not signalled by a later promotion until it restarts.
 
 Like every writing command it holds the workspace lock: while another command holds it, retrain
 says so and changes nothing.
@@ -47,7 +52,7 @@ from .evaluate import paired_auc_difference, roc_auc
 from .monitor import MonitorError, training_window
 from .serve.pidfile import signal_reload
 from .times import parse_duration
-from .workspace import Workspace, as_workspace, atomic_write_json, exchange, fsync_dir
+from .workspace import Workspace, all_or_nothing, as_workspace, atomic_write_json, exchange, fsync_dir
 
 AUDIT_LOG = "retrain-log.jsonl"
 KEPT_VERSION = runs.KEPT_VERSION
@@ -108,7 +113,8 @@ def retrain(run: str, workspace=None, data: Optional[Sequence[str | Path]] = Non
         started = time.time()
         challenger_dir = ws.runs_dir / (run + CHALLENGER_SUFFIX)
         try:
-            decision = _retrain(ws, run, champion, challenger_dir, data, data_cfg, cfg)
+            with all_or_nothing(ws.root):  # a failure puts back the events, the build and the runs as they were
+                decision = _retrain(ws, run, champion, challenger_dir, data, data_cfg, cfg)
         except BaseException as e:
             shutil.rmtree(challenger_dir, ignore_errors=True)
             if not isinstance(e, (KeyboardInterrupt, RetrainError)):
@@ -116,6 +122,8 @@ def retrain(run: str, workspace=None, data: Optional[Sequence[str | Path]] = Non
                                   "champion": {"version": champion.version},
                                   "error": f"{type(e).__name__}: {e}", "seconds": round(time.time() - started, 2)})
             raise
+        if decision["decision"] == "promoted":  # after the commit: a server reloads the promoted run
+            decision["reloaded_servers"] = signal_reload(ws.runs_dir, run) if cfg.reload else []
         decision["seconds"] = round(time.time() - started, 2)
         append_audit(ws, decision)
         return decision
@@ -186,7 +194,6 @@ def _retrain(ws: Workspace, run: str, champion: runs.Run, challenger_dir: Path, 
         decision["champion"]["kept_as"] = archived
         decision["challenger"]["now"] = run
         decision["ensembles_to_rebuild"] = _ensembles_of(ws, run)
-        decision["reloaded_servers"] = signal_reload(ws.runs_dir, run) if cfg.reload else []
     else:
         kept = _free_name(ws, f"{run}.{challenger.version}")
         _set_run_name(challenger_dir, kept, kept="challenger not promoted")

@@ -32,7 +32,7 @@ files are rewritten with the new pseudonyms; a running ``serve`` must be restart
 
 The commit is ``forget``'s: the new state is built as a second tree beside the workspace
 (rewritten files written, the rest hard-linked) and swapped in with one ``renameat2(RENAME_EXCHANGE)``
-(``erasure.link_tree``, ``workspace.atomic_dir``); a crash before the swap leaves the old workspace,
+(``workspace.link_tree``, ``workspace.atomic_dir``); a crash before the swap leaves the old workspace,
 after it the new one, and the next command removes the other tree.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import memory, runs, storage
-from .erasure import ERASURE_LOG, csv_bytes, csv_rows, file_bytes, link_tree, run_dirs
+from .erasure import ERASURE_LOG, csv_bytes, csv_rows, file_bytes, run_dirs
 from .privacy import (
     KEY_ENV,
     PSEUDONYM_HEX,
@@ -64,7 +64,7 @@ from .privacy import (
     pseudonymise,
     workspace_key,
 )
-from .workspace import TMP_PREFIX, Workspace, as_workspace, atomic_dir
+from .workspace import TMP_PREFIX, Workspace, as_workspace, atomic_dir, link_tree
 
 NEW_KEY_ENV = "PURCHASE_INTENT_NEW_PSEUDONYM_KEY"
 ID_COLUMNS = ("user_id", "session_id")  # the columns that hold pseudonyms

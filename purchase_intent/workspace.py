@@ -27,11 +27,12 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import duckdb
 
@@ -168,6 +169,88 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def link_tree(src: Path, dest: Path, changed: dict[str, Optional[Callable[[Path], None]]]) -> None:
+    """Fill ``dest`` with ``src``'s tree: the files of ``changed`` (relative path -> a writer of the new
+    content, None to leave the file out) rewritten or removed, the rest hard-linked."""
+    os.chmod(dest, stat.S_IMODE(src.stat().st_mode))
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames[:] = [d for d in dirnames if not d.startswith(TMP_PREFIX)]
+        here = Path(dirpath)
+        rel_dir = here.relative_to(src)
+        for d in dirnames:
+            target = dest / rel_dir / d
+            if (here / d).is_symlink():
+                os.symlink(os.readlink(here / d), target)
+                continue
+            target.mkdir()
+            os.chmod(target, stat.S_IMODE((here / d).stat().st_mode))
+        for name in filenames:
+            if name.startswith(TMP_PREFIX):
+                continue
+            rel = str(rel_dir / name)
+            s, t = here / name, dest / rel
+            if rel in changed:
+                write = changed[rel]
+                if write is not None:
+                    write(t)
+                    os.chmod(t, stat.S_IMODE(s.stat().st_mode))
+            elif s.is_symlink():
+                os.symlink(os.readlink(s), t)
+            else:
+                try:
+                    os.link(s, t)
+                except OSError:  # a file system without hard links: a copy
+                    shutil.copy2(s, t)
+
+
+RESTORE_MARKER = TMP_PREFIX + "restore"  # in a snapshot tree: put it back if its command died
+
+
+@contextlib.contextmanager
+def all_or_nothing(root: str | Path) -> Iterator[None]:
+    """Run a command of several writing steps (``retrain``: ingest, build, train) so that it changes
+    the workspace at ``root`` all or nothing. Call with the workspace lock held.
+
+    Before the steps, a snapshot of the workspace is made beside it as a tree of hard links
+    (``<parent>/.tmp-<pid>-<random>-<name>``, no copy of the data: every write in the workspace
+    replaces files rather than changing them in place, so a link keeps the old content). On success
+    the snapshot is deleted. On an exception (Ctrl-C included) the snapshot and the workspace are
+    swapped in one ``renameat2(RENAME_EXCHANGE)`` and the changed tree is deleted, so the workspace
+    is exactly as before. The snapshot holds :data:`RESTORE_MARKER`: if the process is killed
+    (``kill -9``) before either end, the next writing command's :meth:`Workspace.recover` swaps it
+    back the same way. The lock file is a hard link too, so the lock stays held across the swap.
+    """
+    root = Path(root).resolve()
+    snapshot = tmp_path(root)
+    try:
+        snapshot.mkdir()
+        link_tree(root, snapshot, {})
+        (snapshot / RESTORE_MARKER).touch()
+        fsync_dir(snapshot)
+        fsync_dir(root.parent)
+    except OSError as e:
+        shutil.rmtree(snapshot, ignore_errors=True)
+        raise _write_error(snapshot, e) from e
+    try:
+        yield
+    except BaseException:
+        _restore(snapshot, root)
+        raise
+    shutil.rmtree(snapshot, ignore_errors=True)
+
+
+def _restore(snapshot: Path, root: Path) -> None:
+    """Put the snapshot tree back at ``root``; the changed tree is deleted."""
+    if not _exchange(snapshot, root):  # no atomic swap here: two renames
+        failed = tmp_path(root)
+        os.replace(root, failed)
+        os.replace(snapshot, root)
+        snapshot = failed
+    fsync_dir(root.parent)
+    (root / RESTORE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(snapshot, ignore_errors=True)
+
+
 class WorkspaceWriteError(RuntimeError):
     """The disk refused a write (full, a file size limit, read-only, no permission); nothing was replaced."""
 
@@ -192,6 +275,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _tmp_pid(entry: Path) -> int:
+    """The pid in a temporary name (``.tmp-<pid>-...``), -1 when there is none."""
+    try:
+        return int(entry.name[len(TMP_PREFIX):].split("-", 1)[0])
+    except ValueError:
+        return -1
+
+
 def clean_tmp(directory: str | Path, name: str | None = None) -> list[Path]:
     """Remove temporary entries in ``directory`` whose writing process is gone (only those of the
     entry ``name`` when given)."""
@@ -202,10 +293,7 @@ def clean_tmp(directory: str | Path, name: str | None = None) -> list[Path]:
     for entry in directory.iterdir():
         if not entry.name.startswith(TMP_PREFIX) or (name is not None and not entry.name.endswith("-" + name)):
             continue
-        try:
-            pid = int(entry.name[len(TMP_PREFIX):].split("-", 1)[0])
-        except ValueError:
-            pid = -1
+        pid = _tmp_pid(entry)
         if pid > 0 and pid != os.getpid() and _pid_alive(pid):
             continue
         if pid == os.getpid():
@@ -408,6 +496,7 @@ class Workspace:
         """Remove what an interrupted write left behind: temporary entries of dead processes, and
         part/reject files no manifest lists. Call with :meth:`lock` held. Returns removed paths."""
         removed: list[Path] = []
+        removed += self._restore_snapshot()
         run_dirs = sorted(p for p in self.runs_dir.iterdir() if p.is_dir()) if self.runs_dir.is_dir() else []
         for d in (self.events_dir, self.rejects_dir, self.root, self.examples_dir, self.runs_dir, *run_dirs):
             removed += clean_tmp(d)  # run folders hold the scratch of an interrupted `score`
@@ -428,6 +517,20 @@ class Workspace:
                     f.unlink()
                     removed.append(f)
         return removed
+
+    def _restore_snapshot(self) -> list[Path]:
+        """Put back the snapshot of a command killed inside :func:`all_or_nothing` (its tree beside
+        the workspace, of a dead process, holding :data:`RESTORE_MARKER`). Returns the replaced tree."""
+        root = self.root.resolve()
+        if not root.parent.is_dir():
+            return []
+        for entry in sorted(root.parent.iterdir()):
+            pid = _tmp_pid(entry)
+            if (entry.name.startswith(TMP_PREFIX) and entry.name.endswith("-" + root.name) and pid > 0
+                    and pid != os.getpid() and not _pid_alive(pid) and (entry / RESTORE_MARKER).is_file()):
+                _restore(entry, root)
+                return [entry]
+        return []
 
     def connect(self, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
         """A DuckDB connection with a view ``events`` over exactly the parts in the manifest.

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -186,6 +187,46 @@ def test_a_failed_retrain_leaves_the_champion_and_says_so(ws, monkeypatch):
     assert not (ws.runs_dir / "logreg.challenger").exists()
     log = retrain.read_audit(ws)
     assert [e["decision"] for e in log] == ["failed"] and "disk gone" in log[0]["error"]
+
+
+def _beside(ws: Workspace) -> list[str]:
+    return sorted(p.name for p in ws.root.parent.iterdir() if p.name.endswith("-" + ws.root.name))
+
+
+def test_a_retrain_that_fails_after_ingesting_puts_the_workspace_back(base, ws, monkeypatch):
+    """New events ingested and the examples rebuilt, then the challenger fails: events, build and
+    runs are as before; only the audit log has a new (`failed`) line."""
+    def broken(*a, **k):
+        raise RuntimeError("disk gone")
+
+    before = _tree(ws)
+    monkeypatch.setattr(pipeline, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        retrain.retrain("logreg", ws, data=[base[0] / "new-week.csv"], data_cfg=DataConfig(format="csv"),
+                        cfg=retrain.RetrainConfig(n_boot=0))
+    after = _tree(ws)
+    assert after.pop(retrain.AUDIT_LOG) and after == before
+    assert _beside(ws) == []  # no snapshot left
+    assert [e["decision"] for e in retrain.read_audit(ws)] == ["failed"]
+
+
+def test_a_retrain_killed_after_ingesting_is_put_back_by_the_next_command(base, ws):
+    """kill -9 in the middle (after the new events and the rebuild): the next writing command's
+    recovery swaps the snapshot back, so the workspace is exactly as before the retrain."""
+    before = _tree(ws)
+    code = ("import os, signal, sys\n"
+            "from purchase_intent import pipeline, retrain\n"
+            "from purchase_intent.config import DataConfig\n"
+            "pipeline.evaluate = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "retrain.retrain('logreg', sys.argv[1], data=[sys.argv[2]], data_cfg=DataConfig(format='csv'),\n"
+            "                cfg=retrain.RetrainConfig(n_boot=0))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(ws.root), str(base[0] / "new-week.csv")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert _tree(ws) != before and len(_beside(ws)) == 1  # the new events are in; the snapshot is beside
+    with ws.lock("ingest"):  # any writing command: it finds the dead holder's record and recovers
+        pass
+    assert _tree(ws) == before and _beside(ws) == []
 
 
 @pytest.mark.slow
