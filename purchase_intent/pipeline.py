@@ -286,7 +286,7 @@ def fit_model(name: str, params: dict, built: Built, train_idx: np.ndarray, vali
     if vocab is not None:
         model_params["vocab"] = vocab
     model = MODELS[name](random_state=train_cfg.seed, **model_params)
-    X_train = runs.model_inputs(name, built, train_idx, ws, vocab)
+    X_train = runs.train_inputs(name, built, train_idx, ws, vocab)
     X_valid = runs.model_inputs(name, built, valid_idx, ws, vocab) if len(valid_idx) else None
     y_valid = y[valid_idx] if len(valid_idx) else None
     # a DP model accounts per user: it needs the user of each train example

@@ -115,6 +115,59 @@ class FeatureRows:
         return self[slice(None)]
 
 
+class FeatureSubset:
+    """Rows ``positions`` (ascending) of a :class:`FeatureRows`, read one row group at a time.
+
+    What a model that can take its train rows in batches gets instead of a frame (LightGBM builds
+    its binned dataset from it through ``lightgbm.Sequence``), so that no step holds the float64
+    train matrix: ``subset[i]`` is one row, ``subset[a:b]`` rows ``a..b-1`` as a (b - a, F) float64
+    array. Memory: one decoded row group plus the rows asked for.
+    """
+
+    def __init__(self, rows: FeatureRows, positions: np.ndarray):
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if len(pos) and (np.any(np.diff(pos) < 0) or pos[0] < 0 or pos[-1] >= rows.shape[0]):
+            raise IndexError(f"feature rows must be ascending positions inside 0..{rows.shape[0] - 1}")
+        self.rows, self.positions = rows, pos
+        self.columns = rows.columns
+        self.shape = (len(pos), rows.shape[1])
+        self.batch_size = FEATURE_ROW_GROUP
+        self._group: tuple[int, np.ndarray] | None = None
+        self._pf = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _decoded(self, g: int) -> np.ndarray:
+        if self._group is None or self._group[0] != g:
+            self._pf = self._pf or storage.parquet_file(self.rows.path)
+            tbl = self._pf.read_row_group(g)
+            a = np.empty((tbl.num_rows, self.shape[1]), np.float64)
+            for j, col in enumerate(tbl.columns):
+                a[:, j] = col.to_numpy(zero_copy_only=False)
+            self._group = (g, a)
+        return self._group[1]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self[int(key): int(key) + 1][0]
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("FeatureSubset takes an int or a contiguous slice")
+        pos = self.positions[key]
+        out = np.empty((len(pos), self.shape[1]), np.float64)
+        starts = self.rows._starts
+        groups = np.searchsorted(starts, pos, side="right") - 1
+        bounds = np.flatnonzero(np.diff(groups)) + 1
+        for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(pos)]):
+            if a < b:
+                g = int(groups[a])
+                out[a:b] = self._decoded(g)[pos[a:b] - starts[g]]
+        return out
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self[:], columns=self.columns.copy())
+
+
 @dataclass
 class Built:
     """The built examples of a workspace: one row per example, its split and its features."""
@@ -398,6 +451,20 @@ def _with_sequences(con, X_tab: pd.DataFrame, vocab: SequenceVocab | None) -> di
     X = dict(build_sequences(con, "examples", vocab.cfg if vocab is not None else None, vocab))
     X["tabular"] = X_tab.to_numpy(np.float32)
     return X
+
+
+STREAMED_ROW_MODELS = ("lightgbm",)  # fitted from a FeatureSubset: the train matrix is never held whole
+
+
+def train_inputs(name: str, built: Built, idx: np.ndarray, ws: Workspace, vocab: SequenceVocab | None = None):
+    """What model ``name`` is fitted on for the built examples at ``idx``: :func:`model_inputs`, but
+    for the models of ``STREAMED_ROW_MODELS`` the rows of ``features.parquet`` left on disk
+    (:class:`FeatureSubset`) when ``idx`` is ascending, as the train split's positions are."""
+    idx = np.asarray(idx)
+    if (name in STREAMED_ROW_MODELS and isinstance(built.features, FeatureRows) and idx.dtype != bool
+            and (len(idx) < 2 or bool(np.all(np.diff(idx) > 0)))):
+        return FeatureSubset(built.features, idx)
+    return model_inputs(name, built, idx, ws, vocab)
 
 
 def model_inputs(name: str, built: Built, idx: np.ndarray, ws: Workspace, vocab: SequenceVocab | None = None):

@@ -135,3 +135,45 @@ def test_out_of_memory_wrapped_by_a_step_is_still_named(monkeypatch):
                 con.execute("SELECT count(DISTINCT i::VARCHAR || 'x') FROM range(3000000) t(i)").fetchall()
             except duckdb.Error as e:  # as ingest does: its own error, raised from DuckDB's
                 raise RuntimeError(f"ingest stopped, nothing was stored: {e}") from e
+
+
+def test_feature_subset_reads_rows_and_slices_across_row_groups(tmp_path):
+    rng = np.random.default_rng(1)
+    full = pd.DataFrame(rng.normal(size=(500, 4)), columns=list("abcd"))
+    full.iloc[7, 2] = np.nan
+    pq.write_table(pa.Table.from_pandas(full, preserve_index=False), tmp_path / "f.parquet", row_group_size=50)
+    pos = np.sort(rng.choice(500, size=173, replace=False))
+    sub = runs.FeatureSubset(runs.FeatureRows(tmp_path / "f.parquet"), pos)
+    want = full.to_numpy()[pos]
+    assert len(sub) == 173 and sub.shape == (173, 4) and list(sub.columns) == list("abcd")
+    np.testing.assert_array_equal(sub[:], want)
+    np.testing.assert_array_equal(np.vstack([sub[a: a + 17] for a in range(0, 173, 17)]), want)
+    np.testing.assert_array_equal(np.array([sub[i] for i in range(173)]), want)
+    with pytest.raises(IndexError, match="ascending"):
+        runs.FeatureSubset(runs.FeatureRows(tmp_path / "f.parquet"), np.array([3, 2]))
+
+
+def test_lightgbm_fitted_from_rows_on_disk_equals_the_in_memory_fit(built_ws):
+    """`train` hands LightGBM the train split as rows left in features.parquet (runs.train_inputs): the
+    same trees as from the whole frame, so the float64 train matrix is never held."""
+    from purchase_intent.models.baselines import LightGBMModel
+
+    built = runs.load_built(built_ws)
+    tr = np.flatnonzero(built.mask("train"))
+    y = built.examples["label"].to_numpy()[tr]
+    streamed = runs.train_inputs("lightgbm", built, tr, built_ws)
+    assert isinstance(streamed, runs.FeatureSubset)
+    assert isinstance(runs.train_inputs("logreg", built, tr, built_ws), pd.DataFrame)
+    assert isinstance(runs.train_inputs("lightgbm", built, tr[::-1], built_ws), pd.DataFrame)  # not ascending
+    a = LightGBMModel(n_estimators=30, random_state=0).fit(built.features.iloc[tr], y)
+    b = LightGBMModel(n_estimators=30, random_state=0).fit(streamed, y)
+    X = built.features.iloc[np.arange(len(built.features))]
+    np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
+    assert b.feature_names_ == a.feature_names_ and list(b.feature_names_in_) == list(a.feature_names_in_)
+    bad = built.features.iloc[tr].to_numpy().copy()
+    bad[0, 0] = np.inf
+    pq.write_table(pa.Table.from_pandas(pd.DataFrame(bad, columns=built.features.columns)),
+                   built_ws.root / "inf.parquet")
+    with pytest.raises(ValueError, match="infinity"):
+        LightGBMModel(n_estimators=5).fit(runs.FeatureSubset(runs.FeatureRows(built_ws.root / "inf.parquet"),
+                                                             np.arange(len(tr))), y)

@@ -98,6 +98,29 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 def _validate_fit(est, X, y) -> tuple[np.ndarray, np.ndarray]:
     """Check X/y, set classes_, n_features_in_, feature_names_; return float X and 0/1 y."""
     X, y = validate_data(est, X, y, dtype=np.float64, ensure_all_finite="allow-nan")
+    return X, _fit_target(est, X.shape[1], y)
+
+
+def is_row_source(X) -> bool:
+    """X is rows left on disk (``runs.FeatureSubset``): named columns, ``len``, int and slice access
+    to float64 rows, and a ``batch_size``."""
+    return (not isinstance(X, (pd.DataFrame, np.ndarray)) and hasattr(X, "columns") and hasattr(X, "batch_size")
+            and hasattr(X, "__getitem__") and hasattr(X, "__len__"))
+
+
+def _validate_fit_rows(est, X, y) -> np.ndarray:
+    """:func:`_validate_fit` for a row source: names from its columns, rows checked as they are read."""
+    y = np.asarray(y).ravel()
+    if len(y) != len(X):
+        raise ValueError(f"X has {len(X)} rows but y has {len(y)} labels")
+    if len(X) == 0:
+        raise ValueError("Found array with 0 sample(s) while a minimum of 1 is required.")
+    est.feature_names_in_ = np.asarray([str(c) for c in X.columns], dtype=object)
+    return _fit_target(est, len(X.columns), y)
+
+
+def _fit_target(est, n_features: int, y) -> np.ndarray:
+    est.n_features_in_ = n_features
     check_classification_targets(y)
     y_type = type_of_target(y, input_name="y", raise_unknown=True)
     if y_type != "binary":
@@ -107,8 +130,8 @@ def _validate_fit(est, X, y) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{type(est).__name__} needs both classes in y; got one class: {classes.tolist()}")
     est.classes_ = classes
     names = getattr(est, "feature_names_in_", None)
-    est.feature_names_ = [str(c) for c in names] if names is not None else [f"x{i}" for i in range(X.shape[1])]
-    return X, y01.astype(np.int64)
+    est.feature_names_ = [str(c) for c in names] if names is not None else [f"x{i}" for i in range(n_features)]
+    return y01.astype(np.int64)
 
 
 def _encode_valid(est, X_valid, y_valid) -> tuple[np.ndarray, np.ndarray]:
@@ -343,6 +366,24 @@ def _import_lightgbm():
     return lightgbm
 
 
+def _row_sequence(lgb, X):
+    """``X`` (a row source) as a ``lightgbm.Sequence``; a row with an infinite value is refused as
+    the in-memory path refuses it."""
+    class Rows(lgb.Sequence):
+        batch_size = X.batch_size
+
+        def __len__(self) -> int:
+            return len(X)
+
+        def __getitem__(self, key):
+            a = X[key]
+            if np.isinf(a).any():
+                raise ValueError("Input X contains infinity or a value too large for dtype('float64').")
+            return a
+
+    return Rows()
+
+
 class LightGBMModel(ClassifierMixin, BaseEstimator):
     """Gradient-boosted trees (LightGBM ``train()`` engine) for binary purchase prediction.
 
@@ -414,11 +455,15 @@ class LightGBMModel(ClassifierMixin, BaseEstimator):
     def fit(self, X, y, X_valid=None, y_valid=None) -> "LightGBMModel":
         """Fit on (X, y), early-stopping on (X_valid, y_valid) when both are given."""
         lgb = _import_lightgbm()
-        X, y01 = _validate_fit(self, X, y)
+        if is_row_source(X):  # rows left on disk: LightGBM bins them batch by batch (lightgbm.Sequence)
+            y01 = _validate_fit_rows(self, X, y)
+            data = [_row_sequence(lgb, X)]
+        else:
+            data, y01 = _validate_fit(self, X, y)
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         # Generic names inside the booster: source column names may hold characters LightGBM rejects.
-        booster_names = [f"f{i}" for i in range(X.shape[1])]
-        train = lgb.Dataset(X, label=y01, feature_name=booster_names, free_raw_data=True)
+        booster_names = [f"f{i}" for i in range(self.n_features_in_)]
+        train = lgb.Dataset(data, label=y01, feature_name=booster_names, free_raw_data=True)
         valid_sets, callbacks = [], []
         if X_valid is not None and y_valid is not None and self.early_stopping_rounds > 0:
             Xv, yv = _encode_valid(self, X_valid, y_valid)
