@@ -71,7 +71,7 @@ class TrainResult:
     steps: int = 0
     stopped_early: bool = False
     history: list = field(default_factory=list)  # one dict per epoch
-    time_batching_s: float = 0.0  # collate + host-to-device copies
+    time_batching_s: float = 0.0  # fetching the batch (a stream reads its shards), collate, host-to-device copies
     time_compute_s: float = 0.0  # forward, backward, optimiser step
     time_eval_s: float = 0.0
 
@@ -283,8 +283,8 @@ def _train(model: nn.Module, train_data: dict[str, np.ndarray] | ShardStream,
         bar = tqdm(batches, total=len(batches), desc=f"epoch {epoch}", leave=False,
                    disable=not (cfg.progress and info.rank == 0))
         loss_sum, n_seen = 0.0, 0
+        t0 = time.perf_counter()  # batching time includes fetching the batch (a stream reads its shards then)
         for data, idx, global_n in bar:
-            t0 = time.perf_counter()
             batch = _to(collate(data, idx), device)
             labels = torch.from_numpy(np.asarray(data["label"][idx], dtype=np.float32)).to(device)
             t1 = time.perf_counter()
@@ -309,6 +309,7 @@ def _train(model: nn.Module, train_data: dict[str, np.ndarray] | ShardStream,
             res.time_batching_s += t1 - t0
             res.time_compute_s += t2 - t1
             bar.set_postfix(loss=f"{loss_sum / max(n_seen, 1):.4f}", lr=f"{lr:.2e}")
+            t0 = time.perf_counter()
         bar.close()
         row = {"epoch": epoch, "step": res.steps, "train_loss": loss_sum / max(n_seen, 1), "lr": lr,
                "valid_pr_auc": float("nan"), "valid_log_loss": float("nan")}
