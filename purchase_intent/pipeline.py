@@ -312,9 +312,13 @@ def _fit_streamed(model, name: str, built: Built, train_idx: np.ndarray, valid_i
         n_valid = max(1, int(round(len(train_idx) * model.valid_fraction)))
         train_idx, valid_idx = train_idx[:-n_valid], train_idx[-n_valid:]
 
+    drop = {model.drop_fields} if isinstance(model.drop_fields, str) else set(model.drop_fields or ())
+    keep = model.max_seq_len  # the model reads only the last max_seq_len events: the shards hold no more
+
     def make_inputs(positions: np.ndarray) -> dict:
         X = runs.model_inputs(name, built, train_idx[positions], ws, vocab)
-        X.pop("example_id", None)
+        X = {k: (v[:, -keep:] if keep and k != "tabular" else v) for k, v in X.items()
+             if k != "example_id" and k not in drop}
         return {**X, "label": y[train_idx[positions]].astype(np.int8)}
 
     X_valid = runs.model_inputs(name, built, valid_idx, ws, vocab)
