@@ -177,7 +177,8 @@ def test_shards_of_an_encrypted_workspace_are_encrypted(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_streamed_fit_matches_the_in_memory_fit_on_a_simulated_shop(tmp_path):
     """Quality parity: the valid ROC-AUC of a streamed fit (shards of 300 of about 2,000 train
-    examples) is within 0.03 of the in-memory fit's (2026-12-06: 0.8946 streamed, 0.8914 in memory)."""
+    examples) is within 0.03 of the in-memory fit's (2026-12-06, two runs: 0.8946 and 0.8858 streamed,
+    0.8914 and 0.8918 in memory)."""
     write_events(SimConfig(n_users=1500, days=60, seed=0), tmp_path / "ev.parquet")
     ws = Workspace(tmp_path / "ws")
     pipeline.ingest(tmp_path / "ev.parquet", DataConfig(format="parquet"), ws, progress=False)
