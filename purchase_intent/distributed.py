@@ -59,6 +59,17 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def all_reduce(values: np.ndarray, op: str = "sum") -> np.ndarray:
+    """``values`` summed (``op="sum"``) or maxed (``"max"``) over the ranks; itself in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    backend_cuda = dist.get_backend() == "nccl"
+    t = torch.as_tensor(np.asarray(values, dtype=np.float64))
+    t = t.to(f"cuda:{dist_info().local_rank}") if backend_cuda else t
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.cpu().numpy()
+
+
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DistributedDataParallel around `model` when distributed, else `model` itself."""
     if not dist_info().is_distributed:

@@ -29,7 +29,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import numpy as np
 import pandas as pd
 
-from . import distributed, labels, runs, splits, storage
+from . import distributed, labels, runs, sequence_shards, splits, storage
 from . import pretrain as pretraining
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig, from_dict
 from .dp import check_budget
@@ -243,6 +243,8 @@ def check_params(name: str, params: dict) -> None:
         raise ValueError(f"{', '.join(dp_keys)} given without dp_epsilon: add --param dp_epsilon=E for a DP model")
     if dp_keys:  # ε <= 0, δ outside (0, 1): refused before any data is read
         check_budget(params["dp_epsilon"], params.get("dp_delta"))
+    if params.get("stream_shard_rows") is not None:  # refused before any data is read
+        sequence_shards.check_shard_rows(params["stream_shard_rows"])
 
 
 def _encoder_params(name: str, params: dict, ws: Workspace) -> dict:
@@ -286,6 +288,8 @@ def fit_model(name: str, params: dict, built: Built, train_idx: np.ndarray, vali
     if vocab is not None:
         model_params["vocab"] = vocab
     model = MODELS[name](random_state=train_cfg.seed, **model_params)
+    if name == "transformer" and model.streams(len(train_idx)):
+        return _fit_streamed(model, name, built, train_idx, valid_idx, ws, vocab, train_cfg.seed)
     X_train = runs.train_inputs(name, built, train_idx, ws, vocab)
     X_valid = runs.model_inputs(name, built, valid_idx, ws, vocab) if len(valid_idx) else None
     y_valid = y[valid_idx] if len(valid_idx) else None
@@ -295,8 +299,36 @@ def fit_model(name: str, params: dict, built: Built, train_idx: np.ndarray, vali
     return model
 
 
+def _fit_streamed(model, name: str, built: Built, train_idx: np.ndarray, valid_idx: np.ndarray, ws: Workspace,
+                  vocab, seed: int):
+    """Fit ``model`` from the train split written as Parquet shards (this rank's only), valid in memory.
+
+    The shards go to a temporary folder under ``runs/`` and are removed after the fit, whether it
+    succeeds or not. Without a valid split, the latest ``valid_fraction`` of the train rows is held
+    out, as the in-memory fit does.
+    """
+    y = built.examples["label"].to_numpy()
+    if not len(valid_idx):
+        n_valid = max(1, int(round(len(train_idx) * model.valid_fraction)))
+        train_idx, valid_idx = train_idx[:-n_valid], train_idx[-n_valid:]
+
+    drop = {model.drop_fields} if isinstance(model.drop_fields, str) else set(model.drop_fields or ())
+    keep = model.max_seq_len  # the model reads only the last max_seq_len events: the shards hold no more
+
+    def make_inputs(positions: np.ndarray) -> dict:
+        X = runs.model_inputs(name, built, train_idx[positions], ws, vocab)
+        X = {k: (v[:, -keep:] if keep and k != "tabular" else v) for k, v in X.items()
+             if k != "example_id" and k not in drop}
+        return {**X, "label": y[train_idx[positions]].astype(np.int8)}
+
+    X_valid = runs.model_inputs(name, built, valid_idx, ws, vocab)
+    with sequence_shards.write_shards(ws.runs_dir, len(train_idx), model.stream_shard_rows, make_inputs,
+                                      seed=seed) as shards:
+        return model.fit(shards, None, X_valid=X_valid, y_valid=y[valid_idx])
+
+
 # estimator parameters that say how and where to run, not what model to fit
-_RUNTIME_PARAMS = {"vocab", "random_state", "n_jobs", "device", "checkpoint_dir", "progress"}
+_RUNTIME_PARAMS = {"vocab", "random_state", "n_jobs", "device", "checkpoint_dir", "progress", "stream_shard_rows"}
 
 
 def _model_params(model: Any) -> dict:

@@ -10,7 +10,9 @@ when present. The same code runs under torchrun (rank logic in ``distributed.py`
     torchrun --nproc_per_node 2 -m purchase_intent.cli train --model transformer   # DDP (gloo on CPU)
 
 Data are dicts of equal-length numpy arrays with a ``"label"`` entry; ``collate(data, idx)``
-turns rows ``idx`` into a dict of tensors (the default converts every non-label array).
+turns rows ``idx`` into a dict of tensors (the default converts every non-label array). The train
+data may instead be a stream of batches (:class:`~purchase_intent.sequence_shards.ShardStream`:
+each rank reads only its own Parquet shards); the loop is the same.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .allocator import retained_heap
+from .sequence_shards import ShardStream
 
 
 @dataclass
@@ -68,7 +71,7 @@ class TrainResult:
     steps: int = 0
     stopped_early: bool = False
     history: list = field(default_factory=list)  # one dict per epoch
-    time_batching_s: float = 0.0  # collate + host-to-device copies
+    time_batching_s: float = 0.0  # fetching the batch (a stream reads its shards), collate, host-to-device copies
     time_compute_s: float = 0.0  # forward, backward, optimiser step
     time_eval_s: float = 0.0
 
@@ -196,8 +199,28 @@ def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
     return state, best
 
 
-def train(model: nn.Module, train_data: dict[str, np.ndarray], valid_data: Optional[dict[str, np.ndarray]] = None,
-          cfg: Optional[TrainLoopConfig] = None, callbacks: Sequence[Callable[[dict], Optional[bool]]] = (),
+class ArrayBatches:
+    """In-memory train data as a batch stream: ``(data, idx, global_n)`` per step, where ``idx`` is
+    this rank's share of each global batch (:class:`~purchase_intent.distributed.ShardedBatches`)."""
+
+    def __init__(self, data: dict[str, np.ndarray], batch_size: int, seed: int = 0):
+        self.data = data
+        self.sampler = distributed.ShardedBatches(len(data["label"]), batch_size, seed, True)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for idx, global_n in self.sampler:
+            yield self.data, idx, global_n
+
+
+def train(model: nn.Module, train_data: dict[str, np.ndarray] | ShardStream,
+          valid_data: Optional[dict[str, np.ndarray]] = None, cfg: Optional[TrainLoopConfig] = None,
+          callbacks: Sequence[Callable[[dict], Optional[bool]]] = (),
           collate: Callable = default_collate) -> TrainResult:
     """Train `model` in place; return what happened. The best (or last) weights end in `model`.
 
@@ -207,7 +230,9 @@ def train(model: nn.Module, train_data: dict[str, np.ndarray], valid_data: Optio
         ``forward(batch, labels=None) -> (logits (B,), loss)``; already on the right device.
     train_data, valid_data : dict of numpy arrays
         Equal-length arrays, ``"label"`` (N,) 0/1 included. Without valid data training runs all
-        ``max_epochs`` and keeps the last weights.
+        ``max_epochs`` and keeps the last weights. ``train_data`` may also be a stream with
+        ``set_epoch(epoch)``, ``len()`` (steps per epoch, equal on every rank) and iteration
+        yielding ``(data, idx, global_n)`` (:class:`~purchase_intent.sequence_shards.ShardStream`).
     cfg : TrainLoopConfig
     callbacks : callables
         Called after each epoch (and its checkpoint) with a dict ``epoch, step, train_loss,
@@ -225,15 +250,15 @@ def train(model: nn.Module, train_data: dict[str, np.ndarray], valid_data: Optio
         return _train(model, train_data, valid_data, cfg, callbacks, collate, device, amp)
 
 
-def _train(model: nn.Module, train_data: dict[str, np.ndarray], valid_data: Optional[dict[str, np.ndarray]],
-           cfg: TrainLoopConfig, callbacks: Sequence[Callable[[dict], Optional[bool]]], collate: Callable,
+def _train(model: nn.Module, train_data: dict[str, np.ndarray] | ShardStream,
+           valid_data: Optional[dict[str, np.ndarray]], cfg: TrainLoopConfig,
+           callbacks: Sequence[Callable[[dict], Optional[bool]]], collate: Callable,
            device: torch.device, amp: bool) -> TrainResult:
     info = distributed.setup(device.type)
     model.to(device)
     ddp_model = distributed.wrap(model, device)
     opt = make_optimizer(model, cfg)
-    y_train = np.asarray(train_data["label"], dtype=np.float32)
-    batches = distributed.ShardedBatches(len(y_train), cfg.batch_size, cfg.seed, True)
+    batches = ArrayBatches(train_data, cfg.batch_size, cfg.seed) if isinstance(train_data, dict) else train_data
     total_steps = max(1, cfg.max_epochs * len(batches))
     res = TrainResult()
     ckpt = Path(cfg.checkpoint_dir) / "checkpoint.safetensors" if cfg.checkpoint_dir else None
@@ -258,10 +283,10 @@ def _train(model: nn.Module, train_data: dict[str, np.ndarray], valid_data: Opti
         bar = tqdm(batches, total=len(batches), desc=f"epoch {epoch}", leave=False,
                    disable=not (cfg.progress and info.rank == 0))
         loss_sum, n_seen = 0.0, 0
-        for idx, global_n in bar:
-            t0 = time.perf_counter()
-            batch = _to(collate(train_data, idx), device)
-            labels = torch.from_numpy(y_train[idx]).to(device)
+        t0 = time.perf_counter()  # batching time includes fetching the batch (a stream reads its shards then)
+        for data, idx, global_n in bar:
+            batch = _to(collate(data, idx), device)
+            labels = torch.from_numpy(np.asarray(data["label"][idx], dtype=np.float32)).to(device)
             t1 = time.perf_counter()
             lr = lr_at(res.steps, total_steps, cfg)
             for g in opt.param_groups:
@@ -284,6 +309,7 @@ def _train(model: nn.Module, train_data: dict[str, np.ndarray], valid_data: Opti
             res.time_batching_s += t1 - t0
             res.time_compute_s += t2 - t1
             bar.set_postfix(loss=f"{loss_sum / max(n_seen, 1):.4f}", lr=f"{lr:.2e}")
+            t0 = time.perf_counter()
         bar.close()
         row = {"epoch": epoch, "step": res.steps, "train_loss": loss_sum / max(n_seen, 1), "lr": lr,
                "valid_pr_auc": float("nan"), "valid_log_loss": float("nan")}

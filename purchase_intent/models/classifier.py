@@ -10,6 +10,11 @@ float (NaN allowed)::
     p = clf.predict_proba(X_test)[:, 1]
     clf.save("runs/transformer"); clf = TransformerClassifier.load("runs/transformer")
 
+``X`` of ``fit`` may instead be the train split written as Parquet shards
+(:class:`~purchase_intent.sequence_shards.SequenceShards`, labels included, ``y=None``): the
+network then trains from a stream of this rank's shards and never holds the whole train split
+(the pipeline does this above ``stream_shard_rows`` train examples; valid stays in memory).
+
 A saved directory holds ``model.safetensors`` and ``config.json`` (hyperparameters, the
 architecture and loop configs, tabular statistics, calibration, the sequence vocab) and, when the
 ``onnx`` extra is installed, ``model.onnx``: the inference graph, checked against PyTorch before
@@ -40,6 +45,7 @@ from .. import distributed
 from .. import dp as dpmod
 from ..calibration import Calibrator, fit_calibrator
 from ..config import from_dict
+from ..sequence_shards import SequenceShards, ShardStream, check_shard_rows, read_shard
 from ..sequences import SEQUENCE_FIELDS, SequenceVocab
 from ..train import TrainLoopConfig, TrainResult, predict_logits, resolve_device, train
 from ..workspace import atomic_write_bytes, atomic_write_text
@@ -145,6 +151,12 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
     checkpoint_dir : str or None
         Per-epoch checkpoints (resume after a kill).
     progress : bool
+    stream_shard_rows : int or None
+        A train split of more than this many examples is written as Parquet shards of at most
+        this many examples and streamed (:mod:`purchase_intent.sequence_shards`; under torchrun
+        each rank reads only its own shards); None keeps it in memory. 50,000 by default: a
+        train split that fits one shard gains nothing from streaming (BENCHMARKS.md, "Streamed
+        train shards").
     random_state : int
     dp_epsilon, dp_delta, dp_max_grad_norm, dp_users_per_step, dp_examples_per_user, dp_epochs, dp_lr :
         With ``dp_epsilon`` set, train with user-level DP-SGD (:mod:`purchase_intent.dp`): an
@@ -168,7 +180,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                  min_steps_per_epoch: int = 16, valid_fraction: float = 0.1,
                  calibration: str = "platt", tabular_log: bool = True, vocab: Any = None,
                  device: str = "auto", checkpoint_dir: Optional[str] = None, progress: bool = False,
-                 random_state: int = 0, dp_epsilon: Optional[float] = None, dp_delta: Optional[float] = None,
+                 stream_shard_rows: Optional[int] = 50_000, random_state: int = 0,
+                 dp_epsilon: Optional[float] = None, dp_delta: Optional[float] = None,
                  dp_max_grad_norm: float = 1.0, dp_users_per_step: int = 512, dp_examples_per_user: int = 2,
                  dp_epochs: float = 20.0, dp_lr: float = 1e-2):
         self.preset = preset
@@ -199,6 +212,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         self.device = device
         self.checkpoint_dir = checkpoint_dir
         self.progress = progress
+        self.stream_shard_rows = stream_shard_rows
         self.random_state = random_state
         self.dp_epsilon = dp_epsilon
         self.dp_delta = dp_delta
@@ -259,14 +273,67 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         steps = max(1, int(self.min_steps_per_epoch))
         return int(min(self.batch_size, max(32, -(-int(n_train) // steps))))
 
-    def fit(self, X: dict, y, X_valid: Optional[dict] = None, y_valid=None,
+    def streams(self, n_train: int) -> bool:
+        """Whether a train split of ``n_train`` examples is trained from shards (``stream_shard_rows``
+        checked: a ValueError of one line when it is not a positive integer or None)."""
+        rows = getattr(self, "stream_shard_rows", None)
+        if rows is None:
+            return False
+        return check_shard_rows(rows) < n_train and self.dp_epsilon is None
+
+    def fit(self, X: "dict | SequenceShards", y, X_valid: Optional[dict] = None, y_valid=None,
             groups=None) -> "TransformerClassifier":
         """Train on (X, y); early stopping and calibration on (X_valid, y_valid) or a temporal holdout.
 
         With ``dp_epsilon``: DP-SGD over the users ``groups`` (n,), and (X_valid, y_valid) unused.
+        With ``X`` a :class:`~purchase_intent.sequence_shards.SequenceShards`: ``y=None`` (the
+        labels are in the shards) and ``X_valid``, ``y_valid`` given.
         """
-        y = np.asarray(y).astype(int).ravel()
-        dp = self._dp_config(groups, len(y))
+        if isinstance(X, SequenceShards):
+            return self._fit(X, None, X_valid, y_valid, None)
+        return self._fit(X, np.asarray(y).astype(int).ravel(), X_valid, y_valid, groups)
+
+    def _shard_summary(self, shards: SequenceShards, fields: Sequence[str]) -> dict:
+        """What fit reads from the train arrays, from one pass over this rank's shards summed over
+        the ranks: rows, positives, the maximum of each field, the tabular mean and scale."""
+        cols = shards.schema()
+        n_tab = cols["tabular"][0] if "tabular" in cols else 0
+        fields = [f for f in fields if f in cols]
+        sums = np.zeros(2 + 3 * n_tab)  # rows, positives, then count / sum / sum of squares per column
+        maxes = np.zeros(max(1, len(fields)))
+        for i in shards.own():
+            d = read_shard(shards.paths[i])
+            sums[0] += len(d["label"])
+            sums[1] += float(np.sum(d["label"]))
+            maxes[:len(fields)] = np.maximum(maxes[:len(fields)], [int(d[f].max(initial=0)) for f in fields])
+            if n_tab:
+                t = np.asarray(d["tabular"], dtype=np.float64)
+                if self.tabular_log:
+                    t = np.sign(t) * np.log1p(np.abs(t))
+                ok = ~np.isnan(t)
+                t = np.where(ok, t, 0.0)
+                sums[2:] += np.concatenate([ok.sum(axis=0), t.sum(axis=0), (t * t).sum(axis=0)])
+        sums, maxes = distributed.all_reduce(sums), distributed.all_reduce(maxes, "max")
+        count, total, squares = sums[2:2 + n_tab], sums[2 + n_tab:2 + 2 * n_tab], sums[2 + 2 * n_tab:]
+        with np.errstate(all="ignore"):
+            mean = total / count
+            std = np.sqrt(np.maximum(squares / count - mean * mean, 0.0))
+        return {"n": int(sums[0]), "positives": int(sums[1]), "columns": cols, "n_tabular": n_tab,
+                "field_max": dict(zip(fields, maxes.astype(int).tolist())),
+                "tab_mean": np.nan_to_num(mean, nan=0.0),
+                "tab_scale": np.where(np.isfinite(std) & (std > 1e-12), std, 1.0)}
+
+    def _fit(self, X: "dict | SequenceShards", y: Optional[np.ndarray], X_valid: Optional[dict], y_valid,
+             groups) -> "TransformerClassifier":
+        streamed = isinstance(X, SequenceShards)
+        if streamed and (X_valid is None or self.dp_epsilon is not None):
+            raise ValueError("a fit from train shards needs X_valid and y_valid, and no dp_epsilon "
+                             "(set stream_shard_rows=null for a DP fit)")
+        if streamed:
+            # the statistics of the train split are summed over the ranks
+            distributed.setup(resolve_device(TrainLoopConfig(device=self.device))[0].type)
+            summary = self._shard_summary(X, SEQUENCE_FIELDS)
+        dp = self._dp_config(groups, len(y)) if not streamed else None
         self.privacy_ = None
         if dp is not None:
             X_valid, y_valid = X, y  # placeholders: a DP model is neither selected nor calibrated on data
@@ -274,7 +341,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"n_seeds must be a positive integer, got {self.n_seeds!r}")
         self.onnx_path_ = self.onnx_scorer_ = None  # a refit must never score with an old graph
         self.classes_ = np.array([0, 1])
-        if set(np.unique(y)) - {0, 1}:
+        if not streamed and set(np.unique(y)) - {0, 1}:
             raise ValueError("TransformerClassifier expects binary 0/1 labels")
         if X_valid is None:
             n_valid = max(1, int(round(len(y) * self.valid_fraction)))
@@ -292,21 +359,29 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         if unknown:
             raise ValueError(f"drop_fields has unknown fields {sorted(unknown)}: "
                              f"choose from {', '.join(SEQUENCE_FIELDS)}")
-        fields = [f for f in SEQUENCE_FIELDS if f in X and f not in drop]
-        use_seq = self.inputs in ("both", "sequence") and bool(fields) and "mask" in X
-        use_tab = self.inputs in ("both", "tabular") and "tabular" in X and np.asarray(X["tabular"]).shape[1] > 0
+        columns = summary["columns"] if streamed else X
+        fields = [f for f in SEQUENCE_FIELDS if f in columns and f not in drop]
+        use_seq = self.inputs in ("both", "sequence") and bool(fields) and "mask" in columns
+        n_tab = summary["n_tabular"] if streamed else (np.asarray(X["tabular"]).shape[1] if "tabular" in X else 0)
+        use_tab = self.inputs in ("both", "tabular") and n_tab > 0
+        n_tab = n_tab if use_tab else 0
         if not (use_seq or use_tab):
             raise ValueError(f"inputs={self.inputs!r} but X has no usable sequence fields / tabular array")
         if use_seq:
-            sizes = (self.vocab_.field_sizes() if self.vocab_ is not None
-                     else {f: int(np.asarray(X[f]).max(initial=0)) + 1 for f in fields})
+            if self.vocab_ is not None:
+                sizes = self.vocab_.field_sizes()
+            elif streamed:
+                sizes = {f: m + 1 for f, m in summary["field_max"].items()}
+            else:
+                sizes = {f: int(np.asarray(X[f]).max(initial=0)) + 1 for f in fields}
             field_sizes = {f: sizes[f] for f in fields}
-            T = np.asarray(X["mask"]).shape[1]
+            T = summary["columns"]["mask"][0] if streamed else np.asarray(X["mask"]).shape[1]
             L = min(T, self.max_seq_len) if self.max_seq_len else T
         else:
             field_sizes, L = {}, 1
-        n_tab = np.asarray(X["tabular"]).shape[1] if use_tab else 0
-        if use_tab:
+        if use_tab and streamed:
+            self.tab_mean_, self.tab_scale_ = summary["tab_mean"], summary["tab_scale"]
+        elif use_tab:
             t = np.asarray(X["tabular"], dtype=np.float64)
             if self.tabular_log:
                 t = np.sign(t) * np.log1p(np.abs(t))
@@ -317,9 +392,10 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             self.tab_scale_ = np.where(np.isfinite(std) & (std > 1e-12), std, 1.0)
             if dp is not None:  # fixed public constants: no statistic of the private data
                 self.tab_mean_, self.tab_scale_ = np.zeros(n_tab), np.ones(n_tab)
+        n_train, n_pos = (summary["n"], summary["positives"]) if streamed else (len(y), int((y == 1).sum()))
         pw = self.pos_weight
         if pw == "balanced":
-            pw = float((y == 0).sum() / max((y == 1).sum(), 1))
+            pw = float((n_train - n_pos) / max(n_pos, 1))
         overrides = {k: getattr(self, k) for k in ("d_model", "n_layers", "n_heads") if getattr(self, k) is not None}
         self.model_config_ = make_preset(self.preset, field_sizes=field_sizes, n_tabular=n_tab, max_seq_len=L,
                                          dropout=0.0 if dp is not None else self.dropout,
@@ -327,12 +403,12 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                                          wide=self.wide, pooling=self.pooling,
                                          pos_weight=None if pw is None else float(pw), **overrides)
         self.loop_config_ = TrainLoopConfig(
-            max_epochs=self.max_epochs, batch_size=self.effective_batch_size(len(y)), lr=self.lr,
+            max_epochs=self.max_epochs, batch_size=self.effective_batch_size(n_train), lr=self.lr,
             weight_decay=self.weight_decay,
             warmup_frac=self.warmup_frac, patience=self.patience, grad_clip=self.grad_clip,
             ema_decay=self.ema_decay, seed=self.random_state, device=self.device, checkpoint_dir=self.checkpoint_dir,
             progress=self.progress)
-        train_data = self._arrays(X, y)
+        train_data = None if streamed else self._arrays(X, y)
         if dp is not None:
             return self._fit_dp(train_data, np.asarray(groups), dp)
         valid_data = self._arrays(X_valid, y_valid)
@@ -347,7 +423,9 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                 print(f"network {k + 1} of {self.n_seeds} (seed {seed})", flush=True)
             torch.manual_seed(seed)
             net = BehaviourTransformer(self.model_config_)
-            result: TrainResult = train(net, train_data, valid_data, loop, collate=collate)
+            data = (ShardStream(X, loop.batch_size, seed, transform=lambda d: self._arrays(d, d["label"]))
+                    if streamed else train_data)
+            result: TrainResult = train(net, data, valid_data, loop, collate=collate)
             members.append(net)
             results.append(dataclasses.asdict(result))
         if len(members) == 1:
