@@ -243,6 +243,8 @@ def check_params(name: str, params: dict) -> None:
         raise ValueError(f"{', '.join(dp_keys)} given without dp_epsilon: add --param dp_epsilon=E for a DP model")
     if dp_keys:  # ε <= 0, δ outside (0, 1): refused before any data is read
         check_budget(params["dp_epsilon"], params.get("dp_delta"))
+    if name == "transformer_pt":  # its fine-tuning settings (type, range): refused before any data is read
+        MODELS[name](**{k: v for k, v in params.items() if k != "sequence"}).check_finetune()
 
 
 def _encoder_params(name: str, params: dict, ws: Workspace) -> dict:
