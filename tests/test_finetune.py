@@ -177,3 +177,13 @@ def test_bad_fine_tuning_settings_are_one_line_before_any_work(ws, encoder, caps
 def test_freeze_epochs_with_a_frozen_encoder_is_refused(data, encoder):
     with pytest.raises(ValueError, match="give one of them"):
         _fit(data, encoder, freeze_encoder=True, freeze_epochs=2)
+
+
+def test_a_probe_then_fine_tune_resumes_from_its_checkpoints_to_the_same_model(data, encoder, tmp_path):
+    Xva = data[2]
+    first = _fit(data, encoder, max_epochs=2, freeze_epochs=1, patience=0, checkpoint_dir=str(tmp_path))
+    assert (tmp_path / "probe" / "checkpoint.safetensors").exists()
+    assert (tmp_path / "finetune" / "checkpoint.safetensors").exists()
+    again = _fit(data, encoder, max_epochs=2, freeze_epochs=1, patience=0, checkpoint_dir=str(tmp_path))
+    np.testing.assert_allclose(again.predict_proba(Xva), first.predict_proba(Xva), atol=1e-6)
+    assert again.train_result_["history"] == first.train_result_["history"]
