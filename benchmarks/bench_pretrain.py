@@ -9,6 +9,9 @@ before the first test cutoff (``PretrainConfig`` cutoff "auto"), then ``transfor
 against ``lightgbm`` and the from-scratch ``transformer`` fitted the same way; differences come with
 paired bootstrap 95% intervals (``evaluate.paired_auc_difference``). ``--label-fraction 0.1`` also
 fits every model on the train examples of 10% of the users (pretraining still sees everyone).
+``--pt-variant NAME:KEY=VALUE,...`` (repeatable) also fits ``transformer_pt`` with those parameters in
+the same run (same examples, same resamples), compared with the default ``transformer_pt`` too;
+``--seed`` is the models' seed (the data, the label subset and the encoder stay the same).
 Speed: pretraining sequences/s of the tiny encoder at length 200 (masked objective) and embedding
 extraction users/s, on CPU.
 """
@@ -71,6 +74,15 @@ def speed(ws: Workspace, n: int = 2048) -> dict:
             "embed_200": emb_200, "embed_50": emb_50, "n": n}
 
 
+def parse_params(pairs):
+    """KEY=VALUE strings -> dict; numbers, true/false as JSON, anything else a string."""
+    out = {}
+    for p in pairs:
+        k, v = p.split("=", 1)
+        out[k] = json.loads(v) if v[:1].isdigit() or v in ("true", "false") else v
+    return out
+
+
 def fmt_ci(d):
     return f"{d['diff']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"
 
@@ -85,11 +97,17 @@ def main():
     ap.add_argument("--n-boot", type=int, default=500)
     ap.add_argument("--pt-param", action="append", default=[], metavar="KEY=VALUE",
                     help="a parameter of transformer_pt (e.g. freeze_encoder=true, lr=3e-4); repeatable")
+    ap.add_argument("--pt-variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                    help="also fit transformer_pt with these parameters (e.g. lpft:freeze_epochs=3); repeatable")
+    ap.add_argument("--seed", type=int, default=0, help="the models' seed")
     ap.add_argument("--workdir", default="/tmp/bench_pretrain")
     ap.add_argument("--out", default="benchmarks/results/pretrain.md")
     args = ap.parse_args()
-    pt_params = {k: json.loads(v) if v[:1].isdigit() or v in ("true", "false") else v
-                 for k, v in (p.split("=", 1) for p in args.pt_param)}
+    pt_params = parse_params(args.pt_param)
+    variants = [("", {})]
+    for v in args.pt_variant:
+        vname, _, rest = v.partition(":")
+        variants.append((vname, parse_params(rest.split(",") if rest else [])))
     load0 = open("/proc/loadavg").read().split()[:3]
     t_start = time.perf_counter()
     work = Path(args.workdir)
@@ -119,7 +137,7 @@ def main():
     secs: dict = {}
     for tag, rows in subsets:
         for name, params in (("lightgbm", {}), ("transformer", {})):
-            preds[(tag, name)], secs[(tag, name)] = fit_and_score(name, params, built, rows, va, te, ws)
+            preds[(tag, name)], secs[(tag, name)] = fit_and_score(name, params, built, rows, va, te, ws, args.seed)
             log(f"{tag} {name}: {roc_auc_score(yt, preds[(tag, name)]):.4f} ({secs[(tag, name)]:.0f}s)")
     pre: dict = {}
     for obj in args.objectives.split(","):
@@ -132,10 +150,13 @@ def main():
         _, meta = load_encoder(keep)
         log(f"pretrained {obj} in {pre[obj]:.0f}s, loss {meta['result']['loss_history']}")
         for tag, rows in subsets:
-            for name in ("transformer_pt", "lightgbm_emb"):
-                key = (tag, f"{name}[{obj}]")
-                params = {"encoder": str(keep), **(pt_params if name == "transformer_pt" else {})}
-                preds[key], secs[key] = fit_and_score(name, params, built, rows, va, te, ws)
+            fits = [(f"transformer_pt[{obj}]" + (f" {vname}" if vname else ""), "transformer_pt",
+                     {**pt_params, **extra}) for vname, extra in variants]
+            fits.append((f"lightgbm_emb[{obj}]", "lightgbm_emb", {}))
+            for label, name, extra in fits:
+                key = (tag, label)
+                params = {"encoder": str(keep), **extra}
+                preds[key], secs[key] = fit_and_score(name, params, built, rows, va, te, ws, args.seed)
                 log(f"{tag} {key[1]}: {roc_auc_score(yt, preds[key]):.4f} ({secs[key]:.0f}s)")
     sp = speed(ws)
     load1 = open("/proc/loadavg").read().split()[:3]
@@ -145,7 +166,9 @@ def main():
               f"Command: `.venv/bin/python benchmarks/bench_pretrain.py --users {args.users} --days {args.days} "
               f"--epochs {args.epochs} --objectives {args.objectives}"
               + (f" --label-fraction {args.label_fraction}" if args.label_fraction else "")
-              + f" --n-boot {args.n_boot}" + "".join(f" --pt-param {p}" for p in args.pt_param) + "`",
+              + f" --n-boot {args.n_boot}" + "".join(f" --pt-param {p}" for p in args.pt_param)
+              + "".join(f" --pt-variant {v}" for v in args.pt_variant)
+              + (f" --seed {args.seed}" if args.seed else "") + "`",
               "",
               f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared VM), "
               f"load average at start {' '.join(load0)}, at end {' '.join(load1)}; total "
@@ -154,18 +177,20 @@ def main():
               f"Simulator {args.users:,} users x {args.days} days (seed 0), default LabelConfig; train {len(tr):,}, "
               f"valid {len(va):,}, test {len(te):,} examples ({int(yt.sum())} test positives). Encoder: tiny preset, "
               f"window 50, {args.epochs} epochs, cutoff = first test cutoff. Test-split metrics; differences "
-              f"are paired bootstrap 95% intervals ({args.n_boot} resamples) against the reference named.", ""]
+              f"are paired bootstrap 95% intervals ({args.n_boot} resamples) against the reference named; "
+              f"models' seed {args.seed}.", ""]
     for tag, _ in subsets:
+        refs = ["lightgbm", "transformer"] + ([f"transformer_pt[{o}]" for o in pre] if len(variants) > 1 else [])
         lines += [f"### Labels: {tag} of the train examples' users", "",
-                  "| model | ROC-AUC | PR-AUC | fit s | ROC-AUC - lightgbm | ROC-AUC - transformer |",
-                  "|---|---|---|---|---|---|"]
+                  "| model | ROC-AUC | PR-AUC | fit s | " + " | ".join(f"ROC-AUC - {r}" for r in refs) + " |",
+                  "|---|---|---|---|" + "---|" * len(refs)]
         for key in [k for k in preds if k[0] == tag]:
             p = preds[key]
-            d_l = paired_auc_difference(yt, p, preds[(tag, "lightgbm")], n_boot=args.n_boot)
-            d_t = paired_auc_difference(yt, p, preds[(tag, "transformer")], n_boot=args.n_boot)
+            cells = [fmt_ci(paired_auc_difference(yt, p, preds[(tag, r)], n_boot=args.n_boot))
+                     if key[1] != r and (r in ("lightgbm", "transformer") or key[1].startswith(r[:-1])) else "-"
+                     for r in refs]
             lines.append(f"| {key[1]} | {roc_auc_score(yt, p):.4f} | {average_precision_score(yt, p):.4f} | "
-                         f"{secs[key]:.0f} | {fmt_ci(d_l) if key[1] != 'lightgbm' else '-'} | "
-                         f"{fmt_ci(d_t) if key[1] != 'transformer' else '-'} |")
+                         f"{secs[key]:.0f} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["### Pretraining time and speed", "",
               "| objective | pretraining s (build + train) |", "|---|---|"]

@@ -245,6 +245,8 @@ def check_params(name: str, params: dict) -> None:
         check_budget(params["dp_epsilon"], params.get("dp_delta"))
     if params.get("stream_shard_rows") is not None:  # refused before any data is read
         sequence_shards.check_shard_rows(params["stream_shard_rows"])
+    if name == "transformer_pt":  # its fine-tuning settings (type, range): refused before any data is read
+        MODELS[name](**{k: v for k, v in params.items() if k != "sequence"}).check_finetune()
 
 
 def _encoder_params(name: str, params: dict, ws: Workspace) -> dict:

@@ -61,6 +61,7 @@ class TrainLoopConfig:
     checkpoint_dir: Optional[str] = None  # write checkpoint.safetensors here after each epoch
     resume: bool = True  # continue from checkpoint_dir's checkpoint when it exists
     progress: bool = True  # tqdm bar on the main rank
+    lr_scales: dict = field(default_factory=dict)  # parameter-name prefix -> factor on lr (longest prefix wins)
 
 
 @dataclass
@@ -101,12 +102,27 @@ def lr_at(step: int, total_steps: int, cfg: TrainLoopConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def lr_scale_of(name: str, scales: dict) -> float:
+    """The factor on lr of parameter ``name``: that of the longest prefix of ``scales`` it starts with, else 1."""
+    hits = [k for k in scales if name.startswith(k)]
+    return float(scales[max(hits, key=len)]) if hits else 1.0
+
+
 def make_optimizer(model: nn.Module, cfg: TrainLoopConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on the weights of Linear layers only."""
+    """AdamW with weight decay on the weights of Linear layers only.
+
+    A parameter named by a prefix of ``cfg.lr_scales`` goes to a group with ``lr_scale`` (its lr is
+    the schedule's times that factor); the two groups at factor 1 come first, as without scales."""
+    bad = {k: v for k, v in cfg.lr_scales.items() if not (isinstance(v, (int, float)) and 0 < v < math.inf)}
+    if bad:
+        raise ValueError(f"lr_scales must be positive finite factors, got {bad}")
     decay = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) in decay], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+    sets: dict = {(True, 1.0): [], (False, 1.0): []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            sets.setdefault((id(p) in decay, lr_scale_of(name, cfg.lr_scales)), []).append(p)
+    groups = [{"params": ps, "weight_decay": cfg.weight_decay if dec else 0.0, "lr_scale": scale,
+               "lr": cfg.lr * scale} for (dec, scale), ps in sets.items()]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
@@ -290,7 +306,7 @@ def _train(model: nn.Module, train_data: dict[str, np.ndarray] | ShardStream,
             t1 = time.perf_counter()
             lr = lr_at(res.steps, total_steps, cfg)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 _, loss = ddp_model(batch, labels)
             # mean over the local shard -> share of the global batch (DDP averages over ranks)

@@ -54,10 +54,28 @@ class PretrainedTransformerClassifier(TransformerClassifier):
         classifier's; ``max_seq_len`` may only shorten the window.
     freeze_encoder : bool
         Keep the encoder's weights fixed; train the tabular branch and the head only.
+    encoder_lr_scale : float in (0, 1]
+        The encoder's parameters train at ``lr`` times this factor (the fresh tabular branch and head
+        at ``lr``), so that fine-tuning moves the pretrained weights less.
+    layer_lr_decay : float in (0, 1]
+        Layer-wise decay of that factor: the top block, ``ln_f`` and ``pool`` get ``encoder_lr_scale``,
+        each block below one more factor ``layer_lr_decay``, the embeddings (fields, positions,
+        [CLS]) ``encoder_lr_scale * layer_lr_decay ** n_layers``. 1 = one factor for the whole encoder.
+    freeze_epochs : int >= 0
+        Linear probe, then fine-tune (LP-FT, Kumar et al. 2022): train with the encoder frozen for
+        up to this many epochs (early stopping applies), then unfreeze it for the remaining
+        ``max_epochs - freeze_epochs`` with a fresh schedule (warm-up, cosine). The weights kept are
+        those of the best valid epoch of either stage. Below ``max_epochs``; not with ``freeze_encoder``.
+    reinit_layers : int >= 0
+        Re-initialise the top this many encoder blocks (with ``ln_f`` and ``pool``) instead of
+        loading their pretrained weights: the lower blocks transfer, the top ones are learnt afresh.
     Other parameters: as :class:`TransformerClassifier`.
+
+    Measured effects of these settings are in BENCHMARKS.md ("Fine-tuning recipes").
     """
 
-    def __init__(self, encoder: Optional[str] = None, freeze_encoder: bool = False, preset: str = "tiny",
+    def __init__(self, encoder: Optional[str] = None, freeze_encoder: bool = False, encoder_lr_scale: float = 1.0,
+                 layer_lr_decay: float = 1.0, freeze_epochs: int = 0, reinit_layers: int = 0, preset: str = "tiny",
                  d_model: Optional[int] = None, n_layers: Optional[int] = None, n_heads: Optional[int] = None,
                  dropout: float = 0.1, inputs: str = "both", wide: bool = True, pooling: str = "cls+max",
                  drop_fields: Sequence[str] = ("item",), max_seq_len: Optional[int] = 50, pos_weight: Any = None,
@@ -78,11 +96,55 @@ class PretrainedTransformerClassifier(TransformerClassifier):
                          random_state=random_state)
         self.encoder = encoder
         self.freeze_encoder = freeze_encoder
+        self.encoder_lr_scale = encoder_lr_scale
+        self.layer_lr_decay = layer_lr_decay
+        self.freeze_epochs = freeze_epochs
+        self.reinit_layers = reinit_layers
+
+    def check_finetune(self, n_layers: Optional[int] = None) -> None:
+        """Raise ValueError (one line) for a fine-tuning setting of the wrong type or range; ``n_layers``
+        (the encoder's, once known) bounds ``reinit_layers``."""
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+        def integer(v) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        for key in ("encoder_lr_scale", "layer_lr_decay"):
+            v = getattr(self, key)
+            if not (number(v) and 0 < v <= 1):
+                raise ValueError(f"transformer_pt: {key} must be a number in (0, 1], got {v!r} "
+                                 f"(e.g. --param {key}=0.1)")
+        for key in ("freeze_epochs", "reinit_layers"):
+            v = getattr(self, key)
+            if not (integer(v) and v >= 0):
+                raise ValueError(f"transformer_pt: {key} must be an integer >= 0, got {v!r} (e.g. --param {key}=2)")
+        if self.freeze_epochs and self.freeze_encoder:
+            raise ValueError("transformer_pt: freeze_epochs unfreezes the encoder after that many epochs, "
+                             "freeze_encoder=true never does: give one of them")
+        if self.freeze_epochs and not (integer(self.max_epochs) and self.freeze_epochs < self.max_epochs):
+            raise ValueError(f"transformer_pt: freeze_epochs={self.freeze_epochs} leaves no epoch to fine-tune in "
+                             f"max_epochs={self.max_epochs}: make it smaller (or use freeze_encoder=true)")
+        if n_layers is not None and self.reinit_layers > n_layers:
+            raise ValueError(f"transformer_pt: reinit_layers={self.reinit_layers} but the encoder has {n_layers} "
+                             f"blocks: give at most {n_layers}")
+
+    def lr_scales(self, n_layers: int) -> dict:
+        """Parameter-name prefix -> factor on lr for the encoder (see ``encoder_lr_scale``, ``layer_lr_decay``)."""
+        s, d = float(self.encoder_lr_scale), float(self.layer_lr_decay)
+        if s == 1 and d == 1:
+            return {}
+        out = {p: s * d ** n_layers for p in ("embed.", "pos.", "cls")}
+        out.update({f"blocks.{i}.": s * d ** (n_layers - 1 - i) for i in range(n_layers)})
+        out.update({"ln_f.": s, "pool.": s})
+        return out
 
     def fit(self, X: dict, y, X_valid: Optional[dict] = None, y_valid=None) -> "PretrainedTransformerClassifier":
         """Build the classifier around the pretrained encoder, fine-tune on (X, y), calibrate on valid."""
+        self.check_finetune()
         enc, meta = load_encoder(self.encoder)
         ecfg = enc.cfg
+        self.check_finetune(ecfg.n_layers)
         if self.inputs == "tabular":
             raise ValueError("transformer_pt needs the sequence inputs (inputs='both' or 'sequence')")
         missing = [f for f in ecfg.field_sizes if f not in X]
@@ -115,24 +177,24 @@ class PretrainedTransformerClassifier(TransformerClassifier):
                 setattr(self, k, v)
         check_compatible(ecfg, self.model_config_.field_sizes, where=f"the encoder {self.encoder}")
         members = list(self.model_.members) if hasattr(self.model_, "members") else [self.model_]
-        state = {k: v for k, v in enc.state_dict().items() if k.startswith(_ENCODER_PARTS)}
+        fresh = tuple(f"blocks.{i}." for i in range(ecfg.n_layers - self.reinit_layers, ecfg.n_layers))
+        fresh += ("ln_f.", "pool.") if self.reinit_layers else ()
+        state = {k: v for k, v in enc.state_dict().items() if k.startswith(_ENCODER_PARTS) and not k.startswith(fresh)}
         state["pos.weight"] = state["pos.weight"][:L]
+        scales = self.lr_scales(ecfg.n_layers)
+        train_data, valid_data = self._arrays(X, y), self._arrays(X_valid, y_valid)
         nets, results = [], []
         for k in range(len(members)):
             torch.manual_seed(self.random_state + k)
             net = BehaviourTransformer(self.model_config_)
             net.load_state_dict(state, strict=False)
-            if self.freeze_encoder:
-                for name, p in net.named_parameters():
-                    if name.startswith(_ENCODER_PARTS):
-                        p.requires_grad_(False)
-            loop = dataclasses.replace(self.loop_config_, max_epochs=self.max_epochs, seed=self.random_state + k)
-            res = train(net, self._arrays(X, y), self._arrays(X_valid, y_valid), loop, collate=collate)
-            for p in net.parameters():
-                p.requires_grad_(True)
+            loop = dataclasses.replace(self.loop_config_, max_epochs=self.max_epochs, seed=self.random_state + k,
+                                       lr_scales=scales)
+            if len(members) > 1 and loop.checkpoint_dir is not None:
+                loop = dataclasses.replace(loop, checkpoint_dir=str(Path(loop.checkpoint_dir) / f"seed{loop.seed}"))
             nets.append(net)
-            results.append(dataclasses.asdict(res))
-        self.loop_config_ = dataclasses.replace(self.loop_config_, max_epochs=self.max_epochs)
+            results.append(self._fine_tune(net, train_data, valid_data, loop))
+        self.loop_config_ = dataclasses.replace(self.loop_config_, max_epochs=self.max_epochs, lr_scales=scales)
         self.model_ = nets[0] if len(nets) == 1 else SeedEnsemble(nets)
         self.train_result_ = results[0] if len(nets) == 1 else {"members": results}
         self.encoder_meta_ = meta
@@ -140,6 +202,46 @@ class PretrainedTransformerClassifier(TransformerClassifier):
         self.calibrator_ = fit_calibrator(self.decision_function(X_valid), np.asarray(y_valid).astype(int).ravel(),
                                           self.calibration)
         return self
+
+    def _fine_tune(self, net: BehaviourTransformer, train_data: dict, valid_data: dict, loop) -> dict:
+        """Train ``net`` in place (encoder frozen throughout, for ``freeze_epochs`` first, or never);
+        the train result as a dict (with ``freeze_epochs``: both stages' epochs in one history)."""
+        encoder = [p for name, p in net.named_parameters() if name.startswith(_ENCODER_PARTS)]
+
+        def frozen(flag: bool) -> None:
+            for p in encoder:
+                p.requires_grad_(not flag)
+
+        if not self.freeze_epochs:
+            frozen(self.freeze_encoder)
+            try:
+                return dataclasses.asdict(train(net, train_data, valid_data, loop, collate=collate))
+            finally:
+                frozen(False)
+        ckpt = loop.checkpoint_dir
+        frozen(True)
+        try:  # stage 1: a probe of the pretrained features (the tabular branch and the head learn)
+            probe = train(net, train_data, valid_data, dataclasses.replace(
+                loop, max_epochs=self.freeze_epochs, checkpoint_dir=ckpt and str(Path(ckpt) / "probe")),
+                collate=collate)
+        finally:
+            frozen(False)
+        probe_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        tune = train(net, train_data, valid_data, dataclasses.replace(  # stage 2: everything, a fresh schedule
+            loop, max_epochs=self.max_epochs - probe.epochs_run, checkpoint_dir=ckpt and str(Path(ckpt) / "finetune")),
+            collate=collate)
+        keep_probe = valid_data is not None and probe.best_metric > tune.best_metric
+        if keep_probe:
+            net.load_state_dict(probe_state)
+        out = dataclasses.asdict(tune)
+        n = probe.epochs_run
+        out["history"] = ([{**r, "stage": "probe"} for r in probe.history]
+                          + [{**r, "epoch": r["epoch"] + n, "stage": "finetune"} for r in tune.history])
+        out["best_epoch"] = probe.best_epoch if keep_probe else tune.best_epoch + n
+        out["best_metric"] = probe.best_metric if keep_probe else tune.best_metric
+        for key in ("epochs_run", "steps", "time_batching_s", "time_compute_s", "time_eval_s"):
+            out[key] = getattr(probe, key) + getattr(tune, key)
+        return out
 
     def save(self, directory: str | Path) -> None:
         """The classifier's files plus a copy of the encoder's in ``encoder/`` (provenance; not read by load)."""
