@@ -15,8 +15,10 @@
 #                issue asks for (about 4 h of DP Transformer fits on 2 cores, not run here)
 #   taobao-user  the Taobao UserBehavior head slice, user task, as in README.md
 # --quick: sim only, 2000 users x 63 days, --backtest 1, ε 8 only (a dry run of a few minutes).
-# Environment: SIM_USERS (default 5000), SIM_DAYS (90), BACKTEST (2), EPSILONS (1,3,8), MODELS
-# (logreg,transformer), DATA_DIR (../shared/data), DP_PARAMS (extra --param flags for the DP runs).
+# Environment: SIM_USERS (default 5000), SIM_DAYS (90), BACKTEST (2; 0 = the test window only: no
+# backtest refits, half the DP fits at K = 1), EPSILONS (8,3,1: run in this order, the loosest budget first,
+# and OUT_DIR/NAME.dp.txt is rewritten after each ε, so a stopped run keeps the finished ones),
+# MODELS (logreg,transformer), DATA_DIR (../shared/data), DP_PARAMS (extra --param flags for the DP runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +30,7 @@ while (( $# )); do
     --quick) quick=1 ;;
     --datasets) datasets=$2; shift ;;
     --datasets=*) datasets=${1#*=} ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     -*) echo "unknown option: $1" >&2; exit 2 ;;
     *) [[ -z $out ]] || { echo "one OUT_DIR only" >&2; exit 2; }; out=$1 ;;
   esac
@@ -43,7 +45,7 @@ fi
 SIM_USERS=${SIM_USERS:-5000}
 SIM_DAYS=${SIM_DAYS:-90}
 BACKTEST=${BACKTEST:-2}
-EPSILONS=${EPSILONS:-1,3,8}
+EPSILONS=${EPSILONS:-8,3,1}
 MODELS=${MODELS:-logreg,transformer}
 DATA_DIR=${DATA_DIR:-../shared/data}
 DP_PARAMS=${DP_PARAMS:-}
@@ -134,14 +136,19 @@ bench() {
   timed "$log" "$PI" --workspace "$ws" run "$@" --models "$MODELS" --backtest "$BACKTEST"
   IFS=, read -r -a eps <<<"$EPSILONS"
   IFS=, read -r -a models <<<"$MODELS"
+  local done_eps=""
   for e in "${eps[@]}"; do
     for m in "${models[@]}"; do
       # shellcheck disable=SC2086
       timed "$log" "$PI" --workspace "$ws" train --model "$m" --run "$m-dp$e" --param "dp_epsilon=$e" $DP_PARAMS
       [[ -d $ws/runs/$m-dp$e ]] && timed "$log" "$PI" --workspace "$ws" evaluate --run "$m-dp$e" --backtest "$BACKTEST"
     done
+    # the table so far after each ε, so that a stopped run still leaves the finished figures
+    done_eps=${done_eps:+$done_eps,}$e
+    dp_table "$ws" "$MODELS" "$done_eps" >"$out/$name.dp.txt.part" && mv "$out/$name.dp.txt.part" "$out/$name.dp.txt"
+    echo "== table for ε $done_eps in $out/$name.dp.txt ($(date -u +%FT%TZ))" | tee -a "$log"
   done
-  dp_table "$ws" "$MODELS" "$EPSILONS" | tee "$out/$name.dp.txt"
+  cat "$out/$name.dp.txt"
 }
 
 IFS=, read -r -a names <<<"$datasets"
