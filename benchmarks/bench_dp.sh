@@ -18,7 +18,9 @@
 # Environment: SIM_USERS (default 5000), SIM_DAYS (90), BACKTEST (2; 0 = the test window only: no
 # backtest refits, half the DP fits at K = 1), EPSILONS (8,3,1: run in this order, the loosest budget first,
 # and OUT_DIR/NAME.dp.txt is rewritten after each ε, so a stopped run keeps the finished ones),
-# MODELS (logreg,transformer), DATA_DIR (../shared/data), DP_PARAMS (extra --param flags for the DP runs).
+# MODELS (logreg,transformer), DATA_DIR (../shared/data), DP_PARAMS (extra --param flags for the DP runs),
+# REUSE (1: keep OUT_DIR's workspace and its non-private runs, only add the DP runs of EPSILONS; the
+# table then lists those ε only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,7 +32,7 @@ while (( $# )); do
     --quick) quick=1 ;;
     --datasets) datasets=$2; shift ;;
     --datasets=*) datasets=${1#*=} ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     -*) echo "unknown option: $1" >&2; exit 2 ;;
     *) [[ -z $out ]] || { echo "one OUT_DIR only" >&2; exit 2; }; out=$1 ;;
   esac
@@ -49,6 +51,7 @@ EPSILONS=${EPSILONS:-8,3,1}
 MODELS=${MODELS:-logreg,transformer}
 DATA_DIR=${DATA_DIR:-../shared/data}
 DP_PARAMS=${DP_PARAMS:-}
+REUSE=${REUSE:-0}
 datasets=${datasets:-sim,taobao-user}
 PI=.venv/bin/purchase-intent
 taobao=$DATA_DIR/taobao_userbehavior/UserBehavior_head.csv.gz
@@ -58,7 +61,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 {
-  echo "== $(date -u +%FT%TZ) $(uname -srm), nproc $(nproc), load $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "== $(date -u +%FT%TZ) $(uname -srm), nproc $(nproc --all), OMP_NUM_THREADS $OMP_NUM_THREADS, load $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "== commit $(git rev-parse --short HEAD 2>/dev/null || echo '?');" \
     "uncommitted files in purchase_intent/: $(git status --short -- purchase_intent 2>/dev/null | wc -l)"
   echo "== datasets $datasets; backtest $BACKTEST; models $MODELS; epsilons $EPSILONS; sim ${SIM_USERS}x${SIM_DAYS}"
@@ -132,8 +135,12 @@ timed() {
 bench() {
   local name=$1; shift
   local ws=$out/ws-$name log=$out/$name.log
-  rm -rf "$ws"; : >"$log"
-  timed "$log" "$PI" --workspace "$ws" run "$@" --models "$MODELS" --backtest "$BACKTEST"
+  if [[ $REUSE == 1 && -d $ws ]]; then  # keep the workspace and its non-private runs; add DP runs
+    echo "== reusing $ws ($(date -u +%FT%TZ))" | tee -a "$log"
+  else
+    rm -rf "$ws"; : >"$log"
+    timed "$log" "$PI" --workspace "$ws" run "$@" --models "$MODELS" --backtest "$BACKTEST"
+  fi
   IFS=, read -r -a eps <<<"$EPSILONS"
   IFS=, read -r -a models <<<"$MODELS"
   local done_eps=""
