@@ -12,7 +12,7 @@
 # Datasets (comma-separated; default sim,taobao-user):
 #   sim          `purchase-intent simulate --users SIM_USERS --days SIM_DAYS --seed 0`, default build
 #                (lookback 28d, horizon 7d, step 7d); SIM_USERS=45000 gives the ≥ 200k examples the
-#                issue asks for (about 4 h of DP Transformer fits on 2 cores, not run here)
+#                issue asks for (206,175; with BACKTEST=0, ε 8,3,1: 51 min on one core, BENCHMARKS.md)
 #   taobao-user  the Taobao UserBehavior head slice, user task, as in README.md
 # --quick: sim only, 2000 users x 63 days, --backtest 1, ε 8 only (a dry run of a few minutes).
 # Environment: SIM_USERS (default 5000), SIM_DAYS (90), BACKTEST (2; 0 = the test window only: no
