@@ -149,8 +149,10 @@ class FeatureSubset:
         return self._group[1]
 
     def __getitem__(self, key) -> np.ndarray:
-        if isinstance(key, (int, np.integer)):
-            return self[int(key): int(key) + 1][0]
+        if isinstance(key, (int, np.integer)):  # LightGBM samples rows one by one, in ascending order
+            p = int(self.positions[key])
+            g = int(np.searchsorted(self.rows._starts, p, side="right")) - 1
+            return self._decoded(g)[p - self.rows._starts[g]]
         if not isinstance(key, slice) or key.step not in (None, 1):
             raise TypeError("FeatureSubset takes an int or a contiguous slice")
         pos = self.positions[key]
