@@ -100,7 +100,7 @@ def retrain(run: str, workspace=None, data: Optional[Sequence[str | Path]] = Non
     """Train a challenger of champion ``run``, compare, promote if not worse; returns the decision
     (as appended to the audit log)."""
     cfg = cfg or RetrainConfig()
-    ws = as_workspace(workspace)
+    ws = Workspace(as_workspace(workspace).root.resolve())  # a failure may swap the tree a relative path is in
     if not _NAME.match(run) or run.endswith(CHALLENGER_SUFFIX):
         raise RetrainError(f"retrain takes the name of a run under {ws.runs_dir} (letters, digits, '.', '_', '-'), "
                            f"got {run!r}")
@@ -113,8 +113,9 @@ def retrain(run: str, workspace=None, data: Optional[Sequence[str | Path]] = Non
         started = time.time()
         challenger_dir = ws.runs_dir / (run + CHALLENGER_SUFFIX)
         try:
-            with all_or_nothing(ws.root):  # a failure puts back the events, the build and the runs as they were
+            with all_or_nothing(ws.root) as atomic:  # a failure puts back the events, build and runs as they were
                 decision = _retrain(ws, run, champion, challenger_dir, data, data_cfg, cfg)
+            decision["all_or_nothing"] = atomic
         except BaseException as e:
             shutil.rmtree(challenger_dir, ignore_errors=True)
             if not isinstance(e, (KeyboardInterrupt, RetrainError)):

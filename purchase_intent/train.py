@@ -283,9 +283,10 @@ def _train(model: nn.Module, train_data: dict[str, np.ndarray] | ShardStream,
     bad_epochs, start_epoch = 0, 0
     if ckpt is not None and cfg.resume and ckpt.exists():
         state, best = _load_checkpoint(ckpt, model, opt, ema)
-        if (state["config"]["batch_size"], state["config"]["seed"], state["config"].get("ema_decay", 0.0)) != (
-                cfg.batch_size, cfg.seed, cfg.ema_decay):
-            raise ValueError(f"{ckpt} was written with another batch_size/seed/ema_decay: "
+        saved = state["config"]
+        if (saved["batch_size"], saved["seed"], saved.get("ema_decay", 0.0), saved.get("lr_scales") or {}) != (
+                cfg.batch_size, cfg.seed, cfg.ema_decay, cfg.lr_scales or {}):
+            raise ValueError(f"{ckpt} was written with another batch_size/seed/ema_decay/lr_scales: "
                              "remove it or set resume=False")
         start_epoch, bad_epochs = state["epoch"], state["bad_epochs"]
         res.steps, res.best_epoch, res.best_metric = state["step"], state["best_epoch"], state["best_metric"]

@@ -26,8 +26,10 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import stat
+import sys
 import threading
 import time
 import uuid
@@ -203,40 +205,64 @@ def link_tree(src: Path, dest: Path, changed: dict[str, Optional[Callable[[Path]
                     shutil.copy2(s, t)
 
 
-RESTORE_MARKER = TMP_PREFIX + "restore"  # in a snapshot tree: put it back if its command died
+RESTORE_MARKER = TMP_PREFIX + "restore"  # in a snapshot tree: the lock record of the command it belongs to
 
 
 @contextlib.contextmanager
-def all_or_nothing(root: str | Path) -> Iterator[None]:
+def all_or_nothing(root: str | Path) -> Iterator[bool]:
     """Run a command of several writing steps (``retrain``: ingest, build, train) so that it changes
-    the workspace at ``root`` all or nothing. Call with the workspace lock held.
+    the workspace at ``root`` all or nothing. Call with the workspace lock held; yields True when
+    the guarantee holds.
 
     Before the steps, a snapshot of the workspace is made beside it as a tree of hard links
     (``<parent>/.tmp-<pid>-<random>-<name>``, no copy of the data: every write in the workspace
     replaces files rather than changing them in place, so a link keeps the old content). On success
-    the snapshot is deleted. On an exception (Ctrl-C included) the snapshot and the workspace are
-    swapped in one ``renameat2(RENAME_EXCHANGE)`` and the changed tree is deleted, so the workspace
-    is exactly as before. The snapshot holds :data:`RESTORE_MARKER`: if the process is killed
-    (``kill -9``) before either end, the next writing command's :meth:`Workspace.recover` swaps it
-    back the same way. The lock file is a hard link too, so the lock stays held across the swap.
+    the snapshot is deleted (its marker first). On an exception (Ctrl-C included) the snapshot and
+    the workspace are swapped in one ``renameat2(RENAME_EXCHANGE)`` and the changed tree is deleted,
+    so the workspace is exactly as before. The snapshot's :data:`RESTORE_MARKER` holds the lock
+    record of this command: if the process is killed (``kill -9``) before either end, the next
+    writing command finds that record left in the lock file and its :meth:`Workspace.recover` swaps
+    the snapshot back; a snapshot whose record is not the one left there is never restored. The lock
+    file is a hard link too, so the lock stays held across the swap.
+
+    Where the workspace is a mount point or its parent folder is on another file system or not
+    writable, no snapshot can be made: the steps run without it (yields False) and a line on stderr
+    says so.
     """
     root = Path(root).resolve()
+    try:
+        same_fs = root.stat().st_dev == root.parent.stat().st_dev and os.access(root.parent, os.W_OK)
+    except OSError:
+        same_fs = False
+    if not same_fs:
+        print(f"warning: {root} is a mount point or its parent folder is not writable on the same file system: "
+              "this command is not all or nothing (a failure keeps what it changed before it)", file=sys.stderr)
+        yield False
+        return
     snapshot = tmp_path(root)
     try:
         snapshot.mkdir()
         link_tree(root, snapshot, {})
-        (snapshot / RESTORE_MARKER).touch()
+        record = (root / ".lock").read_bytes().strip() if (root / ".lock").is_file() else b""
+        (snapshot / RESTORE_MARKER).write_bytes(record)
         fsync_dir(snapshot)
         fsync_dir(root.parent)
     except OSError as e:
         shutil.rmtree(snapshot, ignore_errors=True)
         raise _write_error(snapshot, e) from e
     try:
-        yield
+        yield True
     except BaseException:
         _restore(snapshot, root)
         raise
-    shutil.rmtree(snapshot, ignore_errors=True)
+    _discard(snapshot)
+
+
+def _discard(tree: Path) -> None:
+    """Delete a snapshot tree, its marker first: a tree cut short by a kill is never restored."""
+    (tree / RESTORE_MARKER).unlink(missing_ok=True)
+    fsync_dir(tree)
+    shutil.rmtree(tree, ignore_errors=True)
 
 
 def _restore(snapshot: Path, root: Path) -> None:
@@ -248,7 +274,8 @@ def _restore(snapshot: Path, root: Path) -> None:
         snapshot = failed
     fsync_dir(root.parent)
     (root / RESTORE_MARKER).unlink(missing_ok=True)
-    shutil.rmtree(snapshot, ignore_errors=True)
+    fsync_dir(root)
+    _discard(snapshot)
 
 
 class WorkspaceWriteError(RuntimeError):
@@ -283,6 +310,16 @@ def _tmp_pid(entry: Path) -> int:
         return -1
 
 
+_TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"(\d+)-[0-9a-f]{8}-(.+)", re.S)  # what tmp_path makes
+
+
+def _is_tmp_of(entry: Path, name: str) -> bool:
+    """``entry`` is a temporary name that :func:`tmp_path` made for ``name`` (exactly: not for a
+    sibling whose name ends with it)."""
+    m = _TMP_NAME.fullmatch(entry.name)
+    return m is not None and m.group(2) == name
+
+
 def clean_tmp(directory: str | Path, name: str | None = None) -> list[Path]:
     """Remove temporary entries in ``directory`` whose writing process is gone (only those of the
     entry ``name`` when given)."""
@@ -291,7 +328,7 @@ def clean_tmp(directory: str | Path, name: str | None = None) -> list[Path]:
     if not directory.is_dir():
         return removed
     for entry in directory.iterdir():
-        if not entry.name.startswith(TMP_PREFIX) or (name is not None and not entry.name.endswith("-" + name)):
+        if not entry.name.startswith(TMP_PREFIX) or (name is not None and not _is_tmp_of(entry, name)):
             continue
         pid = _tmp_pid(entry)
         if pid > 0 and pid != os.getpid() and _pid_alive(pid):
@@ -464,7 +501,7 @@ class Workspace:
                 if storage.check_workspace(self.root) and not storage.is_encrypted_workspace(self.root):
                     atomic_write_json(self.root / storage.MARKER, storage.new_marker())
                 if stale:
-                    self.recover()
+                    self.recover(stale)
                 yield
             finally:
                 with _HELD_GUARD:
@@ -492,11 +529,13 @@ class Workspace:
         finally:
             os.close(fd)
 
-    def recover(self) -> list[Path]:
+    def recover(self, stale_record: bytes = b"") -> list[Path]:
         """Remove what an interrupted write left behind: temporary entries of dead processes, and
-        part/reject files no manifest lists. Call with :meth:`lock` held. Returns removed paths."""
+        part/reject files no manifest lists; first, the snapshot of a command killed inside
+        :func:`all_or_nothing` whose lock record ``stale_record`` is (what :meth:`lock` found left
+        in the lock file) is put back. Call with :meth:`lock` held. Returns removed paths."""
         removed: list[Path] = []
-        removed += self._restore_snapshot()
+        removed += self._restore_snapshot(stale_record.strip())
         run_dirs = sorted(p for p in self.runs_dir.iterdir() if p.is_dir()) if self.runs_dir.is_dir() else []
         for d in (self.events_dir, self.rejects_dir, self.root, self.examples_dir, self.runs_dir, *run_dirs):
             removed += clean_tmp(d)  # run folders hold the scratch of an interrupted `score`
@@ -518,18 +557,22 @@ class Workspace:
                     removed.append(f)
         return removed
 
-    def _restore_snapshot(self) -> list[Path]:
-        """Put back the snapshot of a command killed inside :func:`all_or_nothing` (its tree beside
-        the workspace, of a dead process, holding :data:`RESTORE_MARKER`). Returns the replaced tree."""
+    def _restore_snapshot(self, record: bytes) -> list[Path]:
+        """Put back the snapshot (beside the workspace) whose marker holds lock record ``record``, the
+        record of a holder that died; the marker of any other leftover snapshot is removed, so that
+        it is deleted as a leftover, never restored. Returns the replaced tree."""
         root = self.root.resolve()
         if not root.parent.is_dir():
             return []
         for entry in sorted(root.parent.iterdir()):
-            pid = _tmp_pid(entry)
-            if (entry.name.startswith(TMP_PREFIX) and entry.name.endswith("-" + root.name) and pid > 0
-                    and pid != os.getpid() and not _pid_alive(pid) and (entry / RESTORE_MARKER).is_file()):
+            marker = entry / RESTORE_MARKER
+            if not (_is_tmp_of(entry, root.name) and _tmp_pid(entry) != os.getpid() and marker.is_file()):
+                continue
+            if record and marker.read_bytes().strip() == record:
                 _restore(entry, root)
                 return [entry]
+            if not _pid_alive(_tmp_pid(entry)):
+                marker.unlink(missing_ok=True)
         return []
 
     def connect(self, database: str = ":memory:") -> duckdb.DuckDBPyConnection:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from purchase_intent.workspace import Workspace, WorkspaceBusy
+from purchase_intent.workspace import RESTORE_MARKER, Workspace, WorkspaceBusy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,3 +106,70 @@ def test_read_only_workspace_lets_readers_through(tmp_path):
             pass
     finally:
         ws.root.chmod(0o755)
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _snapshot(parent: Path, name: str, pid: int, record: bytes, content: str) -> Path:
+    """A snapshot tree as `all_or_nothing` leaves it when killed: marker holding the lock record."""
+    snap = parent / f".tmp-{pid}-abcd1234-{name}"
+    snap.mkdir()
+    (snap / "content.txt").write_text(content)
+    (snap / RESTORE_MARKER).write_bytes(record)
+    return snap
+
+
+def test_recovery_restores_only_the_snapshot_of_the_holder_that_died(tmp_path):
+    """The stale record left in the lock file names the one snapshot to put back: not a sibling
+    workspace's (whose name ends with this one's), not a marked leftover of another command."""
+    ws, sibling = Workspace(tmp_path / "ws"), tmp_path / "my-ws"
+    ws.root.mkdir()
+    sibling.mkdir()
+    (ws.root / "content.txt").write_text("changed")
+    pid = _dead_pid()
+    record = json.dumps({"command": "retrain", "pid": pid, "started": 1.0}).encode()
+    theirs = _snapshot(tmp_path, "my-ws", pid, record, "sibling's snapshot")
+    old = _snapshot(tmp_path, "ws", _dead_pid(), json.dumps({"command": "retrain", "pid": 1, "started": 0.5}).encode(),
+                    "an older snapshot")
+    (ws.root / ".lock").write_bytes(record)  # the record of the killed holder
+    with ws.lock("ingest"):
+        assert (ws.root / "content.txt").read_text() == "changed"  # nothing of this workspace's matched
+    assert theirs.is_dir() and (theirs / RESTORE_MARKER).is_file()  # the sibling's is left alone
+    assert not old.exists()  # a leftover that is not the dead holder's is deleted, never restored
+
+    mine = _snapshot(tmp_path, "ws", pid, record, "before")
+    (ws.root / ".lock").write_bytes(record)
+    with ws.lock("ingest"):
+        assert (ws.root / "content.txt").read_text() == "before" and not (ws.root / RESTORE_MARKER).exists()
+    assert not mine.exists() and theirs.is_dir()
+
+
+def test_a_finished_all_or_nothing_removes_the_marker_before_the_snapshot(tmp_path, monkeypatch):
+    """A kill while the snapshot is being deleted must not leave a restorable half tree."""
+    import shutil
+
+    from purchase_intent import workspace
+
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
+    (ws.root / "content.txt").write_text("before")
+    seen = []
+    real = shutil.rmtree
+
+    def rmtree(path, *a, **k):
+        seen.append((Path(path).name, (Path(path) / RESTORE_MARKER).exists()))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(workspace.shutil, "rmtree", rmtree)
+    with ws.lock("retrain"):
+        with workspace.all_or_nothing(ws.root) as atomic:
+            assert atomic
+            (ws.root / "content.txt").unlink()
+            (ws.root / "content.txt").write_text("after")
+    assert seen and all(not marked for _, marked in seen)
+    assert (ws.root / "content.txt").read_text() == "after"
+    assert [p.name for p in tmp_path.iterdir()] == ["ws"]

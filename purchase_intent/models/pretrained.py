@@ -119,6 +119,9 @@ class PretrainedTransformerClassifier(TransformerClassifier):
             v = getattr(self, key)
             if not (integer(v) and v >= 0):
                 raise ValueError(f"transformer_pt: {key} must be an integer >= 0, got {v!r} (e.g. --param {key}=2)")
+        if self.reinit_layers and self.freeze_encoder:
+            raise ValueError("transformer_pt: reinit_layers with freeze_encoder=true would keep the re-initialised "
+                             "blocks frozen at random: give one of them")
         if self.freeze_epochs and self.freeze_encoder:
             raise ValueError("transformer_pt: freeze_epochs unfreezes the encoder after that many epochs, "
                              "freeze_encoder=true never does: give one of them")

@@ -70,6 +70,6 @@ def signal_reload(runs_dir: str | Path, run: str) -> list[int]:
             try:
                 os.kill(int(rec["pid"]), signal.SIGHUP)
                 sent.append(int(rec["pid"]))
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):  # gone, or a reused pid of another user
                 pass
     return sent
