@@ -165,7 +165,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         Adam's learning rate on the noisy gradient (fixed: no schedule, no early stopping).
         ``fit`` then needs ``groups`` (the user of each example); the tabular features are
         transformed with fixed constants (sign-log1p, no train mean or scale), the ``price`` field
-        (bucket edges are train quantiles) is left out, dropout is 0, and the validation data is
+        is left out unless its bucket edges are public (``vocab`` with ``price_bucketing="log"``;
+        quantile edges are statistics of the train events), dropout is 0, and the validation data is
         not used (no early stopping, no calibration). One network (``n_seeds=1``).
 
     Measured effects of the defaults are in BENCHMARKS.md.
@@ -353,8 +354,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         y_valid = np.asarray(y_valid).astype(int).ravel()
         self.vocab_ = _as_vocab(self.vocab)
         drop = (self.drop_fields,) if isinstance(self.drop_fields, str) else tuple(self.drop_fields or ())
-        if dp is not None:
-            drop += ("price",)  # its bucket edges are quantiles of the train events
+        if dp is not None and not (self.vocab_ is not None and self.vocab_.cfg.price_bucketing == "log"):
+            drop += ("price",)  # its bucket edges are quantiles of the train events (public "log" edges are kept)
         unknown = set(drop) - set(SEQUENCE_FIELDS)
         if unknown:
             raise ValueError(f"drop_fields has unknown fields {sorted(unknown)}: "
