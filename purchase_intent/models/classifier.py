@@ -142,6 +142,9 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
     calibration : {"platt", "temperature", "none"}
         Fitted on the validation rows. Platt by default: logits biased by early stopping or a
         positive-class weight need a shift, which a temperature alone cannot give.
+    tabular_scaling : {"train", "fixed"}
+        Tabular features (after ``tabular_log``) standardised with the train mean and standard
+        deviation, or left as they are ("fixed", what a DP fit always does; an ablation switch).
     tabular_log : bool
         ``sign(x) * log1p(|x|)`` before standardising (counts and durations are heavy-tailed).
     vocab : SequenceVocab, dict or None
@@ -179,7 +182,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                  lr: float = 2e-3, batch_size: int = 512, weight_decay: float = 0.05, warmup_frac: float = 0.05,
                  patience: int = 3, grad_clip: float = 1.0, ema_decay: float = 0.0, n_seeds: int = 1,
                  min_steps_per_epoch: int = 16, valid_fraction: float = 0.1,
-                 calibration: str = "platt", tabular_log: bool = True, vocab: Any = None,
+                 calibration: str = "platt", tabular_log: bool = True, tabular_scaling: str = "train",
+                 vocab: Any = None,
                  device: str = "auto", checkpoint_dir: Optional[str] = None, progress: bool = False,
                  stream_shard_rows: Optional[int] = 50_000, random_state: int = 0,
                  dp_epsilon: Optional[float] = None, dp_delta: Optional[float] = None,
@@ -209,6 +213,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         self.valid_fraction = valid_fraction
         self.calibration = calibration
         self.tabular_log = tabular_log
+        self.tabular_scaling = tabular_scaling
         self.vocab = vocab
         self.device = device
         self.checkpoint_dir = checkpoint_dir
@@ -380,7 +385,11 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             L = min(T, self.max_seq_len) if self.max_seq_len else T
         else:
             field_sizes, L = {}, 1
-        if use_tab and streamed:
+        if self.tabular_scaling not in ("train", "fixed"):
+            raise ValueError(f"tabular_scaling must be 'train' or 'fixed', got {self.tabular_scaling!r}")
+        if use_tab and streamed and self.tabular_scaling == "fixed":
+            self.tab_mean_, self.tab_scale_ = np.zeros(n_tab), np.ones(n_tab)
+        elif use_tab and streamed:
             self.tab_mean_, self.tab_scale_ = summary["tab_mean"], summary["tab_scale"]
         elif use_tab:
             t = np.asarray(X["tabular"], dtype=np.float64)
@@ -391,7 +400,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                 mean, std = np.nanmean(t, axis=0), np.nanstd(t, axis=0)
             self.tab_mean_ = np.nan_to_num(mean, nan=0.0)
             self.tab_scale_ = np.where(np.isfinite(std) & (std > 1e-12), std, 1.0)
-            if dp is not None:  # fixed public constants: no statistic of the private data
+            if dp is not None or self.tabular_scaling == "fixed":  # fixed public constants: no statistic of the data
                 self.tab_mean_, self.tab_scale_ = np.zeros(n_tab), np.ones(n_tab)
         n_train, n_pos = (summary["n"], summary["positives"]) if streamed else (len(y), int((y == 1).sum()))
         pw = self.pos_weight
