@@ -8,7 +8,7 @@
 #     lr3e3='dp_epsilon=1000 dp_lr=3e-3' noprice='drop_fields=["item","price"]'
 # Each variant becomes the run NAME (an existing run NAME is kept and only re-tabled, so a stopped
 # call can be resumed with the same arguments). JOBS=2 trains two variants at a time, each in a copy
-# of the workspace (WORKSPACE.jN), and moves its run back; default 1. The CLI's output goes to
+# of the workspace (WORKSPACE.copy-NAME), and moves its run back; default 1. The CLI's output goes to
 # WORKSPACE/../gap.log (wall time and load per command), the table to stdout and WORKSPACE/../gap.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,12 +41,13 @@ done
 i=0
 while (( i < ${#pending[@]} )); do
   pids=()
-  for (( j = 0; j < JOBS && i < ${#pending[@]}; j++, i++ )); do
+  for (( j = 0; j < JOBS && i < ${#pending[@]}; j++, i++ )); do  # j counts this batch's jobs
     v=${pending[$i]}; name=${v%%=*}; params=${v#*=}
     if (( JOBS > 1 )); then
-      rm -rf "$ws.j$j"; cp -r "$ws" "$ws.j$j"
-      ( one "$ws.j$j" "$name" "$params"; [[ -d $ws.j$j/runs/$name ]] && mv "$ws.j$j/runs/$name" "$ws/runs/$name"
-        rm -rf "$ws.j$j" ) &
+      c=$ws.copy-$name  # one copy per variant: two calls on one workspace never share a copy
+      rm -rf "$c"; cp -r "$ws" "$c"
+      ( one "$c" "$name" "$params"; [[ -d $c/runs/$name ]] && mv "$c/runs/$name" "$ws/runs/$name"
+        rm -rf "$c" ) &
     else
       one "$ws" "$name" "$params" &
     fi

@@ -145,6 +145,11 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
     tabular_scaling : {"train", "fixed"}
         Tabular features (after ``tabular_log``) standardised with the train mean and standard
         deviation, or left as they are ("fixed", what a DP fit always does; an ablation switch).
+    tabular_nan : float or None
+        What a missing tabular feature (NaN: the hours since an event the user never had) becomes
+        after the transform; None = 0 (the train mean when standardised; with fixed scaling the
+        value of "0 hours ago"). A DP fit's features are all >= 0 after sign-log1p, so -1 marks
+        "missing" apart from every real value without reading any data.
     tabular_log : bool
         ``sign(x) * log1p(|x|)`` before standardising (counts and durations are heavy-tailed).
     vocab : SequenceVocab, dict or None
@@ -183,7 +188,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                  patience: int = 3, grad_clip: float = 1.0, ema_decay: float = 0.0, n_seeds: int = 1,
                  min_steps_per_epoch: int = 16, valid_fraction: float = 0.1,
                  calibration: str = "platt", tabular_log: bool = True, tabular_scaling: str = "train",
-                 vocab: Any = None,
+                 tabular_nan: Optional[float] = None, vocab: Any = None,
                  device: str = "auto", checkpoint_dir: Optional[str] = None, progress: bool = False,
                  stream_shard_rows: Optional[int] = 50_000, random_state: int = 0,
                  dp_epsilon: Optional[float] = None, dp_delta: Optional[float] = None,
@@ -214,6 +219,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         self.calibration = calibration
         self.tabular_log = tabular_log
         self.tabular_scaling = tabular_scaling
+        self.tabular_nan = tabular_nan
         self.vocab = vocab
         self.device = device
         self.checkpoint_dir = checkpoint_dir
@@ -236,7 +242,10 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         if self.tabular_log:
             t = np.sign(t) * np.log1p(np.abs(t))
         t = (t - self.tab_mean_) / self.tab_scale_
-        return np.nan_to_num(np.clip(t, -10, 10), nan=0.0).astype(np.float32)  # NaN -> train mean
+        # NaN (no such event: hours since a purchase never made) -> tabular_nan, default 0: the train
+        # mean when standardised, the value of a zero count when not
+        nan = 0.0 if getattr(self, "tabular_nan", None) is None else float(self.tabular_nan)
+        return np.nan_to_num(np.clip(t, -10, 10), nan=nan).astype(np.float32)
 
     def _arrays(self, X: dict, y: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
         """The model's inputs as arrays: fields cut to the last max_seq_len columns, clipped ids."""
