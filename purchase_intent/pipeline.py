@@ -43,7 +43,7 @@ from .features import compute_features, copy_features
 from .models import DP_MODELS, DP_REFUSED, MODELS, PRETRAINED_MODELS, NotEnoughData, check_min_data
 from .report import write_report
 from .runs import Built, jsonable, load_built, write_json
-from .sequences import SequenceConfig, SequenceVocab, fit_vocab
+from .sequences import SequenceVocab, fit_vocab, sequence_config
 from .simulate import SimConfig, write_events
 from .workspace import Workspace, as_workspace
 
@@ -243,6 +243,8 @@ def check_params(name: str, params: dict) -> None:
         raise ValueError(f"{', '.join(dp_keys)} given without dp_epsilon: add --param dp_epsilon=E for a DP model")
     if dp_keys:  # ε <= 0, δ outside (0, 1): refused before any data is read
         check_budget(params["dp_epsilon"], params.get("dp_delta"))
+    if "sequence" in params:  # unknown settings, bad price bucketing: refused before any data is read
+        sequence_config(params["sequence"])
     if params.get("stream_shard_rows") is not None:  # refused before any data is read
         sequence_shards.check_shard_rows(params["stream_shard_rows"])
     if name == "transformer_pt":  # its fine-tuning settings (type, range): refused before any data is read
@@ -271,7 +273,7 @@ def _fit_vocab(name: str, built: Built, train_idx: np.ndarray, ws: Workspace, pa
     con = ws.connect()
     sub = built.examples.iloc[train_idx][["example_id", "user_id", "cutoff"]]
     runs.register_examples(con, sub, "train_examples")
-    return fit_vocab(con, "train_examples", SequenceConfig(**params.get("sequence", {})))
+    return fit_vocab(con, "train_examples", sequence_config(params.get("sequence")))
 
 
 def fit_model(name: str, params: dict, built: Built, train_idx: np.ndarray, valid_idx: np.ndarray,

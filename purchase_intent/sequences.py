@@ -9,7 +9,8 @@ field          value
                (``vocabulary.EVENT_CODES``; checkout came last so older codes kept their meaning)
 ``item``       1..item_buckets: ``1 + int(md5(item_id).hexdigest()[:15], 16) % item_buckets``
 ``category``   1..category_buckets, the same stable hash of ``category``
-``price``      1..len(price_edges)+1: quantile bucket, edges fitted on train events only
+``price``      1..len(price_edges)+1: quantile bucket, edges fitted on train events only; or with
+               ``price_bucketing="log"`` log-spaced edges over the fixed ``price_range`` (no data read)
 ``dt_cutoff``  1..time_buckets: log-spaced bucket of the seconds from the event to the cutoff
 ``dt_prev``    1 = no earlier event; 2..time_buckets+1: log bucket of seconds since the previous one
 ``hour``       1..24: hour of day (UTC) + 1
@@ -63,9 +64,17 @@ class SequenceConfig:
     category_buckets: int = 2_000  # hash buckets for categories
     raw_event_buckets: int = 256  # hash buckets for the shop's own event names (GA4 has ~40, Segment's spec ~50)
     price_buckets: int = 16  # number of price quantile buckets (fewer when prices have ties)
+    # "quantile": edges are quantiles of the train events' prices; "log": price_buckets - 1 edges
+    # log-spaced over price_range, fixed before any data is seen (public: what a DP model may use)
+    price_bucketing: str = "quantile"
+    price_range: tuple = (0.1, 10_000.0)  # lowest and highest edge of "log" bucketing (any currency unit)
     time_buckets: int = 32  # log-spaced buckets for time gaps, from 1 second ...
     time_max: str = "365d"  # ... to this duration (longer gaps share the last bucket)
     chunk_size: int = 20_000  # examples per SQL query (bounds memory for millions of examples)
+
+    def __post_init__(self):
+        if isinstance(self.price_range, list):  # as read back from JSON
+            self.price_range = tuple(self.price_range)
 
 
 @dataclass
@@ -135,6 +144,42 @@ def _train_ids_sql(con, train: Any) -> str:
     return "(SELECT x.* FROM examples x JOIN _pi_train_ids USING (example_id))"
 
 
+def sequence_config(d: Any) -> SequenceConfig:
+    """The :class:`SequenceConfig` of ``--param sequence={...}``; ValueError (one line) for a value
+    that is not a mapping, an unknown key, or a bad ``price_bucketing`` / ``price_range``."""
+    if d is None:
+        return SequenceConfig()
+    if not isinstance(d, dict):
+        raise ValueError(f'sequence must be a JSON object such as {{"price_bucketing": "log"}}, got {d!r}')
+    names = [f.name for f in dataclasses.fields(SequenceConfig)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ValueError(f"sequence has no setting {', '.join(map(repr, unknown))}; "
+                         f"its settings are: {', '.join(names)}")
+    cfg = SequenceConfig(**d)
+    if cfg.price_bucketing not in ("quantile", "log"):
+        raise ValueError(f"sequence price_bucketing must be 'quantile' or 'log', got {cfg.price_bucketing!r}")
+    public_price_edges(cfg)  # checks price_range
+    return cfg
+
+
+def public_price_edges(cfg: SequenceConfig) -> list[float]:
+    """The ``price_buckets - 1`` log-spaced edges of ``price_bucketing="log"`` from ``price_range``
+    alone: the same for every data set, so they reveal nothing about anyone's prices."""
+    try:
+        lo, hi = (float(x) for x in cfg.price_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"price_range must be two numbers [low, high], got {cfg.price_range!r}") from None
+    if not (0 < lo < hi < float("inf")):
+        raise ValueError(f"price_range must be two numbers with 0 < low < high, got {cfg.price_range!r}")
+    n = max(int(cfg.price_buckets), 1) - 1
+    if n < 1:
+        return []
+    if n == 1:
+        return [float(np.sqrt(lo * hi))]
+    return [float(x) for x in np.geomspace(lo, hi, n)]
+
+
 def fit_vocab(con, train_examples: Any = "examples", cfg: Optional[SequenceConfig] = None) -> SequenceVocab:
     """Fit the price quantile edges on the events that train examples can see.
 
@@ -153,6 +198,10 @@ def fit_vocab(con, train_examples: Any = "examples", cfg: Optional[SequenceConfi
         Price edges from the events of train users with ``ts <`` their latest train cutoff.
     """
     cfg = cfg or SequenceConfig()
+    if cfg.price_bucketing == "log":  # fixed edges: no event is read
+        return SequenceVocab(cfg=dataclasses.replace(cfg), price_edges=public_price_edges(cfg))
+    if cfg.price_bucketing != "quantile":
+        raise ValueError(f"price_bucketing must be 'quantile' or 'log', got {cfg.price_bucketing!r}")
     con.execute("SET enable_progress_bar = false")
     train_sql = _train_ids_sql(con, train_examples)
     n = max(int(cfg.price_buckets), 1)

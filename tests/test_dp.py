@@ -123,13 +123,31 @@ def test_dp_runs_record_the_accountants_epsilon(ws):
     assert "accountant epsilon" in html and "per user" in html
 
 
+def test_a_dp_transformer_keeps_the_price_field_only_with_public_edges(ws):
+    """Quantile price edges are statistics of the train events: a DP fit leaves the field out. Edges
+    fixed from price_range alone (price_bucketing="log") reveal nothing, and the field is kept."""
+    from purchase_intent.sequences import SequenceConfig, public_price_edges
+    cfg = TrainConfig(min_positives=1, min_negatives=1)
+    seq = {"price_bucketing": "log", "price_range": [1.0, 1000.0], "price_buckets": 8}
+    pipeline.train("transformer", run="transformer-dp-logprice", train_cfg=cfg, workspace=ws, quiet=True,
+                   params={"dp_epsilon": 8, "dp_epochs": 1, "sequence": seq})
+    model = runs.load_run("transformer-dp-logprice", ws).model
+    assert model.vocab_.price_edges == public_price_edges(SequenceConfig(**seq))
+    assert model.model_config_.field_sizes["price"] == len(model.vocab_.price_edges) + 2
+    assert model.privacy_["epsilon"] <= 8
+
+
 def test_cli_refuses_with_one_line(ws, capsys):
     before = sorted(p.name for p in ws.runs_dir.iterdir()) if ws.runs_dir.exists() else []
     for argv, match in (
             (["train", "--model", "lightgbm", "--param", "dp_epsilon=3"], "no well-kept library"),
             (["train", "--model", "logreg", "--param", "dp_epsilon=0.01", "--min-positives", "1",
               "--min-negatives", "1"], "cannot be met with"),
-            (["train", "--model", "logreg", "--param", "dp_epsilon=-1"], "must be > 0")):
+            (["train", "--model", "logreg", "--param", "dp_epsilon=-1"], "must be > 0"),
+            (["train", "--model", "transformer", "--param", "dp_epsilon=8", "--param",
+              'sequence={"price_bucketing": "log", "price_range": [10, 1]}'], "0 < low < high"),
+            (["train", "--model", "transformer", "--param", 'tabular_scaling="none"', "--min-positives", "1",
+              "--min-negatives", "1"], "'train' or 'fixed'")):
         rc = cli.main(["--workspace", str(ws.root), *argv])
         err = capsys.readouterr().err.strip()
         assert rc != 0 and match in err and len(err.splitlines()) == 1, err

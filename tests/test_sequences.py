@@ -310,3 +310,33 @@ def test_frame_leak_check_catches_a_late_cutoff_and_sees_the_past(tiny_events):
     got = build_sequences_frame(ev, ex, vocab.cfg, vocab)
     row = np.flatnonzero(((ex.user_id == ev.loc[last, "user_id"]) & (ex.cutoff == t)).to_numpy())
     assert (got["event"][row] != base["event"][row]).any()
+
+
+def test_log_price_edges_are_fixed_before_any_data_is_read(tiny_events):
+    """price_bucketing="log": the edges come from the config alone (no connection is even needed), so two
+    shops with different prices get the same edges; they span price_range log-evenly and round-trip JSON."""
+    cfg = SequenceConfig(max_seq_len=8, price_buckets=6, price_bucketing="log", price_range=(1.0, 10_000.0))
+    v = fit_vocab(None, "examples", cfg)
+    assert v.price_edges == pytest.approx([1.0, 10.0, 100.0, 1000.0, 10_000.0])
+    ex = _examples(tiny_events)
+    cheap = tiny_events.assign(price=tiny_events.price / 100)
+    assert fit_vocab(_con(cheap, ex), "examples", cfg).price_edges == v.price_edges
+    _check_price_edges(tiny_events, ex, cfg)
+    assert SequenceVocab.from_dict(json.loads(json.dumps(v.to_dict()))) == v
+    # tokens: bucket by the fixed edges, whatever the train prices
+    seq, _ = _build(tiny_events, ex, cfg, v)
+    p = seq["price"][seq["mask"]]
+    assert p.min() >= 1 and p.max() <= len(v.price_edges) + 1
+
+
+@pytest.mark.parametrize("setting, match", [
+    ({"price_bucketing": "linear"}, "must be 'quantile' or 'log'"),
+    ({"price_bucketing": "log", "price_range": [0, 100]}, "0 < low < high"),
+    ({"price_range": "cheap"}, "two numbers"),
+    ({"price_buckts": 8}, "no setting 'price_buckts'"),
+    ("log", "JSON object"),
+])
+def test_bad_sequence_settings_are_refused_before_any_data(setting, match):
+    from purchase_intent.pipeline import check_params
+    with pytest.raises(ValueError, match=match):
+        check_params("transformer", {"sequence": setting})

@@ -142,6 +142,14 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
     calibration : {"platt", "temperature", "none"}
         Fitted on the validation rows. Platt by default: logits biased by early stopping or a
         positive-class weight need a shift, which a temperature alone cannot give.
+    tabular_scaling : {"train", "fixed"}
+        Tabular features (after ``tabular_log``) standardised with the train mean and standard
+        deviation, or left as they are ("fixed", what a DP fit always does; an ablation switch).
+    tabular_nan : float or None
+        What a missing tabular feature (NaN: the hours since an event the user never had) becomes
+        after the transform; None = 0 (the train mean when standardised; with fixed scaling the
+        value of "0 hours ago"). A DP fit's features are all >= 0 after sign-log1p, so -1 marks
+        "missing" apart from every real value without reading any data.
     tabular_log : bool
         ``sign(x) * log1p(|x|)`` before standardising (counts and durations are heavy-tailed).
     vocab : SequenceVocab, dict or None
@@ -165,7 +173,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         Adam's learning rate on the noisy gradient (fixed: no schedule, no early stopping).
         ``fit`` then needs ``groups`` (the user of each example); the tabular features are
         transformed with fixed constants (sign-log1p, no train mean or scale), the ``price`` field
-        (bucket edges are train quantiles) is left out, dropout is 0, and the validation data is
+        is left out unless its bucket edges are public (``vocab`` with ``price_bucketing="log"``;
+        quantile edges are statistics of the train events), dropout is 0, and the validation data is
         not used (no early stopping, no calibration). One network (``n_seeds=1``).
 
     Measured effects of the defaults are in BENCHMARKS.md.
@@ -178,7 +187,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                  lr: float = 2e-3, batch_size: int = 512, weight_decay: float = 0.05, warmup_frac: float = 0.05,
                  patience: int = 3, grad_clip: float = 1.0, ema_decay: float = 0.0, n_seeds: int = 1,
                  min_steps_per_epoch: int = 16, valid_fraction: float = 0.1,
-                 calibration: str = "platt", tabular_log: bool = True, vocab: Any = None,
+                 calibration: str = "platt", tabular_log: bool = True, tabular_scaling: str = "train",
+                 tabular_nan: Optional[float] = None, vocab: Any = None,
                  device: str = "auto", checkpoint_dir: Optional[str] = None, progress: bool = False,
                  stream_shard_rows: Optional[int] = 50_000, random_state: int = 0,
                  dp_epsilon: Optional[float] = None, dp_delta: Optional[float] = None,
@@ -208,6 +218,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         self.valid_fraction = valid_fraction
         self.calibration = calibration
         self.tabular_log = tabular_log
+        self.tabular_scaling = tabular_scaling
+        self.tabular_nan = tabular_nan
         self.vocab = vocab
         self.device = device
         self.checkpoint_dir = checkpoint_dir
@@ -230,7 +242,10 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         if self.tabular_log:
             t = np.sign(t) * np.log1p(np.abs(t))
         t = (t - self.tab_mean_) / self.tab_scale_
-        return np.nan_to_num(np.clip(t, -10, 10), nan=0.0).astype(np.float32)  # NaN -> train mean
+        # NaN (no such event: hours since a purchase never made) -> tabular_nan, default 0: the train
+        # mean when standardised, the value of a zero count when not
+        nan = 0.0 if getattr(self, "tabular_nan", None) is None else float(self.tabular_nan)
+        return np.nan_to_num(np.clip(t, -10, 10), nan=nan).astype(np.float32)
 
     def _arrays(self, X: dict, y: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
         """The model's inputs as arrays: fields cut to the last max_seq_len columns, clipped ids."""
@@ -353,8 +368,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         y_valid = np.asarray(y_valid).astype(int).ravel()
         self.vocab_ = _as_vocab(self.vocab)
         drop = (self.drop_fields,) if isinstance(self.drop_fields, str) else tuple(self.drop_fields or ())
-        if dp is not None:
-            drop += ("price",)  # its bucket edges are quantiles of the train events
+        if dp is not None and not (self.vocab_ is not None and self.vocab_.cfg.price_bucketing == "log"):
+            drop += ("price",)  # its bucket edges are quantiles of the train events (public "log" edges are kept)
         unknown = set(drop) - set(SEQUENCE_FIELDS)
         if unknown:
             raise ValueError(f"drop_fields has unknown fields {sorted(unknown)}: "
@@ -379,7 +394,11 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             L = min(T, self.max_seq_len) if self.max_seq_len else T
         else:
             field_sizes, L = {}, 1
-        if use_tab and streamed:
+        if self.tabular_scaling not in ("train", "fixed"):
+            raise ValueError(f"tabular_scaling must be 'train' or 'fixed', got {self.tabular_scaling!r}")
+        if use_tab and streamed and self.tabular_scaling == "fixed":
+            self.tab_mean_, self.tab_scale_ = np.zeros(n_tab), np.ones(n_tab)
+        elif use_tab and streamed:
             self.tab_mean_, self.tab_scale_ = summary["tab_mean"], summary["tab_scale"]
         elif use_tab:
             t = np.asarray(X["tabular"], dtype=np.float64)
@@ -390,7 +409,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                 mean, std = np.nanmean(t, axis=0), np.nanstd(t, axis=0)
             self.tab_mean_ = np.nan_to_num(mean, nan=0.0)
             self.tab_scale_ = np.where(np.isfinite(std) & (std > 1e-12), std, 1.0)
-            if dp is not None:  # fixed public constants: no statistic of the private data
+            if dp is not None or self.tabular_scaling == "fixed":  # fixed public constants: no statistic of the data
                 self.tab_mean_, self.tab_scale_ = np.zeros(n_tab), np.ones(n_tab)
         n_train, n_pos = (summary["n"], summary["positives"]) if streamed else (len(y), int((y == 1).sum()))
         pw = self.pos_weight
