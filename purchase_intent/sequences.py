@@ -101,7 +101,9 @@ class SequenceVocab:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"cfg": dataclasses.asdict(self.cfg), "price_edges": [float(x) for x in self.price_edges]}
+        cfg = dataclasses.asdict(self.cfg)
+        cfg["price_range"] = [float(x) for x in cfg["price_range"]]  # as JSON gives it back
+        return {"cfg": cfg, "price_edges": [float(x) for x in self.price_edges]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SequenceVocab":
