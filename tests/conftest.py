@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +70,23 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+def run_ranks(script: Path, arg: Path, world: int, timeout: float = 240) -> None:
+    """Run ``python script arg`` as ``world`` ranks of one gloo group on this machine (the environment
+    torchrun gives: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT), one thread each; every rank
+    must exit 0 (its output is the assertion message otherwise)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": str(repo)}
+        procs.append(subprocess.Popen([sys.executable, str(script), str(arg)], env=env, cwd=repo,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        log, _ = p.communicate(timeout=timeout)
+        assert p.returncode == 0, log

@@ -1,18 +1,13 @@
 """DDP on CPU: two gloo processes match one process on the same global batch."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
+from conftest import run_ranks
 
 from purchase_intent.distributed import DistInfo, ShardedBatches, dist_info, is_main
-
-REPO = Path(__file__).resolve().parents[1]
 
 WORKER = textwrap.dedent("""
     import sys
@@ -37,26 +32,6 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(script: Path, out: Path, world: int) -> None:
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": str(REPO)}
-        procs.append(subprocess.Popen([sys.executable, str(script), str(out)], env=env, cwd=REPO,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        log, _ = p.communicate(timeout=240)
-        assert p.returncode == 0, log
-
-
 def test_two_gloo_processes_match_one(tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -70,7 +45,7 @@ def test_two_gloo_processes_match_one(tmp_path):
         exec(compile(WORKER, str(script), "exec"), {"__name__": "__worker__"})
     finally:
         sys.argv = argv
-    _run(script, tmp_path / "ddp.safetensors", 2)
+    run_ranks(script, tmp_path / "ddp.safetensors", 2)
     single, ddp = load_file(str(tmp_path / "single.safetensors")), load_file(str(tmp_path / "ddp.safetensors"))
     assert single.keys() == ddp.keys()
     for k in single:

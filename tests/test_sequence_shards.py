@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -19,9 +15,8 @@ from purchase_intent.models import TransformerClassifier
 from purchase_intent.sequence_shards import ShardStream, plan, write_shards
 from purchase_intent.simulate import SimConfig, write_events
 from purchase_intent.workspace import Workspace
-from tests.conftest import tiny_workspace
+from tests.conftest import run_ranks, tiny_workspace
 
-REPO = Path(__file__).resolve().parents[1]
 KEY = "correct horse battery staple 0123456789"
 
 
@@ -228,26 +223,11 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # two processes that import torch: about 10 s alone, 30 s on a loaded machine
 def test_two_gloo_ranks_stream_only_their_own_shards(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    port, procs = _free_port(), []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": str(REPO)}
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env, cwd=REPO,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        log, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, log
+    run_ranks(script, tmp_path, world=2, timeout=120)
     r = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2)]
     for k in range(2):
         assert set(r[k]["opened"]) == set(r[k]["own"])  # read its own shards, nothing else
