@@ -90,3 +90,16 @@ def run_ranks(script: Path, arg: Path, world: int, timeout: float = 240) -> None
     for p in procs:
         log, _ = p.communicate(timeout=timeout)
         assert p.returncode == 0, log
+
+
+def csv_workspace(root: Path, log: Path, label_cfg=None):
+    """The workspace ``root`` with the CSV event log ``log`` ingested and built (``label_cfg``,
+    default a 14d lookback, 7d horizon and 7d step)."""
+    from purchase_intent import pipeline
+    from purchase_intent.config import DataConfig, LabelConfig
+    from purchase_intent.workspace import Workspace
+
+    ws = Workspace(root)
+    pipeline.ingest(log, DataConfig(format="csv"), ws, progress=False)
+    pipeline.build(label_cfg or LabelConfig(lookback="14d", horizon="7d", step="7d"), workspace=ws, quiet=True)
+    return ws

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import csv_workspace
 
 from purchase_intent import pipeline
 from purchase_intent.cli import main
-from purchase_intent.config import DataConfig, LabelConfig, TrainConfig
+from purchase_intent.config import LabelConfig, TrainConfig
 from purchase_intent.dp import PrivacyBudgetError
 from purchase_intent.models.dp_pretraining import _PARTS
 from purchase_intent.models.pretraining import load_encoder, make_objective
@@ -30,10 +31,7 @@ SMALL = dict(preset="tiny", max_seq_len=20, seed=0, dp_users_per_step=64, dp_epo
 def ws(tmp_path_factory) -> Workspace:
     root = tmp_path_factory.mktemp("dp_pretrain")
     write_events(SimConfig(n_users=400, days=28, seed=3), root / "shop.csv")
-    w = Workspace(root / "ws")
-    pipeline.ingest(root / "shop.csv", DataConfig(format="csv"), w, progress=False)
-    pipeline.build(LabelConfig(lookback="7d", horizon="3d", step="3d"), workspace=w, quiet=True)
-    return w
+    return csv_workspace(root / "ws", root / "shop.csv", LabelConfig(lookback="7d", horizon="3d", step="3d"))
 
 
 @pytest.fixture(scope="module")

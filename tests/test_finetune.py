@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import csv_workspace
 
-from purchase_intent import pipeline
 from purchase_intent import train as train_mod
-from purchase_intent.config import DataConfig, LabelConfig
 from purchase_intent.models import MODELS
 from purchase_intent.models import pretrained as pretrained_mod
 from purchase_intent.models.pretraining import load_encoder
@@ -30,10 +29,7 @@ ENCODER = ("embed.", "pos.", "cls", "blocks.", "ln_f.", "pool.")
 def ws(tmp_path_factory) -> Workspace:
     shop = tmp_path_factory.mktemp("shop") / "shop.csv.gz"
     write_events(SimConfig(n_users=300, days=42, seed=3), shop)
-    w = Workspace(tmp_path_factory.mktemp("ws"))
-    pipeline.ingest(shop, DataConfig(format="csv"), w, progress=False)
-    pipeline.build(LabelConfig(lookback="14d", horizon="7d", step="7d"), workspace=w, quiet=True)
-    return w
+    return csv_workspace(tmp_path_factory.mktemp("ws"), shop)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import csv_workspace
 from safetensors.torch import load_file
 
 from purchase_intent import pipeline
@@ -49,10 +50,7 @@ def shop(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ws(shop, tmp_path_factory) -> Workspace:
-    w = Workspace(tmp_path_factory.mktemp("ws"))
-    pipeline.ingest(shop, DataConfig(format="csv"), w, progress=False)
-    pipeline.build(LabelConfig(lookback="14d", horizon="7d", step="7d"), workspace=w, quiet=True)
-    return w
+    return csv_workspace(tmp_path_factory.mktemp("ws"), shop)
 
 
 @pytest.fixture(scope="module")
@@ -446,9 +444,7 @@ def test_session_task_encoder_reads_no_event_of_a_test_session(shop, tmp_path):
     """Session task: a test session's cutoff lies inside the session, so the pretraining cutoff is the
     start of the earliest test session (of every backtest fold too), not its earliest cutoff."""
     from purchase_intent import splits
-    w = Workspace(tmp_path / "ws")
-    pipeline.ingest(shop, DataConfig(format="csv"), w, progress=False)
-    pipeline.build(LabelConfig(task="session", step="7d"), workspace=w, quiet=True)
+    w = csv_workspace(tmp_path / "ws", shop, LabelConfig(task="session", step="7d"))
     built = load_built(w)
     ex = built.examples
     test = ex[ex["split"] == "test"]
