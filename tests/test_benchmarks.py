@@ -90,3 +90,18 @@ def test_tabular_seeds_on_the_uci_table(shared_data, capsys):
     assert lr["reference"] == "lightgbm" and lr["d_pr_auc_ci"][0] <= lr["d_pr_auc"] <= lr["d_pr_auc_ci"][1]
     assert lr["d_roc_auc"] == pytest.approx(lr["roc_auc"] - by_model["lightgbm"]["roc_auc"])
     assert "lightgbm: test ROC-AUC over seeds 0:" in capsys.readouterr().out
+
+
+def test_sim_ceiling_scores_every_example_from_the_simulated_state(backtested_ws):
+    from purchase_intent.simulate import SimConfig
+    from purchase_intent.workspace import Workspace
+
+    ws = Workspace(backtested_ws)
+    pred = pd.read_parquet(backtested_ws / "runs" / "lightgbm" / "predictions.parquet")
+    sim_ceiling = load_script("sim_ceiling")
+    c = sim_ceiling.ceiling_frame(ws, SimConfig(n_users=200, days=42, seed=3), 7, 20, 0, pd.Index(pred["example_id"]))
+    assert set(c.index) == set(pred["example_id"]) and c.between(0, 1).all()
+    y = pred.drop_duplicates("example_id").set_index("example_id")["label"]
+    assert c.loc[y.index][y == 1].mean() > c.loc[y.index][y == 0].mean()  # buyers had the higher chance
+    with pytest.raises(SystemExit, match="not the simulated shop"):  # another shop's users
+        sim_ceiling.ceiling_frame(ws, SimConfig(n_users=100, days=42, seed=3), 7, 2, 0, pd.Index(pred["example_id"]))
