@@ -87,6 +87,12 @@ def _add_global_flags(p: argparse.ArgumentParser, default_workspace: Any) -> Non
                    else argparse.SUPPRESS,
                    help=f"memory DuckDB and the streamed batches may use, e.g. 4GB; DuckDB spills past it "
                         f"(default: ${memory.MEMORY_LIMIT_ENV}, else DuckDB's 80%% of RAM)")
+    p.add_argument("--spill-dir", metavar="DIR", default=None if default_workspace is not argparse.SUPPRESS
+                   else argparse.SUPPRESS,
+                   help=f"encrypted workspace: the folder DuckDB may spill to past the memory limit (its spill "
+                        f"files are plaintext: put it on an encrypted volume); without it an encrypted workspace never "
+                        f"spills "
+                        f"(default: ${memory.SPILL_DIR_ENV})")
 
 
 class _CommandParser(argparse.ArgumentParser):
@@ -752,6 +758,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         memory.set_limit(getattr(args, "memory_limit", None))  # checked before anything is read
+        memory.set_spill_dir(getattr(args, "spill_dir", None))
         memory.limit_bytes()  # a bad $PURCHASE_INTENT_MEMORY_LIMIT is refused here too
         set_key_file(getattr(args, "encryption_key_file", None))
         if args.command not in NO_WORKSPACE_COMMANDS:  # a missing or wrong key: refused before anything is read

@@ -8,6 +8,12 @@
 - the size of the record batches the steps stream (``batch_rows``): a batch is at most 1/16 of the
   limit, so batches plus DuckDB's share stay under it.
 
+In an encrypted workspace (``storage.active()``) DuckDB does not spill at all unless a spill folder
+is named (``--spill-dir DIR`` or ``$PURCHASE_INTENT_SPILL_DIR``): its spill files are plaintext (this
+DuckDB cannot encrypt them), so by default nothing about a shopper reaches the disk unencrypted, and a
+query that outgrows memory ends with one line that says to raise the limit or name a folder on an
+encrypted volume. Ingest's spills, which hold raw ids, follow the same rule.
+
 Without a limit DuckDB keeps its own default (80% of the machine's memory) and batches are sized
 for 2 GB. A limit too small to run a step at all ends it with :class:`MemoryLimitError`, one line
 naming the limit and the step. The limit bounds what DuckDB and the batches hold; what a model
@@ -25,7 +31,11 @@ from typing import Iterator
 
 import duckdb
 
+from . import storage
+
 MEMORY_LIMIT_ENV = "PURCHASE_INTENT_MEMORY_LIMIT"
+# where an encrypted workspace's DuckDB may spill (plaintext): a folder the user trusts, e.g. on an encrypted volume
+SPILL_DIR_ENV = "PURCHASE_INTENT_SPILL_DIR"
 MIN_LIMIT = 64 * 2 ** 20  # below this DuckDB cannot even plan the feature SQL
 DEFAULT_BATCH_BUDGET = 2 * 2 ** 30  # bytes batches are sized for when no limit is set
 # under the workspace root, one folder per connection (DuckDB's temp file names are not unique per
@@ -75,6 +85,25 @@ def set_limit(text: str | None) -> None:
         os.environ[MEMORY_LIMIT_ENV] = text.strip()
 
 
+def set_spill_dir(path: str | None) -> None:
+    """Name the folder an encrypted workspace's DuckDB may spill to (``--spill-dir``); None keeps the env's."""
+    if path is not None:
+        if not Path(path).is_dir():
+            raise MemoryLimitError(f"--spill-dir {path}: no such folder; create it (on an encrypted volume) first")
+        os.environ[SPILL_DIR_ENV] = str(Path(path).resolve())
+
+
+def spill_dir() -> Path | None:
+    """The spill folder the user named for encrypted workspaces, or None."""
+    text = os.environ.get(SPILL_DIR_ENV, "").strip()
+    return Path(text) if text else None
+
+
+def plaintext_spill_refused() -> bool:
+    """Whether DuckDB may not spill here: the workspace is encrypted and no spill folder is named."""
+    return storage.active() and spill_dir() is None
+
+
 def batch_rows(bytes_per_row: int, lo: int = 1_024, hi: int = 4_000_000) -> int:
     """Rows per streamed batch of rows of ``bytes_per_row``: 1/16 of the limit, within [lo, hi]."""
     budget = limit_bytes() or DEFAULT_BATCH_BUDGET
@@ -82,10 +111,18 @@ def batch_rows(bytes_per_row: int, lo: int = 1_024, hi: int = 4_000_000) -> int:
 
 
 def configure(con, root: Path | None = None) -> None:
-    """Apply the limit to DuckDB connection ``con``: ``memory_limit`` and spilling under ``root``."""
+    """Apply the limit to DuckDB connection ``con``: ``memory_limit`` and spilling under ``root``.
+
+    In an encrypted workspace spilling goes to the named spill folder, or is turned off (see the
+    module's docstring), whatever ``root`` or the caller set before."""
     n = limit_bytes()
     if n is not None:
         con.execute(f"SET memory_limit = '{n // 2 ** 20}MiB'")
+    if storage.active():
+        root = spill_dir()
+        if root is None:
+            con.execute("SET temp_directory = ''")
+            return
     if root is not None and Path(root).is_dir():
         tmp = Path(root) / f"{TMP_DIR_PREFIX}{uuid.uuid4().hex[:12]}"
         con.execute("SET temp_directory = '" + str(tmp).replace("'", "''") + "'")
@@ -113,6 +150,12 @@ def step(name: str) -> Iterator[None]:
             raise
         text = limit_text()
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if plaintext_spill_refused():
+            limit = f"the limit {text}" if text else "DuckDB may use"
+            raise MemoryLimitError(f"step {name} needs more memory than {limit} "
+                                   f"({first[:200]}), and an encrypted workspace does not spill plaintext to disk: "
+                                   f"raise --memory-limit, or name a folder on an encrypted volume with --spill-dir "
+                                   f"DIR (or ${SPILL_DIR_ENV})") from None
         if text:
             raise MemoryLimitError(f"memory limit {text} is too small for step {name} ({first[:200]}); raise "
                                    f"--memory-limit or ${MEMORY_LIMIT_ENV}") from None

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from purchase_intent import storage
+from purchase_intent import memory, storage
 from purchase_intent.cli import main
+from purchase_intent.workspace import Workspace
 from tests.conftest import make_tiny_events
 
 KEY = "correct horse battery staple 0123456789"
@@ -253,3 +255,45 @@ def test_rotate_key_keeps_an_encrypted_workspace_encrypted(workspaces, monkeypat
     assert len(storage.read_text(ws / "pseudonym.key").split()) == 2  # the key chain, sealed
     capsys.readouterr()
     assert _cli("--workspace", str(ws), "score", "--run", "logreg", "--quiet") == 0  # still scores
+
+
+def _temp_directory(con) -> str:
+    return con.execute("SELECT current_setting('temp_directory')").fetchall()[0][0]
+
+
+def test_an_encrypted_workspace_spills_only_to_a_named_folder(workspaces, monkeypatch, tmp_path):
+    monkeypatch.delenv(memory.SPILL_DIR_ENV, raising=False)
+    monkeypatch.setenv(memory.MEMORY_LIMIT_ENV, "300MB")
+    monkeypatch.delenv(storage.ENCRYPTION_KEY_ENV, raising=False)
+    plain = _temp_directory(Workspace(workspaces["plain"]).connect())
+    assert plain.startswith(str(workspaces["plain"] / memory.TMP_DIR_PREFIX))  # as before
+    monkeypatch.setenv(storage.ENCRYPTION_KEY_ENV, KEY)
+    assert _temp_directory(Workspace(workspaces["enc"]).connect()) == ""  # DuckDB's spill files are plaintext
+    ingest_con = duckdb.connect()  # ingest points DuckDB at the system temp dir first: the rule wins
+    ingest_con.execute(f"SET temp_directory = '{tmp_path}'")
+    memory.configure(ingest_con)
+    assert _temp_directory(ingest_con) == ""
+    spill = tmp_path / "encrypted-volume"
+    spill.mkdir()
+    memory.set_spill_dir(str(spill))  # what --spill-dir does
+    assert _temp_directory(Workspace(workspaces["enc"]).connect()).startswith(str(spill / memory.TMP_DIR_PREFIX))
+    monkeypatch.delenv(memory.SPILL_DIR_ENV)
+    with pytest.raises(memory.MemoryLimitError, match="no such folder"):
+        memory.set_spill_dir(str(tmp_path / "missing"))
+
+
+def test_out_of_memory_in_an_encrypted_workspace_says_how_to_spill(monkeypatch, capsys, workspaces, tmp_path):
+    monkeypatch.delenv(memory.SPILL_DIR_ENV, raising=False)
+    monkeypatch.setenv(storage.ENCRYPTION_KEY_ENV, KEY)
+    monkeypatch.setenv(memory.MEMORY_LIMIT_ENV, "1GB")
+    con = duckdb.connect()
+    memory.configure(con)
+    con.execute("SET memory_limit = '2MB'; SET threads = 1")
+    with pytest.raises(memory.MemoryLimitError, match=r"^step build needs more memory than the limit 1GB .*"
+                                                      r"does not spill plaintext to disk.*--spill-dir DIR"):
+        with memory.step("build"):
+            con.execute("SELECT count(DISTINCT i::VARCHAR || 'x') FROM range(3000000) t(i)").fetchall()
+    # the flag: a folder that does not exist is one line, before anything is read
+    assert main(["--workspace", str(workspaces["enc"]), "--spill-dir", str(tmp_path / "nope"), "build"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: --spill-dir {tmp_path / 'nope'}: no such folder; create it " \
+                                              "(on an encrypted volume) first"
