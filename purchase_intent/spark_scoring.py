@@ -40,6 +40,7 @@ from . import runs
 from .engine import EngineConfig
 from .features import features_sql
 from .models import ONNX_MODELS, load_model, load_onnx_model
+from .models.onnx_inference import onnxruntime_available
 from .sequence_frame import build_sequences_frame
 from .spark_engine import one_line, register_events, spark_session, sql
 from .vocabulary import RAW_EVENT
@@ -68,6 +69,9 @@ def score_users(ws: Workspace, run: runs.Run, cutoff: datetime, lookback: timede
     ``(user_id, probability)`` into ``out_dir`` by Spark; returns the number of users."""
     check_scorable(run)
     graph = runs.saved_graph(run) if run.model_name in ONNX_MODELS else None  # refused before Spark starts
+    if graph is not None and not onnxruntime_available():
+        raise ValueError(f"--engine spark scores run {run.name!r} with ONNX Runtime, which is not installed: "
+                         "pip install 'purchase-intent[onnx]' (where the executors run too)")
     spark = spark_session(cfg)
     register_events(spark, ws, raw_event=graph is not None)
     ex = spark.sql(f"""

@@ -367,7 +367,10 @@ def test_transformer_on_spark_reads_no_event_at_or_after_the_cutoff(transformer_
 
 
 @needs_spark
-def test_a_transformer_run_without_its_onnx_graph_is_refused_in_one_line(transformer_shop, tmp_path, capsys):
+def test_a_transformer_run_without_its_onnx_graph_is_refused_in_one_line(transformer_shop, tmp_path, capsys,
+                                                                        monkeypatch):
+    from purchase_intent import spark_scoring
+
     ws = Workspace(tmp_path / "ws")
     shutil.copytree(transformer_shop.root, ws.root)
     src = ws.run_dir("transformer")
@@ -379,3 +382,7 @@ def test_a_transformer_run_without_its_onnx_graph_is_refused_in_one_line(transfo
         assert rc == 1 and len(err) == 1, err
         what = "has no ONNX graph" if name == "no-graph" else "does not match the saved weights"
         assert what in err[0] and "train the run again" in err[0], err[0]
+    monkeypatch.setattr(spark_scoring, "onnxruntime_available", lambda: False)
+    rc = main(["--workspace", str(ws.root), "score", "--run", "transformer", "--engine", "spark", "--at", SEQ_AT])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "pip install 'purchase-intent[onnx]'" in err[0], err
