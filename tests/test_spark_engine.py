@@ -317,14 +317,19 @@ def transformer_spark_scores(spark, transformer_shop, tmp_path_factory):
 
 @needs_spark
 @pytest.mark.slow
-def test_transformer_scores_on_spark_equal_duckdb(transformer_shop, transformer_spark_scores, tmp_path):
+@pytest.mark.parametrize("run", ["transformer", "transformer_pt"])
+def test_transformer_scores_on_spark_equal_duckdb(transformer_shop, transformer_spark_scores, tmp_path, run):
     from purchase_intent import score
+    from purchase_intent.pretrain import PretrainConfig, pretrain
 
     ws = transformer_shop
-    a = score.score("transformer", tmp_path / "duck.parquet", score.ScoreConfig(at=SEQ_AT), workspace=ws,
-                    progress=False)
+    if run == "transformer_pt":  # fine-tuned from the shop's pretrained encoder: the same ONNX path
+        pretrain(ws, PretrainConfig(preset="tiny", max_seq_len=16, epochs=1, batch_size=64, seed=0))
+        pipeline.train(run, params={"max_epochs": 1, "max_seq_len": 16},
+                       train_cfg=TrainConfig(min_positives=1, min_negatives=1), workspace=ws, quiet=True)
+    a = score.score(run, tmp_path / "duck.parquet", score.ScoreConfig(at=SEQ_AT), workspace=ws, progress=False)
     want = pd.read_parquet(a.out).set_index("user_id")["probability"]
-    got = transformer_spark_scores
+    got = transformer_spark_scores if run == "transformer" else _spark_scores(ws, run, tmp_path / "spark.parquet")
     assert len(want) == a.n_scored > 50 and sorted(got.index) == sorted(want.index)
     assert got.nunique() > 10  # a model that tells users apart, not a constant
     # DuckDB runs PyTorch on chunks of many users, Spark the ONNX graph: equal to 1e-6 all the same
