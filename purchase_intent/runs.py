@@ -30,7 +30,9 @@ import pandas as pd
 from . import storage
 from .config import FeatureConfig, LabelConfig, from_dict
 from .features import compute_features
-from .models import SEQUENCE_MODELS, load_model
+from .models import ONNX_MODELS, SEQUENCE_MODELS, load_model
+from .models.onnx_inference import ONNX_FILE
+from .models.onnx_inference import sha256 as onnx_sha256
 from .sequences import SequenceVocab, build_sequences
 from .times import ONE_US, parse_duration, parse_time
 from .workspace import Workspace, as_workspace, atomic_dir, atomic_write_bytes, atomic_write_text
@@ -450,9 +452,40 @@ def align_features(feats: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFrame:
 
 
 def _with_sequences(con, X_tab: pd.DataFrame, vocab: SequenceVocab | None) -> dict:
-    X = dict(build_sequences(con, "examples", vocab.cfg if vocab is not None else None, vocab))
+    return sequence_inputs(build_sequences(con, "examples", vocab.cfg if vocab is not None else None, vocab), X_tab)
+
+
+def sequence_inputs(tokens: dict, X_tab: pd.DataFrame) -> dict:
+    """What a sequence model eats: the token arrays of ``sequences.build_sequences`` (or its numpy twin
+    ``sequence_frame.build_sequences_frame``) plus ``"tabular"``, the run's features (rows in the same
+    order) as float32."""
+    X = dict(tokens)
     X["tabular"] = X_tab.to_numpy(np.float32)
     return X
+
+
+def saved_graph(run: Run) -> tuple[dict, bytes]:
+    """config.json (parsed) and the bytes of model.onnx of a Transformer run (``ONNX_MODELS``): what
+    scores it with ONNX Runtime alone (``models.load_onnx_model``), e.g. on Spark executors. A run
+    without a graph, or with one its config.json does not record, is refused in one line."""
+    if run.model_name not in ONNX_MODELS:
+        raise ValueError(f"run {run.name!r} is a {run.model_name} run; a saved ONNX graph scores "
+                         f"{', '.join(ONNX_MODELS)} runs")
+    d = run.dir / MODEL_DIR
+    try:
+        config = json.loads((d / "config.json").read_text())
+        graph = (d / ONNX_FILE).read_bytes()
+    except FileNotFoundError:
+        config, graph = {}, b""
+    entry = config.get("onnx") or {}
+    if not graph or entry.get("file") != ONNX_FILE:
+        raise ValueError(f"run {run.name!r} has no ONNX graph ({MODEL_DIR}/{ONNX_FILE}): install the onnx extra "
+                         f"(pip install 'purchase-intent[onnx]') and train the run again, or score it with "
+                         f"--engine duckdb")
+    if onnx_sha256(graph) != entry.get("sha256"):
+        raise ValueError(f"run {run.name!r}: {MODEL_DIR}/{ONNX_FILE} does not match the saved weights; "
+                         "train the run again")
+    return config, graph
 
 
 STREAMED_ROW_MODELS = ("lightgbm",)  # fitted from a FeatureSubset: the train matrix is never held whole

@@ -210,8 +210,9 @@ def score(run: str, out: str | Path | None = None, cfg: ScoreConfig | None = Non
     cfg : the scoring time, chunk size and the audience rule (at most one of top / top_n /
         min_probability).
 
-    engine : ``EngineConfig("spark")`` computes the features and probabilities on Spark (tabular runs:
-        the model runs on the executors, ``spark_engine.score_users``); the ranking and the files are the same.
+    engine : ``EngineConfig("spark")`` computes the features and probabilities on Spark (tabular and
+        Transformer runs: the model runs on the executors, ``spark_scoring.score_users``); the ranking and
+        the files are the same.
 
     Returns
     -------
@@ -257,7 +258,7 @@ def score(run: str, out: str | Path | None = None, cfg: ScoreConfig | None = Non
     try:
         raw = tmpdir / "probabilities.parquet"
         if spark:
-            from .spark_engine import score_users  # needs the spark extra
+            from .spark_scoring import score_users  # needs the spark extra
             n = score_users(ws, loaded, cutoff, lookback, raw, engine)
             if n == 0:
                 raise ValueError(f"no user has an event in [{cutoff - lookback}, {cutoff}): nothing to score")

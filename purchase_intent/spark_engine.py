@@ -2,13 +2,12 @@
 
     purchase-intent ingest s3a://shop/events/ --format parquet --map user_id=visitor ... --engine spark
     purchase-intent build --task user --engine spark --spark-conf spark.master=spark://host:7077
-    purchase-intent score --run lightgbm --engine spark
 
 What runs on Spark: reading the raw Parquet (any path Spark reads: local, HDFS, S3 through the user's own
 Spark configuration), validation and mapping (``events._stage_sql``), pseudonymisation
 (``privacy.pseudonym_sql``: HMAC-SHA256 over the key blocks, which reach the executors as data), examples
-(``labels``) and features (``features.features_sql``), and batch scoring (the run's LightGBM text model
-or ONNX graph applied on executors with ``mapInPandas``). Every query is the DuckDB definition
+(``labels``) and features (``features.features_sql``); batch scoring (``score --engine spark``) is
+``spark_scoring``, on the session and helpers of this module. Every query is the DuckDB definition
 transpiled by ``spark_sql.to_spark``. What stays on the driver: the time split (a few numbers per
 cutoff), the workspace's files (the same layout and files as DuckDB's, so train, evaluate and report
 work on them unchanged), and ranking the scores (DuckDB, out of core).
@@ -21,9 +20,8 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Optional
 from zoneinfo import ZoneInfo
@@ -42,7 +40,6 @@ from .engine import EngineConfig, EngineError
 from .event_sources import PRESETS, Source, sql_ident
 from .events import REASONS, FileReport, resolve_columns, stage_sql
 from .features import features_sql
-from .models import load_model
 from .privacy import key_chain, pseudonym_params, pseudonym_sql
 from .spark_sql import PARAMS, SESSION_CONF, split_ctes
 from .times import duration_us, parse_time
@@ -59,7 +56,7 @@ class SparkJobError(RuntimeError):
     """A Spark job failed (an unreadable path, an executor lost, out of memory): its first line."""
 
 
-def _one_line(fn):
+def one_line(fn):
     """Spark's errors (Java stack traces included) as one SparkJobError line, which ``cli.main`` prints."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -135,8 +132,9 @@ def register_params(spark: SparkSession, params: dict[str, object]) -> None:
     spark.createDataFrame([tuple(params.values())], list(params)).createOrReplaceTempView(PARAMS)
 
 
-def register_events(spark: SparkSession, ws: Workspace) -> DataFrame:
-    """The workspace's events as the view ``events`` (canonical columns; ts as TIMESTAMP in UTC)."""
+def register_events(spark: SparkSession, ws: Workspace, raw_event: bool = False) -> DataFrame:
+    """The workspace's events as the view ``events`` (canonical columns; ts as TIMESTAMP in UTC), with
+    ``raw_event`` too when asked and the parts hold it (NULL in parts ingested before it existed)."""
     parts = ws.part_paths()
     if not parts:
         raise NothingIngestedError(f"no events in workspace {ws.root}: run `purchase-intent ingest PATH "
@@ -145,7 +143,8 @@ def register_events(spark: SparkSession, ws: Workspace) -> DataFrame:
     missing = [c for c in CANONICAL if c not in df.columns]
     if missing:
         raise ValueError(f"the events of {ws.root} lack columns {missing}: ingest again with this version")
-    df = df.selectExpr(*["CAST(ts AS TIMESTAMP) AS ts" if c == "ts" else c for c in CANONICAL])
+    cols = CANONICAL + ((RAW_EVENT,) if raw_event and RAW_EVENT in df.columns else ())
+    df = df.selectExpr(*["CAST(ts AS TIMESTAMP) AS ts" if c == "ts" else c for c in cols])
     df.createOrReplaceTempView("events")
     return df
 
@@ -185,7 +184,7 @@ class SparkBuild:
         self.lo, self.hi = lo, hi
 
     @classmethod
-    @_one_line
+    @one_line
     def for_workspace(cls, ws: Workspace, cfg: EngineConfig) -> "SparkBuild":
         spark = spark_session(cfg)
         return cls(spark, register_events(spark, ws))
@@ -193,7 +192,7 @@ class SparkBuild:
     def suggest_step(self, cfg: LabelConfig) -> Optional[str]:
         return labels.suggest_step(_range_con(self.lo, self.hi), cfg)
 
-    @_one_line
+    @one_line
     def build_examples(self, cfg: LabelConfig) -> pa.Table:
         """As ``labels.build_examples`` (same columns, order and counts metadata)."""
         if cfg.task == "user":
@@ -239,7 +238,7 @@ class SparkBuild:
                               "may continue after the end of the data": n_open}}
         return table, counts
 
-    @_one_line
+    @one_line
     def compute_features(self, examples: pd.DataFrame, cfg: FeatureConfig) -> pd.DataFrame:
         """As ``features.compute_features`` over ``examples`` (example_id, user_id, cutoff[, session_start])."""
         spark = self.spark
@@ -284,7 +283,7 @@ class SparkIngest:
     def __init__(self, cfg: EngineConfig):
         self.spark = spark_session(cfg)
 
-    @_one_line
+    @one_line
     def __call__(self, path: Path, sha: str, cfg: DataConfig, key: bytes, stage: Path, now: datetime,
                  known: frozenset[str] = frozenset()) -> FileReport:
         t0 = time.perf_counter()
@@ -355,63 +354,3 @@ class SparkIngest:
             w.writerow(["source_file", "line", "reason", "raw"])
             for r in rows:
                 w.writerow([source, r[0], r[1], json.dumps(dict(zip(columns, r[2:])), separators=(",", ":"))])
-
-
-# ---------------------------------------------------------------------------------------------
-# batch scoring
-
-
-def _model_files(run: runs.Run) -> dict[str, bytes]:
-    """The run's model folder as ``{relative path: bytes}``: what the executors rebuild the model from
-    (LightGBM's text model, logistic regression's JSON; ``models.load_model`` never unpickles)."""
-    d = run.dir / runs.MODEL_DIR
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
-
-
-@_one_line
-def score_users(ws: Workspace, run: runs.Run, cutoff: datetime, lookback: timedelta, out_dir: Path,
-                cfg: EngineConfig) -> int:
-    """Probabilities of every user active in ``[cutoff - lookback, cutoff)`` written as Parquet files
-    ``(user_id, probability)`` into ``out_dir`` by Spark; returns the number of users.
-
-    Features come from ``features.features_sql`` at the one cutoff; the model runs on the executors with
-    ``mapInPandas``, rebuilt there from the run's model files (no pickle from the run folder).
-    """
-    if run.members or runs.is_sequence_model(run.model_name):
-        raise ValueError(f"--engine spark scores tabular runs (lightgbm, logreg); run {run.name!r} is a "
-                         f"{run.model_name} run: score it with --engine duckdb")
-    spark = spark_session(cfg)
-    register_events(spark, ws)
-    lo = cutoff - lookback
-    ex = spark.sql(f"""
-        SELECT CAST(monotonically_increasing_id() AS BIGINT) AS example_id, user_id,
-               TIMESTAMP '{cutoff.isoformat(sep=' ')}' AS cutoff, CAST(NULL AS TIMESTAMP) AS session_start
-        FROM (SELECT DISTINCT user_id FROM events WHERE ts >= TIMESTAMP '{lo.isoformat(sep=' ')}'
-              AND ts < TIMESTAMP '{cutoff.isoformat(sep=' ')}' AND user_id IS NOT NULL)""").cache()
-    try:
-        ex.createOrReplaceTempView("examples")
-        n = ex.count()
-        if n == 0:
-            return 0
-        ids = spark.sql("SELECT count(session_id) > 0 FROM events").collect()[0][0]
-        names = list(run.meta["feature_names"])
-        feats = sql(spark, features_sql(run.feature_cfg, "examples", "events", session=False, session_ids=bool(ids)))
-        X = ex.select("example_id", "user_id").join(feats, "example_id").select("user_id", *[f"`{c}`" for c in names])
-        files = spark.sparkContext.broadcast(_model_files(run))
-        model_name = run.model_name
-
-        def predict(batches):
-            with tempfile.TemporaryDirectory(prefix="purchase-intent-model-") as d:
-                for rel, data in files.value.items():
-                    (Path(d) / rel).parent.mkdir(parents=True, exist_ok=True)
-                    (Path(d) / rel).write_bytes(data)
-                model = load_model(model_name, d)
-            for pdf in batches:
-                p = model.predict_proba(pdf[names].astype("float64"))[:, 1]
-                yield pd.DataFrame({"user_id": pdf["user_id"], "probability": np.asarray(p, dtype=np.float64)})
-
-        X.mapInPandas(predict, "user_id string, probability double").write.parquet(str(out_dir))
-        files.unpersist()
-        return int(n)
-    finally:
-        ex.unpersist()

@@ -44,7 +44,7 @@ LAYERS: dict[int, list[str]] = {
     3: ["runs", "pretrain"],                                            # artifacts: built examples, runs
     4: ["explain"],                                                     # reasons per prediction
     5: ["score", "report", "report_page", "ensemble", "tabular", "erasure", "rotation", "monitor", "tracking",
-        "spark_engine"],  # uses of a run
+        "spark_engine", "spark_scoring"],  # uses of a run
     6: ["pipeline", "serve", "cli", "retrain"],                         # entry points
 }
 

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from purchase_intent.models import load_model  # noqa: E402
+from purchase_intent.models import load_model, load_onnx_model  # noqa: E402
 from purchase_intent.models import onnx_inference as ox  # noqa: E402
 from purchase_intent.models.classifier import TransformerClassifier  # noqa: E402
 from purchase_intent.models.transformer import BehaviourTransformer, preset  # noqa: E402
@@ -245,6 +245,27 @@ def test_loading_and_onnx_scoring_never_unpickle(saved, monkeypatch):
     clf = load_model("transformer", d)
     assert clf.onnx_path_ is not None
     np.testing.assert_allclose(clf.predict_proba(X), p_fit, rtol=0, atol=ATOL)
+
+
+def test_a_model_from_its_config_and_graph_alone_scores_as_the_loaded_one(saved, monkeypatch):
+    """``load_onnx_model`` (what Spark executors rebuild): config.json and model.onnx's bytes, no weights,
+    the graph whatever PURCHASE_INTENT_INFERENCE says; the same probabilities as ``load_model``."""
+    d, p_fit, X = saved
+    config, graph = json.loads((d / "config.json").read_text()), (d / "model.onnx").read_bytes()
+    monkeypatch.setenv(ox.INFERENCE_ENV, "onnx")
+    want = load_model("transformer", d).predict_proba(X)
+    monkeypatch.setenv(ox.INFERENCE_ENV, "torch")
+    calls = _Calls(monkeypatch)
+    clf = load_onnx_model("transformer", config, graph, n_threads=1)
+    assert clf.model_ is None
+    np.testing.assert_allclose(clf.predict_proba(X), want, rtol=0, atol=1e-7)  # the same graph, inputs, calibration
+    assert calls.n > 0
+    with pytest.raises(ValueError, match="does not match the saved weights"):
+        load_onnx_model("transformer", config, graph + b"x")
+    with pytest.raises(ValueError, match="records no model.onnx"):
+        load_onnx_model("transformer", {k: v for k, v in config.items() if k != "onnx"}, graph)
+    with pytest.raises(ValueError, match="has no ONNX graph"):
+        load_onnx_model("lightgbm", config, graph)
 
 
 @pytest.mark.slow

@@ -2,8 +2,9 @@
 
 One Spark session (``local[2]``) serves every test of the module. Parity is checked where it matters:
 examples (ids, cutoffs, labels, splits) equal, features equal to 1e-9, events (pseudonyms included)
-equal after ingest, batch scores equal to 1e-6; and the leakage perturbation test of
-``test_leakage.py`` runs on the Spark engine too. Tests skip (with the reason) only when PySpark,
+equal after ingest, batch scores of LightGBM and Transformer runs equal to 1e-6; and the leakage
+perturbation test of ``test_leakage.py`` runs on the Spark engine too, for features and for a
+Transformer's scores. Tests skip (with the reason) only when PySpark,
 SQLGlot or Java is missing; ``.ci/run`` installs Java and ``make venv`` the ``spark`` extra.
 """
 from __future__ import annotations
@@ -278,3 +279,115 @@ def test_taobao_slice_equal_duckdb_with_mixed_engines(spark, shared_data, tmp_pa
     shutil.copytree(wd.examples_dir, duck.examples_dir)
     pipeline.build(session, workspace=wd, quiet=True, engine=SPARK)
     _same_workspace_files(duck, wd)
+
+
+# --- Transformer runs: tokens on the executors, the run's ONNX graph --------------------------------------
+
+SEQ_AT = "2024-01-22"  # the scoring time of the tests below: a week before the simulated log ends
+
+
+@pytest.fixture(scope="module")
+def transformer_shop(tmp_path_factory):
+    """A simulated shop (200 users, 4 weeks; DuckDB ingest and build) and a tiny Transformer run of one
+    epoch, saved with its ONNX graph."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    root = tmp_path_factory.mktemp("transformer-shop")
+    write_events(SimConfig(n_users=200, days=28, seed=5), root / "sim.parquet")
+    ws = Workspace(root / "ws")
+    pipeline.ingest(root / "sim.parquet", DataConfig(format="parquet"), ws, progress=False)
+    pipeline.build(LabelConfig(lookback="7d", horizon="3d", step="3d"), workspace=ws, quiet=True)
+    pipeline.train("transformer", params={"preset": "tiny", "max_epochs": 1, "max_seq_len": 16},
+                   train_cfg=TrainConfig(min_positives=1, min_negatives=1), workspace=ws, quiet=True)
+    assert (ws.run_dir("transformer") / "model" / "model.onnx").is_file()
+    return ws
+
+
+def _spark_scores(ws: Workspace, run, out) -> pd.DataFrame:
+    from purchase_intent import score
+
+    res = score.score(str(run), out, score.ScoreConfig(at=SEQ_AT), workspace=ws, progress=False, engine=SPARK)
+    return pd.read_parquet(res.out).set_index("user_id")["probability"]
+
+
+@pytest.fixture(scope="module")
+def transformer_spark_scores(spark, transformer_shop, tmp_path_factory):
+    return _spark_scores(transformer_shop, "transformer", tmp_path_factory.mktemp("scores") / "spark.parquet")
+
+
+@needs_spark
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["transformer", "transformer_pt"])
+def test_transformer_scores_on_spark_equal_duckdb(transformer_shop, transformer_spark_scores, tmp_path, run):
+    from purchase_intent import score
+    from purchase_intent.pretrain import PretrainConfig, pretrain
+
+    ws = transformer_shop
+    if run == "transformer_pt":  # fine-tuned from the shop's pretrained encoder: the same ONNX path
+        pretrain(ws, PretrainConfig(preset="tiny", max_seq_len=16, epochs=1, batch_size=64, seed=0))
+        pipeline.train(run, params={"max_epochs": 1, "max_seq_len": 16},
+                       train_cfg=TrainConfig(min_positives=1, min_negatives=1), workspace=ws, quiet=True)
+    a = score.score(run, tmp_path / "duck.parquet", score.ScoreConfig(at=SEQ_AT), workspace=ws, progress=False)
+    want = pd.read_parquet(a.out).set_index("user_id")["probability"]
+    got = transformer_spark_scores if run == "transformer" else _spark_scores(ws, run, tmp_path / "spark.parquet")
+    assert len(want) == a.n_scored > 50 and sorted(got.index) == sorted(want.index)
+    assert got.nunique() > 10  # a model that tells users apart, not a constant
+    # DuckDB runs PyTorch on chunks of many users, Spark the ONNX graph: equal to 1e-6 all the same
+    np.testing.assert_allclose(got.reindex(want.index), want, rtol=0, atol=1e-6)
+
+
+def _world(ws: Workspace, root, change) -> Workspace:
+    """A copy of ``ws`` (its runs included) whose events are ``change(events)``."""
+    shutil.copytree(ws.root, root)
+    out = Workspace(root)
+    for part in out.part_paths():
+        change(pd.read_parquet(part)).to_parquet(part, index=False)
+    return out
+
+
+@needs_spark
+@pytest.mark.slow
+def test_transformer_on_spark_reads_no_event_at_or_after_the_cutoff(transformer_shop, transformer_spark_scores,
+                                                                    tmp_path):
+    ws, base = transformer_shop, transformer_spark_scores
+    run = ws.run_dir("transformer")
+    at = pd.Timestamp(SEQ_AT)
+    after = _world(ws, tmp_path / "after", lambda df: perturb_after(df, at, np.random.default_rng(7)))
+    got = _spark_scores(after, run, tmp_path / "after.parquet")
+    assert sorted(got.index) == sorted(base.index)
+    np.testing.assert_allclose(got.reindex(base.index), base, rtol=0, atol=1e-9,
+                               err_msg="an event at or after the cutoff moved a Spark score")
+    # the converse: three purchases of one scored user just before the cutoff move that user's score only
+    user = base.index[len(base) // 2]
+
+    def buy(df: pd.DataFrame) -> pd.DataFrame:
+        mine = df[(df["user_id"] == user) & (df["ts"] < at)].tail(1)
+        new = pd.concat([mine] * 3, ignore_index=True).assign(event="purchase")
+        new["ts"] = at - pd.to_timedelta([3, 2, 1], unit="min")
+        return pd.concat([df, new], ignore_index=True)
+
+    before = _spark_scores(_world(ws, tmp_path / "before", buy), run, tmp_path / "before.parquet")
+    moved = (before.reindex(base.index) - base).abs()
+    assert moved[user] > 1e-4 and moved.drop(user).max() < 1e-9
+
+
+@needs_spark
+def test_a_transformer_run_without_its_onnx_graph_is_refused_in_one_line(transformer_shop, tmp_path, capsys,
+                                                                        monkeypatch):
+    from purchase_intent import spark_scoring
+
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(transformer_shop.root, ws.root)
+    src = ws.run_dir("transformer")
+    for name, change in (("no-graph", lambda p: p.unlink()), ("other-graph", lambda p: p.write_bytes(b"x"))):
+        shutil.copytree(src, ws.run_dir(name))
+        change(ws.run_dir(name) / "model" / "model.onnx")
+        rc = main(["--workspace", str(ws.root), "score", "--run", name, "--engine", "spark", "--at", SEQ_AT])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1, err
+        what = "has no ONNX graph" if name == "no-graph" else "does not match the saved weights"
+        assert what in err[0] and "train the run again" in err[0], err[0]
+    monkeypatch.setattr(spark_scoring, "onnxruntime_available", lambda: False)
+    rc = main(["--workspace", str(ws.root), "score", "--run", "transformer", "--engine", "spark", "--at", SEQ_AT])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "pip install 'purchase-intent[onnx]'" in err[0], err

@@ -68,6 +68,17 @@ def load_model(name: str, directory):
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 
+ONNX_MODELS = {"transformer": TransformerClassifier, "transformer_pt": PretrainedTransformerClassifier}
+
+
+def load_onnx_model(name: str, config: dict, graph: bytes, n_threads: int | None = None):
+    """A saved model of registry name ``name`` (one of ``ONNX_MODELS``) that scores with its ONNX graph
+    only: its config.json (parsed) and the bytes of its model.onnx, no PyTorch weights."""
+    if name not in ONNX_MODELS:
+        raise ValueError(f"model {name!r} has no ONNX graph; these do: {', '.join(ONNX_MODELS)}")
+    return ONNX_MODELS[name].load_onnx(config, graph, n_threads=n_threads)
+
+
 __all__ = [
     "Contributions",
     "DP_MODELS",
@@ -80,9 +91,11 @@ __all__ = [
     "LightGBMModel",
     "LogisticRegressionModel",
     "NotEnoughData",
+    "ONNX_MODELS",
     "TransformerClassifier",
     "check_min_data",
     "load_model",
+    "load_onnx_model",
     "make_lightgbm",
     "make_logreg",
     "make_lightgbm_emb",

@@ -508,6 +508,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
     # ------------------------------------------------------------------ ONNX Runtime
     def _onnx_scorer(self, n_rows: int) -> Optional["ox.OnnxScorer"]:
         """The ONNX Runtime session to score ``n_rows`` rows with, or None for PyTorch."""
+        if getattr(self, "model_", None) is None and getattr(self, "onnx_scorer_", None) is not None:
+            return self.onnx_scorer_  # loaded by load_onnx: the graph is the only runtime
         mode = ox.inference_mode()
         if mode == "torch":
             return None
@@ -567,6 +569,41 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         """Rebuild a saved classifier from JSON, safetensors and model.onnx (no pickle)."""
         d = Path(directory)
         meta = json.loads((d / "config.json").read_text())
+        clf = cls._configured(meta, device)
+        n_seeds = int(meta["params"].get("n_seeds", 1))
+        clf.model_ = (BehaviourTransformer(clf.model_config_) if n_seeds == 1
+                      else SeedEnsemble([BehaviourTransformer(clf.model_config_) for _ in range(n_seeds)]))
+        clf.model_.load_state_dict(load_file(str(d / "model.safetensors")))
+        clf.model_.to(device).eval()
+        clf.onnx_path_ = ox.saved_onnx(d, meta.get("onnx"))
+        if ox.inference_mode() != "torch":
+            clf._onnx_scorer(1)  # open the session now, not in the first request
+        return clf
+
+    @classmethod
+    def load_onnx(cls, config: dict, graph: bytes, n_threads: Optional[int] = None) -> "TransformerClassifier":
+        """A saved classifier that scores in ONNX Runtime only: its config.json (parsed) and the bytes
+        of its model.onnx, no PyTorch weights (what batch scoring on Spark executors rebuilds).
+
+        ``decision_function`` and ``predict_proba`` run the graph whatever ``PURCHASE_INTENT_INFERENCE``
+        says, on the inputs and with the calibration of :meth:`load`; ``contributions`` and ``fit``
+        need the weights. ``n_threads``: ONNX Runtime's intra-op threads (see ``OnnxScorer``).
+        Raises ValueError when config.json records no graph or another one (its sha256).
+        """
+        entry = config.get("onnx") or {}
+        if entry.get("file") != ox.ONNX_FILE:
+            raise ValueError(f"the saved model records no {ox.ONNX_FILE}")
+        if ox.sha256(graph) != entry.get("sha256"):
+            raise ValueError(f"{ox.ONNX_FILE} does not match the saved weights (sha256)")
+        clf = cls._configured(config, "cpu")
+        clf.model_ = clf.onnx_path_ = None
+        clf.onnx_scorer_ = ox.OnnxScorer(graph, n_threads=n_threads)
+        return clf
+
+    @classmethod
+    def _configured(cls, meta: dict, device: str) -> "TransformerClassifier":
+        """A classifier with everything config.json holds (parameters, configs, tabular statistics,
+        calibration), before any network is attached."""
         names = cls().get_params().keys()
         # runs saved before these parameters existed: [CLS] alone, every token field
         params = {"pooling": "cls", "drop_fields": [], **meta["params"]}
@@ -581,13 +618,5 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         clf.calibrator_ = Calibrator.from_dict(meta["calibration"])
         clf.train_result_ = meta.get("train_result", {})
         clf.privacy_ = meta.get("privacy")
-        n_seeds = int(params.get("n_seeds", 1))
-        clf.model_ = (BehaviourTransformer(clf.model_config_) if n_seeds == 1
-                      else SeedEnsemble([BehaviourTransformer(clf.model_config_) for _ in range(n_seeds)]))
-        clf.model_.load_state_dict(load_file(str(d / "model.safetensors")))
-        clf.model_.to(device).eval()
-        clf.onnx_path_ = ox.saved_onnx(d, meta.get("onnx"))
-        if ox.inference_mode() != "torch":
-            clf._onnx_scorer(1)  # open the session now, not in the first request
         return clf
 
