@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -232,7 +233,11 @@ def score(run: str, out: str | Path | None = None, cfg: ScoreConfig | None = Non
     if out is not None:
         out = Path(out)
         fmt = _copy_sql(out)
-    loaded = runs.load_run(run, ws)
+    with warnings.catch_warnings():
+        if spark:  # Spark scores from the ONNX graph and refuses, in one line, a run without a usable one
+            warnings.filterwarnings("ignore", ".*(missing or does not match the saved weights|no usable model.onnx)",
+                                    RuntimeWarning)
+        loaded = runs.load_run(run, ws)
     if loaded.task != "user":
         raise ValueError(f"run {run!r} is a {loaded.task}-task run; batch scores rank users (user task)")
     name, version = loaded.model_name, loaded.version

@@ -56,6 +56,23 @@ class SparkJobError(RuntimeError):
     """A Spark job failed (an unreadable path, an executor lost, out of memory): its first line."""
 
 
+def summary_line(raw: str) -> str:
+    """The line of a Spark error that says what went wrong: for a Python error on an executor, the last line
+    of its traceback (``ValueError: ...``), not "Traceback (most recent call last):"; else the first line
+    (with the next one where the first ends in a colon)."""
+    lines = [ln.strip() for ln in raw.strip().splitlines() if ln.strip()]
+    start = next((i for i, ln in enumerate(lines) if ln.endswith("Traceback (most recent call last):")), None)
+    if start is not None:
+        # the traceback runs until the JVM's own frames ("at org.apache...") or the driver's stack trace
+        end = next((i for i in range(start + 1, len(lines))
+                    if lines[i].startswith(("at ", "Driver stacktrace", "Caused by:", "JVM stacktrace"))), len(lines))
+        if end - start > 1:
+            return lines[end - 1]
+    if not lines:
+        return ""
+    return lines[0] if not lines[0].endswith(":") or len(lines) == 1 else f"{lines[0]} {lines[1]}"
+
+
 def one_line(fn):
     """Spark's errors (Java stack traces included) as one SparkJobError line, which ``cli.main`` prints."""
     @functools.wraps(fn)
@@ -72,8 +89,7 @@ def one_line(fn):
                     raw = str(j.toString())
                 except Py4JError:  # the JVM itself is gone (e.g. killed for memory)
                     pass
-            lines = [ln.strip() for ln in raw.strip().splitlines() if ln.strip()] or [type(e).__name__]
-            text = lines[0] if not lines[0].endswith(":") or len(lines) == 1 else f"{lines[0]} {lines[1]}"
+            text = summary_line(raw) or type(e).__name__
             if "OutOfMemoryError" in raw or "Java heap space" in raw:
                 text += " (give Spark more memory: --spark-conf spark.driver.memory=6g, or executors on a cluster)"
             raise SparkJobError(f"Spark: {text}") from None

@@ -79,6 +79,7 @@ def score_users(ws: Workspace, run: runs.Run, cutoff: datetime, lookback: timede
                {_lit(cutoff)} AS cutoff, CAST(NULL AS TIMESTAMP) AS session_start
         FROM (SELECT DISTINCT user_id FROM events WHERE ts >= {_lit(cutoff - lookback)}
               AND ts < {_lit(cutoff)} AND user_id IS NOT NULL)""").cache()
+    shipped = None  # the broadcast model, released however the job ends
     try:
         ex.createOrReplaceTempView("examples")
         n = ex.count()
@@ -93,9 +94,10 @@ def score_users(ws: Workspace, run: runs.Run, cutoff: datetime, lookback: timede
         else:
             scored, shipped = _sequences(spark, run, X, names, cutoff, *graph)
         scored.write.parquet(str(out_dir))
-        shipped.unpersist()
         return int(n)
     finally:
+        if shipped is not None:
+            shipped.unpersist()
         ex.unpersist()
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 
 import duckdb
 import numpy as np
@@ -123,6 +124,41 @@ def test_missing_extra_or_java_is_one_line(monkeypatch, tmp_path, capsys):
     with pytest.raises(EngineError, match="cannot keep a workspace encrypted"):  # before Java is looked for
         check_engine(SPARK)
     assert parse_spark_conf(["spark.driver.memory=4g"]) == {"spark.driver.memory": "4g"}
+
+
+def test_a_python_error_on_an_executor_is_its_last_traceback_line():
+    from purchase_intent.spark_engine import summary_line
+
+    raw = ("org.apache.spark.api.python.PythonException: Traceback (most recent call last):\n"
+           '  File "/venv/lib/python3.11/site-packages/pyspark/worker.py", line 1247, in main\n'
+           "    process()\n"
+           '  File "/src/purchase_intent/spark_scoring.py", line 160, in predict\n'
+           "    yield score_histories(model, batch, names, at)\n"
+           "MemoryError: Unable to allocate 3.1 GiB for an array\n"
+           "\tat org.apache.spark.api.python.BasePythonRunner.handlePythonException(PythonRunner.scala)\n")
+    assert summary_line(raw) == "MemoryError: Unable to allocate 3.1 GiB for an array"
+    assert summary_line("Exception thrown in awaitResult:\nPath does not exist: file:/x") == \
+        "Exception thrown in awaitResult: Path does not exist: file:/x"
+    one = "[PATH_NOT_FOUND] Path does not exist: file:/x."
+    assert summary_line(one) == one
+
+
+@needs_spark
+def test_a_failing_executor_is_one_line_that_names_the_python_error(spark):
+    from purchase_intent.spark_engine import SparkJobError, one_line
+
+    def fail(batches):
+        for _ in batches:
+            raise ValueError("history of user 7 is not a list")
+        yield from ()
+
+    @one_line
+    def job():
+        return spark.range(4).mapInPandas(fail, "id long").collect()
+
+    with pytest.raises(SparkJobError) as e:
+        job()
+    assert "\n" not in str(e.value) and "ValueError: history of user 7 is not a list" in str(e.value), str(e.value)
 
 
 # --- parity on a real local Spark ---------------------------------------------------------------------
@@ -382,9 +418,12 @@ def test_a_transformer_run_without_its_onnx_graph_is_refused_in_one_line(transfo
     for name, change in (("no-graph", lambda p: p.unlink()), ("other-graph", lambda p: p.write_bytes(b"x"))):
         shutil.copytree(src, ws.run_dir(name))
         change(ws.run_dir(name) / "model" / "model.onnx")
-        rc = main(["--workspace", str(ws.root), "score", "--run", name, "--engine", "spark", "--at", SEQ_AT])
+        with warnings.catch_warnings(record=True) as caught:  # a warning would print two lines before the error
+            warnings.simplefilter("always")
+            rc = main(["--workspace", str(ws.root), "score", "--run", name, "--engine", "spark", "--at", SEQ_AT])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 1 and len(err) == 1, err
+        assert not [w for w in caught if "onnx" in str(w.message).lower()], [str(w.message) for w in caught]
         what = "has no ONNX graph" if name == "no-graph" else "does not match the saved weights"
         assert what in err[0] and "train the run again" in err[0], err[0]
     monkeypatch.setattr(spark_scoring, "onnxruntime_available", lambda: False)
