@@ -74,11 +74,14 @@ def score_users(ws: Workspace, run: runs.Run, cutoff: datetime, lookback: timede
                          "pip install 'purchase-intent[onnx]' (where the executors run too)")
     spark = spark_session(cfg)
     register_events(spark, ws, raw_event=graph is not None)
+    # the ids are numbered once and kept (a local checkpoint, not a cache): numbering again after a lost
+    # partition could give a user another id in the features than in the join below; a lost checkpoint
+    # fails the job instead
     ex = spark.sql(f"""
         SELECT CAST(monotonically_increasing_id() AS BIGINT) AS example_id, user_id,
                {_lit(cutoff)} AS cutoff, CAST(NULL AS TIMESTAMP) AS session_start
         FROM (SELECT DISTINCT user_id FROM events WHERE ts >= {_lit(cutoff - lookback)}
-              AND ts < {_lit(cutoff)} AND user_id IS NOT NULL)""").cache()
+              AND ts < {_lit(cutoff)} AND user_id IS NOT NULL)""").localCheckpoint(eager=True)
     shipped = None  # the broadcast model, released however the job ends
     try:
         ex.createOrReplaceTempView("examples")
@@ -98,7 +101,6 @@ def score_users(ws: Workspace, run: runs.Run, cutoff: datetime, lookback: timede
     finally:
         if shipped is not None:
             shipped.unpersist()
-        ex.unpersist()
 
 
 # ---------------------------------------------------------------------------------------------
