@@ -122,7 +122,7 @@ def _epsilon(mechanisms: list[tuple[float, float, int]], delta: float) -> float:
     accountant = RDPAccountant()
     accountant.history = list(mechanisms)
     with warnings.catch_warnings():  # the search tries noise levels whose best order is the largest alpha
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        warnings.filterwarnings("ignore", message="Optimal order is the")
         return float(accountant.get_epsilon(delta=delta))
 
 
