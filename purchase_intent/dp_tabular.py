@@ -22,7 +22,8 @@ stays missing; ``B`` is the model's fixed feature bound):
    Each coordinate gets Gaussian noise of std ``noise_multiplier * sqrt(3F)``. The two rounds are
    Gaussian mechanisms whose Rényi divergences add (adaptive composition), to exactly that of one
    Gaussian mechanism with this noise multiplier over all 3F coordinates at sampling rate 1: the
-   step the accountant records.
+   step the accountant records. With the labels, round 1 holds two more sums (the rows read and
+   the positives among them, bound ``k`` each): 3F + 2 coordinates, the same argument.
 
 Post-processing (no further privacy cost): mean ``m_j``, clipped to ``[-B, B]``; scale
 ``sqrt(pi / 2) * A~_j / n~_j`` (the standard deviation of a normal with that mean absolute
@@ -41,6 +42,7 @@ DEVIATION_BOUND = 3.0  # D: each |t - m| is clipped to this before the absolute 
 SCALE_FLOOR = 0.1  # the released scale is at least this (a feature divided by it grows at most 10x)
 MIN_COUNT_RATIO = 10.0  # a feature's noisy count must be this many times its noise std to be used
 N_SUMS = 3  # per feature: count, sum, sum of absolute deviations
+RATE_BOUNDS = (0.001, 0.999)  # the released share of positives is clipped to this (a finite log-odds)
 
 
 def public_transform(X: np.ndarray, bound: float, log: bool = True) -> np.ndarray:
@@ -51,9 +53,14 @@ def public_transform(X: np.ndarray, bound: float, log: bool = True) -> np.ndarra
     return np.clip(t, -bound, bound)
 
 
-def coordinate_noise(noise_multiplier: float, n_features: int) -> float:
-    """The noise std on each of the 3F sums in units of its per-user bound: ``noise_multiplier * sqrt(3F)``."""
-    return float(noise_multiplier) * math.sqrt(N_SUMS * n_features)
+def n_coordinates(n_features: int, labels: bool) -> int:
+    """The sums released: 3 per feature, and with the labels the rows and the positives read."""
+    return N_SUMS * int(n_features) + (2 if labels else 0)
+
+
+def coordinate_noise(noise_multiplier: float, n: int) -> float:
+    """The noise std on each of ``n`` sums in units of its per-user bound: ``noise_multiplier * sqrt(n)``."""
+    return float(noise_multiplier) * math.sqrt(n)
 
 
 def per_user_rows(groups: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -81,7 +88,7 @@ def user_sums(t: np.ndarray, rows: np.ndarray, centre: np.ndarray | None,
 
 
 def release(t: np.ndarray, groups: np.ndarray, k: int, noise_multiplier: float, bound: float,
-            rng: np.random.Generator, deviation_bound: float = DEVIATION_BOUND,
+            rng: np.random.Generator, labels: np.ndarray | None = None, deviation_bound: float = DEVIATION_BOUND,
             scale_floor: float = SCALE_FLOOR) -> tuple[np.ndarray, np.ndarray, dict]:
     """The noisy per-feature mean and scale of ``t`` (n, F), already publicly transformed and clipped
     to ``[-bound, bound]`` (NaN = missing), under user-level DP with ``noise_multiplier``.
@@ -100,6 +107,11 @@ def release(t: np.ndarray, groups: np.ndarray, k: int, noise_multiplier: float, 
         B: every value of ``t`` is in ``[-B, B]``.
     rng : numpy Generator
         For the rows drawn and the noise.
+    labels : ndarray (n,) of 0/1, optional
+        With labels, round 1 also releases the number of rows read and of positives among them (two
+        more sums, per-user bound ``k`` each), and the record holds ``positive_rate``: the DP model's
+        output bias starts at its log-odds (with centred features nothing else moves the mean logit,
+        and a fixed number of Adam steps from 0 did not reach it: BENCHMARKS.md).
 
     Returns
     -------
@@ -114,7 +126,7 @@ def release(t: np.ndarray, groups: np.ndarray, k: int, noise_multiplier: float, 
     if finite.size and np.abs(finite).max() > bound:
         raise ValueError(f"the tabular features must be clipped to [-{bound:g}, {bound:g}] before the release")
     k, F = int(k), t.shape[1]
-    s = coordinate_noise(noise_multiplier, F)  # per coordinate, in units of the per-user bound
+    s = coordinate_noise(noise_multiplier, n_coordinates(F, labels is not None))  # in units of the per-user bound
     rows = per_user_rows(groups, k, rng)
     # round 1: counts (per-user bound k) and sums (k * B)
     count, total, _ = user_sums(t, rows, None, deviation_bound)
@@ -133,7 +145,18 @@ def release(t: np.ndarray, groups: np.ndarray, k: int, noise_multiplier: float, 
               "noise_multiplier": float(noise_multiplier), "examples_per_user": k, "bound": float(bound),
               "deviation_bound": float(deviation_bound), "scale_floor": float(scale_floor),
               "n_features": int(F), "features_fixed": int((~usable).sum())}
+    if labels is not None:
+        y = np.asarray(labels, dtype=np.float64)[rows]
+        n_rows = len(rows) + rng.normal(0.0, s * k)
+        positives = y.sum() + rng.normal(0.0, s * k)
+        record["positive_rate"] = float(np.clip(positives / max(n_rows, 1.0), RATE_BOUNDS[0], RATE_BOUNDS[1]))
     return mean, scale, record
+
+
+def initial_bias(record: dict | None) -> float | None:
+    """The log-odds of the released ``positive_rate`` (None without one)."""
+    rate = (record or {}).get("positive_rate")
+    return None if rate is None else float(math.log(rate / (1.0 - rate)))
 
 
 # what a DP fit's tabular features get when tabular_scaling is not given (see BENCHMARKS.md, "A DP

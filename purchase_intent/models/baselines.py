@@ -278,10 +278,13 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
             t = dp_tabular.public_transform(X, float(self.dp_feature_bound))
             self.mean_, self.scale_, release = dp_tabular.release(
                 t, groups, cfg.examples_per_user, dp_plan.release_noise_multiplier, float(self.dp_feature_bound),
-                np.random.default_rng(int(seed)))
+                np.random.default_rng(int(seed)), labels=y01)
         data = {"x": self._dp_features(X).astype(np.float32), "label": y01.astype(np.float32)}
         torch.manual_seed(int(seed))
         net = _LinearLogit(n)
+        bias = dp_tabular.initial_bias(release)
+        if bias is not None:  # the released share of positives: centred features no longer carry the mean logit
+            torch.nn.init.constant_(net.linear.bias, bias)
         self.privacy_ = dpmod.train_dp(net, data, groups, cfg, dp_plan,
                                        lambda d, rows: {"x": torch.from_numpy(d["x"][rows])}, seed=int(seed))
         if release is not None:

@@ -179,7 +179,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         expected users per step, most examples of a user per step, expected passes over the users,
         Adam's learning rate on the noisy gradient (fixed: no schedule, no early stopping).
         ``fit`` then needs ``groups`` (the user of each example); the tabular features are
-        transformed with fixed constants (sign-log1p, no train mean or scale), the ``price`` field
+        transformed with fixed constants (sign-log1p, no train mean or scale) or, with
+        ``tabular_scaling="dp"``, standardised with a DP release of their mean and scale, the ``price`` field
         is left out unless its bucket edges are public (``vocab`` with ``price_bucketing="log"``;
         quantile edges are statistics of the train events), dropout is 0, and the validation data is
         not used (no early stopping, no calibration). One network (``n_seeds=1``).
@@ -419,7 +420,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             t = dp_tabular.public_transform(X["tabular"], TABULAR_BOUND, log=self.tabular_log)
             self.tab_mean_, self.tab_scale_, release = dp_tabular.release(
                 t, np.asarray(groups), dp.examples_per_user, dp_plan.release_noise_multiplier, TABULAR_BOUND,
-                np.random.default_rng(self.random_state))
+                np.random.default_rng(self.random_state), labels=y)
         elif use_tab:
             t = np.asarray(X["tabular"], dtype=np.float64)
             if self.tabular_log:
@@ -498,6 +499,10 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             dp_plan = dpmod.plan(dataclasses.replace(dp, tabular_share=0.0), dp_plan.n_users)
         torch.manual_seed(self.random_state)
         self.model_ = BehaviourTransformer(self.model_config_)
+        bias = dp_tabular.initial_bias(release)
+        if bias is not None:  # the released share of positives: centred features no longer carry the mean logit
+            with torch.no_grad():
+                self.model_.head[-1].bias.fill_(bias)
         self.privacy_ = dpmod.train_dp(self.model_, train_data, groups, dp, dp_plan, collate,
                                        seed=self.random_state, progress=self.progress, logits=_dp_logits)
         if release is not None:
