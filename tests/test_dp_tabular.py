@@ -45,6 +45,10 @@ def test_the_release_is_near_the_truth_at_a_large_epsilon_and_noisy_at_a_small_o
     mean, scale, record = _release(X, groups, epsilon=1000)
     assert record["features_fixed"] == 0 and record["n_features"] == 4
     np.testing.assert_allclose(mean, true_mean, atol=0.02)
+    _, _, with_labels = dp_tabular.release(t, groups, 3, 0.01, B, np.random.default_rng(0),
+                                           labels=(np.arange(len(t)) % 4 == 0))
+    assert abs(with_labels["positive_rate"] - 0.25) < 0.01
+    assert dp_tabular.initial_bias(with_labels) == pytest.approx(math.log(1 / 3), abs=0.05)
     np.testing.assert_allclose(scale, true_sd, rtol=0.1)  # sqrt(pi/2) * mean absolute deviation of a normal
     errors = {}
     for eps in (1000, 1.0):
@@ -70,8 +74,12 @@ def test_one_user_with_1000_examples_moves_the_sums_no_more_than_the_bound():
         b = dp_tabular.user_sums(t2, without, centre, D)
         diffs = [np.abs(x - y) for x, y in zip(a, b)]
         assert (diffs[0] <= k).all() and (diffs[1] <= k * B).all() and (diffs[2] <= k * D).all()
-        normalised = np.concatenate([diffs[0] / k, diffs[1] / (k * B), diffs[2] / (k * D)])
-        assert np.linalg.norm(normalised) <= math.sqrt(3 * 4) + 1e-9  # the sensitivity the noise is for
+        labels = np.ones(len(g2))  # the heavy user's examples all positive: rows and positives both move
+        rows_and_positives = np.array([len(rows) - len(without), labels[rows].sum() - labels[without].sum()])
+        assert (rows_and_positives <= k).all()
+        normalised = np.concatenate([diffs[0] / k, diffs[1] / (k * B), diffs[2] / (k * D), rows_and_positives / k])
+        n = dp_tabular.n_coordinates(4, labels=True)
+        assert np.linalg.norm(normalised) <= math.sqrt(n) + 1e-9  # the sensitivity the noise is for
 
 
 def test_the_accountant_covers_release_and_training_within_the_budget():
@@ -126,6 +134,8 @@ def test_dp_logreg_standardises_with_the_release_and_the_fixed_transform_is_unch
     m = LogisticRegressionModel(tabular_scaling="dp", **kw).fit(X, y, groups=groups)
     assert m.privacy_["epsilon"] <= 8 and m.privacy_["tabular_release"]["features_fixed"] == 0
     np.testing.assert_allclose(m.mean_, mu, atol=0.3)
+    rate = m.privacy_["tabular_release"]["positive_rate"]
+    assert abs(rate - y.mean()) < 0.1
     Z = m._standardise(X)
     assert np.isfinite(Z).all() and np.abs(Z).max() <= m.dp_feature_bound
     assert abs(np.nanmean(Z[:, 1])) < 0.3 and 0.7 < np.nanstd(Z[:, 1]) < 1.3  # centred and scaled
