@@ -22,8 +22,10 @@ The model's forward runs in eval mode (no dropout; the fast embedding backward i
 autograd function that ``vmap`` cannot batch): DP models are built with dropout 0.
 
 What the model sees must not leak either: callers fix the feature transform from public constants
-(see ``models/classifier.py`` and ``models/baselines.py``), never from train statistics, and no
-validation data selects or calibrates a DP model. Model-agnostic: any ``forward(batch) -> (logits,
+(see ``models/classifier.py`` and ``models/baselines.py``), never from exact train statistics, or
+standardise it with a DP release of the mean and scale (:mod:`purchase_intent.dp_tabular`) whose
+Gaussian mechanism is one more step in the same accountant (``DPConfig.tabular_share``, see
+:func:`plan`); no validation data selects or calibrates a DP model. Model-agnostic: any ``forward(batch) -> (logits,
 _)`` module, or any model with a per-example loss (the self-supervised pretraining of the encoder,
 :mod:`purchase_intent.models.dp_pretraining`).
 """
