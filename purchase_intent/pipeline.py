@@ -246,8 +246,12 @@ def check_params(name: str, params: dict) -> None:
         check_budget(params["dp_epsilon"], params.get("dp_delta"))
         if "dp_tabular_share" in params:
             check_share(params["dp_tabular_share"])
-    if "tabular_scaling" in params:  # an unknown scaling, 'train' with dp_epsilon, 'dp' without it
-        resolve_scaling(params["tabular_scaling"], params.get("dp_epsilon") is not None)
+    if "tabular_scaling" in params or "dp_tabular_share" in params:  # an unknown scaling, 'train' with
+        # dp_epsilon, 'dp' without it, a share that nothing would spend
+        scaling = resolve_scaling(params.get("tabular_scaling"), params.get("dp_epsilon") is not None)
+        if "dp_tabular_share" in params and scaling != "dp":
+            raise ValueError(f"dp_tabular_share is the budget of tabular_scaling=\"dp\", and this fit's scaling is "
+                             f"{scaling!r}: add --param tabular_scaling='\"dp\"' or leave dp_tabular_share out")
     if "sequence" in params:  # unknown settings, bad price bucketing: refused before any data is read
         sequence_config(params["sequence"])
     if params.get("stream_shard_rows") is not None:  # refused before any data is read

@@ -178,7 +178,8 @@ def test_cli_refuses_bad_tabular_settings_in_one_line(ws, capsys):
                           (["dp_epsilon=8", 'tabular_scaling="dp"', "dp_tabular_share=1"], "in (0, 1)"),
                           (['tabular_scaling="dp"'], "needs dp_epsilon"),
                           (["dp_epsilon=8", 'tabular_scaling="train"'], "private train data"),
-                          (["dp_tabular_share=0.2"], "without dp_epsilon")):
+                          (["dp_tabular_share=0.2"], "without dp_epsilon"),
+                          (["dp_epsilon=8", "dp_tabular_share=0.2"], "budget of tabular_scaling")):
         argv = ["--workspace", str(ws.root), "train", "--model", "transformer", "--run", "refused"]
         for p in params:
             argv += ["--param", p]
