@@ -10,14 +10,21 @@
 # call can be resumed with the same arguments). JOBS=2 trains two variants at a time, each in a copy
 # of the workspace (WORKSPACE.copy-NAME), and moves its run back; default 1. The CLI's output goes to
 # WORKSPACE/../gap.log (wall time and load per command), the table to stdout and WORKSPACE/../gap.txt.
+# MODEL=logreg trains the variants as logistic regression (default transformer); REF=RUN tables the
+# differences to the run RUN instead of the non-private run of MODEL (e.g. REF=transformer-dp8: a
+# variant against the DP default; the table then goes to WORKSPACE/../gap-REF.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $# -ge 2 ]] || { sed -n '2,12p' "$0" >&2; exit 2; }
 ws=$(cd "$1" && pwd); shift
 JOBS=${JOBS:-1}
+MODEL=${MODEL:-transformer}
+REF=${REF:-$MODEL}
 PI=$PWD/.venv/bin/purchase-intent
 log=$(dirname "$ws")/gap.log
-[[ -d $ws/runs/transformer ]] || { echo "$ws has no run 'transformer': run benchmarks/bench_dp.sh first" >&2; exit 2; }
+[[ -d $ws/runs/$REF ]] || { echo "$ws has no run '$REF': run benchmarks/bench_dp.sh first" >&2; exit 2; }
+table=$(dirname "$ws")/gap.txt
+[[ $REF == "$MODEL" ]] || table=$(dirname "$ws")/gap-$REF.txt
 
 # one VARIANT in workspace W: train and evaluate run NAME, logged with wall time and load
 one() {
@@ -25,7 +32,7 @@ one() {
   for p in $params; do args+=(--param "$p"); done
   {
     echo "\$ train --run $name ${args[*]} # start $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)"
-    "$PI" --workspace "$w" train --model transformer --run "$name" "${args[@]}" \
+    "$PI" --workspace "$w" train --model "$MODEL" --run "$name" "${args[@]}" \
       && "$PI" --workspace "$w" evaluate --run "$name" --backtest 0 || rc=$?
     echo "== $name: $((SECONDS - t0))s, rc $rc, load $(cut -d' ' -f1-3 /proc/loadavg)"
   } >"$w.$name.log" 2>&1
@@ -56,7 +63,7 @@ while (( i < ${#pending[@]} )); do
   for p in "${pids[@]}"; do wait "$p" || true; done
 done
 
-.venv/bin/python - "$ws" "${names[@]}" <<'PY' | tee "$(dirname "$ws")/gap.txt"
+.venv/bin/python - "$ws" "$REF" "${names[@]}" <<'PY' | tee "$table"
 import json
 import sys
 
@@ -65,9 +72,10 @@ from purchase_intent.evaluate import paired_auc_difference
 from purchase_intent.workspace import Workspace
 
 ws = Workspace(sys.argv[1])
-ref = runs.read_predictions(ws.run_dir("transformer"))
+ref_name = sys.argv[2]
+ref = runs.read_predictions(ws.run_dir(ref_name))
 ref = ref[ref["split"] == "test"]
-m0 = json.loads((ws.run_dir("transformer") / runs.METRICS_JSON).read_text())["test"]
+m0 = json.loads((ws.run_dir(ref_name) / runs.METRICS_JSON).read_text())["test"]
 
 
 def fmt(d):
@@ -75,8 +83,8 @@ def fmt(d):
 
 
 print(f"{'run':<14} {'ε spent':>8} {'steps':>5} {'ROC-AUC':>7} {'PR-AUC':>7} {'ΔROC-AUC [95% CI]':<26} ΔPR-AUC [95% CI]")
-print(f"{'transformer':<14} {'-':>8} {'-':>5} {m0['roc_auc']:7.4f} {m0['pr_auc']:7.4f} (reference)")
-for name in sys.argv[2:]:
+print(f"{ref_name:<14} {'-':>8} {'-':>5} {m0['roc_auc']:7.4f} {m0['pr_auc']:7.4f} (reference)")
+for name in sys.argv[3:]:
     d = ws.run_dir(name)
     if not (d / runs.METRICS_JSON).exists():
         print(f"{name:<14} failed (see gap.log)")

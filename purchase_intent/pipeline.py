@@ -32,7 +32,8 @@ import pandas as pd
 from . import distributed, labels, runs, sequence_shards, splits, storage
 from . import pretrain as pretraining
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig, from_dict
-from .dp import check_budget
+from .dp import check_budget, check_share
+from .dp_tabular import resolve_scaling
 from .engine import EngineConfig, check_engine
 from .ensemble import evaluate_ensemble
 from .evaluate import binary_metrics, comparison_table, expected_calibration_error, paired_auc_difference
@@ -241,8 +242,16 @@ def check_params(name: str, params: dict) -> None:
                          f"{', '.join(known)}")
     if dp_keys and params.get("dp_epsilon") is None:
         raise ValueError(f"{', '.join(dp_keys)} given without dp_epsilon: add --param dp_epsilon=E for a DP model")
-    if dp_keys:  # ε <= 0, δ outside (0, 1): refused before any data is read
+    if dp_keys:  # ε <= 0, δ outside (0, 1), a share outside (0, 1): refused before any data is read
         check_budget(params["dp_epsilon"], params.get("dp_delta"))
+        if "dp_tabular_share" in params:
+            check_share(params["dp_tabular_share"])
+    if "tabular_scaling" in params or "dp_tabular_share" in params:  # an unknown scaling, 'train' with
+        # dp_epsilon, 'dp' without it, a share that nothing would spend
+        scaling = resolve_scaling(params.get("tabular_scaling"), params.get("dp_epsilon") is not None)
+        if "dp_tabular_share" in params and scaling != "dp":
+            raise ValueError(f"dp_tabular_share is the budget of tabular_scaling=\"dp\", and this fit's scaling is "
+                             f"{scaling!r}: add --param tabular_scaling='\"dp\"' or leave dp_tabular_share out")
     if "sequence" in params:  # unknown settings, bad price bucketing: refused before any data is read
         sequence_config(params["sequence"])
     if params.get("stream_shard_rows") is not None:  # refused before any data is read

@@ -40,7 +40,7 @@ LAYERS: dict[int, list[str]] = {
         "calibration", "privacy", "simulate", "storage", "engine"],     # foundations, no domain logic
     1: ["events", "event_*", "events_*", "formats", "labels", "splits", "features", "feature_frame", "sequences",
         "sequence_frame", "sequence_shards", "reason_text", "evaluate", "spark_sql"],  # data: events -> examples -> X
-    2: ["models", "train", "dp"],                                       # estimators and the loops
+    2: ["models", "train", "dp", "dp_tabular"],                         # estimators and the loops
     3: ["runs", "pretrain"],                                            # artifacts: built examples, runs
     4: ["explain"],                                                     # reasons per prediction
     5: ["score", "report", "report_page", "ensemble", "tabular", "erasure", "rotation", "monitor", "tracking",

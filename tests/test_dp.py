@@ -147,7 +147,7 @@ def test_cli_refuses_with_one_line(ws, capsys):
             (["train", "--model", "transformer", "--param", "dp_epsilon=8", "--param",
               'sequence={"price_bucketing": "log", "price_range": [10, 1]}'], "0 < low < high"),
             (["train", "--model", "transformer", "--param", 'tabular_scaling="none"', "--min-positives", "1",
-              "--min-negatives", "1"], "'train' or 'fixed'")):
+              "--min-negatives", "1"], "'train', 'fixed' or 'dp'")):
         rc = cli.main(["--workspace", str(ws.root), *argv])
         err = capsys.readouterr().err.strip()
         assert rc != 0 and match in err and len(err.splitlines()) == 1, err

@@ -102,13 +102,14 @@ def test_backtest_refits_with_the_parameters_the_run_was_trained_with(shop, tmp_
     gate = TrainConfig(min_positives=5, min_negatives=5)
     run = pipeline.train("logreg", params={"C": 0.5}, train_cfg=gate, workspace=ws, quiet=True)
     meta = json.loads((run / "run.json").read_text())
-    assert meta["model_params"] == {"C": 0.5, "max_iter": 1000}  # defaults resolved, runtime ones left out
+    # defaults resolved, runtime ones and (non-private) the dp_* ones left out
+    assert meta["model_params"] == {"C": 0.5, "max_iter": 1000, "tabular_scaling": None}
     meta["model_params"]["max_iter"] = 321  # as if this version's default had changed since
     (run / "run.json").write_text(json.dumps(meta))
     seen, fit = [], pipeline.fit_model
     monkeypatch.setattr(pipeline, "fit_model", lambda name, params, *a: seen.append(params) or fit(name, params, *a))
     pipeline.evaluate("logreg", ws, backtest=2, n_boot=50, quiet=True)
-    assert seen == [{"C": 0.5, "max_iter": 321}] * 2
+    assert seen == [{"C": 0.5, "max_iter": 321, "tabular_scaling": None}] * 2
 
 
 def test_bad_flags_get_clear_errors(tmp_path, capsys):

@@ -47,5 +47,5 @@ def test_default_missing_is_the_train_mean():
 
 
 def test_a_bad_tabular_scaling_is_refused():
-    with pytest.raises(ValueError, match="'train' or 'fixed'"):
+    with pytest.raises(ValueError, match="'train', 'fixed' or 'dp'"):
         _fit(tabular_scaling="minmax")

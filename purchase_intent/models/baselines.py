@@ -11,8 +11,10 @@ natively.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -27,6 +29,7 @@ from sklearn.utils.multiclass import check_classification_targets, type_of_targe
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .. import dp as dpmod
+from .. import dp_tabular
 from ..workspace import atomic_write_text
 from .attribution import Contributions
 
@@ -179,10 +182,20 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
         ``dp_lr``) instead of L-BFGS: (ε, δ)-DP per user; ``fit`` then needs ``groups`` (the user
         of each example). ``C`` is not used (the clipping and noise regularise).
     dp_feature_bound : float
-        In DP mode the features are not imputed or standardised with train statistics: NaN -> 0,
-        ``sign(x) * log1p(|x|)``, clipped to ``[-dp_feature_bound, dp_feature_bound]``. Fixed
-        constants, so fixing the range uses no private data; it bounds every example's norm by
-        ``dp_feature_bound * sqrt(n_features)``.
+        In DP mode the features are not imputed or standardised with exact train statistics:
+        ``sign(x) * log1p(|x|)``, clipped to ``[-dp_feature_bound, dp_feature_bound]``, then (with
+        ``tabular_scaling="dp"``) standardised with the DP release of their mean and scale and
+        clipped to the bound again; NaN -> 0 (the released mean). Fixing the range uses no private
+        data; it bounds every example's norm by ``dp_feature_bound * sqrt(n_features)``.
+    tabular_scaling : {"train", "fixed", "dp"} or None
+        "train": median imputation and standardisation with the train statistics (non-DP fits
+        only); "fixed": the DP transform above with mean 0 and scale 1; "dp": with the mean and scale
+        released under DP (:mod:`purchase_intent.dp_tabular`, ``dp_tabular_share`` of
+        ``dp_epsilon``, accounted with the training). None: "train", or for a DP fit
+        :data:`~purchase_intent.dp_tabular.DEFAULT_DP_SCALING`.
+    dp_tabular_share : float
+        With ``tabular_scaling="dp"``: the share of ``dp_epsilon`` that the release alone would
+        spend; the training's noise is calibrated so that both composed spend at most ``dp_epsilon``.
 
     Attributes
     ----------
@@ -197,7 +210,8 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
 
     def __init__(self, C: float = 1.0, max_iter: int = 1000, random_state=None, dp_epsilon=None, dp_delta=None,
                  dp_max_grad_norm: float = 1.0, dp_users_per_step: int = 512, dp_examples_per_user: int = 4,
-                 dp_epochs: float = 10.0, dp_lr: float = 0.02, dp_feature_bound: float = 10.0):
+                 dp_epochs: float = 10.0, dp_lr: float = 0.02, dp_feature_bound: float = 10.0,
+                 tabular_scaling: Optional[str] = None, dp_tabular_share: float = 0.1):
         self.C = C
         self.max_iter = max_iter
         self.random_state = random_state
@@ -209,6 +223,8 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
         self.dp_epochs = dp_epochs
         self.dp_lr = dp_lr
         self.dp_feature_bound = dp_feature_bound
+        self.tabular_scaling = tabular_scaling
+        self.dp_tabular_share = dp_tabular_share
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -223,6 +239,7 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
         """
         X, y01 = _validate_fit(self, X, y)
         self.privacy_ = None
+        dp_tabular.resolve_scaling(self.tabular_scaling, self.dp_epsilon is not None)
         if self.dp_epsilon is not None:
             return self._fit_dp(X, y01, groups)
         pipe = Pipeline([
@@ -248,26 +265,42 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
                              max_grad_norm=float(self.dp_max_grad_norm), users_per_step=int(self.dp_users_per_step),
                              examples_per_user=int(self.dp_examples_per_user), epochs=float(self.dp_epochs),
                              lr=float(self.dp_lr))
+        scaling = dp_tabular.resolve_scaling(self.tabular_scaling, True)
+        if scaling == "dp":
+            cfg = dataclasses.replace(cfg, tabular_share=dpmod.check_share(self.dp_tabular_share))
         groups = np.asarray(groups)
         dp_plan = dpmod.plan(cfg, len(np.unique(groups)))  # refuses before any training
         seed = self.random_state if isinstance(self.random_state, (int, np.integer)) else 0
         n = X.shape[1]
         self.transform_, self.medians_, self.mean_, self.scale_ = "dp", np.zeros(n), np.zeros(n), np.ones(n)
+        release = None
+        if scaling == "dp":  # the DP release of the mean and scale, accounted with the training
+            t = dp_tabular.public_transform(X, float(self.dp_feature_bound))
+            self.mean_, self.scale_, release = dp_tabular.release(
+                t, groups, cfg.examples_per_user, dp_plan.release_noise_multiplier, float(self.dp_feature_bound),
+                np.random.default_rng(int(seed)), labels=y01)
         data = {"x": self._dp_features(X).astype(np.float32), "label": y01.astype(np.float32)}
         torch.manual_seed(int(seed))
         net = _LinearLogit(n)
+        bias = dp_tabular.initial_bias(release)
+        if bias is not None:  # the released share of positives: centred features no longer carry the mean logit
+            torch.nn.init.constant_(net.linear.bias, bias)
         self.privacy_ = dpmod.train_dp(net, data, groups, cfg, dp_plan,
                                        lambda d, rows: {"x": torch.from_numpy(d["x"][rows])}, seed=int(seed))
+        if release is not None:
+            self.privacy_["tabular_release"] = release
         self.coef_ = net.linear.weight.detach().double().numpy().ravel()
         self.intercept_ = float(net.linear.bias.detach()[0])
         self.n_iter_ = int(dp_plan.steps)
         return self
 
     def _dp_features(self, X: np.ndarray) -> np.ndarray:
-        """The DP transform: fixed constants only (NaN -> 0, sign-log1p, clip to the bound)."""
-        X = np.nan_to_num(X, nan=0.0, posinf=0.0, neginf=0.0)
+        """The DP transform: sign-log1p clipped to the bound, standardised with ``mean_`` and
+        ``scale_`` (0 and 1 unless released under DP) and clipped again; NaN -> 0."""
+        X = np.where(np.isinf(X), np.nan, X)
         b = float(self.dp_feature_bound)
-        return np.clip(np.sign(X) * np.log1p(np.abs(X)), -b, b)
+        Z = np.clip((dp_tabular.public_transform(X, b) - self.mean_) / self.scale_, -b, b)
+        return np.nan_to_num(Z, nan=0.0)
 
     def _standardise(self, X) -> np.ndarray:
         check_is_fitted(self, "coef_")

@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from .. import distributed
+from .. import distributed, dp_tabular
 from .. import dp as dpmod
 from ..calibration import Calibrator, fit_calibrator
 from ..config import from_dict
@@ -57,6 +57,9 @@ from .transformer import preset as make_preset
 # rows per ONNX Runtime call in decision_function: the cost per row is flat from about 64 rows,
 # and the attention scores of 256 rows of length 200 already take 160 MB (small preset)
 ONNX_BATCH_SIZE = 256
+# the public range of the tabular features: log values clipped to it (the DP release's bound B) and
+# standardised values clipped to it
+TABULAR_BOUND = 10.0
 
 
 def _as_vocab(vocab: Any) -> Optional[SequenceVocab]:
@@ -142,9 +145,13 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
     calibration : {"platt", "temperature", "none"}
         Fitted on the validation rows. Platt by default: logits biased by early stopping or a
         positive-class weight need a shift, which a temperature alone cannot give.
-    tabular_scaling : {"train", "fixed"}
+    tabular_scaling : {"train", "fixed", "dp"} or None
         Tabular features (after ``tabular_log``) standardised with the train mean and standard
-        deviation, or left as they are ("fixed", what a DP fit always does; an ablation switch).
+        deviation ("train"), left as they are ("fixed": public constants only), or standardised with
+        a differentially private release of the mean and scale ("dp", DP fits only:
+        :mod:`purchase_intent.dp_tabular`, spending ``dp_tabular_share`` of ``dp_epsilon``, both
+        accounted together). None: "train", or for a DP fit
+        :data:`~purchase_intent.dp_tabular.DEFAULT_DP_SCALING`. A DP fit refuses "train".
     tabular_nan : float or None
         What a missing tabular feature (NaN: the hours since an event the user never had) becomes
         after the transform; None = 0 (the train mean when standardised; with fixed scaling the
@@ -172,10 +179,15 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         expected users per step, most examples of a user per step, expected passes over the users,
         Adam's learning rate on the noisy gradient (fixed: no schedule, no early stopping).
         ``fit`` then needs ``groups`` (the user of each example); the tabular features are
-        transformed with fixed constants (sign-log1p, no train mean or scale), the ``price`` field
+        transformed with fixed constants (sign-log1p, no train mean or scale) or, with
+        ``tabular_scaling="dp"``, standardised with a DP release of their mean and scale, the ``price`` field
         is left out unless its bucket edges are public (``vocab`` with ``price_bucketing="log"``;
         quantile edges are statistics of the train events), dropout is 0, and the validation data is
         not used (no early stopping, no calibration). One network (``n_seeds=1``).
+    dp_tabular_share : float
+        With ``tabular_scaling="dp"``: the share of ``dp_epsilon`` that the release of the tabular
+        mean and scale alone would spend; the training's noise is then calibrated so that release
+        and training composed spend at most ``dp_epsilon`` (:func:`purchase_intent.dp.plan`).
 
     Measured effects of the defaults are in BENCHMARKS.md.
     """
@@ -187,13 +199,13 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                  lr: float = 2e-3, batch_size: int = 512, weight_decay: float = 0.05, warmup_frac: float = 0.05,
                  patience: int = 3, grad_clip: float = 1.0, ema_decay: float = 0.0, n_seeds: int = 1,
                  min_steps_per_epoch: int = 16, valid_fraction: float = 0.1,
-                 calibration: str = "platt", tabular_log: bool = True, tabular_scaling: str = "train",
+                 calibration: str = "platt", tabular_log: bool = True, tabular_scaling: Optional[str] = None,
                  tabular_nan: Optional[float] = None, vocab: Any = None,
                  device: str = "auto", checkpoint_dir: Optional[str] = None, progress: bool = False,
                  stream_shard_rows: Optional[int] = 50_000, random_state: int = 0,
                  dp_epsilon: Optional[float] = None, dp_delta: Optional[float] = None,
                  dp_max_grad_norm: float = 1.0, dp_users_per_step: int = 512, dp_examples_per_user: int = 2,
-                 dp_epochs: float = 20.0, dp_lr: float = 1e-2):
+                 dp_epochs: float = 20.0, dp_lr: float = 1e-2, dp_tabular_share: float = 0.1):
         self.preset = preset
         self.d_model = d_model
         self.n_layers = n_layers
@@ -233,6 +245,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         self.dp_examples_per_user = dp_examples_per_user
         self.dp_epochs = dp_epochs
         self.dp_lr = dp_lr
+        self.dp_tabular_share = dp_tabular_share
 
     # ------------------------------------------------------------------ arrays -> batches
     def _tabular(self, X: dict) -> Optional[np.ndarray]:
@@ -245,7 +258,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         # NaN (no such event: hours since a purchase never made) -> tabular_nan, default 0: the train
         # mean when standardised, the value of a zero count when not
         nan = 0.0 if getattr(self, "tabular_nan", None) is None else float(self.tabular_nan)
-        return np.nan_to_num(np.clip(t, -10, 10), nan=nan).astype(np.float32)
+        return np.nan_to_num(np.clip(t, -TABULAR_BOUND, TABULAR_BOUND), nan=nan).astype(np.float32)
 
     def _arrays(self, X: dict, y: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
         """The model's inputs as arrays: fields cut to the last max_seq_len columns, clipped ids."""
@@ -349,6 +362,10 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             distributed.setup(resolve_device(TrainLoopConfig(device=self.device))[0].type)
             summary = self._shard_summary(X, SEQUENCE_FIELDS)
         dp = self._dp_config(groups, len(y)) if not streamed else None
+        scaling = dp_tabular.resolve_scaling(self.tabular_scaling, dp is not None)
+        if dp is not None and scaling == "dp":
+            dp = dataclasses.replace(dp, tabular_share=dpmod.check_share(self.dp_tabular_share))
+        dp_plan = dpmod.plan(dp, len(np.unique(groups))) if dp is not None else None  # refuses before training
         self.privacy_ = None
         if dp is not None:
             X_valid, y_valid = X, y  # placeholders: a DP model is neither selected nor calibrated on data
@@ -394,12 +411,16 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             L = min(T, self.max_seq_len) if self.max_seq_len else T
         else:
             field_sizes, L = {}, 1
-        if self.tabular_scaling not in ("train", "fixed"):
-            raise ValueError(f"tabular_scaling must be 'train' or 'fixed', got {self.tabular_scaling!r}")
-        if use_tab and streamed and self.tabular_scaling == "fixed":
+        release = None
+        if use_tab and streamed and scaling == "fixed":
             self.tab_mean_, self.tab_scale_ = np.zeros(n_tab), np.ones(n_tab)
         elif use_tab and streamed:
             self.tab_mean_, self.tab_scale_ = summary["tab_mean"], summary["tab_scale"]
+        elif use_tab and scaling == "dp":  # the DP release of the mean and scale, accounted with the training
+            t = dp_tabular.public_transform(X["tabular"], TABULAR_BOUND, log=self.tabular_log)
+            self.tab_mean_, self.tab_scale_, release = dp_tabular.release(
+                t, np.asarray(groups), dp.examples_per_user, dp_plan.release_noise_multiplier, TABULAR_BOUND,
+                np.random.default_rng(self.random_state), labels=y)
         elif use_tab:
             t = np.asarray(X["tabular"], dtype=np.float64)
             if self.tabular_log:
@@ -409,7 +430,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                 mean, std = np.nanmean(t, axis=0), np.nanstd(t, axis=0)
             self.tab_mean_ = np.nan_to_num(mean, nan=0.0)
             self.tab_scale_ = np.where(np.isfinite(std) & (std > 1e-12), std, 1.0)
-            if dp is not None or self.tabular_scaling == "fixed":  # fixed public constants: no statistic of the data
+            if scaling == "fixed":  # fixed public constants: no statistic of the data
                 self.tab_mean_, self.tab_scale_ = np.zeros(n_tab), np.ones(n_tab)
         n_train, n_pos = (summary["n"], summary["positives"]) if streamed else (len(y), int((y == 1).sum()))
         pw = self.pos_weight
@@ -429,7 +450,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             progress=self.progress)
         train_data = None if streamed else self._arrays(X, y)
         if dp is not None:
-            return self._fit_dp(train_data, np.asarray(groups), dp)
+            return self._fit_dp(train_data, np.asarray(groups), dp, dp_plan, release)
         valid_data = self._arrays(X_valid, y_valid)
         members, results = [], []
         for k in range(int(self.n_seeds)):  # each member: its own seed, init, batch order and early stop
@@ -472,12 +493,20 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                               examples_per_user=int(self.dp_examples_per_user), epochs=float(self.dp_epochs),
                               lr=float(self.dp_lr))
 
-    def _fit_dp(self, train_data: dict, groups: np.ndarray, dp) -> "TransformerClassifier":
-        dp_plan = dpmod.plan(dp, len(np.unique(groups)))  # refuses before any training
+    def _fit_dp(self, train_data: dict, groups: np.ndarray, dp, dp_plan, release: Optional[dict]
+                ) -> "TransformerClassifier":
+        if dp_plan.release_noise_multiplier is not None and release is None:  # the model reads no tabular input
+            dp_plan = dpmod.plan(dataclasses.replace(dp, tabular_share=0.0), dp_plan.n_users)
         torch.manual_seed(self.random_state)
         self.model_ = BehaviourTransformer(self.model_config_)
+        bias = dp_tabular.initial_bias(release)
+        if bias is not None:  # the released share of positives: centred features no longer carry the mean logit
+            with torch.no_grad():
+                self.model_.head[-1].bias.fill_(bias)
         self.privacy_ = dpmod.train_dp(self.model_, train_data, groups, dp, dp_plan, collate,
                                        seed=self.random_state, progress=self.progress, logits=_dp_logits)
+        if release is not None:
+            self.privacy_["tabular_release"] = release
         self.train_result_ = {"steps": dp_plan.steps, "dp": True}
         self.calibrator_ = fit_calibrator(np.zeros(0), np.zeros(0), "none")
         return self
