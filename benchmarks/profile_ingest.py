@@ -15,14 +15,17 @@ Every statement ingest runs on its DuckDB connection is timed and put in a stage
 * ``rejects``: the rejected rows with their reasons, written to ``rejects/<sha>.csv``;
 * ``other``: the rest (settings, the manifest, moving files into place).
 
-Prints one JSON line: the file, events read, seconds in total and per stage, and the 1-minute
-load average before and after. Uses a fixed key unless ``$PURCHASE_INTENT_PSEUDONYM_KEY`` is set.
+Prints one JSON line: the file, events read, wall seconds in total and per stage, the process's
+CPU seconds (all threads) in total and per stage (less sensitive than wall time to other jobs on a
+shared machine), and the 1-minute load average before and after. Uses a fixed key unless
+``$PURCHASE_INTENT_PSEUDONYM_KEY`` is set.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -36,11 +39,18 @@ from purchase_intent.memory import MEMORY_LIMIT_ENV
 from purchase_intent.privacy import KEY_ENV
 
 SECONDS: dict[str, float] = {}
+CPU_SECONDS: dict[str, float] = {}  # the process's CPU seconds (all threads: DuckDB's and Python's)
 CURRENT: list[str] = []  # set while a Python function timed as one stage runs
 
 
-def _add(stage: str, seconds: float) -> None:
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _add(stage: str, seconds: float, cpu: float) -> None:
     SECONDS[stage] = SECONDS.get(stage, 0.0) + seconds
+    CPU_SECONDS[stage] = CPU_SECONDS.get(stage, 0.0) + cpu
 
 
 def _stage_of(sql: str) -> str:
@@ -63,11 +73,11 @@ class TimedConnection:
     def execute(self, sql, *args, **kwargs):
         if CURRENT:  # inside a stage timed as a whole
             return self._con.execute(sql, *args, **kwargs)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu()
         try:
             return self._con.execute(sql, *args, **kwargs)
         finally:
-            _add(_stage_of(sql), time.perf_counter() - t)
+            _add(_stage_of(sql), time.perf_counter() - t, _cpu() - c)
 
     def __getattr__(self, name):
         return getattr(self._con, name)
@@ -76,12 +86,12 @@ class TimedConnection:
 def _timed(stage: str, fn):
     def wrapper(*args, **kwargs):
         CURRENT.append(stage)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu()
         try:
             return fn(*args, **kwargs)
         finally:
             CURRENT.pop()
-            _add(stage, time.perf_counter() - t)
+            _add(stage, time.perf_counter() - t, _cpu() - c)
     return wrapper
 
 
@@ -102,17 +112,20 @@ def main() -> None:
     load = os.getloadavg()[0]
     ws = Path(tempfile.mkdtemp(prefix="profile_ingest_ws_"))
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu()
         report = events.ingest(ws, [args.path], DataConfig(format=args.format), progress=False)
-        total = time.perf_counter() - t0
+        total, cpu = time.perf_counter() - t0, _cpu() - c0
     finally:
         duckdb.connect = connect
         shutil.rmtree(ws, ignore_errors=True)
     stages = {k: round(v, 2) for k, v in SECONDS.items() if k != "other"}
     stages["other"] = round(total - sum(v for k, v in SECONDS.items() if k != "other"), 2)
+    cpu_stages = {k: round(v, 2) for k, v in CPU_SECONDS.items() if k != "other"}
+    cpu_stages["other"] = round(cpu - sum(v for k, v in CPU_SECONDS.items() if k != "other"), 2)
     print(json.dumps({"file": args.path, "format": args.format, "events": report.files[0].rows_read,
                       "accepted": report.accepted, "rejected": sum(report.rejected.values()),
-                      "s": round(total, 2), "stages": stages, "load_1min_before": round(load, 2),
+                      "s": round(total, 2), "stages": stages, "cpu_s": round(cpu, 2), "cpu_stages": cpu_stages,
+                      "load_1min_before": round(load, 2),
                       "load_1min_after": round(os.getloadavg()[0], 2)}))
 
 

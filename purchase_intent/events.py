@@ -8,8 +8,8 @@ columns as numbers; the readers and format presets are in ``event_sources``), ma
 event names, validate each row with one CASE expression (the first failing check is its reason),
 pseudonymise the distinct user and session ids, and write accepted rows to one Parquet part. A
 Parquet file is read again where its rows are needed (counted, then written) instead of being
-staged whole, and its stored rows are in no particular order; other sources are staged in a
-temporary table once, and their rows keep the file's order. Every row read ends up accepted, rejected (with
+staged whole; other sources are staged in a temporary table once. The rows of a part are stored in
+no particular order (every reader of the events orders what it needs). Every row read ends up accepted, rejected (with
 a reason, its line number and raw content in ``rejects/<sha>.csv``, see ``event_rejects``) or
 filtered (outside ``since``/``until``); nothing is dropped silently.
 
@@ -318,9 +318,9 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
         memory.configure(con)  # the user's memory limit (spills stay in tmpdir: they hold raw ids)
         con.execute("SET TimeZone = 'UTC'")
         con.execute("SET enable_progress_bar = false")
-        # a Parquet row carries its own number (file_row_number), and the stored rows have no order, so
-        # DuckDB may read, join and write them in any order; the other readers number rows with
-        # row_number() OVER (), which follows the file only while insertion order is preserved
+        # a Parquet row carries its own number (file_row_number), so DuckDB may read it in any order; the
+        # other readers number rows with row_number() OVER (), which follows the file only while
+        # insertion order is preserved
         streamed = kind in STREAMED
         con.execute(f"SET preserve_insertion_order = {str(not streamed).lower()}")
         ts_unit = cfg.ts_unit or preset.get("ts_unit")
@@ -387,6 +387,9 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
         if cfg.strict and report.rejected:
             return report
 
+        # the stored rows have no order (every reader of the events orders what it needs), so DuckDB may
+        # build the maps and join and write the rows in any order, on every thread
+        con.execute("SET preserve_insertion_order = false")
         # one map per column: the probes of the many rows into the few users' map stay in cache
         for col, name in (("user_raw", "user_map"), ("session_raw", "session_map")):
             _pseudonym_map(con, name, col, key)
