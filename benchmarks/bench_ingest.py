@@ -34,9 +34,10 @@ Each measurement runs in its own child process, so its peak RSS is its own; the 
   spent building the two pseudonym maps.
 
 Seconds ``s`` are timed inside the child, after the imports; ``process_s`` is the whole child
-process (Python start-up and imports included). Prints one JSON line: events, the 1-minute load
-average before and after the runs, and per measurement the median, min and max seconds, the median process
-seconds and the peak RSS (MiB); events per second and the ratio ingest / scan use the medians.
+process (Python start-up and imports included). Prints one JSON line per file: events, the UTC
+start and end, the 1-minute load average before and after its runs, and per measurement the median,
+min and max seconds, the median process seconds and the peak RSS (MiB); events per second, the
+ratio ingest / scan and the ratio of each variant to the first use the medians.
 """
 from __future__ import annotations
 
@@ -177,7 +178,8 @@ def summary(runs: list[tuple[float, float, float]]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("path", nargs="?", help="a CSV.gz with the columns above (default: generate one)")
+    ap.add_argument("path", nargs="*", help="CSV(.gz) or Parquet files with the columns above, each measured in "
+                    "turn (default: generate a CSV.gz)")
     ap.add_argument("--events", type=int, default=1_000_000, help="rows to generate when no path is given")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each measurement (default 1)")
     ap.add_argument("--src", action="append", default=[], metavar="NAME=DIR",
@@ -186,25 +188,30 @@ def main() -> None:
                     help="also time ingest with the pseudonyms computed in DuckDB SQL (ingest_sql), alternating "
                          "with ingest; each ingest also reports map_s, the seconds building the pseudonym maps")
     args = ap.parse_args()
-    path = Path(args.path) if args.path else Path(tempfile.gettempdir()) / f"bench_ingest_{args.events}.csv.gz"
-    path = path.resolve()
-    if not path.exists():
-        generate(path, args.events)
-    fmt = "parquet" if path.suffix == ".parquet" else "csv"
-    load = os.getloadavg()[0]
+    paths = [Path(p) for p in args.path] or [Path(tempfile.gettempdir()) / f"bench_ingest_{args.events}.csv.gz"]
+    if not paths[0].exists() and not args.path:
+        generate(paths[0], args.events)
     trees = dict(s.split("=", 1) for s in args.src)
     trees = {name: str(Path(d).resolve()) + os.sep for name, d in trees.items()}
     here = str(Path(__file__).resolve().parents[1]) + os.sep
     # name -> (patch, source tree)
     variants = ({name: ("", d) for name, d in trees.items()} if trees else {"ingest": ("", here)}) | (
         {"ingest_sql": (SQL_MAPS, here)} if args.ab_pseudonyms else {})
+    os.environ.setdefault(KEY_ENV, "be5c" * 8)  # one key for every ingest, so their pseudonyms compare
+    for path in paths:
+        print(json.dumps(bench_file(path.resolve(), variants, args.repeat) | {"src": trees or None}), flush=True)
+
+
+def bench_file(path: Path, variants: dict[str, tuple[str, str]], repeat: int) -> dict:
+    """The scan(s) and every variant's ingest of one file, ``repeat`` times, alternating."""
+    fmt = "parquet" if path.suffix == ".parquet" else "csv"
+    start, load = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), os.getloadavg()[0]
     scans = ["scan", "scan_auto"] if fmt == "csv" else ["scan"]
     runs: dict[str, list[tuple[float, float, float]]] = {**{s: [] for s in scans}, **{v: [] for v in variants}}
     map_s: dict[str, list[float]] = {v: [] for v in variants}
     n = accepted = rejected = None
     fingerprints: set[str] = set()
-    os.environ.setdefault(KEY_ENV, "be5c" * 8)  # one key for every ingest, so their pseudonyms compare
-    for i in range(args.repeat):
+    for i in range(repeat):
         (s, n), proc, rss = run_child((SCAN if fmt == "csv" else SCAN_PARQUET).format(path=str(path)))
         runs["scan"].append((float(s), proc, rss))
         if fmt == "csv":
@@ -230,14 +237,16 @@ def main() -> None:
     for name, secs in map_s.items():
         res[name]["map_s"] = round(statistics.median(secs), 2)
     n = int(n)
-    print(json.dumps({
+    first = next(iter(variants))
+    return {
         "file": str(path), "format": fmt, "events": n, "accepted": int(accepted), "rejected": int(rejected),
-        "src": trees or None,
+        "utc_start": start, "utc_end": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "cpus": os.cpu_count(), "load_1min_before": round(load, 2), "load_1min_after": round(os.getloadavg()[0], 2),
-        "repeat": args.repeat, **res,
+        "repeat": repeat, **res,
         **{f"{v}_events_per_s": round(n / res[v]["s"]) for v in variants},
         **{f"{v}_over_scan": round(res[v]["s"] / res["scan"]["s"], 2) for v in variants},
-    }))
+        **{f"{v}_over_{first}": round(res[v]["s"] / res[first]["s"], 3) for v in list(variants)[1:]},
+    }
 
 
 if __name__ == "__main__":
