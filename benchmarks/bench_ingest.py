@@ -146,9 +146,9 @@ print(seconds, r.files[0].rows_read, r.accepted, sum(r.rejected.values()), map_s
 # DuckDB's threads) in place of ingest's own (privacy.pseudonym_table: HMAC in Python per distinct id)
 SQL_MAPS = """
 from purchase_intent.privacy import pseudonym_params, pseudonym_sql
-def sql_map(con, name, col, key):
+def sql_map(con, name, ids, key):
     con.execute(f"CREATE TEMP TABLE {name} AS SELECT raw, {pseudonym_sql('raw')} AS pid "
-                f"FROM (SELECT DISTINCT {col} AS raw FROM staged WHERE {col} IS NOT NULL)", pseudonym_params(key))
+                f"FROM ({ids}) AS t(raw)", pseudonym_params(key))
 events._pseudonym_map = sql_map
 """
 

@@ -270,10 +270,10 @@ def stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], extr
         SELECT *, {_ts_sql("_ts_raw", "_ts_num", ts_unit)} AS _ts, {ev_case} AS _event,
                {price_num or "TRY_CAST(_price_raw AS DOUBLE)"} AS _price
         FROM (  -- each text field is trimmed and parsed once
-          SELECT *, NULLIF(trim({col('user_id')}), '') AS _user, {ts_text} AS _ts_num,
+          SELECT *, {_id_sql(col('user_id'))} AS _user, {ts_text} AS _ts_num,
                  NULLIF(trim({col('event')}), '') AS _raw_event, {price_text} AS _price_raw,
                  NULLIF({col('item_id')}, '') AS _item, NULLIF({col('category')}, '') AS _cat,
-                 NULLIF(trim({col('session_id')}), '') AS _session
+                 {_id_sql(col('session_id'))} AS _session
           FROM ({src.sql})
         )
       )
@@ -281,16 +281,31 @@ def stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], extr
 
 
 
-def _pseudonym_map(con: duckdb.DuckDBPyConnection, name: str, col: str, key: bytes) -> None:
-    """Create the temp table ``name (raw, pid)``: the distinct non-null ``col`` of ``staged`` and
-    their pseudonyms, computed in Python (``privacy.pseudonym_table``) and handed over through Arrow.
+def _id_sql(text: str) -> str:
+    """A user or session id as ingest reads it: trimmed, empty as NULL."""
+    return f"NULLIF(trim({text}), '')"
+
+
+def distinct_ids_sql(src: Source, mapping: dict[str, str], canon: str) -> str:
+    """The distinct non-null ids (``canon``: user_id or session_id) of the source's rows, as
+    ``stage_sql`` reads them; trimmed after the source's own values are made distinct (once per id,
+    not once per row)."""
+    if canon not in mapping:
+        return "SELECT NULL::VARCHAR AS id WHERE false"
+    ident = sql_ident(mapping[canon])
+    return (f"SELECT DISTINCT id FROM (SELECT {_id_sql(text_sql(src, mapping[canon]))} AS id "
+            f"FROM (SELECT DISTINCT {ident} FROM ({src.sql}))) WHERE id IS NOT NULL")
+
+
+def _pseudonym_map(con: duckdb.DuckDBPyConnection, name: str, ids: str, key: bytes) -> None:
+    """Create the temp table ``name (raw, pid)``: the ids the query ``ids`` gives (distinct, non-null)
+    and their pseudonyms, computed in Python (``privacy.pseudonym_table``) and handed over through Arrow.
 
     ``privacy.pseudonym_sql`` computes the same pseudonyms inside DuckDB; on two busy cores it was
     not faster (benchmarks/results/ingest_hmac.md), so ingest keeps this path."""
     # in batches sized by the memory limit: Python holds one batch's ids and digests at a time (a
     # log's session ids are millions); the map itself is Arrow (raw and pid text only)
-    reader = con.sql(f"SELECT DISTINCT {col} FROM staged WHERE {col} IS NOT NULL").to_arrow_reader(
-        memory.batch_rows(400))
+    reader = con.sql(ids).to_arrow_reader(memory.batch_rows(400))
     parts = [pseudonym_table(batch.column(0), key) for batch in reader]
     table = pa.concat_tables(parts) if parts else pa.table({"raw": pa.array([], pa.string()),
                                                             "pid": pa.array([], pa.string())})
@@ -391,8 +406,10 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
         # build the maps and join and write the rows in any order, on every thread
         con.execute("SET preserve_insertion_order = false")
         # one map per column: the probes of the many rows into the few users' map stay in cache
-        for col, name in (("user_raw", "user_map"), ("session_raw", "session_map")):
-            _pseudonym_map(con, name, col, key)
+        for canon, col, name in (("user_id", "user_raw", "user_map"), ("session_id", "session_raw", "session_map")):
+            ids = (distinct_ids_sql(src, mapping, canon) if streamed else
+                   f"SELECT DISTINCT {col} FROM staged WHERE {col} IS NOT NULL")
+            _pseudonym_map(con, name, ids, key)
 
         if report.accepted:
             report.part = f"part-{sha[:16]}.parquet"
