@@ -293,9 +293,9 @@ def distinct_ids_sql(src: Source, mapping: dict[str, str], canon: str) -> str:
     not once per row)."""
     if canon not in mapping:
         return "SELECT NULL::VARCHAR AS id WHERE false"
-    ident = sql_ident(mapping[canon])
-    return (f"SELECT DISTINCT id FROM (SELECT {_id_sql(text_sql(src, mapping[canon]))} AS id "
-            f"FROM (SELECT DISTINCT {ident} FROM ({src.sql}))) WHERE id IS NOT NULL")
+    # distinct texts (not numbers: -0.0 and 0.0 are one DOUBLE and two texts)
+    return (f"SELECT DISTINCT id FROM (SELECT {_id_sql('v')} AS id FROM (SELECT DISTINCT "
+            f"{text_sql(src, mapping[canon])} AS v FROM ({src.sql}))) WHERE id IS NOT NULL")
 
 
 def _pseudonym_map(con: duckdb.DuckDBPyConnection, name: str, ids: str, key: bytes) -> None:

@@ -157,6 +157,21 @@ def test_parquet_numbers_are_read_as_their_text_would_be(tmp_path, monkeypatch, 
     assert accepted + sum(rejected.values()) == n
 
 
+def test_parquet_number_ids_keep_every_text(tmp_path):
+    """User ids a Parquet file holds as DOUBLE are pseudonymised by their text: 0.0 and -0.0 are two
+    users (one number), and both rows are stored."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"user_id": pa.array([0.0, -0.0, 0.0]), "ts": pa.array([1_704_067_200] * 3),
+                             "event": pa.array(["view"] * 3)}), tmp_path / "in.parquet")
+    r = ingest(tmp_path / "ws", [tmp_path / "in.parquet"], DataConfig(format="parquet"), progress=False)
+    assert r.accepted == 3 and not r.rejected
+    users = Workspace(tmp_path / "ws").connect().sql("SELECT user_id, count(*) FROM events GROUP BY 1").fetchall()
+    assert sorted(n for _, n in users) == [1, 2]
+    assert {u for u, _ in users} == set(pseudonym_for(tmp_path / "ws", ["0.0", "-0.0"]).values())
+
+
 def test_taobao_slices(tmp_path, shared_data):
     d = shared_data / "taobao_userbehavior"
     r = ingest(tmp_path, [d / "UserBehavior_head.csv.gz", d / "UserBehavior_tail.csv.gz"],
