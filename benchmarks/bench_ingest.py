@@ -1,8 +1,14 @@
-"""Time ``ingest`` of a CSV.gz against a plain DuckDB scan of the same file.
+"""Time ``ingest`` of a CSV(.gz) or Parquet file against a plain DuckDB scan of the same file.
 
     python benchmarks/bench_ingest.py --events 1000000            # generates /tmp/bench_ingest_1000000.csv.gz
     python benchmarks/bench_ingest.py sim-10m.csv.gz --repeat 3   # e.g. written by benchmarks/make_sim_data.py
     python benchmarks/bench_ingest.py sim-1m.csv.gz --repeat 6 --ab-pseudonyms
+    python benchmarks/bench_ingest.py sim-1m.parquet --repeat 4 --src before=/tmp/base --src after=.
+
+A ``.parquet`` path is ingested with ``--format parquet``, any other with ``--format csv``.
+``--src NAME=DIR`` (repeatable) times the ingest of each source tree (``DIR`` first on the child's
+``PYTHONPATH``; the child checks that ``purchase_intent`` came from there), alternating between them;
+without it the tree this script runs from is timed as ``ingest``.
 
 The file has the columns user_id, ts (epoch ms), event, item_id, category, price, session_id.
 Without a path, a seeded log of ``--events`` rows is generated with numpy (about one distinct user
@@ -11,12 +17,13 @@ per 10 events and one session per 4 events).
 Each measurement runs in its own child process, so its peak RSS is its own; the runs alternate
 (scan, ingest, scan, ingest, ...) so that a change in the machine's load hits both alike:
 
-* ``scan``: the baseline, ``SELECT count(*), count(user_id), ..., count(session_id)`` over
+* ``scan``: the baseline. CSV: ``SELECT count(*), count(user_id), ..., count(session_id)`` over
   ``read_csv`` with exactly the options ingest reads the file with (header, every column as
   VARCHAR, the delimiter, quote and escape; ``store_rejects``). Counting every column makes DuckDB
-  parse every field, as ingest does.
-* ``scan_auto``: ``SELECT count(*) FROM read_csv(path)`` with DuckDB's type detection (it parses
-  ts and price as numbers, and counts rows without reading the other fields); reported for reference.
+  parse every field, as ingest does. Parquet: ``SELECT sum(hash(c)) ...`` of every column over
+  ``read_parquet`` on 2 threads, as ``bench_scale_steps.py``'s ``ingest_scan`` (every value decoded).
+* ``scan_auto`` (CSV only): ``SELECT count(*) FROM read_csv(path)`` with DuckDB's type detection (it
+  parses ts and price as numbers, and counts rows without reading the other fields); for reference.
 * ``ingest``: ``purchase_intent.events.ingest`` into a fresh workspace (validation, pseudonyms,
   Parquet part, manifest). Every ingest uses one fixed key (``$PURCHASE_INTENT_PSEUDONYM_KEY``,
   unless already set), and each must store the same events and pseudonyms (an order-free
@@ -27,9 +34,10 @@ Each measurement runs in its own child process, so its peak RSS is its own; the 
   spent building the two pseudonym maps.
 
 Seconds ``s`` are timed inside the child, after the imports; ``process_s`` is the whole child
-process (Python start-up and imports included). Prints one JSON line: events, the 1-minute load
-average before and after the runs, and per measurement the median, min and max seconds, the median process
-seconds and the peak RSS (MiB); events per second and the ratio ingest / scan use the medians.
+process (Python start-up and imports included). Prints one JSON line per file: events, the UTC
+start and end, the 1-minute load average before and after its runs, and per measurement the median,
+min and max seconds, the median process seconds and the peak RSS (MiB); events per second, the
+ratio ingest / scan and the ratio of each variant to the first use the medians.
 """
 from __future__ import annotations
 
@@ -89,6 +97,19 @@ n = con.sql(f"SELECT count(*), {{counts}} FROM {{src.read}}").fetchall()[0][0]
 print(time.perf_counter() - t0, n)
 """
 
+SCAN_PARQUET = """
+import time
+import duckdb
+con = duckdb.connect()
+con.execute("SET threads = 2")
+con.execute("SET enable_progress_bar = false")
+t0 = time.perf_counter()
+cols = [r[0] for r in con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [{path!r}]).fetchall()]
+sums = ", ".join(f'sum(hash("{{c}}"))' for c in cols)
+n = con.execute(f"SELECT count(*), {{sums}} FROM read_parquet(?)", [{path!r}]).fetchall()[0][0]
+print(time.perf_counter() - t0, n)
+"""
+
 SCAN_AUTO = """
 import time
 import duckdb
@@ -102,7 +123,9 @@ print(time.perf_counter() - t0, n)
 INGEST = """
 import time
 import duckdb
+import purchase_intent
 import purchase_intent.events as events
+assert purchase_intent.__file__.startswith({src!r}), purchase_intent.__file__
 from purchase_intent.config import DataConfig
 {patch}
 build_map, map_s = events._pseudonym_map, [0.0]
@@ -112,7 +135,7 @@ def timed_map(*args):
     map_s[0] += time.perf_counter() - t
 events._pseudonym_map = timed_map
 t0 = time.perf_counter()
-r = events.ingest({ws!r}, [{path!r}], DataConfig(format="csv"), progress=False)
+r = events.ingest({ws!r}, [{path!r}], DataConfig(format={fmt!r}), progress=False)
 seconds = time.perf_counter() - t0
 fp = duckdb.sql("SELECT count(*), sum(hash(user_id, session_id, ts, event, item_id)::HUGEINT) "
                 "FROM read_parquet('{ws}/events/*.parquet')").fetchall()[0]  # order-free fingerprint
@@ -123,17 +146,22 @@ print(seconds, r.files[0].rows_read, r.accepted, sum(r.rejected.values()), map_s
 # DuckDB's threads) in place of ingest's own (privacy.pseudonym_table: HMAC in Python per distinct id)
 SQL_MAPS = """
 from purchase_intent.privacy import pseudonym_params, pseudonym_sql
-def sql_map(con, name, col, key):
+def sql_map(con, name, ids, key):
     con.execute(f"CREATE TEMP TABLE {name} AS SELECT raw, {pseudonym_sql('raw')} AS pid "
-                f"FROM (SELECT DISTINCT {col} AS raw FROM staged WHERE {col} IS NOT NULL)", pseudonym_params(key))
+                f"FROM ({ids}) AS t(raw)", pseudonym_params(key))
 events._pseudonym_map = sql_map
 """
 
 
-def run_child(code: str) -> tuple[list[str], float, float]:
-    """(printed fields, process seconds, peak RSS MiB) of one child process running ``code``."""
+def run_child(code: str, src: str | None = None) -> tuple[list[str], float, float]:
+    """(printed fields, process seconds, peak RSS MiB) of one child process running ``code`` (with the
+    source tree ``src`` first on its ``PYTHONPATH``, when given)."""
+    env = dict(os.environ)
+    if src:
+        env["PYTHONPATH"] = os.pathsep.join([src] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    # python -c puts its working folder first on sys.path: run a tree's child in that tree
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env, cwd=src)
     out = p.stdout.read()
     _, status, usage = os.wait4(p.pid, 0)
     if status != 0:
@@ -150,34 +178,52 @@ def summary(runs: list[tuple[float, float, float]]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("path", nargs="?", help="a CSV.gz with the columns above (default: generate one)")
+    ap.add_argument("path", nargs="*", help="CSV(.gz) or Parquet files with the columns above, each measured in "
+                    "turn (default: generate a CSV.gz)")
     ap.add_argument("--events", type=int, default=1_000_000, help="rows to generate when no path is given")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each measurement (default 1)")
+    ap.add_argument("--src", action="append", default=[], metavar="NAME=DIR",
+                    help="time the ingest of the source tree DIR as NAME (repeatable; they alternate)")
     ap.add_argument("--ab-pseudonyms", action="store_true",
                     help="also time ingest with the pseudonyms computed in DuckDB SQL (ingest_sql), alternating "
                          "with ingest; each ingest also reports map_s, the seconds building the pseudonym maps")
     args = ap.parse_args()
-    path = Path(args.path) if args.path else Path(tempfile.gettempdir()) / f"bench_ingest_{args.events}.csv.gz"
-    if not path.exists():
-        generate(path, args.events)
-    load = os.getloadavg()[0]
-    variants = {"ingest": ""} | ({"ingest_sql": SQL_MAPS} if args.ab_pseudonyms else {})
-    runs: dict[str, list[tuple[float, float, float]]] = {"scan": [], "scan_auto": [], **{v: [] for v in variants}}
+    paths = [Path(p) for p in args.path] or [Path(tempfile.gettempdir()) / f"bench_ingest_{args.events}.csv.gz"]
+    if not paths[0].exists() and not args.path:
+        generate(paths[0], args.events)
+    trees = dict(s.split("=", 1) for s in args.src)
+    trees = {name: str(Path(d).resolve()) + os.sep for name, d in trees.items()}
+    here = str(Path(__file__).resolve().parents[1]) + os.sep
+    # name -> (patch, source tree)
+    variants = ({name: ("", d) for name, d in trees.items()} if trees else {"ingest": ("", here)}) | (
+        {"ingest_sql": (SQL_MAPS, here)} if args.ab_pseudonyms else {})
+    os.environ.setdefault(KEY_ENV, "be5c" * 8)  # one key for every ingest, so their pseudonyms compare
+    for path in paths:
+        print(json.dumps(bench_file(path.resolve(), variants, args.repeat) | {"src": trees or None}), flush=True)
+
+
+def bench_file(path: Path, variants: dict[str, tuple[str, str]], repeat: int) -> dict:
+    """The scan(s) and every variant's ingest of one file, ``repeat`` times, alternating."""
+    fmt = "parquet" if path.suffix == ".parquet" else "csv"
+    start, load = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), os.getloadavg()[0]
+    scans = ["scan", "scan_auto"] if fmt == "csv" else ["scan"]
+    runs: dict[str, list[tuple[float, float, float]]] = {**{s: [] for s in scans}, **{v: [] for v in variants}}
     map_s: dict[str, list[float]] = {v: [] for v in variants}
     n = accepted = rejected = None
     fingerprints: set[str] = set()
-    os.environ.setdefault(KEY_ENV, "be5c" * 8)  # one key for every ingest, so their pseudonyms compare
-    for i in range(args.repeat):
-        (s, n), proc, rss = run_child(SCAN.format(path=str(path)))
+    for i in range(repeat):
+        (s, n), proc, rss = run_child((SCAN if fmt == "csv" else SCAN_PARQUET).format(path=str(path)))
         runs["scan"].append((float(s), proc, rss))
-        (s, _), proc, rss = run_child(SCAN_AUTO.format(path=str(path)))
-        runs["scan_auto"].append((float(s), proc, rss))
+        if fmt == "csv":
+            (s, _), proc, rss = run_child(SCAN_AUTO.format(path=str(path)))
+            runs["scan_auto"].append((float(s), proc, rss))
         order = list(variants) if i % 2 == 0 else list(variants)[::-1]  # A/B, then B/A
         for name in order:
             ws = Path(tempfile.mkdtemp(prefix="bench_ingest_ws_"))
+            patch, src = variants[name]
             try:
-                code = INGEST.format(ws=str(ws), path=str(path), patch=variants[name])
-                (s, read, accepted, rejected, m, fp), proc, rss = run_child(code)
+                code = INGEST.format(ws=str(ws), path=str(path), patch=patch, fmt=fmt, src=src)
+                (s, read, accepted, rejected, m, fp), proc, rss = run_child(code, src)
                 fingerprints.add(fp)
                 if len(fingerprints) > 1:
                     raise RuntimeError(f"{name} stored other events or pseudonyms than an earlier ingest")
@@ -191,13 +237,16 @@ def main() -> None:
     for name, secs in map_s.items():
         res[name]["map_s"] = round(statistics.median(secs), 2)
     n = int(n)
-    print(json.dumps({
-        "file": str(path), "events": n, "accepted": int(accepted), "rejected": int(rejected),
+    first = next(iter(variants))
+    return {
+        "file": str(path), "format": fmt, "events": n, "accepted": int(accepted), "rejected": int(rejected),
+        "utc_start": start, "utc_end": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "cpus": os.cpu_count(), "load_1min_before": round(load, 2), "load_1min_after": round(os.getloadavg()[0], 2),
-        "repeat": args.repeat, **res,
+        "repeat": repeat, **res,
         **{f"{v}_events_per_s": round(n / res[v]["s"]) for v in variants},
         **{f"{v}_over_scan": round(res[v]["s"] / res["scan"]["s"], 2) for v in variants},
-    }))
+        **{f"{v}_over_{first}": round(res[v]["s"] / res[first]["s"], 3) for v in list(variants)[1:]},
+    }
 
 
 if __name__ == "__main__":

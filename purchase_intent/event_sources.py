@@ -101,6 +101,19 @@ class Source:
     # JSON keys left out of a rejected record (device, location, traits: personal, and not needed to find a bad row)
     raw_drop_keys: tuple[str, ...] = ()
     rejects_as: Optional[str] = None  # the file kind whose raw form a rejected row takes (default: the format's)
+    # columns the SELECT gives as numbers (types in EXACT_NUMBERS), not text: ingest reads a timestamp or price
+    # of them as the number itself, the same value its text would parse to, and takes their text where it needs it
+    numeric: frozenset[str] = frozenset()
+
+
+# number types whose every value is the DOUBLE its text parses to (a FLOAT's or DECIMAL's text is not)
+EXACT_NUMBERS = frozenset({"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER",
+                           "DOUBLE"})
+
+
+def text_sql(src: Source, column: str) -> str:
+    """SQL giving the source column ``column`` as text."""
+    return f"CAST({sql_ident(column)} AS VARCHAR)" if column in src.numeric else sql_ident(column)
 
 
 def _header(first: str, delim: str, path: Path) -> list[str]:
@@ -223,11 +236,16 @@ def jsonl_source(con: duckdb.DuckDBPyConnection, path: Path, kind: str) -> Sourc
 
 
 def parquet_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
+    """Integer and DOUBLE columns as numbers (``Source.numeric``), every other column as text."""
     read = f"read_parquet({sql_literal(path)}, file_row_number = true)"
-    cols = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet({sql_literal(path)})").fetchall()]
-    sel = ", ".join(f"CAST({sql_ident(c)} AS VARCHAR) AS {sql_ident(c)}" for c in cols)
+    types = dict(con.execute(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM read_parquet("
+                             f"{sql_literal(path)}))").fetchall())
+    cols = list(types)
+    numeric = frozenset(c for c, t in types.items() if t in EXACT_NUMBERS)
+    sel = ", ".join(sql_ident(c) if c in numeric else f"CAST({sql_ident(c)} AS VARCHAR) AS {sql_ident(c)}"
+                    for c in cols)
     return Source(f"SELECT file_row_number + 1 AS _pos, false AS _bad, NULL::VARCHAR AS _raw_text, {sel} FROM {read}",
-                   cols, pos_is_line=True)
+                  cols, pos_is_line=True, numeric=numeric)
 
 
 

@@ -3,12 +3,16 @@
     purchase-intent ingest UserBehavior.csv.gz --format taobao
     purchase-intent ingest events.csv --format csv --map user_id=visitor --event-map addtocart=cart
 
-One pass per source file, all in DuckDB SQL: read every field as text (the readers and format
-presets are in ``event_sources``), map columns and event names, validate each row with one CASE
-expression (the first failing check is its reason), pseudonymise the distinct user and session
-ids, and write accepted rows to one Parquet part. Every row read ends up accepted, rejected (with
-a reason, its line number and raw content in ``rejects/<sha>.csv``, see ``event_rejects``) or
-filtered (outside ``since``/``until``); nothing is dropped silently.
+Per source file, all in DuckDB SQL: read every field as text (a Parquet file's integer and DOUBLE
+columns as numbers; the readers and format presets are in ``event_sources``), map columns and
+event names, validate each row with one CASE expression (the first failing check is its reason),
+pseudonymise the distinct user and session ids, and write accepted rows to one Parquet part. A
+Parquet file is read again where its rows are needed (counted, then written) instead of being
+staged whole, and the rows of its part are stored in no particular order (every reader of the
+events orders what it needs); other sources are staged in a temporary table once, and their parts
+keep the file's order. Every row read ends up accepted, rejected (with a reason, its line number
+and raw content in ``rejects/<sha>.csv``, see ``event_rejects``) or filtered (outside
+``since``/``until``); nothing is dropped silently.
 
 A command commits atomically: parts and reject files are built in a temporary directory, moved
 into place, and the manifest is replaced last (the commit point). A file whose content sha256
@@ -49,6 +53,7 @@ from .event_sources import (
     segment_source,
     sql_ident,
     sql_literal,
+    text_sql,
 )
 from .privacy import key_id, load_key, pseudonym_table
 from .times import parse_time
@@ -60,6 +65,9 @@ REASONS = ("malformed_line", "bad_field_type", "not_an_event", "missing_user", "
 MIN_TS = datetime(1990, 1, 1)
 UNMAPPED_SHOWN = 12  # unmapped event names listed in the summary (all of them are in the report and manifest)
 _MULT = {"s": 1e6, "ms": 1e3, "us": 1.0}
+# file kinds read again cheaply: their validated rows are a view, computed where they are used (counted, then
+# joined to their pseudonyms and written), never held whole; the other kinds stage them in a table
+STREAMED = ("parquet",)
 
 
 
@@ -214,8 +222,11 @@ def resolve_columns(cfg: DataConfig, preset: dict, columns: list[str]
 def stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], extras: dict[str, str],
                ts_unit: Optional[str], since: Optional[datetime], until: Optional[datetime], now: datetime,
                strict_events: bool = False) -> str:
-    def col(canon: str) -> str:
-        return sql_ident(mapping[canon]) if canon in mapping else "NULL::VARCHAR"
+    def col(canon: str) -> str:  # the mapped column as text
+        return text_sql(src, mapping[canon]) if canon in mapping else "NULL::VARCHAR"
+
+    def number(canon: str) -> Optional[str]:  # the mapped column as DOUBLE where the source gives it as a number
+        return f"CAST({sql_ident(mapping[canon])} AS DOUBLE)" if mapping.get(canon) in src.numeric else None
 
     # a name no map names is stored as other (its raw name kept), or, with strict_events, rejected
     ev_case = "CASE _raw_event " + " ".join(
@@ -223,14 +234,20 @@ def stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], extr
     unmapped = "NULL" if strict_events else "'other'"
     unknown = "_raw_event IS NULL OR _event IS NULL" if strict_events else "_raw_event IS NULL"
     bad = "coalesce(_why, 'malformed_line')" if src.has_why else "'malformed_line'"
-    raw_list = "[" + ", ".join(sql_ident(c) for c in src.columns) + "]"
+    raw_list = "[" + ", ".join(text_sql(src, c) for c in src.columns) + "]"
     window = ""
     if since:
         window += f" OR _ts < TIMESTAMP {sql_literal(since)}"
     if until:
         window += f" OR _ts >= TIMESTAMP {sql_literal(until)}"
     window = f"WHEN {window[4:]} THEN 'filtered'" if window else ""
-    extra_sel = "".join(f", {sql_ident(c)} AS {sql_ident(n)}" for c, n in extras.items())
+    extra_sel = "".join(f", {text_sql(src, c)} AS {sql_ident(n)}" for c, n in extras.items())
+    # a timestamp or price the source gives as a number is read as that number (its text would parse to the
+    # same DOUBLE): _ts_raw / _price_raw, the text, are NULL for it and only _ts_num / _price are set
+    ts_num, price_num = number("ts"), number("price")
+    ts_text = ("NULL::VARCHAR AS _ts_raw, " + ts_num if ts_num else
+               f"NULLIF(trim({col('ts')}), '') AS _ts_raw, TRY_CAST(NULLIF(trim({col('ts')}), '') AS DOUBLE)")
+    price_text = "NULL::VARCHAR" if price_num else f"NULLIF(trim({col('price')}), '')"
     return f"""
     SELECT _pos, _user AS user_raw, _ts AS ts, coalesce(_event, {unmapped}) AS event, _item AS item_id,
            _cat AS category, _price AS price, _session AS session_raw, _raw_event AS {RAW_EVENT},
@@ -241,25 +258,23 @@ def stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], extr
       SELECT *, CASE
         WHEN _bad THEN {bad}
         WHEN _user IS NULL THEN 'missing_user'
-        WHEN _ts_raw IS NULL THEN 'missing_ts'
+        WHEN _ts_raw IS NULL AND _ts_num IS NULL THEN 'missing_ts'
         WHEN _ts IS NULL THEN 'bad_ts'
         WHEN _ts < TIMESTAMP {sql_literal(MIN_TS)}
           OR _ts > TIMESTAMP {sql_literal(now + timedelta(days=1))} THEN 'implausible_ts'
         WHEN {unknown} THEN 'unknown_event'
-        WHEN _price_raw IS NOT NULL AND (_price IS NULL OR NOT isfinite(_price)) THEN 'bad_price'
+        WHEN (_price_raw IS NOT NULL AND _price IS NULL) OR NOT isfinite(_price) THEN 'bad_price'
         WHEN _price < 0 THEN 'negative_price'
         {window}
       END AS _reason
       FROM (
         SELECT *, {_ts_sql("_ts_raw", "_ts_num", ts_unit)} AS _ts, {ev_case} AS _event,
-               TRY_CAST(_price_raw AS DOUBLE) AS _price
+               {price_num or "TRY_CAST(_price_raw AS DOUBLE)"} AS _price
         FROM (  -- each text field is trimmed and parsed once
-          SELECT *, NULLIF(trim({col('user_id')}), '') AS _user, NULLIF(trim({col('ts')}), '') AS _ts_raw,
-                 NULLIF(trim({col('event')}), '') AS _raw_event,
-                 TRY_CAST(NULLIF(trim({col('ts')}), '') AS DOUBLE) AS _ts_num,
-                 NULLIF(trim({col('price')}), '') AS _price_raw,
+          SELECT *, {_id_sql(col('user_id'))} AS _user, {ts_text} AS _ts_num,
+                 NULLIF(trim({col('event')}), '') AS _raw_event, {price_text} AS _price_raw,
                  NULLIF({col('item_id')}, '') AS _item, NULLIF({col('category')}, '') AS _cat,
-                 NULLIF(trim({col('session_id')}), '') AS _session
+                 {_id_sql(col('session_id'))} AS _session
           FROM ({src.sql})
         )
       )
@@ -267,16 +282,31 @@ def stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], extr
 
 
 
-def _pseudonym_map(con: duckdb.DuckDBPyConnection, name: str, col: str, key: bytes) -> None:
-    """Create the temp table ``name (raw, pid)``: the distinct non-null ``col`` of ``staged`` and
-    their pseudonyms, computed in Python (``privacy.pseudonym_table``) and handed over through Arrow.
+def _id_sql(text: str) -> str:
+    """A user or session id as ingest reads it: trimmed, empty as NULL."""
+    return f"NULLIF(trim({text}), '')"
+
+
+def distinct_ids_sql(src: Source, mapping: dict[str, str], canon: str) -> str:
+    """The distinct non-null ids (``canon``: user_id or session_id) of the source's rows, as
+    ``stage_sql`` reads them; trimmed after the source's own values are made distinct (once per id,
+    not once per row)."""
+    if canon not in mapping:
+        return "SELECT NULL::VARCHAR AS id WHERE false"
+    # distinct texts (not numbers: -0.0 and 0.0 are one DOUBLE and two texts)
+    return (f"SELECT DISTINCT id FROM (SELECT {_id_sql('v')} AS id FROM (SELECT DISTINCT "
+            f"{text_sql(src, mapping[canon])} AS v FROM ({src.sql}))) WHERE id IS NOT NULL")
+
+
+def _pseudonym_map(con: duckdb.DuckDBPyConnection, name: str, ids: str, key: bytes) -> None:
+    """Create the temp table ``name (raw, pid)``: the ids the query ``ids`` gives (distinct, non-null)
+    and their pseudonyms, computed in Python (``privacy.pseudonym_table``) and handed over through Arrow.
 
     ``privacy.pseudonym_sql`` computes the same pseudonyms inside DuckDB; on two busy cores it was
     not faster (benchmarks/results/ingest_hmac.md), so ingest keeps this path."""
     # in batches sized by the memory limit: Python holds one batch's ids and digests at a time (a
     # log's session ids are millions); the map itself is Arrow (raw and pid text only)
-    reader = con.sql(f"SELECT DISTINCT {col} FROM staged WHERE {col} IS NOT NULL").to_arrow_reader(
-        memory.batch_rows(400))
+    reader = con.sql(ids).to_arrow_reader(memory.batch_rows(400))
     parts = [pseudonym_table(batch.column(0), key) for batch in reader]
     table = pa.concat_tables(parts) if parts else pa.table({"raw": pa.array([], pa.string()),
                                                             "pid": pa.array([], pa.string())})
@@ -304,14 +334,18 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
         memory.configure(con)  # the user's memory limit (spills stay in tmpdir: they hold raw ids)
         con.execute("SET TimeZone = 'UTC'")
         con.execute("SET enable_progress_bar = false")
-        con.execute("SET preserve_insertion_order = true")  # row_number() OVER () follows the file
+        # a Parquet row carries its own number (file_row_number), so DuckDB may read it in any order; the
+        # other readers number rows with row_number() OVER (), which follows the file only while
+        # insertion order is preserved
+        streamed = kind in STREAMED
+        con.execute(f"SET preserve_insertion_order = {str(not streamed).lower()}")
         ts_unit = cfg.ts_unit or preset.get("ts_unit")
 
         def stage_with(src: Source) -> tuple[dict, dict, dict]:
             mapping, events, extras = resolve_columns(cfg, preset, src.columns)
             sql = stage_sql(src, mapping, events, extras, ts_unit, _parse_time(cfg.since), _parse_time(cfg.until),
                              now, cfg.strict_events)
-            con.execute(f"CREATE TEMP TABLE staged AS {sql}")
+            con.execute(f"CREATE TEMP {'VIEW' if streamed else 'TABLE'} staged AS {sql}")
             return mapping, events, extras
 
         try:
@@ -340,10 +374,21 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
                 read = {"parquet": parquet_source, "ga4": ga4_source, "segment": segment_source}
                 src = read[kind](con, path) if kind in read else jsonl_source(con, path, kind)
                 mapping, events, extras = stage_with(src)
+            # one pass: rows by reason, and accepted rows by the raw event name no map names; a streamed
+            # source is read here first, every column of it (so a file that cannot be read fails here)
+            touch = "".join(f", count({sql_ident(c)})" for c in
+                            ("item_id", "category", "session_raw", *extras.values())) if streamed else ""
+            rows_by = con.execute(
+                f"SELECT coalesce(reason, ''), CASE WHEN reason IS NULL AND _unmapped THEN {RAW_EVENT} END, "
+                f"count(*){touch} FROM staged GROUP BY ALL").fetchall()
         except duckdb.Error as e:
             raise ValueError(f"cannot read {path} as {cfg.format}: {_first_line(e)}") from None
 
-        counts = dict(con.execute("SELECT coalesce(reason, ''), count(*) FROM staged GROUP BY ALL").fetchall())
+        counts, unmapped = {}, {}
+        for reason, raw_event, n, *_ in rows_by:
+            counts[reason] = counts.get(reason, 0) + n
+            if raw_event is not None:
+                unmapped[raw_event] = n
         report.accepted = counts.pop("", 0)
         report.filtered = counts.pop("filtered", 0)
         if kind == "csv":
@@ -352,17 +397,20 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
                 counts["malformed_line"] = counts.get("malformed_line", 0) + n_bad
         report.rejected = {r: counts[r] for r in REASONS if counts.get(r)}
         report.rows_read = report.accepted + report.filtered + sum(report.rejected.values())
-        report.unmapped = dict(con.execute(
-            f"SELECT {RAW_EVENT}, count(*) FROM staged WHERE reason IS NULL AND _unmapped "
-            "GROUP BY ALL ORDER BY 2 DESC, 1").fetchall())
+        report.unmapped = dict(sorted(unmapped.items(), key=lambda kv: (-kv[1], kv[0])))
         if kind == "database" and (sha in known or not report.rows_read):  # the same rows as a load before, or none
             return FileReport(source=str(path), sha256=sha, rows_read=report.rows_read, skipped=True)
         if cfg.strict and report.rejected:
             return report
 
+        # a streamed source's stored rows have no order (every reader of the events orders what it needs);
+        # the others keep the file's order (without it, their maps and write were no faster on 2 cores)
+        con.execute(f"SET preserve_insertion_order = {str(not streamed).lower()}")
         # one map per column: the probes of the many rows into the few users' map stay in cache
-        for col, name in (("user_raw", "user_map"), ("session_raw", "session_map")):
-            _pseudonym_map(con, name, col, key)
+        for canon, col, name in (("user_id", "user_raw", "user_map"), ("session_id", "session_raw", "session_map")):
+            ids = (distinct_ids_sql(src, mapping, canon) if streamed else
+                   f"SELECT DISTINCT {col} FROM staged WHERE {col} IS NOT NULL")
+            _pseudonym_map(con, name, ids, key)
 
         if report.accepted:
             report.part = f"part-{sha[:16]}.parquet"

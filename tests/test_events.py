@@ -110,6 +110,68 @@ def test_parquet_source(tmp_path, tiny_events):
     assert out["event"].value_counts().to_dict() == tiny_events["event"].value_counts().to_dict()
 
 
+@pytest.mark.parametrize("ts_type,price_type", [("int64", "float64"), ("float64", "int64"), ("int32", "float32")])
+def test_parquet_numbers_are_read_as_their_text_would_be(tmp_path, monkeypatch, ts_type, price_type):
+    """A timestamp or price a Parquet file holds as a number is stored (or rejected) as the same rows
+    written as text in a CSV; integer ids and extra columns are stored as their text."""
+    import math
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("PURCHASE_INTENT_PSEUDONYM_KEY", "33" * 32)
+    ts = [1_704_067_200, 1_704_067_200_123, 1_704_067_200_123_456, 1_704_067_201, None, 12, 1_704_067_202,
+          1_704_067_203, 1_704_067_204, 1_704_067_205, 1_704_067_206]
+    price = [9.5, 0.1 + 0.2, 1e-300, None, 3.0, 4.0, float("nan"), float("inf"), -2.5, 123456789.125, 7.0]
+    if ts_type == "float64":  # fractional seconds
+        ts = [None if t is None else t + 0.25 for t in ts]
+    if price_type == "int64":
+        price = [None if p is None or not math.isfinite(p) else int(p) for p in price]
+    if ts_type == "int32":
+        ts = [None if t is None else t % 2_000_000_000 for t in ts]
+    n = len(ts)
+    table = pa.table({"user_id": pa.array([f"u{i % 3}" for i in range(n)]),
+                      "ts": pa.array(ts, getattr(pa, ts_type)()),
+                      "event": pa.array(["view", "cart", "purchase"] * 3 + ["view", "buy"]),
+                      "item_id": pa.array(range(100, 100 + n), pa.int64()),
+                      "price": pa.array(price, getattr(pa, price_type)()),
+                      "qty": pa.array(range(n), pa.int16())})
+    pq.write_table(table, tmp_path / "in.parquet")
+    text = pa.Table.from_arrays([c.cast(pa.string()) for c in table.columns], table.column_names)
+    with open(tmp_path / "in.csv", "w", newline="") as f:  # the same rows as text (floats: shortest round trip)
+        w = csv.writer(f)
+        w.writerow(table.column_names)
+        w.writerows(["" if v is None else v for v in row.values()] for row in text.to_pylist())
+    stored = {}
+    for fmt in ("parquet", "csv"):
+        r = ingest(tmp_path / fmt, [tmp_path / f"in.{fmt}"], DataConfig(format=fmt), progress=False)
+        rows = Workspace(tmp_path / fmt).connect().sql(
+            "SELECT user_id, ts, event, item_id, price, session_id, raw_event, qty FROM events "
+            "ORDER BY ts, item_id").fetchall()
+        stored[fmt] = (r.accepted, r.rejected, r.filtered, r.files[0].unmapped, rows,
+                       [(int(x["line"]) - (fmt == "csv"), x["reason"]) for x in _rejects(r.rejects_paths[0])])
+    assert stored["parquet"] == stored["csv"]
+    accepted, rejected, *_ = stored["parquet"]
+    assert rejected.get("missing_ts") == 1 and rejected.get("implausible_ts", 0) >= 1
+    assert (price_type == "int64") or (rejected.get("bad_price") == 2 and rejected.get("negative_price") == 1)
+    assert accepted + sum(rejected.values()) == n
+
+
+def test_parquet_number_ids_keep_every_text(tmp_path):
+    """User ids a Parquet file holds as DOUBLE are pseudonymised by their text: 0.0 and -0.0 are two
+    users (one number), and both rows are stored."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"user_id": pa.array([0.0, -0.0, 0.0]), "ts": pa.array([1_704_067_200] * 3),
+                             "event": pa.array(["view"] * 3)}), tmp_path / "in.parquet")
+    r = ingest(tmp_path / "ws", [tmp_path / "in.parquet"], DataConfig(format="parquet"), progress=False)
+    assert r.accepted == 3 and not r.rejected
+    users = Workspace(tmp_path / "ws").connect().sql("SELECT user_id, count(*) FROM events GROUP BY 1").fetchall()
+    assert sorted(n for _, n in users) == [1, 2]
+    assert {u for u, _ in users} == set(pseudonym_for(tmp_path / "ws", ["0.0", "-0.0"]).values())
+
+
 def test_taobao_slices(tmp_path, shared_data):
     d = shared_data / "taobao_userbehavior"
     r = ingest(tmp_path, [d / "UserBehavior_head.csv.gz", d / "UserBehavior_tail.csv.gz"],
