@@ -134,6 +134,7 @@ def _kill_and_rerun(reference, step: str, n_kills: int, seed: int) -> list[str]:
     after = ref["digests"][step]
     rng = random.Random(f"{seed}-{step}")
     outcomes = []
+    scale = 1.0  # halved after each kill that came too late: the reference's timings drift with the machine's load
     for k in range(n_kills):
         if k == 0 or outcomes[-1] == "after":  # from the state before the step (what the last kill left otherwise)
             if ws.exists():
@@ -143,7 +144,7 @@ def _kill_and_rerun(reference, step: str, n_kills: int, seed: int) -> list[str]:
         proc = subprocess.Popen(_argv(step, ws, ref["shop"]), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         # the child first imports (~`imports` s), then works (~`seconds`): kill mostly while it works
-        time.sleep(rng.uniform(0.5, 1.0) * ref["imports"] + rng.uniform(0.0, 1.2) * ref["seconds"][step])
+        time.sleep(scale * (rng.uniform(0.5, 1.0) * ref["imports"] + rng.uniform(0.0, 1.2) * ref["seconds"][step]))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         # what the next command sees: it takes the lock, and a dead holder's record makes it first remove what
@@ -154,6 +155,8 @@ def _kill_and_rerun(reference, step: str, n_kills: int, seed: int) -> list[str]:
         assert now in (before, after), (f"kill -9 of {step} left neither before nor after: "
                                         f"{_diff(now, before)} differ from before, {_diff(now, after)} from after")
         outcomes.append("before" if now == before else "after")
+        if proc.returncode == 0:  # the step had finished: kill sooner next time
+            scale *= 0.5
     run = _cli(_argv(step, ws, ref["shop"]))
     assert run.returncode == 0, run.stderr
     assert digest(ws) == after  # the rerun gives the uninterrupted result
