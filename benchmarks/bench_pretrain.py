@@ -92,6 +92,7 @@ def main():
     ap.add_argument("--users", type=int, default=2000)
     ap.add_argument("--days", type=int, default=63)
     ap.add_argument("--epochs", type=int, default=4, help="pretraining epochs")
+    ap.add_argument("--window", type=int, default=PretrainConfig.max_seq_len, help="pretraining events per user")
     ap.add_argument("--objectives", default="masked,contrastive,next")
     ap.add_argument("--label-fraction", type=float, default=0.0)
     ap.add_argument("--n-boot", type=int, default=500)
@@ -142,7 +143,7 @@ def main():
     pre: dict = {}
     for obj in args.objectives.split(","):
         t0 = time.perf_counter()
-        enc = pretrain(ws, PretrainConfig(objective=obj, epochs=args.epochs))
+        enc = pretrain(ws, PretrainConfig(objective=obj, epochs=args.epochs, max_seq_len=args.window))
         pre[obj] = time.perf_counter() - t0
         keep = work / f"encoder_{obj}"
         shutil.rmtree(keep, ignore_errors=True)
@@ -164,7 +165,8 @@ def main():
     today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     lines += [f"## Pretrained encoder ({today})", "",
               f"Command: `.venv/bin/python benchmarks/bench_pretrain.py --users {args.users} --days {args.days} "
-              f"--epochs {args.epochs} --objectives {args.objectives}"
+              f"--epochs {args.epochs}" + (f" --window {args.window}" if args.window != PretrainConfig.max_seq_len
+                                           else "") + f" --objectives {args.objectives}"
               + (f" --label-fraction {args.label_fraction}" if args.label_fraction else "")
               + f" --n-boot {args.n_boot}" + "".join(f" --pt-param {p}" for p in args.pt_param)
               + "".join(f" --pt-variant {v}" for v in args.pt_variant)
@@ -176,8 +178,8 @@ def main():
               "",
               f"Simulator {args.users:,} users x {args.days} days (seed 0), default LabelConfig; train {len(tr):,}, "
               f"valid {len(va):,}, test {len(te):,} examples ({int(yt.sum())} test positives). Encoder: tiny preset, "
-              f"window 50, {args.epochs} epochs, cutoff = first test cutoff. Test-split metrics; differences "
-              f"are paired bootstrap 95% intervals ({args.n_boot} resamples) against the reference named; "
+              f"window {args.window}, {args.epochs} epochs, cutoff = first test cutoff. Test-split metrics; "
+              f"differences are paired bootstrap 95% intervals ({args.n_boot} resamples) against the reference named; "
               f"models' seed {args.seed}.", ""]
     for tag, _ in subsets:
         refs = ["lightgbm", "transformer"] + ([f"transformer_pt[{o}]" for o in pre] if len(variants) > 1 else [])
