@@ -27,17 +27,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from sim_shop import simulated_shop
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from purchase_intent import pipeline
-from purchase_intent.config import DataConfig, LabelConfig, TrainConfig
+from purchase_intent.config import TrainConfig
 from purchase_intent.evaluate import paired_auc_difference
 from purchase_intent.models.pretraining import embed, load_encoder, make_objective, pretrain_encoder
 from purchase_intent.models.transformer import BehaviourTransformer, preset
 from purchase_intent.pretrain import PretrainConfig, pretrain
-from purchase_intent.runs import load_built, model_inputs, model_vocab
+from purchase_intent.runs import model_inputs, model_vocab
 from purchase_intent.sequences import SequenceConfig, build_sequences
-from purchase_intent.simulate import SimConfig, write_events
 from purchase_intent.train import TrainLoopConfig
 from purchase_intent.workspace import Workspace
 
@@ -112,16 +112,8 @@ def main():
     load0 = open("/proc/loadavg").read().split()[:3]
     t_start = time.perf_counter()
     work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    ws = Workspace(work / "ws")
-    shop = work / "shop.csv.gz"
-    write_events(SimConfig(n_users=args.users, days=args.days, seed=0), shop)
-    pipeline.ingest(shop, DataConfig(format="csv"), ws, progress=False)
-    built = pipeline.build(LabelConfig(), workspace=ws, quiet=True)
-    built = load_built(ws)
+    ws, built, (tr, va, te) = simulated_shop(work, args.users, args.days)
     y = built.examples["label"].to_numpy()
-    tr, va, te = (np.flatnonzero(built.mask(s)) for s in ("train", "valid", "test"))
     yt = y[te]
     lines = []
     log = print

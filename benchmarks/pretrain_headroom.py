@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,17 +33,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from sim_shop import simulated_shop
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from purchase_intent import pipeline
-from purchase_intent.config import DataConfig, LabelConfig, TrainConfig
+from purchase_intent.config import TrainConfig
 from purchase_intent.evaluate import paired_auc_difference
 from purchase_intent.models.pretraining import embed, make_objective, pretrain_encoder
 from purchase_intent.models.transformer import BehaviourTransformer, preset
 from purchase_intent.pretrain import evaluation_cutoff
-from purchase_intent.runs import load_built, model_inputs, model_vocab
+from purchase_intent.runs import model_inputs, model_vocab
 from purchase_intent.sequences import SEQUENCE_FIELDS, SequenceConfig, build_sequences, fit_vocab, time_edges
-from purchase_intent.simulate import SimConfig, write_events
 from purchase_intent.train import TrainLoopConfig
 from purchase_intent.workspace import Workspace
 
@@ -109,17 +108,9 @@ def main():
     load0 = open("/proc/loadavg").read().split()[:3]
     t_start = time.perf_counter()
     work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    ws = Workspace(work / "ws")
-    shop = work / "shop.csv.gz"
-    write_events(SimConfig(n_users=args.users, days=args.days, seed=0), shop)
-    pipeline.ingest(shop, DataConfig(format="csv"), ws, progress=False)
-    pipeline.build(LabelConfig(), workspace=ws, quiet=True)
-    built = load_built(ws)
+    ws, built, (tr, va, te) = simulated_shop(work, args.users, args.days)
     ex = built.examples
     y = ex["label"].to_numpy()
-    tr, va, te = (np.flatnonzero(built.mask(s)) for s in ("train", "valid", "test"))
     yt = y[te]
     print(f"examples: train {len(tr)} valid {len(va)} test {len(te)}; test positives {int(yt.sum())}")
 

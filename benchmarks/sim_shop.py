@@ -1,0 +1,40 @@
+"""A simulated shop ingested and built in a fresh workspace, for the quality benchmarks that draw labels.
+
+    from sim_shop import simulated_shop     # scripts under benchmarks/ run with this folder on sys.path
+    ws, built, (tr, va, te) = simulated_shop(Path("/tmp/work"), users=6000, days=63)
+
+The pseudonym key is fixed (``KEY``, not a secret): the users' pseudonyms order the users that label
+fractions are drawn from, so one key makes one command draw the same users on every run.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from purchase_intent import pipeline
+from purchase_intent.config import DataConfig, LabelConfig
+from purchase_intent.privacy import KEY_ENV
+from purchase_intent.runs import load_built
+from purchase_intent.simulate import SimConfig, write_events
+from purchase_intent.workspace import Workspace
+
+KEY = "benchmark-sim-shop-not-secret"
+
+
+def simulated_shop(work: Path, users: int, days: int, seed: int = 0):
+    """(workspace, built examples, (train, valid, test) row indices) of the simulator's shop of ``users``
+    users over ``days`` days (``seed``), ingested and built with the defaults into ``work/ws``
+    (``work`` is emptied first)."""
+    os.environ[KEY_ENV] = KEY
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    ws = Workspace(work / "ws")
+    shop = work / "shop.csv.gz"
+    write_events(SimConfig(n_users=users, days=days, seed=seed), shop)
+    pipeline.ingest(shop, DataConfig(format="csv"), ws, progress=False)
+    pipeline.build(LabelConfig(), workspace=ws, quiet=True)
+    built = load_built(ws)
+    return ws, built, tuple(np.flatnonzero(built.mask(s)) for s in ("train", "valid", "test"))
