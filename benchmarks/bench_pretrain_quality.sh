@@ -16,7 +16,8 @@
 #                   gives 206k (the Transformer quality runs' size in BENCHMARKS.md)
 # --quick: the simulated shop only, 3000 users x 80 days, --backtest 2 (a dry run of a few minutes).
 # Environment: SIM_USERS, SIM_DAYS, BACKTEST override the sizes; DATA_DIR the datasets' folder
-# (default ../shared/data); MODELS the model list.
+# (default ../shared/data); MODELS the model list; SEED the runs' --seed (default 0). Several seeds, one
+# OUT_DIR each, are summarised by benchmarks/seed_summary.py.
 # On 2 shared CPU cores: about 30 minutes by default, about an hour more with SIM_USERS=45000 (each
 # Transformer trains K+1 times). Results of 2026-12-05: benchmarks/results/pretrain_quality.md.
 set -euo pipefail
@@ -30,7 +31,7 @@ while (( $# )); do
     --quick) quick=1 ;;
     --datasets) datasets=$2; shift ;;
     --datasets=*) datasets=${1#*=} ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     -*) echo "unknown option: $1" >&2; exit 2 ;;
     *) [[ -z $out ]] || { echo "one OUT_DIR only" >&2; exit 2; }; out=$1 ;;
   esac
@@ -47,6 +48,7 @@ SIM_DAYS=${SIM_DAYS:-90}
 BACKTEST=${BACKTEST:-3}
 DATA_DIR=${DATA_DIR:-../shared/data}
 MODELS=${MODELS:-lightgbm,transformer,lightgbm_emb,transformer_pt}
+SEED=${SEED:-0}
 datasets=${datasets:-taobao-user,taobao-session,sim}
 PI=.venv/bin/purchase-intent
 taobao=$DATA_DIR/taobao_userbehavior/UserBehavior_head.csv.gz
@@ -62,7 +64,7 @@ timings=$out/timings.tsv
   echo "== commit $(git rev-parse --short HEAD 2>/dev/null || echo '?');" \
     "uncommitted files in purchase_intent/: $(git status --short -- purchase_intent 2>/dev/null | wc -l)," \
     "diff sha1 $(git diff HEAD -- purchase_intent 2>/dev/null | sha1sum | cut -c1-12)"
-  echo "== datasets $datasets; backtest $BACKTEST; models $MODELS; sim ${SIM_USERS}x${SIM_DAYS}"
+  echo "== datasets $datasets; backtest $BACKTEST; models $MODELS; sim ${SIM_USERS}x${SIM_DAYS}; seed $SEED"
 } | tee -a "$out/machine.txt"
 
 # pairs WORKSPACE MODEL:REFERENCE,...: paired ROC-AUC and PR-AUC differences of two trained runs on the
@@ -103,7 +105,7 @@ run() {
   local name=$1; shift
   local ws=$out/ws-$name log=$out/$name.log
   rm -rf "$ws"
-  local cmd=("$PI" --workspace "$ws" run "$@" --models "$MODELS" --pretrain --backtest "$BACKTEST")
+  local cmd=("$PI" --workspace "$ws" run "$@" --models "$MODELS" --pretrain --backtest "$BACKTEST" --seed "$SEED")
   local t0 load0 start
   start=$(date -u +%FT%TZ); load0=$(cut -d' ' -f1-3 /proc/loadavg); t0=$SECONDS
   {
