@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import stats
-from sim_shop import simulated_shop
+from sim_shop import labelled_rows, simulated_shop
 from sklearn.metrics import roc_auc_score
 
 from purchase_intent import pipeline
@@ -106,15 +106,10 @@ def main():
             models.append((f"lightgbm_emb[{name}]", "lightgbm_emb", {"encoder": str(keep)}))
         print(f"pretrained {name} in {pre_secs[name]:.0f}s", flush=True)
 
-    users = ex["user_id"].unique()
     preds = {m[0]: [] for m in models}
     n_rows = []
     for subset in range(args.subsets):
-        if args.fraction < 1:
-            keep = set(np.random.default_rng(subset).choice(users, int(len(users) * args.fraction), replace=False))
-            rows = tr[ex["user_id"].iloc[tr].isin(keep).to_numpy()]
-        else:
-            rows = tr
+        rows = labelled_rows(ex, tr, args.fraction, seed=subset)
         n_rows.append((len(rows), int(y[rows].sum())))
         for seed in range(args.seeds):
             for label, name, params in models:

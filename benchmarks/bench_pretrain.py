@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from sim_shop import simulated_shop
+from sim_shop import labelled_rows, simulated_shop
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from purchase_intent import pipeline
@@ -121,10 +121,7 @@ def main():
 
     subsets = [("100%", tr)]
     if args.label_fraction:
-        users = built.examples["user_id"].unique()
-        keep = set(np.random.default_rng(0).choice(users, int(len(users) * args.label_fraction), replace=False))
-        sub = tr[built.examples["user_id"].iloc[tr].isin(keep).to_numpy()]
-        subsets.append((f"{args.label_fraction:.0%}", sub))
+        subsets.append((f"{args.label_fraction:.0%}", labelled_rows(built.examples, tr, args.label_fraction)))
 
     preds: dict = {}
     secs: dict = {}

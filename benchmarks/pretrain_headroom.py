@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sim_shop import simulated_shop
+from sim_shop import labelled_rows, simulated_shop
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from purchase_intent import pipeline
@@ -114,12 +114,10 @@ def main():
     yt = y[te]
     print(f"examples: train {len(tr)} valid {len(va)} test {len(te)}; test positives {int(yt.sum())}")
 
-    users = ex["user_id"].unique()
     preds: dict = {}
     rows_used: dict = {}
     for frac in (float(f) for f in args.fractions.split(",")):
-        keep = set(np.random.default_rng(0).choice(users, int(len(users) * frac), replace=False)) if frac < 1 else None
-        sub = tr if keep is None else tr[ex["user_id"].iloc[tr].isin(keep).to_numpy()]
+        sub = labelled_rows(ex, tr, frac)
         rows_used[frac] = (len(sub), int(y[sub].sum()))
         for name in ("lightgbm", "transformer"):
             preds[(frac, name)], s = fit_and_score(name, built, sub, va, te, ws, args.seed)

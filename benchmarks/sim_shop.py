@@ -2,6 +2,7 @@
 
     from sim_shop import simulated_shop     # scripts under benchmarks/ run with this folder on sys.path
     ws, built, (tr, va, te) = simulated_shop(Path("/tmp/work"), users=6000, days=63)
+    rows = labelled_rows(built.examples, tr, fraction=0.1)  # the train examples of 10% of the users
 
 The pseudonym key is fixed (``KEY``, not a secret): the users' pseudonyms order the users that label
 fractions are drawn from, so one key makes one command draw the same users on every run.
@@ -38,3 +39,13 @@ def simulated_shop(work: Path, users: int, days: int, seed: int = 0):
     pipeline.build(LabelConfig(), workspace=ws, quiet=True)
     built = load_built(ws)
     return ws, built, tuple(np.flatnonzero(built.mask(s)) for s in ("train", "valid", "test"))
+
+
+def labelled_rows(examples, train_rows: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """The rows of ``train_rows`` whose user is among ``fraction`` of the users of ``examples``, drawn
+    with ``seed`` (every row when ``fraction`` >= 1): a label budget cut by users, not by examples."""
+    if fraction >= 1:
+        return train_rows
+    users = examples["user_id"].unique()
+    keep = set(np.random.default_rng(seed).choice(users, int(len(users) * fraction), replace=False))
+    return train_rows[examples["user_id"].iloc[train_rows].isin(keep).to_numpy()]
