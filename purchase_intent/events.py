@@ -334,9 +334,10 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
         memory.configure(con)  # the user's memory limit (spills stay in tmpdir: they hold raw ids)
         con.execute("SET TimeZone = 'UTC'")
         con.execute("SET enable_progress_bar = false")
-        # a Parquet row carries its own number (file_row_number), so DuckDB may read it in any order; the
-        # other readers number rows with row_number() OVER (), which follows the file only while
-        # insertion order is preserved
+        # a Parquet row carries its own number (file_row_number), so DuckDB may read it in any order, and its
+        # stored rows have no order (every reader of the events orders what it needs). The other readers number
+        # rows with row_number() OVER (), which follows the file only while insertion order is preserved, and
+        # their parts keep the file's order (without it, their maps and write were no faster on 2 cores)
         streamed = kind in STREAMED
         con.execute(f"SET preserve_insertion_order = {str(not streamed).lower()}")
         ts_unit = cfg.ts_unit or preset.get("ts_unit")
@@ -403,9 +404,6 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
         if cfg.strict and report.rejected:
             return report
 
-        # a streamed source's stored rows have no order (every reader of the events orders what it needs);
-        # the others keep the file's order (without it, their maps and write were no faster on 2 cores)
-        con.execute(f"SET preserve_insertion_order = {str(not streamed).lower()}")
         # one map per column: the probes of the many rows into the few users' map stay in cache
         for canon, col, name in (("user_id", "user_raw", "user_map"), ("session_id", "session_raw", "session_map")):
             ids = (distinct_ids_sql(src, mapping, canon) if streamed else
