@@ -71,3 +71,89 @@ class TrainConfig:
     min_positives: int = 100  # minimum-data gate: refuse to train below this many positives...
     min_negatives: int = 100  # ...or negatives in train
     seed: int = 0
+
+
+# --- the commands' own settings -------------------------------------------------------------------
+# The command line's choices and defaults come from here, so that parsing it needs none of the modules
+# that run the commands (each of those re-exports its config under its old name).
+
+# the models `train --model` and `run --models` accept (models.MODELS maps each to its estimator)
+MODEL_NAMES = ("logreg", "lightgbm", "transformer", "transformer_pt", "lightgbm_emb")
+# the self-supervised objectives of `pretrain --objective` (models.pretraining)
+PRETRAIN_OBJECTIVES = ("masked", "contrastive", "next", "future")
+# As Google Analytics' data thresholds: a count of fewer than MIN_USERS users (but more than none) is not
+# printed in a report table or an audience summary (privacy.py applies it)
+MIN_USERS = 10
+DRIFT_EXIT = 3  # exit status of `monitor --fail-on-drift` when drift is found
+
+
+@dataclass
+class ScoreConfig:
+    """What `purchase-intent score` scores and how the audience is cut."""
+
+    at: Optional[str] = None  # scoring time T (ISO 8601 or epoch seconds); None = max(ts) + 1us
+    chunk_size: int = 50_000  # users per chunk (features + model); bounds memory
+    top: Optional[str] = None  # audience: the top share of users, e.g. "10%" (or a fraction "0.1")
+    top_n: Optional[int] = None  # audience: the N most likely buyers
+    min_probability: Optional[float] = None  # audience: everyone with probability >= P
+    reasons: int = 0  # add each user's top K reasons as columns reason_k (text) and reason_k_contribution
+    min_users: int = MIN_USERS  # the summary withholds a count of fewer users than this (1: show every count)
+    reidentify: Optional[str] = None  # the key holder's file of raw user ids: adds a raw_user_id column
+
+
+@dataclass
+class MonitorConfig:
+    """What `purchase-intent monitor` compares and how it judges."""
+
+    at: Optional[str] = None  # end T of the latest window (ISO 8601 or epoch seconds); None = end of the data
+    n_bins: int = 10  # quantile bins fitted on the training window (features and score)
+    epsilon: float = 1e-4  # share given to an empty bin, so that ln(a / e) stays finite
+    moderate: float = 0.1  # PSI at or above: moderate shift
+    drift: float = 0.25  # PSI above: drift
+    n_boot: int = 1000  # bootstrap resamples of the live ROC-AUC interval
+    chunk_size: int = 50_000  # users per chunk (features + model); bounds memory
+    seed: int = 0
+    # features whose shift is expected and not to count in the verdict (still measured and reported),
+    # e.g. days_since_first_event, which grows with the age of the log itself
+    ignore: tuple[str, ...] = ()
+
+
+@dataclass
+class RetrainConfig:
+    """How `purchase-intent retrain` compares and what it does after a promotion."""
+
+    n_boot: int = 1000  # bootstrap resamples of the paired interval
+    seed: int = 0  # seed of the bootstrap
+    reload: bool = True  # SIGHUP the running servers of the run after a promotion
+
+
+@dataclass
+class PretrainConfig:
+    """What ``pretrain`` trains (saved in the encoder's config.json)."""
+
+    # PRETRAIN_OBJECTIVES; none won beyond the paired intervals (benchmarks/results/pretrain.md)
+    objective: str = "masked"
+    preset: str = "tiny"  # TransformerClassifier presets: tiny | small | base
+    max_seq_len: int = 50  # most recent events per user (the classifier's default window)
+    epochs: int = 4
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    dropout: float = 0.1
+    seed: int = 0
+    cutoff: Optional[str] = "auto"  # "auto" | "all" (every event) | an ISO 8601 time
+    backtest: int = 0  # with cutoff="auto": the earliest of the last K backtest folds' test windows
+    drop_fields: list = field(default_factory=lambda: ["item"])  # as TransformerClassifier's default
+    d_model: Optional[int] = None  # None: the preset's (with init: the init encoder's; another value raises)
+    # an encoder folder of another workspace to start from; its architecture, fields and buckets are kept
+    init: Optional[str] = None
+    # user-level DP-SGD (models/dp_pretraining.py, on dp.py): None = not private; the rest as `train`'s dp_*
+    dp_epsilon: Optional[float] = None
+    dp_delta: Optional[float] = None  # None = 1 / the users pretrained on
+    dp_max_grad_norm: float = 1.0
+    dp_users_per_step: int = 256
+    dp_epochs: float = 5.0
+    dp_lr: float = 2e-3
+
+
+DP_PARAMS = ("dp_epsilon", "dp_delta", "dp_max_grad_norm", "dp_users_per_step", "dp_epochs", "dp_lr")

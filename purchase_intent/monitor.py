@@ -48,7 +48,8 @@ import numpy as np
 import pandas as pd
 
 from . import runs, storage
-from .config import LabelConfig
+from .config import DRIFT_EXIT as DRIFT_EXIT  # re-exported: the exit status is monitor's contract
+from .config import LabelConfig, MonitorConfig
 from .evaluate import roc_auc, roc_auc_ci
 from .feature_frame import compute_features_for_users
 from .labels import build_examples, end_tolerance
@@ -57,26 +58,8 @@ from .score import predict_users
 from .times import ONE_US, parse_duration, parse_time
 from .workspace import Workspace, as_workspace, atomic_write_json
 
-DRIFT_EXIT = 3  # exit status of `monitor --fail-on-drift` when drift is found
 TRAIN_WINDOW_JSON = "train_window.json"  # a run's training cutoffs, kept for monitoring after a rebuild
 STABLE, MODERATE, DRIFT = "stable", "moderate", "drift"
-
-
-@dataclass
-class MonitorConfig:
-    """What `purchase-intent monitor` compares and how it judges."""
-
-    at: Optional[str] = None  # end T of the latest window (ISO 8601 or epoch seconds); None = end of the data
-    n_bins: int = 10  # quantile bins fitted on the training window (features and score)
-    epsilon: float = 1e-4  # share given to an empty bin, so that ln(a / e) stays finite
-    moderate: float = 0.1  # PSI at or above: moderate shift
-    drift: float = 0.25  # PSI above: drift
-    n_boot: int = 1000  # bootstrap resamples of the live ROC-AUC interval
-    chunk_size: int = 50_000  # users per chunk (features + model); bounds memory
-    seed: int = 0
-    # features whose shift is expected and not to count in the verdict (still measured and reported),
-    # e.g. days_since_first_event, which grows with the age of the log itself
-    ignore: tuple[str, ...] = ()
 
 
 class MonitorError(ValueError):

@@ -31,7 +31,6 @@ edges of the events) and dropout are left out; the contrastive objective and ``i
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable, Optional
@@ -41,7 +40,7 @@ import pandas as pd
 import torch
 
 from . import splits
-from .config import from_dict
+from .config import DP_PARAMS, PretrainConfig, from_dict
 from .dp import DPConfig, check_budget
 from .dp import plan as dp_plan
 from .models.dp_pretraining import DATA_FITTED_FIELDS, check_objective, pretrain_encoder_dp
@@ -58,38 +57,6 @@ from .workspace import Workspace, as_workspace, atomic_dir, atomic_write_bytes
 PRETRAINED_RUN = "pretrained"
 MIN_USERS = 8  # users with events before the cutoff
 ONE_US = timedelta(microseconds=1)
-
-
-@dataclass
-class PretrainConfig:
-    """What ``pretrain`` trains (saved in the encoder's config.json)."""
-
-    # masked | contrastive | next | future; none won beyond the paired intervals (benchmarks/results/pretrain.md)
-    objective: str = "masked"
-    preset: str = "tiny"  # TransformerClassifier presets: tiny | small | base
-    max_seq_len: int = 50  # most recent events per user (the classifier's default window)
-    epochs: int = 4
-    batch_size: int = 256
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    dropout: float = 0.1
-    seed: int = 0
-    cutoff: Optional[str] = "auto"  # "auto" | "all" (every event) | an ISO 8601 time
-    backtest: int = 0  # with cutoff="auto": the earliest of the last K backtest folds' test windows
-    drop_fields: list = field(default_factory=lambda: ["item"])  # as TransformerClassifier's default
-    d_model: Optional[int] = None  # None: the preset's (with init: the init encoder's; another value raises)
-    # an encoder folder of another workspace to start from; its architecture, fields and buckets are kept
-    init: Optional[str] = None
-    # user-level DP-SGD (models/dp_pretraining.py, on dp.py): None = not private; the rest as `train`'s dp_*
-    dp_epsilon: Optional[float] = None
-    dp_delta: Optional[float] = None  # None = 1 / the users pretrained on
-    dp_max_grad_norm: float = 1.0
-    dp_users_per_step: int = 256
-    dp_epochs: float = 5.0
-    dp_lr: float = 2e-3
-
-
-DP_PARAMS = ("dp_epsilon", "dp_delta", "dp_max_grad_norm", "dp_users_per_step", "dp_epochs", "dp_lr")
 
 
 def dp_config(cfg: PretrainConfig) -> Optional[DPConfig]:

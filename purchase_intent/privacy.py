@@ -36,6 +36,7 @@ from purchase_intent import storage
 from purchase_intent.workspace import Workspace, fsync_dir, tmp_path
 
 KEY_ENV = "PURCHASE_INTENT_PSEUDONYM_KEY"
+NEW_KEY_ENV = "PURCHASE_INTENT_NEW_PSEUDONYM_KEY"  # the new key of `rotate-key` (rotation.py)
 PSEUDONYM_HEX = 32  # hex characters kept from the 64-character HMAC-SHA256 digest
 MIN_KEY_BYTES = 16
 Key = Union[bytes, tuple]  # one key, or a chain of keys (oldest first) after rotate-key
@@ -296,8 +297,8 @@ def pseudonym_for(workspace: Workspace | str | Path, ids: Iterable[str]) -> dict
 
 # --- thresholds ------------------------------------------------------------------------------------
 # As Google Analytics' data thresholds: a count of fewer than MIN_USERS users (but more than none) is not
-# printed in a report table or an audience summary, so that an aggregate cannot single out a few shoppers.
-MIN_USERS = 10
+# printed in a report table or an audience summary, so that an aggregate cannot single out a few shoppers
+# (MIN_USERS, the default of --min-users, is defined with the commands' settings in config.py).
 
 
 def below_threshold(n_users: int | float | None, k: int) -> bool:

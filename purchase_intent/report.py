@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 
 from . import explain, runs, storage
+from .config import MIN_USERS
 from .evaluate import reliability_curve
-from .privacy import KEY_ENV, MIN_USERS, below_threshold, check_min_users, count_text
+from .privacy import KEY_ENV, below_threshold, check_min_users, count_text
 from .report_page import Page, cards, esc, interval, num, table
 from .workspace import Workspace, as_workspace, atomic_write_text
 

@@ -38,7 +38,6 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -47,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from . import pipeline, runs
-from .config import DataConfig, LabelConfig, TrainConfig, from_dict
+from .config import DataConfig, LabelConfig, RetrainConfig, TrainConfig, from_dict
 from .evaluate import paired_auc_difference, roc_auc
 from .monitor import MonitorError, training_window
 from .serve.pidfile import signal_reload
@@ -58,15 +57,6 @@ AUDIT_LOG = "retrain-log.jsonl"
 KEPT_VERSION = runs.KEPT_VERSION
 CHALLENGER_SUFFIX = ".challenger"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
-
-
-@dataclass
-class RetrainConfig:
-    """How `purchase-intent retrain` compares and what it does after a promotion."""
-
-    n_boot: int = 1000  # bootstrap resamples of the paired interval
-    seed: int = 0  # seed of the bootstrap
-    reload: bool = True  # SIGHUP the running servers of the run after a promotion
 
 
 class RetrainError(ValueError):

@@ -54,6 +54,7 @@ from . import memory, runs, storage
 from .erasure import ERASURE_LOG, csv_bytes, csv_rows, file_bytes, run_dirs
 from .privacy import (
     KEY_ENV,
+    NEW_KEY_ENV,
     PSEUDONYM_HEX,
     as_key,
     chain_text,
@@ -66,7 +67,6 @@ from .privacy import (
 )
 from .workspace import TMP_PREFIX, Workspace, as_workspace, atomic_dir, link_tree
 
-NEW_KEY_ENV = "PURCHASE_INTENT_NEW_PSEUDONYM_KEY"
 ID_COLUMNS = ("user_id", "session_id")  # the columns that hold pseudonyms
 REPORT_ID_CHARS = 12  # a report shows this many characters of a pseudonym
 _TOKEN = re.compile(rb"(?<![0-9a-f])[0-9a-f]{%d}(?![0-9a-f])" % PSEUDONYM_HEX)

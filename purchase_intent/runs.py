@@ -35,13 +35,12 @@ from .models.onnx_inference import ONNX_FILE
 from .models.onnx_inference import sha256 as onnx_sha256
 from .sequences import SequenceVocab, build_sequences
 from .times import ONE_US, parse_duration, parse_time
-from .workspace import Workspace, as_workspace, atomic_dir, atomic_write_bytes, atomic_write_text
+from .workspace import RUN_JSON, Workspace, as_workspace, atomic_dir, atomic_write_bytes, atomic_write_text
 
 # file names of a build (under <workspace>/examples/) and of a run (under <workspace>/runs/NAME/)
 EXAMPLES = "examples.parquet"
 FEATURES = "features.parquet"
 BUILD_JSON = "build.json"
-RUN_JSON = "run.json"
 MODEL_DIR = "model"
 PREDICTIONS = "predictions.parquet"
 METRICS_JSON = "metrics.json"

@@ -35,26 +35,13 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from . import runs, storage
+from .config import MIN_USERS, ScoreConfig
 from .engine import EngineConfig, check_engine
 from .explain import explain_inputs
 from .feature_frame import compute_features_for_users
-from .privacy import MIN_USERS, below_threshold, check_min_users, pseudonym_table, read_raw_ids, workspace_key
+from .privacy import below_threshold, check_min_users, pseudonym_table, read_raw_ids, workspace_key
 from .runs import Run
 from .workspace import as_workspace, atomic_write_text, fsync_dir, tmp_path
-
-
-@dataclass
-class ScoreConfig:
-    """What `purchase-intent score` scores and how the audience is cut."""
-
-    at: Optional[str] = None  # scoring time T (ISO 8601 or epoch seconds); None = max(ts) + 1us
-    chunk_size: int = 50_000  # users per chunk (features + model); bounds memory
-    top: Optional[str] = None  # audience: the top share of users, e.g. "10%" (or a fraction "0.1")
-    top_n: Optional[int] = None  # audience: the N most likely buyers
-    min_probability: Optional[float] = None  # audience: everyone with probability >= P
-    reasons: int = 0  # add each user's top K reasons as columns reason_k (text) and reason_k_contribution
-    min_users: int = MIN_USERS  # the summary withholds a count of fewer users than this (1: show every count)
-    reidentify: Optional[str] = None  # the key holder's file of raw user ids: adds a raw_user_id column
 
 
 @dataclass

@@ -43,6 +43,7 @@ from . import memory, storage
 WORKSPACE_ENV = "PURCHASE_INTENT_WORKSPACE"
 DEFAULT_WORKSPACE = "pi-workspace"
 TMP_PREFIX = ".tmp-"
+RUN_JSON = "run.json"  # what makes a folder under runs/ a run (runs.py writes it)
 
 
 def default_root() -> Path:

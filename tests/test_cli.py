@@ -58,6 +58,61 @@ def test_every_command_takes_the_global_options_after_its_name():
         assert any("--workspace" in a.option_strings for a in sub._actions), name
 
 
+# ----------------------------------------------------------------------------- start-up
+
+# the libraries that make importing the pipeline take seconds
+HEAVY = ("torch", "sklearn", "scipy", "lightgbm", "onnxruntime")
+
+
+def test_parsing_the_command_line_imports_no_model_library(tmp_path):
+    """A mistyped command or flag, and --help, are answered before PyTorch and the models load;
+    a valid command line then runs its command (which does import them)."""
+    script = f"""
+import contextlib, io, sys
+from purchase_intent import cli
+heavy = {HEAVY!r}
+for argv in (["buld"], ["build", "--lookbak", "3d"], ["score", "--help"], ["pretrain", "--help"]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.main(argv)
+        except SystemExit as e:
+            code = e.code
+    loaded = [m for m in heavy if m in sys.modules]
+    assert not loaded, (argv, loaded)
+    assert code == (0 if "--help" in argv else 2), (argv, code)
+    assert "Traceback" not in err.getvalue()
+    if argv[-1] == "--help":  # the command module's docstring, read without importing it
+        assert "usage: purchase-intent " + argv[0] in out.getvalue() and len(out.getvalue()) > 2000, argv
+    else:
+        lines = err.getvalue().strip().splitlines()  # argparse's usage, then one line: the error
+        assert lines[0].startswith("usage:") and lines[-1].startswith("purchase-intent") and "error:" in lines[-1]
+        assert sum("error" in line for line in lines) == 1, lines
+assert cli.main(["--workspace", {str(tmp_path / "ws")!r}, "simulate", "--users", "20", "--days", "3",
+                 "--out", {str(tmp_path / "sim.csv")!r}]) == 0
+assert "torch" in sys.modules  # the command ran through `commands`, which loads the pipeline
+"""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "sim.csv").exists()
+
+
+def test_every_parsed_command_and_check_has_its_function():
+    from purchase_intent import commands, config, models
+
+    parser = build_parser()
+    names = parser._subparsers._group_actions[0].choices
+    assert set(names) == set(commands.COMMANDS)
+    checks = {sub.get_default("check") for sub in names.values()} - {None}
+    assert checks <= set(commands.CHECKS) and checks
+    # the choices the command line offers are the registries' own
+    assert config.MODEL_NAMES == tuple(models.MODELS)
+    from purchase_intent.models.pretraining import OBJECTIVES
+    assert set(OBJECTIVES) == set(config.PRETRAIN_OBJECTIVES)
+
+
 # ----------------------------------------------------------------------------- --param
 
 

@@ -133,7 +133,8 @@ def test_a_model_on_a_dp_encoder_says_it_is_not_dp_itself(ws, dp_encoder):
 
 
 def test_pretrain_params_reach_the_config_from_run_too():
-    from purchase_intent.cli import _pretrain_cfg, build_parser
+    from purchase_intent.cli import build_parser
+    from purchase_intent.commands import _pretrain_cfg
     a = build_parser().parse_args(["run", "--pretrain", "--pretrain-param", "dp_epsilon=3",
                                    "--pretrain-param", "dp_delta=1e-6"])
     cfg = _pretrain_cfg(a, "pretrain-", seed=0)

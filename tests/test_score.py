@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from conftest import make_tiny_events
 
-from purchase_intent import cli, pipeline, runs
+from purchase_intent import cli, commands, pipeline, runs
 from purchase_intent.config import DataConfig, LabelConfig, TrainConfig
 from purchase_intent.privacy import load_key, pseudonym_for, pseudonymise
 from purchase_intent.score import ScoreConfig, describe, parse_share, score, summary_path
@@ -143,12 +143,12 @@ def test_score_command(shop, tmp_path, capsys):
     parser = cli.build_parser()
     a = parser.parse_args(["--workspace", str(ws.root), "score", "--run", "lightgbm", "--out",
                            str(tmp_path / "top.parquet"), "--top-n", "3", "--min-users", "1", "--quiet"])
-    assert a.func(a) == 0
+    assert commands.COMMANDS[a.command](a) == 0
     printed = capsys.readouterr().out
     assert "expected precision" in printed and "expected buyers" in printed
     a = parser.parse_args(["--workspace", str(ws.root), "score", "--run", "lightgbm", "--out",
                            str(tmp_path / "top.parquet"), "--top-n", "3", "--quiet"])  # default k = 10
-    assert a.func(a) == 0
+    assert commands.COMMANDS[a.command](a) == 0
     assert "fewer than 10 users (counts withheld" in capsys.readouterr().out
     assert len(pd.read_parquet(tmp_path / "top.parquet")) == 3
     with pytest.raises(SystemExit):  # the audience rules exclude each other

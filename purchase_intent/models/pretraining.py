@@ -51,7 +51,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
 from ..allocator import retained_heap
-from ..config import from_dict
+from ..config import PRETRAIN_OBJECTIVES, from_dict
 from ..sequences import SequenceConfig, SequenceVocab, time_edges
 from ..train import TrainLoopConfig, lr_at, make_optimizer
 from ..vocabulary import EVENT_CODES
@@ -59,7 +59,7 @@ from .classifier import collate
 from .encoder_compat import upgrade_state
 from .transformer import BehaviourTransformer, TransformerConfig
 
-OBJECTIVES = ("masked", "contrastive", "next", "future")
+OBJECTIVES = PRETRAIN_OBJECTIVES  # masked, contrastive, next, future
 MASK_RATE = 0.15
 CROP_MIN = 0.4  # shortest contrastive view, as a fraction of the history
 TEMPERATURE = 0.1

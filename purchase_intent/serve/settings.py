@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..runs import RUN_JSON
+from ..workspace import RUN_JSON
 
 API_KEYS_ENV = "PURCHASE_INTENT_API_KEYS"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
