@@ -30,7 +30,8 @@ over ``--subsets`` label draws x ``--seeds`` seeds:
 
 * ``MODEL``: the built features;
 * ``MODEL+prior``: the same plus the out-of-sample log-odds of the 7-day head (``--by``; the
-  Transformer reads it with the other features, in its tabular input);
+  Transformer reads it with the other features, in its tabular input); with ``--rank``, its rank
+  within its cutoff instead (0-1), which removes each encoder's own scale;
 * ``MODEL+prior_in_sample`` (with ``--in-sample``): plus the log-odds of one encoder pretrained on
   every user, to show the leak that cross-fitting removes.
 
@@ -112,6 +113,8 @@ def main():
     ap.add_argument("--seeds", type=int, default=3, help="LightGBM seeds per draw")
     ap.add_argument("--by", choices=["users", "cutoffs"], default="users",
                     help="users: cross-fitted by user groups; cutoffs: one encoder per cutoff, on events before it")
+    ap.add_argument("--rank", action="store_true",
+                    help="hand the models the feature's rank within its cutoff (0-1) instead of the log-odds")
     ap.add_argument("--folds", type=int, default=2, help="user groups of the cross-fitting (--by users)")
     ap.add_argument("--window", type=int, default=200, help="events per user of the encoders")
     ap.add_argument("--epochs", type=int, default=30, help="pretraining epochs of each encoder")
@@ -155,6 +158,11 @@ def main():
                                         args.epochs, seed=k)
             print(f"cutoff {c}: {len(rows)} examples scored ({time.perf_counter() - t0:.0f}s)", flush=True)
     secs = {f"out of sample (by {args.by})": time.perf_counter() - t0}
+    if args.rank:  # each encoder's own scale removed: the share of the cutoff's examples ranked below
+        ex_cut = ex["cutoff"].to_numpy()
+        for c in np.unique(ex_cut):
+            rows = np.flatnonzero((ex_cut == c) & ~np.isnan(prior))
+            prior[rows] = stats.rankdata(prior[rows]) / len(rows)
     columns = {"prior": prior}
     if args.in_sample:
         t0 = time.perf_counter()
@@ -205,7 +213,7 @@ def main():
     cmd = (f".venv/bin/python benchmarks/crossfit_prior.py --users {args.users} --days {args.days} --fractions "
            f"{args.fractions} --subsets {args.subsets} --seeds {args.seeds} --by {args.by} --folds {args.folds} "
            f"--window {args.window} --epochs {args.epochs} --models {args.models}"
-           + (" --in-sample" if args.in_sample else ""))
+           + (" --in-sample" if args.in_sample else "") + (" --rank" if args.rank else ""))
     lines = [f"## The `future` head's 7-day log-odds as a feature, out of sample by {args.by} ({today})", "",
              f"Command: `{cmd}`", "",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared VM), load average "
