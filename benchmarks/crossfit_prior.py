@@ -110,7 +110,7 @@ def main():
     ap.add_argument("--days", type=int, default=63)
     ap.add_argument("--fractions", default="1,0.1", help="shares of the users whose train labels are used")
     ap.add_argument("--subsets", type=int, default=3, help="random draws of the labelled users (fractions < 1)")
-    ap.add_argument("--seeds", type=int, default=3, help="LightGBM seeds per draw")
+    ap.add_argument("--seeds", type=int, default=3, help="model seeds per draw")
     ap.add_argument("--by", choices=["users", "cutoffs"], default="users",
                     help="users: cross-fitted by user groups; cutoffs: one encoder per cutoff, on events before it")
     ap.add_argument("--rank", action="store_true",
