@@ -36,8 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
-from sim_shop import labelled_rows, simulated_shop
+from sim_shop import labelled_rows, simulated_shop, t_interval
 from sklearn.metrics import roc_auc_score
 
 from purchase_intent import pipeline
@@ -121,13 +120,12 @@ def main():
     load1 = open("/proc/loadavg").read().split()[:3]
 
     auc = {k: np.array([roc_auc_score(yt, p) for p in v]) for k, v in preds.items()}
-    n = args.subsets * args.seeds
 
     def diff(a: str, b: str) -> str:
         d = auc[a] - auc[b]
-        half = stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
+        mean, lo, hi = t_interval(d)
         boot = paired_auc_difference(yt, np.mean(preds[a], axis=0), np.mean(preds[b], axis=0), n_boot=args.n_boot)
-        return (f"{d.mean():+.4f} [{d.mean() - half:+.4f}, {d.mean() + half:+.4f}] | {(d > 0).mean():.0%} | "
+        return (f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] | {(d > 0).mean():.0%} | "
                 f"{boot['diff']:+.4f} [{boot['ci'][0]:+.4f}, {boot['ci'][1]:+.4f}]")
 
     today = datetime.now(timezone.utc).strftime("%Y-%m-%d")

@@ -17,8 +17,8 @@ test split is the last period), every figure on the same test examples:
    the test examples' sequences, ranks them with no label at all; ``--windows`` and ``--epochs``
    vary the events per user and the passes over them.
 
-The pretraining here runs the library's own pieces (``fit_vocab``, ``build_sequences(times=True)``,
-``make_objective("future")``, ``pretrain_encoder``) so that the objective's head, which
+The pretraining (``future_head.future_logits``) runs the library's own pieces (``fit_vocab``,
+``build_sequences(times=True)``, ``make_objective("future")``, ``pretrain_encoder``) so that the objective's head, which
 ``purchase-intent pretrain`` does not keep, can score the test examples.
 """
 from __future__ import annotations
@@ -32,22 +32,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
+from future_head import future_logits
 from sim_shop import labelled_rows, simulated_shop
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from purchase_intent import pipeline
 from purchase_intent.config import TrainConfig
 from purchase_intent.evaluate import paired_auc_difference
-from purchase_intent.models.pretraining import embed, make_objective, pretrain_encoder
-from purchase_intent.models.transformer import BehaviourTransformer, preset
 from purchase_intent.pretrain import evaluation_cutoff
 from purchase_intent.runs import model_inputs, model_vocab
-from purchase_intent.sequences import SEQUENCE_FIELDS, SequenceConfig, build_sequences, fit_vocab, time_edges
-from purchase_intent.train import TrainLoopConfig
 from purchase_intent.workspace import Workspace
-
-FIELDS = [f for f in SEQUENCE_FIELDS if f != "item"]  # as `purchase-intent pretrain`'s default drop_fields
 
 
 def fit_and_score(name, built, rows, va, te, ws, seed):
@@ -59,38 +53,15 @@ def fit_and_score(name, built, rows, va, te, ws, seed):
 
 def zero_label_scores(ws: Workspace, test: pd.DataFrame, window: int, epochs: int,
                       seed: int) -> tuple[np.ndarray, float]:
-    """The `future` head's 7-day probability for each test example (rows of ``test``), and the seconds taken."""
+    """The `future` head's 7-day probability for each test example (rows of ``test``), pretrained on every user's
+    events before the first test cutoff, and the seconds taken."""
     t0 = time.perf_counter()
     cut = evaluation_cutoff(ws)
-    con = ws.connect()
-    con.execute("CREATE OR REPLACE TEMP TABLE pre AS SELECT (row_number() OVER (ORDER BY user_id) - 1)::BIGINT "
-                "AS example_id, user_id, ?::TIMESTAMP AS cutoff FROM (SELECT DISTINCT user_id FROM events "
-                "WHERE ts < ?)", [cut, cut])
-    cfg = SequenceConfig(max_seq_len=window)
-    vocab = fit_vocab(con, "pre", cfg)
-    arrays = build_sequences(con, "pre", cfg, vocab, times=True)
-    data = {f: arrays[f] for f in FIELDS}
-    data["mask"], data["us_cut"] = arrays["mask"], arrays["us_cut"]
-    torch.manual_seed(seed)
-    net = BehaviourTransformer(preset("tiny", field_sizes={f: vocab.field_sizes()[f] for f in FIELDS},
-                                      max_seq_len=window, use_tabular=False, n_tabular=0))
-    objective = make_objective("future", net, time_edges(cfg))
-    pretrain_encoder(objective, data, TrainLoopConfig(max_epochs=epochs, batch_size=256, lr=2e-3, weight_decay=0.05,
-                                                      seed=seed, device="cpu", progress=False))
-    con.register("test_examples", test[["example_id", "user_id", "cutoff"]])
-    seq = build_sequences(con, "test_examples", cfg, vocab)
-    rows = {f: seq[f] for f in FIELDS}
-    rows["mask"] = seq["mask"]
-    net.eval()
-    objective.eval()
-    with torch.no_grad():
-        logits = objective.future(torch.as_tensor(embed(net, rows))).numpy()
-    # column 1: a purchase within 7 days, as a probability; a user without events before the cutoff gets 0
-    score = np.where(rows["mask"].any(axis=1), 1.0 / (1.0 + np.exp(-logits[:, 1].astype(np.float64))), 0.0)
-    order = np.argsort(test["example_id"].to_numpy())  # build_sequences returns rows in example_id order
-    out = np.empty(len(test))
-    out[order] = score
-    return out, time.perf_counter() - t0
+    users = np.array([r[0] for r in ws.connect().execute("SELECT DISTINCT user_id FROM events").fetchall()])
+    logits = future_logits(ws, cut, users, test, window, epochs, seed)
+    # a user without events before the cutoff gets 0
+    score = np.where(np.isnan(logits), 0.0, 1.0 / (1.0 + np.exp(-np.nan_to_num(logits))))
+    return score, time.perf_counter() - t0
 
 
 def main():

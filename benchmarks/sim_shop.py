@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from purchase_intent import pipeline
 from purchase_intent.config import DataConfig, LabelConfig
@@ -49,3 +50,11 @@ def labelled_rows(examples, train_rows: np.ndarray, fraction: float, seed: int =
     users = examples["user_id"].unique()
     keep = set(np.random.default_rng(seed).choice(users, int(len(users) * fraction), replace=False))
     return train_rows[examples["user_id"].iloc[train_rows].isin(keep).to_numpy()]
+
+
+def t_interval(d: np.ndarray) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of per-run differences ``d`` and its 95% t interval over the runs (NaN bounds
+    for a single run)."""
+    n = len(d)
+    half = stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
