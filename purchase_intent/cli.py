@@ -185,6 +185,9 @@ def _add_pretrain_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help="start from the encoder folder of another workspace (its runs/pretrained): its architecture, "
                         "fields and buckets are kept, the weights that keep their meaning here are copied, the rest "
                         "re-initialised (one line each); then the epochs run here (0 keeps the copy)")
+    p.add_argument(f"--{prefix}rolling", action="store_true",
+                   help="with --objective future: also one encoder per cutoff of the built examples, each on the "
+                        "events before it, and one on every event, with their purchase heads (for --param prior=true)")
     p.add_argument(f"--{prefix}d-model", type=int, metavar="D",
                    help="encoder width (default: the preset's; with an init the init encoder's, and another raises)")
     p.add_argument(f"--{prefix}param", action="append", metavar="KEY=VALUE",

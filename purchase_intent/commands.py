@@ -122,7 +122,7 @@ def _pretrain_cfg(a: argparse.Namespace, prefix: str = "", **extra) -> PretrainC
     extra = {**params, **extra}
     return PretrainConfig(objective=g("objective"), preset=g("preset"), max_seq_len=g("max_seq_len"),
                                    epochs=g("epochs"), batch_size=g("batch_size"), lr=g("lr"), init=g("init"),
-                                   d_model=g("d_model"), **extra)
+                                   d_model=g("d_model"), rolling=g("rolling"), **extra)
 
 
 def _engine(a: argparse.Namespace) -> EngineConfig:

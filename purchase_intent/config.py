@@ -147,6 +147,9 @@ class PretrainConfig:
     d_model: Optional[int] = None  # None: the preset's (with init: the init encoder's; another value raises)
     # an encoder folder of another workspace to start from; its architecture, fields and buckets are kept
     init: Optional[str] = None
+    # also one `future` encoder (with its head) per cutoff of the built examples and one on every event:
+    # the rolling-origin prior of models/prior.py (each example read by the encoder of its own cutoff)
+    rolling: bool = False
     # user-level DP-SGD (models/dp_pretraining.py, on dp.py): None = not private; the rest as `train`'s dp_*
     dp_epsilon: Optional[float] = None
     dp_delta: Optional[float] = None  # None = 1 / the users pretrained on

@@ -79,7 +79,7 @@ def attribute(meta: dict, model: Any, X: Any, ig_steps: int = 32) -> Attribution
     if isinstance(model, runs.EnsembleModel):
         return _attribute_ensemble(meta, model, X, ig_steps)
     # a model on a pretrained encoder's embedding adds one column per embedding dimension
-    names = list(meta["feature_names"]) + list(getattr(model, "embedding_names_", []))
+    names = list(meta["feature_names"]) + list(getattr(model, "extra_names_", []))
     c = model.contributions(X, n_steps=ig_steps)
     if c.features.shape[1] != len(names):
         raise RuntimeError(f"contributions have {c.features.shape[1]} feature columns, expected {len(names)}")

@@ -42,6 +42,7 @@ from .event_sources import preset_time_zone
 from .events import ingest as ingest_events
 from .features import compute_features, copy_features
 from .models import DP_MODELS, DP_REFUSED, MODELS, PRETRAINED_MODELS, NotEnoughData, check_min_data
+from .models.prior import CUTOFF_KEY
 from .report import write_report
 from .runs import Built, jsonable, load_built, write_json
 from .sequences import SequenceVocab, fit_vocab, sequence_config
@@ -258,6 +259,8 @@ def check_params(name: str, params: dict) -> None:
         sequence_shards.check_shard_rows(params["stream_shard_rows"])
     if name == "transformer_pt":  # its fine-tuning settings (type, range): refused before any data is read
         MODELS[name](**{k: v for k, v in params.items() if k != "sequence"}).check_finetune()
+    if name == "lightgbm_emb":  # embedding / prior: refused before any data is read
+        MODELS[name](**{k: v for k, v in params.items() if k != "sequence"}).check_settings()
 
 
 def _encoder_params(name: str, params: dict, ws: Workspace) -> dict:
@@ -331,7 +334,7 @@ def _fit_streamed(model, name: str, built: Built, train_idx: np.ndarray, valid_i
     def make_inputs(positions: np.ndarray) -> dict:
         X = runs.model_inputs(name, built, train_idx[positions], ws, vocab)
         X = {k: (v[:, -keep:] if keep and k != "tabular" else v) for k, v in X.items()
-             if k != "example_id" and k not in drop}
+             if k not in ("example_id", CUTOFF_KEY) and k not in drop}
         return {**X, "label": y[train_idx[positions]].astype(np.int8)}
 
     X_valid = runs.model_inputs(name, built, valid_idx, ws, vocab)

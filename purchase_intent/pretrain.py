@@ -45,6 +45,7 @@ from .dp import DPConfig, check_budget
 from .dp import plan as dp_plan
 from .models.dp_pretraining import DATA_FITTED_FIELDS, check_objective, pretrain_encoder_dp
 from .models.pretraining import OBJECTIVES, encoder_files, make_objective, pretrain_encoder
+from .models.prior import ROLLING_DIR, head_files
 from .models.transfer import TransferReport, load_init, transfer_config, transfer_state
 from .models.transformer import PRESETS, BehaviourTransformer
 from .models.transformer import preset as make_preset
@@ -113,6 +114,65 @@ def evaluation_cutoff(workspace: Workspace | str | Path | None, backtest: int = 
     return (t.tz_convert("UTC").tz_localize(None) if t.tzinfo is not None else t).to_pydatetime()
 
 
+def check_rolling(cfg: PretrainConfig) -> None:
+    """Raise ValueError (one line) for rolling encoders that cannot be made: they are the `future`
+    objective's (its purchase head is what they keep), trained from scratch, without DP."""
+    if not cfg.rolling:
+        return
+    if cfg.objective != "future":
+        raise ValueError(f"--rolling keeps the purchase head of the future objective: give --objective future "
+                         f"(not {cfg.objective})")
+    if cfg.dp_epsilon is not None:
+        raise ValueError("--rolling with dp_epsilon is not supported: pretrain the DP encoder without --rolling")
+    if cfg.init is not None:
+        raise ValueError("--rolling with --init is not supported: each rolling encoder is pretrained from scratch")
+
+
+def rolling_cutoffs(ws: Workspace, con, t_cut: datetime, log: Optional[Callable[[str], None]] = None
+                    ) -> list[datetime]:
+    """The cutoffs of the rolling encoders: every cutoff of the built examples (user task), the main
+    encoder's ``t_cut`` and the end of the data (``max(ts) + 1us``, for scoring now); those with events
+    of fewer than ``MIN_USERS`` users before them are left out (their examples get no prior)."""
+    try:
+        built = load_built(ws)
+    except FileNotFoundError:
+        raise ValueError("--rolling pretrains one encoder per cutoff of the built examples: run "
+                         "`purchase-intent build` first") from None
+    if built.label_cfg.task != "user":
+        raise ValueError(f"--rolling needs the user task's cutoffs; the examples are built for the "
+                         f"{built.label_cfg.task} task (its cutoffs lie inside sessions)")
+    cuts = {pd.Timestamp(c).to_pydatetime().replace(tzinfo=None) for c in pd.unique(built.examples["cutoff"])}
+    cuts |= {t_cut, con.execute("SELECT max(ts) FROM events").fetchone()[0] + ONE_US}
+    keep = []
+    for c in sorted(cuts):
+        n = con.execute("SELECT count(DISTINCT user_id) FROM events WHERE ts < ?", [c]).fetchone()[0]
+        if n >= MIN_USERS or c == t_cut:
+            keep.append(c)
+        elif log is not None:
+            log(f"no rolling encoder at {c}: events of {n} users before it (fewer than {MIN_USERS})")
+    return keep
+
+
+def _users_table(con, cut: datetime) -> None:
+    """``pretrain_examples``: one row per user with an event before ``cut``, with that cutoff."""
+    con.execute("CREATE OR REPLACE TEMP TABLE pretrain_examples AS "
+                "SELECT (row_number() OVER (ORDER BY user_id) - 1)::BIGINT AS example_id, user_id, "
+                "?::TIMESTAMP AS cutoff FROM (SELECT DISTINCT user_id FROM events WHERE ts < ?)", [cut, cut])
+
+
+def _pretrain_data(con, seq_cfg: SequenceConfig, vocab: SequenceVocab, fields: list[str],
+                   objective: str) -> dict[str, np.ndarray]:
+    """The token arrays of ``pretrain_examples`` (with ``us_cut`` for the future objective, whose
+    targets are the events after a random cutoff in each history)."""
+    times = objective == "future"
+    arrays = build_sequences(con, "pretrain_examples", seq_cfg, vocab, times=times)
+    data = {f: arrays[f] for f in fields}
+    data["mask"] = arrays["mask"]
+    if times:
+        data["us_cut"] = arrays["us_cut"]
+    return data
+
+
 def _resolve_cutoff(ws: Workspace, con, cfg: PretrainConfig, cutoff) -> tuple[datetime, str]:
     """(cutoff, how it was chosen): events with ts < cutoff are read."""
     c = cfg.cutoff if cutoff is None else cutoff
@@ -144,6 +204,7 @@ def pretrain(workspace: Workspace | str | Path | None = None, cfg: Optional[Pret
     """
     cfg = cfg or PretrainConfig()
     dp = dp_config(cfg)  # refused before any data is read
+    check_rolling(cfg)
     if dp is not None:  # no data-fitted bucket edges, no dropout (train_dp runs the encoder in eval mode)
         cfg = dataclasses.replace(cfg, dropout=0.0,
                                   drop_fields=list(dict.fromkeys([*cfg.drop_fields, *DATA_FITTED_FIELDS])))
@@ -180,48 +241,52 @@ def pretrain(workspace: Workspace | str | Path | None = None, cfg: Optional[Pret
                          f"({how}); the workspace holds {n_events:,} events of {n_users:,} users, "
                          f"{n_before:,} events of {n_users_before:,} users before it")
     con.execute("SET enable_progress_bar = false")
-    con.execute("CREATE OR REPLACE TEMP TABLE pretrain_examples AS "
-                "SELECT (row_number() OVER (ORDER BY user_id) - 1)::BIGINT AS example_id, user_id, "
-                "?::TIMESTAMP AS cutoff FROM (SELECT DISTINCT user_id FROM events WHERE ts < ?)", [t_cut, t_cut])
+    rolling = rolling_cutoffs(ws, con, t_cut, log) if cfg.rolling else []
+    _users_table(con, rolling[0] if rolling else t_cut)  # the vocab: from the events before the earliest cutoff
     vocab = fit_vocab(con, "pretrain_examples", seq_cfg)
-    times = cfg.objective == "future"  # its targets are the events after a random cutoff in each history
-    arrays = build_sequences(con, "pretrain_examples", seq_cfg, vocab, times=times)
     sizes = vocab.field_sizes()
-    data = {f: arrays[f] for f in fields}
-    data["mask"] = arrays["mask"]
-    if times:
-        data["us_cut"] = arrays["us_cut"]
-    torch.manual_seed(cfg.seed)
     sources = sorted({e["sha256"] for e in ws.read_manifest()["files"]})  # the ingested files, by content
+    if dp is not None:  # a budget the data cannot give is refused here, before anything is trained
+        dp_plan(dp, n_users_before)
     init = None
     if src_net is not None:
         _check_init_cutoff(cfg.init, src_meta, sources, t_cut)
-        net = BehaviourTransformer(dataclasses.replace(arch, field_sizes={f: sizes[f] for f in fields}))
-        lacking = [f for f in fields if not data[f][data["mask"]].any()]
-        report = transfer_state(src_net, src_meta, net, vocab, lacking=lacking)
-        init = {"path": str(Path(cfg.init).resolve()), "cutoff": src_meta.get("cutoff"),
-                "preset": used.preset, "objective": src_meta.get("pretrain_config", {}).get("objective"),
-                **report.to_dict()}
+
+    def fit_at(cut: datetime, seed: int, what: str):
+        """(net, objective, result, privacy) of the encoder pretrained on the events before ``cut``."""
+        nonlocal init
+        _users_table(con, cut)
+        data = _pretrain_data(con, seq_cfg, vocab, fields, cfg.objective)
+        torch.manual_seed(seed)
+        if src_net is not None:
+            net = BehaviourTransformer(dataclasses.replace(arch, field_sizes={f: sizes[f] for f in fields}))
+            lacking = [f for f in fields if not data[f][data["mask"]].any()]
+            report = transfer_state(src_net, src_meta, net, vocab, lacking=lacking)
+            init = {"path": str(Path(cfg.init).resolve()), "cutoff": src_meta.get("cutoff"),
+                    "preset": used.preset, "objective": src_meta.get("pretrain_config", {}).get("objective"),
+                    **report.to_dict()}
+            if log is not None:
+                _log_init(log, cfg, used, src_meta, report, t_cut)
+        else:
+            extra = {"d_model": int(cfg.d_model)} if cfg.d_model is not None else {}
+            net = BehaviourTransformer(make_preset(cfg.preset, field_sizes={f: sizes[f] for f in fields},
+                                                   max_seq_len=int(cfg.max_seq_len), dropout=cfg.dropout,
+                                                   use_tabular=False, n_tabular=0, **extra))
+        objective = make_objective(cfg.objective, net, time_edges(seq_cfg))
+        loop = TrainLoopConfig(max_epochs=int(cfg.epochs), batch_size=int(cfg.batch_size), lr=float(cfg.lr),
+                               weight_decay=float(cfg.weight_decay), seed=seed, device="cpu", progress=False)
         if log is not None:
-            _log_init(log, cfg, used, src_meta, report, t_cut)
-    else:
-        extra = {"d_model": int(cfg.d_model)} if cfg.d_model is not None else {}
-        net = BehaviourTransformer(make_preset(cfg.preset, field_sizes={f: sizes[f] for f in fields},
-                                               max_seq_len=int(cfg.max_seq_len), dropout=cfg.dropout,
-                                               use_tabular=False, n_tabular=0, **extra))
-    objective = make_objective(cfg.objective, net, time_edges(seq_cfg))
-    if dp is not None:  # a budget the data cannot give is refused here, before anything is trained
-        dp_plan(dp, int(data["mask"].any(axis=1).sum()))
-    loop = TrainLoopConfig(max_epochs=int(cfg.epochs), batch_size=int(cfg.batch_size), lr=float(cfg.lr),
-                           weight_decay=float(cfg.weight_decay), seed=int(cfg.seed), device="cpu", progress=False)
-    if log is not None:
-        log(f"pretraining the {used.preset} encoder ({cfg.objective}) on {int(data['mask'].any(axis=1).sum()):,} "
-            f"users, {n_before:,} events before {t_cut} ({how})")
-    privacy = None
-    if dp is not None:
-        res, privacy = pretrain_encoder_dp(objective, cfg.objective, data, dp, seed=int(cfg.seed), log=log)
-    else:
-        res = pretrain_encoder(objective, data, loop, log)
+            log(f"pretraining the {used.preset} encoder ({cfg.objective}) on {int(data['mask'].any(axis=1).sum()):,} "
+                f"users' events before {cut} ({what})")
+        if dp is not None:
+            res, privacy = pretrain_encoder_dp(objective, cfg.objective, data, dp, seed=seed, log=log)
+            return net, objective, res, privacy
+        return net, objective, pretrain_encoder(objective, data, loop, log), None
+
+    fitted = {}
+    for k, cut in enumerate(rolling):
+        fitted[cut] = fit_at(cut, int(cfg.seed) + k, f"rolling encoder {k + 1} of {len(rolling)}")
+    net, objective, res, privacy = fitted[t_cut] if t_cut in fitted else fit_at(t_cut, int(cfg.seed), how)
     meta = {"pretrain_config": dataclasses.asdict(used), "init": init, "vocab": vocab.to_dict(), "fields": fields,
             "cutoff": t_cut.isoformat(), "cutoff_source": how, "sources": sources, "n_users": int(n_users_before),
             "n_events": int(n_before),
@@ -229,12 +294,25 @@ def pretrain(workspace: Workspace | str | Path | None = None, cfg: Optional[Pret
                        "sequences_per_s": round(res.sequences_per_s, 1)}}
     if privacy is not None:  # (epsilon, delta) per user of the encoder's weights, the noise and the steps
         meta["privacy"] = privacy
+    if rolling:
+        meta["rolling"] = [{"folder": f"{ROLLING_DIR}/{k:03d}", "cutoff": c.isoformat()} for k, c in enumerate(rolling)]
     out = ws.run_dir(PRETRAINED_RUN)
     with atomic_dir(out) as tmp:
         for name, blob in encoder_files(net, meta).items():
             atomic_write_bytes(tmp / name, blob)
+        for k, c in enumerate(rolling):
+            r_net, r_obj, r_res, _ = fitted[c]
+            folder = tmp / ROLLING_DIR / f"{k:03d}"
+            folder.mkdir(parents=True)
+            r_meta = {**meta, "cutoff": c.isoformat(), "cutoff_source": "rolling", "rolling": None,
+                      "result": {"steps": r_res.steps, "seconds": round(r_res.seconds, 3),
+                                 "loss_history": r_res.history}}
+            for name, blob in {**encoder_files(r_net, r_meta), **head_files(r_obj.future)}.items():
+                atomic_write_bytes(folder / name, blob)
     if log is not None:
-        log(f"saved the pretrained encoder to {out} ({res.seconds:.1f}s, {res.sequences_per_s:,.0f} sequences/s)")
+        log(f"saved the pretrained encoder to {out} ({res.seconds:.1f}s, {res.sequences_per_s:,.0f} sequences/s)"
+            + (f" and {len(rolling)} rolling encoders with their purchase heads in {out / ROLLING_DIR}" if rolling
+               else ""))
         if privacy is not None:
             log(f"privacy: {privacy['guarantee']} (target epsilon {privacy['epsilon_target']:g}, noise "
                 f"{privacy['noise_multiplier']:.3g}, {privacy['steps']} steps)")

@@ -33,6 +33,7 @@ from .features import compute_features
 from .models import ONNX_MODELS, SEQUENCE_MODELS, load_model
 from .models.onnx_inference import ONNX_FILE
 from .models.onnx_inference import sha256 as onnx_sha256
+from .models.prior import CUTOFF_KEY
 from .sequences import SequenceVocab, build_sequences
 from .times import ONE_US, parse_duration, parse_time
 from .workspace import RUN_JSON, Workspace, as_workspace, atomic_dir, atomic_write_bytes, atomic_write_text
@@ -451,15 +452,22 @@ def align_features(feats: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFrame:
 
 
 def _with_sequences(con, X_tab: pd.DataFrame, vocab: SequenceVocab | None) -> dict:
-    return sequence_inputs(build_sequences(con, "examples", vocab.cfg if vocab is not None else None, vocab), X_tab)
+    cutoffs = con.execute("SELECT epoch_us(cutoff) AS c FROM examples ORDER BY example_id").fetchnumpy()["c"]
+    return sequence_inputs(build_sequences(con, "examples", vocab.cfg if vocab is not None else None, vocab), X_tab,
+                           cutoffs)
 
 
-def sequence_inputs(tokens: dict, X_tab: pd.DataFrame) -> dict:
+def sequence_inputs(tokens: dict, X_tab: pd.DataFrame, cutoffs: Any = None) -> dict:
     """What a sequence model eats: the token arrays of ``sequences.build_sequences`` (or its numpy twin
     ``sequence_frame.build_sequences_frame``) plus ``"tabular"``, the run's features (rows in the same
-    order) as float32."""
+    order) as float32, and ``"cutoff_us"``, each row's cutoff in microseconds since the epoch (what
+    picks a rolling encoder, ``models.prior``), when ``cutoffs`` (times or int64 microseconds) is given."""
     X = dict(tokens)
     X["tabular"] = X_tab.to_numpy(np.float32)
+    if cutoffs is not None:
+        c = np.asarray(cutoffs)
+        X[CUTOFF_KEY] = (c.astype("datetime64[us]").astype(np.int64) if np.issubdtype(c.dtype, np.datetime64)
+                         else c.astype(np.int64))
     return X
 
 

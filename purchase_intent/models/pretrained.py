@@ -30,6 +30,7 @@ from .attribution import Contributions
 from .baselines import LightGBMModel
 from .classifier import TransformerClassifier, collate
 from .pretraining import ENCODER_CONFIG, ENCODER_WEIGHTS, check_compatible, embed, load_encoder
+from .prior import PRIOR_FEATURE, RollingPrior
 from .transformer import BehaviourTransformer, SeedEnsemble
 
 ENCODER_DIR = "encoder"
@@ -262,17 +263,26 @@ class EmbeddingLightGBMModel(ClassifierMixin, BaseEstimator):
         Folder written by ``purchase-intent pretrain``.
     vocab : SequenceVocab, dict or None
         The vocab the sequences were built with (stored in the run; scoring builds with it).
+    embedding : bool
+        Hand LightGBM the encoder's D-dimensional summary of each history (default).
+    prior : bool
+        Hand LightGBM the rolling-origin prior (:mod:`~purchase_intent.models.prior`): the 7-day
+        purchase log-odds of the `future` head of the encoder pretrained before each example's
+        cutoff (``pretrain --objective future --rolling``). The run keeps a copy of those encoders.
     Other parameters: as :class:`~purchase_intent.models.baselines.LightGBMModel`.
 
-    ``contributions`` gives TreeSHAP terms over the F tabular features and then the D embedding
-    dimensions (``embedding_names_``: history_embedding_0 .. D-1).
+    ``contributions`` gives TreeSHAP terms over the F tabular features and then the extra columns
+    (``extra_names_``: history_embedding_0 .. D-1, then the prior).
     """
 
     def __init__(self, encoder: Optional[str] = None, n_estimators: int = 400, learning_rate: float = 0.05,
                  num_leaves: int = 31, min_child_samples: int = 20, subsample: float = 0.8, subsample_freq: int = 1,
                  colsample_bytree: float = 0.8, reg_lambda: float = 1.0, early_stopping_rounds: int = 50,
-                 n_jobs: int = 2, vocab: Any = None, random_state=None):
+                 n_jobs: int = 2, vocab: Any = None, embedding: bool = True, prior: bool = False,
+                 random_state=None):
         self.encoder = encoder
+        self.embedding = embedding
+        self.prior = prior
         self.n_estimators = n_estimators
         self.learning_rate = learning_rate
         self.num_leaves = num_leaves
@@ -287,7 +297,22 @@ class EmbeddingLightGBMModel(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
 
     def _lgb_params(self) -> dict:
-        return {k: v for k, v in self.get_params().items() if k not in ("encoder", "vocab")}
+        return {k: v for k, v in self.get_params().items() if k not in ("encoder", "vocab", "embedding", "prior")}
+
+    @property
+    def extra_names_(self) -> list[str]:
+        """The columns after the tabular features: the embedding's dimensions, then the prior."""
+        return (self.embedding_names_ if self.embedding else []) + ([PRIOR_FEATURE] if self.prior else [])
+
+    def check_settings(self) -> None:
+        """Raise ValueError (one line) for ``embedding`` / ``prior`` settings that are not booleans or
+        leave LightGBM nothing but the tabular features."""
+        for key in ("embedding", "prior"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"lightgbm_emb: {key} must be true or false, got {getattr(self, key)!r} "
+                                 f"(e.g. --param {key}=true)")
+        if not (self.embedding or self.prior):
+            raise ValueError("lightgbm_emb with embedding=false needs prior=true (else it is lightgbm)")
 
     def embed(self, X: dict) -> np.ndarray:
         """The encoder's summary of each row's history, (N, D), from the token arrays of ``X``."""
@@ -309,20 +334,26 @@ class EmbeddingLightGBMModel(ClassifierMixin, BaseEstimator):
         tab = np.asarray(X["tabular"], dtype=np.float64)
         if tab.shape[1] != self.n_tabular_:
             raise ValueError(f"X['tabular'] has {tab.shape[1]} columns, the model was fitted on {self.n_tabular_}")
-        emb = self.embed(X).astype(np.float64)
-        cols = [f"tabular_{i}" for i in range(tab.shape[1])] + self.embedding_names_
-        return pd.DataFrame(np.hstack([tab, emb]), columns=cols)
+        parts = [tab]
+        if self.embedding:
+            parts.append(self.embed(X).astype(np.float64))
+        if self.prior:
+            parts.append(self.prior_.logodds(X)[:, None])
+        cols = [f"tabular_{i}" for i in range(tab.shape[1])] + self.extra_names_
+        return pd.DataFrame(np.hstack(parts), columns=cols)
 
     def explain_frame(self, X: dict, feature_names: Sequence[str]) -> pd.DataFrame:
         """The values ``contributions`` attributes: the tabular features under ``feature_names``, then
-        the embedding dimensions under ``embedding_names_`` (for reason texts)."""
+        the extra columns under ``extra_names_`` (for reason texts)."""
         frame = self._frame(X)
-        frame.columns = list(feature_names) + self.embedding_names_
+        frame.columns = list(feature_names) + self.extra_names_
         return frame
 
     def fit(self, X: dict, y, X_valid: Optional[dict] = None, y_valid=None) -> "EmbeddingLightGBMModel":
-        """Embed every history with the encoder, then fit LightGBM (early stopping on valid)."""
+        """Embed every history with the encoder (and read its prior), then fit LightGBM (early stopping on valid)."""
+        self.check_settings()
         self.encoder_, self.encoder_meta_ = load_encoder(self.encoder)
+        self.prior_ = RollingPrior.load(self.encoder) if self.prior else None
         vocab = self.vocab
         if vocab is not None:
             vocab = vocab if isinstance(vocab, SequenceVocab) else SequenceVocab.from_dict(vocab)
@@ -345,7 +376,7 @@ class EmbeddingLightGBMModel(ClassifierMixin, BaseEstimator):
         return self.lgbm_.predict(self._frame(X))
 
     def contributions(self, X: dict, *, n_steps: int = 32) -> Contributions:
-        """Exact TreeSHAP log-odds terms: (N, F + D) columns, tabular features then embedding dims."""
+        """Exact TreeSHAP log-odds terms: (N, F + extra) columns, tabular features then ``extra_names_``."""
         return self.lgbm_.contributions(self._frame(X))
 
     def save(self, directory: str | Path) -> None:
@@ -356,6 +387,8 @@ class EmbeddingLightGBMModel(ClassifierMixin, BaseEstimator):
         src = Path(self.encoder) if self.encoder is not None else None
         if src is not None and src.resolve() != (d / ENCODER_DIR).resolve():
             _copy_encoder(src, d / ENCODER_DIR)
+            if self.prior_ is not None:
+                self.prior_.copy_to(d / ENCODER_DIR)
         params = {**self.get_params(), "vocab": self.vocab_.to_dict() if self.vocab_ is not None else None}
         meta = {"estimator": "EmbeddingLightGBMModel", "params": params, "n_tabular": self.n_tabular_}
         atomic_write_text(d / "lightgbm_emb.json", json.dumps(meta, indent=1))
@@ -370,6 +403,7 @@ class EmbeddingLightGBMModel(ClassifierMixin, BaseEstimator):
         v = meta["params"]["vocab"]
         model.vocab = model.vocab_ = SequenceVocab.from_dict(v) if v else None
         model.encoder_, model.encoder_meta_ = load_encoder(d / ENCODER_DIR)
+        model.prior_ = RollingPrior.load(d / ENCODER_DIR) if model.prior else None
         model.lgbm_ = LightGBMModel.load(d)
         model.classes_ = model.lgbm_.classes_
         model.n_tabular_ = int(meta["n_tabular"])

@@ -298,9 +298,8 @@ def _with_sequences_frame(loaded: Run, cols: dict[str, list], ex: pd.DataFrame, 
     """``X`` for a tabular run; for a sequence run its sequences with ``X`` as the "tabular" part."""
     if loaded.vocab is None:
         return X
-    seq = build_sequences_frame(cols, ex, loaded.vocab.cfg, loaded.vocab)
-    seq["tabular"] = X.to_numpy(np.float32)
-    return seq
+    return runs.sequence_inputs(build_sequences_frame(cols, ex, loaded.vocab.cfg, loaded.vocab), X,
+                                ex["cutoff"].to_numpy())
 
 
 def score_users(state: ServeState, loaded: Run, users: list[ScoreRequest], where: str,
