@@ -128,9 +128,14 @@ def test_rolling_needs_the_future_objective_and_built_examples(ws, shop, tmp_pat
         pretrain(w, PretrainConfig(**ROLLING))
 
 
+PRIOR_MODELS = {"lightgbm_emb": ["--param", "embedding=false", "--param", "n_estimators=30"],
+                "transformer_pt": ["--param", "max_epochs=1", "--param", "batch_size=256"]}
+
+
+@pytest.mark.parametrize("model", list(PRIOR_MODELS))
 def test_cli_rolling_pretrain_then_a_prior_model_trains_evaluates_scores_explains_and_serves(ws, shop, tmp_path,
-                                                                                             capsys):
-    """The user's path: `pretrain --objective future --rolling`, `train --model lightgbm_emb --param prior=true`,
+                                                                                             capsys, model):
+    """The user's path: `pretrain --objective future --rolling`, `train --model M --param prior=true`,
     `evaluate --backtest 1`, `score --reasons`, `explain`, `report`, and the API's score equal to the batch's."""
     from fastapi.testclient import TestClient
 
@@ -143,11 +148,13 @@ def test_cli_rolling_pretrain_then_a_prior_model_trains_evaluates_scores_explain
     root = str(w.root)
     assert main(["pretrain", "--workspace", root, "--objective", "future", "--rolling", "--preset", "tiny",
                  "--max-seq-len", "20", "--epochs", "1"]) == 0
-    assert main(["train", "--workspace", root, "--model", "lightgbm_emb", "--run", "prior", "--param", "prior=true",
-                 "--param", "embedding=false", "--param", "n_estimators=30", "--min-positives", "5",
-                 "--min-negatives", "5"]) == 0
+    assert main(["train", "--workspace", root, "--model", model, "--run", "prior", "--param", "prior=true",
+                 *PRIOR_MODELS[model], "--min-positives", "5", "--min-negatives", "5"]) == 0
     run = load_run("prior", w)
     assert run.model.extra_names_ == [PRIOR_FEATURE]
+    # the run reads the prior from its own copy of the rolling encoders
+    X = model_inputs(model, load_built(w), np.arange(50), w, run.vocab)
+    assert np.isfinite(run.model.prior_.logodds(X)).any()
     assert len(list((w.run_dir("prior") / "model" / "encoder" / ROLLING_DIR).iterdir())) == len(run.model.prior_.nets)
     assert main(["evaluate", "--workspace", root, "--run", "prior", "--backtest", "1", "--n-boot", "50"]) == 0
     capsys.readouterr()

@@ -30,7 +30,7 @@ from .attribution import Contributions
 from .baselines import LightGBMModel
 from .classifier import TransformerClassifier, collate
 from .pretraining import ENCODER_CONFIG, ENCODER_WEIGHTS, check_compatible, embed, load_encoder
-from .prior import PRIOR_FEATURE, RollingPrior
+from .prior import CUTOFF_KEY, PRIOR_FEATURE, RollingPrior
 from .transformer import BehaviourTransformer, SeedEnsemble
 
 ENCODER_DIR = "encoder"
@@ -70,13 +70,18 @@ class PretrainedTransformerClassifier(TransformerClassifier):
     reinit_layers : int >= 0
         Re-initialise the top this many encoder blocks (with ``ln_f`` and ``pool``) instead of
         loading their pretrained weights: the lower blocks transfer, the top ones are learnt afresh.
+    prior : bool
+        One more tabular input: the rolling-origin prior (:mod:`~purchase_intent.models.prior`), the
+        7-day purchase log-odds of the `future` head of the encoder pretrained before each example's
+        cutoff (``pretrain --objective future --rolling``). The run keeps a copy of those encoders.
     Other parameters: as :class:`TransformerClassifier`.
 
     Measured effects of these settings are in BENCHMARKS.md ("Fine-tuning recipes").
     """
 
     def __init__(self, encoder: Optional[str] = None, freeze_encoder: bool = False, encoder_lr_scale: float = 1.0,
-                 layer_lr_decay: float = 1.0, freeze_epochs: int = 0, reinit_layers: int = 0, preset: str = "tiny",
+                 layer_lr_decay: float = 1.0, freeze_epochs: int = 0, reinit_layers: int = 0, prior: bool = False,
+                 preset: str = "tiny",
                  d_model: Optional[int] = None, n_layers: Optional[int] = None, n_heads: Optional[int] = None,
                  dropout: float = 0.1, inputs: str = "both", wide: bool = True, pooling: str = "cls+max",
                  drop_fields: Sequence[str] = ("item",), max_seq_len: Optional[int] = 50, pos_weight: Any = None,
@@ -101,6 +106,7 @@ class PretrainedTransformerClassifier(TransformerClassifier):
         self.layer_lr_decay = layer_lr_decay
         self.freeze_epochs = freeze_epochs
         self.reinit_layers = reinit_layers
+        self.prior = prior
 
     def check_finetune(self, n_layers: Optional[int] = None) -> None:
         """Raise ValueError (one line) for a fine-tuning setting of the wrong type or range; ``n_layers``
@@ -120,6 +126,9 @@ class PretrainedTransformerClassifier(TransformerClassifier):
             v = getattr(self, key)
             if not (integer(v) and v >= 0):
                 raise ValueError(f"transformer_pt: {key} must be an integer >= 0, got {v!r} (e.g. --param {key}=2)")
+        if not isinstance(self.prior, bool):
+            raise ValueError(f"transformer_pt: prior must be true or false, got {self.prior!r} "
+                             "(e.g. --param prior=true)")
         if self.reinit_layers and self.freeze_encoder:
             raise ValueError("transformer_pt: reinit_layers with freeze_encoder=true would keep the re-initialised "
                              "blocks frozen at random: give one of them")
@@ -143,9 +152,41 @@ class PretrainedTransformerClassifier(TransformerClassifier):
         out.update({"ln_f.": s, "pool.": s})
         return out
 
+    @property
+    def extra_names_(self) -> list[str]:
+        """The tabular columns after the run's features: the prior when ``prior``."""
+        return [PRIOR_FEATURE] if self.prior else []
+
+    def _with_prior(self, X: dict) -> dict:
+        """``X`` with the prior appended to its tabular features (once: a dict that has it is returned)."""
+        if not self.prior or X is None or PRIOR_FEATURE in X:
+            return X
+        if getattr(self, "prior_", None) is None:
+            raise ValueError("this transformer_pt run reads the rolling encoders' prior, which only its folder's "
+                             "PyTorch scoring computes (not the ONNX graph alone, as on Spark)")
+        value = self.prior_.logodds(X)
+        return {**X, "tabular": np.column_stack([np.asarray(X["tabular"], dtype=np.float32), value]),
+                PRIOR_FEATURE: value}
+
+    def decision_function(self, X: dict) -> np.ndarray:
+        return super().decision_function(self._with_prior(X))
+
+    def to_batch(self, X: dict) -> dict:
+        return super().to_batch(self._with_prior(X))
+
+    def contributions(self, X: dict, *, n_steps: int = 32) -> Contributions:
+        return super().contributions(self._with_prior(X), n_steps=n_steps)
+
+    def explain_frame(self, X: dict, feature_names: Sequence[str]) -> pd.DataFrame:
+        """The tabular values ``contributions`` attributes, under ``feature_names`` and ``extra_names_``."""
+        return pd.DataFrame(np.asarray(self._with_prior(X)["tabular"], dtype=np.float64),
+                            columns=list(feature_names) + self.extra_names_)
+
     def fit(self, X: dict, y, X_valid: Optional[dict] = None, y_valid=None) -> "PretrainedTransformerClassifier":
         """Build the classifier around the pretrained encoder, fine-tune on (X, y), calibrate on valid."""
         self.check_finetune()
+        self.prior_ = RollingPrior.load(self.encoder) if self.prior else None
+        X, X_valid = self._with_prior(X), self._with_prior(X_valid)
         enc, meta = load_encoder(self.encoder)
         ecfg = enc.cfg
         self.check_finetune(ecfg.n_layers)
@@ -167,7 +208,8 @@ class PretrainedTransformerClassifier(TransformerClassifier):
             cut = len(y) - max(1, int(round(len(y) * self.valid_fraction)))
             X_valid, y_valid = {k: np.asarray(v)[cut:] for k, v in X.items()}, y[cut:]
             X, y = {k: np.asarray(v)[:cut] for k, v in X.items()}, y[:cut]
-        drop = [f for f in X if f not in ecfg.field_sizes and f not in ("mask", "tabular", "label", "example_id")]
+        drop = [f for f in X if f not in ecfg.field_sizes
+                and f not in ("mask", "tabular", "label", "example_id", CUTOFF_KEY, PRIOR_FEATURE)]
         L = min(self.max_seq_len or ecfg.max_seq_len, ecfg.max_seq_len)
         saved = {k: getattr(self, k) for k in ("preset", "drop_fields", "max_seq_len", "d_model", "n_layers",
                                               "n_heads", "pooling", "max_epochs")}
@@ -252,6 +294,15 @@ class PretrainedTransformerClassifier(TransformerClassifier):
         super().save(directory)
         if self.encoder is not None and (Path(self.encoder) / ENCODER_CONFIG).exists():
             _copy_encoder(Path(self.encoder), Path(directory) / ENCODER_DIR)
+            if getattr(self, "prior_", None) is not None:
+                self.prior_.copy_to(Path(directory) / ENCODER_DIR)
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "cpu") -> "PretrainedTransformerClassifier":
+        """As :meth:`TransformerClassifier.load`, with the run's copy of the rolling encoders when ``prior``."""
+        clf = super().load(directory, device)
+        clf.prior_ = RollingPrior.load(Path(directory) / ENCODER_DIR) if clf.prior else None
+        return clf
 
 
 class EmbeddingLightGBMModel(ClassifierMixin, BaseEstimator):
