@@ -134,7 +134,7 @@ def _check_engine(a: argparse.Namespace) -> None:
     check_engine(_engine(a))
     if hasattr(a, "mlflow"):  # run: the tracking flags' own check too
         _check_tracking(a)
-    given = [f for f in ("param", "init") if getattr(a, f"pretrain_{f}", None)]
+    given = [f for f in ("param", "init", "rolling") if getattr(a, f"pretrain_{f}", None)]
     if given and not getattr(a, "pretrain", False):  # run: pretraining settings without the pretraining
         raise ValueError(f"{', '.join('--pretrain-' + f for f in given)} set the pretraining that --pretrain runs: "
                          "add --pretrain")

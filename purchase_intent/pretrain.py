@@ -21,6 +21,13 @@ re-initialises the rest, one log line each (:mod:`~purchase_intent.models.transf
 ``epochs`` more epochs on this workspace's events before the cutoff (0 keeps the copied weights).
 config.json records the init folder, its cutoff and what was transferred or re-initialised.
 
+``rolling`` (``pretrain --objective future --rolling``) also fits the rolling-origin encoders of
+:mod:`~purchase_intent.models.prior`: one `future` encoder, with its purchase head, per cutoff of the
+built examples (each on every user's events before it), and one on every event; they share one
+vocabulary, fitted on the events before the earliest of them (the main encoder takes it too, and is
+the rolling encoder at the main cutoff). They go to ``runs/pretrained/rolling/<k>/`` in the same
+atomic swap; models with ``prior=true`` read each example with the latest one at or before its cutoff.
+
 ``dp_epsilon`` (``pretrain --param dp_epsilon=E``, with ``dp_delta``, ``dp_max_grad_norm``,
 ``dp_users_per_step``, ``dp_epochs``, ``dp_lr`` as for ``train``) pretrains with user-level DP-SGD
 (:mod:`~purchase_intent.models.dp_pretraining` on :mod:`~purchase_intent.dp`): one sequence per user,

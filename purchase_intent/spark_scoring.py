@@ -20,7 +20,8 @@ transpiled); the model runs on the executors, rebuilt there from what the run fo
 
 A user's whole history before the cutoff sits in one row (``dt_prev`` and ``item_state`` read all of
 it): a bot with millions of events is one large row, as it is one large partition for the features.
-Ensembles, and ``lightgbm_emb`` (a PyTorch encoder inside LightGBM), are refused in one line.
+Ensembles, ``lightgbm_emb`` (a PyTorch encoder inside LightGBM) and runs with ``prior=true`` (the
+rolling encoders, ``models.prior``) are refused in one line.
 """
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ def check_scorable(run: runs.Run) -> None:
     if run.members or not (run.model_name in TABULAR_MODELS or run.model_name in ONNX_MODELS):
         raise ValueError(f"--engine spark scores {', '.join((*TABULAR_MODELS, *ONNX_MODELS))} runs; run "
                          f"{run.name!r} is a {run.model_name} run: score it with --engine duckdb")
+    if getattr(run.model, "prior", False):  # the rolling encoders run in PyTorch, outside the ONNX graph
+        raise ValueError(f"run {run.name!r} reads the rolling encoders' prior (prior=true), which --engine spark "
+                         "does not compute: score it with --engine duckdb")
 
 
 @one_line

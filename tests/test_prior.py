@@ -197,7 +197,34 @@ def test_bad_prior_settings_get_one_line(ws, tmp_path, capsys):
     assert main(["train", "--workspace", root, "--model", "lightgbm_emb", "--param", "prior=true", *gates]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--rolling" in err
-    for bad, says in (("prior=yes", "prior must be true or false"), ("embedding=false", "needs prior=true")):
-        assert main(["train", "--workspace", root, "--model", "lightgbm_emb", "--param", bad]) == 1
+    for model, bad, says in (("lightgbm_emb", "prior=yes", "prior must be true or false"),
+                             ("lightgbm_emb", "embedding=false", "needs prior=true"),
+                             ("transformer_pt", "prior=1", "prior must be true or false")):
+        assert main(["train", "--workspace", root, "--model", model, "--param", bad]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and says in err, err
+
+
+def test_spark_scoring_refuses_a_prior_run_in_one_line():
+    pytest.importorskip("pyspark")
+    from types import SimpleNamespace
+
+    from purchase_intent.spark_scoring import check_scorable
+    run = SimpleNamespace(name="prior", members=[], model_name="transformer_pt", model=SimpleNamespace(prior=True))
+    with pytest.raises(ValueError, match="--engine duckdb"):
+        check_scorable(run)
+    check_scorable(SimpleNamespace(name="pt", members=[], model_name="transformer_pt",
+                                   model=SimpleNamespace(prior=False)))
+
+
+def test_run_passes_pretrain_rolling_on_and_refuses_it_without_pretrain(tmp_path, capsys):
+    from purchase_intent.cli import build_parser, main
+    from purchase_intent.commands import _pretrain_cfg
+    a = build_parser().parse_args(["run", "--pretrain", "--pretrain-objective", "future", "--pretrain-rolling"])
+    cfg = _pretrain_cfg(a, "pretrain-", seed=0)
+    assert cfg.rolling and cfg.objective == "future"
+    assert not _pretrain_cfg(build_parser().parse_args(["run", "--pretrain"]), "pretrain-", seed=0).rolling
+    rc = main(["--workspace", str(tmp_path / "ws"), "run", "--data", str(tmp_path / "none.csv"), "--pretrain-rolling"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "--pretrain-rolling" in err[0] and "add --pretrain" in err[0]
+    assert not (tmp_path / "ws").exists()
