@@ -43,6 +43,7 @@ from .events import ingest as ingest_events
 from .features import compute_features, copy_features
 from .models import DP_MODELS, DP_REFUSED, MODELS, PRETRAINED_MODELS, NotEnoughData, check_min_data
 from .models.prior import CUTOFF_KEY
+from .models.prior import describe as describe_prior
 from .report import write_report
 from .runs import Built, jsonable, load_built, write_json
 from .sequences import SequenceVocab, fit_vocab, sequence_config
@@ -414,6 +415,8 @@ def train(name: str, run: str | None = None, params: dict | None = None, train_c
     encoder_privacy = encoder_privacy_note(getattr(model, "encoder_meta_", None))
     if encoder_privacy:  # a DP-pretrained encoder under a model whose own training is not DP
         meta["encoder_privacy"] = encoder_privacy
+    if getattr(model, "prior_", None) is not None:  # the rolling encoders the run reads its prior with
+        meta["prior"] = describe_prior(model.prior_)
     meta["version"] = f"{name}-" + hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]
     runs.save_run(run_dir, meta, model)
     _log(f"saved run {run_dir} ({seconds:.1f}s)", quiet)

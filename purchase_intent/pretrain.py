@@ -311,7 +311,10 @@ def pretrain(workspace: Workspace | str | Path | None = None, cfg: Optional[Pret
             r_net, r_obj, r_res, _ = fitted[c]
             folder = tmp / ROLLING_DIR / f"{k:03d}"
             folder.mkdir(parents=True)
+            n_ev, n_us = con.execute("SELECT count(*), count(DISTINCT user_id) FROM events WHERE ts < ?",
+                                     [c]).fetchone()
             r_meta = {**meta, "cutoff": c.isoformat(), "cutoff_source": "rolling", "rolling": None,
+                      "n_users": int(n_us), "n_events": int(n_ev),
                       "result": {"steps": r_res.steps, "seconds": round(r_res.seconds, 3),
                                  "loss_history": r_res.history}}
             for name, blob in {**encoder_files(r_net, r_meta), **head_files(r_obj.future)}.items():

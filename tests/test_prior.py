@@ -152,6 +152,7 @@ def test_cli_rolling_pretrain_then_a_prior_model_trains_evaluates_scores_explain
                  *PRIOR_MODELS[model], "--min-positives", "5", "--min-negatives", "5"]) == 0
     run = load_run("prior", w)
     assert run.model.extra_names_ == [PRIOR_FEATURE]
+    assert run.meta["prior"]["cutoffs"] == run.model.prior_.cutoffs() and run.meta["prior"]["feature"] == PRIOR_FEATURE
     # the run reads the prior from its own copy of the rolling encoders
     X = model_inputs(model, load_built(w), np.arange(50), w, run.vocab)
     assert np.isfinite(run.model.prior_.logodds(X)).any()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -55,10 +54,6 @@ def to_us(t) -> int:
     """A cutoff (datetime, pandas or numpy time, or ISO string; naive = UTC) in microseconds since the epoch."""
     ts = np.datetime64(datetime.fromisoformat(t) if isinstance(t, str) else t, "us")
     return int(ts.astype(np.int64))
-
-
-def has_rolling(encoder: str | Path | None) -> bool:
-    return encoder is not None and (Path(encoder) / ROLLING_DIR).is_dir()
 
 
 class RollingPrior:
@@ -135,9 +130,7 @@ class RollingPrior:
                 atomic_write_bytes(out / name, (d / name).read_bytes())
 
 
-def describe(prior: Optional[RollingPrior]) -> Optional[dict]:
-    """What a run records of its prior (run.json): the feature and the encoders' cutoffs."""
-    if prior is None:
-        return None
+def describe(prior: RollingPrior) -> dict:
+    """What a run records of its prior (run.json ``prior``): the feature and the encoders' cutoffs."""
     return {"feature": PRIOR_FEATURE, "encoders": len(prior.nets), "cutoffs": prior.cutoffs(),
             "window": prior.window, "rule": "the latest encoder whose cutoff is at or before the example's"}
