@@ -13,6 +13,8 @@ registry path that ``purchase-intent train`` runs (``pipeline.fit_model``: the e
 
 * ``lightgbm``, ``transformer``: from scratch, no pretraining;
 * ``lightgbm_emb+prior``: LightGBM on the features and the prior (``embedding=false, prior=true``);
+* ``transformer+prior``: the from-scratch Transformer with the prior as one more tabular input
+  (``prior=true``; its tokens use the encoders' vocabulary);
 * ``transformer_pt``: fine-tuned from the main encoder (the one before the first test cutoff);
 * ``transformer_pt+prior``: the same with the prior as one more tabular input.
 
@@ -45,9 +47,11 @@ from purchase_intent.sequences import SequenceVocab
 MODELS = {"lightgbm": ("lightgbm", {}),
           "lightgbm_emb+prior": ("lightgbm_emb", {"embedding": False, "prior": True}),
           "transformer": ("transformer", {}),
+          "transformer+prior": ("transformer", {"prior": True}),
           "transformer_pt": ("transformer_pt", {}),
           "transformer_pt+prior": ("transformer_pt", {"prior": True})}
-PAIRS = [("lightgbm_emb+prior", "lightgbm"), ("transformer_pt+prior", "transformer"),
+PAIRS = [("lightgbm_emb+prior", "lightgbm"), ("transformer+prior", "transformer"), ("transformer+prior", "lightgbm"),
+         ("transformer_pt+prior", "transformer"),
          ("transformer_pt+prior", "lightgbm"), ("transformer_pt+prior", "transformer_pt"),
          ("transformer_pt", "transformer"), ("transformer", "lightgbm")]
 

@@ -260,14 +260,22 @@ def check_params(name: str, params: dict) -> None:
         sequence_shards.check_shard_rows(params["stream_shard_rows"])
     if name == "transformer_pt":  # its fine-tuning settings (type, range): refused before any data is read
         MODELS[name](**{k: v for k, v in params.items() if k != "sequence"}).check_finetune()
+    if name == "transformer":  # prior: refused before any data is read
+        MODELS[name](**{k: v for k, v in params.items() if k != "sequence"}).check_prior()
     if name == "lightgbm_emb":  # embedding / prior: refused before any data is read
         MODELS[name](**{k: v for k, v in params.items() if k != "sequence"}).check_settings()
 
 
+def _reads_encoder(name: str, params: dict) -> bool:
+    """Whether model ``name`` reads a pretrained folder: the pretrained models, and the Transformer
+    with ``prior=true`` (the rolling encoders' prior)."""
+    return name in PRETRAINED_MODELS or (name == "transformer" and params.get("prior") is True)
+
+
 def _encoder_params(name: str, params: dict, ws: Workspace) -> dict:
-    """``params`` with ``encoder`` set to the workspace's ``runs/pretrained`` for a pretrained model
-    that was not given one."""
-    if name in PRETRAINED_MODELS and not params.get("encoder"):
+    """``params`` with ``encoder`` set to the workspace's ``runs/pretrained`` for a model that reads
+    a pretrained folder and was not given one."""
+    if _reads_encoder(name, params) and not params.get("encoder"):
         return {**params, "encoder": str(ws.run_dir(pretraining.PRETRAINED_RUN))}
     return params
 
@@ -277,7 +285,7 @@ def _fit_vocab(name: str, built: Built, train_idx: np.ndarray, ws: Workspace, pa
     pretrained encoder the encoder's own (so that each token means what it meant in pretraining)."""
     if not runs.is_sequence_model(name):
         return None
-    if name in PRETRAINED_MODELS:
+    if _reads_encoder(name, params):
         config = Path(params["encoder"]) / "config.json"
         if not config.exists():
             raise FileNotFoundError(f"{name} needs a pretrained encoder and {config.parent} holds none: "

@@ -129,7 +129,8 @@ def test_rolling_needs_the_future_objective_and_built_examples(ws, shop, tmp_pat
 
 
 PRIOR_MODELS = {"lightgbm_emb": ["--param", "embedding=false", "--param", "n_estimators=30"],
-                "transformer_pt": ["--param", "max_epochs=1", "--param", "batch_size=256"]}
+                "transformer_pt": ["--param", "max_epochs=1", "--param", "batch_size=256"],
+                "transformer": ["--param", "max_epochs=1", "--param", "batch_size=256"]}
 
 
 @pytest.mark.parametrize("model", list(PRIOR_MODELS))
@@ -200,10 +201,15 @@ def test_bad_prior_settings_get_one_line(ws, tmp_path, capsys):
     assert err.count("\n") == 1 and "--rolling" in err
     for model, bad, says in (("lightgbm_emb", "prior=yes", "prior must be true or false"),
                              ("lightgbm_emb", "embedding=false", "needs prior=true"),
-                             ("transformer_pt", "prior=1", "prior must be true or false")):
+                             ("transformer_pt", "prior=1", "prior must be true or false"),
+                             ("transformer", "prior=1", "prior must be true or false")):
         assert main(["train", "--workspace", root, "--model", model, "--param", bad]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and says in err, err
+    rc = main(["train", "--workspace", root, "--model", "transformer", "--param", "prior=true", "--param",
+               "dp_epsilon=8"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "not differentially private" in err, err
 
 
 def test_spark_scoring_refuses_a_prior_run_in_one_line():

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -51,7 +52,8 @@ from ..train import TrainLoopConfig, TrainResult, predict_logits, resolve_device
 from ..workspace import atomic_write_bytes, atomic_write_text
 from . import onnx_inference as ox
 from .attribution import Contributions, integrated_gradients
-from .transformer import BehaviourTransformer, SeedEnsemble, TransformerConfig
+from .prior import PRIOR_DIR, PRIOR_FEATURE, RollingPrior
+from .transformer import BehaviourTransformer, SeedEnsemble, TransformerConfig, collate
 from .transformer import preset as make_preset
 
 # rows per ONNX Runtime call in decision_function: the cost per row is flat from about 64 rows,
@@ -66,34 +68,6 @@ def _as_vocab(vocab: Any) -> Optional[SequenceVocab]:
     if vocab is None or isinstance(vocab, SequenceVocab):
         return vocab
     return SequenceVocab.from_dict(vocab)
-
-
-def collate(data: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Tensor]:
-    """Rows ``idx`` of the model's arrays as tensors (the ``collate`` of :func:`~purchase_intent.train.train`).
-
-    Drops the columns that are padding in every row (sequences are right-aligned) and adds
-    ``"tokens"`` (B, T', n_fields): all fields in one int64 tensor, one conversion per batch.
-    """
-    out: dict[str, torch.Tensor] = {}
-    start = 0
-    if "mask" in data:
-        m = data["mask"][idx]  # (B, T)
-        cols = np.flatnonzero(m.any(axis=0))
-        start = int(cols[0]) if len(cols) else m.shape[1] - 1
-        out["mask"] = torch.from_numpy(np.ascontiguousarray(m[:, start:]))
-    fields = [k for k in data if k not in ("mask", "label", "tabular", "us_cut")]
-    if fields:
-        tokens = np.empty((len(idx), data[fields[0]].shape[1] - start, len(fields)), dtype=np.int64)
-        for i, f in enumerate(fields):
-            tokens[:, :, i] = data[f][idx, start:]
-        out["tokens"] = torch.from_numpy(tokens)  # (B, T', n_fields), field order of the model
-        for i, f in enumerate(fields):
-            out[f] = out["tokens"][:, :, i]  # (B, T') views
-    if "tabular" in data:
-        out["tabular"] = torch.from_numpy(data["tabular"][idx])
-    if "us_cut" in data:  # event times (pretraining's `future` objective), not a token field
-        out["us_cut"] = torch.from_numpy(np.ascontiguousarray(data["us_cut"][idx, start:]))
-    return out
 
 
 def _dp_logits(net: BehaviourTransformer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -188,6 +162,14 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         With ``tabular_scaling="dp"``: the share of ``dp_epsilon`` that the release of the tabular
         mean and scale alone would spend; the training's noise is then calibrated so that release
         and training composed spend at most ``dp_epsilon`` (:func:`purchase_intent.dp.plan`).
+    prior : bool
+        One more tabular input: the rolling-origin prior (:mod:`~purchase_intent.models.prior`), the
+        7-day purchase log-odds of the `future` head of the encoder pretrained before each example's
+        cutoff (``pretrain --objective future --rolling``), read from ``encoder``. The inputs must be
+        built with that encoder's vocabulary (``purchase-intent train`` does). The run keeps a copy
+        of the encoders; the train split stays in memory (no shards); not with ``dp_epsilon``.
+    encoder : str or None
+        The pretrained folder whose ``rolling/`` encoders give the prior (``<workspace>/runs/pretrained``).
 
     Measured effects of the defaults are in BENCHMARKS.md.
     """
@@ -205,7 +187,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                  stream_shard_rows: Optional[int] = 50_000, random_state: int = 0,
                  dp_epsilon: Optional[float] = None, dp_delta: Optional[float] = None,
                  dp_max_grad_norm: float = 1.0, dp_users_per_step: int = 512, dp_examples_per_user: int = 2,
-                 dp_epochs: float = 20.0, dp_lr: float = 1e-2, dp_tabular_share: float = 0.1):
+                 dp_epochs: float = 20.0, dp_lr: float = 1e-2, dp_tabular_share: float = 0.1,
+                 prior: bool = False, encoder: Optional[str] = None):
         self.preset = preset
         self.d_model = d_model
         self.n_layers = n_layers
@@ -246,6 +229,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         self.dp_epochs = dp_epochs
         self.dp_lr = dp_lr
         self.dp_tabular_share = dp_tabular_share
+        self.prior = prior
+        self.encoder = encoder
 
     # ------------------------------------------------------------------ arrays -> batches
     def _tabular(self, X: dict) -> Optional[np.ndarray]:
@@ -276,13 +261,43 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             out["label"] = np.asarray(y, dtype=np.float32)
         return out
 
+    # ------------------------------------------------------------------ the rolling-origin prior
+    @property
+    def extra_names_(self) -> list[str]:
+        """The tabular columns after the run's features: the prior when ``prior``."""
+        return [PRIOR_FEATURE] if self.prior else []
+
+    def check_prior(self) -> None:
+        """Raise ValueError (one line) for a ``prior`` setting that is not a boolean, or with ``dp_epsilon``."""
+        if not isinstance(self.prior, bool):
+            raise ValueError(f"prior must be true or false, got {self.prior!r} (e.g. --param prior=true)")
+        if self.prior and getattr(self, "dp_epsilon", None) is not None:
+            raise ValueError("prior=true with dp_epsilon: the rolling encoders are not differentially private, "
+                             "so the model would not be; leave one of them out")
+
+    def _with_prior(self, X: Optional[dict]) -> Optional[dict]:
+        """``X`` with the prior appended to its tabular features (once: a dict that has it is returned)."""
+        if not self.prior or X is None or PRIOR_FEATURE in X:
+            return X
+        if getattr(self, "prior_", None) is None:
+            raise ValueError("this run reads the rolling encoders' prior, which only its folder's PyTorch scoring "
+                             "computes (not the ONNX graph alone, as on Spark)")
+        value = self.prior_.logodds(X)
+        return {**X, "tabular": np.column_stack([np.asarray(X["tabular"], dtype=np.float32), value]),
+                PRIOR_FEATURE: value}
+
+    def explain_frame(self, X: dict, feature_names: Sequence[str]) -> pd.DataFrame:
+        """The tabular values ``contributions`` attributes, under ``feature_names`` and ``extra_names_``."""
+        return pd.DataFrame(np.asarray(self._with_prior(X)["tabular"], dtype=np.float64),
+                            columns=list(feature_names) + self.extra_names_)
+
     def to_batch(self, X: dict) -> dict[str, torch.Tensor]:
         """The tensors the network scores for all rows of ``X``: what ``predict_proba`` sees.
 
         Fields cut to the last ``max_seq_len`` columns (unseen ids clipped), tabular features
         standardised with the train statistics, columns that are padding in every row dropped.
         """
-        data = self._arrays(X)
+        data = self._arrays(self._with_prior(X))
         return collate(data, np.arange(len(next(iter(data.values())))))
 
     def contributions(self, X: dict, *, n_steps: int = 32) -> Contributions:
@@ -292,6 +307,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         event embedding at zero and the tabular features at their train mean; ``n_steps``
         integration steps. A seed ensemble gets the mean of its networks' terms.
         """
+        X = self._with_prior(X)
         return integrated_gradients(self.model_, self.to_batch(X), X, n_steps=n_steps)
 
     # ------------------------------------------------------------------ estimator API
@@ -305,7 +321,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         """Whether a train split of ``n_train`` examples is trained from shards (``stream_shard_rows``
         checked: a ValueError of one line when it is not a positive integer or None)."""
         rows = getattr(self, "stream_shard_rows", None)
-        if rows is None:
+        if rows is None or self.prior:  # the prior reads each example's cutoff, which the shards do not keep
             return False
         return check_shard_rows(rows) < n_train and self.dp_epsilon is None
 
@@ -317,8 +333,16 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         With ``X`` a :class:`~purchase_intent.sequence_shards.SequenceShards`: ``y=None`` (the
         labels are in the shards) and ``X_valid``, ``y_valid`` given.
         """
+        self.check_prior()
         if isinstance(X, SequenceShards):
+            if self.prior:
+                raise ValueError("prior=true trains from the inputs in memory, not from shards")
             return self._fit(X, None, X_valid, y_valid, None)
+        if not self.prior:
+            self.prior_ = None
+        elif PRIOR_FEATURE not in X:  # (transformer_pt loads the encoders and hands X with the prior)
+            self.prior_ = RollingPrior.load(self.encoder)
+        X, X_valid = self._with_prior(X), self._with_prior(X_valid)
         return self._fit(X, np.asarray(y).astype(int).ravel(), X_valid, y_valid, groups)
 
     def _shard_summary(self, shards: SequenceShards, fields: Sequence[str]) -> dict:
@@ -513,7 +537,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
 
     def decision_function(self, X: dict) -> np.ndarray:
         """Uncalibrated logits, (N,)."""
-        data = self._arrays(X)
+        data = self._arrays(self._with_prior(X))
         n = len(next(iter(data.values())))
         scorer = self._onnx_scorer(n)
         if scorer is not None:
@@ -591,6 +615,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             meta["onnx"] = {"file": ox.ONNX_FILE, "sha256": ox.sha256(onnx_bytes), "opset": ox.OPSET}
         else:
             (d / ox.ONNX_FILE).unlink(missing_ok=True)
+        if getattr(self, "prior_", None) is not None:  # the run's own copy: scoring never reads the workspace's
+            self.prior_.copy_to(d / PRIOR_DIR)
         atomic_write_text(d / "config.json", json.dumps(meta, indent=2))
 
     @classmethod
@@ -605,6 +631,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         clf.model_.load_state_dict(load_file(str(d / "model.safetensors")))
         clf.model_.to(device).eval()
         clf.onnx_path_ = ox.saved_onnx(d, meta.get("onnx"))
+        clf.prior_ = RollingPrior.load(d / PRIOR_DIR) if clf.prior else None
         if ox.inference_mode() != "torch":
             clf._onnx_scorer(1)  # open the session now, not in the first request
         return clf

@@ -33,9 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import dp as dpmod
-from .classifier import collate
 from .pretraining import MASK_RATE, PretrainResult, crop, history_span, token_states
-from .transformer import BehaviourTransformer
+from .transformer import BehaviourTransformer, collate
 
 DP_OBJECTIVES = ("masked", "next")
 # token fields whose buckets are fitted on the data (price: quantile edges of the events); a DP encoder

@@ -70,11 +70,7 @@ class PretrainedTransformerClassifier(TransformerClassifier):
     reinit_layers : int >= 0
         Re-initialise the top this many encoder blocks (with ``ln_f`` and ``pool``) instead of
         loading their pretrained weights: the lower blocks transfer, the top ones are learnt afresh.
-    prior : bool
-        One more tabular input: the rolling-origin prior (:mod:`~purchase_intent.models.prior`), the
-        7-day purchase log-odds of the `future` head of the encoder pretrained before each example's
-        cutoff (``pretrain --objective future --rolling``). The run keeps a copy of those encoders.
-    Other parameters: as :class:`TransformerClassifier`.
+    Other parameters (``prior`` included): as :class:`TransformerClassifier`.
 
     Measured effects of these settings are in BENCHMARKS.md ("Fine-tuning recipes").
     """
@@ -126,9 +122,7 @@ class PretrainedTransformerClassifier(TransformerClassifier):
             v = getattr(self, key)
             if not (integer(v) and v >= 0):
                 raise ValueError(f"transformer_pt: {key} must be an integer >= 0, got {v!r} (e.g. --param {key}=2)")
-        if not isinstance(self.prior, bool):
-            raise ValueError(f"transformer_pt: prior must be true or false, got {self.prior!r} "
-                             "(e.g. --param prior=true)")
+        self.check_prior()
         if self.reinit_layers and self.freeze_encoder:
             raise ValueError("transformer_pt: reinit_layers with freeze_encoder=true would keep the re-initialised "
                              "blocks frozen at random: give one of them")
@@ -151,36 +145,6 @@ class PretrainedTransformerClassifier(TransformerClassifier):
         out.update({f"blocks.{i}.": s * d ** (n_layers - 1 - i) for i in range(n_layers)})
         out.update({"ln_f.": s, "pool.": s})
         return out
-
-    @property
-    def extra_names_(self) -> list[str]:
-        """The tabular columns after the run's features: the prior when ``prior``."""
-        return [PRIOR_FEATURE] if self.prior else []
-
-    def _with_prior(self, X: dict) -> dict:
-        """``X`` with the prior appended to its tabular features (once: a dict that has it is returned)."""
-        if not self.prior or X is None or PRIOR_FEATURE in X:
-            return X
-        if getattr(self, "prior_", None) is None:
-            raise ValueError("this transformer_pt run reads the rolling encoders' prior, which only its folder's "
-                             "PyTorch scoring computes (not the ONNX graph alone, as on Spark)")
-        value = self.prior_.logodds(X)
-        return {**X, "tabular": np.column_stack([np.asarray(X["tabular"], dtype=np.float32), value]),
-                PRIOR_FEATURE: value}
-
-    def decision_function(self, X: dict) -> np.ndarray:
-        return super().decision_function(self._with_prior(X))
-
-    def to_batch(self, X: dict) -> dict:
-        return super().to_batch(self._with_prior(X))
-
-    def contributions(self, X: dict, *, n_steps: int = 32) -> Contributions:
-        return super().contributions(self._with_prior(X), n_steps=n_steps)
-
-    def explain_frame(self, X: dict, feature_names: Sequence[str]) -> pd.DataFrame:
-        """The tabular values ``contributions`` attributes, under ``feature_names`` and ``extra_names_``."""
-        return pd.DataFrame(np.asarray(self._with_prior(X)["tabular"], dtype=np.float64),
-                            columns=list(feature_names) + self.extra_names_)
 
     def fit(self, X: dict, y, X_valid: Optional[dict] = None, y_valid=None) -> "PretrainedTransformerClassifier":
         """Build the classifier around the pretrained encoder, fine-tune on (X, y), calibrate on valid."""
@@ -291,18 +255,9 @@ class PretrainedTransformerClassifier(TransformerClassifier):
 
     def save(self, directory: str | Path) -> None:
         """The classifier's files plus a copy of the encoder's in ``encoder/`` (provenance; not read by load)."""
-        super().save(directory)
+        super().save(directory)  # with the rolling encoders of ``prior`` in encoder/rolling/
         if self.encoder is not None and (Path(self.encoder) / ENCODER_CONFIG).exists():
             _copy_encoder(Path(self.encoder), Path(directory) / ENCODER_DIR)
-            if getattr(self, "prior_", None) is not None:
-                self.prior_.copy_to(Path(directory) / ENCODER_DIR)
-
-    @classmethod
-    def load(cls, directory: str | Path, device: str = "cpu") -> "PretrainedTransformerClassifier":
-        """As :meth:`TransformerClassifier.load`, with the run's copy of the rolling encoders when ``prior``."""
-        clf = super().load(directory, device)
-        clf.prior_ = RollingPrior.load(Path(directory) / ENCODER_DIR) if clf.prior else None
-        return clf
 
 
 class EmbeddingLightGBMModel(ClassifierMixin, BaseEstimator):

@@ -3,7 +3,7 @@
 The encoder is a ``BehaviourTransformer`` with ``use_tabular=False``: its :meth:`encode` gives the
 (B, D) summary of an event sequence that the fine-tuned classifier and ``lightgbm_emb`` read. No
 label is used; each objective is an ``nn.Module`` with ``forward(batch) -> loss`` over a batch of
-the classifier's ``collate`` (``"tokens"`` (B, T, n_fields), ``"mask"`` (B, T), right-aligned):
+the network's ``collate`` (``models.transformer``) (``"tokens"`` (B, T, n_fields), ``"mask"`` (B, T), right-aligned):
 
 - ``"masked"`` (BERT-style): 15% of the real events have every field set to 0 (the learned
   "missing" row of each field, which acts as the mask token); the full token states of the last
@@ -55,9 +55,8 @@ from ..config import PRETRAIN_OBJECTIVES, from_dict
 from ..sequences import SequenceConfig, SequenceVocab, time_edges
 from ..train import TrainLoopConfig, lr_at, make_optimizer
 from ..vocabulary import EVENT_CODES
-from .classifier import collate
 from .encoder_compat import upgrade_state
-from .transformer import BehaviourTransformer, TransformerConfig
+from .transformer import BehaviourTransformer, TransformerConfig, collate
 
 OBJECTIVES = PRETRAIN_OBJECTIVES  # masked, contrastive, next, future
 MASK_RATE = 0.15
@@ -406,7 +405,7 @@ def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
     batches, each chunk sorted by length (ties stay shuffled) and cut into batches, and the batches
     are shuffled. Every batch is a uniform draw from a chunk's rows of one length range, so a batch
     of the epoch, drawn at random, holds each row with the probability random batches give it;
-    :func:`~purchase_intent.models.classifier.collate` then trims the columns that are padding in
+    :func:`~purchase_intent.models.transformer.collate` then trims the columns that are padding in
     every row of a batch, which similar lengths make most of them. Each batch's rows are sorted.
     """
     lengths = np.asarray(lengths)
@@ -533,7 +532,7 @@ def embed(net: BehaviourTransformer, data: dict[str, np.ndarray], batch_size: Op
     """The encoder's summary of every row of ``data`` (fields in the encoder's order + ``"mask"``), (N, D).
 
     ``sort``: embed the rows in order of history length (the summary of a row does not depend on
-    its batch) so that :func:`~purchase_intent.models.classifier.collate` trims most padding
+    its batch) so that :func:`~purchase_intent.models.transformer.collate` trims most padding
     columns, and return them in ``data``'s order. ``num_threads``: as in :func:`pretrain_encoder`.
     ``batch_size`` None: 256 rows on one thread, 2048 on more. Measured on 2 shared cores (tiny
     encoder, length-sorted): on one thread 256-row batches embedded 1.8x (window 200) and 1.2x

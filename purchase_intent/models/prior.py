@@ -33,6 +33,7 @@ from .pretraining import ENCODER_CONFIG, ENCODER_WEIGHTS, FUTURE_HORIZONS, embed
 from .transformer import BehaviourTransformer
 
 ROLLING_DIR = "rolling"
+PRIOR_DIR = "encoder"  # a run's copy: <run>/model/encoder/rolling/ (beside transformer_pt's and lightgbm_emb's encoder)
 HEAD_WEIGHTS = "future_head.safetensors"
 HORIZON = "7d"  # the head's column handed to the models
 PRIOR_FEATURE = f"future_purchase_{HORIZON}_logodds"

@@ -403,3 +403,31 @@ if __name__ == "__main__":
         print(f"{name:6s} {dataclasses.asdict(m.cfg)['d_model']:4d}d {m.cfg.n_layers}L "
               f"params {m.num_parameters():>10,d} (without embeddings {m.num_parameters(False):>9,d}) "
               f"fwd+bwd MFLOPs/seq@200 {flops_per_sequence(m.cfg, 200) / 1e6:8.1f}")
+
+
+def collate(data: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Tensor]:
+    """Rows ``idx`` of the model's arrays as tensors (the ``collate`` of :func:`~purchase_intent.train.train`).
+
+    Drops the columns that are padding in every row (sequences are right-aligned) and adds
+    ``"tokens"`` (B, T', n_fields): all fields in one int64 tensor, one conversion per batch.
+    """
+    out: dict[str, torch.Tensor] = {}
+    start = 0
+    if "mask" in data:
+        m = data["mask"][idx]  # (B, T)
+        cols = np.flatnonzero(m.any(axis=0))
+        start = int(cols[0]) if len(cols) else m.shape[1] - 1
+        out["mask"] = torch.from_numpy(np.ascontiguousarray(m[:, start:]))
+    fields = [k for k in data if k not in ("mask", "label", "tabular", "us_cut")]
+    if fields:
+        tokens = np.empty((len(idx), data[fields[0]].shape[1] - start, len(fields)), dtype=np.int64)
+        for i, f in enumerate(fields):
+            tokens[:, :, i] = data[f][idx, start:]
+        out["tokens"] = torch.from_numpy(tokens)  # (B, T', n_fields), field order of the model
+        for i, f in enumerate(fields):
+            out[f] = out["tokens"][:, :, i]  # (B, T') views
+    if "tabular" in data:
+        out["tabular"] = torch.from_numpy(data["tabular"][idx])
+    if "us_cut" in data:  # event times (pretraining's `future` objective), not a token field
+        out["us_cut"] = torch.from_numpy(np.ascontiguousarray(data["us_cut"][idx, start:]))
+    return out
