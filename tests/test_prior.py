@@ -78,6 +78,18 @@ def test_each_example_is_read_by_the_latest_encoder_at_or_before_its_cutoff(enco
     assert which.tolist() == [-1, 0, 0, 1, len(c) - 1]
 
 
+def test_no_encoder_before_the_cutoff_or_no_event_gives_nan(ws, encoder):
+    prior = RollingPrior.load(encoder)
+    vocab = SequenceVocab.from_dict(json.loads((encoder / "config.json").read_text())["vocab"])
+    X = model_inputs("lightgbm_emb", load_built(ws), np.arange(6), ws, vocab)
+    X["mask"] = X["mask"].copy()
+    X["mask"][0] = False  # no event
+    X[CUTOFF_KEY] = X[CUTOFF_KEY].copy()
+    X[CUTOFF_KEY][1] = prior.cutoffs_us[0] - 1  # before every encoder
+    got = prior.logodds(X)
+    assert np.isnan(got[:2]).all() and np.isfinite(got[2:][X["mask"][2:].any(axis=1)]).all()
+
+
 def _add_events(w: Workspace, shop: Path, at, name: str) -> None:
     ev = pd.read_csv(shop, nrows=400)
     ev["ts"] = pd.Timestamp(at).isoformat()
