@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from sim_shop import labelled_rows, simulated_shop, t_interval
+from sim_shop import labelled_rows, simulated_shop, t_interval, write_results
 from sklearn.metrics import roc_auc_score
 
 from purchase_intent import pipeline
@@ -152,10 +152,7 @@ def main():
         pairs += [(m, "transformer"), (m, "transformer_w200"), (m, "lightgbm")]
     lines += [f"| {a} | {b} | {diff(a, b)} |" for a, b in pairs if a in auc and b in auc]
     lines.append("")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":

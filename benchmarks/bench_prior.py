@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from sim_shop import labelled_rows, simulated_shop, t_interval
+from sim_shop import labelled_rows, simulated_shop, t_interval, write_results
 from sklearn.metrics import roc_auc_score
 
 from purchase_intent import pipeline
@@ -149,10 +149,7 @@ def main():
                 lines.append(f"| {frac:.0%} | {a} | {b} | {mean:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
                              f"{(d > 0).mean():.0%} | {len(d)} |")
     lines.append("")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":

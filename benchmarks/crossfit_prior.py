@@ -54,7 +54,7 @@ import numpy as np
 import pandas as pd
 from future_head import future_logits
 from scipy import stats
-from sim_shop import labelled_rows, simulated_shop, t_interval
+from sim_shop import labelled_rows, simulated_shop, t_interval, write_results
 from sklearn.metrics import roc_auc_score
 
 from purchase_intent import pipeline
@@ -204,10 +204,7 @@ def main():
         for a, b in refs:
             lines.append(f"| {frac:.0%} | {a} | {b} | {diff(frac, a, b)} |")
     lines.append("")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":

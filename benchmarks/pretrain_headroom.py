@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from future_head import future_logits
-from sim_shop import labelled_rows, simulated_shop
+from sim_shop import labelled_rows, simulated_shop, write_results
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from purchase_intent import pipeline
@@ -132,10 +132,7 @@ def main():
         lines.append(f"| {window} | {epochs} | {secs:.0f} | {roc_auc_score(yt, s):.4f} | "
                      f"{average_precision_score(yt, s):.4f} | {ci(s, full_tf) if full_tf is not None else '-'} |")
     lines.append("")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":

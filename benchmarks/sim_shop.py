@@ -58,3 +58,11 @@ def t_interval(d: np.ndarray) -> tuple[float, float, float]:
     n = len(d)
     half = stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
+def write_results(out: str | Path, lines: list[str]) -> None:
+    """Write a benchmark's Markdown ``lines`` to ``out`` (its folder made if need be) and print them."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))

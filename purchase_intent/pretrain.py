@@ -136,10 +136,11 @@ def check_rolling(cfg: PretrainConfig) -> None:
 
 
 def rolling_cutoffs(ws: Workspace, con, t_cut: datetime, log: Optional[Callable[[str], None]] = None
-                    ) -> list[datetime]:
-    """The cutoffs of the rolling encoders: every cutoff of the built examples (user task), the main
-    encoder's ``t_cut`` and the end of the data (``max(ts) + 1us``, for scoring now); those with events
-    of fewer than ``MIN_USERS`` users before them are left out (their examples get no prior)."""
+                    ) -> dict[datetime, tuple[int, int]]:
+    """The cutoffs of the rolling encoders, in order, each with (events, users) before it: every cutoff
+    of the built examples (user task), the main encoder's ``t_cut`` and the end of the data
+    (``max(ts) + 1us``, for scoring now); those with events of fewer than ``MIN_USERS`` users before
+    them are left out (their examples get no prior)."""
     try:
         built = load_built(ws)
     except FileNotFoundError:
@@ -150,11 +151,11 @@ def rolling_cutoffs(ws: Workspace, con, t_cut: datetime, log: Optional[Callable[
                          f"{built.label_cfg.task} task (its cutoffs lie inside sessions)")
     cuts = {pd.Timestamp(c).to_pydatetime().replace(tzinfo=None) for c in pd.unique(built.examples["cutoff"])}
     cuts |= {t_cut, con.execute("SELECT max(ts) FROM events").fetchone()[0] + ONE_US}
-    keep = []
+    keep = {}
     for c in sorted(cuts):
-        n = con.execute("SELECT count(DISTINCT user_id) FROM events WHERE ts < ?", [c]).fetchone()[0]
+        n_ev, n = con.execute("SELECT count(*), count(DISTINCT user_id) FROM events WHERE ts < ?", [c]).fetchone()
         if n >= MIN_USERS or c == t_cut:
-            keep.append(c)
+            keep[c] = (int(n_ev), int(n))
         elif log is not None:
             log(f"no rolling encoder at {c}: events of {n} users before it (fewer than {MIN_USERS})")
     return keep
@@ -248,8 +249,8 @@ def pretrain(workspace: Workspace | str | Path | None = None, cfg: Optional[Pret
                          f"({how}); the workspace holds {n_events:,} events of {n_users:,} users, "
                          f"{n_before:,} events of {n_users_before:,} users before it")
     con.execute("SET enable_progress_bar = false")
-    rolling = rolling_cutoffs(ws, con, t_cut, log) if cfg.rolling else []
-    _users_table(con, rolling[0] if rolling else t_cut)  # the vocab: from the events before the earliest cutoff
+    rolling = rolling_cutoffs(ws, con, t_cut, log) if cfg.rolling else {}
+    _users_table(con, min(rolling) if rolling else t_cut)  # the vocab: from the events before the earliest cutoff
     vocab = fit_vocab(con, "pretrain_examples", seq_cfg)
     sizes = vocab.field_sizes()
     sources = sorted({e["sha256"] for e in ws.read_manifest()["files"]})  # the ingested files, by content
@@ -311,10 +312,9 @@ def pretrain(workspace: Workspace | str | Path | None = None, cfg: Optional[Pret
             r_net, r_obj, r_res, _ = fitted[c]
             folder = tmp / ROLLING_DIR / f"{k:03d}"
             folder.mkdir(parents=True)
-            n_ev, n_us = con.execute("SELECT count(*), count(DISTINCT user_id) FROM events WHERE ts < ?",
-                                     [c]).fetchone()
+            n_ev, n_us = rolling[c]
             r_meta = {**meta, "cutoff": c.isoformat(), "cutoff_source": "rolling", "rolling": None,
-                      "n_users": int(n_us), "n_events": int(n_ev),
+                      "n_users": n_us, "n_events": n_ev,
                       "result": {"steps": r_res.steps, "seconds": round(r_res.seconds, 3),
                                  "loss_history": r_res.history}}
             for name, blob in {**encoder_files(r_net, r_meta), **head_files(r_obj.future)}.items():

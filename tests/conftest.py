@@ -103,3 +103,25 @@ def csv_workspace(root: Path, log: Path, label_cfg=None):
     pipeline.ingest(log, DataConfig(format="csv"), ws, progress=False)
     pipeline.build(label_cfg or LabelConfig(lookback="14d", horizon="7d", step="7d"), workspace=ws, quiet=True)
     return ws
+
+
+def copy_workspace(ws, dst: Path):
+    """A copy of workspace ``ws`` at ``dst`` without its runs (no encoder, no model)."""
+    import shutil
+
+    from purchase_intent.workspace import Workspace
+
+    shutil.copytree(ws.root, dst, ignore=shutil.ignore_patterns("runs"))
+    return Workspace(dst)
+
+
+def add_events_at(w, log: Path, at, name: str) -> None:
+    """Ingest into ``w``, as the file ``name``.csv, the first 400 rows of the CSV event log ``log``, all at ``at``."""
+    from purchase_intent import pipeline
+    from purchase_intent.config import DataConfig
+
+    ev = pd.read_csv(log, nrows=400)
+    ev["ts"] = pd.Timestamp(at).isoformat()
+    path = w.root / f"{name}.csv"
+    ev.to_csv(path, index=False)
+    pipeline.ingest(path, DataConfig(format="csv"), w, progress=False)

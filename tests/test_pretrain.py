@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import csv_workspace
+from conftest import add_events_at, copy_workspace, csv_workspace
 from safetensors.torch import load_file
 
 from purchase_intent import pipeline
@@ -259,30 +259,17 @@ def test_backtest_cutoff_is_the_earliest_fold(ws):
     assert evaluation_cutoff(ws, backtest=2) < evaluation_cutoff(ws)
 
 
-def _copy_ws(ws: Workspace, dst: Path) -> Workspace:
-    shutil.copytree(ws.root, dst, ignore=shutil.ignore_patterns("runs"))
-    return Workspace(dst)
-
-
-def _add_events(w: Workspace, shop: Path, at: str, name: str) -> None:
-    ev = pd.read_csv(shop, nrows=400)
-    ev["ts"] = pd.Timestamp(at).isoformat()
-    path = w.root / f"{name}.csv"
-    ev.to_csv(path, index=False)
-    pipeline.ingest(path, DataConfig(format="csv"), w, progress=False)
-
-
 def test_events_after_the_cutoff_change_nothing_and_events_before_do(ws, shop, encoder, tmp_path):
     cut = pd.Timestamp(json.loads((encoder / "config.json").read_text())["cutoff"])
     ref = load_file(str(encoder / "model.safetensors"))
-    after = _copy_ws(ws, tmp_path / "after")
-    _add_events(after, shop, str(cut), "late")  # at the cutoff: not before it
-    _add_events(after, shop, str(cut + pd.Timedelta(days=3)), "later")
+    after = copy_workspace(ws, tmp_path / "after")
+    add_events_at(after, shop, str(cut), "late")  # at the cutoff: not before it
+    add_events_at(after, shop, str(cut + pd.Timedelta(days=3)), "later")
     got = load_file(str(pretrain(after, PretrainConfig(objective="masked", **TINY), cutoff=cut.to_pydatetime())
                         / "model.safetensors"))
     assert all(torch.equal(ref[k], got[k]) for k in ref)
-    before = _copy_ws(ws, tmp_path / "before")
-    _add_events(before, shop, str(cut - pd.Timedelta(days=2)), "early")
+    before = copy_workspace(ws, tmp_path / "before")
+    add_events_at(before, shop, str(cut - pd.Timedelta(days=2)), "early")
     got = load_file(str(pretrain(before, PretrainConfig(objective="masked", **TINY), cutoff=cut.to_pydatetime())
                         / "model.safetensors"))
     assert not all(torch.equal(ref[k], got[k]) for k in ref)
@@ -394,7 +381,7 @@ def test_cli_pretrain_then_pretrained_runs_evaluate_score_explain_and_ensemble(w
     """The user's path: `pretrain`, then `train --model transformer_pt|lightgbm_emb` (the encoder found in
     runs/pretrained), `evaluate --backtest`, `ensemble`, `score --reasons` and `explain` on each."""
     from purchase_intent.cli import main
-    w = _copy_ws(ws, tmp_path / "ws")
+    w = copy_workspace(ws, tmp_path / "ws")
     root = str(w.root)
     assert main(["pretrain", "--workspace", root, "--preset", "tiny", "--max-seq-len", "20", "--epochs", "1",
                  "--backtest", "1"]) == 0
@@ -430,7 +417,7 @@ def test_cli_pretrain_then_pretrained_runs_evaluate_score_explain_and_ensemble(w
 
 def test_run_with_a_pretrained_model_and_no_encoder_asks_for_pretrain(ws, shop, tmp_path, capsys):
     from purchase_intent.cli import main
-    w = _copy_ws(ws, tmp_path / "ws")  # without runs/: no encoder
+    w = copy_workspace(ws, tmp_path / "ws")  # without runs/: no encoder
     manifest = w.manifest_path.read_text()
     with pytest.raises(SystemExit, match="add --pretrain"):
         main(["run", "--workspace", str(w.root), "--data", str(shop), "--models", "lightgbm_emb"])

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import csv_workspace
+from conftest import add_events_at, copy_workspace, csv_workspace
 
 from purchase_intent import pipeline
 from purchase_intent.config import DataConfig
@@ -43,11 +42,6 @@ def ws(shop, tmp_path_factory) -> Workspace:
 @pytest.fixture(scope="module")
 def encoder(ws) -> Path:
     return pretrain(ws, PretrainConfig(**ROLLING))
-
-
-def _copy(ws: Workspace, dst: Path) -> Workspace:
-    shutil.copytree(ws.root, dst, ignore=shutil.ignore_patterns("runs"))
-    return Workspace(dst)
 
 
 def test_one_encoder_per_cutoff_and_one_on_every_event(ws, encoder):
@@ -90,14 +84,6 @@ def test_no_encoder_before_the_cutoff_or_no_event_gives_nan(ws, encoder):
     assert np.isnan(got[:2]).all() and np.isfinite(got[2:][X["mask"][2:].any(axis=1)]).all()
 
 
-def _add_events(w: Workspace, shop: Path, at, name: str) -> None:
-    ev = pd.read_csv(shop, nrows=400)
-    ev["ts"] = pd.Timestamp(at).isoformat()
-    path = w.root / f"{name}.csv"
-    ev.to_csv(path, index=False)
-    pipeline.ingest(path, DataConfig(format="csv"), w, progress=False)
-
-
 def test_the_prior_reads_no_event_at_or_after_the_cutoff_and_does_read_those_before(ws, shop, tmp_path):
     """Leakage: events added at and after the first test cutoff leave the prior of every example up to
     it unchanged (same seeds, same events before each encoder's cutoff). Converse: events added two
@@ -116,14 +102,14 @@ def test_the_prior_reads_no_event_at_or_after_the_cutoff_and_does_read_those_bef
         assert X[CUTOFF_KEY].tolist() == [to_us(c) for c in ex["cutoff"].iloc[idx]]
         return RollingPrior.load(out).logodds(X)
 
-    base = prior_of(_copy(ws, tmp_path / "base"))
+    base = prior_of(copy_workspace(ws, tmp_path / "base"))
     assert np.isfinite(base).mean() > 0.5
-    after = _copy(ws, tmp_path / "after")
-    _add_events(after, shop, t_test, "at")
-    _add_events(after, shop, t_test + pd.Timedelta(days=3), "later")
+    after = copy_workspace(ws, tmp_path / "after")
+    add_events_at(after, shop, t_test, "at")
+    add_events_at(after, shop, t_test + pd.Timedelta(days=3), "later")
     np.testing.assert_array_equal(prior_of(after), base)
-    before = _copy(ws, tmp_path / "before")
-    _add_events(before, shop, cuts[1] - pd.Timedelta(days=2), "early")
+    before = copy_workspace(ws, tmp_path / "before")
+    add_events_at(before, shop, cuts[1] - pd.Timedelta(days=2), "early")
     got = prior_of(before)
     np.testing.assert_array_equal(got[first], base[first])
     assert not np.allclose(got[~first], base[~first], equal_nan=True)
@@ -157,7 +143,7 @@ def test_cli_rolling_pretrain_then_a_prior_model_trains_evaluates_scores_explain
     from purchase_intent.serve.app import create_app
     from purchase_intent.serve.settings import ServeSettings
 
-    w = _copy(ws, tmp_path / "ws")
+    w = copy_workspace(ws, tmp_path / "ws")
     root = str(w.root)
     assert main(["pretrain", "--workspace", root, "--objective", "future", "--rolling", "--preset", "tiny",
                  "--max-seq-len", "20", "--epochs", "1"]) == 0
@@ -203,7 +189,7 @@ def test_cli_rolling_pretrain_then_a_prior_model_trains_evaluates_scores_explain
 
 def test_bad_prior_settings_get_one_line(ws, tmp_path, capsys):
     from purchase_intent.cli import main
-    w = _copy(ws, tmp_path / "ws")
+    w = copy_workspace(ws, tmp_path / "ws")
     root = str(w.root)
     assert main(["pretrain", "--workspace", root, "--preset", "tiny", "--max-seq-len", "20", "--epochs", "1"]) == 0
     capsys.readouterr()

@@ -29,7 +29,7 @@ from ..workspace import atomic_write_bytes, atomic_write_text
 from .attribution import Contributions
 from .baselines import LightGBMModel
 from .classifier import TransformerClassifier, collate
-from .pretraining import ENCODER_CONFIG, ENCODER_WEIGHTS, check_compatible, embed, load_encoder
+from .pretraining import ENCODER_CONFIG, ENCODER_WEIGHTS, check_compatible, embed, encoder_inputs, load_encoder
 from .prior import CUTOFF_KEY, PRIOR_FEATURE, RollingPrior
 from .transformer import BehaviourTransformer, SeedEnsemble
 
@@ -322,19 +322,9 @@ class EmbeddingLightGBMModel(ClassifierMixin, BaseEstimator):
 
     def embed(self, X: dict) -> np.ndarray:
         """The encoder's summary of each row's history, (N, D), from the token arrays of ``X``."""
-        cfg = self.encoder_.cfg
-        L = cfg.max_seq_len
         if "mask" not in X:
             raise ValueError("lightgbm_emb needs the event sequences of X (a sequence model's inputs)")
-        data = {}
-        for f, size in cfg.field_sizes.items():
-            if f not in X:
-                raise ValueError(f"the encoder was pretrained on the fields {sorted(cfg.field_sizes)} "
-                                 f"but X lacks {f!r}")
-            a = np.asarray(X[f])[:, -L:]
-            data[f] = np.minimum(a, size - 1) if a.max(initial=0) >= size else a  # unseen -> last row
-        data["mask"] = np.asarray(X["mask"])[:, -L:]
-        return embed(self.encoder_, data)
+        return embed(self.encoder_, encoder_inputs(self.encoder_.cfg, X))
 
     def _frame(self, X: dict) -> pd.DataFrame:
         tab = np.asarray(X["tabular"], dtype=np.float64)

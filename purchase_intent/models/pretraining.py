@@ -522,6 +522,22 @@ def threads(n: Optional[int]):
         torch.set_num_threads(before)
 
 
+def encoder_inputs(cfg: TransformerConfig, X: dict, rows=slice(None), where: str = "the encoder"
+                   ) -> dict[str, np.ndarray]:
+    """What an encoder of config ``cfg`` reads of a sequence model's inputs ``X`` (rows ``rows``): its
+    fields and ``mask``, cut to its window (the last ``max_seq_len`` columns), ids it never saw
+    clipped to the last row of their field. ValueError naming ``where`` when ``X`` lacks a field."""
+    L = cfg.max_seq_len
+    data = {}
+    for f, size in cfg.field_sizes.items():
+        if f not in X:
+            raise ValueError(f"{where} was pretrained on the fields {sorted(cfg.field_sizes)} but X lacks {f!r}")
+        a = np.asarray(X[f])[rows, -L:]
+        data[f] = np.minimum(a, size - 1) if a.max(initial=0) >= size else a  # unseen -> last row
+    data["mask"] = np.asarray(X["mask"])[rows, -L:]
+    return data
+
+
 EMBED_BATCH = 2048  # rows per encoder call of embed() on several threads
 EMBED_BATCH_ONE_THREAD = 256  # ... and on one
 

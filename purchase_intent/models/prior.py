@@ -29,7 +29,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from ..workspace import atomic_write_bytes
-from .pretraining import ENCODER_CONFIG, ENCODER_WEIGHTS, FUTURE_HORIZONS, embed, load_encoder
+from .pretraining import ENCODER_CONFIG, ENCODER_WEIGHTS, FUTURE_HORIZONS, embed, encoder_inputs, load_encoder
 from .transformer import BehaviourTransformer
 
 ROLLING_DIR = "rolling"
@@ -107,17 +107,8 @@ class RollingPrior:
         out = np.full(len(mask), np.nan)
         for k in np.unique(which[which >= 0]):
             rows = np.flatnonzero(which == k)
-            net = self.nets[k]
-            L = net.cfg.max_seq_len
-            data = {}
-            for f, size in net.cfg.field_sizes.items():
-                if f not in X:
-                    raise ValueError(f"the rolling encoders read the fields {sorted(net.cfg.field_sizes)} but X "
-                                     f"lacks {f!r}")
-                a = np.asarray(X[f])[rows, -L:]
-                data[f] = np.minimum(a, size - 1) if a.max(initial=0) >= size else a  # unseen -> last row
-            data["mask"] = mask[rows, -L:]
-            h = torch.as_tensor(embed(net, data))
+            data = encoder_inputs(self.nets[k].cfg, X, rows, where="the rolling encoder")
+            h = torch.as_tensor(embed(self.nets[k], data))
             out[rows] = self.heads[k](h).float().numpy()[:, self.column]
         out[~mask.any(axis=1)] = np.nan
         return out

@@ -397,14 +397,6 @@ def _demo_field_sizes() -> dict:
     return SequenceVocab(price_edges=[float(i) for i in range(15)]).field_sizes()
 
 
-if __name__ == "__main__":
-    for name in PRESETS:
-        m = BehaviourTransformer(preset(name, field_sizes=_demo_field_sizes(), n_tabular=40))
-        print(f"{name:6s} {dataclasses.asdict(m.cfg)['d_model']:4d}d {m.cfg.n_layers}L "
-              f"params {m.num_parameters():>10,d} (without embeddings {m.num_parameters(False):>9,d}) "
-              f"fwd+bwd MFLOPs/seq@200 {flops_per_sequence(m.cfg, 200) / 1e6:8.1f}")
-
-
 def collate(data: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Tensor]:
     """Rows ``idx`` of the model's arrays as tensors (the ``collate`` of :func:`~purchase_intent.train.train`).
 
@@ -431,3 +423,11 @@ def collate(data: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Ten
     if "us_cut" in data:  # event times (pretraining's `future` objective), not a token field
         out["us_cut"] = torch.from_numpy(np.ascontiguousarray(data["us_cut"][idx, start:]))
     return out
+
+
+if __name__ == "__main__":
+    for name in PRESETS:
+        m = BehaviourTransformer(preset(name, field_sizes=_demo_field_sizes(), n_tabular=40))
+        print(f"{name:6s} {dataclasses.asdict(m.cfg)['d_model']:4d}d {m.cfg.n_layers}L "
+              f"params {m.num_parameters():>10,d} (without embeddings {m.num_parameters(False):>9,d}) "
+              f"fwd+bwd MFLOPs/seq@200 {flops_per_sequence(m.cfg, 200) / 1e6:8.1f}")
