@@ -1,10 +1,11 @@
 """What each `purchase-intent` command does, once ``cli`` has parsed its command line.
 
 ``cli.main`` parses the command line first (from ``config`` and a few light modules), so that a
-mistyped command or flag is refused at once; only then does it import this module, and with it
-the pipeline, PyTorch and the models. ``run(args)`` takes the parsed arguments to the command's
-function ``cmd_*`` (``COMMANDS``), after the checks its flags ask for (``CHECKS``). The ``_*_cfg``
-helpers turn flags into the config dataclasses of ``purchase_intent.config``, field by field.
+mistyped command or flag is refused at once; only then does it import this module. PyTorch and
+the model libraries are imported by the commands that train or load a model, not here, so that
+``ingest`` and ``build`` start in about a second. ``run(args)`` takes the parsed arguments to the
+command's function ``cmd_*`` (``COMMANDS``), after the checks its flags ask for (``CHECKS``). The
+``_*_cfg`` helpers turn flags into the config dataclasses of ``purchase_intent.config``, field by field.
 """
 from __future__ import annotations
 
@@ -16,21 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import (
-    distributed,
-    erasure,
-    explain,
-    memory,
-    monitor,
-    pipeline,
-    pretrain,
-    report,
-    retrain,
-    rotation,
-    runs,
-    score,
-    tracking,
-)
+from . import explain, memory, monitor, prepare, report, runs, score, tracking
 from .config import (
     DP_PARAMS,
     DRIFT_EXIT,
@@ -50,8 +37,11 @@ from .privacy import KEY_ENV, pseudonym_for
 from .serve.settings import ServeSettings, read_api_keys
 from .simulate import SimConfig, write_events
 from .storage import check_workspace, set_key_file
-from .tabular import run_table
 from .workspace import Workspace
+
+# ``pipeline`` (train, evaluate, run), ``pretrain``, ``erasure``, ``rotation``, ``retrain`` and ``tabular`` import
+# PyTorch or scikit-learn (about 3 s): the commands that need them import them, so that ``ingest``, ``build``,
+# ``score`` of a LightGBM run and the other light commands start without them.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +167,8 @@ def _check_rotate_key(a: argparse.Namespace) -> None:
     if a.generate and os.environ.get(KEY_ENV):
         raise ValueError(f"--generate writes the key chain to the workspace key file, but the key is ${KEY_ENV}: "
                          "give the new key with --new-key-file (you set the variable to the chain afterwards)")
+    from . import rotation
+
     a.new_key = rotation.read_new_key(a.new_key_file, a.generate)
 
 
@@ -186,7 +178,7 @@ def cmd_ingest(a: argparse.Namespace) -> int:
     sources = _sources(a)
     if not sources:
         raise SystemExit("error: ingest needs PATH... (files) or --data postgresql://... --query \"SELECT ...\"")
-    report = pipeline.ingest(sources, _data_cfg(a), a.workspace, engine=_engine(a))
+    report = prepare.ingest(sources, _data_cfg(a), a.workspace, engine=_engine(a))
     print(report.summary())
     return 0
 
@@ -198,11 +190,13 @@ def cmd_pseudonym(a: argparse.Namespace) -> int:
 
 
 def cmd_build(a: argparse.Namespace) -> int:
-    pipeline.build(_label_cfg(a), _feature_cfg(a), a.workspace, engine=_engine(a))
+    prepare.build(_label_cfg(a), _feature_cfg(a), a.workspace, engine=_engine(a))
     return 0
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from . import pipeline
+
     pipeline.train(a.model, run=a.run, params=_params(a.param), train_cfg=_train_cfg(a), workspace=a.workspace)
     _track(a, [a.run or a.model])
     return 0
@@ -218,12 +212,16 @@ def cmd_track(a: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
+    from . import pretrain
+
     cfg = _pretrain_cfg(a, seed=a.seed, cutoff=a.cutoff, backtest=a.backtest)
     pretrain.pretrain(a.workspace, cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
 
 
 def cmd_ensemble(a: argparse.Namespace) -> int:
+    from . import pipeline
+
     members = [m.strip() for m in a.members.split(",") if m.strip()]
     evaluate_ensemble(Workspace(a.workspace), members, n_boot=a.n_boot, run=a.run)
     print(pipeline.compare(members + [a.run], a.workspace, n_boot=a.n_boot))
@@ -231,6 +229,8 @@ def cmd_ensemble(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
+    from . import pipeline
+
     pipeline.evaluate(a.run, a.workspace, backtest=a.backtest, n_boot=a.n_boot)
     print(pipeline.compare([a.run], a.workspace, n_boot=a.n_boot))
     _track(a, [a.run])
@@ -240,6 +240,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_run(a: argparse.Namespace) -> int:
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     if a.table:
+        from .tabular import run_table
+
         if not a.label:
             raise SystemExit("error: --table needs --label COLUMN")
         run_table(a.table, a.label, time_column=a.time_column, models=models, seed=a.seed, n_boot=a.n_boot,
@@ -249,6 +251,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         return 0
     if not a.data:
         raise SystemExit("error: run needs --data PATH (or --table FILE --label COLUMN)")
+    from . import pipeline, pretrain
+
     data = _sources(a)
     params = {m: _params(a.param) for m in models} if a.param else None
     pretrained = [m for m in models if m in pipeline.PRETRAINED_MODELS]
@@ -263,6 +267,8 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(a: argparse.Namespace) -> int:
+    from . import pipeline
+
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     pipeline.quickstart(a.workspace, models=models, n_users=a.users, days=a.days, seed=a.seed)
     return 0
@@ -322,11 +328,15 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_forget(a: argparse.Namespace) -> int:
+    from . import erasure
+
     print(erasure.describe(erasure.forget(a.workspace, users=a.user or [], pseudonyms=a.pseudonym or [])))
     return 0
 
 
 def cmd_rotate_key(a: argparse.Namespace) -> int:
+    from . import rotation
+
     print(rotation.describe(rotation.rotate_key(a.workspace, a.new_key)))
     return 0
 
@@ -343,6 +353,8 @@ def cmd_monitor(a: argparse.Namespace) -> int:
 
 
 def cmd_retrain(a: argparse.Namespace) -> int:
+    from . import retrain
+
     cfg = RetrainConfig(n_boot=a.n_boot, reload=not a.no_reload)
     decision = retrain.retrain(a.run, a.workspace, data=a.data, data_cfg=_data_cfg(a) if a.data else None, cfg=cfg)
     print(retrain.describe(decision))
@@ -361,8 +373,14 @@ WRITING_COMMANDS = {"ingest", "build", "train", "evaluate", "run", "quickstart",
 NO_WORKSPACE_COMMANDS = {"simulate"}
 
 
+def _is_main_process() -> bool:
+    """Not a torchrun worker of rank > 0 (torchrun's ``RANK``; no process group exists yet when a command
+    starts, so this is what ``distributed.is_main`` answers then)."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def _workspace_lock(args: argparse.Namespace):
-    if args.command not in WRITING_COMMANDS or not distributed.is_main():  # under torchrun rank 0 writes
+    if args.command not in WRITING_COMMANDS or not _is_main_process():  # under torchrun rank 0 writes
         return contextlib.nullcontext()
     return Workspace(args.workspace).lock(args.command)
 

@@ -24,26 +24,23 @@ import typing
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
 import pandas as pd
 
-from . import distributed, labels, runs, sequence_shards, splits, storage
+from . import distributed, runs, sequence_shards, splits, storage
 from . import pretrain as pretraining
 from .config import DataConfig, FeatureConfig, LabelConfig, TrainConfig, from_dict
 from .dp import check_budget, check_share
 from .dp_tabular import resolve_scaling
-from .engine import EngineConfig, check_engine
+from .engine import EngineConfig
 from .ensemble import evaluate_ensemble
 from .evaluate import binary_metrics, comparison_table, expected_calibration_error, paired_auc_difference
 from .event_database import DatabaseQuery
-from .event_sources import preset_time_zone
-from .events import ingest as ingest_events
-from .features import compute_features, copy_features
 from .models import DP_MODELS, DP_REFUSED, MODELS, PRETRAINED_MODELS, NotEnoughData, check_min_data
 from .models.prior import CUTOFF_KEY
 from .models.prior import describe as describe_prior
+from .prepare import build, describe_dropped, ingest, log, resolve_time_zone  # noqa: F401  (the Python API)
 from .report import write_report
 from .runs import Built, jsonable, load_built, write_json
 from .sequences import SequenceVocab, fit_vocab, sequence_config
@@ -51,154 +48,6 @@ from .simulate import SimConfig, write_events
 from .workspace import Workspace, as_workspace
 
 BASELINES = ("logreg", "lightgbm")
-
-
-def _log(msg: str, quiet: bool = False) -> None:
-    if not quiet:
-        print(msg, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# ingest
-def ingest(paths: str | Path | DatabaseQuery | Sequence[str | Path | DatabaseQuery], cfg: DataConfig, workspace=None,
-           progress: bool = True, engine: EngineConfig | None = None):
-    """Read, validate, pseudonymise and store raw event files (or a database query's rows). Returns the
-    ingest report. ``engine=EngineConfig("spark")`` reads Parquet files on Spark (the same files result)."""
-    if isinstance(paths, (str, Path, DatabaseQuery)):
-        paths = [paths]
-    ingest_file = None
-    if engine is not None and engine.name != "duckdb":
-        check_engine(engine)
-        if any(isinstance(p, DatabaseQuery) for p in paths):
-            raise ValueError("--engine spark ingests Parquet files; read a database with --engine duckdb")
-        from .spark_engine import SparkIngest  # needs the spark extra
-        ingest_file = SparkIngest(engine)
-    return ingest_events(as_workspace(workspace), [p if isinstance(p, DatabaseQuery) else Path(p) for p in paths],
-                         cfg, progress=progress, ingest_file=ingest_file)
-
-
-# ---------------------------------------------------------------------------------------------
-# build
-def resolve_time_zone(ws: Workspace, tz: str | None, quiet: bool = True) -> str:
-    """The time zone of day-based cutoffs: ``tz`` when given, else the one the presets of every ingested
-    file document (all the same; e.g. taobao: Asia/Shanghai), else UTC. Raises ValueError for an unknown name."""
-    if tz is None:
-        zones = {preset_time_zone(e.get("format", "")) for e in ws.read_manifest()["files"]}
-        if len(zones) == 1 and None not in zones:
-            tz = zones.pop()
-            _log(f"day cutoffs at midnight {tz}, the time zone of the ingested data's preset (--tz to change)", quiet)
-        else:
-            tz = "UTC"
-    try:
-        ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {tz!r}: use an IANA name such as UTC, Europe/Berlin or "
-                         "America/New_York") from None
-    return tz
-
-
-class _DuckDBBuild:
-    """``build``'s three engine calls on DuckDB (``spark_engine.SparkBuild`` has the same on Spark)."""
-
-    def __init__(self, ws: Workspace):
-        self.con = ws.connect()
-
-    def build_examples(self, cfg: LabelConfig):
-        return labels.build_examples(self.con, cfg)
-
-    def suggest_step(self, cfg: LabelConfig):
-        return labels.suggest_step(self.con, cfg)
-
-    def compute_features(self, ex: pd.DataFrame, cfg: FeatureConfig) -> pd.DataFrame:
-        runs.register_examples(self.con, ex)
-        return compute_features(self.con, "examples", cfg)
-
-    def write_features(self, ex: pd.DataFrame, cfg: FeatureConfig, path: Path) -> list[str]:
-        """The features of ``ex`` streamed by DuckDB to the Parquet file ``path`` (nothing in Python)."""
-        runs.register_examples(self.con, ex)
-        return copy_features(self.con, path, "examples", cfg)
-
-    def close(self) -> None:
-        self.con.close()
-
-
-def _builder(ws: Workspace, engine: EngineConfig | None):
-    engine = engine or EngineConfig()
-    check_engine(engine)
-    if engine.name == "spark":
-        from .spark_engine import SparkBuild  # needs the spark extra
-        return SparkBuild.for_workspace(ws, engine)
-    return _DuckDBBuild(ws)
-
-
-def build(label_cfg: LabelConfig, feature_cfg: FeatureConfig | None = None, workspace=None,
-          quiet: bool = False, engine: EngineConfig | None = None) -> Built:
-    """Examples (cutoffs x active users, or sessions) + time split + tabular features, on DuckDB or, with
-    ``engine=EngineConfig("spark")``, on Spark (the same definitions and the same files)."""
-    ws = as_workspace(workspace)
-    feature_cfg = feature_cfg or FeatureConfig()
-    label_cfg = dataclasses.replace(label_cfg, tz=resolve_time_zone(ws, label_cfg.tz, quiet))
-    if label_cfg.task == "session" and label_cfg.session_gap:
-        feature_cfg = dataclasses.replace(feature_cfg, session_gap=label_cfg.session_gap)
-    # hour-of-day and weekday features read the clock of the shop's time zone
-    feature_cfg = dataclasses.replace(feature_cfg, tz=label_cfg.tz)
-    t0 = time.perf_counter()
-    eng = _builder(ws, engine)
-    _log(f"building {label_cfg.task}-task examples ...", quiet)
-    table = eng.build_examples(label_cfg)
-    counts = labels.example_counts(table)
-    ex = table.to_pandas()
-    if len(ex) == 0:
-        raise ValueError("no examples: the data is shorter than lookback + horizon, or no user is active")
-    try:
-        split, split_info = splits.split_examples(ex, label_cfg)
-    except splits.TooFewPeriods as e:
-        step = eng.suggest_step(label_cfg)
-        raise splits.TooFewPeriods(f"{e} (e.g. --step {step}, which fits this data)" if step else str(e)) from None
-    _log(describe_dropped(counts), quiet)
-    ex["split"] = np.asarray(split)
-    if not ex["example_id"].is_monotonic_increasing:  # the feature file's rows follow example_id
-        raise RuntimeError("examples are not in example_id order; this is a bug, please report it")
-    _log(f"computing features for {len(ex):,} examples ...", quiet)
-    names: list[str] = []
-
-    def write_features(path: Path) -> None:
-        names.extend(eng.write_features(ex, feature_cfg, path))
-
-    def make_info() -> dict:
-        info = {
-            "label_config": asdict(label_cfg),
-            "feature_config": asdict(feature_cfg),
-            "feature_names": names,
-            "n_examples": int(len(ex)),
-            "positives": int(ex["label"].sum()),
-            "dropped": dict(counts.get("dropped", {})),  # examples never made, by reason
-            "split": jsonable(split_info),
-            "seconds": round(time.perf_counter() - t0, 2),
-            "engine": (engine or EngineConfig()).name,
-        }
-        info["build_id"] = hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        return info
-
-    try:
-        runs.write_built(ws, ex, write_features, make_info)
-    finally:
-        eng.close()
-    _log(split_info.describe(), quiet)
-    built = load_built(ws)
-    _log(f"built {len(ex):,} examples with {len(names)} features in {built.info['seconds']:.1f}s", quiet)
-    return built
-
-
-def describe_dropped(counts: dict) -> str:
-    """One line per reason ``labels.build_examples`` left something out, e.g.
-    ``dropped 3 sessions: may continue after the end of the data``."""
-    unit = "sessions" if counts.get("task") == "session" else "users"
-    of = f" of {counts[unit]:,} {unit}" if isinstance(counts.get(unit), int) else f" {unit}"
-    dropped = counts.get("dropped", {})
-    if not any(dropped.values()):
-        return f"dropped nothing ({of.strip()})"
-    return "\n".join(f"dropped {n:,}{of}: {reason.removeprefix(unit + ' ')}" for reason, n in dropped.items() if n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +245,7 @@ def train(name: str, run: str | None = None, params: dict | None = None, train_c
     built = load_built(ws)
     train_idx = np.flatnonzero(built.mask("train"))
     valid_idx = np.flatnonzero(built.mask("valid"))
-    _log(f"training {name} on {len(train_idx):,} examples (valid {len(valid_idx):,}) ...", quiet)
+    log(f"training {name} on {len(train_idx):,} examples (valid {len(valid_idx):,}) ...", quiet)
     t0 = time.perf_counter()
     model = fit_model(name, params, built, train_idx, valid_idx, ws, train_cfg)
     seconds = time.perf_counter() - t0
@@ -427,7 +276,7 @@ def train(name: str, run: str | None = None, params: dict | None = None, train_c
         meta["prior"] = describe_prior(model.prior_)
     meta["version"] = f"{name}-" + hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]
     runs.save_run(run_dir, meta, model)
-    _log(f"saved run {run_dir} ({seconds:.1f}s)", quiet)
+    log(f"saved run {run_dir} ({seconds:.1f}s)", quiet)
     return run_dir
 
 
@@ -510,7 +359,7 @@ def evaluate(run: str, workspace=None, backtest: int = 0, n_boot: int = 1000, qu
         train_cfg = from_dict(TrainConfig, meta.get("train_config", {}))
         for k, fold in enumerate(folds):
             tr, va, te = (np.flatnonzero(np.asarray(m)) for m in (fold.train_mask, fold.valid_mask, fold.test_mask))
-            _log(f"backtest fold {k + 1}/{len(folds)}: test cutoff {splits.human_time(fold.cutoff)}, "
+            log(f"backtest fold {k + 1}/{len(folds)}: test cutoff {splits.human_time(fold.cutoff)}, "
                  f"train {len(tr):,}, test {len(te):,}", quiet)
             fold_model = fit_model(name, _refit_params(meta), built, tr, va, ws, train_cfg)
             pk = _probabilities(fold_model, runs.model_inputs(name, built, te, ws, runs.model_vocab(fold_model))) \
@@ -603,12 +452,12 @@ def run(data: str | Path | DatabaseQuery | Sequence[str | Path | DatabaseQuery] 
         if name != "ensemble":
             check_params(name, params.get(name) or {})
     if data is not None:
-        _log(ingest(data, data_cfg, ws, progress=not quiet, engine=engine).summary(), quiet)
+        log(ingest(data, data_cfg, ws, progress=not quiet, engine=engine).summary(), quiet)
     build(label_cfg, feature_cfg, ws, quiet=quiet, engine=engine)
     if pretrain:
         cfg = pretrain if isinstance(pretrain, pretraining.PretrainConfig) else pretraining.PretrainConfig()
         cfg = dataclasses.replace(cfg, backtest=max(cfg.backtest, backtest))
-        pretraining.pretrain(ws, cfg, log=lambda m: _log(m, quiet))
+        pretraining.pretrain(ws, cfg, log=lambda m: log(m, quiet))
     done = []
     for name in models:
         if name == "ensemble":
@@ -620,9 +469,9 @@ def run(data: str | Path | DatabaseQuery | Sequence[str | Path | DatabaseQuery] 
         evaluate_ensemble(ws, members=default_ensemble_members(done), n_boot=n_boot)
         done.append("ensemble")
     table = compare(done, ws, n_boot=n_boot, quiet=quiet)
-    _log("\n" + table, quiet)
+    log("\n" + table, quiet)
     if report:
-        _log(f"\nreport: {write_report(ws, done)}", quiet)
+        log(f"\nreport: {write_report(ws, done)}", quiet)
     return table
 
 
@@ -646,6 +495,6 @@ def quickstart(workspace=None, models: Sequence[str] = ("logreg", "lightgbm", "t
         tmp = path.with_name(path.name + ".tmp.csv.gz")
         n = write_events(sim_cfg, tmp)
         tmp.replace(path)
-        _log(f"simulated {n:,} events for {n_users:,} users over {days} days in {time.perf_counter() - t0:.1f}s "
+        log(f"simulated {n:,} events for {n_users:,} users over {days} days in {time.perf_counter() - t0:.1f}s "
              f"-> {path}", quiet)
     return run(path, DataConfig(format="csv"), LabelConfig(), FeatureConfig(), models=models, workspace=ws, quiet=quiet)

@@ -30,11 +30,7 @@ import pandas as pd
 from . import storage
 from .config import FeatureConfig, LabelConfig, from_dict
 from .features import compute_features
-from .models import ONNX_MODELS, SEQUENCE_MODELS, load_model
-from .models.onnx_inference import ONNX_FILE
-from .models.onnx_inference import sha256 as onnx_sha256
-from .models.prior import CUTOFF_KEY
-from .sequences import SequenceVocab, build_sequences
+from .sequences import CUTOFF_KEY, SequenceVocab, build_sequences
 from .times import ONE_US, parse_duration, parse_time
 from .workspace import RUN_JSON, Workspace, as_workspace, atomic_dir, atomic_write_bytes, atomic_write_text
 
@@ -357,6 +353,8 @@ def load_run_dir(run_dir: Path) -> Run:
     meta = read_meta(run_dir)
     if meta["model"] == ENSEMBLE:
         return _load_ensemble(Path(run_dir), meta)
+    from .models import load_model  # PyTorch and the model libraries: imported once a run is loaded
+
     try:
         model = load_model(meta["model"], Path(run_dir) / MODEL_DIR)
     except (ValueError, KeyError, OSError, RuntimeError) as e:  # a truncated or foreign model file
@@ -414,6 +412,8 @@ def write_predictions(run_dir: Path, predictions: pd.DataFrame) -> None:
 # the boundary into the models
 def is_sequence_model(name: str) -> bool:
     """Whether model ``name`` eats event sequences (a dict of arrays) rather than the feature frame."""
+    from .models import SEQUENCE_MODELS
+
     return name in SEQUENCE_MODELS
 
 
@@ -475,6 +475,10 @@ def saved_graph(run: Run) -> tuple[dict, bytes]:
     """config.json (parsed) and the bytes of model.onnx of a Transformer run (``ONNX_MODELS``): what
     scores it with ONNX Runtime alone (``models.load_onnx_model``), e.g. on Spark executors. A run
     without a graph, or with one its config.json does not record, is refused in one line."""
+    from .models import ONNX_MODELS
+    from .models.onnx_inference import ONNX_FILE
+    from .models.onnx_inference import sha256 as onnx_sha256
+
     if run.model_name not in ONNX_MODELS:
         raise ValueError(f"run {run.name!r} is a {run.model_name} run; a saved ONNX graph scores "
                          f"{', '.join(ONNX_MODELS)} runs")

@@ -53,6 +53,9 @@ from .vocabulary import EVENT_CODES, OTHER_CODE, RAW_EVENT
 
 SEQUENCE_FIELDS = ("event", "item", "category", "price", "dt_cutoff", "dt_prev", "hour", "weekday", "item_state",
                    "raw_event")
+# the key of each example's cutoff (int64 microseconds since the epoch) in a sequence model's inputs beside the
+# token arrays (runs.sequence_inputs); the rolling prior picks its encoder by it (models.prior)
+CUTOFF_KEY = "cutoff_us"
 
 
 @dataclass

@@ -46,7 +46,7 @@ LAYERS: dict[int, list[str]] = {
     4: ["explain"],                                                     # reasons per prediction
     5: ["score", "report", "report_page", "ensemble", "tabular", "erasure", "rotation", "monitor", "tracking",
         "spark_engine", "spark_scoring"],  # uses of a run
-    6: ["pipeline", "serve", "cli", "commands", "retrain"],             # entry points
+    6: ["pipeline", "prepare", "serve", "cli", "commands", "retrain"],  # entry points
 }
 
 # Third-party modules that live in an optional extra (pyproject's optional-dependencies, plus the
@@ -64,10 +64,17 @@ OPTIONAL_EXTRAS: frozenset[str] = frozenset({
 })
 
 # (importer, imported) pairs of the package's modules that may be imported inside a function, each with
-# its reason. `cli.main` imports `commands` (and with it the pipeline, PyTorch and the models) only once the
-# command line has parsed, so that a mistyped command or flag is refused at once
-# (tests/test_cli.py::test_parsing_the_command_line_imports_no_model_library proves what it buys).
-DEFERRED_IMPORTS: frozenset[tuple[str, str]] = frozenset({("cli", "commands")})
+# its reason, which tests/test_cli.py::test_parsing_the_command_line_imports_no_model_library proves:
+# - `cli.main` imports `commands` only once the command line has parsed, so that a mistyped command or
+#   flag is refused at once;
+# - `commands` imports the modules that import PyTorch or scikit-learn (about 3 s) in the commands that
+#   use them, and `runs` the models package where a run's model is loaded or named, so that `ingest`,
+#   `build` and `simulate` (through `prepare`) start without them.
+DEFERRED_IMPORTS: frozenset[tuple[str, str]] = frozenset({
+    ("cli", "commands"),
+    *(("commands", m) for m in ("pipeline", "pretrain", "erasure", "rotation", "retrain", "tabular")),
+    ("runs", "models"), ("runs", "models.onnx_inference"),
+})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,8 +65,8 @@ HEAVY = ("torch", "sklearn", "scipy", "lightgbm", "onnxruntime")
 
 
 def test_parsing_the_command_line_imports_no_model_library(tmp_path):
-    """A mistyped command or flag, and --help, are answered before PyTorch and the models load;
-    a valid command line then runs its command (which does import them)."""
+    """A mistyped command or flag, and --help, are answered before PyTorch and the models load; the
+    data steps (simulate, ingest, build) run without them too, and a command that trains imports them."""
     script = f"""
 import contextlib, io, sys
 from purchase_intent import cli
@@ -88,9 +88,14 @@ for argv in (["buld"], ["build", "--lookbak", "3d"], ["score", "--help"], ["pret
         lines = err.getvalue().strip().splitlines()  # argparse's usage, then one line: the error
         assert lines[0].startswith("usage:") and lines[-1].startswith("purchase-intent") and "error:" in lines[-1]
         assert sum("error" in line for line in lines) == 1, lines
-assert cli.main(["--workspace", {str(tmp_path / "ws")!r}, "simulate", "--users", "20", "--days", "3",
-                 "--out", {str(tmp_path / "sim.csv")!r}]) == 0
-assert "torch" in sys.modules  # the command ran through `commands`, which loads the pipeline
+ws = ["--workspace", {str(tmp_path / "ws")!r}]
+assert cli.main(ws + ["simulate", "--users", "300", "--days", "40", "--out", {str(tmp_path / "sim.csv")!r}]) == 0
+assert cli.main(ws + ["ingest", {str(tmp_path / "sim.csv")!r}, "--format", "csv"]) == 0
+assert cli.main(ws + ["build", "--lookback", "7d", "--horizon", "3d", "--step", "3d"]) == 0
+loaded = [m for m in heavy if m in sys.modules]
+assert not loaded, ("simulate, ingest, build", loaded)
+assert cli.main(ws + ["train", "--model", "logreg", "--min-positives", "10", "--min-negatives", "10"]) == 0
+assert "sklearn" in sys.modules  # a command that fits a model imports the model libraries
 """
     import subprocess
     import sys

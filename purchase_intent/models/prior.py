@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 from torch import nn
 
+from ..sequences import CUTOFF_KEY
 from ..workspace import atomic_write_bytes
 from .pretraining import ENCODER_CONFIG, ENCODER_WEIGHTS, FUTURE_HORIZONS, embed, encoder_inputs, load_encoder
 from .transformer import BehaviourTransformer
@@ -37,7 +38,6 @@ PRIOR_DIR = "encoder"  # a run's copy: <run>/model/encoder/rolling/ (beside tran
 HEAD_WEIGHTS = "future_head.safetensors"
 HORIZON = "7d"  # the head's column handed to the models
 PRIOR_FEATURE = f"future_purchase_{HORIZON}_logodds"
-CUTOFF_KEY = "cutoff_us"  # X's example cutoffs, microseconds since the epoch (int64)
 
 
 def head_files(head: nn.Module) -> dict[str, bytes]:
