@@ -13,7 +13,9 @@ features (the same table once decrypted, up to float rounding). Prints one JSON 
 examples, the 1-minute load average before and after, per variant the median, min and max seconds
 of ingest and build (wall, and CPU of all threads: less sensitive to a shared machine's load), and
 per measure the ratio encrypted / plain of each round and their median (the goal: at most 1.3).
-``--stream`` measures the path of large encrypted logs (scanned through Arrow by every query).
+``--stream`` measures the path of large encrypted logs (scanned through Arrow by every query);
+``--stream --spill-dir DIR`` that of large encrypted logs where DuckDB may spill to a folder the user
+named (decrypted once into a temp table, whose blocks beyond the memory limit go to that folder).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from purchase_intent import pipeline, storage
+from purchase_intent import memory, pipeline, storage
 from purchase_intent.config import DataConfig, FeatureConfig, LabelConfig
 from purchase_intent.privacy import KEY_ENV
 from purchase_intent.simulate import SimConfig, write_events
@@ -70,10 +72,15 @@ def main() -> None:
     ap.add_argument("--stream", action="store_true",
                     help="scan encrypted events through the decrypting dataset at every query, as for logs over "
                          "storage.MATERIALIZE_BYTES (default: decrypted once per connection into a temp table)")
+    ap.add_argument("--spill-dir", default=None,
+                    help="the folder an encrypted workspace's DuckDB may spill to ($PURCHASE_INTENT_SPILL_DIR); with "
+                         "--stream: large encrypted events are then decrypted once into a temp table")
     ap.add_argument("--tmp", default=None, help="scratch folder (default: a fresh one under $TMPDIR)")
     args = ap.parse_args()
     if args.stream:
         storage.MATERIALIZE_BYTES = 0
+    if args.spill_dir:
+        os.environ[memory.SPILL_DIR_ENV] = args.spill_dir
     os.environ.setdefault(KEY_ENV, "0" * 64)
     tmp = Path(tempfile.mkdtemp(prefix="bench-enc-", dir=args.tmp))
     try:
@@ -103,7 +110,9 @@ def main() -> None:
             # the same features (up to the order of float sums, which DuckDB's threads vary run to run)
             pd.testing.assert_frame_equal(feats["plain"], feats["encrypted"], check_exact=False, rtol=1e-9)
         source = {"data": str(args.data)} if args.data else {"users": args.users, "days": args.days}
-        source["encrypted_events"] = "streamed" if args.stream else "decrypted once per connection"
+        source["encrypted_events"] = ("decrypted once per connection" if not args.stream or args.spill_dir else
+                                      "streamed")
+        source["spill_dir"] = args.spill_dir
         out = {"events": n_events, "examples": examples, **source,
                "repeat": args.repeat, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
         for variant, ts in times.items():

@@ -19,7 +19,8 @@ DuckDB here cannot write encrypted Parquet, so in an encrypted workspace DuckDB 
 through a decrypting pyarrow dataset (:func:`scan`, streaming) and query results go out as Arrow
 record batches into an encrypting ``ParquetWriter`` (:func:`copy_to_parquet`). The events, read by
 many queries of one command, are decrypted once into a DuckDB temporary table when they are small
-enough (:func:`create_view`, :data:`MATERIALIZE_BYTES`).
+enough (:data:`MATERIALIZE_BYTES`) or DuckDB may spill the table to a folder the user named
+(:func:`create_view`).
 """
 from __future__ import annotations
 
@@ -342,19 +343,23 @@ def scan(con, paths: Iterable[str | Path], union_by_name: bool = False) -> str:
 
 
 # encrypted events up to this size (of their Parquet files) are decrypted once into a DuckDB temp table;
-# larger ones are scanned through the decrypting dataset by every query (slower, but memory stays bounded)
+# larger ones too where DuckDB may spill (a spill folder is named), else they are scanned through the
+# decrypting dataset by every query (slower, but memory stays bounded without spilling)
 MATERIALIZE_BYTES = 512 * 2 ** 20
 
 
-def create_view(con, name: str, paths: Iterable[str | Path], union_by_name: bool = False) -> None:
+def create_view(con, name: str, paths: Iterable[str | Path], union_by_name: bool = False,
+                spills: bool = False) -> None:
     """``name`` in ``con``: the rows of Parquet ``paths``, for queries to read by that name.
 
     Plain files: a view over DuckDB's ``read_parquet`` (as before encryption existed). Encrypted ones:
-    decrypted once into a temporary table when they are small enough (DuckDB's own storage, as fast to
-    query as plain Parquet), else a view over the decrypting dataset."""
+    decrypted once into a temporary table (DuckDB's own storage, as fast to query as plain Parquet) when
+    they are small enough or ``spills`` (``con`` may spill to a folder the user named, where DuckDB puts
+    the table's blocks that do not fit its memory limit), else a view over the decrypting dataset."""
     paths = [Path(p) for p in paths]
     source = scan(con, paths, union_by_name)
-    if not source.startswith("_pi_scan_") or sum(p.stat().st_size for p in paths) > MATERIALIZE_BYTES:
+    if not source.startswith("_pi_scan_") or (
+            not spills and sum(p.stat().st_size for p in paths) > MATERIALIZE_BYTES):
         con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {source}")
         return
     con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT * FROM {source}")

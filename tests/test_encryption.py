@@ -232,6 +232,23 @@ def test_large_encrypted_events_are_scanned_not_loaded(workspaces, monkeypatch):
     assert con.execute(q).fetchall() == loaded
 
 
+def test_large_encrypted_events_are_loaded_once_where_duckdb_may_spill(workspaces, monkeypatch, tmp_path):
+    """With a spill folder named, events over MATERIALIZE_BYTES are decrypted once into a temp table too:
+    DuckDB puts the blocks that do not fit its limit in that folder instead of failing."""
+    from purchase_intent.workspace import Workspace
+    monkeypatch.setenv(storage.ENCRYPTION_KEY_ENV, KEY)
+    monkeypatch.setattr(storage, "MATERIALIZE_BYTES", 0)
+    q = "SELECT count(*), count(DISTINCT user_id), sum(price), max(ts) FROM events"
+    streamed = Workspace(workspaces["enc"]).connect().execute(q).fetchall()
+    spill = tmp_path / "encrypted-volume"
+    spill.mkdir()
+    monkeypatch.setenv(memory.SPILL_DIR_ENV, str(spill))
+    con = Workspace(workspaces["enc"]).connect()
+    assert con.execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'events'"
+                       ).fetchall() == [("LOCAL TEMPORARY",)]
+    assert con.execute(q).fetchall() == streamed
+
+
 def test_rotate_key_keeps_an_encrypted_workspace_encrypted(workspaces, monkeypatch, tmp_path, capsys):
     import shutil
 
