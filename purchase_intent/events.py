@@ -6,7 +6,8 @@
 Per source file, all in DuckDB SQL: read every field as text (a Parquet file's integer and DOUBLE
 columns as numbers; the readers and format presets are in ``event_sources``), map columns and
 event names, validate each row with one CASE expression (the first failing check is its reason),
-pseudonymise the distinct user and session ids, and write accepted rows to one Parquet part. A
+pseudonymise the distinct user and session ids (a log's session ids row by row instead, where the
+map of its sessions would not fit in memory), and write accepted rows to one Parquet part. A
 Parquet file is read again where its rows are needed (counted, then written) instead of being
 staged whole, and the rows of its part are stored in no particular order (every reader of the
 events orders what it needs); other sources are staged in a temporary table once, and their parts
@@ -55,7 +56,7 @@ from .event_sources import (
     sql_literal,
     text_sql,
 )
-from .privacy import key_id, load_key, pseudonym_table
+from .privacy import key_chain, key_id, load_key, pseudonym_params, pseudonym_sql, pseudonym_table
 from .times import parse_time
 from .vocabulary import CANONICAL_COLUMNS, CANONICAL_EVENTS, RAW_EVENT
 from .workspace import Workspace, atomic_write_json, fsync_dir, tmp_path
@@ -68,6 +69,10 @@ _MULT = {"s": 1e6, "ms": 1e3, "us": 1.0}
 # file kinds read again cheaply: their validated rows are a view, computed where they are used (counted, then
 # joined to their pseudonyms and written), never held whole; the other kinds stage them in a table
 STREAMED = ("parquet",)
+# DuckDB's memory per row of a pseudonym map in the join (raw id, 32-character pseudonym, hash table entry):
+# a log's session map (one row per session, millions) that would take more than half of what DuckDB may hold
+# is not built; each row's session id is pseudonymised in SQL instead (same pseudonyms, no join to spill)
+MAP_ROW_BYTES = 128
 
 
 
@@ -303,7 +308,8 @@ def _pseudonym_map(con: duckdb.DuckDBPyConnection, name: str, ids: str, key: byt
     and their pseudonyms, computed in Python (``privacy.pseudonym_table``) and handed over through Arrow.
 
     ``privacy.pseudonym_sql`` computes the same pseudonyms inside DuckDB; on two busy cores it was
-    not faster (benchmarks/results/ingest_hmac.md), so ingest keeps this path."""
+    not faster for a map (benchmarks/results/ingest_hmac.md), so ingest keeps this path for the users and,
+    unless their map would not fit in memory (:func:`sessions_per_row`), the sessions."""
     # in batches sized by the memory limit: Python holds one batch's ids and digests at a time (a
     # log's session ids are millions); the map itself is Arrow (raw and pid text only)
     reader = con.sql(ids).to_arrow_reader(memory.batch_rows(400))
@@ -314,6 +320,15 @@ def _pseudonym_map(con: duckdb.DuckDBPyConnection, name: str, ids: str, key: byt
     con.register("ids_arrow", table)
     con.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM ids_arrow")
     con.unregister("ids_arrow")
+
+
+def sessions_per_row(n_sessions: int) -> bool:
+    """Whether to pseudonymise each row's session id in SQL rather than build and join the session map of
+    ``n_sessions`` sessions: when the map would take more than half of what DuckDB may hold
+    (:data:`MAP_ROW_BYTES` a row). Its join would then spill, and grow faster than the log; in SQL every
+    row costs the same (about 1.2 CPU µs here, against a map's hash once per session and a probe per row:
+    BENCHMARKS.md, "Session ids pseudonymised row by row past the memory limit")."""
+    return n_sessions * MAP_ROW_BYTES > memory.duckdb_bytes() // 2
 
 
 # --- one file --------------------------------------------------------------------------------
@@ -378,16 +393,17 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
             # one pass: rows by reason, and accepted rows by the raw event name no map names; a streamed
             # source is read here first, every column of it (so a file that cannot be read fails here)
             touch = "".join(f", count({sql_ident(c)})" for c in
-                            ("item_id", "category", "session_raw", *extras.values())) if streamed else ""
+                            ("item_id", "category", *extras.values())) if streamed else ""
             rows_by = con.execute(
                 f"SELECT coalesce(reason, ''), CASE WHEN reason IS NULL AND _unmapped THEN {RAW_EVENT} END, "
-                f"count(*){touch} FROM staged GROUP BY ALL").fetchall()
+                f"count(*), approx_count_distinct(session_raw){touch} FROM staged GROUP BY ALL").fetchall()
         except duckdb.Error as e:
             raise ValueError(f"cannot read {path} as {cfg.format}: {_first_line(e)}") from None
 
-        counts, unmapped = {}, {}
-        for reason, raw_event, n, *_ in rows_by:
+        counts, unmapped, n_sessions = {}, {}, 0
+        for reason, raw_event, n, sessions, *_ in rows_by:
             counts[reason] = counts.get(reason, 0) + n
+            n_sessions += sessions  # an estimate (HyperLogLog), summed over the groups: at least the true count
             if raw_event is not None:
                 unmapped[raw_event] = n
         report.accepted = counts.pop("", 0)
@@ -405,7 +421,10 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
             return report
 
         # one map per column: the probes of the many rows into the few users' map stay in cache
+        sessions_in_sql = sessions_per_row(n_sessions)
         for canon, col, name in (("user_id", "user_raw", "user_map"), ("session_id", "session_raw", "session_map")):
+            if name == "session_map" and sessions_in_sql:
+                continue
             ids = (distinct_ids_sql(src, mapping, canon) if streamed else
                    f"SELECT DISTINCT {col} FROM staged WHERE {col} IS NOT NULL")
             _pseudonym_map(con, name, ids, key)
@@ -413,12 +432,19 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
         if report.accepted:
             report.part = f"part-{sha[:16]}.parquet"
             extra_sel = "".join(f", s.{sql_ident(n)}" for n in extras.values())
+            session_pid, session_join, params = "ms.pid", "LEFT JOIN session_map ms ON s.session_raw = ms.raw", None
+            if sessions_in_sql:
+                session_pid, session_join = pseudonym_sql("s.session_raw", len(key_chain(key))), ""
+                params = pseudonym_params(key)
             storage.copy_to_parquet(con, f"""
-                SELECT m.pid AS user_id, s.ts, s.event, s.item_id, s.category, s.price, ms.pid AS session_id,
+                SELECT m.pid AS user_id, s.ts, s.event, s.item_id, s.category, s.price, {session_pid} AS session_id,
                        s.{RAW_EVENT}{extra_sel}
-                FROM staged s JOIN user_map m ON s.user_raw = m.raw LEFT JOIN session_map ms ON s.session_raw = ms.raw
-                WHERE s.reason IS NULL""", stage / report.part)
+                FROM staged s JOIN user_map m ON s.user_raw = m.raw {session_join}
+                WHERE s.reason IS NULL""", stage / report.part, params=params)
         if report.rejected:
+            if sessions_in_sql:  # the sessions of the rejected rows only (collect_rejects joins them)
+                _pseudonym_map(con, "session_map", "SELECT DISTINCT session_raw FROM staged WHERE session_raw IS NOT "
+                                                   "NULL AND reason IS NOT NULL AND reason <> 'filtered'", key)
             rows = collect_rejects(con, src, kind, mapping, key, str(path))
             report.rejects_path = stage / f"{sha[:16]}.csv"
             text = io.StringIO(newline="")

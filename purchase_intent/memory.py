@@ -78,6 +78,12 @@ def limit_bytes() -> int | None:
     return parse_size(text) if text else None
 
 
+def duckdb_bytes() -> int:
+    """What DuckDB may hold: the limit, or DuckDB's own default without one (80% of the machine's memory)."""
+    n = limit_bytes()
+    return n if n is not None else int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 def set_limit(text: str | None) -> None:
     """Set the limit for this process and those it starts (``--memory-limit``); None keeps the env's."""
     if text is not None:

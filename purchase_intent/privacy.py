@@ -185,7 +185,8 @@ def pseudonym_sql(expr: str, n_keys: int = 1) -> str:
     truncated to 32 characters; NULL maps to NULL. It computes inside DuckDB, vectorised and on
     all its threads, but hashes the key blocks again for every id (4 SHA-256 blocks for an id of
     up to 55 bytes, where :func:`pseudonym_table` hashes 2), so it is not faster on a machine
-    with few free cores; ingest uses :func:`pseudonym_table`. The key blocks are query
+    with few free cores; ingest's maps use :func:`pseudonym_table`, and ingest uses this per row
+    for a log's session ids when their map would not fit in memory. The key blocks are query
     parameters, never part of the SQL text (which DuckDB quotes in its error messages): execute
     with ``pseudonym_params(key)``.
     """

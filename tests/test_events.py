@@ -353,3 +353,30 @@ def test_key_change_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("PURCHASE_INTENT_PSEUDONYM_KEY", "22" * 32)
     with pytest.raises(ValueError, match="key differs"):
         ingest(tmp_path, [DATA / "rejects.csv"], DataConfig(format="csv"), progress=False)
+
+
+@pytest.mark.parametrize("chain", [False, True])
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_sessions_pseudonymised_per_row_equal_the_session_map(tmp_path, monkeypatch, tiny_events, fmt, chain):
+    """A log whose session map would not fit in memory has its session ids pseudonymised row by row in
+    SQL: the same events, pseudonyms and rejects files as through the map (also under a rotated key chain)."""
+    from purchase_intent.privacy import KEY_ENV
+    monkeypatch.setenv(KEY_ENV, "11" * 32 + ("\n" + "22" * 32 if chain else ""))
+    if fmt == "csv":
+        src, cfg = DATA / "rejects.csv", DataConfig(format="csv", since="2024-01-01", strict_events=True)
+    else:
+        src, cfg = tmp_path / "in.parquet", DataConfig(format="parquet")
+        tiny_events.assign(session_id=tiny_events["user_id"] + "-s" + (tiny_events.index % 3).astype(str)
+                           ).to_parquet(src)
+    out = {}
+    for per_row in (False, True):
+        if per_row:  # every session map "too large"
+            monkeypatch.setattr(ev, "MAP_ROW_BYTES", 2 ** 60)
+        assert ev.sessions_per_row(1) == per_row
+        ws = tmp_path / f"ws-{per_row}"
+        r = ingest(ws, [src], cfg, progress=False)
+        events = Workspace(ws).connect().sql("SELECT * FROM events ORDER BY ALL").df()
+        assert events["session_id"].notna().any()
+        out[per_row] = (events, r.rejects_paths[0].read_text() if r.rejects_paths else None)
+    assert out[True][0].equals(out[False][0])
+    assert out[True][1] == out[False][1] and (out[True][1] is not None) == (fmt == "csv")
