@@ -28,10 +28,11 @@ Each measurement runs in its own child process, so its peak RSS is its own; the 
   Parquet part, manifest). Every ingest uses one fixed key (``$PURCHASE_INTENT_PSEUDONYM_KEY``,
   unless already set), and each must store the same events and pseudonyms (an order-free
   fingerprint, taken after the timing).
-* ``ingest_sql`` (with ``--ab-pseudonyms``): the same, with the pseudonym maps computed inside
-  DuckDB (``privacy.pseudonym_sql``) instead of in Python; it alternates with ``ingest``
-  (ingest, ingest_sql, then ingest_sql, ingest, ...). Both report ``map_s``, the median seconds
-  spent building the two pseudonym maps.
+* ``ingest_python`` (with ``--ab-pseudonyms``): the same, with the pseudonym maps computed in Python
+  (``privacy.pseudonym_table``, hashlib on one thread, in batches handed to DuckDB through Arrow)
+  instead of inside DuckDB (``privacy.pseudonym_sql``, ingest's own since 2026-12-07); it alternates
+  with ``ingest`` (ingest, ingest_python, then ingest_python, ingest, ...). Both report ``map_s``,
+  the median seconds spent building the two pseudonym maps.
 
 Seconds ``s`` are timed inside the child, after the imports; ``process_s`` is the whole child
 process (Python start-up and imports included). Prints one JSON line per file: events, the UTC
@@ -142,14 +143,21 @@ fp = duckdb.sql("SELECT count(*), sum(hash(user_id, session_id, ts, event, item_
 print(seconds, r.files[0].rows_read, r.accepted, sum(r.rejected.values()), map_s[0], "-".join(map(str, fp)))
 """
 
-# --ab-pseudonyms: the pseudonym maps computed inside DuckDB (privacy.pseudonym_sql, vectorised, on
-# DuckDB's threads) in place of ingest's own (privacy.pseudonym_table: HMAC in Python per distinct id)
-SQL_MAPS = """
-from purchase_intent.privacy import pseudonym_params, pseudonym_sql
-def sql_map(con, name, ids, key):
-    con.execute(f"CREATE TEMP TABLE {name} AS SELECT raw, {pseudonym_sql('raw')} AS pid "
-                f"FROM ({ids}) AS t(raw)", pseudonym_params(key))
-events._pseudonym_map = sql_map
+# --ab-pseudonyms: the pseudonym maps computed in Python (privacy.pseudonym_table: HMAC per distinct id on
+# one thread, in batches handed over through Arrow) in place of ingest's own (privacy.pseudonym_sql in DuckDB)
+PYTHON_MAPS = """
+import pyarrow as pa
+from purchase_intent import memory
+from purchase_intent.privacy import pseudonym_table
+def python_map(con, name, ids, key):
+    reader = con.sql(ids).to_arrow_reader(memory.batch_rows(400))
+    parts = [pseudonym_table(batch.column(0), key) for batch in reader]
+    table = pa.concat_tables(parts) if parts else pa.table({"raw": pa.array([], pa.string()),
+                                                            "pid": pa.array([], pa.string())})
+    con.register("ids_arrow", table)
+    con.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM ids_arrow")
+    con.unregister("ids_arrow")
+events._pseudonym_map = python_map
 """
 
 
@@ -185,7 +193,7 @@ def main() -> None:
     ap.add_argument("--src", action="append", default=[], metavar="NAME=DIR",
                     help="time the ingest of the source tree DIR as NAME (repeatable; they alternate)")
     ap.add_argument("--ab-pseudonyms", action="store_true",
-                    help="also time ingest with the pseudonyms computed in DuckDB SQL (ingest_sql), alternating "
+                    help="also time ingest with the pseudonym maps computed in Python (ingest_python), alternating "
                          "with ingest; each ingest also reports map_s, the seconds building the pseudonym maps")
     args = ap.parse_args()
     paths = [Path(p) for p in args.path] or [Path(tempfile.gettempdir()) / f"bench_ingest_{args.events}.csv.gz"]
@@ -196,7 +204,7 @@ def main() -> None:
     here = str(Path(__file__).resolve().parents[1]) + os.sep
     # name -> (patch, source tree)
     variants = ({name: ("", d) for name, d in trees.items()} if trees else {"ingest": ("", here)}) | (
-        {"ingest_sql": (SQL_MAPS, here)} if args.ab_pseudonyms else {})
+        {"ingest_python": (PYTHON_MAPS, here)} if args.ab_pseudonyms else {})
     os.environ.setdefault(KEY_ENV, "be5c" * 8)  # one key for every ingest, so their pseudonyms compare
     for path in paths:
         print(json.dumps(bench_file(path.resolve(), variants, args.repeat) | {"src": trees or None}), flush=True)

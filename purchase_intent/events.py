@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import duckdb
-import pyarrow as pa
 
 from . import memory, storage
 from .config import DataConfig
@@ -56,7 +55,7 @@ from .event_sources import (
     sql_literal,
     text_sql,
 )
-from .privacy import key_chain, key_id, load_key, pseudonym_params, pseudonym_sql, pseudonym_table
+from .privacy import key_chain, key_id, load_key, pseudonym_params, pseudonym_sql
 from .times import parse_time
 from .vocabulary import CANONICAL_COLUMNS, CANONICAL_EVENTS, RAW_EVENT
 from .workspace import Workspace, atomic_write_json, fsync_dir, tmp_path
@@ -305,21 +304,14 @@ def distinct_ids_sql(src: Source, mapping: dict[str, str], canon: str) -> str:
 
 def _pseudonym_map(con: duckdb.DuckDBPyConnection, name: str, ids: str, key: bytes) -> None:
     """Create the temp table ``name (raw, pid)``: the ids the query ``ids`` gives (distinct, non-null)
-    and their pseudonyms, computed in Python (``privacy.pseudonym_table``) and handed over through Arrow.
+    and their pseudonyms, computed inside DuckDB (``privacy.pseudonym_sql``: vectorised, on all of
+    DuckDB's threads, spilled under the memory limit like any table).
 
-    ``privacy.pseudonym_sql`` computes the same pseudonyms inside DuckDB; on two busy cores it was
-    not faster for a map (benchmarks/results/ingest_hmac.md), so ingest keeps this path for the users and,
-    unless their map would not fit in memory (:func:`sessions_per_row`), the sessions."""
-    # in batches sized by the memory limit: Python holds one batch's ids and digests at a time (a
-    # log's session ids are millions); the map itself is Arrow (raw and pid text only)
-    reader = con.sql(ids).to_arrow_reader(memory.batch_rows(400))
-    parts = [pseudonym_table(batch.column(0), key) for batch in reader]
-    table = pa.concat_tables(parts) if parts else pa.table({"raw": pa.array([], pa.string()),
-                                                            "pid": pa.array([], pa.string())})
-    del parts
-    con.register("ids_arrow", table)
-    con.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM ids_arrow")
-    con.unregister("ids_arrow")
+    ``privacy.pseudonym_table`` computes the same pseudonyms in Python, one thread: on two free cores
+    the SQL maps made a 10M-event ingest 15% faster, on two busy ones they were level with it
+    (BENCHMARKS.md, "Ingest: pseudonyms in DuckDB SQL against Python HMAC")."""
+    con.execute(f"CREATE TEMP TABLE {name} AS SELECT raw, {pseudonym_sql('raw', len(key_chain(key)))} AS pid "
+                f"FROM ({ids}) AS t(raw)", pseudonym_params(key))
 
 
 def sessions_per_row(n_sessions: int) -> bool:
