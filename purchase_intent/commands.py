@@ -41,7 +41,7 @@ from .workspace import Workspace
 
 # ``pipeline`` (train, evaluate, run), ``pretrain``, ``erasure``, ``rotation``, ``retrain`` and ``tabular`` import
 # PyTorch or scikit-learn (about 3 s): the commands that need them import them, so that ``ingest``, ``build``,
-# ``score`` of a LightGBM run and the other light commands start without them.
+# ``simulate`` and ``pseudonym`` start without them (a command that loads a run's model imports them then).
 
 
 # ---------------------------------------------------------------------------------------------

@@ -360,7 +360,7 @@ def evaluate(run: str, workspace=None, backtest: int = 0, n_boot: int = 1000, qu
         for k, fold in enumerate(folds):
             tr, va, te = (np.flatnonzero(np.asarray(m)) for m in (fold.train_mask, fold.valid_mask, fold.test_mask))
             log(f"backtest fold {k + 1}/{len(folds)}: test cutoff {splits.human_time(fold.cutoff)}, "
-                 f"train {len(tr):,}, test {len(te):,}", quiet)
+                f"train {len(tr):,}, test {len(te):,}", quiet)
             fold_model = fit_model(name, _refit_params(meta), built, tr, va, ws, train_cfg)
             pk = _probabilities(fold_model, runs.model_inputs(name, built, te, ws, runs.model_vocab(fold_model))) \
                 if len(te) else np.zeros(0)
@@ -496,5 +496,5 @@ def quickstart(workspace=None, models: Sequence[str] = ("logreg", "lightgbm", "t
         n = write_events(sim_cfg, tmp)
         tmp.replace(path)
         log(f"simulated {n:,} events for {n_users:,} users over {days} days in {time.perf_counter() - t0:.1f}s "
-             f"-> {path}", quiet)
+            f"-> {path}", quiet)
     return run(path, DataConfig(format="csv"), LabelConfig(), FeatureConfig(), models=models, workspace=ws, quiet=quiet)
