@@ -318,7 +318,7 @@ def sessions_per_row(n_sessions: int) -> bool:
     """Whether to pseudonymise each row's session id in SQL rather than build and join the session map of
     ``n_sessions`` sessions: when the map would take more than half of what DuckDB may hold
     (:data:`MAP_ROW_BYTES` a row). Its join would then spill, and grow faster than the log; in SQL every
-    row costs the same (about 1.2 CPU µs here, against a map's hash once per session and a probe per row:
+    row costs the same (4 SHA-256 blocks, against a map's hash once per session and a probe per row:
     BENCHMARKS.md, "Session ids pseudonymised row by row past the memory limit")."""
     return n_sessions * MAP_ROW_BYTES > memory.duckdb_bytes() // 2
 
