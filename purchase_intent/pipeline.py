@@ -38,12 +38,11 @@ from .ensemble import evaluate_ensemble
 from .evaluate import binary_metrics, comparison_table, expected_calibration_error, paired_auc_difference
 from .event_database import DatabaseQuery
 from .models import DP_MODELS, DP_REFUSED, MODELS, PRETRAINED_MODELS, NotEnoughData, check_min_data
-from .models.prior import CUTOFF_KEY
 from .models.prior import describe as describe_prior
-from .prepare import build, describe_dropped, ingest, log, resolve_time_zone  # noqa: F401  (the Python API)
+from .prepare import build, ingest, log  # ingest and build: the Python API's, from here as before
 from .report import write_report
 from .runs import Built, jsonable, load_built, write_json
-from .sequences import SequenceVocab, fit_vocab, sequence_config
+from .sequences import CUTOFF_KEY, SequenceVocab, fit_vocab, sequence_config
 from .simulate import SimConfig, write_events
 from .workspace import Workspace, as_workspace
 

@@ -17,10 +17,10 @@ from conftest import add_events_at, copy_workspace, csv_workspace
 
 from purchase_intent import pipeline
 from purchase_intent.config import DataConfig
-from purchase_intent.models.prior import CUTOFF_KEY, PRIOR_FEATURE, ROLLING_DIR, RollingPrior, to_us
+from purchase_intent.models.prior import PRIOR_FEATURE, ROLLING_DIR, RollingPrior, to_us
 from purchase_intent.pretrain import PretrainConfig, evaluation_cutoff, pretrain
 from purchase_intent.runs import load_built, load_run, model_inputs
-from purchase_intent.sequences import SequenceVocab
+from purchase_intent.sequences import CUTOFF_KEY, SequenceVocab
 from purchase_intent.simulate import SimConfig, write_events
 from purchase_intent.workspace import Workspace
 

@@ -23,14 +23,14 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from ..calibration import fit_calibrator
-from ..sequences import SequenceVocab
+from ..sequences import CUTOFF_KEY, SequenceVocab
 from ..train import train
 from ..workspace import atomic_write_bytes, atomic_write_text
 from .attribution import Contributions
 from .baselines import LightGBMModel
 from .classifier import TransformerClassifier, collate
 from .pretraining import ENCODER_CONFIG, ENCODER_WEIGHTS, check_compatible, embed, encoder_inputs, load_encoder
-from .prior import CUTOFF_KEY, PRIOR_FEATURE, RollingPrior
+from .prior import PRIOR_FEATURE, RollingPrior
 from .transformer import BehaviourTransformer, SeedEnsemble
 
 ENCODER_DIR = "encoder"
