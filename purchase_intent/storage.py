@@ -18,9 +18,9 @@ and file calls the workspace always used (DuckDB's own ``read_parquet`` and ``CO
 DuckDB here cannot write encrypted Parquet, so in an encrypted workspace DuckDB scans the files
 through a decrypting pyarrow dataset (:func:`scan`, streaming) and query results go out as Arrow
 record batches into an encrypting ``ParquetWriter`` (:func:`copy_to_parquet`). The events, read by
-many queries of one command, are decrypted once into a DuckDB temporary table when they are small
-enough (:data:`MATERIALIZE_BYTES`) or DuckDB may spill the table to a folder the user named
-(:func:`create_view`).
+many queries of one command, are decrypted once into a DuckDB temporary table when the table fits in
+half of what DuckDB may hold (:data:`TABLE_BYTES_PER_FILE_BYTE`) or DuckDB may spill it to a folder the
+user named (:func:`create_view`).
 """
 from __future__ import annotations
 
@@ -342,24 +342,35 @@ def scan(con, paths: Iterable[str | Path], union_by_name: bool = False) -> str:
     return name
 
 
-# encrypted events up to this size (of their Parquet files) are decrypted once into a DuckDB temp table;
-# larger ones too where DuckDB may spill (a spill folder is named), else they are scanned through the
-# decrypting dataset by every query (slower, but memory stays bounded without spilling)
-MATERIALIZE_BYTES = 512 * 2 ** 20
+# DuckDB memory that the events' temporary table takes per byte of their encrypted Parquet files: 4.2 measured
+# (duckdb_memory()) on a 10M-event simulated log, 1,328 MiB for 317 MiB of Parquet; rounded up
+TABLE_BYTES_PER_FILE_BYTE = 4.5
+
+
+def materializes(file_bytes: int, memory_bytes: int, spills: bool) -> bool:
+    """Whether encrypted events of ``file_bytes`` (their Parquet files) are decrypted once into a temporary
+    table, where DuckDB may hold ``memory_bytes``: when DuckDB may spill it (``spills``: a spill folder is
+    named), or when the table (:data:`TABLE_BYTES_PER_FILE_BYTE`) fits in half of ``memory_bytes``, leaving
+    the other half to the queries. Else every query scans the files through the decrypting dataset: about 2x
+    a build's time, and no bound on memory either (a 20M-event log filled 18.8 GiB that way and stopped, where
+    loaded once it built in 1.06x its plaintext time: BENCHMARKS.md, "Encrypted logs loaded once wherever
+    their table fits in memory")."""
+    return spills or file_bytes * TABLE_BYTES_PER_FILE_BYTE <= memory_bytes / 2
 
 
 def create_view(con, name: str, paths: Iterable[str | Path], union_by_name: bool = False,
-                spills: bool = False) -> None:
+                spills: bool = False, memory_bytes: int = 0) -> None:
     """``name`` in ``con``: the rows of Parquet ``paths``, for queries to read by that name.
 
     Plain files: a view over DuckDB's ``read_parquet`` (as before encryption existed). Encrypted ones:
-    decrypted once into a temporary table (DuckDB's own storage, as fast to query as plain Parquet) when
-    they are small enough or ``spills`` (``con`` may spill to a folder the user named, where DuckDB puts
-    the table's blocks that do not fit its memory limit), else a view over the decrypting dataset."""
+    decrypted once into a temporary table (DuckDB's own storage, as fast to query as plain Parquet) where
+    :func:`materializes` says so for ``memory_bytes``, what ``con`` may hold (its memory limit), and
+    ``spills`` (``con`` may spill to a folder the user named, where DuckDB puts the table's blocks that do
+    not fit its memory limit); else a view over the decrypting dataset."""
     paths = [Path(p) for p in paths]
     source = scan(con, paths, union_by_name)
-    if not source.startswith("_pi_scan_") or (
-            not spills and sum(p.stat().st_size for p in paths) > MATERIALIZE_BYTES):
+    if not source.startswith("_pi_scan_") or not materializes(sum(p.stat().st_size for p in paths), memory_bytes,
+                                                              spills):
         con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {source}")
         return
     con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT * FROM {source}")

@@ -594,7 +594,8 @@ class Workspace:
         con.execute("SET TimeZone = 'UTC'")
         memory.configure(con, self.root)  # the user's memory limit; spills under the workspace
         try:
-            storage.create_view(con, "events", parts, union_by_name=True, spills=memory.spill_dir() is not None)
+            storage.create_view(con, "events", parts, union_by_name=True, spills=memory.spill_dir() is not None,
+                                memory_bytes=memory.duckdb_bytes())
         except (duckdb.Error, OSError) as e:
             con.close()
             raise DamagedWorkspaceError(self._damaged_part_message(parts, e)) from None

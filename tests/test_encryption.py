@@ -225,19 +225,42 @@ def test_large_encrypted_events_are_scanned_not_loaded(workspaces, monkeypatch):
     loaded = con.execute(q).fetchall()
     assert con.execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'events'"
                        ).fetchall() == [("LOCAL TEMPORARY",)]
-    monkeypatch.setattr(storage, "MATERIALIZE_BYTES", 0)
+    monkeypatch.setattr(storage, "TABLE_BYTES_PER_FILE_BYTE", float("inf"))
     con = Workspace(workspaces["enc"]).connect()
     assert con.execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'events'"
                        ).fetchall() == [("VIEW",)]
     assert con.execute(q).fetchall() == loaded
 
 
+def test_encrypted_events_are_loaded_where_their_table_fits_half_the_memory_limit(workspaces, monkeypatch):
+    """The memory limit decides: a table that would take 1 GiB is loaded without a limit (80% of this
+    machine's memory), and scanned under a 1GB limit, which it would fill past half."""
+    from purchase_intent.workspace import Workspace
+    monkeypatch.setenv(storage.ENCRYPTION_KEY_ENV, KEY)
+    monkeypatch.delenv(memory.MEMORY_LIMIT_ENV, raising=False)
+    monkeypatch.delenv(memory.SPILL_DIR_ENV, raising=False)
+    ws = Workspace(workspaces["enc"])
+    file_bytes = sum(p.stat().st_size for p in ws.part_paths())
+    monkeypatch.setattr(storage, "TABLE_BYTES_PER_FILE_BYTE", 2 ** 30 / file_bytes)
+
+    def kind():
+        return ws.connect().execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'events'"
+                                    ).fetchall()
+
+    if memory.duckdb_bytes() >= 2 ** 31:  # a machine with at least 2.5 GiB
+        assert kind() == [("LOCAL TEMPORARY",)]
+    monkeypatch.setenv(memory.MEMORY_LIMIT_ENV, "1GB")
+    assert kind() == [("VIEW",)]
+    assert storage.materializes(file_bytes, 2 ** 30, spills=True)  # a spill folder takes what does not fit
+    assert not storage.materializes(2 ** 30, 2 ** 30, spills=False)
+
+
 def test_large_encrypted_events_are_loaded_once_where_duckdb_may_spill(workspaces, monkeypatch, tmp_path):
-    """With a spill folder named, events over MATERIALIZE_BYTES are decrypted once into a temp table too:
+    """With a spill folder named, events too large for memory are decrypted once into a temp table too:
     DuckDB puts the blocks that do not fit its limit in that folder instead of failing."""
     from purchase_intent.workspace import Workspace
     monkeypatch.setenv(storage.ENCRYPTION_KEY_ENV, KEY)
-    monkeypatch.setattr(storage, "MATERIALIZE_BYTES", 0)
+    monkeypatch.setattr(storage, "TABLE_BYTES_PER_FILE_BYTE", float("inf"))
     q = "SELECT count(*), count(DISTINCT user_id), sum(price), max(ts) FROM events"
     streamed = Workspace(workspaces["enc"]).connect().execute(q).fetchall()
     spill = tmp_path / "encrypted-volume"
