@@ -8,7 +8,8 @@
 
 Each step is the `purchase-intent` command (``python -m purchase_intent.cli``) in its own child
 process on a fresh workspace per file, in this order: ``ingest`` (``--format parquet``), ``build``
-(user task, 28d lookback, 7d horizon, weekly cutoffs: 12 on 114 days), ``train lightgbm``,
+(user task, 28d lookback, 7d horizon, weekly cutoffs: 12 on 114 days), ``pretrain`` (the encoder's
+defaults, tiny and masked, with ``--pretrain-args``: by default window 200), ``train lightgbm``,
 ``train transformer`` (preset tiny; ``--transformer-params``), ``backtest`` (``evaluate --run
 lightgbm --backtest K``: K refits) and ``score`` (``score --run lightgbm``, every active user at the
 end of the data). Seconds are the child's wall time; peak RSS is the child's own ``ru_maxrss``
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-STEPS = ("ingest_scan", "ingest", "build", "lightgbm", "transformer", "backtest", "score")
+STEPS = ("ingest_scan", "ingest", "build", "pretrain", "lightgbm", "transformer", "backtest", "score")
 SCAN = """
 import sys, duckdb
 con = duckdb.connect(); con.execute("SET threads = 2")
@@ -74,6 +75,7 @@ def step_commands(name: str, data: Path, args) -> list[list[str]]:
         "ingest_scan": [[sys.executable, "-c", SCAN, str(data)]],
         "ingest": [cli + ["ingest", str(data), "--format", "parquet"]],
         "build": [cli + ["build", "--task", "user", "--lookback", "28d", "--horizon", "7d", "--step", "7d"]],
+        "pretrain": [cli + ["pretrain", *args.pretrain_args.split()]],
         "lightgbm": [cli + ["train", "--model", "lightgbm"]],
         "transformer": [cli + ["train", "--model", "transformer", "--param", "preset=tiny", *tparams]],
         "backtest": [cli + ["evaluate", "--run", "lightgbm", "--backtest", str(args.backtest), "--n-boot", "100"]],
@@ -124,6 +126,8 @@ def main() -> None:
     ap.add_argument("--label", default="after", help="name of this source tree in the results")
     ap.add_argument("--transformer-params", default="max_epochs=1,batch_size=1024",
                     help="comma-separated KEY=VALUE for `train --model transformer`")
+    ap.add_argument("--pretrain-args", default="--max-seq-len 200",
+                    help="arguments of `pretrain` (space-separated; default: window 200, the rest its defaults)")
     ap.add_argument("--backtest", type=int, default=2, help="K of `evaluate --backtest K`")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench-scale-steps"))
     ap.add_argument("--keep", action="store_true", help="keep each workspace (default: removed after its file)")
@@ -190,7 +194,7 @@ def main() -> None:
                    f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2 ** 30:.0f} GiB",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "memory_limit": args.memory_limit, "label": args.label, "src": str(args.src),
-        "transformer_params": args.transformer_params, "rows": rows, "fits": fits,
+        "transformer_params": args.transformer_params, "pretrain_args": args.pretrain_args, "rows": rows, "fits": fits,
     }
     if args.out:
         old = json.loads(args.out.read_text()) if args.out.exists() else []

@@ -538,8 +538,7 @@ def encoder_inputs(cfg: TransformerConfig, X: dict, rows=slice(None), where: str
     return data
 
 
-EMBED_BATCH = 2048  # rows per encoder call of embed() on several threads
-EMBED_BATCH_ONE_THREAD = 256  # ... and on one
+EMBED_BATCH = 256  # rows per encoder call of embed(), on any number of threads
 
 
 @torch.inference_mode()
@@ -550,11 +549,11 @@ def embed(net: BehaviourTransformer, data: dict[str, np.ndarray], batch_size: Op
     ``sort``: embed the rows in order of history length (the summary of a row does not depend on
     its batch) so that :func:`~purchase_intent.models.transformer.collate` trims most padding
     columns, and return them in ``data``'s order. ``num_threads``: as in :func:`pretrain_encoder`.
-    ``batch_size`` None: 256 rows on one thread, 2048 on more. Measured on 2 shared cores (tiny
-    encoder, length-sorted): on one thread 256-row batches embedded 1.8x (window 200) and 1.2x
-    (window 50) as many users per second as 1024-row ones; on two threads smaller batches were
-    slower (256 or 1024 rows against 2048: 0.6-0.7x at window 50), as each operator can wait for a
-    thread of its team that another process keeps off its core.
+    ``batch_size`` None: :data:`EMBED_BATCH` rows, whose activations stay in the CPU's caches. On a
+    quiet 2-core machine (tiny encoder, length-sorted) 256-row batches embedded more users per
+    second than 2048-row ones on two threads as on one (BENCHMARKS.md, "Pretraining at 10M events
+    through the command, and embedding batches"); 2048 rows on two threads had been chosen under
+    other processes' load, where an operator waits for the thread of its team kept off its core.
     """
     was = net.training
     net.eval()
@@ -562,7 +561,7 @@ def embed(net: BehaviourTransformer, data: dict[str, np.ndarray], batch_size: Op
     out = np.empty((n, net.cfg.d_model), dtype=np.float32)
     order = np.argsort(np.asarray(data["mask"]).sum(axis=1), kind="stable") if sort else np.arange(n)
     with threads(num_threads), retained_heap():
-        bs = int(batch_size or (EMBED_BATCH_ONE_THREAD if torch.get_num_threads() == 1 else EMBED_BATCH))
+        bs = int(batch_size or EMBED_BATCH)
         for lo in range(0, n, bs):
             idx = order[lo:lo + bs]
             out[idx] = net.encode(collate(data, idx)).float().numpy()
