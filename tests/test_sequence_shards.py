@@ -237,3 +237,18 @@ def test_two_gloo_ranks_stream_only_their_own_shards(tmp_path):
     assert r[0]["steps"] == r[1]["steps"] == 2 * 6  # ceil(45 / 8) local steps per epoch on both ranks
     np.testing.assert_array_equal(np.load(tmp_path / "weights0.npy"), np.load(tmp_path / "weights1.npy"))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")) == []
+
+
+def test_tabular_bin_edges_are_the_same_streamed_or_in_memory(tmp_path):
+    """tabular_bins: the streamed fit's edges come from a histogram summed over the shards, the in-memory fit's
+    from the same histogram of the whole split: equal to within one histogram bin (the shards' mean and scale
+    are sums in another order)."""
+    ws = tiny_workspace(tmp_path, n_users=12, days=21)
+    edges = {}
+    for name, rows in (("memory", None), ("streamed", 5)):
+        run = pipeline.train("transformer", run=name,
+                             params={"stream_shard_rows": rows, "max_epochs": 1, "tabular_bins": 4},
+                             train_cfg=TrainConfig(min_positives=1, min_negatives=1), workspace=ws, quiet=True)
+        edges[name] = TransformerClassifier.load(run / "model").model_.tab_edges.numpy()
+    assert edges["memory"].shape[1] == 5 and np.ptp(edges["memory"]) > 0
+    np.testing.assert_allclose(edges["streamed"], edges["memory"], atol=2 * 10.0 / 4096 + 1e-6)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from purchase_intent.models import onnx_inference as ox
 from purchase_intent.models.classifier import TransformerClassifier
 
 
@@ -49,3 +50,36 @@ def test_default_missing_is_the_train_mean():
 def test_a_bad_tabular_scaling_is_refused():
     with pytest.raises(ValueError, match="'train', 'fixed' or 'dp'"):
         _fit(tabular_scaling="minmax")
+
+
+def test_tabular_bins_are_train_quantiles_encoded_piecewise_linearly(tmp_path, monkeypatch):
+    """tabular_bins=K: each feature's edges are the quantiles of the train values the network reads (from a
+    histogram: within one histogram bin), and the MLP reads 0 below a bin, 1 above it, linear inside."""
+    clf, X = _fit(tabular_bins=4)
+    t = clf.to_batch(X)["tabular"].numpy()
+    edges = clf.model_.tab_edges.numpy()
+    assert edges.shape == (3, 5)
+    width = 2 * 10.0 / 4096  # TABULAR_BOUND, TABULAR_HISTOGRAM
+    for f in range(3):
+        q = np.quantile(t[:, f], np.linspace(0, 1, 5), method="inverted_cdf")
+        np.testing.assert_allclose(edges[f], q, atol=width * 1.01)
+    row = torch.as_tensor(t[:1])
+    got = clf.model_._tabular_in(row).numpy()[0]
+    lo, hi = edges[:, :-1], edges[:, 1:]
+    want = np.clip((t[0][:, None] - lo) / np.maximum(hi - lo, 1e-6), 0, 1).ravel()
+    np.testing.assert_allclose(got, np.concatenate([t[0], want]), rtol=1e-5, atol=1e-6)
+    # saved and loaded with the run; the ONNX graph scores as PyTorch does
+    clf.save(tmp_path)
+    assert (tmp_path / "model.onnx").exists()
+    loaded = TransformerClassifier.load(tmp_path)
+    np.testing.assert_array_equal(loaded.model_.tab_edges.numpy(), edges)
+    fitted = clf.predict_proba(X)
+    for runtime in ("torch", "onnx"):
+        monkeypatch.setenv(ox.INFERENCE_ENV, runtime)
+        np.testing.assert_allclose(TransformerClassifier.load(tmp_path).predict_proba(X), fitted, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bins, match", [(-1, "from 0 to 64"), (2.5, "from 0 to 64"), (True, "from 0 to 64")])
+def test_a_bad_tabular_bins_is_refused(bins, match):
+    with pytest.raises(ValueError, match=match):
+        _fit(tabular_bins=bins)

@@ -62,6 +62,8 @@ ONNX_BATCH_SIZE = 256
 # the public range of the tabular features: log values clipped to it (the DP release's bound B) and
 # standardised values clipped to it
 TABULAR_BOUND = 10.0
+# histogram bins per feature over [-TABULAR_BOUND, TABULAR_BOUND] for the quantile edges of tabular_bins
+TABULAR_HISTOGRAM = 4096
 
 
 def _as_vocab(vocab: Any) -> Optional[SequenceVocab]:
@@ -188,7 +190,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                  dp_epsilon: Optional[float] = None, dp_delta: Optional[float] = None,
                  dp_max_grad_norm: float = 1.0, dp_users_per_step: int = 512, dp_examples_per_user: int = 2,
                  dp_epochs: float = 20.0, dp_lr: float = 1e-2, dp_tabular_share: float = 0.1,
-                 prior: bool = False, encoder: Optional[str] = None):
+                 prior: bool = False, encoder: Optional[str] = None, tabular_bins: int = 0):
         self.preset = preset
         self.d_model = d_model
         self.n_layers = n_layers
@@ -231,6 +233,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         self.dp_tabular_share = dp_tabular_share
         self.prior = prior
         self.encoder = encoder
+        self.tabular_bins = tabular_bins
 
     # ------------------------------------------------------------------ arrays -> batches
     def _tabular(self, X: dict) -> Optional[np.ndarray]:
@@ -465,7 +468,9 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                                          dropout=0.0 if dp is not None else self.dropout,
                                          use_sequence=use_seq, use_tabular=use_tab,
                                          wide=self.wide, pooling=self.pooling,
+                                         tabular_bins=self._tabular_bins(dp is not None) if use_tab else 0,
                                          pos_weight=None if pw is None else float(pw), **overrides)
+        self.tab_edges_ = (self._tabular_edges(X, streamed) if self.model_config_.tabular_bins else None)
         self.loop_config_ = TrainLoopConfig(
             max_epochs=self.max_epochs, batch_size=self.effective_batch_size(n_train), lr=self.lr,
             weight_decay=self.weight_decay,
@@ -486,7 +491,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             if self.progress and self.n_seeds > 1 and distributed.is_main():
                 print(f"network {k + 1} of {self.n_seeds} (seed {seed})", flush=True)
             torch.manual_seed(seed)
-            net = BehaviourTransformer(self.model_config_)
+            net = self.new_network()
             data = (ShardStream(X, loop.batch_size, seed, transform=lambda d: self._arrays(d, d["label"]))
                     if streamed else train_data)
             result: TrainResult = train(net, data, valid_data, loop, collate=collate)
@@ -499,6 +504,51 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             self.train_result_ = {"members": results}
         self.calibrator_ = fit_calibrator(self.decision_function(X_valid), y_valid, self.calibration)
         return self
+
+    def _tabular_bins(self, dp: bool) -> int:
+        """``tabular_bins`` checked: a ValueError of one line unless an integer in [0, 64], or with DP."""
+        k = self.tabular_bins
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= 64:
+            raise ValueError(f"tabular_bins must be an integer from 0 to 64, got {k!r} (e.g. --param tabular_bins=16)")
+        if k and dp:
+            raise ValueError("tabular_bins with dp_epsilon: the bin edges are quantiles of the private train "
+                             "features; leave tabular_bins at 0 for a DP fit")
+        return int(k)
+
+    def _tabular_edges(self, X: "dict | SequenceShards", streamed: bool) -> np.ndarray:
+        """(F, K+1) bin edges of the tabular features as the network reads them (standardised, clipped to
+        ±TABULAR_BOUND): their quantiles over the train split, from a histogram of TABULAR_HISTOGRAM bins
+        per feature, summed over this rank's shards and over the ranks when streamed."""
+        K, n_bins = self.model_config_.tabular_bins, TABULAR_HISTOGRAM
+        F = self.model_config_.n_tabular
+        counts = np.zeros((F, n_bins))
+        scale = n_bins / (2 * TABULAR_BOUND)
+        for t in ((self._tabular(read_shard(X.paths[i])) for i in X.own()) if streamed else [self._tabular(X)]):
+            b = np.clip(((t + TABULAR_BOUND) * scale).astype(np.int64), 0, n_bins - 1)  # (N, F)
+            for f in range(F):
+                counts[f] += np.bincount(b[:, f], minlength=n_bins)
+        if streamed:
+            counts = distributed.all_reduce(counts.ravel()).reshape(F, n_bins)
+        cum = np.cumsum(counts, axis=1)  # (F, n_bins)
+        right = -TABULAR_BOUND + (np.arange(n_bins) + 1) / scale  # each histogram bin's upper edge
+        edges = np.empty((F, K + 1))
+        for f in range(F):
+            n = cum[f, -1]
+            nonempty = np.flatnonzero(counts[f])
+            if n == 0:
+                edges[f] = 0.0
+                continue
+            at = np.searchsorted(cum[f], np.linspace(0, 1, K + 1)[1:-1] * n)  # the bin holding each inner quantile
+            edges[f] = np.concatenate([[right[nonempty[0]] - 1 / scale], right[at], [right[nonempty[-1]]]])
+        return edges.astype(np.float32)
+
+    def new_network(self) -> BehaviourTransformer:
+        """A freshly initialised network of ``model_config_``, holding the fitted tabular bin edges."""
+        net = BehaviourTransformer(self.model_config_)
+        if self.model_config_.use_tabular and self.model_config_.tabular_bins:
+            with torch.no_grad():
+                net.tab_edges.copy_(torch.as_tensor(self.tab_edges_))
+        return net
 
     def _dp_config(self, groups, n: int):
         """The :class:`~purchase_intent.dp.DPConfig` of a DP fit (None without ``dp_epsilon``)."""
@@ -522,7 +572,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         if dp_plan.release_noise_multiplier is not None and release is None:  # the model reads no tabular input
             dp_plan = dpmod.plan(dataclasses.replace(dp, tabular_share=0.0), dp_plan.n_users)
         torch.manual_seed(self.random_state)
-        self.model_ = BehaviourTransformer(self.model_config_)
+        self.model_ = self.new_network()
         bias = dp_tabular.initial_bias(release)
         if bias is not None:  # the released share of positives: centred features no longer carry the mean logit
             with torch.no_grad():

@@ -196,7 +196,7 @@ class PretrainedTransformerClassifier(TransformerClassifier):
         nets, results = [], []
         for k in range(len(members)):
             torch.manual_seed(self.random_state + k)
-            net = BehaviourTransformer(self.model_config_)
+            net = self.new_network()
             net.load_state_dict(state, strict=False)
             loop = dataclasses.replace(self.loop_config_, max_epochs=self.max_epochs, seed=self.random_state + k,
                                        lr_scales=scales)

@@ -61,6 +61,9 @@ class TransformerConfig:
     dropout: float = 0.1  # on embeddings, residual branches and the heads
     attn_dropout: float = 0.0  # on attention weights; > 0 forces the unfused attention path on CPU
     tabular_hidden: int = 64  # width of the tabular MLP
+    # > 0: the tabular MLP also reads each feature's piecewise-linear encoding over this many bins (edges:
+    # quantiles of the train split, the buffer tab_edges); 0: the standardised values only
+    tabular_bins: int = 0
     use_sequence: bool = True  # ablation switches: sequence only / features only / both
     use_tabular: bool = True
     wide: bool = True  # add a linear term of the tabular features to the logit
@@ -255,8 +258,10 @@ class BehaviourTransformer(nn.Module):
             self.pool = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D)) if cfg.pooling == "cls+max" else None
             parts += 1
         if cfg.use_tabular:
-            H = cfg.tabular_hidden
-            self.tab_mlp = nn.Sequential(nn.Linear(cfg.n_tabular, H), nn.GELU(), Dropout(cfg.dropout),
+            H, K = cfg.tabular_hidden, int(cfg.tabular_bins)
+            if K:  # (F, K+1) bin edges per feature, set from the train split before training
+                self.register_buffer("tab_edges", torch.zeros(cfg.n_tabular, K + 1))
+            self.tab_mlp = nn.Sequential(nn.Linear(cfg.n_tabular * (1 + K), H), nn.GELU(), Dropout(cfg.dropout),
                                          nn.Linear(H, D), nn.LayerNorm(D))
             self.wide = nn.Linear(cfg.n_tabular, 1) if cfg.wide else None
             parts += 1
@@ -328,11 +333,22 @@ class BehaviourTransformer(nn.Module):
             parts.append(self.encode(batch, emb))  # (B, D)
         if self.cfg.use_tabular:
             tab = batch["tabular"] if tab is None else tab  # (B, F)
-            parts.append(self.tab_mlp(tab))  # (B, D)
+            parts.append(self.tab_mlp(self._tabular_in(tab)))  # (B, D)
         logits = self.head(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
         if self.cfg.use_tabular and self.wide is not None:
             logits = logits + self.wide(tab).squeeze(-1)  # (B,)
         return logits
+
+    def _tabular_in(self, tab: torch.Tensor) -> torch.Tensor:
+        """What the tabular MLP reads: the values (B, F), and with ``tabular_bins`` K their piecewise-linear
+        encoding (Gorishniy et al. 2022, "On Embeddings for Numerical Features in Tabular Deep Learning"):
+        per feature and bin, 0 below the bin, 1 above it, linear inside; (B, F * (1 + K))."""
+        if not self.cfg.tabular_bins:
+            return tab
+        lo = self.tab_edges[:, :-1]  # (F, K)
+        width = (self.tab_edges[:, 1:] - lo).clamp_min(1e-6)  # a repeated quantile: a step at that value
+        ple = ((tab[:, :, None] - lo) / width).clamp(0.0, 1.0)  # (B, F, K)
+        return torch.cat([tab, ple.flatten(1)], dim=-1)
 
     def forward(self, batch: dict[str, torch.Tensor], labels: Optional[torch.Tensor] = None):
         """Logits (B,) and, when ``labels`` (B,) 0/1 are given, the mean BCE-with-logits loss."""
