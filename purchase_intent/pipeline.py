@@ -110,6 +110,9 @@ def check_params(name: str, params: dict) -> None:
         MODELS[name](**{k: v for k, v in params.items() if k != "sequence"}).check_finetune()
     if name == "transformer":  # prior: refused before any data is read
         MODELS[name](**{k: v for k, v in params.items() if k != "sequence"}).check_prior()
+    if "tabular_bins" in params and name in ("transformer", "transformer_pt"):  # refused before any data is read
+        MODELS[name](**{k: v for k, v in params.items() if k != "sequence"}).check_tabular_bins(
+            params.get("dp_epsilon") is not None)
     if name == "lightgbm_emb":  # embedding / prior: refused before any data is read
         MODELS[name](**{k: v for k, v in params.items() if k != "sequence"}).check_settings()
 

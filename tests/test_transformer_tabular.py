@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from purchase_intent import pipeline
 from purchase_intent.models import onnx_inference as ox
 from purchase_intent.models.classifier import TransformerClassifier
 
@@ -83,3 +84,11 @@ def test_tabular_bins_are_train_quantiles_encoded_piecewise_linearly(tmp_path, m
 def test_a_bad_tabular_bins_is_refused(bins, match):
     with pytest.raises(ValueError, match=match):
         _fit(tabular_bins=bins)
+    with pytest.raises(ValueError, match=match):  # before any data is read
+        pipeline.check_params("transformer", {"tabular_bins": bins})
+
+
+def test_tabular_bins_with_dp_is_refused_before_any_data_is_read():
+    with pytest.raises(ValueError, match="tabular_bins with dp_epsilon"):
+        pipeline.check_params("transformer", {"tabular_bins": 8, "dp_epsilon": 8.0})
+    pipeline.check_params("transformer_pt", {"tabular_bins": 8})

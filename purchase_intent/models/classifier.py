@@ -468,7 +468,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                                          dropout=0.0 if dp is not None else self.dropout,
                                          use_sequence=use_seq, use_tabular=use_tab,
                                          wide=self.wide, pooling=self.pooling,
-                                         tabular_bins=self._tabular_bins(dp is not None) if use_tab else 0,
+                                         tabular_bins=self.check_tabular_bins(dp is not None) if use_tab else 0,
                                          pos_weight=None if pw is None else float(pw), **overrides)
         self.tab_edges_ = (self._tabular_edges(X, streamed) if self.model_config_.tabular_bins else None)
         self.loop_config_ = TrainLoopConfig(
@@ -505,8 +505,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         self.calibrator_ = fit_calibrator(self.decision_function(X_valid), y_valid, self.calibration)
         return self
 
-    def _tabular_bins(self, dp: bool) -> int:
-        """``tabular_bins`` checked: a ValueError of one line unless an integer in [0, 64], or with DP."""
+    def check_tabular_bins(self, dp: bool) -> int:
+        """``tabular_bins`` checked: a ValueError of one line unless an integer in [0, 64], or with DP (``dp``)."""
         k = self.tabular_bins
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= 64:
             raise ValueError(f"tabular_bins must be an integer from 0 to 64, got {k!r} (e.g. --param tabular_bins=16)")

@@ -86,7 +86,8 @@ class PretrainedTransformerClassifier(TransformerClassifier):
                  n_seeds: int = 1, min_steps_per_epoch: int = 16, valid_fraction: float = 0.1,
                  calibration: str = "platt",
                  tabular_log: bool = True, vocab: Any = None, device: str = "auto",
-                 checkpoint_dir: Optional[str] = None, progress: bool = False, random_state: int = 0):
+                 checkpoint_dir: Optional[str] = None, progress: bool = False, random_state: int = 0,
+                 tabular_bins: int = 0):
         super().__init__(preset=preset, d_model=d_model, n_layers=n_layers, n_heads=n_heads, dropout=dropout,
                          inputs=inputs, wide=wide, pooling=pooling, drop_fields=drop_fields,
                          max_seq_len=max_seq_len, pos_weight=pos_weight, max_epochs=max_epochs, lr=lr,
@@ -95,7 +96,7 @@ class PretrainedTransformerClassifier(TransformerClassifier):
                          min_steps_per_epoch=min_steps_per_epoch, valid_fraction=valid_fraction,
                          calibration=calibration, tabular_log=tabular_log,
                          vocab=vocab, device=device, checkpoint_dir=checkpoint_dir, progress=progress,
-                         random_state=random_state)
+                         random_state=random_state, tabular_bins=tabular_bins)
         self.encoder = encoder
         self.freeze_encoder = freeze_encoder
         self.encoder_lr_scale = encoder_lr_scale
