@@ -8,8 +8,9 @@
 
 Each step is the `purchase-intent` command (``python -m purchase_intent.cli``) in its own child
 process on a fresh workspace per file, in this order: ``ingest`` (``--format parquet``), ``build``
-(user task, 28d lookback, 7d horizon, weekly cutoffs: 12 on 114 days), ``pretrain`` (the encoder's
-defaults, tiny and masked, with ``--pretrain-args``: by default window 200), ``train lightgbm``,
+(user task, 28d lookback, 7d horizon, weekly cutoffs: 12 on 114 days), ``pretrain`` (only when
+``--steps`` names it: the encoder's defaults, tiny and masked, with ``--pretrain-args``, by default
+window 200), ``train lightgbm``,
 ``train transformer`` (preset tiny; ``--transformer-params``), ``backtest`` (``evaluate --run
 lightgbm --backtest K``: K refits) and ``score`` (``score --run lightgbm``, every active user at the
 end of the data). Seconds are the child's wall time; peak RSS is the child's own ``ru_maxrss``
@@ -41,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 STEPS = ("ingest_scan", "ingest", "build", "pretrain", "lightgbm", "transformer", "backtest", "score")
+DEFAULT_STEPS = tuple(s for s in STEPS if s != "pretrain")  # the steps of the earlier runs' commands
 SCAN = """
 import sys, duckdb
 con = duckdb.connect(); con.execute("SET threads = 2")
@@ -119,7 +121,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", nargs="*", type=Path, help="Parquet files of make_sim_data.py, smallest first")
     ap.add_argument("--refit", nargs="+", type=Path, metavar="JSON", help="pool these result files; run nothing")
-    ap.add_argument("--steps", default=",".join(STEPS), help="comma-separated, of: " + ",".join(STEPS))
+    ap.add_argument("--steps", default=",".join(DEFAULT_STEPS),
+                    help="comma-separated, of: " + ",".join(STEPS) + " (default: all but pretrain)")
     ap.add_argument("--memory-limit", help="passed to every step as $PURCHASE_INTENT_MEMORY_LIMIT")
     ap.add_argument("--src", type=Path, default=Path(__file__).resolve().parents[1],
                     help="source tree whose purchase_intent runs (default: this one)")
