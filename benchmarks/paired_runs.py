@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/paired_runs.py WORKSPACE --pairs transformer_bins16:transformer,transformer:lightgbm
 
 For each pair ``MODEL:REFERENCE`` and section (test window; pooled backtest where both runs have one), the
-runs' saved predictions are joined on their example (and fold) and compared with
-``evaluate.paired_auc_difference``: the difference with a paired stratified-bootstrap 95% interval (the same
+runs' saved predictions are compared as ``purchase-intent run`` compares a model with its reference
+(``pipeline.paired_by_section``: the difference with a paired stratified-bootstrap 95% interval, the same
 resamples for both runs). Prints a Markdown table.
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 from sklearn.metrics import roc_auc_score
 
 from purchase_intent import runs
-from purchase_intent.evaluate import paired_auc_difference
+from purchase_intent.pipeline import paired_by_section
 from purchase_intent.workspace import Workspace
 
-SECTIONS = (("test", "test window"), ("backtest", "pooled backtest"))
+SECTIONS = {"test": "test window", "backtest": "pooled backtest"}
 
 
 def fmt(d: dict) -> str:
@@ -38,16 +38,12 @@ def main() -> None:
     for pair in args.pairs.split(","):
         model, ref = pair.split(":")
         pm, pr = runs.read_predictions(ws.run_dir(model)), runs.read_predictions(ws.run_dir(ref))
-        for section, label in SECTIONS:
-            a, b = pm[pm["split"] == section], pr[pr["split"] == section]
-            if a.empty or b.empty:
-                continue
-            key = [k for k in ("example_id", "fold") if k in a.columns and k in b.columns]
-            j = a.merge(b, on=key, suffixes=("_m", "_r"))
-            d = paired_auc_difference(j["label_m"].to_numpy(), j["probability_m"].to_numpy(),
-                                      j["probability_r"].to_numpy(), n_boot=args.n_boot)
-            print(f"| {model} | {ref} | {label} | {len(j):,} | {roc_auc_score(j['label_m'], j['probability_m']):.4f} "
-                  f"| {roc_auc_score(j['label_m'], j['probability_r']):.4f} | {fmt(d)} | {fmt(d['pr_auc'])} |")
+        for section, d in paired_by_section(pm, pr, args.n_boot).items():
+            j = pm[pm["split"] == section].merge(pr[pr["split"] == section], on=["example_id"] + (
+                ["fold"] if section == "backtest" else []), suffixes=("", "_ref"))
+            print(f"| {model} | {ref} | {SECTIONS[section]} | {len(j):,} "
+                  f"| {roc_auc_score(j['label'], j['probability']):.4f} "
+                  f"| {roc_auc_score(j['label'], j['probability_ref']):.4f} | {fmt(d)} | {fmt(d['pr_auc'])} |")
 
 
 if __name__ == "__main__":

@@ -379,6 +379,21 @@ def evaluate(run: str, workspace=None, backtest: int = 0, n_boot: int = 1000, qu
     return metrics
 
 
+def paired_by_section(preds: pd.DataFrame, reference: pd.DataFrame, n_boot: int = 1000) -> dict[str, dict]:
+    """``paired_auc_difference`` of two runs' saved predictions (``runs.read_predictions``) on the examples
+    both predicted: per section, "test" (joined on the example) and "backtest" (on the example and fold),
+    where both runs have it."""
+    out = {}
+    for section, key in (("test", []), ("backtest", ["fold"])):
+        a, b = preds[preds["split"] == section], reference[reference["split"] == section]
+        if len(a) == 0 or len(b) == 0:
+            continue
+        j = a.merge(b, on=["example_id"] + key, suffixes=("", "_ref"))
+        out[section] = paired_auc_difference(j["label"].to_numpy(), j["probability"].to_numpy(),
+                                             j["probability_ref"].to_numpy(), n_boot=n_boot)
+    return out
+
+
 def compare(run_names: Sequence[str], workspace=None, n_boot: int = 1000, quiet: bool = False) -> str:
     """Paired comparison of runs on the same examples; adds "paired" to each metrics.json; returns the table.
 
@@ -397,15 +412,7 @@ def compare(run_names: Sequence[str], workspace=None, n_boot: int = 1000, quiet:
     for r in run_names:
         if reference is None or r == reference:
             continue
-        entry: dict[str, Any] = {"reference": reference}
-        for section, key in (("test", ["split"]), ("backtest", ["split", "fold"])):
-            a = preds[r][preds[r]["split"] == section]
-            b = preds[reference][preds[reference]["split"] == section]
-            if len(a) == 0 or len(b) == 0:
-                continue
-            j = a.merge(b, on=["example_id"] + key[1:], suffixes=("", "_ref"))
-            entry[section] = paired_auc_difference(j["label"].to_numpy(), j["probability"].to_numpy(),
-                                                   j["probability_ref"].to_numpy(), n_boot=n_boot)
+        entry: dict[str, Any] = {"reference": reference, **paired_by_section(preds[r], preds[reference], n_boot)}
         paired[r] = entry
         metrics[r]["paired"] = entry
         write_json(ws.run_dir(r) / runs.METRICS_JSON, metrics[r])
