@@ -32,7 +32,7 @@ import dataclasses
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -470,7 +470,6 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                                          wide=self.wide, pooling=self.pooling,
                                          tabular_bins=self.check_tabular_bins(dp is not None) if use_tab else 0,
                                          pos_weight=None if pw is None else float(pw), **overrides)
-        self.tab_edges_ = (self._tabular_edges(X, streamed) if self.model_config_.tabular_bins else None)
         self.loop_config_ = TrainLoopConfig(
             max_epochs=self.max_epochs, batch_size=self.effective_batch_size(n_train), lr=self.lr,
             weight_decay=self.weight_decay,
@@ -478,6 +477,11 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             ema_decay=self.ema_decay, seed=self.random_state, device=self.device, checkpoint_dir=self.checkpoint_dir,
             progress=self.progress)
         train_data = None if streamed else self._arrays(X, y)
+        self.tab_edges_ = None
+        if self.model_config_.tabular_bins:  # the train features as the network reads them: a shard at a time
+            self.tab_edges_ = self._tabular_edges(
+                (self._tabular(read_shard(X.paths[i])) for i in X.own()) if streamed else [train_data["tabular"]],
+                streamed)
         if dp is not None:
             return self._fit_dp(train_data, np.asarray(groups), dp, dp_plan, release)
         valid_data = self._arrays(X_valid, y_valid)
@@ -515,15 +519,15 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                              "features; leave tabular_bins at 0 for a DP fit")
         return int(k)
 
-    def _tabular_edges(self, X: "dict | SequenceShards", streamed: bool) -> np.ndarray:
-        """(F, K+1) bin edges of the tabular features as the network reads them (standardised, clipped to
-        ±TABULAR_BOUND): their quantiles over the train split, from a histogram of TABULAR_HISTOGRAM bins
-        per feature, summed over this rank's shards and over the ranks when streamed."""
+    def _tabular_edges(self, tables: Iterable[np.ndarray], streamed: bool) -> np.ndarray:
+        """(F, K+1) bin edges of the tabular features as the network reads them (``tables``: the train split's,
+        standardised and clipped to ±TABULAR_BOUND, in one or more parts): their quantiles, from a histogram of
+        TABULAR_HISTOGRAM bins per feature, summed over the parts and, when ``streamed``, over the ranks."""
         K, n_bins = self.model_config_.tabular_bins, TABULAR_HISTOGRAM
         F = self.model_config_.n_tabular
         counts = np.zeros((F, n_bins))
         scale = n_bins / (2 * TABULAR_BOUND)
-        for t in ((self._tabular(read_shard(X.paths[i])) for i in X.own()) if streamed else [self._tabular(X)]):
+        for t in tables:
             b = np.clip(((t + TABULAR_BOUND) * scale).astype(np.int64), 0, n_bins - 1)  # (N, F)
             for f in range(F):
                 counts[f] += np.bincount(b[:, f], minlength=n_bins)
