@@ -75,7 +75,7 @@ import json
 import sys
 
 from purchase_intent import runs
-from purchase_intent.evaluate import paired_auc_difference
+from purchase_intent.pipeline import paired_by_section
 from purchase_intent.workspace import Workspace
 
 ws = Workspace(sys.argv[1])
@@ -107,13 +107,8 @@ for m in models:
         met = json.loads((d / runs.METRICS_JSON).read_text())
         pv = met["privacy"]
         pm = runs.read_predictions(d)
-        for section, label, key in (("test", "test window", []), ("backtest", "pooled backtest", ["fold"])):
-            a, b = pm[pm["split"] == section], pr[pr["split"] == section]
-            if not (len(a) and len(b)):
-                continue
-            j = a.merge(b, on=["example_id"] + key, suffixes=("", "_ref"))
-            diff = paired_auc_difference(j["label"].to_numpy(), j["probability"].to_numpy(),
-                                         j["probability_ref"].to_numpy())
+        for section, diff in paired_by_section(pm, pr).items():
+            label = {"test": "test window", "backtest": "pooled backtest"}[section]
             r = met["test"] if section == "test" else met["backtest"]["pooled"]
             print(f"{m + '-dp' + e:<18} {e:>7} {pv['epsilon']:8.3f} {pv['delta']:8.2g} "
                   f"{pv['noise_multiplier']:6.3f} {pv['steps']:5d} {label:<16} {r['roc_auc']:7.4f} "

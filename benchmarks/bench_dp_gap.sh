@@ -68,13 +68,12 @@ import json
 import sys
 
 from purchase_intent import runs
-from purchase_intent.evaluate import paired_auc_difference
+from purchase_intent.pipeline import paired_by_section
 from purchase_intent.workspace import Workspace
 
 ws = Workspace(sys.argv[1])
 ref_name = sys.argv[2]
 ref = runs.read_predictions(ws.run_dir(ref_name))
-ref = ref[ref["split"] == "test"]
 m0 = json.loads((ws.run_dir(ref_name) / runs.METRICS_JSON).read_text())["test"]
 
 
@@ -91,9 +90,7 @@ for name in sys.argv[3:]:
         continue
     met = json.loads((d / runs.METRICS_JSON).read_text())
     pv = met.get("privacy") or {}
-    p = runs.read_predictions(d)
-    j = p[p["split"] == "test"].merge(ref, on="example_id", suffixes=("", "_ref"))
-    diff = paired_auc_difference(j["label"].to_numpy(), j["probability"].to_numpy(), j["probability_ref"].to_numpy())
+    diff = paired_by_section(runs.read_predictions(d), ref)["test"]
     eps = f"{pv['epsilon']:8.3f}" if pv else f"{'∞':>8}"
     steps = f"{pv['steps']:5d}" if pv else f"{'-':>5}"
     print(f"{name:<14} {eps} {steps} {met['test']['roc_auc']:7.4f} {met['test']['pr_auc']:7.4f} "

@@ -74,10 +74,11 @@ pairs() {
 import sys
 
 from purchase_intent import runs
-from purchase_intent.evaluate import paired_auc_difference
+from purchase_intent.pipeline import paired_by_section
 from purchase_intent.workspace import Workspace
 
 ws = Workspace(sys.argv[1])
+SECTIONS = {"test": "test window", "backtest": "pooled backtest"}
 
 
 def fmt(d):
@@ -90,13 +91,8 @@ for pair in sys.argv[2].split(","):
     if not (ws.run_dir(model).exists() and ws.run_dir(ref).exists()):
         continue
     pm, pr = runs.read_predictions(ws.run_dir(model)), runs.read_predictions(ws.run_dir(ref))
-    for section, label, key in (("test", "test window", []), ("backtest", "pooled backtest", ["fold"])):
-        a, b = pm[pm["split"] == section], pr[pr["split"] == section]
-        if len(a) and len(b):
-            j = a.merge(b, on=["example_id"] + key, suffixes=("", "_ref"))
-            d = paired_auc_difference(j["label"].to_numpy(), j["probability"].to_numpy(),
-                                      j["probability_ref"].to_numpy())
-            print(f"{model:<15} {ref:<12} {label:<16} {fmt(d):<30} {fmt(d['pr_auc'])}")
+    for section, d in paired_by_section(pm, pr).items():
+        print(f"{model:<15} {ref:<12} {SECTIONS[section]:<16} {fmt(d):<30} {fmt(d['pr_auc'])}")
 PY
 }
 
