@@ -10,6 +10,7 @@ resamples for both runs). Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from sklearn.metrics import roc_auc_score
@@ -37,6 +38,11 @@ def main() -> None:
     print("|---|---|---|---:|---:|---:|---|---|")
     for pair in args.pairs.split(","):
         model, ref = pair.split(":")
+        missing = [r for r in (model, ref) if not (ws.run_dir(r) / runs.PREDICTIONS).exists()]
+        if missing:  # not trained, or trained and not yet evaluated
+            print(f"skipped {pair}: no predictions for {', '.join(missing)} (train and evaluate it first)",
+                  file=sys.stderr)
+            continue
         pm, pr = runs.read_predictions(ws.run_dir(model)), runs.read_predictions(ws.run_dir(ref))
         for section, d in paired_by_section(pm, pr, args.n_boot).items():
             j = pm[pm["split"] == section].merge(pr[pr["split"] == section], on=["example_id"] + (
