@@ -310,6 +310,21 @@ def _pred_frame(built: Built, idx: np.ndarray, p: np.ndarray, split: str, fold: 
     return df
 
 
+def below_chance_warning(run: str, valid: dict, privacy: Optional[dict] = None) -> Optional[str]:
+    """A line when the run ranks its valid examples below chance beyond the ROC-AUC's 95% interval (its
+    scores point the wrong way: a model that learned nothing would sit at 0.5), else None. For a DP run
+    (``privacy``, the accountant's record) it names the likely cause: too few noisy steps to learn from."""
+    ci = valid.get("roc_auc_ci")
+    if not ci or ci[1] is None or not ci[1] < 0.5:
+        return None
+    text = (f"run {run!r} ranks the valid examples below chance (ROC-AUC {valid['roc_auc']:.3f}, 95% CI "
+            f"[{ci[0]:.3f}, {ci[1]:.3f}]): do not use its scores")
+    if privacy:
+        text += (f"; a DP fit of {privacy.get('steps', '?')} noisy steps on this few users did not learn: "
+                 f"use more users, a larger dp_epsilon, or no DP")
+    return text
+
+
 def evaluate(run: str, workspace=None, backtest: int = 0, n_boot: int = 1000, quiet: bool = False) -> dict:
     """Score the run's model on valid and test (and K backtest folds); write metrics.json.
 
@@ -346,6 +361,10 @@ def evaluate(run: str, workspace=None, backtest: int = 0, n_boot: int = 1000, qu
         raw[split] = _uncalibrated(model, X) if len(idx) else None
         metrics[split] = binary_metrics(y[idx], p[split], n_boot=n_boot)
         preds.append(_pred_frame(built, idx, p[split], split))
+    warning = below_chance_warning(run, metrics["valid"], meta.get("privacy"))
+    if warning:
+        metrics["warnings"] = [warning]
+        log(f"warning: {warning}", quiet)
     if raw["test"] is not None:
         yv, yt = y[built.mask("valid")], y[built.mask("test")]
         metrics["calibration"] = {

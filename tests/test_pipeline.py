@@ -95,6 +95,30 @@ def test_evaluate_refuses_a_run_of_an_older_build(shop, tmp_path):
         pipeline.evaluate("logreg", ws, n_boot=50)
 
 
+def test_a_run_ranking_valid_examples_below_chance_is_flagged(shop, tmp_path, monkeypatch, capsys):
+    ws = tmp_path / "ws"
+    pipeline.ingest(shop, DataConfig(format="csv"), ws, progress=False)
+    pipeline.build(LabelConfig(lookback="14d", horizon="7d", step="7d"), workspace=ws, quiet=True)
+    pipeline.train("logreg", train_cfg=TrainConfig(min_positives=5, min_negatives=5), workspace=ws, quiet=True)
+    assert "warnings" not in pipeline.evaluate("logreg", ws, n_boot=50)
+    assert "below chance" not in capsys.readouterr().out
+    scores = pipeline._probabilities
+    monkeypatch.setattr(pipeline, "_probabilities", lambda model, X: 1.0 - scores(model, X))  # pointing the wrong way
+    metrics = pipeline.evaluate("logreg", ws, n_boot=50)
+    assert metrics["valid"]["roc_auc_ci"][1] < 0.5
+    assert len(metrics["warnings"]) == 1 and "'logreg' ranks the valid examples below chance" in metrics["warnings"][0]
+    assert json.loads((ws / "runs" / "logreg" / "metrics.json").read_text())["warnings"] == metrics["warnings"]
+    assert "warning: run 'logreg' ranks the valid examples below chance" in capsys.readouterr().out
+
+
+def test_below_chance_warning_names_the_dp_cause_only_for_a_dp_run():
+    valid = {"roc_auc": 0.3, "roc_auc_ci": [0.2, 0.4]}
+    assert "noisy steps" not in pipeline.below_chance_warning("r", valid)
+    assert "12 noisy steps" in pipeline.below_chance_warning("r", valid, {"steps": 12, "epsilon": 8})
+    assert pipeline.below_chance_warning("r", {"roc_auc": 0.45, "roc_auc_ci": [0.38, 0.52]}) is None  # inside: noise
+    assert pipeline.below_chance_warning("r", {"roc_auc": None, "roc_auc_ci": None}) is None  # one class only
+
+
 def test_backtest_refits_with_the_parameters_the_run_was_trained_with(shop, tmp_path, monkeypatch):
     ws = tmp_path / "ws"
     pipeline.ingest(shop, DataConfig(format="csv"), ws, progress=False)
