@@ -459,9 +459,11 @@ def _render(ws: Workspace, names: list[str], with_explanations: bool, n_explain:
         raise FileNotFoundError(f"runs without {runs.METRICS_JSON}: {', '.join(missing)} "
                                 "(run `purchase-intent evaluate`)")
     page = Page("Purchase-intent report")
-    stale = stale_runs(ws, names)
-    if stale:  # before everything: these runs learned from data erased since (`forget`)
-        page.add('<p class="note"><b>Warning:</b> ' + "<br>".join(esc(w) for w in stale) + "</p>")
+    # before everything: runs that learned from data erased since (`forget`), and runs whose scores point the
+    # wrong way (`evaluate`'s warnings)
+    warnings = stale_runs(ws, names) + [w for r in names for w in runs.read_metrics(ws.run_dir(r)).get("warnings", [])]
+    if warnings:
+        page.add('<p class="note"><b>Warning:</b> ' + "<br>".join(esc(w) for w in warnings) + "</p>")
     _data_section(page, ws, k)
     info = _task_section(page, ws, k)
     preds = _comparison_section(page, ws, names, k) if names else {}

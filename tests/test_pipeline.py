@@ -109,6 +109,9 @@ def test_a_run_ranking_valid_examples_below_chance_is_flagged(shop, tmp_path, mo
     assert len(metrics["warnings"]) == 1 and "'logreg' ranks the valid examples below chance" in metrics["warnings"][0]
     assert json.loads((ws / "runs" / "logreg" / "metrics.json").read_text())["warnings"] == metrics["warnings"]
     assert "warning: run 'logreg' ranks the valid examples below chance" in capsys.readouterr().out
+    from purchase_intent.report import write_report
+    html = write_report(ws, runs=["logreg"], explain=False).read_text()
+    assert "<b>Warning:</b> run &#x27;logreg&#x27; ranks the valid examples below chance" in html
 
 
 def test_below_chance_warning_names_the_dp_cause_only_for_a_dp_run():
