@@ -10,7 +10,7 @@
 # then benchmarks/paired_runs.py --pairs $PAIRS: each run against its reference (paired bootstrap).
 # Environment: USERS (default 45000), DAYS (90), MODELS (lightgbm,transformer), PRETRAIN (0; 1 adds
 # --pretrain to run), BACKTEST (default 0: the test window only), SEED (0), PAIRS (none: no table),
-# LOG (variants.log, in OUT_DIR).
+# LOG (variants.log, in OUT_DIR), REUSE (0; 1 keeps an existing OUT_DIR/ws-sim and only adds the variants).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +27,8 @@ PI=.venv/bin/purchase-intent
 mkdir -p "$out"
 ws=$out/ws-sim
 log=$out/${LOG:-variants.log}
-rm -rf "$ws"
+REUSE=${REUSE:-0}
+if [ "$REUSE" != 1 ] || [ ! -d "$ws" ]; then REUSE=0; rm -rf "$ws"; fi
 
 step() {  # step ARGS...: one CLI command, echoed and timed into the log
   echo "\$ ${*}" | tee -a "$log"
@@ -40,11 +41,14 @@ if [ "$BACKTEST" -gt 0 ]; then bt=(--backtest "$BACKTEST"); fi
 pt=()
 if [ "$PRETRAIN" = 1 ]; then pt=(--pretrain); fi
 
+if [ "$REUSE" = 0 ]; then : >"$log"; fi
 echo "== $(date -u +%FT%TZ) nproc $(nproc), load $(cut -d' ' -f1-3 /proc/loadavg), commit" \
-  "$(git rev-parse --short HEAD 2>/dev/null || echo '?')" | tee "$log"
-step "$PI" simulate --users "$USERS" --days "$DAYS" --seed 0 --out "$out/sim.parquet"
-step "$PI" --workspace "$ws" run --data "$out/sim.parquet" --format parquet --models "$MODELS" \
-  "${pt[@]}" "${bt[@]}" --seed "$SEED"
+  "$(git rev-parse --short HEAD 2>/dev/null || echo '?'), reuse $REUSE" | tee -a "$log"
+if [ "$REUSE" = 0 ]; then
+  step "$PI" simulate --users "$USERS" --days "$DAYS" --seed 0 --out "$out/sim.parquet"
+  step "$PI" --workspace "$ws" run --data "$out/sim.parquet" --format parquet --models "$MODELS" \
+    "${pt[@]}" "${bt[@]}" --seed "$SEED"
+fi
 for spec in "$@"; do
   IFS=: read -r run model params <<<"$spec"
   # shellcheck disable=SC2086
