@@ -70,11 +70,6 @@ class PretrainedTransformerClassifier(TransformerClassifier):
     reinit_layers : int >= 0
         Re-initialise the top this many encoder blocks (with ``ln_f`` and ``pool``) instead of
         loading their pretrained weights: the lower blocks transfer, the top ones are learnt afresh.
-    tabular_bins : int
-        As :class:`TransformerClassifier`, whose default is 0; here 16: the tabular features' piecewise-linear
-        encoding over 16 train quantiles lifted the fine-tuned network by +0.002 to +0.003 ROC-AUC, beyond the
-        paired interval, in two seeds on the 206k-example simulator (BENCHMARKS.md, "Binned tabular features in
-        the pretrained Transformer").
     Other parameters (``prior`` included): as :class:`TransformerClassifier`.
 
     Measured effects of these settings are in BENCHMARKS.md ("Fine-tuning recipes").
@@ -92,7 +87,7 @@ class PretrainedTransformerClassifier(TransformerClassifier):
                  calibration: str = "platt",
                  tabular_log: bool = True, vocab: Any = None, device: str = "auto",
                  checkpoint_dir: Optional[str] = None, progress: bool = False, random_state: int = 0,
-                 tabular_bins: int = 16):
+                 tabular_bins: int = 0):
         super().__init__(preset=preset, d_model=d_model, n_layers=n_layers, n_heads=n_heads, dropout=dropout,
                          inputs=inputs, wide=wide, pooling=pooling, drop_fields=drop_fields,
                          max_seq_len=max_seq_len, pos_weight=pos_weight, max_epochs=max_epochs, lr=lr,
