@@ -189,8 +189,9 @@ def plan(cfg: DPConfig, n_users: int) -> DPPlan:
         if math.isinf(release):
             raise PrivacyBudgetError(
                 f"dp_tabular_share={share:g} of dp_epsilon={cfg.epsilon:g} (delta={delta:.2g}) is too small a "
-                "budget for the release of the tabular statistics: the accountant cannot certify one Gaussian "
-                "release below it; give a larger dp_epsilon or dp_tabular_share, or tabular_scaling=\"fixed\"")
+                "budget for the release of the tabular statistics (tabular_scaling=\"dp\", a DP fit's default): "
+                "the accountant cannot certify one Gaussian release below it; give a larger dp_epsilon or "
+                "dp_tabular_share, or --param tabular_scaling=fixed (public constants, no release)")
         sigma = _calibrate(float(cfg.epsilon), delta, q, steps, before=((release, 1.0, 1),))
     else:
         from opacus.accountants.utils import get_noise_multiplier
