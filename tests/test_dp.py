@@ -77,8 +77,8 @@ def test_dp_logreg_uses_fixed_transform_and_refuses_without_groups():
     X, y = data["x"].astype(np.float64) * 100, data["label"].astype(int)
     with pytest.raises(ValueError, match="needs the user of each train example"):
         LogisticRegressionModel(dp_epsilon=8).fit(X, y)
-    m = LogisticRegressionModel(dp_epsilon=8, dp_users_per_step=100, dp_epochs=3, dp_feature_bound=3).fit(
-        X, y, groups=groups)
+    m = LogisticRegressionModel(dp_epsilon=8, dp_users_per_step=100, dp_epochs=3, dp_feature_bound=3,
+                                tabular_scaling="fixed").fit(X, y, groups=groups)
     assert (m.mean_ == 0).all() and (m.scale_ == 1).all() and m.privacy_["epsilon"] <= 8
     Z = m._standardise(X)
     assert np.abs(Z).max() <= 3  # clipped to the fixed range
