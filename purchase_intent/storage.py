@@ -33,9 +33,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pyarrow.parquet.encryption as pe
 from cryptography.exceptions import InvalidTag
@@ -298,6 +296,9 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
 
 def read_frame(path: str | Path, columns: list[str] | None = None):
     """A Parquet file as a DataFrame (decrypted when encrypted)."""
+    import pandas as pd  # here, not at the top: pandas (and pyarrow.dataset) take ~0.3 s to import, and the
+    # command line reads this module before it knows whether the command needs them
+
     if not is_encrypted_file(path):
         return pd.read_parquet(path, columns=columns)
     return read_table(path, columns).to_pandas()
@@ -332,6 +333,8 @@ def scan(con, paths: Iterable[str | Path], union_by_name: bool = False) -> str:
     if not any(is_encrypted_file(p) for p in paths):
         files = ", ".join(_sql_str(p) for p in paths)
         return f"read_parquet([{files}]{', union_by_name = true' if union_by_name else ''})"
+    import pyarrow.dataset as ds  # imports pandas (see read_frame)
+
     factory, kms = _crypto(user_key() or _missing_key(paths[0]))
     config = ds.ParquetDecryptionConfig(factory, kms, pe.DecryptionConfiguration())
     fmt = ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(decryption_config=config))
