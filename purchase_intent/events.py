@@ -487,6 +487,26 @@ def _folder_files(path: Path) -> list[Path]:
     return files
 
 
+def read_settings(cfg: DataConfig) -> dict:
+    """The settings of ``cfg`` that decide what a file's rows become (format, column and event maps, the
+    timestamp unit, strict event names, the time window), as the manifest records them with each file."""
+    return {"format": cfg.format, "mapping": dict(sorted((cfg.mapping or {}).items())),
+            "event_map": dict(sorted((cfg.event_map or {}).items())), "ts_unit": cfg.ts_unit,
+            "strict_events": bool(cfg.strict_events), "since": cfg.since, "until": cfg.until}
+
+
+def _check_same_settings(path: Path, entry: dict, settings: dict) -> None:
+    """Raise ValueError (one line) when ``path``, already in the manifest as ``entry``, is given again with
+    settings that would read it otherwise: its stored events keep the old ones, so they would not apply."""
+    then = entry.get("settings") or {"format": entry.get("format")}  # older manifests record the format only
+    changed = [k for k in settings if k in then and then[k] != settings[k]]
+    if changed:
+        what = "; ".join(f"{k} {then[k]!r} then, {settings[k]!r} now" for k in changed)
+        raise ValueError(f"{path} was ingested into this workspace before with other settings ({what}): its "
+                         f"events are stored as read then, so the new settings would not apply; nothing was "
+                         f"ingested. Ingest it into a new workspace (--workspace NEW) to read it with them")
+
+
 def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str | Path, cfg: DataConfig,
            progress: bool = True, ingest_file: Optional[Callable[..., FileReport]] = None) -> IngestReport:
     """Read, validate, pseudonymise and store raw event files; all files land or none.
@@ -541,6 +561,8 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
                 raise ValueError("the pseudonymisation key differs from the one this workspace was built with; "
                                  "set PURCHASE_INTENT_PSEUDONYM_KEY back or use a new workspace")
             known = {e["sha256"] for e in manifest["files"]}
+            entry_of = {e["sha256"]: e for e in manifest["files"]}
+            settings = read_settings(cfg)
             stage = tmp_path(ws.events_dir / "ingest")
             stage.mkdir(parents=True)
             moved: list[Path] = []
@@ -551,6 +573,8 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
                     else:
                         sha = _sha256(p)
                     if sha in known:
+                        if sha in entry_of:  # (not a file given twice in this call)
+                            _check_same_settings(p, entry_of[sha], settings)
                         report.files.append(FileReport(source=str(p), sha256=sha, skipped=True))
                         if progress:
                             print(f"skipped {p} (already ingested)", file=sys.stderr)
@@ -586,6 +610,7 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
                         moved.append(dest)
                         f.rejects_path, rejects = dest, f"rejects/{dest.name}"
                     entries.append({**dict(sha256=f.sha256, source=str(Path(f.source).resolve()), format=cfg.format,
+                                           settings=settings,
                                            parts=[f.part] if f.part else [], rejects=rejects, rows_read=f.rows_read,
                                            unmapped_events=f.unmapped,
                                            accepted=f.accepted, rejected=f.rejected, filtered=f.filtered,

@@ -108,6 +108,8 @@ def check_params(name: str, params: dict) -> None:
         sequence_shards.check_shard_rows(params["stream_shard_rows"])
     if name == "transformer_pt":  # its fine-tuning settings (type, range): refused before any data is read
         MODELS[name](**{k: v for k, v in params.items() if k != "sequence"}).check_finetune()
+    if name in ("transformer", "transformer_pt"):  # numeric settings (type, range): refused before any data is read
+        MODELS[name](**{k: v for k, v in params.items() if k != "sequence"}).check_settings()
     if name == "transformer":  # prior: refused before any data is read
         MODELS[name](**{k: v for k, v in params.items() if k != "sequence"}).check_prior()
     if "tabular_bins" in params and name in ("transformer", "transformer_pt"):  # refused before any data is read
@@ -115,6 +117,9 @@ def check_params(name: str, params: dict) -> None:
             params.get("dp_epsilon") is not None)
     if name == "lightgbm_emb":  # embedding / prior: refused before any data is read
         MODELS[name](**{k: v for k, v in params.items() if k != "sequence"}).check_settings()
+    if name in ("lightgbm", "lightgbm_emb"):  # LightGBM's settings (type, range): refused before any data is read
+        lgb_params = {k: v for k, v in params.items() if k in model_parameters("lightgbm")}
+        MODELS["lightgbm"](**lgb_params).check_settings()
 
 
 def _reads_encoder(name: str, params: dict) -> bool:

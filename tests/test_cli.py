@@ -143,6 +143,32 @@ def test_model_parameters_come_from_the_estimator_signatures():
         pipeline.check_params("logreg", {"random_state": 1})
 
 
+@pytest.mark.parametrize("model, key, value", [
+    ("lightgbm", "num_leaves", "abc"), ("lightgbm", "learning_rate", "0,1"), ("lightgbm", "n_estimators", 1.5),
+    ("lightgbm", "num_leaves", -3), ("lightgbm", "subsample", 2), ("lightgbm", "min_child_samples", True),
+    ("lightgbm_emb", "num_leaves", 1), ("transformer", "lr", "abc"), ("transformer", "max_epochs", 1.5),
+    ("transformer", "d_model", -4), ("transformer", "batch_size", 0), ("transformer", "dropout", 2),
+    ("transformer", "n_heads", 3), ("transformer", "ema_decay", 1), ("transformer", "lr", float("nan")),
+    ("transformer_pt", "lr", 0), ("transformer_pt", "patience", -1)])
+def test_a_setting_of_the_wrong_type_or_range_is_refused_in_one_line(model, key, value):
+    """Values LightGBM or PyTorch would fail on with a traceback (or train on, as dropout=2) are refused
+    before any data is read, in one line naming the setting."""
+    with pytest.raises(ValueError) as e:
+        pipeline.check_params(model, {key: value})
+    assert key in str(e.value) and "\n" not in str(e.value)
+    pipeline.check_params(model, {})  # the defaults pass
+    pipeline.check_params(model, {"lr" if "transformer" in model else "num_leaves": 8})
+
+
+def test_train_refuses_a_mistyped_lightgbm_setting_before_reading_the_data(tmp_path, capsys):
+    ws = tmp_path / "ws"
+    rc = main(["--workspace", str(ws), "train", "--model", "lightgbm", "--param", "num_leaves=abc"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error: lightgbm: num_leaves must be a whole number")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (ws / "runs").exists()
+
+
 def test_run_checks_parameters_before_ingesting(events_csv, tmp_path, capsys):
     ws = tmp_path / "ws"
     rc = main(["--workspace", str(ws), "run", "--data", str(events_csv), "--models", "logreg",

@@ -238,6 +238,28 @@ def test_idempotent(tmp_path):
     assert ws.connect().sql("SELECT count(*) FROM events").fetchall()[0][0] == 6
 
 
+@pytest.mark.parametrize("changed", [dict(event_map={"teleport": "view"}), dict(since="2024-01-01"),
+                                     dict(mapping={"item_id": "category"}), dict(strict_events=True)])
+def test_a_file_given_again_with_other_settings_is_refused_not_skipped(tmp_path, changed):
+    """Skipping it would keep its events as read with the first settings, and the new ones would silently not
+    apply; the refusal names what changed and leaves the workspace as it was."""
+    ws = Workspace(tmp_path / "ws")
+    ingest(ws, [DATA / "rejects.csv"], DataConfig(format="csv"), progress=False)
+    before = _snapshot(tmp_path / "ws")
+    with pytest.raises(ValueError, match="ingested into this workspace before with other settings") as e:
+        ingest(ws, [DATA / "rejects.csv"], DataConfig(format="csv", **changed), progress=False)
+    assert next(iter(changed)) in str(e.value) and "\n" not in str(e.value) and "--workspace NEW" in str(e.value)
+    assert _snapshot(tmp_path / "ws") == before
+    # an entry of an older manifest records the format only: that is what is compared
+    manifest = ws.read_manifest()
+    del manifest["files"][0]["settings"]
+    ev.atomic_write_json(ws.manifest_path, manifest)
+    r = ingest(ws, [DATA / "rejects.csv"], DataConfig(format="csv", **changed), progress=False)
+    assert r.skipped == [str(DATA / "rejects.csv")]
+    with pytest.raises(ValueError, match="format 'csv' then, 'jsonl' now"):
+        ingest(ws, [DATA / "rejects.csv"], DataConfig(format="jsonl"), progress=False)
+
+
 def test_since_until_filtered(tmp_path, tiny_events):
     src = tmp_path / "in.csv"
     tiny_events.to_csv(src, index=False)

@@ -32,6 +32,7 @@ from .. import dp as dpmod
 from .. import dp_tabular
 from ..workspace import atomic_write_text
 from .attribution import Contributions
+from .settings import Setting, check_settings
 
 LOGREG_FILE = "logreg.json"
 LIGHTGBM_FILE = "lightgbm.txt"
@@ -467,18 +468,30 @@ class LightGBMModel(ClassifierMixin, BaseEstimator):
         tags.classifier_tags.multi_class = False
         return tags
 
+    # LightGBM's own checks, made before any data is read
+    SETTINGS = (Setting("n_estimators", int, 1), Setting("learning_rate", float, 0, lo_in=False),
+                Setting("num_leaves", int, 2, 131072), Setting("min_child_samples", int, 0),
+                Setting("subsample", float, 0, 1, lo_in=False), Setting("subsample_freq", int, 0),
+                Setting("colsample_bytree", float, 0, 1, lo_in=False), Setting("reg_lambda", float, 0),
+                Setting("early_stopping_rounds", int, 0), Setting("n_jobs", int, -1))
+
+    def check_settings(self) -> None:
+        """Raise ValueError (one line) for a setting of the wrong type or out of LightGBM's range, e.g.
+        ``num_leaves="abc"`` or ``subsample=2`` (LightGBM itself would fail with a traceback)."""
+        check_settings("lightgbm", self, self.SETTINGS)
+
     def _params(self, seed: int) -> dict:
         return {
             "objective": "binary",
             "metric": "binary_logloss",
             "learning_rate": self.learning_rate,
-            "num_leaves": self.num_leaves,
-            "min_data_in_leaf": self.min_child_samples,
+            "num_leaves": int(self.num_leaves),
+            "min_data_in_leaf": int(self.min_child_samples),
             "bagging_fraction": self.subsample,
-            "bagging_freq": self.subsample_freq,
+            "bagging_freq": int(self.subsample_freq),
             "feature_fraction": self.colsample_bytree,
             "lambda_l2": self.reg_lambda,
-            "num_threads": self.n_jobs,
+            "num_threads": int(self.n_jobs),
             "seed": seed,
             "deterministic": True,
             "force_col_wise": True,
@@ -487,6 +500,7 @@ class LightGBMModel(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y, X_valid=None, y_valid=None) -> "LightGBMModel":
         """Fit on (X, y), early-stopping on (X_valid, y_valid) when both are given."""
+        self.check_settings()
         lgb = _import_lightgbm()
         if is_row_source(X):  # rows left on disk: LightGBM bins them batch by batch (lightgbm.Sequence)
             y01 = _validate_fit_rows(self, X, y)
@@ -501,8 +515,8 @@ class LightGBMModel(ClassifierMixin, BaseEstimator):
         if X_valid is not None and y_valid is not None and self.early_stopping_rounds > 0:
             Xv, yv = _encode_valid(self, X_valid, y_valid)
             valid_sets = [lgb.Dataset(Xv, label=yv, reference=train)]
-            callbacks = [lgb.early_stopping(self.early_stopping_rounds, verbose=False)]
-        self.booster_ = lgb.train(self._params(seed), train, num_boost_round=self.n_estimators,
+            callbacks = [lgb.early_stopping(int(self.early_stopping_rounds), verbose=False)]
+        self.booster_ = lgb.train(self._params(seed), train, num_boost_round=int(self.n_estimators),
                                   valid_sets=valid_sets, callbacks=callbacks)
         best = self.booster_.best_iteration
         self.best_iteration_ = int(best) if best and best > 0 else int(self.booster_.num_trees())

@@ -53,6 +53,7 @@ from ..workspace import atomic_write_bytes, atomic_write_text
 from . import onnx_inference as ox
 from .attribution import Contributions, integrated_gradients
 from .prior import PRIOR_DIR, PRIOR_FEATURE, RollingPrior
+from .settings import Setting, check_settings
 from .transformer import BehaviourTransformer, SeedEnsemble, TransformerConfig, collate
 from .transformer import preset as make_preset
 
@@ -270,6 +271,38 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         """The tabular columns after the run's features: the prior when ``prior``."""
         return [PRIOR_FEATURE] if self.prior else []
 
+    # the numeric settings, checked before any data is read (tabular_bins, stream_shard_rows and the DP budget
+    # have their own checks)
+    SETTINGS = (Setting("d_model", int, 1, none=True), Setting("n_layers", int, 1, none=True),
+                Setting("n_heads", int, 1, none=True), Setting("dropout", float, 0, 1, hi_in=False),
+                Setting("max_seq_len", int, 1, none=True), Setting("max_epochs", int, 1),
+                Setting("lr", float, 0, lo_in=False), Setting("batch_size", int, 1),
+                Setting("weight_decay", float, 0), Setting("warmup_frac", float, 0, 1),
+                Setting("patience", int, 0), Setting("grad_clip", float, 0), Setting("ema_decay", float, 0, 1,
+                                                                                      hi_in=False),
+                Setting("n_seeds", int, 1), Setting("min_steps_per_epoch", int, 1),
+                Setting("valid_fraction", float, 0, 1, lo_in=False, hi_in=False), Setting("random_state", int, none=True),
+                Setting("dp_max_grad_norm", float, 0, lo_in=False), Setting("dp_users_per_step", int, 1),
+                Setting("dp_examples_per_user", int, 1), Setting("dp_epochs", float, 0, lo_in=False),
+                Setting("dp_lr", float, 0, lo_in=False))
+
+    def check_settings(self) -> None:
+        """Raise ValueError (one line) for a numeric setting of the wrong type or out of range (``lr="0,1"``,
+        ``max_epochs=1.5``, ``dropout=2``), and for ``d_model`` not a multiple of ``n_heads``."""
+        pretrained = type(self).__name__.startswith("Pretrained")
+        name = "transformer_pt" if pretrained else "transformer"
+        check_settings(name, self, self.SETTINGS)
+        if pretrained:  # the encoder sets the sizes
+            return
+        base = make_preset(self.preset)  # an unknown preset: one line naming the presets
+        d_model, n_heads = self.d_model or base.d_model, self.n_heads or base.n_heads
+        if d_model % n_heads:
+            raise ValueError(f"{name}: d_model ({d_model}) must be a multiple of n_heads ({n_heads}); "
+                             f"preset {self.preset} has d_model {base.d_model} and n_heads {base.n_heads}")
+
+    def _check_fit_settings(self) -> None:
+        self.check_settings()
+
     def check_prior(self) -> None:
         """Raise ValueError (one line) for a ``prior`` setting that is not a boolean, or with ``dp_epsilon``."""
         if not isinstance(self.prior, bool):
@@ -336,6 +369,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         With ``X`` a :class:`~purchase_intent.sequence_shards.SequenceShards`: ``y=None`` (the
         labels are in the shards) and ``X_valid``, ``y_valid`` given.
         """
+        self._check_fit_settings()
         self.check_prior()
         if isinstance(X, SequenceShards):
             if self.prior:

@@ -147,8 +147,12 @@ class PretrainedTransformerClassifier(TransformerClassifier):
         out.update({"ln_f.": s, "pool.": s})
         return out
 
+    def _check_fit_settings(self) -> None:
+        """Nothing: ``fit`` checks the settings first, then builds through the parent's fit with no epoch."""
+
     def fit(self, X: dict, y, X_valid: Optional[dict] = None, y_valid=None) -> "PretrainedTransformerClassifier":
         """Build the classifier around the pretrained encoder, fine-tune on (X, y), calibrate on valid."""
+        self.check_settings()
         self.check_finetune()
         self.prior_ = RollingPrior.load(self.encoder) if self.prior else None
         X, X_valid = self._with_prior(X), self._with_prior(X_valid)
