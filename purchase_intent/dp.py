@@ -32,6 +32,7 @@ _)`` module, or any model with a per-example loss (the self-supervised pretraini
 from __future__ import annotations
 
 import math
+import secrets
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -67,6 +68,18 @@ class DPConfig:
     accountant: str = "rdp"
     # share of ε for the DP release of the tabular features' mean and scale (dp_tabular.py); 0 = none
     tabular_share: float = 0.0
+    # None: the noise and the users sampled at each step are drawn from the operating system's entropy, which
+    # nobody can replay (the guarantee assumes them secret); an int makes them reproducible, and whoever knows
+    # it (it is saved with the run) could replay the noise: for tests and experiments only
+    noise_seed: Optional[int] = None
+
+
+def noise_rng(cfg: DPConfig, stream: int) -> np.random.Generator:
+    """The generator of one of a DP fit's secret random streams (0: the users sampled at each step,
+    1: the release of the tabular statistics): from ``cfg.noise_seed`` when set, else from the operating
+    system's entropy (``secrets``), so that no seed saved with the run replays the noise."""
+    seed = secrets.randbits(128) if cfg.noise_seed is None else int(cfg.noise_seed)
+    return np.random.default_rng([seed, stream])
 
 
 @dataclass
@@ -273,7 +286,7 @@ def train_dp(model: nn.Module, data: dict[str, np.ndarray], groups: np.ndarray, 
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    sampler = UserSampler(groups, cfg.examples_per_user, np.random.default_rng(seed))
+    sampler = UserSampler(groups, cfg.examples_per_user, noise_rng(cfg, 0))  # which users: secret, as the noise
     if sampler.n_users != dp_plan.n_users:
         raise ValueError(f"the plan is for {dp_plan.n_users} users, the data has {sampler.n_users}")
     model.eval()  # dropout is 0 in DP models; eval mode keeps every op batchable by vmap
@@ -282,7 +295,7 @@ def train_dp(model: nn.Module, data: dict[str, np.ndarray], groups: np.ndarray, 
     params = dict(call.named_parameters())
     buffers = dict(call.named_buffers())
     labels = np.asarray(data["label"], dtype=np.float32) if loss is None else np.zeros(len(groups), np.float32)
-    generator = torch.Generator().manual_seed(seed + 1)
+    generator = torch.Generator().manual_seed(int(noise_rng(cfg, 2).integers(2 ** 63)))  # the noise: secret
     opt = DPOptimizer(torch.optim.Adam([params[n] for n in names], lr=cfg.lr),
                       noise_multiplier=dp_plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
                       expected_batch_size=max(1, int(round(dp_plan.expected_users))), loss_reduction="mean",
@@ -332,6 +345,8 @@ def train_dp(model: nn.Module, data: dict[str, np.ndarray], groups: np.ndarray, 
             "per-user clipping of the summed gradient",
             "noise_multiplier": dp_plan.noise_multiplier, "sample_rate": dp_plan.sample_rate,
             "steps": dp_plan.steps, "n_users": dp_plan.n_users, "config": asdict(cfg),
+            "noise": ("drawn from the operating system's entropy (not replayable)" if cfg.noise_seed is None else
+                      "seeded by noise_seed (replayable by whoever knows it: not for data that must stay private)"),
             **({"release_noise_multiplier": dp_plan.release_noise_multiplier,
                 "release_epsilon_alone": _epsilon([(dp_plan.release_noise_multiplier, 1.0, 1)], dp_plan.delta)}
                if dp_plan.release_noise_multiplier is not None else {}),

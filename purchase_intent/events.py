@@ -233,8 +233,14 @@ def stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], extr
         return f"CAST({sql_ident(mapping[canon])} AS DOUBLE)" if mapping.get(canon) in src.numeric else None
 
     # a name no map names is stored as other (its raw name kept), or, with strict_events, rejected
+    # a name matches exactly, or else in any case ('Purchase', 'VIEW') where its lower case names one event only
+    folded: dict[str, set[str]] = {}
+    for k, v in events.items():
+        folded.setdefault(k.lower(), set()).add(v)
     ev_case = "CASE _raw_event " + " ".join(
-        f"WHEN {sql_literal(k)} THEN {sql_literal(v)}" for k, v in events.items()) + " END"
+        f"WHEN {sql_literal(k)} THEN {sql_literal(v)}" for k, v in events.items()) + " ELSE CASE lower(_raw_event) " + \
+        " ".join(f"WHEN {sql_literal(k)} THEN {sql_literal(v.pop())}" for k, v in folded.items() if len(v) == 1) + \
+        " END END"
     unmapped = "NULL" if strict_events else "'other'"
     unknown = "_raw_event IS NULL OR _event IS NULL" if strict_events else "_raw_event IS NULL"
     bad = "coalesce(_why, 'malformed_line')" if src.has_why else "'malformed_line'"

@@ -108,6 +108,8 @@ def check_params(name: str, params: dict) -> None:
         sequence_shards.check_shard_rows(params["stream_shard_rows"])
     if name == "transformer_pt":  # its fine-tuning settings (type, range): refused before any data is read
         MODELS[name](**{k: v for k, v in params.items() if k != "sequence"}).check_finetune()
+    if name == "logreg":  # numeric settings (type, range): refused before any data is read
+        MODELS[name](**params).check_settings()
     if name in ("transformer", "transformer_pt"):  # numeric settings (type, range): refused before any data is read
         MODELS[name](**{k: v for k, v in params.items() if k != "sequence"}).check_settings()
     if name == "transformer":  # prior: refused before any data is read

@@ -109,6 +109,26 @@ def _builder(ws: Workspace, engine: EngineConfig | None):
     return _DuckDBBuild(ws)
 
 
+def _no_positives(ws: Workspace, n_examples: int, label_cfg: LabelConfig) -> str:
+    """Why every label is 0, for the error of ``build``: no purchase among the events (and the event names
+    stored as other, one of which may be the shop's purchase), or purchases outside every label window."""
+    with ws.connect() as con:
+        purchases = con.execute("SELECT count(*) FROM events WHERE event = 'purchase'").fetchall()[0][0]
+    if purchases:
+        return (f"no example has a purchase in its label window ({n_examples:,} examples, every label 0; the "
+                f"events hold {purchases:,} purchases, all outside the windows): try a longer --horizon "
+                f"(now {label_cfg.horizon}) or another --step")
+    other: dict[str, int] = {}
+    for entry in ws.read_manifest()["files"]:
+        for name, n in (entry.get("unmapped_events") or {}).items():
+            other[name] = other.get(name, 0) + int(n)
+    names = ", ".join(f"{k!r} ({v:,})" for k, v in sorted(other.items(), key=lambda kv: -kv[1])[:6])
+    hint = (f"; the events stored as other are named {names}: if one is the shop's purchase, ingest the log "
+            f"into a new workspace with --event-map NAME=purchase" if other else
+            "; map the shop's purchase event with --event-map NAME=purchase (in a new workspace)")
+    return f"the events hold no purchase, so every label would be 0 ({n_examples:,} examples){hint}"
+
+
 def build(label_cfg: LabelConfig, feature_cfg: FeatureConfig | None = None, workspace=None,
           quiet: bool = False, engine: EngineConfig | None = None) -> Built:
     """Examples (cutoffs x active users, or sessions) + time split + tabular features, on DuckDB or, with
@@ -128,6 +148,8 @@ def build(label_cfg: LabelConfig, feature_cfg: FeatureConfig | None = None, work
     ex = table.to_pandas()
     if len(ex) == 0:
         raise ValueError("no examples: the data is shorter than lookback + horizon, or no user is active")
+    if not ex["label"].any():
+        raise ValueError(_no_positives(ws, len(ex), label_cfg))
     try:
         split, split_info = splits.split_examples(ex, label_cfg)
     except splits.TooFewPeriods as e:

@@ -16,6 +16,7 @@ from purchase_intent import cli, dp_tabular, pipeline, runs
 from purchase_intent.config import TrainConfig
 from purchase_intent.dp import DPConfig, PrivacyBudgetError, _epsilon, plan, train_dp
 from purchase_intent.models.baselines import LogisticRegressionModel, _LinearLogit
+from purchase_intent.models.classifier import TransformerClassifier
 
 pytest.importorskip("opacus")
 
@@ -129,7 +130,7 @@ def test_a_budget_too_small_for_the_release_is_refused_before_training(monkeypat
 def test_dp_logreg_standardises_with_the_release_and_the_fixed_transform_is_unchanged():
     X, groups, mu, sd = _tabular()
     y = (np.log1p(X[:, 0]) > 2).astype(int)
-    kw = dict(dp_epsilon=8, dp_users_per_step=300, dp_epochs=2)
+    kw = dict(dp_epsilon=8, dp_users_per_step=300, dp_epochs=2, dp_noise_seed=5)  # reproducible, to compare fits
     fixed = LogisticRegressionModel(tabular_scaling="fixed", **kw).fit(X, y, groups=groups)
     assert (fixed.mean_ == 0).all() and (fixed.scale_ == 1).all() and "tabular_release" not in fixed.privacy_
     m = LogisticRegressionModel(tabular_scaling="dp", **kw).fit(X, y, groups=groups)
@@ -142,6 +143,23 @@ def test_dp_logreg_standardises_with_the_release_and_the_fixed_transform_is_unch
     Z = m._standardise(X)
     assert np.isfinite(Z).all() and np.abs(Z).max() <= m.dp_feature_bound
     assert abs(np.nanmean(Z[:, 1])) < 0.3 and 0.7 < np.nanstd(Z[:, 1]) < 1.3  # centred and scaled
+
+
+def test_dp_noise_is_secret_unless_a_noise_seed_is_given():
+    """The noise, the users sampled and the release come from the OS's entropy: two fits with the same
+    random_state (saved with the run) differ, so that no saved seed replays the noise; dp_noise_seed makes
+    them reproducible, and the record says which."""
+    X, groups, _, _ = _tabular(n_users=300)
+    y = (np.log1p(X[:, 0]) > 2).astype(int)
+    kw = dict(dp_epsilon=8, dp_users_per_step=100, dp_epochs=1, random_state=0)
+    a, b = (LogisticRegressionModel(**kw).fit(X, y, groups=groups) for _ in range(2))
+    assert not np.array_equal(a.coef_, b.coef_) and not np.array_equal(a.mean_, b.mean_)
+    assert "not replayable" in a.privacy_["noise"] and a.privacy_["config"]["noise_seed"] is None
+    c, d = (LogisticRegressionModel(dp_noise_seed=3, **kw).fit(X, y, groups=groups) for _ in range(2))
+    np.testing.assert_array_equal(c.coef_, d.coef_)
+    assert "replayable by whoever knows it" in c.privacy_["noise"]
+    with pytest.raises(ValueError, match="dp_noise_seed must be a whole number"):
+        TransformerClassifier(dp_epsilon=8, dp_noise_seed=-1).check_settings()
 
 
 def test_non_dp_fits_are_unchanged():

@@ -260,6 +260,21 @@ def test_a_file_given_again_with_other_settings_is_refused_not_skipped(tmp_path,
         ingest(ws, [DATA / "rejects.csv"], DataConfig(format="jsonl"), progress=False)
 
 
+def test_event_names_match_in_any_case(tmp_path):
+    """'Purchase', 'VIEW' and an --event-map key in another case map as their exact names do; a name whose
+    lower case two maps give different events matches exactly only."""
+    src = tmp_path / "shop.csv"
+    src.write_text("user_id,ts,event\n" + "".join(f"u1,2024-03-01T10:0{i}:00Z,{name}\n" for i, name in enumerate(
+        ["Purchase", "VIEW", "view", "ORDER", "Click", "click", "CLICK", "ADD_TO_CART"])))
+    cfg = DataConfig(format="csv", event_map={"order": "purchase", "Click": "view", "click": "other"})
+    r = ingest(tmp_path / "ws", [src], cfg, progress=False)
+    assert r.accepted == 8
+    got = dict(Workspace(tmp_path / "ws").connect().sql("SELECT raw_event, event FROM events").fetchall())
+    assert got == {"Purchase": "purchase", "VIEW": "view", "view": "view", "ORDER": "purchase", "Click": "view",
+                   "click": "other", "CLICK": "other", "ADD_TO_CART": "other"}
+    assert r.files[0].unmapped == {"ADD_TO_CART": 1, "CLICK": 1}
+
+
 def test_since_until_filtered(tmp_path, tiny_events):
     src = tmp_path / "in.csv"
     tiny_events.to_csv(src, index=False)

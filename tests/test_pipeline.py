@@ -194,3 +194,25 @@ def test_transformer_and_ensemble_runs_report_calibration(shop, tmp_path):
     ens = preds["ensemble"].query("split == 'test'").set_index("example_id")["probability"]
     np.testing.assert_allclose(ens.loc[t.index], (t + g.loc[t.index]) / 2)
     assert e["test"]["n"] == len(t)
+
+
+def test_build_says_why_every_label_is_0(tmp_path):
+    """A log whose purchase is named otherwise ('Order', stored as other) gets an error that names the
+    candidates and --event-map, not a train gate that asks for more data; a log whose purchases all fall
+    outside the label windows gets one that says so."""
+    from purchase_intent.config import DataConfig, LabelConfig
+    from tests.conftest import make_tiny_events
+
+    df = make_tiny_events(n_users=40, days=21)
+    renamed = df.assign(event=df["event"].replace({"purchase": "Order", "view": "PageView"}))
+    renamed.to_csv(tmp_path / "renamed.csv", index=False)
+    pipeline.ingest(tmp_path / "renamed.csv", DataConfig(format="csv"), tmp_path / "ws", progress=False)
+    with pytest.raises(ValueError, match="the events hold no purchase") as e:
+        pipeline.build(LabelConfig(lookback="7d", horizon="3d", step="3d"), workspace=tmp_path / "ws", quiet=True)
+    assert "'Order' (" in str(e.value) and "--event-map NAME=purchase" in str(e.value)
+    early = df[(df["event"] != "purchase") | (df["ts"] < pd.Timestamp("2024-03-02"))]  # purchases of day 1 only
+    assert (early["event"] == "purchase").any()
+    early.to_csv(tmp_path / "early.csv", index=False)
+    pipeline.ingest(tmp_path / "early.csv", DataConfig(format="csv"), tmp_path / "ws2", progress=False)
+    with pytest.raises(ValueError, match="all outside the windows"):
+        pipeline.build(LabelConfig(lookback="7d", horizon="3d", step="3d"), workspace=tmp_path / "ws2", quiet=True)

@@ -197,6 +197,11 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
     dp_tabular_share : float
         With ``tabular_scaling="dp"``: the share of ``dp_epsilon`` that the release alone would
         spend; the training's noise is calibrated so that both composed spend at most ``dp_epsilon``.
+    dp_noise_seed : int or None
+        None (the default): the DP noise, the users sampled at each step and the release's noise are
+        drawn from the operating system's entropy, so that nobody can replay them (``random_state``,
+        saved with the run, seeds nothing of them). An int makes them reproducible, for tests and
+        experiments: whoever knows it could replay the noise.
 
     Attributes
     ----------
@@ -212,7 +217,8 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
     def __init__(self, C: float = 1.0, max_iter: int = 1000, random_state=None, dp_epsilon=None, dp_delta=None,
                  dp_max_grad_norm: float = 1.0, dp_users_per_step: int = 512, dp_examples_per_user: int = 4,
                  dp_epochs: float = 10.0, dp_lr: float = 0.02, dp_feature_bound: float = 10.0,
-                 tabular_scaling: Optional[str] = None, dp_tabular_share: float = 0.1):
+                 tabular_scaling: Optional[str] = None, dp_tabular_share: float = 0.1,
+                 dp_noise_seed: Optional[int] = None):
         self.C = C
         self.max_iter = max_iter
         self.random_state = random_state
@@ -226,6 +232,7 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
         self.dp_feature_bound = dp_feature_bound
         self.tabular_scaling = tabular_scaling
         self.dp_tabular_share = dp_tabular_share
+        self.dp_noise_seed = dp_noise_seed
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -256,7 +263,18 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
         self.n_iter_ = int(np.max(pipe["clf"].n_iter_))
         return self
 
+    SETTINGS = (Setting("C", float, 0, lo_in=False), Setting("max_iter", int, 0),
+                Setting("dp_max_grad_norm", float, 0, lo_in=False), Setting("dp_users_per_step", int, 1),
+                Setting("dp_examples_per_user", int, 1), Setting("dp_epochs", float, 0, lo_in=False),
+                Setting("dp_lr", float, 0, lo_in=False), Setting("dp_feature_bound", float, 0, lo_in=False),
+                Setting("dp_noise_seed", int, 0, none=True))
+
+    def check_settings(self) -> None:
+        """Raise ValueError (one line) for a numeric setting of the wrong type or out of range."""
+        check_settings("logreg", self, self.SETTINGS)
+
     def _fit_dp(self, X: np.ndarray, y01: np.ndarray, groups) -> "LogisticRegressionModel":
+        self.check_settings()
         dpmod.check_budget(self.dp_epsilon, self.dp_delta)
         if groups is None or len(groups) != len(y01):
             raise ValueError("dp_epsilon needs the user of each train example: fit(X, y, groups=user_ids)")
@@ -265,7 +283,7 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
         cfg = dpmod.DPConfig(epsilon=float(self.dp_epsilon), delta=self.dp_delta,
                              max_grad_norm=float(self.dp_max_grad_norm), users_per_step=int(self.dp_users_per_step),
                              examples_per_user=int(self.dp_examples_per_user), epochs=float(self.dp_epochs),
-                             lr=float(self.dp_lr))
+                             lr=float(self.dp_lr), noise_seed=self.dp_noise_seed)
         scaling = dp_tabular.resolve_scaling(self.tabular_scaling, True)
         if scaling == "dp":
             cfg = dataclasses.replace(cfg, tabular_share=dpmod.check_share(self.dp_tabular_share))
@@ -279,7 +297,7 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
             t = dp_tabular.public_transform(X, float(self.dp_feature_bound))
             self.mean_, self.scale_, release = dp_tabular.release(
                 t, groups, cfg.examples_per_user, dp_plan.release_noise_multiplier, float(self.dp_feature_bound),
-                np.random.default_rng(int(seed)), labels=y01)
+                dpmod.noise_rng(cfg, 1), labels=y01)
         data = {"x": self._dp_features(X).astype(np.float32), "label": y01.astype(np.float32)}
         torch.manual_seed(int(seed))
         net = _LinearLogit(n)

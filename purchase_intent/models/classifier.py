@@ -165,6 +165,10 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         With ``tabular_scaling="dp"``: the share of ``dp_epsilon`` that the release of the tabular
         mean and scale alone would spend; the training's noise is then calibrated so that release
         and training composed spend at most ``dp_epsilon`` (:func:`purchase_intent.dp.plan`).
+    dp_noise_seed : int or None
+        None (the default): the DP noise, the users sampled at each step and the release's noise come
+        from the operating system's entropy, which nobody can replay (``random_state`` seeds only the
+        initial weights). An int makes them reproducible, for tests and experiments only.
     prior : bool
         One more tabular input: the rolling-origin prior (:mod:`~purchase_intent.models.prior`), the
         7-day purchase log-odds of the `future` head of the encoder pretrained before each example's
@@ -191,7 +195,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                  dp_epsilon: Optional[float] = None, dp_delta: Optional[float] = None,
                  dp_max_grad_norm: float = 1.0, dp_users_per_step: int = 512, dp_examples_per_user: int = 2,
                  dp_epochs: float = 20.0, dp_lr: float = 1e-2, dp_tabular_share: float = 0.1,
-                 prior: bool = False, encoder: Optional[str] = None, tabular_bins: int = 0):
+                 prior: bool = False, encoder: Optional[str] = None, tabular_bins: int = 0,
+                 dp_noise_seed: Optional[int] = None):
         self.preset = preset
         self.d_model = d_model
         self.n_layers = n_layers
@@ -235,6 +240,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         self.prior = prior
         self.encoder = encoder
         self.tabular_bins = tabular_bins
+        self.dp_noise_seed = dp_noise_seed
 
     # ------------------------------------------------------------------ arrays -> batches
     def _tabular(self, X: dict) -> Optional[np.ndarray]:
@@ -278,13 +284,14 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
                 Setting("max_seq_len", int, 1, none=True), Setting("max_epochs", int, 1),
                 Setting("lr", float, 0, lo_in=False), Setting("batch_size", int, 1),
                 Setting("weight_decay", float, 0), Setting("warmup_frac", float, 0, 1),
-                Setting("patience", int, 0), Setting("grad_clip", float, 0), Setting("ema_decay", float, 0, 1,
-                                                                                      hi_in=False),
-                Setting("n_seeds", int, 1), Setting("min_steps_per_epoch", int, 1),
-                Setting("valid_fraction", float, 0, 1, lo_in=False, hi_in=False), Setting("random_state", int, none=True),
-                Setting("dp_max_grad_norm", float, 0, lo_in=False), Setting("dp_users_per_step", int, 1),
-                Setting("dp_examples_per_user", int, 1), Setting("dp_epochs", float, 0, lo_in=False),
-                Setting("dp_lr", float, 0, lo_in=False))
+                Setting("patience", int, 0), Setting("grad_clip", float, 0),
+                Setting("ema_decay", float, 0, 1, hi_in=False), Setting("n_seeds", int, 1),
+                Setting("min_steps_per_epoch", int, 1),
+                Setting("valid_fraction", float, 0, 1, lo_in=False, hi_in=False),
+                Setting("random_state", int, none=True), Setting("dp_max_grad_norm", float, 0, lo_in=False),
+                Setting("dp_users_per_step", int, 1), Setting("dp_examples_per_user", int, 1),
+                Setting("dp_epochs", float, 0, lo_in=False), Setting("dp_lr", float, 0, lo_in=False),
+                Setting("dp_noise_seed", int, 0, none=True))
 
     def check_settings(self) -> None:
         """Raise ValueError (one line) for a numeric setting of the wrong type or out of range (``lr="0,1"``,
@@ -481,7 +488,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
             t = dp_tabular.public_transform(X["tabular"], TABULAR_BOUND, log=self.tabular_log)
             self.tab_mean_, self.tab_scale_, release = dp_tabular.release(
                 t, np.asarray(groups), dp.examples_per_user, dp_plan.release_noise_multiplier, TABULAR_BOUND,
-                np.random.default_rng(self.random_state), labels=y)
+                dpmod.noise_rng(dp, 1), labels=y)
         elif use_tab:
             t = np.asarray(X["tabular"], dtype=np.float64)
             if self.tabular_log:
@@ -603,7 +610,7 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         return dpmod.DPConfig(epsilon=float(self.dp_epsilon), delta=self.dp_delta,
                               max_grad_norm=float(self.dp_max_grad_norm), users_per_step=int(self.dp_users_per_step),
                               examples_per_user=int(self.dp_examples_per_user), epochs=float(self.dp_epochs),
-                              lr=float(self.dp_lr))
+                              lr=float(self.dp_lr), noise_seed=self.dp_noise_seed)
 
     def _fit_dp(self, train_data: dict, groups: np.ndarray, dp, dp_plan, release: Optional[dict]
                 ) -> "TransformerClassifier":
