@@ -85,6 +85,21 @@ def is_gzip(path: Path) -> bool:
         return f.read(2) == b"\x1f\x8b"
 
 
+def check_looks_like_csv(path: Path) -> None:
+    """Raise ValueError (one line) for a file given as CSV that is empty, Parquet or JSON, naming the
+    --format to use, instead of reading its first bytes as a header."""
+    with (gzip.open if is_gzip(path) else open)(path, "rb") as f:
+        head = f.read(4096)
+    if not head.strip():
+        raise ValueError(f"{path} is empty (no header line, no rows)")
+    if head.startswith(b"PAR1"):
+        raise ValueError(f"{path} is a Parquet file, not CSV: use --format parquet")
+    first = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    if first in (b"{", b"["):
+        raise ValueError(f"{path} looks like JSON, not CSV: use --format jsonl (one JSON object per line), or "
+                         f"ga4 / segment for those exports")
+
+
 # --- sources: each yields a relation of text columns plus _pos (line) and _bad ---------------
 
 
@@ -104,6 +119,9 @@ class Source:
     # columns the SELECT gives as numbers (types in EXACT_NUMBERS), not text: ingest reads a timestamp or price
     # of them as the number itself, the same value its text would parse to, and takes their text where it needs it
     numeric: frozenset[str] = frozenset()
+    # the DOUBLE columns among them: a whole number's text is the integer's ("1001", not "1001.0"), so that an id
+    # column that pandas wrote as float64 (an integer column with a missing value) names its ids as a CSV does
+    doubles: frozenset[str] = frozenset()
 
 
 # number types whose every value is the DOUBLE its text parses to (a FLOAT's or DECIMAL's text is not)
@@ -112,8 +130,12 @@ EXACT_NUMBERS = frozenset({"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT
 
 
 def text_sql(src: Source, column: str) -> str:
-    """SQL giving the source column ``column`` as text."""
-    return f"CAST({sql_ident(column)} AS VARCHAR)" if column in src.numeric else sql_ident(column)
+    """SQL giving the source column ``column`` as text (a DOUBLE's whole numbers as integers: ``Source.doubles``)."""
+    c = sql_ident(column)
+    if column in src.doubles:
+        return (f"CASE WHEN {c} = floor({c}) AND abs({c}) < 9007199254740992 THEN CAST(CAST({c} AS BIGINT) AS VARCHAR) "
+                f"ELSE CAST({c} AS VARCHAR) END")
+    return f"CAST({c} AS VARCHAR)" if column in src.numeric else c
 
 
 def _header(first: str, delim: str, path: Path) -> list[str]:
@@ -131,6 +153,7 @@ def _header(first: str, delim: str, path: Path) -> list[str]:
 
 
 def csv_source(con: duckdb.DuckDBPyConnection, path: Path, preset: dict) -> Source:
+    check_looks_like_csv(path)
     if "names" in preset:
         cols = preset["names"]
         spec = "{" + ", ".join(f"{sql_literal(c)}: 'VARCHAR'" for c in cols) + "}"
@@ -245,7 +268,8 @@ def parquet_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
     sel = ", ".join(sql_ident(c) if c in numeric else f"CAST({sql_ident(c)} AS VARCHAR) AS {sql_ident(c)}"
                     for c in cols)
     return Source(f"SELECT file_row_number + 1 AS _pos, false AS _bad, NULL::VARCHAR AS _raw_text, {sel} FROM {read}",
-                  cols, pos_is_line=True, numeric=numeric)
+                  cols, pos_is_line=True, numeric=numeric,
+                  doubles=frozenset(c for c in numeric if types[c] == "DOUBLE"))
 
 
 

@@ -312,7 +312,10 @@ class SparkIngest:
         raw = spark.read.parquet(str(path))
         columns = list(raw.columns)
         raw.selectExpr("*", "_metadata.row_index AS `_pi_row`").createOrReplaceTempView("_pi_raw")
-        text = ", ".join(f"CAST(`{c}` AS STRING) AS `{c}`" for c in columns)
+        doubles = {c for c, t in raw.dtypes if t == "double"}  # whole numbers as integers, as event_sources.text_sql
+        text = ", ".join(f"CASE WHEN `{c}` = floor(`{c}`) AND abs(`{c}`) < 9007199254740992 THEN CAST(CAST(`{c}` AS "
+                         f"BIGINT) AS STRING) ELSE CAST(`{c}` AS STRING) END AS `{c}`" if c in doubles else
+                         f"CAST(`{c}` AS STRING) AS `{c}`" for c in columns)
         spark.sql(f"SELECT `_pi_row` + 1 AS _pos, false AS _bad, CAST(NULL AS STRING) AS _raw_text, {text} "
                   "FROM _pi_raw").createOrReplaceTempView("_pi_src")
         src = Source('SELECT * FROM "_pi_src"', columns, pos_is_line=True)
@@ -369,4 +372,6 @@ class SparkIngest:
             w = csv.writer(f)
             w.writerow(["source_file", "line", "reason", "raw"])
             for r in rows:
-                w.writerow([source, r[0], r[1], json.dumps(dict(zip(columns, r[2:])), separators=(",", ":"))])
+                # a Parquet timestamp or date arrives as a Python datetime: its text, as DuckDB's rejects give it
+                w.writerow([source, r[0], r[1], json.dumps(dict(zip(columns, r[2:])), separators=(",", ":"),
+                                                           default=str)])

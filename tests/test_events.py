@@ -9,12 +9,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from purchase_intent import events as ev
 from purchase_intent.config import DataConfig
 from purchase_intent.events import IngestRejectedError, ingest
-from purchase_intent.privacy import pseudonym_for
+from purchase_intent.privacy import KEY_ENV, pseudonym_for
 from purchase_intent.workspace import Workspace
 
 DATA = Path(__file__).parent / "data"
@@ -157,19 +158,19 @@ def test_parquet_numbers_are_read_as_their_text_would_be(tmp_path, monkeypatch, 
     assert accepted + sum(rejected.values()) == n
 
 
-def test_parquet_number_ids_keep_every_text(tmp_path):
-    """User ids a Parquet file holds as DOUBLE are pseudonymised by their text: 0.0 and -0.0 are two
-    users (one number), and both rows are stored."""
+def test_parquet_number_ids_keep_every_row(tmp_path):
+    """User ids a Parquet file holds as DOUBLE are pseudonymised by their text, a whole number's as the
+    integer's: 0.0 and -0.0 (one number, two texts) are the user "0", 1.5 is "1.5", and every row is stored."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"user_id": pa.array([0.0, -0.0, 0.0]), "ts": pa.array([1_704_067_200] * 3),
-                             "event": pa.array(["view"] * 3)}), tmp_path / "in.parquet")
+    pq.write_table(pa.table({"user_id": pa.array([0.0, -0.0, 0.0, 1.5]), "ts": pa.array([1_704_067_200] * 4),
+                             "event": pa.array(["view"] * 4)}), tmp_path / "in.parquet")
     r = ingest(tmp_path / "ws", [tmp_path / "in.parquet"], DataConfig(format="parquet"), progress=False)
-    assert r.accepted == 3 and not r.rejected
-    users = Workspace(tmp_path / "ws").connect().sql("SELECT user_id, count(*) FROM events GROUP BY 1").fetchall()
-    assert sorted(n for _, n in users) == [1, 2]
-    assert {u for u, _ in users} == set(pseudonym_for(tmp_path / "ws", ["0.0", "-0.0"]).values())
+    assert r.accepted == 4 and not r.rejected
+    users = dict(Workspace(tmp_path / "ws").connect().sql("SELECT user_id, count(*) FROM events GROUP BY 1").fetchall())
+    ids = pseudonym_for(tmp_path / "ws", ["0", "1.5"])
+    assert users == {ids["0"]: 3, ids["1.5"]: 1}
 
 
 def test_taobao_slices(tmp_path, shared_data):
@@ -273,6 +274,51 @@ def test_event_names_match_in_any_case(tmp_path):
     assert got == {"Purchase": "purchase", "VIEW": "view", "view": "view", "ORDER": "purchase", "Click": "view",
                    "click": "other", "CLICK": "other", "ADD_TO_CART": "other"}
     assert r.files[0].unmapped == {"ADD_TO_CART": 1, "CLICK": 1}
+
+
+def float_id_logs(tmp_path, events):
+    """The same log in Parquet twice: integer ids, and the ids as float64 (as pandas writes an integer column
+    with a missing value), plus one row without a user."""
+    df = events.assign(user_id=events["user_id"].str[1:].astype("int64"),
+                       item_id=events["item_id"].str[1:].astype("int64") * 1_000_003)
+    ints, floats = tmp_path / "ints.parquet", tmp_path / "floats.parquet"
+    df.to_parquet(ints, index=False)
+    extra = df.head(1).astype({"user_id": "float64"}).assign(user_id=float("nan"))
+    pd.concat([df.astype({"user_id": "float64", "item_id": "float64"}), extra]).to_parquet(floats, index=False)
+    return ints, floats
+
+
+def test_whole_number_ids_of_a_float_column_are_named_as_integers(tmp_path, tiny_events, monkeypatch):
+    """1001.0 is the user 1001 (the same pseudonym as from an integer column or a CSV), not '1001.0'."""
+    monkeypatch.setenv(KEY_ENV, "ab" * 32)  # one key for both workspaces
+    ints, floats = float_id_logs(tmp_path, tiny_events)
+    a = ingest(tmp_path / "a", [ints], DataConfig(format="parquet"), progress=False)
+    b = ingest(tmp_path / "b", [floats], DataConfig(format="parquet"), progress=False)
+    assert b.accepted == a.accepted == len(tiny_events) and b.rejected == {"missing_user": 1}
+    q = "SELECT user_id, item_id, ts FROM events ORDER BY ALL"
+    a_rows, b_rows = (Workspace(tmp_path / w).connect().sql(q).fetchall() for w in ("a", "b"))
+    assert a_rows == b_rows
+    items = {r[0] for r in Workspace(tmp_path / "b").connect().sql("SELECT item_id FROM events").fetchall()}
+    assert all("." not in i for i in items)
+    assert pseudonym_for(tmp_path / "b", ["7"])["7"] in {r[0] for r in Workspace(tmp_path / "b").connect().sql(
+        "SELECT user_id FROM events").fetchall()}
+
+
+def test_a_file_of_another_format_given_as_csv_is_named_so(tmp_path, tiny_events):
+    """Parquet, JSON Lines or an empty file read as CSV: one line naming the --format, not a header error."""
+    import gzip
+
+    tiny_events.to_parquet(tmp_path / "log.parquet")
+    (tmp_path / "log.jsonl").write_text('{"user_id": "u1", "ts": "2024-03-01T10:00:00Z", "event": "view"}\n')
+    (tmp_path / "log.jsonl.gz").write_bytes(gzip.compress((tmp_path / "log.jsonl").read_bytes()))
+    (tmp_path / "empty.csv").write_text("\n")
+    for name, what in [("log.parquet", "is a Parquet file, not CSV: use --format parquet"),
+                       ("log.jsonl", "looks like JSON, not CSV: use --format jsonl"),
+                       ("log.jsonl.gz", "looks like JSON"), ("empty.csv", "is empty")]:
+        for fmt in ("csv", "taobao"):
+            with pytest.raises(ValueError, match=what):
+                ingest(tmp_path / "ws", [tmp_path / name], DataConfig(format=fmt), progress=False)
+    assert not (tmp_path / "ws" / "events").exists() or not list((tmp_path / "ws" / "events").glob("*.parquet"))
 
 
 def test_since_until_filtered(tmp_path, tiny_events):

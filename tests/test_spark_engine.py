@@ -231,6 +231,25 @@ def test_pseudonyms_on_spark_equal_python_hmac_and_the_key_stays_out_of_the_plan
         assert secret not in plan.lower()
 
 
+@needs_spark
+def test_float_ids_on_spark_are_named_as_duckdb_names_them(spark, tiny_events, tmp_path, monkeypatch):
+    """A float64 id column (pandas' integer column with a missing value): 1001.0 is the user 1001 on both."""
+    from test_events import float_id_logs
+
+    monkeypatch.setenv("PURCHASE_INTENT_PSEUDONYM_KEY", KEY)
+    _, floats = float_id_logs(tmp_path, tiny_events)
+    pipeline.ingest(floats, DataConfig(format="parquet"), tmp_path / "duck", progress=False)
+    pipeline.ingest(floats, DataConfig(format="parquet"), tmp_path / "spark", progress=False, engine=SPARK)
+    a, b = (_events(Workspace(tmp_path / w)) for w in ("duck", "spark"))
+    pd.testing.assert_frame_equal(a[["user_id", "item_id", "ts", "event"]], b[["user_id", "item_id", "ts", "event"]])
+    assert not a["item_id"].str.contains(".", regex=False).any()
+    # the row without a user is rejected on both, its timestamp written as text in the rejects file
+    (ra,), (rb,) = (list((tmp_path / w / "rejects").glob("*.csv")) for w in ("duck", "spark"))
+    da, db = (pd.read_csv(r) for r in (ra, rb))
+    assert da["reason"].tolist() == db["reason"].tolist() == ["missing_user"]
+    assert json.loads(da["raw"][0])["ts"] == json.loads(db["raw"][0])["ts"]
+
+
 # --- whole workspaces: the simulator and the Taobao slice -----------------------------------------------
 
 
