@@ -76,8 +76,8 @@ def collect_rejects(con, src: Source, kind: str, mapping: dict, key: bytes, sour
         "WHERE s.reason IS NOT NULL AND s.reason <> 'filtered' ORDER BY s._pos").fetchall()
     malformed: list[tuple[int, str]] = []
     if kind == "csv":
-        malformed = con.execute("SELECT line, any_value(csv_line) FROM reject_errors "
-                                "GROUP BY line ORDER BY line").fetchall()
+        malformed = con.execute("SELECT line, any_value(csv_line), bool_or(error_type = 'INVALID ENCODING') "
+                                "FROM reject_errors GROUP BY line ORDER BY line").fetchall()
     out, j = [], 0
     for pos, reason, raw_list, raw_text, upid, spid in semantic:
         if src.pos_is_line:
@@ -98,8 +98,9 @@ def collect_rejects(con, src: Source, kind: str, mapping: dict, key: bytes, sour
         else:
             raw = _join_csv(_substitute_fields(raw_list, pids), src.delim)
         out.append((source, line, reason, raw))
-    for line, text in malformed:
-        out.append((source, line, "malformed_line", _substitute_line(text, src.delim, id_idx, key)))
+    for line, text, not_utf8 in malformed:
+        out.append((source, line, "not_utf8" if not_utf8 else "malformed_line",
+                    _substitute_line(text, src.delim, id_idx, key)))
     out.sort(key=lambda r: r[1])
     return out
 

@@ -60,9 +60,14 @@ from .times import parse_time
 from .vocabulary import CANONICAL_COLUMNS, CANONICAL_EVENTS, RAW_EVENT
 from .workspace import Workspace, atomic_write_json, fsync_dir, tmp_path
 
-REASONS = ("malformed_line", "bad_field_type", "not_an_event", "missing_user", "missing_ts", "bad_ts",
+REASONS = ("malformed_line", "not_utf8", "bad_field_type", "not_an_event", "missing_user", "missing_ts", "bad_ts",
            "implausible_ts", "unknown_event", "bad_price", "negative_price")
 MIN_TS = datetime(1990, 1, 1)
+# the lines DuckDB's CSV reader rejects (its reject_errors table) by reason: not_utf8 (bytes that are not
+# UTF-8: a Latin-1 or cp1252 export) or malformed_line
+MALFORMED_COUNTS_SQL = ("SELECT reason, count(*) FROM (SELECT CASE WHEN bool_or(error_type = 'INVALID ENCODING') "
+                        "THEN 'not_utf8' ELSE 'malformed_line' END AS reason FROM reject_errors GROUP BY line) "
+                        "GROUP BY reason")
 UNMAPPED_SHOWN = 12  # unmapped event names listed in the summary (all of them are in the report and manifest)
 _MULT = {"s": 1e6, "ms": 1e3, "us": 1.0}
 # file kinds read again cheaply: their validated rows are a view, computed where they are used (counted, then
@@ -142,6 +147,9 @@ class IngestReport:
         lines = [f"accepted  {self.accepted:>12,}",
                  f"rejected  {sum(rej.values()):>12,}" + "".join(f"\n  {k:<16}{v:>10,}" for k, v in rej.items()),
                  f"filtered  {self.filtered:>12,}"]
+        if rej.get("not_utf8"):
+            lines.insert(2, f"  (not_utf8: lines whose bytes are not UTF-8, e.g. a Latin-1 or cp1252 export; convert the "
+                            f"file, e.g. iconv -f cp1252 -t utf-8 IN > OUT, and ingest that into a new workspace)")
         unmapped = self.unmapped
         if unmapped:
             shown = list(unmapped.items())[:UNMAPPED_SHOWN]
@@ -407,9 +415,8 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
         report.accepted = counts.pop("", 0)
         report.filtered = counts.pop("filtered", 0)
         if kind == "csv":
-            n_bad = con.execute("SELECT count(DISTINCT line) FROM reject_errors").fetchall()[0][0]
-            if n_bad:
-                counts["malformed_line"] = counts.get("malformed_line", 0) + n_bad
+            for reason, n_bad in con.execute(MALFORMED_COUNTS_SQL).fetchall():
+                counts[reason] = counts.get(reason, 0) + n_bad
         report.rejected = {r: counts[r] for r in REASONS if counts.get(r)}
         report.rows_read = report.accepted + report.filtered + sum(report.rejected.values())
         report.unmapped = dict(sorted(unmapped.items(), key=lambda kv: (-kv[1], kv[0])))
@@ -548,6 +555,15 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     if cfg.format not in PRESETS:
         raise ValueError(f"unknown format {cfg.format!r}; use one of {sorted(PRESETS)}")
+    window = {}
+    for flag, text in (("since", cfg.since), ("until", cfg.until)):
+        try:
+            window[flag] = _parse_time(text)
+        except ValueError:
+            raise ValueError(f"--{flag} {text!r} is not a time: give ISO 8601 (2024-03-01, 2024-03-01T08:00:00+02:00) "
+                             f"or epoch seconds") from None
+    if window["since"] and window["until"] and window["since"] >= window["until"]:
+        raise ValueError(f"--since {cfg.since} is not before --until {cfg.until}: every event would be filtered")
     if isinstance(paths, (str, Path, DatabaseQuery)):
         paths = [paths]
     paths = [p if isinstance(p, DatabaseQuery) else Path(p) for p in paths]

@@ -321,6 +321,28 @@ def test_a_file_of_another_format_given_as_csv_is_named_so(tmp_path, tiny_events
     assert not (tmp_path / "ws" / "events").exists() or not list((tmp_path / "ws" / "events").glob("*.parquet"))
 
 
+def test_a_bad_time_window_is_refused_naming_the_flag(tmp_path):
+    for cfg, what in [(DataConfig(since="yesterday"), "--since 'yesterday' is not a time"),
+                      (DataConfig(until="2024-13-01"), "--until '2024-13-01' is not a time"),
+                      (DataConfig(since="2024-03-02", until="2024-03-01"), "is not before --until")]:
+        with pytest.raises(ValueError, match=what):
+            ingest(tmp_path / "ws", [DATA / "rejects.csv"], cfg, progress=False)
+    assert not (tmp_path / "ws").exists()
+
+
+def test_lines_that_are_not_utf8_are_rejected_as_such(tmp_path):
+    """A cp1252 export's accented rows: rejected as not_utf8 (not malformed_line), kept, and the summary says
+    how to convert the file."""
+    src = tmp_path / "cp1252.csv"
+    src.write_bytes("user_id,ts,event,category\nu1,2024-03-01T10:00:00Z,view,Books\n"
+                    "u1,2024-03-01T10:01:00Z,view,Bücher\nu2,2024-03-01T10:02:00Z,purchase,Café\n".encode("cp1252"))
+    r = ingest(tmp_path / "ws", [src], DataConfig(format="csv"), progress=False)
+    assert r.accepted == 1 and r.rejected == {"not_utf8": 2}
+    assert [(int(row["line"]), row["reason"]) for row in _rejects(r.rejects_paths[0])] == [(3, "not_utf8"),
+                                                                                         (4, "not_utf8")]
+    assert "iconv" in r.summary()
+
+
 def test_since_until_filtered(tmp_path, tiny_events):
     src = tmp_path / "in.csv"
     tiny_events.to_csv(src, index=False)
