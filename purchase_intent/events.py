@@ -148,8 +148,8 @@ class IngestReport:
                  f"rejected  {sum(rej.values()):>12,}" + "".join(f"\n  {k:<16}{v:>10,}" for k, v in rej.items()),
                  f"filtered  {self.filtered:>12,}"]
         if rej.get("not_utf8"):
-            lines.insert(2, f"  (not_utf8: lines whose bytes are not UTF-8, e.g. a Latin-1 or cp1252 export; convert the "
-                            f"file, e.g. iconv -f cp1252 -t utf-8 IN > OUT, and ingest that into a new workspace)")
+            lines.insert(2, "  (not_utf8: lines whose bytes are not UTF-8, e.g. a Latin-1 or cp1252 export; convert "
+                            "the file, e.g. iconv -f cp1252 -t utf-8 IN > OUT, and ingest that into a new workspace)")
         unmapped = self.unmapped
         if unmapped:
             shown = list(unmapped.items())[:UNMAPPED_SHOWN]
