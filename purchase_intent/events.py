@@ -287,7 +287,7 @@ def stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], extr
       END AS _reason
       FROM (
         SELECT *, {_ts_sql("_ts_raw", "_ts_num", ts_unit)} AS _ts, {ev_case} AS _event,
-               {price_num or "TRY_CAST(_price_raw AS DOUBLE)"} AS _price
+               {price_num or price_sql("_price_raw")} AS _price
         FROM (  -- each text field is trimmed and parsed once
           SELECT *, {_id_sql(col('user_id'))} AS _user, {ts_text} AS _ts_num,
                  NULLIF(trim({col('event')}), '') AS _raw_event, {price_text} AS _price_raw,
@@ -298,6 +298,25 @@ def stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], extr
       )
     )"""
 
+
+
+# a price as shops write it: the number, and around it at most a currency symbol or code ("€9.99", "EUR 12,50",
+# "12,50 zł"); group 1 is the number with its separators
+_PRICE_TEXT = r"^\s*(?:[^\d\s+\-.,]{1,4}\s*)?([+-]?\d[\d.,]*)\s*(?:[^\d\s.,]{1,4})?\s*$"
+
+
+def price_sql(text: str) -> str:
+    """SQL reading the price text ``text`` as DOUBLE: as a number, or else without a currency symbol or code
+    and with its separators read by their places: "1.234,56" and "1,234.56" are 1234.56 (the last
+    separator is the decimal one), "12,50" is 12.5 (a comma before one or two digits is a decimal comma),
+    "1,234" is 1234 (a comma before groups of three digits groups thousands). "1.234" stays 1.234. NULL
+    where none of these reads it (a bad_price)."""
+    m = f"regexp_extract({text}, {sql_literal(_PRICE_TEXT)}, 1)"
+    number = (f"CASE WHEN regexp_matches({m}, '^[+-]?\\d{{1,3}}(\\.\\d{{3}})+,\\d+$') "
+              f"THEN replace(replace({m}, '.', ''), ',', '.') "
+              f"WHEN regexp_matches({m}, '^[+-]?\\d{{1,3}}(,\\d{{3}})+(\\.\\d+)?$') THEN replace({m}, ',', '') "
+              f"WHEN regexp_matches({m}, '^[+-]?\\d+,\\d{{1,2}}$') THEN replace({m}, ',', '.') ELSE {m} END")
+    return f"coalesce(TRY_CAST({text} AS DOUBLE), TRY_CAST({number} AS DOUBLE))"
 
 
 def _id_sql(text: str) -> str:

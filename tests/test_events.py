@@ -343,6 +343,19 @@ def test_lines_that_are_not_utf8_are_rejected_as_such(tmp_path):
     assert "iconv" in r.summary()
 
 
+def test_prices_with_a_currency_or_a_decimal_comma_are_read(tmp_path):
+    """A European export: ';'-separated, decimal commas, thousands dots, currency symbols and codes."""
+    prices = {"12,50": 12.5, "€9.99": 9.99, "1.234,00": 1234.0, "1,234.50": 1234.5, "EUR 12,5": 12.5,
+              "12,50 zł": 12.5, "$1,234": 1234.0, "3.5": 3.5, "1.234": 1.234}
+    src = tmp_path / "eu.csv"
+    src.write_text("user_id;ts;event;price\n" + "".join(
+        f"u{i};2024-03-01T10:{i:02d}:00Z;view;{p}\n" for i, p in enumerate([*prices, "12..5", "abc"])), encoding="utf-8")
+    r = ingest(tmp_path / "ws", [src], DataConfig(format="csv"), progress=False)
+    assert r.accepted == len(prices) and r.rejected == {"bad_price": 2}
+    got = [p for (p,) in Workspace(tmp_path / "ws").connect().sql("SELECT price FROM events ORDER BY ts").fetchall()]
+    assert got == pytest.approx(list(prices.values()))
+
+
 def test_since_until_filtered(tmp_path, tiny_events):
     src = tmp_path / "in.csv"
     tiny_events.to_csv(src, index=False)
