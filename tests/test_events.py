@@ -348,8 +348,8 @@ def test_prices_with_a_currency_or_a_decimal_comma_are_read(tmp_path):
     prices = {"12,50": 12.5, "€9.99": 9.99, "1.234,00": 1234.0, "1,234.50": 1234.5, "EUR 12,5": 12.5,
               "12,50 zł": 12.5, "$1,234": 1234.0, "3.5": 3.5, "1.234": 1.234}
     src = tmp_path / "eu.csv"
-    src.write_text("user_id;ts;event;price\n" + "".join(
-        f"u{i};2024-03-01T10:{i:02d}:00Z;view;{p}\n" for i, p in enumerate([*prices, "12..5", "abc"])), encoding="utf-8")
+    rows = "".join(f"u{i};2024-03-01T10:{i:02d}:00Z;view;{p}\n" for i, p in enumerate([*prices, "12..5", "abc"]))
+    src.write_text("user_id;ts;event;price\n" + rows, encoding="utf-8")
     r = ingest(tmp_path / "ws", [src], DataConfig(format="csv"), progress=False)
     assert r.accepted == len(prices) and r.rejected == {"bad_price": 2}
     got = [p for (p,) in Workspace(tmp_path / "ws").connect().sql("SELECT price FROM events ORDER BY ts").fetchall()]
