@@ -18,9 +18,10 @@ import csv
 import io
 import json
 import re
+from pathlib import Path
 from typing import Optional
 
-from .event_sources import Source
+from .event_sources import Source, read_lines
 from .privacy import pseudonymise
 
 
@@ -65,6 +66,14 @@ def _substitute_json(text: str, keys: list[str], key: bytes, drop: tuple[str, ..
     return json.dumps(obj, separators=(",", ":"))
 
 
+def _lines_as_text(path: str, numbers: set[int]) -> dict[int, str]:
+    """The physical lines ``numbers`` of the file ``path`` (plain or gzip), bytes that are not UTF-8 replaced by
+    U+FFFD: for a line DuckDB rejects as not UTF-8, whose text it reports with the byte after a bad one dropped
+    (often the delimiter, which would shift the fields and leave an id unpseudonymised)."""
+    table = read_lines(Path(path))
+    return {n: t for n, t in zip(table.column("line").to_pylist(), table.column("raw").to_pylist()) if n in numbers}
+
+
 def collect_rejects(con, src: Source, kind: str, mapping: dict, key: bytes, source: str) -> list[tuple]:
     """Rows (source_file, line, reason, raw) of every rejected row, ordered by line."""
     kind = src.rejects_as or kind
@@ -98,9 +107,11 @@ def collect_rejects(con, src: Source, kind: str, mapping: dict, key: bytes, sour
         else:
             raw = _join_csv(_substitute_fields(raw_list, pids), src.delim)
         out.append((source, line, reason, raw))
+    as_read = _lines_as_text(source, {line for line, _, not_utf8 in malformed if not_utf8}) if any(
+        m[2] for m in malformed) else {}
     for line, text, not_utf8 in malformed:
         out.append((source, line, "not_utf8" if not_utf8 else "malformed_line",
-                    _substitute_line(text, src.delim, id_idx, key)))
+                    _substitute_line(as_read.get(line, text) if not_utf8 else text, src.delim, id_idx, key)))
     out.sort(key=lambda r: r[1])
     return out
 

@@ -85,13 +85,16 @@ def is_gzip(path: Path) -> bool:
         return f.read(2) == b"\x1f\x8b"
 
 
-def check_looks_like_csv(path: Path) -> None:
-    """Raise ValueError (one line) for a file given as CSV that is empty, Parquet or JSON, naming the
-    --format to use, instead of reading its first bytes as a header."""
+def check_looks_like_csv(path: Path, header: bool = True) -> None:
+    """Raise ValueError (one line) for a file given as CSV that is Parquet or JSON, or empty where a header
+    line is expected, naming the --format to use, instead of reading its first bytes as a header. (An empty
+    file of a format without a header, e.g. one day of a Taobao log, is 0 rows.)"""
     with (gzip.open if is_gzip(path) else open)(path, "rb") as f:
         head = f.read(4096)
     if not head.strip():
-        raise ValueError(f"{path} is empty (no header line, no rows)")
+        if header:
+            raise ValueError(f"{path} is empty (no header line, no rows)")
+        return
     if head.startswith(b"PAR1"):
         raise ValueError(f"{path} is a Parquet file, not CSV: use --format parquet")
     first = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
@@ -153,7 +156,7 @@ def _header(first: str, delim: str, path: Path) -> list[str]:
 
 
 def csv_source(con: duckdb.DuckDBPyConnection, path: Path, preset: dict) -> Source:
-    check_looks_like_csv(path)
+    check_looks_like_csv(path, header="names" not in preset)
     if "names" in preset:
         cols = preset["names"]
         spec = "{" + ", ".join(f"{sql_literal(c)}: 'VARCHAR'" for c in cols) + "}"

@@ -300,9 +300,10 @@ def stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], extr
 
 
 
-# a price as shops write it: the number, and around it at most a currency symbol or code ("€9.99", "EUR 12,50",
-# "12,50 zł"); group 1 is the number with its separators
-_PRICE_TEXT = r"^\s*(?:[^\d\s+\-.,]{1,4}\s*)?([+-]?\d[\d.,]*)\s*(?:[^\d\s.,]{1,4})?\s*$"
+# a price as shops write it: the number, and before or after it at most a currency symbol or a three-letter
+# code ("€9.99", "EUR 12,50", "12,50 zł", "R$ 5"); group 1 is the number with its separators
+_CURRENCY = r"(?:[A-Z]{3}|R\$|[$€£¥₹₽₩₺₴₪฿₫]|zł|kr|Kč|Ft|lei)"
+_PRICE_TEXT = rf"^\s*(?:{_CURRENCY}\s*)?([+-]?\d[\d.,]*)\s*{_CURRENCY}?\s*$"
 
 
 def price_sql(text: str) -> str:
@@ -312,9 +313,9 @@ def price_sql(text: str) -> str:
     "1,234" is 1234 (a comma before groups of three digits groups thousands). "1.234" stays 1.234. NULL
     where none of these reads it (a bad_price)."""
     m = f"regexp_extract({text}, {sql_literal(_PRICE_TEXT)}, 1)"
-    number = (f"CASE WHEN regexp_matches({m}, '^[+-]?\\d{{1,3}}(\\.\\d{{3}})+,\\d+$') "
+    number = (f"CASE WHEN regexp_matches({m}, '^[+-]?[1-9]\\d{{0,2}}(\\.\\d{{3}})+,\\d+$') "
               f"THEN replace(replace({m}, '.', ''), ',', '.') "
-              f"WHEN regexp_matches({m}, '^[+-]?\\d{{1,3}}(,\\d{{3}})+(\\.\\d+)?$') THEN replace({m}, ',', '') "
+              f"WHEN regexp_matches({m}, '^[+-]?[1-9]\\d{{0,2}}(,\\d{{3}})+(\\.\\d+)?$') THEN replace({m}, ',', '') "
               f"WHEN regexp_matches({m}, '^[+-]?\\d+,\\d{{1,2}}$') THEN replace({m}, ',', '.') ELSE {m} END")
     return f"coalesce(TRY_CAST({text} AS DOUBLE), TRY_CAST({number} AS DOUBLE))"
 
@@ -520,11 +521,15 @@ def _folder_files(path: Path) -> list[Path]:
 
 
 def read_settings(cfg: DataConfig) -> dict:
-    """The settings of ``cfg`` that decide what a file's rows become (format, column and event maps, the
-    timestamp unit, strict event names, the time window), as the manifest records them with each file."""
-    return {"format": cfg.format, "mapping": dict(sorted((cfg.mapping or {}).items())),
-            "event_map": dict(sorted((cfg.event_map or {}).items())), "ts_unit": cfg.ts_unit,
-            "strict_events": bool(cfg.strict_events), "since": cfg.since, "until": cfg.until}
+    """The settings of ``cfg`` that decide what a file's rows become, as they apply (the format's preset merged
+    in, a column or event mapped to itself left out, times as UTC ISO text), as the manifest records them with
+    each file: format, column and event maps, the timestamp unit, strict event names, the time window."""
+    preset = PRESETS[cfg.format]
+    mapping = {k: v for k, v in {**preset.get("mapping", {}), **(cfg.mapping or {})}.items() if k != v}
+    events = {k: v for k, v in {**preset.get("event_map", {}), **(cfg.event_map or {})}.items() if k != v}
+    window = {k: (_parse_time(t).isoformat() if t else None) for k, t in (("since", cfg.since), ("until", cfg.until))}
+    return {"format": cfg.format, "mapping": dict(sorted(mapping.items())), "event_map": dict(sorted(events.items())),
+            "ts_unit": cfg.ts_unit or preset.get("ts_unit"), "strict_events": bool(cfg.strict_events), **window}
 
 
 def _check_same_settings(path: Path, entry: dict, settings: dict) -> None:

@@ -114,6 +114,9 @@ def _no_positives(ws: Workspace, n_examples: int, label_cfg: LabelConfig) -> str
     stored as other, one of which may be the shop's purchase), or purchases outside every label window."""
     with ws.connect() as con:
         purchases = con.execute("SELECT count(*) FROM events WHERE event = 'purchase'").fetchall()[0][0]
+    if purchases and label_cfg.task == "session":
+        return (f"no session has a purchase ({n_examples:,} sessions, every label 0; the events hold {purchases:,} "
+                f"purchases, none in a session the split keeps): check --session-gap and --prefix")
     if purchases:
         return (f"no example has a purchase in its label window ({n_examples:,} examples, every label 0; the "
                 f"events hold {purchases:,} purchases, all outside the windows): try a longer --horizon "

@@ -146,7 +146,8 @@ def test_model_parameters_come_from_the_estimator_signatures():
 @pytest.mark.parametrize("model, key, value", [
     ("lightgbm", "num_leaves", "abc"), ("lightgbm", "learning_rate", "0,1"), ("lightgbm", "n_estimators", 1.5),
     ("lightgbm", "num_leaves", -3), ("lightgbm", "subsample", 2), ("lightgbm", "min_child_samples", True),
-    ("lightgbm_emb", "num_leaves", 1), ("transformer", "lr", "abc"), ("transformer", "max_epochs", 1.5),
+    ("lightgbm_emb", "num_leaves", 1), ("lightgbm", "num_leaves", 31.0), ("logreg", "max_iter", 1e3),
+    ("transformer", "d_model", 64.0), ("transformer", "lr", "abc"), ("transformer", "max_epochs", 1.5),
     ("transformer", "d_model", -4), ("transformer", "batch_size", 0), ("transformer", "dropout", 2),
     ("transformer", "n_heads", 3), ("transformer", "ema_decay", 1), ("transformer", "lr", float("nan")),
     ("transformer_pt", "lr", 0), ("transformer_pt", "patience", -1)])
@@ -157,7 +158,7 @@ def test_a_setting_of_the_wrong_type_or_range_is_refused_in_one_line(model, key,
         pipeline.check_params(model, {key: value})
     assert key in str(e.value) and "\n" not in str(e.value)
     pipeline.check_params(model, {})  # the defaults pass
-    pipeline.check_params(model, {"lr" if "transformer" in model else "num_leaves": 8})
+    pipeline.check_params(model, {"lr" if "transformer" in model else "C" if model == "logreg" else "num_leaves": 8})
 
 
 def test_train_refuses_a_mistyped_lightgbm_setting_before_reading_the_data(tmp_path, capsys):

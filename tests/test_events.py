@@ -251,6 +251,14 @@ def test_a_file_given_again_with_other_settings_is_refused_not_skipped(tmp_path,
         ingest(ws, [DATA / "rejects.csv"], DataConfig(format="csv", **changed), progress=False)
     assert next(iter(changed)) in str(e.value) and "\n" not in str(e.value) and "--workspace NEW" in str(e.value)
     assert _snapshot(tmp_path / "ws") == before
+    # the same reading written otherwise is the same file: skipped
+    from datetime import datetime
+    for same in (dict(mapping={"user_id": "user_id"}), dict(event_map={"view": "view"})):
+        assert ingest(ws, [DATA / "rejects.csv"], DataConfig(format="csv", **same), progress=False).skipped
+    ws2 = Workspace(tmp_path / "ws2")
+    ingest(ws2, [DATA / "rejects.csv"], DataConfig(format="csv", since="2024-01-01"), progress=False)
+    for since in ("2024-01-01T00:00:00Z", datetime(2024, 1, 1)):
+        assert ingest(ws2, [DATA / "rejects.csv"], DataConfig(format="csv", since=since), progress=False).skipped
     # an entry of an older manifest records the format only: that is what is compared
     manifest = ws.read_manifest()
     del manifest["files"][0]["settings"]
@@ -316,6 +324,9 @@ def test_a_file_of_another_format_given_as_csv_is_named_so(tmp_path, tiny_events
                        ("log.jsonl", "looks like JSON, not CSV: use --format jsonl"),
                        ("log.jsonl.gz", "looks like JSON"), ("empty.csv", "is empty")]:
         for fmt in ("csv", "taobao"):
+            if fmt == "taobao" and name == "empty.csv":  # no header expected: an empty day is 0 rows
+                assert ingest(tmp_path / "ws0", [tmp_path / name], DataConfig(format=fmt), progress=False).accepted == 0
+                continue
             with pytest.raises(ValueError, match=what):
                 ingest(tmp_path / "ws", [tmp_path / name], DataConfig(format=fmt), progress=False)
     assert not (tmp_path / "ws" / "events").exists() or not list((tmp_path / "ws" / "events").glob("*.parquet"))
@@ -341,6 +352,14 @@ def test_lines_that_are_not_utf8_are_rejected_as_such(tmp_path):
     assert [(int(row["line"]), row["reason"]) for row in _rejects(r.rejects_paths[0])] == [(3, "not_utf8"),
                                                                                          (4, "not_utf8")]
     assert "iconv" in r.summary()
+    # the bad byte right before the delimiter: the raw line keeps its fields, the user id is pseudonymised
+    src2 = tmp_path / "cp1252_first.csv"
+    src2.write_bytes("event,user_id,ts\ncafé,bob_secret,2024-03-01T10:00:00Z\n".encode("cp1252"))
+    r2 = ingest(tmp_path / "ws2", [src2], DataConfig(format="csv"), progress=False)
+    (row,) = _rejects(r2.rejects_paths[0])
+    fields = row["raw"].split(",")
+    assert row["reason"] == "not_utf8" and len(fields) == 3 and "bob_secret" not in row["raw"]
+    assert fields[1] == pseudonym_for(tmp_path / "ws2", ["bob_secret"])["bob_secret"]
 
 
 def test_prices_with_a_currency_or_a_decimal_comma_are_read(tmp_path):

@@ -491,7 +491,7 @@ class LightGBMModel(ClassifierMixin, BaseEstimator):
                 Setting("num_leaves", int, 2, 131072), Setting("min_child_samples", int, 0),
                 Setting("subsample", float, 0, 1, lo_in=False), Setting("subsample_freq", int, 0),
                 Setting("colsample_bytree", float, 0, 1, lo_in=False), Setting("reg_lambda", float, 0),
-                Setting("early_stopping_rounds", int, 0), Setting("n_jobs", int, -1))
+                Setting("early_stopping_rounds", int, 0), Setting("n_jobs", int))  # n_jobs ≤ 0: LightGBM's default
 
     def check_settings(self) -> None:
         """Raise ValueError (one line) for a setting of the wrong type or out of LightGBM's range, e.g.

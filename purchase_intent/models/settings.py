@@ -39,8 +39,10 @@ class Setting:
             return self.none
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
             return False
+        if self.kind is int and not isinstance(value, (int, np.integer)):  # 64.0: the libraries want an int
+            return False
         v = float(value)
-        if not math.isfinite(v) or (self.kind is int and not v.is_integer()):
+        if not math.isfinite(v):
             return False
         if self.lo is not None and (v < self.lo if self.lo_in else v <= self.lo):
             return False
@@ -57,6 +59,7 @@ def check_settings(model: str, estimator: Any, settings: Sequence[Setting]) -> N
             what = "a whole number" if s.kind is int else "a number"
             bounds = s.bounds()
             example = getattr(defaults, s.name)
-            hint = f" (e.g. --param {s.name}={example})" if example is not None else ""
+            hint = (" (set it with --seed)" if s.name == "random_state" else
+                    f" (e.g. --param {s.name}={example})" if example is not None else "")
             raise ValueError(f"{model}: {s.name} must be {what}{' ' + bounds if bounds else ''}"
                              f"{' or left out' if s.none else ''}, got {value!r}{hint}")
