@@ -641,6 +641,12 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
                 new = [f for f in report.files if not f.skipped]
                 if not new:
                     return report
+                older = [e for e in manifest["files"] if "settings" not in e]
+                if older and progress:  # read before ids and event names were read as they are now
+                    print(f"note: {len(older)} file(s) of this workspace were read by an earlier version, which "
+                          "kept a float column's whole-number ids as '1001.0' and matched event names in their "
+                          "case only; to read every file alike, ingest them all into a new workspace",
+                          file=sys.stderr)
                 ws.rejects_dir.mkdir(parents=True, exist_ok=True)
                 entries = []
                 for f in new:  # move parts and rejects into place; the manifest below commits them

@@ -241,7 +241,7 @@ def test_idempotent(tmp_path):
 
 @pytest.mark.parametrize("changed", [dict(event_map={"teleport": "view"}), dict(since="2024-01-01"),
                                      dict(mapping={"item_id": "category"}), dict(strict_events=True)])
-def test_a_file_given_again_with_other_settings_is_refused_not_skipped(tmp_path, changed):
+def test_a_file_given_again_with_other_settings_is_refused_not_skipped(tmp_path, changed, capsys):
     """Skipping it would keep its events as read with the first settings, and the new ones would silently not
     apply; the refusal names what changed and leaves the workspace as it was."""
     ws = Workspace(tmp_path / "ws")
@@ -265,6 +265,11 @@ def test_a_file_given_again_with_other_settings_is_refused_not_skipped(tmp_path,
     ev.atomic_write_json(ws.manifest_path, manifest)
     r = ingest(ws, [DATA / "rejects.csv"], DataConfig(format="csv", **changed), progress=False)
     assert r.skipped == [str(DATA / "rejects.csv")]
+    capsys.readouterr()
+    other = tmp_path / "other.csv"
+    other.write_text("user_id,ts,event\nu9,2024-03-01T10:00:00Z,view\n")
+    ingest(ws, [other], DataConfig(format="csv"))  # a new file beside one an earlier version read
+    assert "read by an earlier version" in capsys.readouterr().err
     with pytest.raises(ValueError, match="format 'csv' then, 'jsonl' now"):
         ingest(ws, [DATA / "rejects.csv"], DataConfig(format="jsonl"), progress=False)
 
