@@ -15,6 +15,7 @@ is kept as read).
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import re
@@ -74,6 +75,51 @@ def _lines_as_text(path: str, numbers: set[int]) -> dict[int, str]:
     return {n: t for n, t in zip(table.column("line").to_pylist(), table.column("raw").to_pylist()) if n in numbers}
 
 
+def _open_text(path: str):
+    raw = open(path, "rb")
+    if raw.read(2) == b"\x1f\x8b":
+        raw.close()
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace", newline="")
+    raw.seek(0)
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+
+
+def _physical_lines(path: str) -> int:
+    n, last = 0, b"\n"
+    with (gzip.open if open(path, "rb").read(2) == b"\x1f\x8b" else open)(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            n += block.count(b"\n")
+            last = block[-1:]
+    return n + (last != b"\n")
+
+
+def _record_lines(path: str, delim: str, header_lines: int, malformed: set[int], ordinals: set[int]
+                  ) -> tuple[dict[int, int], dict[int, int]]:
+    """The physical line each record starts on, read with Python's csv module (which follows a quoted field
+    across lines): for the parsed records ``ordinals`` (1-based among the records DuckDB's CSV reader keeps)
+    and for DuckDB's ``malformed`` line numbers, which count a record spanning lines once and a blank line as
+    one."""
+    by_ordinal: dict[int, int] = {}
+    by_line: dict[int, int] = {}
+    with _open_text(path) as f:
+        reader = csv.reader(f, delimiter=delim)
+        last, k = 0, 0
+        for r, fields in enumerate(reader, 1):
+            start, last = last + 1, reader.line_num
+            if r <= header_lines:
+                continue
+            duck_line = r  # DuckDB's number: the header's lines, then one per record or blank line
+            if duck_line in malformed:
+                by_line[duck_line] = start
+            elif fields:
+                k += 1
+                if k in ordinals:
+                    by_ordinal[k] = start
+            if len(by_ordinal) == len(ordinals) and len(by_line) == len(malformed):
+                break
+    return by_ordinal, by_line
+
+
 def collect_rejects(con, src: Source, kind: str, mapping: dict, key: bytes, source: str) -> list[tuple]:
     """Rows (source_file, line, reason, raw) of every rejected row, ordered by line."""
     kind = src.rejects_as or kind
@@ -88,9 +134,18 @@ def collect_rejects(con, src: Source, kind: str, mapping: dict, key: bytes, sour
         malformed = con.execute("SELECT line, any_value(csv_line), bool_or(error_type = 'INVALID ENCODING') "
                                 "FROM reject_errors GROUP BY line ORDER BY line").fetchall()
     out, j = [], 0
+    record_line: dict[int, int] = {}  # record ordinal -> physical line, where they differ
+    malformed_line: dict[int, int] = {}  # DuckDB's line of a malformed record -> physical line
+    if kind == "csv" and (semantic or malformed):  # a record that spans lines (a quoted newline), a blank line
+        n_records = con.execute("SELECT count(*) FROM staged").fetchall()[0][0]
+        if _physical_lines(source) != src.header_lines + n_records + len(malformed):
+            record_line, malformed_line = _record_lines(source, src.delim, src.header_lines,
+                                                        {m[0] for m in malformed}, {int(r[0]) for r in semantic})
     for pos, reason, raw_list, raw_text, upid, spid in semantic:
         if src.pos_is_line:
             line = pos
+        elif pos in record_line:
+            line = record_line[pos]
         else:  # record ordinal -> line: skip the header and the unparsable lines before it
             line = src.header_lines + pos + j
             while j < len(malformed) and malformed[j][0] <= line:
@@ -107,9 +162,10 @@ def collect_rejects(con, src: Source, kind: str, mapping: dict, key: bytes, sour
         else:
             raw = _join_csv(_substitute_fields(raw_list, pids), src.delim)
         out.append((source, line, reason, raw))
-    as_read = _lines_as_text(source, {line for line, _, not_utf8 in malformed if not_utf8}) if any(
-        m[2] for m in malformed) else {}
+    as_read = _lines_as_text(source, {malformed_line.get(line, line) for line, _, not_utf8 in malformed
+                                      if not_utf8}) if any(m[2] for m in malformed) else {}
     for line, text, not_utf8 in malformed:
+        line = malformed_line.get(line, line)
         out.append((source, line, "not_utf8" if not_utf8 else "malformed_line",
                     _substitute_line(as_read.get(line, text) if not_utf8 else text, src.delim, id_idx, key)))
     out.sort(key=lambda r: r[1])

@@ -380,6 +380,20 @@ def test_prices_with_a_currency_or_a_decimal_comma_are_read(tmp_path):
     assert got == pytest.approx(list(prices.values()))
 
 
+@pytest.mark.parametrize("gz", [False, True])
+def test_reject_lines_are_physical_lines_after_quoted_newlines_and_blank_lines(tmp_path, gz):
+    import gzip
+
+    text = ('user_id,ts,event,category\nu1,2024-03-01T10:00:00Z,view,"a\nb\nc"\n\nu2,notatime,view,x\n'
+            'u3,2024-03-01T10:00:00Z,view,"d\ne"\nu4,2024-03-01T10:00:00Z,view,x,EXTRA\nu5,,view,y\n')
+    src = tmp_path / ("log.csv.gz" if gz else "log.csv")
+    src.write_bytes(gzip.compress(text.encode()) if gz else text.encode())
+    r = ingest(tmp_path / "ws", [src], DataConfig(format="csv"), progress=False)
+    assert r.accepted == 2
+    got = [(int(row["line"]), row["reason"]) for row in _rejects(r.rejects_paths[0])]
+    assert got == [(6, "bad_ts"), (9, "malformed_line"), (10, "missing_ts")]
+
+
 def test_since_until_filtered(tmp_path, tiny_events):
     src = tmp_path / "in.csv"
     tiny_events.to_csv(src, index=False)
