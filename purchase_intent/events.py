@@ -182,10 +182,16 @@ def _parse_time(text: Optional[str]) -> Optional[datetime]:
 def _ts_sql(col: str, num: str, unit: Optional[str]) -> str:
     """SQL turning a text timestamp ``col`` (``num``: the same as DOUBLE, or NULL) into TIMESTAMP
     (UTC): epoch numbers by unit (or by magnitude when the unit is unknown: < 1e11 seconds,
-    < 1e14 milliseconds, else microseconds), other text as ISO 8601 (a zone-less time is UTC)."""
+    < 1e14 milliseconds, else microseconds; a whole number from 19000101 to 21001231 that is a valid
+    date, as YYYYMMDD), other text as ISO 8601 (a zone-less time is UTC)."""
     mult = (str(_MULT[unit]) if unit in _MULT else
             f"(CASE WHEN abs({num}) < 1e11 THEN 1e6 WHEN abs({num}) < 1e14 THEN 1e3 ELSE 1 END)")
-    return (f"(CASE WHEN {num} IS NOT NULL THEN TRY(make_timestamp(TRY_CAST(round({num} * {mult}) AS BIGINT))) "
+    # without a unit, a whole number that reads as a date YYYYMMDD (19970101) is that date: as epoch seconds it
+    # would fall in August 1970, which no log holds
+    ymd = ("" if unit in _MULT else
+           f"WHEN {num} BETWEEN 19000101 AND 21001231 AND {num} = floor({num}) "
+           f"THEN TRY(strptime(CAST(CAST({num} AS BIGINT) AS VARCHAR), '%Y%m%d')) ")
+    return (f"(CASE {ymd}WHEN {num} IS NOT NULL THEN TRY(make_timestamp(TRY_CAST(round({num} * {mult}) AS BIGINT))) "
             f"ELSE TRY_CAST({col} AS TIMESTAMPTZ) AT TIME ZONE 'UTC' END)")
 
 

@@ -394,6 +394,27 @@ def test_reject_lines_are_physical_lines_after_quoted_newlines_and_blank_lines(t
     assert got == [(6, "bad_ts"), (9, "malformed_line"), (10, "missing_ts")]
 
 
+def test_dates_written_yyyymmdd_are_dates(tmp_path):
+    """CDNOW-style dates (19970101) as text or as Parquet integers: that day, not August 1970 (which would be
+    implausible_ts); an impossible date is a bad_ts; an explicit --ts-unit s keeps the epoch reading."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "cd.csv"
+    src.write_text("user_id,ts,event\nu1,19970101,purchase\nu2,19970230,purchase\nu3,1704067200,view\n")
+    r = ingest(tmp_path / "ws", [src], DataConfig(format="csv"), progress=False)
+    assert r.accepted == 2 and r.rejected == {"bad_ts": 1}
+    got = [str(t) for (t,) in Workspace(tmp_path / "ws").connect().sql("SELECT ts FROM events ORDER BY ts").fetchall()]
+    assert got == ["1997-01-01 00:00:00", "2024-01-01 00:00:00"]
+    pq.write_table(pa.table({"user_id": ["u1"], "ts": pa.array([19971231], pa.int64()), "event": ["purchase"]}),
+                   tmp_path / "cd.parquet")
+    ingest(tmp_path / "ws2", [tmp_path / "cd.parquet"], DataConfig(format="parquet"), progress=False)
+    (ts,), = Workspace(tmp_path / "ws2").connect().sql("SELECT ts FROM events").fetchall()
+    assert str(ts) == "1997-12-31 00:00:00"
+    r3 = ingest(tmp_path / "ws3", [src], DataConfig(format="csv", ts_unit="s"), progress=False)
+    assert r3.rejected == {"implausible_ts": 2}
+
+
 def test_since_until_filtered(tmp_path, tiny_events):
     src = tmp_path / "in.csv"
     tiny_events.to_csv(src, index=False)
