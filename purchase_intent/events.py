@@ -144,7 +144,8 @@ class IngestReport:
     def summary(self) -> str:
         """Accepted, rejected by reason, filtered and skipped counts, one line each."""
         rej = self.rejected
-        lines = [f"accepted  {self.accepted:>12,}",
+        lines = [f"accepted  {self.accepted:>12,}" + ("   (no row accepted: see the reasons below)"
+                                                      if not self.accepted and (rej or self.filtered) else ""),
                  f"rejected  {sum(rej.values()):>12,}" + "".join(f"\n  {k:<16}{v:>10,}" for k, v in rej.items()),
                  f"filtered  {self.filtered:>12,}"]
         if rej.get("not_utf8"):

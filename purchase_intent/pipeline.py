@@ -487,7 +487,14 @@ def run(data: str | Path | DatabaseQuery | Sequence[str | Path | DatabaseQuery] 
         if name != "ensemble":
             check_params(name, params.get(name) or {})
     if data is not None:
-        log(ingest(data, data_cfg, ws, progress=not quiet, engine=engine).summary(), quiet)
+        report = ingest(data, data_cfg, ws, progress=not quiet, engine=engine)
+        log(report.summary(), quiet)
+        if not report.accepted and not any(e.get("accepted") for e in ws.read_manifest()["files"]):
+            why = ", ".join(f"{n:,} {k}" for k, n in {**report.rejected, "filtered": report.filtered}.items() if n)
+            names = ", ".join(map(str, data)) if isinstance(data, (list, tuple)) else str(data)
+            raise ValueError(f"ingest accepted no row of {names}" + (f" ({why})" if why else "") + ": nothing to build"
+                             + (f"; the rejected rows and their reasons are in {report.rejects_paths[0].parent}"
+                                if report.rejects_paths else ""))
     build(label_cfg, feature_cfg, ws, quiet=quiet, engine=engine)
     if pretrain:
         cfg = pretrain if isinstance(pretrain, pretraining.PretrainConfig) else pretraining.PretrainConfig()

@@ -375,3 +375,14 @@ def test_a_plain_csv_keeps_utc_and_an_unknown_zone_is_one_line(events_csv, tmp_p
                  "--tz", "Mars/Olympus"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown time zone 'Mars/Olympus'" in err
+
+
+def test_run_says_when_ingest_accepted_no_row(tmp_path, capsys):
+    """Not 'run ingest first' (it just ran): every row rejected, with the reasons and where the rejects are."""
+    src = tmp_path / "log.csv"
+    src.write_text("user_id,ts,event\nu1,2024-03-01T10:00:00Z,view\nu2,2024-03-02T10:00:00Z,view\n")
+    rc = main(["--workspace", str(tmp_path / "ws"), "run", "--data", str(src), "--until", "2020-01-01",
+               "--models", "logreg"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and "no row accepted" in out + err
+    assert err.strip().splitlines()[-1] == f"error: ingest accepted no row of {src} (2 filtered): nothing to build"
