@@ -389,6 +389,18 @@ def evaluate(run: str, workspace=None, backtest: int = 0, n_boot: int = 1000, qu
             tr, va, te = (np.flatnonzero(np.asarray(m)) for m in (fold.train_mask, fold.valid_mask, fold.test_mask))
             log(f"backtest fold {k + 1}/{len(folds)}: test cutoff {splits.human_time(fold.cutoff)}, "
                 f"train {len(tr):,}, test {len(te):,}", quiet)
+            y_tr = y[tr]
+            try:
+                check_min_data(y_tr, train_cfg.min_positives, train_cfg.min_negatives)
+            except NotEnoughData:
+                raise NotEnoughData(
+                    f"backtest fold {k + 1} of {len(folds)} (test cutoff {splits.human_time(fold.cutoff)}): its train "
+                    f"examples hold {int(y_tr.sum()):,} positives and {int((y_tr == 0).sum()):,} negatives, under the "
+                    f"gate of {train_cfg.min_positives} and {train_cfg.min_negatives} this run was trained with: "
+                    + (f"ask for the {len(folds) - k - 1} later fold(s) only (--backtest {len(folds) - k - 1}), or "
+                       if len(folds) - k - 1 > 0 else "")
+                    + "train the run again with a lower --min-positives / --min-negatives (its folds refit with "
+                      "its gate)") from None
             fold_model = fit_model(name, _refit_params(meta), built, tr, va, ws, train_cfg)
             pk = _probabilities(fold_model, runs.model_inputs(name, built, te, ws, runs.model_vocab(fold_model))) \
                 if len(te) else np.zeros(0)

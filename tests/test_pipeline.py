@@ -216,3 +216,26 @@ def test_build_says_why_every_label_is_0(tmp_path):
     pipeline.ingest(tmp_path / "early.csv", DataConfig(format="csv"), tmp_path / "ws2", progress=False)
     with pytest.raises(ValueError, match="all outside the windows"):
         pipeline.build(LabelConfig(lookback="7d", horizon="3d", step="3d"), workspace=tmp_path / "ws2", quiet=True)
+
+
+def test_a_backtest_fold_under_the_runs_gate_says_which_and_how_to_proceed(tmp_path):
+    """The earliest fold's train split holds fewer positives than the gate the run was trained with: one
+    line naming the fold, its counts and the gate, and the flags that help (not a flag evaluate lacks)."""
+    from purchase_intent import splits
+    from purchase_intent.config import TrainConfig
+    from purchase_intent.models import NotEnoughData
+    from purchase_intent.runs import load_built
+    from tests.conftest import tiny_workspace
+
+    ws = tiny_workspace(tmp_path, n_users=150, days=42)
+    built = load_built(ws)
+    y = built.examples["label"].to_numpy()
+    folds = splits.backtest_folds(built.examples, 2, built.label_cfg)
+    first = int(y[np.asarray(folds[0].train_mask)].sum())
+    assert first < int(y[built.mask("train")].sum())
+    pipeline.train("logreg", train_cfg=TrainConfig(min_positives=first + 1, min_negatives=10), workspace=ws,
+                   quiet=True)
+    with pytest.raises(NotEnoughData, match=rf"backtest fold 1 of 2 .* hold {first} positives .* gate of "
+                                            rf"{first + 1} and 10 .*\(--backtest 1\)") as e:
+        pipeline.evaluate("logreg", workspace=ws, backtest=2, quiet=True)
+    assert "\n" not in str(e.value)
