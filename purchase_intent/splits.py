@@ -81,6 +81,13 @@ class SplitInfo:
                          f"{human_time(s['first_cutoff'])} .. {human_time(s['last_cutoff'])}"
                          if s["n"] else f"{name:6} {0:>9}")
         lines.append(f"gap    {self.n_gap:>9}  (label window reaches into a later split; excluded)")
+        for name in ("valid", "test"):
+            s = self.splits.get(name)
+            if s and s["n"] and not s["positives"]:
+                lines.append(f"warning: {name} holds no positive example: "
+                             + ("early stopping, calibration and the choice of the best model read nothing from it"
+                                if name == "valid" else "ROC-AUC and PR-AUC on it are undefined")
+                             + f"; give it more periods (--{name}-cutoffs) or use a longer --step")
         return "\n".join(lines)
 
     __str__ = describe

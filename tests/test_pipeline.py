@@ -239,3 +239,15 @@ def test_a_backtest_fold_under_the_runs_gate_says_which_and_how_to_proceed(tmp_p
                                             rf"{first + 1} and 10 .*\(--backtest 1\)") as e:
         pipeline.evaluate("logreg", workspace=ws, backtest=2, quiet=True)
     assert "\n" not in str(e.value)
+
+
+def test_a_split_without_positives_is_warned_of():
+    from purchase_intent.splits import SplitInfo
+
+    row = {"n": 24, "positives": 0, "positive_rate": 0.0, "periods": [5], "first_cutoff": "2024-03-01T00:00:00",
+           "last_cutoff": "2024-03-01T00:00:00"}
+    text = SplitInfo(splits={"train": {**row, "positives": 3, "periods": [1]}, "valid": row, "test": row}).describe()
+    assert "warning: valid holds no positive example" in text and "--valid-cutoffs" in text
+    assert "warning: test holds no positive example" in text
+    ok = SplitInfo(splits={"valid": {**row, "positives": 1}}).describe()
+    assert "warning" not in ok
