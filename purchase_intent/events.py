@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Optional
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import duckdb
 
@@ -380,7 +381,8 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
     try:
         con.execute(f"SET temp_directory = {sql_literal(tmpdir)}")
         memory.configure(con)  # the user's memory limit (spills stay in tmpdir: they hold raw ids)
-        con.execute("SET TimeZone = 'UTC'")
+        # a timestamp written without a zone is read in --ts-zone (default UTC), then stored as UTC
+        con.execute(f"SET TimeZone = {sql_literal(cfg.ts_zone or 'UTC')}")
         con.execute("SET enable_progress_bar = false")
         # a Parquet row carries its own number (file_row_number), so DuckDB may read it in any order, and its
         # stored rows have no order (every reader of the events orders what it needs). The other readers number
@@ -536,7 +538,8 @@ def read_settings(cfg: DataConfig) -> dict:
     events = {k: v for k, v in {**preset.get("event_map", {}), **(cfg.event_map or {})}.items() if k != v}
     window = {k: (_parse_time(t).isoformat() if t else None) for k, t in (("since", cfg.since), ("until", cfg.until))}
     return {"format": cfg.format, "mapping": dict(sorted(mapping.items())), "event_map": dict(sorted(events.items())),
-            "ts_unit": cfg.ts_unit or preset.get("ts_unit"), "strict_events": bool(cfg.strict_events), **window}
+            "ts_unit": cfg.ts_unit or preset.get("ts_unit"), "ts_zone": cfg.ts_zone or "UTC",
+            "strict_events": bool(cfg.strict_events), **window}
 
 
 def _check_same_settings(path: Path, entry: dict, settings: dict) -> None:
@@ -586,6 +589,12 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     if cfg.format not in PRESETS:
         raise ValueError(f"unknown format {cfg.format!r}; use one of {sorted(PRESETS)}")
+    if cfg.ts_zone:
+        try:
+            ZoneInfo(cfg.ts_zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"--ts-zone {cfg.ts_zone!r} is not a time zone: give an IANA name such as Europe/Berlin "
+                             "or Asia/Shanghai") from None
     window = {}
     for flag, text in (("since", cfg.since), ("until", cfg.until)):
         try:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -252,7 +254,6 @@ def test_a_file_given_again_with_other_settings_is_refused_not_skipped(tmp_path,
     assert next(iter(changed)) in str(e.value) and "\n" not in str(e.value) and "--workspace NEW" in str(e.value)
     assert _snapshot(tmp_path / "ws") == before
     # the same reading written otherwise is the same file: skipped
-    from datetime import datetime
     for same in (dict(mapping={"user_id": "user_id"}), dict(event_map={"view": "view"})):
         assert ingest(ws, [DATA / "rejects.csv"], DataConfig(format="csv", **same), progress=False).skipped
     ws2 = Workspace(tmp_path / "ws2")
@@ -413,6 +414,28 @@ def test_dates_written_yyyymmdd_are_dates(tmp_path):
     assert str(ts) == "1997-12-31 00:00:00"
     r3 = ingest(tmp_path / "ws3", [src], DataConfig(format="csv", ts_unit="s"), progress=False)
     assert r3.rejected == {"implausible_ts": 2}
+
+
+def test_times_without_a_zone_are_read_in_ts_zone(tmp_path):
+    """JData-style local times: --ts-zone Asia/Shanghai stores 10:00 as 02:00 UTC; a time with an offset and an
+    epoch number keep their meaning; a Parquet TIMESTAMP without zone is read in it too; a bad zone is one line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "local.csv"
+    src.write_text("user_id,ts,event\nu1,2024-03-01 10:00:00,view\nu2,2024-03-01T10:00:00+01:00,view\n"
+                   "u3,1709287200,view\n")
+    cfg = DataConfig(format="csv", ts_zone="Asia/Shanghai")
+    ingest(tmp_path / "ws", [src], cfg, progress=False)
+    got = [str(t) for (t,) in Workspace(tmp_path / "ws").connect().sql("SELECT ts FROM events ORDER BY ts").fetchall()]
+    assert got == ["2024-03-01 02:00:00", "2024-03-01 09:00:00", "2024-03-01 10:00:00"]
+    pq.write_table(pa.table({"user_id": ["u1"], "ts": pa.array([datetime(2024, 3, 1, 10)], pa.timestamp("us")),
+                             "event": ["view"]}), tmp_path / "local.parquet")
+    ingest(tmp_path / "ws2", [tmp_path / "local.parquet"], dataclasses.replace(cfg, format="parquet"), progress=False)
+    (ts,), = Workspace(tmp_path / "ws2").connect().sql("SELECT ts FROM events").fetchall()
+    assert str(ts) == "2024-03-01 02:00:00"
+    with pytest.raises(ValueError, match="--ts-zone 'Mars/Olympus' is not a time zone"):
+        ingest(tmp_path / "ws3", [src], DataConfig(format="csv", ts_zone="Mars/Olympus"), progress=False)
 
 
 def test_since_until_filtered(tmp_path, tiny_events):
