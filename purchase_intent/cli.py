@@ -118,6 +118,9 @@ def _add_data_flags(p: argparse.ArgumentParser, positional: bool) -> None:
                         "repeatable (names no map names are stored as other, their raw name kept)")
     p.add_argument("--ts-unit", choices=["s", "ms", "us", "iso"],
                    help="timestamp unit (default: the preset's, else detected)")
+    p.add_argument("--all-events", metavar="EVENT",
+                   help="for a log without an event column (e.g. transactions only): every row is this event, "
+                        "e.g. --all-events purchase")
     p.add_argument("--ts-zone", metavar="ZONE",
                    help="time zone of timestamps written without one (e.g. Asia/Shanghai; default UTC); times with an "
                         "offset and epoch numbers are absolute and keep their meaning")

@@ -29,6 +29,8 @@ class DataConfig:
     event_map: dict[str, str] = field(default_factory=dict)  # raw event name -> canonical event
     ts_unit: Optional[str] = None  # s | ms | us | iso; None = the preset's or auto-detect
     ts_zone: Optional[str] = None  # IANA zone of timestamps written without one; None = UTC
+    # a log without an event column (transactions only): every row is this canonical event, e.g. "purchase"
+    all_events: Optional[str] = None
     strict: bool = False  # any rejected row makes the command fail (and store nothing)
     # an event name no map names is rejected (unknown_event) instead of stored as other with its raw name
     strict_events: bool = False

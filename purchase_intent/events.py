@@ -217,12 +217,25 @@ def resolve_columns(cfg: DataConfig, preset: dict, columns: list[str]
     unknown = sorted(set(mapping) - set(CANONICAL_COLUMNS))
     if unknown:
         raise ValueError(f"--map names unknown canonical columns {unknown}; use {list(CANONICAL_COLUMNS)}")
+    one = len(columns) == 1 and len(columns[0].split()) > 1  # 'customer_id  date  price': not comma-separated
+    hint = ("; the header reads as one column: a file separated by spaces is not read, convert it to CSV first "
+            "(e.g. sed -E 's/^ +//; s/ +/,/g')" if one else "")
     for canon, src in mapping.items():
         if src not in columns:
-            raise ValueError(f"column {src!r} (for {canon}) is not in the file; its columns are {columns}")
-    missing = [c for c in ("user_id", "ts", "event") if c not in mapping]
+            raise ValueError(f"column {src!r} (for {canon}) is not in the file; its columns are {columns}{hint}")
+    if cfg.all_events is not None:
+        if cfg.all_events not in CANONICAL_EVENTS:
+            raise ValueError(f"--all-events {cfg.all_events!r} is not a canonical event; use one of "
+                             f"{list(CANONICAL_EVENTS)}")
+        if "event" in mapping:
+            raise ValueError(f"--all-events {cfg.all_events} is for a log without an event column, and this one "
+                             f"reads its events from column {mapping['event']!r}: leave one of them out")
+    missing = [c for c in ("user_id", "ts", "event") if c not in mapping and not (c == "event" and cfg.all_events)]
     if missing:
-        raise ValueError(f"no column for {missing}; map them with --map {missing[0]}=COLUMN (columns: {columns})")
+        extra = " (or, for a log of one kind of event such as transactions, --all-events purchase)" \
+            if missing == ["event"] else ""
+        raise ValueError(f"no column for {missing}; map them with --map {missing[0]}=COLUMN{extra} "
+                         f"(columns: {columns}){hint}")
     events = {**{e: e for e in CANONICAL_EVENTS}, **preset.get("event_map", {}), **cfg.event_map}
     bad = sorted({v for v in events.values() if v not in CANONICAL_EVENTS})
     if bad:
@@ -241,8 +254,10 @@ def resolve_columns(cfg: DataConfig, preset: dict, columns: list[str]
 
 def stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], extras: dict[str, str],
                ts_unit: Optional[str], since: Optional[datetime], until: Optional[datetime], now: datetime,
-               strict_events: bool = False) -> str:
-    def col(canon: str) -> str:  # the mapped column as text
+               strict_events: bool = False, all_events: Optional[str] = None) -> str:
+    def col(canon: str) -> str:  # the mapped column as text (the event of every row: --all-events)
+        if canon == "event" and canon not in mapping and all_events:
+            return sql_literal(all_events)
         return text_sql(src, mapping[canon]) if canon in mapping else "NULL::VARCHAR"
 
     def number(canon: str) -> Optional[str]:  # the mapped column as DOUBLE where the source gives it as a number
@@ -395,7 +410,7 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
         def stage_with(src: Source) -> tuple[dict, dict, dict]:
             mapping, events, extras = resolve_columns(cfg, preset, src.columns)
             sql = stage_sql(src, mapping, events, extras, ts_unit, _parse_time(cfg.since), _parse_time(cfg.until),
-                             now, cfg.strict_events)
+                             now, cfg.strict_events, cfg.all_events)
             con.execute(f"CREATE TEMP {'VIEW' if streamed else 'TABLE'} staged AS {sql}")
             return mapping, events, extras
 
@@ -539,6 +554,7 @@ def read_settings(cfg: DataConfig) -> dict:
     window = {k: (_parse_time(t).isoformat() if t else None) for k, t in (("since", cfg.since), ("until", cfg.until))}
     return {"format": cfg.format, "mapping": dict(sorted(mapping.items())), "event_map": dict(sorted(events.items())),
             "ts_unit": cfg.ts_unit or preset.get("ts_unit"), "ts_zone": cfg.ts_zone or "UTC",
+            "all_events": cfg.all_events,
             "strict_events": bool(cfg.strict_events), **window}
 
 

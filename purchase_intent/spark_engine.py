@@ -325,7 +325,7 @@ class SparkIngest:
         mapping, events, extras = resolve_columns(cfg, preset, columns)
         since, until = (parse_time(t) if t else None for t in (cfg.since, cfg.until))
         staged = sql(spark, stage_sql(src, mapping, events, extras, cfg.ts_unit or preset.get("ts_unit"), since, until,
-                                      now, cfg.strict_events)).cache()
+                                      now, cfg.strict_events, cfg.all_events)).cache()
         try:
             staged.createOrReplaceTempView("staged")
             counts = {r[0] or "": r[1]

@@ -438,6 +438,27 @@ def test_times_without_a_zone_are_read_in_ts_zone(tmp_path):
         ingest(tmp_path / "ws3", [src], DataConfig(format="csv", ts_zone="Mars/Olympus"), progress=False)
 
 
+def test_a_transactions_only_log_takes_all_events(tmp_path):
+    """No event column (CDNOW): the error names --all-events; with it every row is that event; with an event
+    column as well it is refused; a file separated by spaces is named so."""
+    src = tmp_path / "tx.csv"
+    src.write_text("customer_id,date,dollar_value\n00001,19970101,11.77\n00002,19970112,12.00\n")
+    cols = {"user_id": "customer_id", "ts": "date", "price": "dollar_value"}
+    with pytest.raises(ValueError, match="--all-events purchase"):
+        ingest(tmp_path / "ws", [src], DataConfig(format="csv", mapping=cols), progress=False)
+    r = ingest(tmp_path / "ws", [src], DataConfig(format="csv", mapping=cols, all_events="purchase"), progress=False)
+    assert r.accepted == 2
+    assert Workspace(tmp_path / "ws").connect().sql("SELECT DISTINCT event FROM events").fetchall() == [("purchase",)]
+    with pytest.raises(ValueError, match="is not a canonical event"):
+        ingest(tmp_path / "ws2", [src], DataConfig(format="csv", mapping=cols, all_events="buy"), progress=False)
+    with pytest.raises(ValueError, match="leave one of them out"):
+        ingest(tmp_path / "ws2", [DATA / "rejects.csv"], DataConfig(format="csv", all_events="view"), progress=False)
+    spaced = tmp_path / "spaced.txt"
+    spaced.write_text(" customer_id  date  dollar_value\n 00001  19970101  11.77\n")
+    with pytest.raises(ValueError, match="a file separated by spaces is not read"):
+        ingest(tmp_path / "ws3", [spaced], DataConfig(format="csv", mapping=cols), progress=False)
+
+
 def test_since_until_filtered(tmp_path, tiny_events):
     src = tmp_path / "in.csv"
     tiny_events.to_csv(src, index=False)
