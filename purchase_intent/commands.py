@@ -245,10 +245,19 @@ def cmd_run(a: argparse.Namespace) -> int:
 
         if not a.label:
             raise SystemExit("error: --table needs --label COLUMN")
-        run_table(a.table, a.label, time_column=a.time_column, models=models, seed=a.seed, n_boot=a.n_boot,
-                  drop_columns=[c.strip() for c in (a.drop or "").split(",") if c.strip()],
-                  min_positives=a.min_positives, min_negatives=a.min_negatives,
-                  out_dir=os.path.join(a.workspace, "runs", "table"))  # prints the comparison table
+        if a.backtest:
+            raise SystemExit("error: --backtest refits on an event log's periods; --table evaluates on one split "
+                             "(by --time-column when given): leave --backtest out")
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:  # a note for the user, not a Python warning
+            warnings.simplefilter("always", UserWarning)
+            run_table(a.table, a.label, time_column=a.time_column, models=models, seed=a.seed, n_boot=a.n_boot,
+                      drop_columns=[c.strip() for c in (a.drop or "").split(",") if c.strip()],
+                      min_positives=a.min_positives, min_negatives=a.min_negatives,
+                      out_dir=os.path.join(a.workspace, "runs", "table"))  # prints the comparison table
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
         return 0
     if not a.data:
         raise SystemExit("error: run needs --data PATH (or --table FILE --label COLUMN)")

@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -386,3 +387,17 @@ def test_run_says_when_ingest_accepted_no_row(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert rc == 1 and "no row accepted" in out + err
     assert err.strip().splitlines()[-1] == f"error: ingest accepted no row of {src} (2 filtered): nothing to build"
+
+
+def test_table_mode_warns_in_one_line_and_refuses_a_backtest(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    n = 600
+    x = rng.normal(size=n)
+    pd.DataFrame({"x": x, "y": (x + rng.normal(size=n) > 1).astype(int)}).to_csv(tmp_path / "t.csv", index=False)
+    ws = str(tmp_path / "ws")
+    assert main(["--workspace", ws, "run", "--table", str(tmp_path / "t.csv"), "--label", "y", "--models", "logreg",
+                 "--min-positives", "10"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: no time column given" in err and "UserWarning" not in err
+    with pytest.raises(SystemExit, match="leave --backtest out"):
+        main(["--workspace", ws, "run", "--table", str(tmp_path / "t.csv"), "--label", "y", "--backtest", "2"])
