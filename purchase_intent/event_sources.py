@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -149,10 +150,19 @@ def _header(first: str, delim: str, path: Path) -> list[str]:
         raise ValueError(f"{path}: cannot read the header line: {e}") from None
     if not any(c.strip() for c in cols) or "\0" in first:
         raise ValueError(f"{path}: the first line is not a header naming the columns: {first[:80]!r}")
+    if cols and cols[0] == "" and "" not in cols[1:] and "unnamed_0" not in cols:
+        cols[0] = "unnamed_0"  # pandas' to_csv writes its index under an empty name: kept as an extra column
     dupes = sorted({c for c in cols if cols.count(c) > 1})
     if dupes or "" in cols:
-        raise ValueError(f"{path}: the header names columns twice or leaves one unnamed: {first[:80]!r}")
+        raise ValueError(f"{path}: the header names columns twice or leaves one unnamed: {first[:80]!r}; give "
+                         f"every column its own name in the first line")
     return cols
+
+
+def _excel_sep(line: str) -> str | None:
+    """The delimiter an Excel-written CSV names on its first line (``sep=;``), else None."""
+    m = re.fullmatch(r"\ufeff?sep=(.)", line.strip("\r\n"))
+    return m.group(1) if m else None
 
 
 def csv_source(con: duckdb.DuckDBPyConnection, path: Path, preset: dict) -> Source:
@@ -166,12 +176,15 @@ def csv_source(con: duckdb.DuckDBPyConnection, path: Path, preset: dict) -> Sour
         with (gzip.open if is_gzip(path) else open)(path, "rt", encoding="utf-8-sig", errors="replace",
                                                     newline="") as f:
             first = f.readline().rstrip("\r\n")
-        delim = max([",", "\t", ";", "|"], key=first.count)
+            sep = _excel_sep(first)  # Excel's "sep=;" line, then the header
+            if sep:
+                first = f.readline().rstrip("\r\n")
+        delim = sep or max([",", "\t", ";", "|"], key=first.count)
         cols = _header(first, delim, path)
-        header = 1
+        header = 2 if sep else 1
         spec = "{" + ", ".join(f"{sql_literal(c)}: 'VARCHAR'" for c in cols) + "}"
         opts = (f"header = true, auto_detect = false, columns = {spec}, delim = {sql_literal(delim)}, "
-                "quote = '\"', escape = '\"'")
+                "quote = '\"', escape = '\"'" + (", skip = 1" if sep else ""))
     read = f"read_csv({sql_literal(path)}, {opts}, store_rejects = true, parallel = true)"
     sel = ", ".join(f"CAST({sql_ident(c)} AS VARCHAR) AS {sql_ident(c)}" for c in cols)
     sql = f"SELECT row_number() OVER () AS _pos, false AS _bad, NULL::VARCHAR AS _raw_text, {sel} FROM {read}"
@@ -193,8 +206,13 @@ def csv_lines_source(con: duckdb.DuckDBPyConnection, path: Path, preset: dict) -
     else:
         if not texts:
             raise ValueError(f"{path}: the file is empty (no header line)")
+        sep = _excel_sep(texts[0])
+        if sep:  # Excel's "sep=;" line
+            numbers, texts = numbers[1:], texts[1:]
+            if not texts:
+                raise ValueError(f"{path}: the file is empty (no header line)")
         first = texts[0].lstrip("\ufeff")
-        delim = max([",", "\t", ";", "|"], key=first.count)
+        delim = sep or max([",", "\t", ";", "|"], key=first.count)
         cols = _header(first, delim, path)
         header = numbers[0]
         numbers, texts = numbers[1:], texts[1:]

@@ -459,6 +459,24 @@ def test_a_transactions_only_log_takes_all_events(tmp_path):
         ingest(tmp_path / "ws3", [spaced], DataConfig(format="csv", mapping=cols), progress=False)
 
 
+def test_excel_sep_line_and_a_pandas_index_column(tmp_path):
+    """Excel's 'sep=;' first line names the delimiter (line numbers count it); pandas' unnamed index column is
+    kept as the extra column unnamed_0; another unnamed column is still refused."""
+    excel = tmp_path / "excel.csv"
+    excel.write_text("sep=;\nuser_id;ts;event;price\nu1;2024-03-01T10:00:00Z;view;12,50\nu2;bad;view;3\n")
+    r = ingest(tmp_path / "ws", [excel], DataConfig(format="csv"), progress=False)
+    assert r.accepted == 1 and [(int(x["line"]), x["reason"]) for x in _rejects(r.rejects_paths[0])] == [(4, "bad_ts")]
+    pdidx = tmp_path / "pandas.csv"
+    pdidx.write_text(",user_id,ts,event\n0,u1,2024-03-01T10:00:00Z,view\n1,u2,2024-03-01T11:00:00Z,purchase\n")
+    assert ingest(tmp_path / "ws2", [pdidx], DataConfig(format="csv"), progress=False).accepted == 2
+    got = Workspace(tmp_path / "ws2").connect().sql("SELECT unnamed_0 FROM events ORDER BY ts").fetchall()
+    assert got == [("0",), ("1",)]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user_id,,event\nu1,2024-03-01T10:00:00Z,view\n")
+    with pytest.raises(ValueError, match="give every column its own name"):
+        ingest(tmp_path / "ws3", [bad], DataConfig(format="csv"), progress=False)
+
+
 def test_since_until_filtered(tmp_path, tiny_events):
     src = tmp_path / "in.csv"
     tiny_events.to_csv(src, index=False)
