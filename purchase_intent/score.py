@@ -395,7 +395,7 @@ def describe(result: ScoreResult) -> str:
 
 def _rule_text(a: dict) -> str:
     if a["rule"] == "top":
-        return f"top {a['share']:.4g} = rank <= {a['max_rank']:,}"
+        return f"top {a['share'] * 100:.4g}% = rank <= {a['max_rank']:,}"
     if a["rule"] == "top_n":
         return f"top {a['n']:,}"
     return f"probability >= {a['min_probability']:g}"
