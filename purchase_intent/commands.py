@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -248,8 +249,6 @@ def cmd_run(a: argparse.Namespace) -> int:
         if a.backtest:
             raise SystemExit("error: --backtest refits on an event log's periods; --table evaluates on one split "
                              "(by --time-column when given): leave --backtest out")
-        import warnings
-
         with warnings.catch_warnings(record=True) as caught:  # a note for the user, not a Python warning
             warnings.simplefilter("always", UserWarning)
             run_table(a.table, a.label, time_column=a.time_column, models=models, seed=a.seed, n_boot=a.n_boot,
