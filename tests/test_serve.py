@@ -132,6 +132,9 @@ def test_api_probability_equals_the_batch_score(shop, run):
             # without `at`: the cutoff is the user's last event + 1us, the same as the end of the data
             g = c.get(f"/v1/users/{raw}/score", headers=AUTH, params={"at": at})
             assert g.status_code == 200 and abs(g.json()["probability"] - want) < 1e-6
+            # the stored pseudonym too, as the README shows it (and as `explain --user` takes it)
+            gp = c.get(f"/v1/users/{pid}/score", headers=AUTH, params={"at": at})
+            assert gp.status_code == 200 and gp.json()["probability"] == g.json()["probability"]
             items.append({"user_id": raw, "at": at, "events": _events(df, raw)})
         r = c.post("/v1/score/batch", json={"users": items}, headers=AUTH)
         assert r.status_code == 200, r.text

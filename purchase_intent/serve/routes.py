@@ -159,7 +159,8 @@ def score_known(user_id: str, request: Request, response: Response, at: Optional
                 pseudonymised: bool = False, explain: bool = False,
                 top: int = Query(3, ge=1, le=20, description="reasons with explain=true"),
                 st: ServeState = Depends(require_key)):
-    """Score a user from the workspace's events (``pseudonymised=true``: the id is already a pseudonym)."""
+    """Score a user from the workspace's events: ``user_id`` is the raw id or the stored pseudonym
+    (``pseudonymised=true``: only the pseudonym)."""
     timings = {"parse": time.perf_counter() - request.scope["pi.t0"]}
     if len(user_id) > MAX_ID_CHARS:
         raise ApiError(422, "path.user_id", f"at most {MAX_ID_CHARS} characters")
@@ -172,7 +173,10 @@ def score_known(user_id: str, request: Request, response: Response, at: Optional
     loaded = st.current
     uid = user_id if pseudonymised else st.pseudonymise([user_id])[0]
     con = st.workspace_con()
-    n_total, last = con.execute("SELECT count(*), max(ts) FROM events WHERE user_id = $u", {"u": uid}).fetchall()[0]
+    count = "SELECT count(*) FROM events WHERE user_id = $u"
+    n_total = con.execute(count, {"u": uid}).fetchall()[0][0]
+    if not n_total and not pseudonymised and con.execute(count, {"u": user_id}).fetchall()[0][0]:
+        uid, n_total = user_id, 1  # the stored pseudonym itself (as `explain --user` takes either)
     if not n_total:
         raise ApiError(404, "path.user_id", "no events of this user in the workspace", kind="not_found")
     if cutoff is None:
