@@ -555,7 +555,11 @@ def inputs_for_examples(meta: dict, model: Any, con, examples: pd.DataFrame):
 def resolve_cutoff(con, at: Any = None) -> datetime:
     """The scoring time: ``at`` parsed (ISO 8601 or epoch seconds), else the end of the data (``max(ts) + 1us``)."""
     if at is not None:
-        return parse_time(at)
+        try:
+            return parse_time(at)
+        except (ValueError, OverflowError):
+            raise ValueError(f"--at {at!r} is not a time: give ISO 8601 (2024-03-01, 2024-03-01T08:00:00+02:00) "
+                             f"or epoch seconds (not milliseconds)") from None
     hi = con.execute("SELECT max(ts) FROM events").fetchall()[0][0]
     if hi is None:
         raise ValueError("the workspace has no events: run `purchase-intent ingest` first")

@@ -41,6 +41,7 @@ from .explain import explain_inputs
 from .feature_frame import compute_features_for_users
 from .privacy import below_threshold, check_min_users, pseudonym_table, read_raw_ids, workspace_key
 from .runs import Run
+from .times import ONE_US
 from .workspace import as_workspace, atomic_write_text, fsync_dir, tmp_path
 
 
@@ -68,6 +69,7 @@ class ScoreResult:
     withheld: list[str] = field(default_factory=list)  # the fields withheld by the threshold
     reidentify: Optional[str] = None  # the raw-id file of --reidentify: the scores file holds raw ids
     reidentified: Optional[int] = None  # rows given their raw id by it (None: not asked, or withheld)
+    data_end: Optional[str] = None  # the last event, when --at is past it: what users did since is unknown
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,8 +239,11 @@ def score(run: str, out: str | Path | None = None, cfg: ScoreConfig | None = Non
         out = default_out(loaded.dir, cutoff)
         fmt = _copy_sql(out)
     n = None if spark else _active_users_table(con, cutoff, lookback)
+    data_end = con.execute("SELECT max(ts) FROM events").fetchall()[0][0] if cfg.at is not None else None
+    late = data_end is not None and cutoff > data_end + ONE_US
     if n == 0:
-        raise ValueError(f"no user has an event in [{cutoff - lookback}, {cutoff}): nothing to score")
+        raise ValueError(f"no user has an event in [{cutoff - lookback}, {cutoff}): nothing to score"
+                         + (f" (the data ends at {data_end.isoformat()})" if late else ""))
     if n is not None:
         where, audience = _audience_filter(cfg, n)
 
@@ -310,6 +315,7 @@ def score(run: str, out: str | Path | None = None, cfg: ScoreConfig | None = Non
             users_per_second=round(n / seconds, 1) if seconds > 0 else float("inf"),
             members=[f"{m.name}@{m.version}" for m in loaded.members] or None, stale=loaded.stale,
             min_users=k_min, reidentify=str(cfg.reidentify) if cfg.reidentify else None,
+            data_end=data_end.isoformat() if late else None,
             reidentified=None if matched is None else int(matched),
         )
         _withhold_small_counts(result)
@@ -367,6 +373,9 @@ def describe(result: ScoreResult) -> str:
         lines = [f"scored {result.n_scored:,} active users at {result.cutoff} (lookback {result.lookback}) "
                  f"with {result.model} {result.version} in {result.seconds:.1f}s "
                  f"({result.users_per_second:,.0f} users/s)"]
+    if result.data_end:
+        lines.append(f"note: --at is after the end of the data ({result.data_end}): what users did since is not in "
+                     f"the log, so each is scored as if silent since their last event")
     if result.stale:
         lines.insert(0, f"warning: {result.stale}")
     if result.members:

@@ -132,10 +132,24 @@ def test_bad_options_fail_with_a_clear_error(shop, tmp_path):
         score("lightgbm", tmp_path / "x.parquet", ScoreConfig(at="2000-01-01"), workspace=ws, progress=False)
     with pytest.raises(FileNotFoundError):
         score("no-such-run", tmp_path / "x.parquet", ScoreConfig(), workspace=ws, progress=False)
+    for at in ("1707955200000", "yesterday"):  # epoch milliseconds, a word: named as --at, with what to give
+        with pytest.raises(ValueError, match=rf"--at '{at}' is not a time: give ISO 8601"):
+            score("lightgbm", tmp_path / "x.parquet", ScoreConfig(at=at), workspace=ws, progress=False)
+    with pytest.raises(ValueError, match=r"nothing to score \(the data ends at 2024-03-"):
+        score("lightgbm", tmp_path / "x.parquet", ScoreConfig(at="2030-01-01"), workspace=ws, progress=False)
     for bad in ("0%", "150%", "-1", "abc"):
         with pytest.raises(ValueError):
             parse_share(bad)
     assert not list(tmp_path.glob("x.*"))
+
+
+def test_scoring_past_the_end_of_the_data_says_so(shop, tmp_path):
+    ws, df, _ = shop
+    after = (df["ts"].max() + pd.Timedelta("2d")).isoformat()
+    r = score("lightgbm", tmp_path / "late.csv", ScoreConfig(at=after), workspace=ws, progress=False)
+    assert r.data_end is not None and "--at is after the end of the data" in describe(r)
+    on_time = score("lightgbm", tmp_path / "now.csv", ScoreConfig(), workspace=ws, progress=False)
+    assert on_time.data_end is None and "after the end of the data" not in describe(on_time)
 
 
 def test_score_command(shop, tmp_path, capsys):
