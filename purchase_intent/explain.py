@@ -305,7 +305,15 @@ def _resolve_user(con, workspace, user_id: str) -> str:
     pseudo = pseudonym_for(workspace, [user_id]).get(user_id)
     if pseudo is not None and known(pseudo):
         return pseudo
-    raise ValueError(f"user {user_id!r} has no events in the workspace (neither as given nor pseudonymised)")
+    if 8 <= len(user_id) < 32 and all(c in "0123456789abcdef" for c in user_id):  # the report's short pseudonyms
+        found = [r[0] for r in con.execute("SELECT DISTINCT user_id FROM events WHERE starts_with(user_id, ?) "
+                                           "LIMIT 2", [user_id]).fetchall()]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise ValueError(f"{user_id!r} begins more than one user's pseudonym: give more of it")
+    raise ValueError(f"user {user_id!r} has no events in the workspace (neither as given, nor pseudonymised, nor as "
+                     f"the start of a pseudonym)")
 
 
 def explain_user(run: str, user_id: str, at: Any = None, workspace=None, top: int = 5, ig_steps: int = 32) -> dict:
