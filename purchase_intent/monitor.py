@@ -60,6 +60,9 @@ from .workspace import Workspace, as_workspace, atomic_write_json
 
 TRAIN_WINDOW_JSON = "train_window.json"  # a run's training cutoffs, kept for monitoring after a rebuild
 STABLE, MODERATE, DRIFT = "stable", "moderate", "drift"
+# features whose distribution moves by construction, left out of the verdict (measured and shown all the same):
+# the days since a user's first event grow with the age of the log itself, so they drift in every log
+EXPECTED_DRIFT = ("days_since_first_event",)
 
 
 class MonitorError(ValueError):
@@ -329,8 +332,9 @@ def _monitor(run: str, ws: Workspace, cfg: MonitorConfig, out: str | Path | None
     if unknown:
         raise MonitorError(f"--ignore {', '.join(unknown)}: not a feature of run {loaded.name!r}; its features are "
                            f"{', '.join(ref.features.columns)}")
+    ignored = set(cfg.ignore) | (set(EXPECTED_DRIFT) & set(ref.features.columns))
     features = [{"name": name, **stability(ref.features[name].to_numpy(), new.features[name].to_numpy(), cfg),
-                 "ignored": name in cfg.ignore} for name in ref.features.columns]
+                 "ignored": name in ignored} for name in ref.features.columns]
     features.sort(key=lambda f: -1.0 if f["psi"] is None else f["psi"], reverse=True)
     score = stability(ref.scores, new.scores, cfg)
     score.update(reference_mean=round(float(ref.scores.mean()), 6), latest_mean=round(float(new.scores.mean()), 6))
