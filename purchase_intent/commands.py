@@ -186,6 +186,8 @@ def cmd_ingest(a: argparse.Namespace) -> int:
 
 
 def cmd_pseudonym(a: argparse.Namespace) -> int:
+    if any(not i.strip() for i in a.ids):
+        raise SystemExit("error: an empty id has no pseudonym (ingest stores no user without an id)")
     for raw, pseudo in pseudonym_for(Workspace(a.workspace), a.ids).items():
         print(f"{raw}\t{pseudo}")
     return 0

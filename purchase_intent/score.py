@@ -157,9 +157,13 @@ def _audience_filter(cfg: ScoreConfig, n: int) -> tuple[str, Optional[dict]]:
 def parse_share(text: str | float) -> float:
     """``"10%"`` -> 0.1, ``"0.1"`` -> 0.1; must lie in (0, 1]."""
     s = str(text).strip()
-    share = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    try:
+        share = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    except ValueError:
+        share = float("nan")
     if not 0.0 < share <= 1.0:
-        raise ValueError(f"--top must be a share in (0%, 100%], got {text!r}")
+        hint = f" (for {s}%, write --top {s}%; for {s} users, --top-n {s})" if s.isdigit() and int(s) > 1 else ""
+        raise ValueError(f"--top must be a share in (0%, 100%], e.g. 10% or 0.1, got {text!r}{hint}")
     return share
 
 

@@ -401,3 +401,8 @@ def test_table_mode_warns_in_one_line_and_refuses_a_backtest(tmp_path, capsys):
     assert "warning: no time column given" in err and "UserWarning" not in err
     with pytest.raises(SystemExit, match="leave --backtest out"):
         main(["--workspace", ws, "run", "--table", str(tmp_path / "t.csv"), "--label", "y", "--backtest", "2"])
+
+
+def test_pseudonym_of_an_empty_id_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="an empty id has no pseudonym"):
+        main(["--workspace", str(tmp_path / "ws"), "pseudonym", "u1", " "])

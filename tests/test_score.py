@@ -138,8 +138,10 @@ def test_bad_options_fail_with_a_clear_error(shop, tmp_path):
     with pytest.raises(ValueError, match=r"nothing to score \(the data ends at 2024-03-"):
         score("lightgbm", tmp_path / "x.parquet", ScoreConfig(at="2030-01-01"), workspace=ws, progress=False)
     for bad in ("0%", "150%", "-1", "abc"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="--top must be a share"):
             parse_share(bad)
+    with pytest.raises(ValueError, match="write --top 10%; for 10 users, --top-n 10"):
+        parse_share("10")
     assert not list(tmp_path.glob("x.*"))
 
 
