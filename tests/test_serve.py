@@ -290,7 +290,16 @@ def test_malformed_bodies_and_limits(shop):
         r = c.post("/v1/score", json={"events": [{**GOOD, "item_id": "x" * 250}] * 3}, headers=AUTH)
         assert r.status_code == 413
         r = c.post("/v1/score", content=iter([b"{" + b" " * 1500 + b"}"]), headers=h)  # no Content-Length
-        assert r.status_code == 413
+        assert r.status_code == 413 and r.json()["message"].startswith("body: request body larger")
+        # one error per field, without pydantic's union-member tags or its "Value error, " prefix
+        r = c.post("/v1/score", json={"user_id": "", "events": [{**GOOD, "item_id": "x" * 300}]}, headers=AUTH)
+        assert r.status_code == 422, r.text
+        text = r.text
+        assert "function-after" not in text and "constrained" not in text and "Value error, " not in text
+        locs = [tuple(d["loc"]) for d in r.json()["detail"]]
+        assert len(locs) == len(set(locs)) and ("body", "user_id") in locs
+        r = c.post("/v1/score", json=_with())  # no key: the same shape as every other error
+        assert r.status_code == 401 and "API key" in r.json()["message"] and r.json()["detail"][0]["msg"]
         assert c.get("/v1/users/nobody/score", headers=AUTH).status_code == 404
         r = c.get("/v1/users/nobody/score", params={"at": "soon"}, headers=AUTH)
         assert r.status_code == 422 and "at" in r.json()["message"]

@@ -17,6 +17,7 @@ the workspace key, as at ingest. Runs are only ever loaded from the configured r
 import asyncio
 import json
 import logging
+import re
 import signal
 import threading
 import time
@@ -26,6 +27,7 @@ from typing import Optional
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import pidfile
 from .metrics import Metrics
@@ -33,6 +35,10 @@ from .routes import router
 from .schemas import BatchRequest, ScoreRequest
 from .scoring import ApiError, ServeState
 from .settings import API_KEYS_ENV, ServeSettings
+
+# the parts of a pydantic error location that name a union member's validator, not a field of the request
+_INTERNAL_LOC = re.compile(r"^(function-|constrained-|json-or-python|lax-|strict-|tagged-union|union\[|literal\[|"
+                           r"(str|int|float|bool|bytes)$)")
 
 log = logging.getLogger("purchase_intent.serve")
 
@@ -76,10 +82,23 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         app.state.serve.metrics.error("validation")
-        detail = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", "")),
-                   "type": str(e.get("type", ""))} for e in exc.errors()]
+        detail, seen = [], set()
+        for e in exc.errors():  # pydantic's union-member tags out of the field path, one error per field
+            loc = [str(x) for x in e.get("loc", ()) if not _INTERNAL_LOC.match(str(x))]
+            if tuple(loc) in seen:
+                continue
+            seen.add(tuple(loc))
+            detail.append({"loc": loc, "msg": str(e.get("msg", "")).removeprefix("Value error, "),
+                           "type": str(e.get("type", ""))})
         message = "; ".join(f"{'.'.join(d['loc'])}: {d['msg']}" for d in detail[:5])
         return JSONResponse({"detail": detail, "message": message}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):  # 401, 404, 405, 413: one shape
+        text = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        loc, msg = (["body"], text.removeprefix("body: ")) if text.startswith("body: ") else ([], text)
+        return JSONResponse({"detail": [{"loc": loc, "msg": msg}], "message": text}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
