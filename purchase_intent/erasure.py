@@ -95,6 +95,7 @@ class ErasureResult:
     stale_runs: list[str]
     log: Path
     unmapped_predictions: list[str] = field(default_factory=list)  # runs trained on another build
+    already_erased: dict[str, str] = field(default_factory=dict)  # pseudonym -> when, for users erased before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,6 +446,14 @@ def forget(workspace: Workspace | str | Path | None = None, users: Iterable[str]
                 if c.kind in KINDS:
                     removed[p][c.kind] += n
         unknown = [p for p in pids if not any(removed[p].values())]
+        log = ws.root / ERASURE_LOG
+        erased_at = _erased_before(log) if unknown else {}
+        already = {p: erased_at[p] for p in unknown if p in erased_at}  # a re-run of an erasure: nothing left
+        if already and len(already) == len(unknown):
+            pids, unknown = [p for p in pids if p not in already], []
+            removed = {p: removed[p] for p in pids}
+            if not pids:
+                return ErasureResult(removed={}, stale_runs=[], log=log, already_erased=already)
         if unknown:
             names = {p: raw for raw, p in raw_ids.items()}
             who = ", ".join(f"{names[p]!r} (pseudonym {p})" if p in names else f"pseudonym {p}" for p in unknown)
@@ -458,7 +467,6 @@ def forget(workspace: Workspace | str | Path | None = None, users: Iterable[str]
                                                       _write_bytes(_manifest_with_erased(ws, changes)))
         lines = "".join(json.dumps({"time": now, "pseudonym": p, "removed": removed[p], "runs_marked_stale": stale})
                         + "\n" for p in pids)
-        log = ws.root / ERASURE_LOG
         old_log = storage.read_bytes(log) if log.exists() else b""  # sealed in an encrypted workspace
         changed[ERASURE_LOG] = _Change(ERASURE_LOG, "log", {}, _write_bytes(storage.seal(old_log + lines.encode())))
         root = ws.root.resolve()
@@ -469,12 +477,25 @@ def forget(workspace: Workspace | str | Path | None = None, users: Iterable[str]
             os.chmod(new / ERASURE_LOG, 0o600)  # it names pseudonyms
             for name in stale:
                 _mark_stale(new / "runs" / name, now, len(pids))
-    return ErasureResult(removed=removed, stale_runs=stale, log=log, unmapped_predictions=unmapped)
+    return ErasureResult(removed=removed, stale_runs=stale, log=log, unmapped_predictions=unmapped,
+                         already_erased=already)
+
+
+def _erased_before(log: Path) -> dict[str, str]:
+    """Pseudonym -> the time of its last erasure, from the audit log."""
+    if not log.exists():
+        return {}
+    out = {}
+    for line in storage.read_bytes(log).decode("utf-8").splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            out[entry["pseudonym"]] = entry["time"]
+    return out
 
 
 def describe(result: ErasureResult) -> str:
     """The lines `purchase-intent forget` prints."""
-    lines = []
+    lines = [f"pseudonym {p}: already erased at {t}, nothing of it is left" for p, t in result.already_erased.items()]
     for p, counts in result.removed.items():
         what = ", ".join(f"{n:,} {k}" for k, n in counts.items() if n)
         lines.append(f"erased pseudonym {p}: {what}")
@@ -483,5 +504,6 @@ def describe(result: ErasureResult) -> str:
     if result.unmapped_predictions:
         lines.append(f"predictions of {', '.join(result.unmapped_predictions)} come from an older build and "
                      "name no current example: left as they are (retrain to replace them)")
-    lines.append(f"audit line(s) appended to {result.log}")
+    if result.removed:
+        lines.append(f"audit line(s) appended to {result.log}")
     return "\n".join(lines)

@@ -273,6 +273,19 @@ def test_unknown_user_or_nobody_changes_nothing(shop, ws, capsys):
     assert not (ws.parent / "nowhere").exists()
 
 
+def test_forgetting_a_user_again_is_done_not_an_error(shop, ws, capsys):
+    """A re-run of an erasure job: the user erased before is reported as such (exit 0), nothing changes and no
+    audit line is added; an id never seen is still an error."""
+    assert _cli(ws, "forget", "--user", shop[1]) == 0
+    capsys.readouterr()
+    before = digest(ws)
+    assert _cli(ws, "forget", "--user", shop[1]) == 0
+    out = capsys.readouterr().out
+    assert f"pseudonym {shop[2]}: already erased at" in out and "audit line" not in out
+    assert digest(ws) == before
+    assert _cli(ws, "forget", "--user", shop[1], "--user", "no-such-user") == 1
+
+
 def test_a_file_forget_cannot_rewrite_stops_it_before_any_change(shop, ws, capsys):
     (ws / "notes.txt").write_text(f"call back {shop[2]}\n")
     before = digest(ws)
