@@ -128,7 +128,8 @@ def _add_data_flags(p: argparse.ArgumentParser, positional: bool) -> None:
     p.add_argument("--strict-events", action="store_true",
                    help="reject (unknown_event) the rows whose event name no map names, instead of storing them "
                         "as other")
-    p.add_argument("--since", help="keep events at or after this ISO time; earlier ones are counted as filtered")
+    p.add_argument("--since", help="keep events at or after this ISO time (UTC without an offset, whatever "
+                                   "--ts-zone says); earlier ones are counted as filtered")
     p.add_argument("--until", help="keep events before this ISO time; later ones are counted as filtered")
 
 

@@ -84,13 +84,16 @@ def _open_text(path: str):
     return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
 
 
-def _physical_lines(path: str) -> int:
-    n, last = 0, b"\n"
-    with (gzip.open if open(path, "rb").read(2) == b"\x1f\x8b" else open)(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            n += block.count(b"\n")
-            last = block[-1:]
-    return n + (last != b"\n")
+def _lines_to_last_record(path: str) -> int:
+    """The physical lines up to the file's last line that is not empty (trailing empty lines hold no record)."""
+    with open(path, "rb") as head:
+        gz = head.read(2) == b"\x1f\x8b"
+    last = 0
+    with (gzip.open if gz else open)(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip(b"\r\n"):
+                last = n
+    return last
 
 
 def _record_lines(path: str, delim: str, header_lines: int, malformed: set[int], ordinals: set[int]
@@ -138,9 +141,12 @@ def collect_rejects(con, src: Source, kind: str, mapping: dict, key: bytes, sour
     malformed_line: dict[int, int] = {}  # DuckDB's line of a malformed record -> physical line
     if kind == "csv" and (semantic or malformed):  # a record that spans lines (a quoted newline), a blank line
         n_records = con.execute("SELECT count(*) FROM staged").fetchall()[0][0]
-        if _physical_lines(source) != src.header_lines + n_records + len(malformed):
-            record_line, malformed_line = _record_lines(source, src.delim, src.header_lines,
-                                                        {m[0] for m in malformed}, {int(r[0]) for r in semantic})
+        if _lines_to_last_record(source) != src.header_lines + n_records + len(malformed):
+            try:
+                record_line, malformed_line = _record_lines(source, src.delim, src.header_lines,
+                                                            {m[0] for m in malformed}, {int(r[0]) for r in semantic})
+            except csv.Error:  # a field longer than Python's csv reads (131,072 characters): the record numbers
+                record_line, malformed_line = {}, {}
     for pos, reason, raw_list, raw_text, upid, spid in semantic:
         if src.pos_is_line:
             line = pos

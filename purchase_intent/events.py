@@ -192,7 +192,8 @@ def _ts_sql(col: str, num: str, unit: Optional[str]) -> str:
     # would fall in August 1970, which no log holds
     ymd = ("" if unit in _MULT else
            f"WHEN {num} BETWEEN 19000101 AND 21001231 AND {num} = floor({num}) "
-           f"THEN TRY(strptime(CAST(CAST({num} AS BIGINT) AS VARCHAR), '%Y%m%d')) ")
+           f"THEN TRY(CAST(strptime(CAST(CAST({num} AS BIGINT) AS VARCHAR), '%Y%m%d') AS TIMESTAMPTZ)) "
+           f"AT TIME ZONE 'UTC' ")
     return (f"(CASE {ymd}WHEN {num} IS NOT NULL THEN TRY(make_timestamp(TRY_CAST(round({num} * {mult}) AS BIGINT))) "
             f"ELSE TRY_CAST({col} AS TIMESTAMPTZ) AT TIME ZONE 'UTC' END)")
 
@@ -428,7 +429,7 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
                     mapping, events, extras = stage_with(src)
                     # a stray quote makes DuckDB read the following lines as one field: read by line instead
                     swallowed = con.execute("SELECT count(*) FROM reject_errors "
-                                            "WHERE contains(rtrim(csv_line, chr(13) || chr(10)), chr(10))").fetchall()
+                                            "WHERE contains(trim(csv_line, chr(13) || chr(10)), chr(10))").fetchall()
                     if swallowed[0][0]:
                         raise _ReadByLine
                 except (duckdb.Error, _ReadByLine):  # e.g. "CSV Parser state machine reached an invalid state"
@@ -608,7 +609,8 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
     if cfg.ts_zone:
         try:
             ZoneInfo(cfg.ts_zone)
-        except (ZoneInfoNotFoundError, ValueError):
+            duckdb.connect().execute(f"SET TimeZone = {sql_literal(cfg.ts_zone)}")  # Python knows a few DuckDB does not
+        except (ZoneInfoNotFoundError, ValueError, duckdb.Error):
             raise ValueError(f"--ts-zone {cfg.ts_zone!r} is not a time zone: give an IANA name such as Europe/Berlin "
                              "or Asia/Shanghai") from None
     window = {}

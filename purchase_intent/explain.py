@@ -305,9 +305,10 @@ def _resolve_user(con, workspace, user_id: str) -> str:
     pseudo = pseudonym_for(workspace, [user_id]).get(user_id)
     if pseudo is not None and known(pseudo):
         return pseudo
-    if 8 <= len(user_id) < 32 and all(c in "0123456789abcdef" for c in user_id):  # the report's short pseudonyms
+    prefix = user_id.lower()
+    if 12 <= len(prefix) < 32 and all(c in "0123456789abcdef" for c in prefix):  # the report's 12-character ones
         found = [r[0] for r in con.execute("SELECT DISTINCT user_id FROM events WHERE starts_with(user_id, ?) "
-                                           "LIMIT 2", [user_id]).fetchall()]
+                                           "LIMIT 2", [prefix]).fetchall()]
         if len(found) == 1:
             return found[0]
         if found:

@@ -58,13 +58,15 @@ def ingest(paths: str | Path | DatabaseQuery | Sequence[str | Path | DatabaseQue
 # ---------------------------------------------------------------------------------------------
 # build
 def resolve_time_zone(ws: Workspace, tz: str | None, quiet: bool = True) -> str:
-    """The time zone of day-based cutoffs: ``tz`` when given, else the one the presets of every ingested
-    file document (all the same; e.g. taobao: Asia/Shanghai), else UTC. Raises ValueError for an unknown name."""
-    if tz is None:
-        zones = {preset_time_zone(e.get("format", "")) for e in ws.read_manifest()["files"]}
+    """The time zone of day-based cutoffs: ``tz`` when given, else the one every ingested file was read in
+    (``--ts-zone``) or its preset documents (all the same; e.g. taobao: Asia/Shanghai), else UTC. Raises
+    ValueError for an unknown name."""
+    if tz is None:  # the zone the events were read in (--ts-zone), else the one their preset documents
+        zones = {((e.get("settings") or {}).get("ts_zone") if (e.get("settings") or {}).get("ts_zone") not in
+                  (None, "UTC") else preset_time_zone(e.get("format", ""))) for e in ws.read_manifest()["files"]}
         if len(zones) == 1 and None not in zones:
             tz = zones.pop()
-            log(f"day cutoffs at midnight {tz}, the time zone of the ingested data's preset (--tz to change)", quiet)
+            log(f"day cutoffs at midnight {tz}, the time zone of the ingested data (--tz to change)", quiet)
         else:
             tz = "UTC"
     try:
