@@ -147,7 +147,7 @@ def test_bad_options_fail_with_a_clear_error(shop, tmp_path):
 
 def test_scoring_past_the_end_of_the_data_says_so(shop, tmp_path):
     ws, df, _ = shop
-    after = (df["ts"].max() + pd.Timedelta("2d")).isoformat()
+    after = (df["ts"].max() + pd.Timedelta("2D")).isoformat()
     r = score("lightgbm", tmp_path / "late.csv", ScoreConfig(at=after), workspace=ws, progress=False)
     assert r.data_end is not None and "--at is after the end of the data" in describe(r)
     on_time = score("lightgbm", tmp_path / "now.csv", ScoreConfig(), workspace=ws, progress=False)
