@@ -332,6 +332,10 @@ def explain_user(run: str, user_id: str, at: Any = None, workspace=None, top: in
     con = ws.connect()
     uid = _resolve_user(con, ws, str(user_id))
     cutoff = pd.Timestamp(runs.resolve_cutoff(con, at))
+    first = con.execute("SELECT min(ts) FROM events WHERE user_id = ?", [uid]).fetchall()[0][0]
+    if first is not None and pd.Timestamp(first) >= cutoff:  # as score: no history, nothing to explain
+        raise ValueError(f"user {user_id!r} has no event before {cutoff.isoformat()} (the first is at "
+                         f"{pd.Timestamp(first).isoformat()}): nothing to score or explain at that time")
     ex = pd.DataFrame({"user_id": [uid], "cutoff": [cutoff]})
     ex["cutoff"] = ex["cutoff"].astype("datetime64[us]")
     X = runs.inputs_for_examples(meta, model, con, ex)

@@ -126,6 +126,8 @@ def test_explain_user_cli(ws, capsys):
     assert "probability of buying" in out and len(out.strip().splitlines()) == 4
     with pytest.raises(ValueError, match="no events"):
         explain.explain_user("logreg", "nobody-at-all", workspace=ws)
+    with pytest.raises(ValueError, match="has no event before 2000-01-01"):  # as score, which refuses then
+        explain.explain_user("logreg", uid, at="2000-01-01", workspace=ws)
     # the report shows a pseudonym's first 12 characters: they name the user too
     assert explain.explain_user("logreg", uid[:12], workspace=ws)["user_id"] == uid
 
