@@ -76,8 +76,9 @@ class DPConfig:
 
 def noise_rng(cfg: DPConfig, stream: int) -> np.random.Generator:
     """The generator of one of a DP fit's secret random streams (0: the users sampled at each step,
-    1: the release of the tabular statistics): from ``cfg.noise_seed`` when set, else from the operating
-    system's entropy (``secrets``), so that no seed saved with the run replays the noise."""
+    1: the release of the tabular statistics, 2: the seed of the training noise's torch generator): from
+    ``cfg.noise_seed`` when set, else from the operating system's entropy (``secrets``), so that no seed
+    saved with the run replays the noise."""
     seed = secrets.randbits(128) if cfg.noise_seed is None else int(cfg.noise_seed)
     return np.random.default_rng([seed, stream])
 
