@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from .event_sources import Source, read_lines
+from .event_sources import Source, is_gzip, read_lines
 from .privacy import pseudonymise
 
 
@@ -76,20 +76,14 @@ def _lines_as_text(path: str, numbers: set[int]) -> dict[int, str]:
 
 
 def _open_text(path: str):
-    raw = open(path, "rb")
-    if raw.read(2) == b"\x1f\x8b":
-        raw.close()
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace", newline="")
-    raw.seek(0)
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+    opener = gzip.open if is_gzip(Path(path)) else open
+    return io.TextIOWrapper(opener(path, "rb"), encoding="utf-8", errors="replace", newline="")
 
 
 def _lines_to_last_record(path: str) -> int:
     """The physical lines up to the file's last line that is not empty (trailing empty lines hold no record)."""
-    with open(path, "rb") as head:
-        gz = head.read(2) == b"\x1f\x8b"
     last = 0
-    with (gzip.open if gz else open)(path, "rb") as f:
+    with (gzip.open if is_gzip(Path(path)) else open)(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if line.strip(b"\r\n"):
                 last = n

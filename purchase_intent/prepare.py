@@ -62,8 +62,11 @@ def resolve_time_zone(ws: Workspace, tz: str | None, quiet: bool = True) -> str:
     (``--ts-zone``) or its preset documents (all the same; e.g. taobao: Asia/Shanghai), else UTC. Raises
     ValueError for an unknown name."""
     if tz is None:  # the zone the events were read in (--ts-zone), else the one their preset documents
-        zones = {((e.get("settings") or {}).get("ts_zone") if (e.get("settings") or {}).get("ts_zone") not in
-                  (None, "UTC") else preset_time_zone(e.get("format", ""))) for e in ws.read_manifest()["files"]}
+        def zone(entry: dict) -> str | None:
+            read_in = (entry.get("settings") or {}).get("ts_zone")
+            return read_in if read_in not in (None, "UTC") else preset_time_zone(entry.get("format", ""))
+
+        zones = {zone(e) for e in ws.read_manifest()["files"]}
         if len(zones) == 1 and None not in zones:
             tz = zones.pop()
             log(f"day cutoffs at midnight {tz}, the time zone of the ingested data (--tz to change)", quiet)

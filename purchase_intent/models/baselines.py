@@ -278,8 +278,6 @@ class LogisticRegressionModel(ClassifierMixin, BaseEstimator):
         dpmod.check_budget(self.dp_epsilon, self.dp_delta)
         if groups is None or len(groups) != len(y01):
             raise ValueError("dp_epsilon needs the user of each train example: fit(X, y, groups=user_ids)")
-        if not self.dp_feature_bound > 0:
-            raise ValueError(f"dp_feature_bound must be > 0, got {self.dp_feature_bound!r}")
         cfg = dpmod.DPConfig(epsilon=float(self.dp_epsilon), delta=self.dp_delta,
                              max_grad_norm=float(self.dp_max_grad_norm), users_per_step=int(self.dp_users_per_step),
                              examples_per_user=int(self.dp_examples_per_user), epochs=float(self.dp_epochs),
@@ -503,13 +501,13 @@ class LightGBMModel(ClassifierMixin, BaseEstimator):
             "objective": "binary",
             "metric": "binary_logloss",
             "learning_rate": self.learning_rate,
-            "num_leaves": int(self.num_leaves),
-            "min_data_in_leaf": int(self.min_child_samples),
+            "num_leaves": self.num_leaves,
+            "min_data_in_leaf": self.min_child_samples,
             "bagging_fraction": self.subsample,
-            "bagging_freq": int(self.subsample_freq),
+            "bagging_freq": self.subsample_freq,
             "feature_fraction": self.colsample_bytree,
             "lambda_l2": self.reg_lambda,
-            "num_threads": int(self.n_jobs),
+            "num_threads": self.n_jobs,
             "seed": seed,
             "deterministic": True,
             "force_col_wise": True,
@@ -533,8 +531,8 @@ class LightGBMModel(ClassifierMixin, BaseEstimator):
         if X_valid is not None and y_valid is not None and self.early_stopping_rounds > 0:
             Xv, yv = _encode_valid(self, X_valid, y_valid)
             valid_sets = [lgb.Dataset(Xv, label=yv, reference=train)]
-            callbacks = [lgb.early_stopping(int(self.early_stopping_rounds), verbose=False)]
-        self.booster_ = lgb.train(self._params(seed), train, num_boost_round=int(self.n_estimators),
+            callbacks = [lgb.early_stopping(int(self.early_stopping_rounds), verbose=False)]  # a Python int only
+        self.booster_ = lgb.train(self._params(seed), train, num_boost_round=self.n_estimators,
                                   valid_sets=valid_sets, callbacks=callbacks)
         best = self.booster_.best_iteration
         self.best_iteration_ = int(best) if best and best > 0 else int(self.booster_.num_trees())

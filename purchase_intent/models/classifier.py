@@ -277,6 +277,8 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
         """The tabular columns after the run's features: the prior when ``prior``."""
         return [PRIOR_FEATURE] if self.prior else []
 
+    MODEL_NAME = "transformer"  # the model's name in messages (the registry's)
+    SIZES_FROM_ENCODER = False  # d_model and n_heads come from a pretrained encoder, not the preset
     # the numeric settings, checked before any data is read (tabular_bins, stream_shard_rows and the DP budget
     # have their own checks)
     SETTINGS = (Setting("d_model", int, 1, none=True), Setting("n_layers", int, 1, none=True),
@@ -296,10 +298,9 @@ class TransformerClassifier(ClassifierMixin, BaseEstimator):
     def check_settings(self) -> None:
         """Raise ValueError (one line) for a numeric setting of the wrong type or out of range (``lr="0,1"``,
         ``max_epochs=1.5``, ``dropout=2``), and for ``d_model`` not a multiple of ``n_heads``."""
-        pretrained = type(self).__name__.startswith("Pretrained")
-        name = "transformer_pt" if pretrained else "transformer"
+        name = self.MODEL_NAME
         check_settings(name, self, self.SETTINGS)
-        if pretrained:  # the encoder sets the sizes
+        if self.SIZES_FROM_ENCODER:
             return
         base = make_preset(self.preset)  # an unknown preset: one line naming the presets
         d_model, n_heads = self.d_model or base.d_model, self.n_heads or base.n_heads

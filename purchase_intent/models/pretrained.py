@@ -147,6 +147,9 @@ class PretrainedTransformerClassifier(TransformerClassifier):
         out.update({"ln_f.": s, "pool.": s})
         return out
 
+    MODEL_NAME = "transformer_pt"
+    SIZES_FROM_ENCODER = True
+
     def _check_fit_settings(self) -> None:
         """Nothing: ``fit`` checks the settings first, then builds through the parent's fit with no epoch."""
 
