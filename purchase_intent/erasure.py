@@ -73,7 +73,7 @@ import pyarrow as pa
 
 from . import memory, runs, storage
 from .pretrain import PRETRAINED_RUN
-from .privacy import KEY_ENV, PSEUDONYM_HEX, key_id, load_key, pseudonymise
+from .privacy import KEY_ENV, PSEUDONYM_HEX, key_id, load_key, pseudonymise_raw
 from .score import summary_path
 from .workspace import TMP_PREFIX, Workspace, as_workspace, atomic_dir, link_tree
 
@@ -125,7 +125,7 @@ def resolve_pseudonyms(ws: Workspace, users: Iterable[str] = (),
         if recorded and recorded != key_id(key):
             raise ValueError("the pseudonymisation key differs from the one this workspace was built with; "
                              f"set {KEY_ENV} back, or give --pseudonym")
-        raw_ids = dict(zip(users, pseudonymise(users, key)))
+        raw_ids = dict(zip(users, pseudonymise_raw(users, key)))
     return list(dict.fromkeys(pseudonyms + list(raw_ids.values()))), raw_ids
 
 

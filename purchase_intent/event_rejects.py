@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from .event_sources import Source, is_gzip, read_lines
-from .privacy import pseudonymise
+from .privacy import pseudonymise_raw
 
 
 def _substitute_fields(fields: list, idx: dict[int, Optional[str]]) -> list:
@@ -38,7 +38,7 @@ def _substitute_line(text: str, delim: str, id_idx: list[int], key: bytes) -> st
     present = {i: fields[i] for i in id_idx if i < len(fields) and fields[i]}
     if not present:
         return text
-    pids = dict(zip(present, pseudonymise(list(present.values()), key)))
+    pids = dict(zip(present, pseudonymise_raw(list(present.values()), key)))
     return delim.join(_substitute_fields(fields, pids))
 
 
@@ -56,12 +56,12 @@ def _substitute_json(text: str, keys: list[str], key: bytes, drop: tuple[str, ..
     if not isinstance(obj, dict):  # unparsable: replace `"key": "value"` / `"key": 123` textually
         for k in keys:
             pattern = r'("%s"\s*:\s*)("((?:[^"\\]|\\.)*)"|-?[0-9][0-9.eE+-]*)' % re.escape(k)
-            text = re.sub(pattern, lambda m: m.group(1) + '"' + pseudonymise(
+            text = re.sub(pattern, lambda m: m.group(1) + '"' + pseudonymise_raw(
                 [m.group(3) if m.group(3) is not None else m.group(2)], key)[0] + '"', text)
         return text
     for k in keys:
         if obj.get(k) is not None:
-            obj[k] = pseudonymise([str(obj[k])], key)[0]
+            obj[k] = pseudonymise_raw([str(obj[k])], key)[0]
     for k in drop:
         obj.pop(k, None)
     return json.dumps(obj, separators=(",", ":"))

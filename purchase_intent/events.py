@@ -79,6 +79,21 @@ STREAMED = ("parquet",)
 # is not built; each row's session id is pseudonymised in SQL instead (same pseudonyms, no join to spill)
 MAP_ROW_BYTES = 128
 
+# the version of how ingest reads a file's values, recorded with each file in the manifest: a file read by an
+# earlier one gets a note when new files join it (their ids or event names may have been read otherwise)
+READER = 2
+_READER_CHANGES = {  # what the reader of each earlier version did otherwise, up to this one
+    0: "kept whole-number ids written as floats ('1001.0') apart from '1001' and matched event names in "
+       "their case only",
+    1: "kept whole-number ids written as floats in a text column ('1001.0', as pandas writes them to CSV) apart "
+       "from '1001'",
+}
+
+
+def _reader(entry: dict) -> int:
+    """The reader version of a manifest entry (entries before ``settings`` were recorded: 0)."""
+    return int(entry.get("reader", 1 if "settings" in entry else 0))
+
 
 
 class IngestRejectedError(ValueError):
@@ -345,8 +360,14 @@ def price_sql(text: str) -> str:
 
 
 def _id_sql(text: str) -> str:
-    """A user or session id as ingest reads it: trimmed, empty as NULL."""
-    return f"NULLIF(trim({text}), '')"
+    """A user or session id as ingest reads it: trimmed, empty as NULL, and a whole number written as a float
+    (``13085.0``, as pandas writes an integer column with a missing value to CSV) as the integer, so that it is
+    the user ``13085`` of a file written otherwise (a Parquet DOUBLE column's ids: ``event_sources.text_sql``).
+    Only a text with a dot is matched against the pattern (no backslash: Spark's SQL reads it as an escape)."""
+    t = f"trim({text})"
+    whole = f"CASE WHEN contains({t}, '.') AND regexp_matches({t}, '^-?[0-9]+[.]0+$') " \
+            f"THEN regexp_replace({t}, '[.]0+$', '') ELSE {t} END"
+    return f"NULLIF({whole}, '')"
 
 
 def distinct_ids_sql(src: Source, mapping: dict[str, str], canon: str) -> str:
@@ -675,12 +696,11 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
                 new = [f for f in report.files if not f.skipped]
                 if not new:
                     return report
-                older = [e for e in manifest["files"] if "settings" not in e]
+                older = [e for e in manifest["files"] if _reader(e) < READER]
                 if older and progress:  # read before ids and event names were read as they are now
                     print(f"note: {len(older)} file(s) of this workspace were read by an earlier version, which "
-                          "kept a float column's whole-number ids as '1001.0' and matched event names in their "
-                          "case only; to read every file alike, ingest them all into a new workspace",
-                          file=sys.stderr)
+                          f"{_READER_CHANGES[min(map(_reader, older))]}; to read every file alike, ingest them "
+                          "all into a new workspace", file=sys.stderr)
                 ws.rejects_dir.mkdir(parents=True, exist_ok=True)
                 entries = []
                 for f in new:  # move parts and rejects into place; the manifest below commits them
@@ -696,7 +716,7 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
                         moved.append(dest)
                         f.rejects_path, rejects = dest, f"rejects/{dest.name}"
                     entries.append({**dict(sha256=f.sha256, source=str(Path(f.source).resolve()), format=cfg.format,
-                                           settings=settings,
+                                           settings=settings, reader=READER,
                                            parts=[f.part] if f.part else [], rejects=rejects, rows_read=f.rows_read,
                                            unmapped_events=f.unmapped,
                                            accepted=f.accepted, rejected=f.rejected, filtered=f.filtered,

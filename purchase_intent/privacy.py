@@ -208,6 +208,22 @@ def pseudonym_params(key: Key) -> dict[str, bytes]:
     return out
 
 
+_WHOLE_FLOAT = re.compile(r"-?[0-9]+\.0+")
+
+
+def id_text(raw: str) -> str:
+    """A raw user or session id as ingest reads it (``events._id_sql``): without the spaces around it, and a
+    whole number written as a float (``13085.0``) as the integer. Look-ups of raw ids go through it, so that
+    ``forget 13085`` and ``forget 13085.0`` find the one user a CSV wrote as ``13085.0``."""
+    t = raw.strip(" ")
+    return t[:t.index(".")] if "." in t and _WHOLE_FLOAT.fullmatch(t) else t
+
+
+def pseudonymise_raw(ids: Iterable[str], key: Key) -> list[str]:
+    """Pseudonyms of raw ids as ingest stores them: :func:`pseudonymise` of each :func:`id_text`."""
+    return pseudonymise([None if i is None else id_text(i) for i in ids], key)
+
+
 def pseudonymise(ids: Iterable[str], key: Key) -> list[str]:
     """Pseudonyms of ``ids``: HMAC-SHA256(key, id) as hex, truncated to 32 characters (under a
     chain, each key in turn over the previous pseudonym).
@@ -293,7 +309,7 @@ def pseudonym_for(workspace: Workspace | str | Path, ids: Iterable[str]) -> dict
         ``{raw_id: pseudonym}``.
     """
     ids = [str(i) for i in ids]
-    return dict(zip(ids, pseudonymise(ids, workspace_key(workspace))))
+    return dict(zip(ids, pseudonymise_raw(ids, workspace_key(workspace))))
 
 
 # --- thresholds ------------------------------------------------------------------------------------

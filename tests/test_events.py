@@ -262,7 +262,7 @@ def test_a_file_given_again_with_other_settings_is_refused_not_skipped(tmp_path,
         assert ingest(ws2, [DATA / "rejects.csv"], DataConfig(format="csv", since=since), progress=False).skipped
     # an entry of an older manifest records the format only: that is what is compared
     manifest = ws.read_manifest()
-    del manifest["files"][0]["settings"]
+    del manifest["files"][0]["settings"], manifest["files"][0]["reader"]
     ev.atomic_write_json(ws.manifest_path, manifest)
     r = ingest(ws, [DATA / "rejects.csv"], DataConfig(format="csv", **changed), progress=False)
     assert r.skipped == [str(DATA / "rejects.csv")]
@@ -270,7 +270,20 @@ def test_a_file_given_again_with_other_settings_is_refused_not_skipped(tmp_path,
     other = tmp_path / "other.csv"
     other.write_text("user_id,ts,event\nu9,2024-03-01T10:00:00Z,view\n")
     ingest(ws, [other], DataConfig(format="csv"))  # a new file beside one an earlier version read
-    assert "read by an earlier version" in capsys.readouterr().err
+    assert "read by an earlier version, which kept whole-number ids written as floats" in capsys.readouterr().err
+    manifest = ws.read_manifest()
+    assert [e.get("reader") for e in manifest["files"]] == [None, ev.READER]
+    manifest["files"][0]["settings"] = manifest["files"][1]["settings"]  # as the reader before READER wrote it
+    ev.atomic_write_json(ws.manifest_path, manifest)
+    other.write_text("user_id,ts,event\nu9,2024-03-02T10:00:00Z,view\n")
+    ingest(ws, [other], DataConfig(format="csv"))
+    assert "in a text column ('1001.0'" in capsys.readouterr().err
+    other.write_text("user_id,ts,event\nu9,2024-03-03T10:00:00Z,view\n")
+    manifest = ws.read_manifest()
+    manifest["files"][0]["reader"] = ev.READER
+    ev.atomic_write_json(ws.manifest_path, manifest)
+    ingest(ws, [other], DataConfig(format="csv"))
+    assert "earlier version" not in capsys.readouterr().err
     with pytest.raises(ValueError, match="format 'csv' then, 'jsonl' now"):
         ingest(ws, [DATA / "rejects.csv"], DataConfig(format="jsonl"), progress=False)
 
@@ -316,6 +329,26 @@ def test_whole_number_ids_of_a_float_column_are_named_as_integers(tmp_path, tiny
     assert all("." not in i for i in items)
     assert pseudonym_for(tmp_path / "b", ["7"])["7"] in {r[0] for r in Workspace(tmp_path / "b").connect().sql(
         "SELECT user_id FROM events").fetchall()}
+
+
+def test_whole_number_ids_written_as_floats_in_a_csv_are_the_integers(tmp_path, monkeypatch):
+    """'13085.0' in a CSV (pandas' to_csv of an integer column with a missing value) is the user '13085' of
+    another file; '1.5', '1.0e3', 'a.0', '1.' and '.0' are ids as written."""
+    monkeypatch.setenv(KEY_ENV, "ab" * 32)
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    ids = ["13085.0", " -7.00 ", "1.5", "1.0e3", "a.0", "1.", ".0", "12345678901234567890.0"]
+    a.write_text("user_id,ts,event,session_id\n" + "".join(
+        f"{u},2024-03-01T10:0{i}:00Z,view,{u}\n" for i, u in enumerate(ids)))
+    b.write_text("user_id,ts,event,session_id\n13085,2024-03-02T10:00:00Z,purchase,13085\n")
+    r = ingest(tmp_path / "ws", [a, b], DataConfig(format="csv"), progress=False)
+    assert r.accepted == len(ids) + 1 and not r.rejected
+    expect = ["13085", "-7", "1.5", "1.0e3", "a.0", "1.", ".0", "12345678901234567890"]
+    names = pseudonym_for(tmp_path / "ws", expect)
+    stored = Workspace(tmp_path / "ws").connect().sql(
+        "SELECT user_id, session_id, count(*) FROM events GROUP BY ALL").fetchall()
+    assert sorted(stored) == sorted([(names[u], names[u], 2 if u == "13085" else 1) for u in expect])
+    # the key holder's look-ups read a raw id as ingest does
+    assert pseudonym_for(tmp_path / "ws", [" 13085.0"])[" 13085.0"] == names["13085"]
 
 
 def test_a_file_of_another_format_given_as_csv_is_named_so(tmp_path, tiny_events):

@@ -248,6 +248,15 @@ def test_float_ids_on_spark_are_named_as_duckdb_names_them(spark, tiny_events, t
     da, db = (pd.read_csv(r) for r in (ra, rb))
     assert da["reason"].tolist() == db["reason"].tolist() == ["missing_user"]
     assert json.loads(da["raw"][0])["ts"] == json.loads(db["raw"][0])["ts"]
+    # the same ids as float text ('1001.0', as pandas writes them to CSV) in a string column: the same users
+    texts = tmp_path / "float_texts.parquet"
+    df = pd.read_parquet(floats)
+    df.assign(user_id=df["user_id"].map(lambda u: None if pd.isna(u) else f"{u:.1f}")).to_parquet(texts)
+    pipeline.ingest(texts, DataConfig(format="parquet"), tmp_path / "duck_text", progress=False)
+    pipeline.ingest(texts, DataConfig(format="parquet"), tmp_path / "spark_text", progress=False, engine=SPARK)
+    c, d = (_events(Workspace(tmp_path / w)) for w in ("duck_text", "spark_text"))
+    pd.testing.assert_frame_equal(c[["user_id", "ts", "event"]], d[["user_id", "ts", "event"]])
+    assert sorted(c["user_id"]) == sorted(a["user_id"])
 
 
 # --- whole workspaces: the simulator and the Taobao slice -----------------------------------------------

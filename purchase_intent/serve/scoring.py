@@ -32,7 +32,7 @@ from .. import runs
 from ..explain import explain_inputs
 from ..feature_frame import compute_features_frame
 from ..labels import single_example
-from ..privacy import pseudonymise, workspace_key
+from ..privacy import pseudonymise_raw, workspace_key
 from ..runs import Run
 from ..sequence_frame import build_sequences_frame
 from ..times import ONE_US
@@ -195,7 +195,7 @@ class ServeState:
             self._cons.clear()
 
     def pseudonymise(self, ids: list[str]) -> list[str]:
-        return list(pseudonymise(ids, self.key))
+        return list(pseudonymise_raw(ids, self.key))
 
 
 # ---------------------------------------------------------------------------------------------
