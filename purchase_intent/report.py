@@ -192,7 +192,13 @@ def _comparison_section(page: Page, ws: Workspace, names: list[str], k: int) -> 
                      num(lift.get("top_1pct"), 2), num(lift.get("top_10pct"), 2), delta])
     page.add(table(["model", "n", "buyers", "ROC-AUC [95% CI]", "PR-AUC", "log loss", "Brier", "ECE",
                      "lift top 1%", "lift top 10%", "ΔAUC [95% CI]"], rows))
-    page.add('<p class="note">Intervals: stratified bootstrap. ΔAUC: paired bootstrap difference to the best '
+    page.add('<p class="note">ROC-AUC: the chance that a buyer is scored above a non-buyer (0.5 is chance, 1 a '
+             "perfect ranking). PR-AUC: average precision, the share of buyers among those flagged, averaged over "
+             "every buyer's rank (chance: the buying rate); it weighs the top of the ranking, where audiences are "
+             "drawn. Log loss and Brier (mean squared error of the probability): lower is better, and both judge the "
+             "probabilities themselves, not only their order. ECE: the mean gap between predicted and observed "
+             "buying rates over 10 equal-size bins of the scores (0 is perfectly calibrated). "
+             "Intervals: stratified bootstrap. ΔAUC: paired bootstrap difference to the best "
              "baseline (same resamples for both models). Lift: buyers among the top-scored share divided by "
              "the overall rate.</p>")
     for r in names:
