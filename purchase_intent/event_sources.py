@@ -86,6 +86,18 @@ def is_gzip(path: Path) -> bool:
         return f.read(2) == b"\x1f\x8b"
 
 
+# files that public shop logs are often downloaded as (a Kaggle zip, an Excel workbook), by their first bytes
+_NOT_CSV = [
+    (b"PK\x03\x04", "a zip archive (or an Excel .xlsx workbook, which is one): unzip it, or save the sheet as CSV "
+                    "(UTF-8), then ingest the CSV"),
+    (b"\xd0\xcf\x11\xe0", "an Excel .xls workbook: save the sheet as CSV (UTF-8), then ingest the CSV"),
+    (b"BZh", "bzip2-compressed: decompress it (bunzip2) or recompress it with gzip, which ingest reads"),
+    (b"\xfd7zXZ\x00", "xz-compressed: decompress it (unxz) or recompress it with gzip, which ingest reads"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed: decompress it (unzstd) or recompress it with gzip, which ingest reads"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive: extract it, then ingest the CSV"),
+]
+
+
 def check_looks_like_csv(path: Path, header: bool = True) -> None:
     """Raise ValueError (one line) for a file given as CSV that is Parquet or JSON, or empty where a header
     line is expected, naming the --format to use, instead of reading its first bytes as a header. (An empty
@@ -98,6 +110,9 @@ def check_looks_like_csv(path: Path, header: bool = True) -> None:
         return
     if head.startswith(b"PAR1"):
         raise ValueError(f"{path} is a Parquet file, not CSV: use --format parquet")
+    for magic, what in _NOT_CSV:
+        if head.startswith(magic):
+            raise ValueError(f"{path} is {what}, not CSV")
     first = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
     if first in (b"{", b"["):
         raise ValueError(f"{path} looks like JSON, not CSV: use --format jsonl (one JSON object per line), or "

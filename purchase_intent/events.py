@@ -86,7 +86,7 @@ _READER_CHANGES = {  # what the reader of each earlier version did otherwise, up
     0: "kept whole-number ids written as floats ('1001.0') apart from '1001' and matched event names in "
        "their case only",
     1: "kept whole-number ids written as floats in a text column ('1001.0', as pandas writes them to CSV) apart "
-       "from '1001'",
+       "from '1001', and stored ids written 'NA', 'null' or 'undefined' as one user instead of as missing",
 }
 
 
@@ -359,14 +359,22 @@ def price_sql(text: str) -> str:
     return f"coalesce(TRY_CAST({text} AS DOUBLE), TRY_CAST({number} AS DOUBLE))"
 
 
+# what exports write for a missing id (R and pandas: NA, NaN, None; SQL dumps: NULL, \N; JavaScript trackers:
+# undefined, null), in lower case (as ids are compared)
+MISSING_IDS = ("na", "n/a", "nan", "none", "null", "nil", "undefined", "\\n")
+
+
 def _id_sql(text: str) -> str:
     """A user or session id as ingest reads it: trimmed, empty as NULL, and a whole number written as a float
     (``13085.0``, as pandas writes an integer column with a missing value to CSV) as the integer, so that it is
     the user ``13085`` of a file written otherwise (a Parquet DOUBLE column's ids: ``event_sources.text_sql``).
+    The texts that exports write for a missing value (:data:`MISSING_IDS`: ``NA``, ``null``, ``undefined``,
+    ``\\N``, in any case) are missing too, not one user who would hold every anonymous row.
     Only a text with a dot is matched against the pattern (no backslash: Spark's SQL reads it as an escape)."""
     t = f"trim({text})"
+    missing = ", ".join("chr(92) || 'n'" if m == "\\n" else sql_literal(m) for m in MISSING_IDS)
     whole = f"CASE WHEN contains({t}, '.') AND regexp_matches({t}, '^-?[0-9]+[.]0+$') " \
-            f"THEN regexp_replace({t}, '[.]0+$', '') ELSE {t} END"
+            f"THEN regexp_replace({t}, '[.]0+$', '') WHEN lower({t}) IN ({missing}) THEN NULL ELSE {t} END"
     return f"NULLIF({whole}, '')"
 
 

@@ -368,7 +368,12 @@ class SparkIngest:
         user and session ids replaced by their pseudonyms."""
         ids = {mapping[c]: c for c in ("user_id", "session_id") if c in mapping}
         pids = {"user_id": pseudonym_sql("s.user_raw", n_keys), "session_id": pseudonym_sql("s.session_raw", n_keys)}
-        sel = ", ".join(f"{pids[ids[c]] if c in ids else sql_ident(c)} AS {sql_ident(c)}" for c in columns)
+        # each field as the row's text (_raw_list, 1-based in DuckDB's SQL): staged renames extras (snake case) and
+        # keeps a mapped column under its canonical name only, so a source column is not selected by its name
+        # an id that reads as missing ('', 'NA') is written as it stands, as DuckDB's rejects write it
+        raw_ids = {"user_id": "s.user_raw", "session_id": "s.session_raw"}
+        sel = ", ".join((f"CASE WHEN {raw_ids[ids[c]]} IS NULL THEN s._raw_list[{i + 1}] ELSE {pids[ids[c]]} END"
+                         if c in ids else f"s._raw_list[{i + 1}]") + f" AS _c{i}" for i, c in enumerate(columns))
         rows = sql(self.spark, f"SELECT s._pos, s.reason, {sel} FROM staged s "
                                "WHERE s.reason IS NOT NULL AND s.reason <> 'filtered' ORDER BY s._pos").collect()
         with open(out, "w", newline="") as f:

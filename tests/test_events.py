@@ -333,20 +333,26 @@ def test_whole_number_ids_of_a_float_column_are_named_as_integers(tmp_path, tiny
 
 def test_whole_number_ids_written_as_floats_in_a_csv_are_the_integers(tmp_path, monkeypatch):
     """'13085.0' in a CSV (pandas' to_csv of an integer column with a missing value) is the user '13085' of
-    another file; '1.5', '1.0e3', 'a.0', '1.' and '.0' are ids as written."""
+    another file; '1.5', '1.0e3', 'a.0', '1.' and '.0' are ids as written; 'NA', 'null', 'undefined', '\\N'
+    are missing (a missing_user reject; no session)."""
     monkeypatch.setenv(KEY_ENV, "ab" * 32)
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
     ids = ["13085.0", " -7.00 ", "1.5", "1.0e3", "a.0", "1.", ".0", "12345678901234567890.0"]
     a.write_text("user_id,ts,event,session_id\n" + "".join(
         f"{u},2024-03-01T10:0{i}:00Z,view,{u}\n" for i, u in enumerate(ids)))
-    b.write_text("user_id,ts,event,session_id\n13085,2024-03-02T10:00:00Z,purchase,13085\n")
+    missing = ["NA", "null", "NULL", "None", "nan", "undefined", "\\N", "n/a", " NA "]
+    b.write_text("user_id,ts,event,session_id\n13085,2024-03-02T10:00:00Z,purchase,13085\n" + "".join(
+        f"{u},2024-03-02T11:00:00Z,view,NA\n" for u in missing) + "13085,2024-03-02T12:00:00Z,view,undefined\n")
     r = ingest(tmp_path / "ws", [a, b], DataConfig(format="csv"), progress=False)
-    assert r.accepted == len(ids) + 1 and not r.rejected
+    assert r.accepted == len(ids) + 2 and r.rejected == {"missing_user": len(missing)}
+    assert Workspace(tmp_path / "ws").connect().sql(
+        "SELECT count(*) FROM events WHERE session_id IS NULL").fetchall() == [(1,)]
     expect = ["13085", "-7", "1.5", "1.0e3", "a.0", "1.", ".0", "12345678901234567890"]
     names = pseudonym_for(tmp_path / "ws", expect)
     stored = Workspace(tmp_path / "ws").connect().sql(
         "SELECT user_id, session_id, count(*) FROM events GROUP BY ALL").fetchall()
-    assert sorted(stored) == sorted([(names[u], names[u], 2 if u == "13085" else 1) for u in expect])
+    assert sorted(stored, key=str) == sorted([(names[u], names[u], 2 if u == "13085" else 1) for u in expect]
+                                             + [(names["13085"], None, 1)], key=str)
     # the key holder's look-ups read a raw id as ingest does
     assert pseudonym_for(tmp_path / "ws", [" 13085.0"])[" 13085.0"] == names["13085"]
 
@@ -359,9 +365,15 @@ def test_a_file_of_another_format_given_as_csv_is_named_so(tmp_path, tiny_events
     (tmp_path / "log.jsonl").write_text('{"user_id": "u1", "ts": "2024-03-01T10:00:00Z", "event": "view"}\n')
     (tmp_path / "log.jsonl.gz").write_bytes(gzip.compress((tmp_path / "log.jsonl").read_bytes()))
     (tmp_path / "empty.csv").write_text("\n")
+    import bz2
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "log.csv.zip", "w") as z:  # a Kaggle download; an .xlsx is a zip too
+        z.writestr("log.csv", "user_id,ts,event\nu1,2024-03-01T10:00:00Z,view\n")
+    (tmp_path / "log.csv.bz2").write_bytes(bz2.compress(b"user_id,ts,event\n"))
     for name, what in [("log.parquet", "is a Parquet file, not CSV: use --format parquet"),
                        ("log.jsonl", "looks like JSON, not CSV: use --format jsonl"),
-                       ("log.jsonl.gz", "looks like JSON"), ("empty.csv", "is empty")]:
+                       ("log.jsonl.gz", "looks like JSON"), ("empty.csv", "is empty"),
+                       ("log.csv.zip", "is a zip archive .* unzip it"), ("log.csv.bz2", "is bzip2-compressed")]:
         for fmt in ("csv", "taobao"):
             if fmt == "taobao" and name == "empty.csv":  # no header expected: an empty day is 0 rows
                 assert ingest(tmp_path / "ws0", [tmp_path / name], DataConfig(format=fmt), progress=False).accepted == 0

@@ -251,11 +251,19 @@ def test_float_ids_on_spark_are_named_as_duckdb_names_them(spark, tiny_events, t
     # the same ids as float text ('1001.0', as pandas writes them to CSV) in a string column: the same users
     texts = tmp_path / "float_texts.parquet"
     df = pd.read_parquet(floats)
-    df.assign(user_id=df["user_id"].map(lambda u: None if pd.isna(u) else f"{u:.1f}")).to_parquet(texts)
+    df = df.assign(user_id=df["user_id"].map(lambda u: None if pd.isna(u) else f"{u:.1f}"))
+    pd.concat([df, df.head(3).assign(user_id=["\\N", "undefined", "NA"])]).to_parquet(texts)
     pipeline.ingest(texts, DataConfig(format="parquet"), tmp_path / "duck_text", progress=False)
     pipeline.ingest(texts, DataConfig(format="parquet"), tmp_path / "spark_text", progress=False, engine=SPARK)
     c, d = (_events(Workspace(tmp_path / w)) for w in ("duck_text", "spark_text"))
     pd.testing.assert_frame_equal(c[["user_id", "ts", "event"]], d[["user_id", "ts", "event"]])
+    # the missing-value texts are missing users on both, the rejected rows written alike (a column pandas names
+    # __index_level_0__, which the events keep as index_level_0, and a mapped column, as the file names them)
+    (rc,), (rd,) = (list((tmp_path / w / "rejects").glob("*.csv")) for w in ("duck_text", "spark_text"))
+    rc, rd = pd.read_csv(rc), pd.read_csv(rd)
+    assert rc["reason"].tolist() == rd["reason"].tolist() == ["missing_user"] * 4
+    assert [json.loads(r) for r in rc["raw"]] == [json.loads(r) for r in rd["raw"]]
+    assert "__index_level_0__" in json.loads(rd["raw"][0])
     assert sorted(c["user_id"]) == sorted(a["user_id"])
 
 
