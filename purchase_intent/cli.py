@@ -116,8 +116,11 @@ def _add_data_flags(p: argparse.ArgumentParser, positional: bool) -> None:
     p.add_argument("--event-map", action="append", metavar="RAW=CANON",
                    help="map a raw event name to view|cart|remove_from_cart|wishlist|checkout|purchase|other; "
                         "repeatable (names no map names are stored as other, their raw name kept)")
-    p.add_argument("--ts-unit", choices=["s", "ms", "us", "iso"],
+    p.add_argument("--ts-unit", choices=["s", "ms", "us", "ns", "iso"],
                    help="timestamp unit (default: the preset's, else detected)")
+    p.add_argument("--ts-format", metavar="LAYOUT",
+                   help="strptime layout of the timestamps where they are not ISO 8601 or epoch numbers, e.g. "
+                        "'%%m/%%d/%%Y %%H:%%M' for 12/1/2009 7:45 (%%d/%%m for day first; %%z reads an offset)")
     p.add_argument("--all-events", metavar="EVENT",
                    help="for a log without an event column (e.g. transactions only): every row is this event, "
                         "e.g. --all-events purchase")

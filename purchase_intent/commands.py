@@ -53,6 +53,9 @@ def _pairs(values: Optional[list[str]], flag: str) -> dict[str, str]:
         if "=" not in v:
             raise SystemExit(f"error: {flag} expects KEY=VALUE, got {v!r}")
         k, val = v.split("=", 1)
+        if k.strip() in out and out[k.strip()] != val.strip():
+            raise SystemExit(f"error: {flag} gives {k.strip()!r} twice ({out[k.strip()]!r} and {val.strip()!r}); "
+                             f"give it once")
         out[k.strip()] = val.strip()
     return out
 
@@ -86,7 +89,8 @@ def _sources(a: argparse.Namespace) -> list:
 
 def _data_cfg(a: argparse.Namespace) -> DataConfig:
     return DataConfig(format=a.format, mapping=_pairs(a.map, "--map"), event_map=_pairs(a.event_map, "--event-map"),
-                      ts_unit=a.ts_unit, ts_zone=a.ts_zone, all_events=a.all_events, strict=a.strict,
+                      ts_unit=a.ts_unit, ts_zone=a.ts_zone, ts_format=a.ts_format, all_events=a.all_events,
+                      strict=a.strict,
                       strict_events=a.strict_events, since=a.since, until=a.until)
 
 

@@ -27,8 +27,9 @@ class DataConfig:
     format: str = "csv"  # taobao | retailrocket | rees46 | otto | ga4 | segment | csv | parquet | jsonl
     mapping: dict[str, str] = field(default_factory=dict)  # canonical column -> source column
     event_map: dict[str, str] = field(default_factory=dict)  # raw event name -> canonical event
-    ts_unit: Optional[str] = None  # s | ms | us | iso; None = the preset's or auto-detect
+    ts_unit: Optional[str] = None  # s | ms | us | ns | iso; None = the preset's or auto-detect
     ts_zone: Optional[str] = None  # IANA zone of timestamps written without one; None = UTC
+    ts_format: Optional[str] = None  # strptime layout of text timestamps (e.g. %m/%d/%Y %H:%M); None = ISO 8601
     # a log without an event column (transactions only): every row is this canonical event, e.g. "purchase"
     all_events: Optional[str] = None
     strict: bool = False  # any rejected row makes the command fail (and store nothing)

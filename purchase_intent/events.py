@@ -70,7 +70,7 @@ MALFORMED_COUNTS_SQL = ("SELECT reason, count(*) FROM (SELECT CASE WHEN bool_or(
                         "THEN 'not_utf8' ELSE 'malformed_line' END AS reason FROM reject_errors GROUP BY line) "
                         "GROUP BY reason")
 UNMAPPED_SHOWN = 12  # unmapped event names listed in the summary (all of them are in the report and manifest)
-_MULT = {"s": 1e6, "ms": 1e3, "us": 1.0}
+_MULT = {"s": 1e6, "ms": 1e3, "us": 1.0, "ns": 1e-3}
 # file kinds read again cheaply: their validated rows are a view, computed where they are used (counted, then
 # joined to their pseudonyms and written), never held whole; the other kinds stage them in a table
 STREAMED = ("parquet",)
@@ -104,6 +104,29 @@ class IngestRejectedError(ValueError):
         super().__init__("strict mode: rows were rejected, nothing was stored\n" + report.summary())
 
 
+class IngestNothingAcceptedError(ValueError):
+    """Rows were read and every one was rejected: nothing was stored (the same files can then be read again
+    with other settings, which a stored load of no event would refuse)."""
+
+    def __init__(self, report: "IngestReport"):
+        self.report = report
+        super().__init__("no row was accepted, nothing was stored; fix the reading (the hints below) and ingest "
+                         "again\n" + report.summary(rejects=False))
+
+
+# reasons whose rejected values ingest shows a few of (the field's text: never an id), with what to do
+SAMPLED = {
+    "bad_ts": ("ts", "ISO 8601 times and epoch numbers are read; give another layout with --ts-format, e.g. "
+                     "'%m/%d/%Y %H:%M' or '%d.%m.%Y %H:%M:%S'"),
+    "implausible_ts": ("ts", f"times before {MIN_TS.year} or in the future; epoch numbers are read by their "
+                             "magnitude (--ts-unit s|ms|us|ns names the unit), and a date without its year cannot "
+                             "be read"),
+    "bad_price": ("price", "prices that do not read as numbers"),
+    "unknown_event": (RAW_EVENT, "--event-map RAW=CANON maps a name"),
+}
+SAMPLES_SHOWN = 3
+
+
 @dataclass
 class FileReport:
     source: str
@@ -118,6 +141,7 @@ class FileReport:
     rejects_path: Optional[Path] = None
     seconds: float = 0.0
     manifest: dict = field(default_factory=dict)  # fields of its manifest entry that replace the file's own
+    samples: dict[str, list[str]] = field(default_factory=dict)  # SAMPLED reason -> a few of its texts
 
 
 @dataclass
@@ -157,13 +181,26 @@ class IngestReport:
     def rejects_paths(self) -> list[Path]:
         return [f.rejects_path for f in self.files if f.rejects_path is not None]
 
-    def summary(self) -> str:
-        """Accepted, rejected by reason, filtered and skipped counts, one line each."""
+    @property
+    def samples(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for f in self.files:
+            for k, v in f.samples.items():
+                out[k] = list(dict.fromkeys(out.get(k, []) + v))[:SAMPLES_SHOWN]
+        return out
+
+    def summary(self, rejects: bool = True) -> str:
+        """Accepted, rejected by reason (with a few values and what to do where most rows fail so), filtered
+        and skipped counts, one line each; ``rejects``: the rejects files' lines."""
         rej = self.rejected
         lines = [f"accepted  {self.accepted:>12,}" + ("   (no row accepted: see the reasons below)"
                                                       if not self.accepted and (rej or self.filtered) else ""),
                  f"rejected  {sum(rej.values()):>12,}" + "".join(f"\n  {k:<16}{v:>10,}" for k, v in rej.items()),
                  f"filtered  {self.filtered:>12,}"]
+        for reason, texts in self.samples.items():
+            shown = ", ".join(repr(t[:40]) for t in texts)
+            lines.insert(lines.index(next(x for x in lines if x.startswith("filtered"))),
+                         f"  ({reason}: {shown}: {SAMPLED[reason][1]})")
         if rej.get("not_utf8"):
             lines.insert(2, "  (not_utf8: lines whose bytes are not UTF-8, e.g. a Latin-1 or cp1252 export; convert "
                             "the file, e.g. iconv -f cp1252 -t utf-8 IN > OUT, and ingest that into a new workspace)")
@@ -177,7 +214,8 @@ class IngestReport:
                 lines.append(f"  ... {len(unmapped) - len(shown):,} more names")
         if self.skipped:
             lines.append(f"skipped   {len(self.skipped):>12,} source(s): already ingested, or a query without new rows")
-        lines += [f"rejects:  {p}" for p in self.rejects_paths]
+        if rejects:
+            lines += [f"rejects:  {p}" for p in self.rejects_paths]
         return "\n".join(lines)
 
 
@@ -196,13 +234,18 @@ def _parse_time(text: Optional[str]) -> Optional[datetime]:
     return parse_time(text) if text else None
 
 
-def _ts_sql(col: str, num: str, unit: Optional[str]) -> str:
+def _ts_sql(col: str, num: str, unit: Optional[str], fmt: Optional[str] = None) -> str:
     """SQL turning a text timestamp ``col`` (``num``: the same as DOUBLE, or NULL) into TIMESTAMP
     (UTC): epoch numbers by unit (or by magnitude when the unit is unknown: < 1e11 seconds,
-    < 1e14 milliseconds, else microseconds; a whole number from 19000101 to 21001231 that is a valid
-    date, as YYYYMMDD), other text as ISO 8601 (a zone-less time is UTC)."""
+    < 1e14 milliseconds, < 1e17 microseconds, else nanoseconds; a whole number from 19000101 to 21001231
+    that is a valid date, as YYYYMMDD), other text as ISO 8601 (a zone-less time in the session's zone,
+    --ts-zone; an offset after a space, ``2024-01-14 06:24:36 +0100`` as Shopify writes it, is read too), or,
+    with ``fmt`` (--ts-format), every value as text by that strptime layout."""
+    if fmt:
+        return f"(CAST(try_strptime({col}, {sql_literal(fmt)}) AS TIMESTAMPTZ) AT TIME ZONE 'UTC')"
     mult = (str(_MULT[unit]) if unit in _MULT else
-            f"(CASE WHEN abs({num}) < 1e11 THEN 1e6 WHEN abs({num}) < 1e14 THEN 1e3 ELSE 1 END)")
+            f"(CASE WHEN abs({num}) < 1e11 THEN 1e6 WHEN abs({num}) < 1e14 THEN 1e3 WHEN abs({num}) < 1e17 THEN 1 "
+            f"ELSE 1e-3 END)")
     # without a unit, a whole number that reads as a date YYYYMMDD (19970101) is that date: as epoch seconds it
     # would fall in August 1970, which no log holds
     ymd = ("" if unit in _MULT else
@@ -210,7 +253,8 @@ def _ts_sql(col: str, num: str, unit: Optional[str]) -> str:
            f"THEN TRY(CAST(strptime(CAST(CAST({num} AS BIGINT) AS VARCHAR), '%Y%m%d') AS TIMESTAMPTZ)) "
            f"AT TIME ZONE 'UTC' ")
     return (f"(CASE {ymd}WHEN {num} IS NOT NULL THEN TRY(make_timestamp(TRY_CAST(round({num} * {mult}) AS BIGINT))) "
-            f"ELSE TRY_CAST({col} AS TIMESTAMPTZ) AT TIME ZONE 'UTC' END)")
+            f"ELSE coalesce(TRY_CAST({col} AS TIMESTAMPTZ), TRY_CAST(replace(replace({col}, ' +', '+'), ' -', '-') "
+            f"AS TIMESTAMPTZ)) AT TIME ZONE 'UTC' END)")
 
 
 
@@ -270,7 +314,7 @@ def resolve_columns(cfg: DataConfig, preset: dict, columns: list[str]
 
 def stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], extras: dict[str, str],
                ts_unit: Optional[str], since: Optional[datetime], until: Optional[datetime], now: datetime,
-               strict_events: bool = False, all_events: Optional[str] = None) -> str:
+               strict_events: bool = False, all_events: Optional[str] = None, ts_format: Optional[str] = None) -> str:
     def col(canon: str) -> str:  # the mapped column as text (the event of every row: --all-events)
         if canon == "event" and canon not in mapping and all_events:
             return sql_literal(all_events)
@@ -301,7 +345,7 @@ def stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], extr
     extra_sel = "".join(f", {text_sql(src, c)} AS {sql_ident(n)}" for c, n in extras.items())
     # a timestamp or price the source gives as a number is read as that number (its text would parse to the
     # same DOUBLE): _ts_raw / _price_raw, the text, are NULL for it and only _ts_num / _price are set
-    ts_num, price_num = number("ts"), number("price")
+    ts_num, price_num = (None if ts_format else number("ts")), number("price")  # a layout reads the text
     ts_text = ("NULL::VARCHAR AS _ts_raw, " + ts_num if ts_num else
                f"NULLIF(trim({col('ts')}), '') AS _ts_raw, TRY_CAST(NULLIF(trim({col('ts')}), '') AS DOUBLE)")
     price_text = "NULL::VARCHAR" if price_num else f"NULLIF(trim({col('price')}), '')"
@@ -325,7 +369,7 @@ def stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], extr
         {window}
       END AS _reason
       FROM (
-        SELECT *, {_ts_sql("_ts_raw", "_ts_num", ts_unit)} AS _ts, {ev_case} AS _event,
+        SELECT *, {_ts_sql("_ts_raw", "_ts_num", ts_unit, ts_format)} AS _ts, {ev_case} AS _event,
                {price_num or price_sql("_price_raw")} AS _price
         FROM (  -- each text field is trimmed and parsed once
           SELECT *, {_id_sql(col('user_id'))} AS _user, {ts_text} AS _ts_num,
@@ -401,6 +445,26 @@ def _pseudonym_map(con: duckdb.DuckDBPyConnection, name: str, ids: str, key: byt
                 f"FROM ({ids}) AS t(raw)", pseudonym_params(key))
 
 
+def _samples(con: duckdb.DuckDBPyConnection, src: Source, mapping: dict, report: FileReport) -> dict[str, list[str]]:
+    """A few distinct texts of the field behind each :data:`SAMPLED` reason that rejected at least half of the
+    file's rows (where a reading setting is most likely wrong; found at once then, even in a streamed file)."""
+    out = {}
+    for reason, (canon, _) in SAMPLED.items():
+        if report.rejected.get(reason, 0) * 2 < max(report.rows_read, 1):
+            continue
+        if canon == RAW_EVENT:
+            field_sql = RAW_EVENT
+        elif mapping.get(canon) in src.columns:
+            field_sql = f"_raw_list[{src.columns.index(mapping[canon]) + 1}]"
+        else:
+            continue
+        rows = con.execute(f"SELECT DISTINCT f FROM (SELECT {field_sql} AS f FROM staged WHERE reason = $r "
+                           f"AND {field_sql} IS NOT NULL LIMIT 100) LIMIT {SAMPLES_SHOWN}", {"r": reason}).fetchall()
+        if rows:
+            out[reason] = sorted(str(r[0]) for r in rows)
+    return out
+
+
 def sessions_per_row(n_sessions: int) -> bool:
     """Whether to pseudonymise each row's session id in SQL rather than build and join the session map of
     ``n_sessions`` sessions: when the map would take more than half of what DuckDB may hold
@@ -440,7 +504,7 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
         def stage_with(src: Source) -> tuple[dict, dict, dict]:
             mapping, events, extras = resolve_columns(cfg, preset, src.columns)
             sql = stage_sql(src, mapping, events, extras, ts_unit, _parse_time(cfg.since), _parse_time(cfg.until),
-                             now, cfg.strict_events, cfg.all_events)
+                             now, cfg.strict_events, cfg.all_events, cfg.ts_format)
             con.execute(f"CREATE TEMP {'VIEW' if streamed else 'TABLE'} staged AS {sql}")
             return mapping, events, extras
 
@@ -496,6 +560,7 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
         report.unmapped = dict(sorted(unmapped.items(), key=lambda kv: (-kv[1], kv[0])))
         if kind == "database" and (sha in known or not report.rows_read):  # the same rows as a load before, or none
             return FileReport(source=str(path), sha256=sha, rows_read=report.rows_read, skipped=True)
+        report.samples = _samples(con, src, mapping, report)
         if cfg.strict and report.rejected:
             return report
 
@@ -584,6 +649,7 @@ def read_settings(cfg: DataConfig) -> dict:
     window = {k: (_parse_time(t).isoformat() if t else None) for k, t in (("since", cfg.since), ("until", cfg.until))}
     return {"format": cfg.format, "mapping": dict(sorted(mapping.items())), "event_map": dict(sorted(events.items())),
             "ts_unit": cfg.ts_unit or preset.get("ts_unit"), "ts_zone": cfg.ts_zone or "UTC",
+            "ts_format": cfg.ts_format,
             "all_events": cfg.all_events,
             "strict_events": bool(cfg.strict_events), **window}
 
@@ -642,6 +708,12 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
         except (ZoneInfoNotFoundError, ValueError, duckdb.Error):
             raise ValueError(f"--ts-zone {cfg.ts_zone!r} is not a time zone: give an IANA name such as Europe/Berlin "
                              "or Asia/Shanghai") from None
+    if cfg.ts_format:  # a layout DuckDB cannot read fails here, in one line, before any file is read
+        try:
+            duckdb.connect().execute("SELECT try_strptime('2024-01-01', $f)", {"f": cfg.ts_format}).fetchall()
+        except duckdb.Error as e:
+            raise ValueError(f"--ts-format {cfg.ts_format!r} is not a strptime layout DuckDB reads ({_first_line(e)}); "
+                             "e.g. '%m/%d/%Y %H:%M' or '%d.%m.%Y %H:%M:%S'") from None
     window = {}
     for flag, text in (("since", cfg.since), ("until", cfg.until)):
         try:
@@ -702,6 +774,8 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
                 if cfg.strict and report.rejected:
                     raise IngestRejectedError(report)
                 new = [f for f in report.files if not f.skipped]
+                if new and not any(f.accepted for f in new) and any(f.rejected for f in new):
+                    raise IngestNothingAcceptedError(report)
                 if not new:
                     return report
                 older = [e for e in manifest["files"] if _reader(e) < READER]

@@ -307,6 +307,9 @@ class SparkIngest:
         if preset["kind"] != "parquet":
             raise ValueError(f"--engine spark ingests Parquet (--format parquet); {path} is --format {cfg.format}: "
                              "ingest it with --engine duckdb")
+        if cfg.ts_format:
+            raise ValueError("--ts-format is read by --engine duckdb only: ingest with --engine duckdb, or write the "
+                             "times as ISO 8601 or epoch numbers")
         if cfg.ts_zone and cfg.ts_zone != "UTC":
             raise ValueError(f"--ts-zone {cfg.ts_zone} is read by --engine duckdb only (Spark reads times without a "
                              "zone as UTC): ingest with --engine duckdb, or write the times with their offset")

@@ -378,6 +378,21 @@ def test_a_plain_csv_keeps_utc_and_an_unknown_zone_is_one_line(events_csv, tmp_p
     assert err.count("\n") == 1 and "unknown time zone 'Mars/Olympus'" in err
 
 
+def test_a_field_mapped_twice_is_one_line(events_csv, tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"^error: --map gives 'ts' twice \('ts' and 'user_id'\); give it once$"):
+        main(["ingest", "--workspace", str(tmp_path / "ws"), str(events_csv), "--map", "ts=ts", "--map", "ts=user_id"])
+
+
+def test_ingest_that_accepts_no_row_fails_in_the_cli_with_the_values(tmp_path, capsys):
+    src = tmp_path / "log.csv"
+    src.write_text("user_id,ts,event\nu1,01.03.2024 10:00,view\nu2,02.03.2024 10:00,view\n")
+    assert main(["--workspace", str(tmp_path / "ws"), "ingest", str(src)]) == 1
+    err = capsys.readouterr().err
+    assert "error: no row was accepted, nothing was stored" in err and "'01.03.2024 10:00'" in err
+    assert "Traceback" not in err
+    assert main(["--workspace", str(tmp_path / "ws"), "ingest", str(src), "--ts-format", "%d.%m.%Y %H:%M"]) == 0
+
+
 def test_run_says_when_ingest_accepted_no_row(tmp_path, capsys):
     """Not 'run ingest first' (it just ran): every row rejected, with the reasons and where the rejects are."""
     src = tmp_path / "log.csv"

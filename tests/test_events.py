@@ -405,7 +405,8 @@ def test_lines_that_are_not_utf8_are_rejected_as_such(tmp_path):
     assert "iconv" in r.summary()
     # the bad byte right before the delimiter: the raw line keeps its fields, the user id is pseudonymised
     src2 = tmp_path / "cp1252_first.csv"
-    src2.write_bytes("event,user_id,ts\ncafé,bob_secret,2024-03-01T10:00:00Z\n".encode("cp1252"))
+    src2.write_bytes("event,user_id,ts\ncafé,bob_secret,2024-03-01T10:00:00Z\nview,u9,2024-03-01T10:01:00Z\n"
+                     .encode("cp1252"))
     r2 = ingest(tmp_path / "ws2", [src2], DataConfig(format="csv"), progress=False)
     (row,) = _rejects(r2.rejects_paths[0])
     fields = row["raw"].split(",")
@@ -490,6 +491,54 @@ def test_times_without_a_zone_are_read_in_ts_zone(tmp_path):
     ingest(tmp_path / "ws4", [day], cfg, progress=False)
     (ts,), = Workspace(tmp_path / "ws4").connect().sql("SELECT ts FROM events").fetchall()
     assert str(ts) == "1996-12-31 16:00:00"
+
+
+def test_time_layouts_shops_export(tmp_path):
+    """An offset after a space (Shopify's '2024-01-14 06:24:36 +0100'), epoch nanoseconds (detected, or
+    --ts-unit ns), and --ts-format for a layout ISO does not cover (UCI Online Retail's '1/4/2010 14:28', read
+    in --ts-zone); a layout DuckDB cannot read is one line before any file is read."""
+    def stored(ws):
+        return [str(t) for (t,) in Workspace(ws).connect().sql("SELECT ts FROM events ORDER BY ts").fetchall()]
+
+    src = tmp_path / "shop.csv"
+    src.write_text("user_id,ts,event\nu1,2024-01-14 06:24:36 +0100,purchase\nu2,2024-01-14 06:24:36 -0500,view\n"
+                   "u3,1433221332117000000,view\n")
+    assert ingest(tmp_path / "a", [src], DataConfig(format="csv"), progress=False).accepted == 3
+    assert stored(tmp_path / "a") == ["2015-06-02 05:02:12.117000", "2024-01-14 05:24:36", "2024-01-14 11:24:36"]
+    ns = tmp_path / "ns.csv"
+    ns.write_text("user_id,ts,event\nu1,1433221332117000000,view\n")
+    ingest(tmp_path / "b", [ns], DataConfig(format="csv", ts_unit="ns"), progress=False)
+    assert stored(tmp_path / "b") == ["2015-06-02 05:02:12.117000"]
+    us = tmp_path / "us.csv"
+    us.write_text("user_id,ts,event\nu1,1/4/2010 14:28,purchase\nu2,7/31/2010 8:05,purchase\n")
+    cfg = DataConfig(format="csv", ts_format="%m/%d/%Y %H:%M", ts_zone="Europe/London")
+    assert ingest(tmp_path / "c", [us], cfg, progress=False).accepted == 2
+    assert stored(tmp_path / "c") == ["2010-01-04 14:28:00", "2010-07-31 07:05:00"]
+    with pytest.raises(ValueError, match="--ts-format '%Q' is not a strptime layout"):
+        ingest(tmp_path / "d", [us], DataConfig(format="csv", ts_format="%Q"), progress=False)
+    assert not (tmp_path / "d").exists()
+
+
+def test_an_ingest_that_accepts_no_row_stores_nothing_and_shows_the_values(tmp_path):
+    """Every row rejected (a time layout the reader does not know): an error with the counts and a few of the
+    values, nothing stored, so the same file is read again with --ts-format in the same workspace. Ids are never
+    among the values shown."""
+    us = tmp_path / "us.csv"
+    us.write_text("user_id,ts,event,price\n" + "".join(
+        f"secret-user-{i},1/{i + 1}/2010 14:28,purchase,{i}\n" for i in range(9)) + "secret-user-x,,view,1\n")
+    ws = tmp_path / "ws"
+    with pytest.raises(ev.IngestNothingAcceptedError) as e:
+        ingest(ws, [us], DataConfig(format="csv"), progress=False)
+    msg = str(e.value)
+    assert msg.startswith("no row was accepted, nothing was stored")
+    assert "bad_ts" in msg and "'1/1/2010 14:28', '1/2/2010 14:28', '1/3/2010 14:28'" in msg and "--ts-format" in msg
+    assert "secret-user" not in msg and "rejects:" not in msg
+    assert not Workspace(ws).read_manifest().get("files") and not list((ws / "events").glob("*.parquet"))
+    assert not (ws / "rejects").exists() or not list((ws / "rejects").iterdir())
+    r = ingest(ws, [us], DataConfig(format="csv", ts_format="%m/%d/%Y %H:%M"), progress=False)
+    assert r.accepted == 9 and r.rejected == {"missing_ts": 1}
+    # a file with some rows accepted is stored as before, a hint shown only where most rows fail
+    assert "(bad_ts" not in r.summary()
 
 
 def test_a_transactions_only_log_takes_all_events(tmp_path):

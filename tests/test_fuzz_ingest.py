@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from purchase_intent import cli
 from purchase_intent.config import DataConfig
-from purchase_intent.events import REASONS, ingest
+from purchase_intent.events import REASONS, IngestNothingAcceptedError, ingest
 from purchase_intent.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,6 +99,11 @@ def test_mutated_input_is_counted_or_refused_with_a_clear_error(case):
         ws = Workspace(Path(d) / "ws")
         try:
             r = ingest(ws, [src], FORMATS[fmt], progress=False)
+        except IngestNothingAcceptedError as e:  # every row rejected: the counts by reason, nothing stored
+            assert sum(e.report.rejected.values()) == e.report.files[0].rows_read - e.report.filtered > 0
+            assert str(e).startswith("no row was accepted, nothing was stored") and "Traceback" not in str(e)
+            assert not ws.manifest_path.exists() and not list(ws.root.rglob("*.parquet"))
+            return
         except ValueError as e:  # the one allowed failure: a clear message naming the problem
             assert str(e).strip() and "\n" not in str(e).strip() and "Traceback" not in str(e)
             assert not ws.manifest_path.exists() and not list(ws.root.rglob("*.parquet"))
