@@ -119,6 +119,12 @@ def _no_positives(ws: Workspace, n_examples: int, label_cfg: LabelConfig) -> str
     stored as other, one of which may be the shop's purchase), or purchases outside every label window."""
     with ws.connect() as con:
         purchases = con.execute("SELECT count(*) FROM events WHERE event = 'purchase'").fetchall()[0][0]
+        n_events, n_users = con.execute("SELECT count(*), count(DISTINCT user_id) FROM events").fetchall()[0]
+    if purchases and label_cfg.task == "user" and n_events < 1.05 * n_users:
+        return (f"no example has a purchase in its label window ({n_examples:,} examples, every label 0): the "
+                f"{n_users:,} users hold {n_events:,} events, one each or nearly, so no purchase follows a user's "
+                f"earlier events. Is the user id one per order (Olist's customer_id; its customer_unique_id names "
+                f"the shopper)? Ingest with --map user_id=COLUMN naming the shopper, into a new workspace")
     if purchases and label_cfg.task == "session":
         return (f"no session has a purchase ({n_examples:,} sessions, every label 0; the events hold {purchases:,} "
                 f"purchases, none in a session the split keeps): check --session-gap and --prefix")

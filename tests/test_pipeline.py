@@ -216,6 +216,13 @@ def test_build_says_why_every_label_is_0(tmp_path):
     pipeline.ingest(tmp_path / "early.csv", DataConfig(format="csv"), tmp_path / "ws2", progress=False)
     with pytest.raises(ValueError, match="all outside the windows"):
         pipeline.build(LabelConfig(lookback="7d", horizon="3d", step="3d"), workspace=tmp_path / "ws2", quiet=True)
+    # Olist's orders: a user id per order, so every user holds one event
+    orders = pd.DataFrame({"user_id": [f"order-{i}" for i in range(300)], "event": "purchase",
+                           "ts": pd.date_range("2024-03-01", periods=300, freq="3h", tz="UTC")})
+    orders.to_csv(tmp_path / "orders.csv", index=False)
+    pipeline.ingest(tmp_path / "orders.csv", DataConfig(format="csv"), tmp_path / "ws3", progress=False)
+    with pytest.raises(ValueError, match="one each or nearly, so no purchase follows .* one per order"):
+        pipeline.build(LabelConfig(lookback="7d", horizon="3d", step="3d"), workspace=tmp_path / "ws3", quiet=True)
 
 
 def test_a_backtest_fold_under_the_runs_gate_says_which_and_how_to_proceed(tmp_path):
