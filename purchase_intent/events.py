@@ -540,12 +540,16 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
                             ("item_id", "category", *extras.values())) if streamed else ""
             rows_by = con.execute(
                 f"SELECT coalesce(reason, ''), CASE WHEN reason IS NULL AND _unmapped THEN {RAW_EVENT} END, "
-                f"count(*), approx_count_distinct(session_raw){touch} FROM staged GROUP BY ALL").fetchall()
+                f"count(*), approx_count_distinct(session_raw), min(ts), max(ts){touch} FROM staged "
+                f"GROUP BY ALL").fetchall()
         except duckdb.Error as e:
             raise ValueError(f"cannot read {path} as {cfg.format}: {_first_line(e)}") from None
 
         counts, unmapped, n_sessions = {}, {}, 0
-        for reason, raw_event, n, sessions, *_ in rows_by:
+        first = last = None
+        for reason, raw_event, n, sessions, lo, hi, *_ in rows_by:
+            if reason == "" and lo is not None:  # the accepted events' times
+                first, last = min(first or lo, lo), max(last or hi, hi)
             counts[reason] = counts.get(reason, 0) + n
             n_sessions += sessions  # an estimate (HyperLogLog), summed over the groups: at least the true count
             if raw_event is not None:
@@ -558,6 +562,8 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
         report.rejected = {r: counts[r] for r in REASONS if counts.get(r)}
         report.rows_read = report.accepted + report.filtered + sum(report.rejected.values())
         report.unmapped = dict(sorted(unmapped.items(), key=lambda kv: (-kv[1], kv[0])))
+        if first is not None:
+            report.manifest["ts_range"] = [first.isoformat(), last.isoformat()]
         if kind == "database" and (sha in known or not report.rows_read):  # the same rows as a load before, or none
             return FileReport(source=str(path), sha256=sha, rows_read=report.rows_read, skipped=True)
         report.samples = _samples(con, src, mapping, report)
@@ -666,6 +672,23 @@ def _check_same_settings(path: Path, entry: dict, settings: dict) -> None:
                          f"ingested. Ingest it into a new workspace (--workspace NEW) to read it with them")
 
 
+def _check_not_grown(path: Path, fr: FileReport, entries: list[dict]) -> None:
+    """Raise ValueError (one line) when ``path`` was ingested before with other contents and its accepted events
+    start at or before the newest event of that load: an export that grew (rows appended) would store its
+    earlier rows twice. A file at the same path with only newer events (a daily export written over) is added."""
+    first = (fr.manifest.get("ts_range") or [None])[0]
+    source = str(path.resolve())
+    ends = [datetime.fromisoformat(e["ts_range"][1]) for e in entries if e.get("source") == source and e.get("ts_range")]
+    if first is None or not ends or datetime.fromisoformat(first) > max(ends):
+        return
+    last = max(ends)
+    after = (last + timedelta(microseconds=1)).isoformat()
+    raise ValueError(f"{path} was ingested before with other contents, events up to {last.isoformat()}, and now "
+                     f"holds events from {first}: if it grew, its earlier rows would be stored twice; nothing was ingested. "
+                     f"Add only its newer events with --since {after}, or, for a corrected export, ingest every "
+                     f"file into a new workspace")
+
+
 def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str | Path, cfg: DataConfig,
            progress: bool = True, ingest_file: Optional[Callable[..., FileReport]] = None) -> IngestReport:
     """Read, validate, pseudonymise and store raw event files; all files land or none.
@@ -767,6 +790,8 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
                             print(f"skipped {p} ({'already ingested' if fr.rows_read else 'no new rows'})",
                                   file=sys.stderr)
                         continue
+                    if isinstance(p, Path):
+                        _check_not_grown(p, fr, manifest["files"])
                     known.add(fr.sha256)
                     if progress:
                         print(f"{p}: {fr.accepted:,} accepted, {sum(fr.rejected.values()):,} rejected, "

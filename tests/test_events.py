@@ -288,6 +288,25 @@ def test_a_file_given_again_with_other_settings_is_refused_not_skipped(tmp_path,
         ingest(ws, [DATA / "rejects.csv"], DataConfig(format="jsonl"), progress=False)
 
 
+def test_an_export_that_grew_at_the_same_path_is_not_stored_twice(tmp_path):
+    """Rows appended to a file ingested before: refused (its earlier rows would be stored twice), with the --since
+    that adds only the newer ones; a file at the same path written over with newer events only is added."""
+    log = tmp_path / "orders.csv"
+    log.write_text("user_id,ts,event\nu1,2024-03-01T10:00:00Z,view\nu2,2024-03-02T10:00:00Z,purchase\n")
+    ws = tmp_path / "ws"
+    ingest(ws, [log], DataConfig(format="csv"), progress=False)
+    with open(log, "a") as f:
+        f.write("u3,2024-03-03T10:00:00Z,purchase\n")
+    with pytest.raises(ValueError, match=r"ingested before with other contents, events up to 2024-03-02T10:00:00, "
+                                         r".* --since 2024-03-02T10:00:00.000001"):
+        ingest(ws, [log], DataConfig(format="csv"), progress=False)
+    r = ingest(ws, [log], DataConfig(format="csv", since="2024-03-02T10:00:00.000001"), progress=False)
+    assert (r.accepted, r.filtered) == (1, 2)
+    log.write_text("user_id,ts,event\nu4,2024-03-04T10:00:00Z,view\n")  # the next day's export, written over
+    assert ingest(ws, [log], DataConfig(format="csv"), progress=False).accepted == 1
+    assert Workspace(ws).connect().sql("SELECT count(*) FROM events").fetchall() == [(4,)]
+
+
 def test_event_names_match_in_any_case(tmp_path):
     """'Purchase', 'VIEW' and an --event-map key in another case map as their exact names do; a name whose
     lower case two maps give different events matches exactly only."""
