@@ -157,6 +157,10 @@ def text_sql(src: Source, column: str) -> str:
     return f"CAST({c} AS VARCHAR)" if column in src.numeric else c
 
 
+# a field that is a value, never a column's name: a number, or a date or time (2014-04-01T13:45:01.000Z, 1/4/2010)
+_DATA_FIELD = re.compile(r"[+-]?[0-9]+([.,][0-9]+)?|[0-9]{1,4}[-/.][0-9]{1,2}[-/.][0-9]{1,4}([ T][0-9:.+\-Z ]*)?")
+
+
 def _header(first: str, delim: str, path: Path) -> list[str]:
     """Column names from a header line; a clear error when it cannot name the columns."""
     try:
@@ -165,6 +169,10 @@ def _header(first: str, delim: str, path: Path) -> list[str]:
         raise ValueError(f"{path}: cannot read the header line: {e}") from None
     if not any(c.strip() for c in cols) or "\0" in first:
         raise ValueError(f"{path}: the first line is not a header naming the columns: {first[:80]!r}")
+    if len(cols) > 1 and all(_DATA_FIELD.fullmatch(c.strip()) for c in cols):
+        raise ValueError(f"{path}: the first line is a row of data, not a header naming the columns: {first[:80]!r}; "
+                         f"the file has no header line (Yoochoose's clicks, for one): write one in first, e.g. "
+                         f"sed -i '1i session_id,ts,item_id,category' FILE, naming each column")
     if cols and cols[0] == "" and "" not in cols[1:] and "unnamed_0" not in cols:
         cols[0] = "unnamed_0"  # pandas' to_csv writes its index under an empty name: kept as an extra column
     dupes = sorted({c for c in cols if cols.count(c) > 1})

@@ -402,6 +402,22 @@ def test_a_file_of_another_format_given_as_csv_is_named_so(tmp_path, tiny_events
     assert not (tmp_path / "ws" / "events").exists() or not list((tmp_path / "ws" / "events").glob("*.parquet"))
 
 
+def test_a_csv_without_a_header_line_is_named_so(tmp_path):
+    """Yoochoose's clicks have no header: its first row is refused as one (it was taken for the column names and
+    lost, uncounted); a header with a number among names is a header."""
+    src = tmp_path / "yoochoose-clicks.dat"
+    src.write_text("1,2014-04-01T13:45:01.000Z,214536508,2\n1,2014-04-01T13:46:01.000Z,214536509,S\n")
+    with pytest.raises(ValueError, match="the first line is a row of data, not a header .* sed -i '1i"):
+        ingest(tmp_path / "ws", [src], DataConfig(format="csv"), progress=False)
+    for first in ("12/1/2009 7:45;13085.0;3.5", "20240101,42"):
+        (tmp_path / "x.csv").write_text(first + "\n")
+        with pytest.raises(ValueError, match="row of data"):
+            ingest(tmp_path / "ws", [tmp_path / "x.csv"], DataConfig(format="csv"), progress=False)
+    ok = tmp_path / "ok.csv"
+    ok.write_text("user_id,ts,event,2024\nu1,2024-03-01T10:00:00Z,view,1\n")
+    assert ingest(tmp_path / "ws", [ok], DataConfig(format="csv"), progress=False).accepted == 1
+
+
 def test_a_bad_time_window_is_refused_naming_the_flag(tmp_path):
     for cfg, what in [(DataConfig(since="yesterday"), "--since 'yesterday' is not a time"),
                       (DataConfig(until="2024-13-01"), "--until '2024-13-01' is not a time"),
