@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_label_flags(p)
     _add_train_flags(p)
     p.add_argument("--models", default="logreg,lightgbm",
-                   help=f"comma-separated: {','.join(MODEL_NAMES)},ensemble")
+                   help=f"comma-separated: {','.join(MODEL_NAMES)},ensemble (default: logreg,lightgbm)")
     p.add_argument("--pretrain", action="store_true",
                    help="pretrain the sequence encoder after the build (for transformer_pt, lightgbm_emb)")
     _add_pretrain_flags(p, prefix="pretrain-")
@@ -431,16 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(p)
 
     p = sub.add_parser("quickstart", help="`run` on the built-in seeded shop simulator")
-    p.add_argument("--users", type=int, default=20_000)
-    p.add_argument("--days", type=int, default=90)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--models", default="logreg,lightgbm,transformer,ensemble")
+    _add_sim_flags(p)
+    p.add_argument("--models", default="logreg,lightgbm,transformer,ensemble",
+                   help="comma-separated models (default: logreg,lightgbm,transformer,ensemble)")
 
     p = sub.add_parser("simulate", help="write the simulated shop's events to a file (CSV, CSV.gz or Parquet)")
-    p.add_argument("--users", type=int, default=20_000)
-    p.add_argument("--days", type=int, default=90)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    _add_sim_flags(p)
+    p.add_argument("--out", required=True, help="the file to write: .csv, .csv.gz or .parquet")
 
     _add_score_parser(sub)
     _add_serve_parser(sub)
@@ -451,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_monitor_parser(sub)
     _add_retrain_parser(sub)
     return parser
+
+
+def _add_sim_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--users", type=int, default=20_000, help="shoppers to simulate (default: 20000)")
+    p.add_argument("--days", type=int, default=90, help="days of events (default: 90)")
+    p.add_argument("--seed", type=int, default=0, help="the simulation's seed (default: 0)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -16,7 +16,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from . import explain, memory, monitor, prepare, report, runs, score, tracking
 from .config import (
@@ -57,6 +57,21 @@ def _pairs(values: Optional[list[str]], flag: str) -> dict[str, str]:
             raise SystemExit(f"error: {flag} gives {k.strip()!r} twice ({out[k.strip()]!r} and {val.strip()!r}); "
                              f"give it once")
         out[k.strip()] = val.strip()
+    return out
+
+
+def _params_by_model(params: dict[str, Any], models: Sequence[str], known_of) -> dict[str, dict[str, Any]]:
+    """``run``'s --param settings, each given to the models that have it (``max_epochs`` to the Transformers of
+    ``--models lightgbm,transformer``, not to LightGBM, which would refuse it). A setting no model has, and a
+    differential-privacy one (``dp_*``: a model without DP must refuse it, not train without it), go to every
+    model, whose check then names what is wrong."""
+    trained = [m for m in models if m != "ensemble"]
+    known = {m: known_of(m) for m in trained}
+    out: dict[str, dict[str, Any]] = {m: {} for m in trained}
+    for k, v in params.items():
+        takers = [m for m in trained if known[m] is None or k in known[m]]
+        for m in (trained if k.startswith("dp_") or not takers else takers):
+            out[m][k] = v
     return out
 
 
@@ -269,7 +284,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from . import pipeline, pretrain
 
     data = _sources(a)
-    params = {m: _params(a.param) for m in models} if a.param else None
+    params = _params_by_model(_params(a.param), models, pipeline.model_parameters) if a.param else None
     pretrained = [m for m in models if m in pipeline.PRETRAINED_MODELS]
     if pretrained and not a.pretrain and not Workspace(a.workspace).run_dir(pretrain.PRETRAINED_RUN).exists():
         raise SystemExit(f"error: {', '.join(pretrained)} need a pretrained encoder: add --pretrain")

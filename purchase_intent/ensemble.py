@@ -84,6 +84,11 @@ def evaluate_ensemble(workspace: Workspace, members: Sequence[str], n_boot: int 
         raise RuntimeError("ensemble members were trained on different builds")
     if len({repr(m["label_config"]) for m in metas}) != 1:
         raise ValueError("ensemble members have different label configurations")
+    unevaluated = [m for m in members if not (workspace.run_dir(m) / runs.PREDICTIONS).exists()]
+    if unevaluated:
+        raise ValueError(f"{', '.join(map(repr, unevaluated))} {'has' if len(unevaluated) == 1 else 'have'} no "
+                         f"predictions: evaluate {'it' if len(unevaluated) == 1 else 'them'} first "
+                         f"(purchase-intent evaluate --run {unevaluated[0]}, with the --backtest K of the others)")
     frames = [runs.read_predictions(workspace.run_dir(m)) for m in members]
     check_same_examples(frames, members)
     pred = average_predictions(frames)

@@ -678,15 +678,16 @@ def _check_not_grown(path: Path, fr: FileReport, entries: list[dict]) -> None:
     earlier rows twice. A file at the same path with only newer events (a daily export written over) is added."""
     first = (fr.manifest.get("ts_range") or [None])[0]
     source = str(path.resolve())
-    ends = [datetime.fromisoformat(e["ts_range"][1]) for e in entries if e.get("source") == source and e.get("ts_range")]
+    ends = [datetime.fromisoformat(e["ts_range"][1]) for e in entries
+            if e.get("source") == source and e.get("ts_range")]
     if first is None or not ends or datetime.fromisoformat(first) > max(ends):
         return
     last = max(ends)
     after = (last + timedelta(microseconds=1)).isoformat()
     raise ValueError(f"{path} was ingested before with other contents, events up to {last.isoformat()}, and now "
-                     f"holds events from {first}: if it grew, its earlier rows would be stored twice; nothing was ingested. "
-                     f"Add only its newer events with --since {after}, or, for a corrected export, ingest every "
-                     f"file into a new workspace")
+                     f"holds events from {first}: if it grew, its earlier rows would be stored twice; nothing was "
+                     f"ingested. Add only its newer events with --since {after}, or, for a corrected export, "
+                     f"ingest every file into a new workspace")
 
 
 def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str | Path, cfg: DataConfig,

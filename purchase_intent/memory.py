@@ -62,7 +62,7 @@ def parse_size(text: str) -> int:
         raise MemoryLimitError(f"memory limit {text!r} is not a size: write it like 4GB, 512MB or 1.5GiB")
     n = int(float(m.group(1)) * _UNITS[unit])
     if n < MIN_LIMIT:
-        raise MemoryLimitError(f"memory limit {text!r} is below the minimum of 64MB: no step can run in it")
+        raise MemoryLimitError(f"memory limit {text!r} is below the minimum of 64MiB (67MB): no step can run in it")
     return n
 
 

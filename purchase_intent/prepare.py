@@ -61,6 +61,7 @@ def resolve_time_zone(ws: Workspace, tz: str | None, quiet: bool = True) -> str:
     """The time zone of day-based cutoffs: ``tz`` when given, else the one every ingested file was read in
     (``--ts-zone``) or its preset documents (all the same; e.g. taobao: Asia/Shanghai), else UTC. Raises
     ValueError for an unknown name."""
+    how = "(--tz)"
     if tz is None:  # the zone the events were read in (--ts-zone), else the one their preset documents
         def zone(entry: dict) -> str | None:
             read_in = (entry.get("settings") or {}).get("ts_zone")
@@ -68,15 +69,15 @@ def resolve_time_zone(ws: Workspace, tz: str | None, quiet: bool = True) -> str:
 
         zones = {zone(e) for e in ws.read_manifest()["files"]}
         if len(zones) == 1 and None not in zones:
-            tz = zones.pop()
-            log(f"day cutoffs at midnight {tz}, the time zone of the ingested data (--tz to change)", quiet)
+            tz, how = zones.pop(), ", the time zone of the ingested data (--tz to change)"
         else:
-            tz = "UTC"
+            tz, how = "UTC", "(--tz to change)"
     try:
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError):
         raise ValueError(f"unknown time zone {tz!r}: use an IANA name such as UTC, Europe/Berlin or "
                          "America/New_York") from None
+    log(f"day cutoffs at midnight {tz}{'' if how.startswith(',') else ' '}{how}", quiet)
     return tz
 
 

@@ -282,6 +282,9 @@ def save_run(run_dir: Path, meta: dict, model: Any) -> None:
 def read_meta(run_dir: Path) -> dict:
     """run.json of a run directory."""
     path = Path(run_dir) / RUN_JSON
+    if not path.exists() and (Path(run_dir) / "metrics.json").exists():  # the out_dir of tabular.run_table
+        raise FileNotFoundError(f"{run_dir} holds the comparison of `run --table` (rows that are already one per "
+                                "session or user), which scores nothing: train a model on events to score users")
     if not path.exists():
         raise FileNotFoundError(f"no run at {run_dir}: train one with `purchase-intent train`")
     try:
@@ -354,7 +357,9 @@ def load_run_dir(run_dir: Path) -> Run:
     if meta["model"] == ENSEMBLE:
         return _load_ensemble(Path(run_dir), meta)
     from .models import load_model  # PyTorch and the model libraries: imported once a run is loaded
+    from .models.onnx_inference import inference_mode
 
+    inference_mode()  # a bad $PURCHASE_INTENT_INFERENCE is named as such, not as a damaged run
     try:
         model = load_model(meta["model"], Path(run_dir) / MODEL_DIR)
     except (ValueError, KeyError, OSError, RuntimeError) as e:  # a truncated or foreign model file

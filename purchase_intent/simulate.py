@@ -424,6 +424,7 @@ def write_events(cfg: SimConfig, path: str | Path) -> int:
     """
     path = Path(path)
     name = path.name.lower()
+    path.parent.mkdir(parents=True, exist_ok=True)  # --out logs/events.csv.gz into a folder not made yet
     tmp = path.with_name(path.name + ".tmp")
     rows = 0
     tables = iter_event_tables(cfg)

@@ -179,6 +179,22 @@ def test_run_checks_parameters_before_ingesting(events_csv, tmp_path, capsys):
     assert not _ingested(ws)
 
 
+def test_run_gives_each_model_the_parameters_it_has():
+    """max_epochs to the Transformer only, num_leaves to LightGBM only; dp_* and a name no model has to all (whose
+    checks refuse them: a model without DP must not train without it)."""
+    from purchase_intent.commands import _params_by_model
+    from purchase_intent.pipeline import check_params, model_parameters
+
+    models = ["logreg", "lightgbm", "transformer", "ensemble"]
+    got = _params_by_model({"max_epochs": 1, "num_leaves": 7, "dp_epsilon": 8, "nope": 1}, models, model_parameters)
+    assert got["transformer"] == {"max_epochs": 1, "dp_epsilon": 8, "nope": 1}
+    assert got["lightgbm"] == {"num_leaves": 7, "dp_epsilon": 8, "nope": 1} and "ensemble" not in got
+    assert got["logreg"] == {"dp_epsilon": 8, "nope": 1}
+    ok = _params_by_model({"max_epochs": 1, "num_leaves": 7}, models, model_parameters)
+    for m, p in ok.items():
+        check_params(m, p)  # each model has what it is given
+
+
 # ----------------------------------------------------------------------------- short logs, dropped examples
 
 
@@ -421,3 +437,21 @@ def test_table_mode_warns_in_one_line_and_refuses_a_backtest(tmp_path, capsys):
 def test_pseudonym_of_an_empty_id_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="an empty id has no pseudonym"):
         main(["--workspace", str(tmp_path / "ws"), "pseudonym", "u1", " "])
+
+
+def test_a_bad_inference_setting_and_a_table_folder_are_named_as_such(tmp_path, monkeypatch):
+    """Not 'run ... is damaged; train it again' for a bad $PURCHASE_INTENT_INFERENCE, nor 'no run: train one' for
+    the folder `run --table` writes."""
+    from purchase_intent import runs
+
+    run_dir = tmp_path / "runs" / "lightgbm"
+    run_dir.mkdir(parents=True)
+    (run_dir / runs.RUN_JSON).write_text(json.dumps({"model": "lightgbm"}))
+    monkeypatch.setenv("PURCHASE_INTENT_INFERENCE", "bogus")
+    with pytest.raises(ValueError, match="^PURCHASE_INTENT_INFERENCE='bogus': choose one of"):
+        runs.load_run_dir(run_dir)
+    table = tmp_path / "runs" / "table"
+    table.mkdir()
+    (table / "metrics.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="holds the comparison of `run --table`"):
+        runs.read_meta(table)

@@ -54,6 +54,12 @@ def test_members_backtested_differently_are_refused(ws):
         evaluate_ensemble(ws, ["logreg", "lightgbm-nobt"], n_boot=20, run="bad-ens")
     with pytest.raises(ValueError, match="at least two"):
         evaluate_ensemble(ws, ["logreg"], n_boot=20, run="bad-ens")
+    shutil.copytree(ws.run_dir("lightgbm"), ws.run_dir("lightgbm-unevaluated"))
+    (ws.run_dir("lightgbm-unevaluated") / runs.PREDICTIONS).unlink()  # trained, never evaluated
+    with pytest.raises(ValueError, match=r"'lightgbm-unevaluated' has no predictions: evaluate it first "
+                                         r"\(purchase-intent evaluate --run lightgbm-unevaluated"):
+        evaluate_ensemble(ws, ["logreg", "lightgbm-unevaluated"], n_boot=20, run="bad-ens")
+    shutil.rmtree(ws.run_dir("lightgbm-unevaluated"))
     assert not ws.run_dir("bad-ens").exists()  # nothing written
     # converse: same K, so no example is dropped, and each probability is the members' mean
     ens = runs.read_predictions(ws.run_dir("ensemble")).set_index(["example_id", "split", "fold"]).sort_index()

@@ -64,7 +64,7 @@ def test_parse_size():
     for bad in ("four GB", "4XB", "", "-1GB"):
         with pytest.raises(memory.MemoryLimitError, match="not a size"):
             memory.parse_size(bad)
-    with pytest.raises(memory.MemoryLimitError, match="below the minimum of 64MB"):
+    with pytest.raises(memory.MemoryLimitError, match="below the minimum of 64MiB"):
         memory.parse_size("10MB")
 
 
@@ -96,7 +96,7 @@ def test_cli_refuses_a_bad_limit_in_one_line(built_ws, capsys, monkeypatch):
     monkeypatch.setenv(memory.MEMORY_LIMIT_ENV, "")  # restored after the test (main sets it)
     assert cli.main(["--workspace", str(built_ws.root), "build", "--memory-limit", "10MB"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: memory limit '10MB' is below the minimum of 64MB: no step can run in it"]
+    assert err == ["error: memory limit '10MB' is below the minimum of 64MiB (67MB): no step can run in it"]
     monkeypatch.setenv(memory.MEMORY_LIMIT_ENV, "lots")
     assert cli.main(["--workspace", str(built_ws.root), "train", "--model", "logreg"]) == 1
     assert "memory limit 'lots' is not a size" in capsys.readouterr().err
