@@ -386,20 +386,26 @@ def stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], extr
 # a price as shops write it: the number, and before or after it at most a currency symbol or a three-letter
 # code ("€9.99", "EUR 12,50", "12,50 zł", "R$ 5"); group 1 is the number with its separators
 _CURRENCY = r"(?:[A-Z]{3}|R\$|[$€£¥₹₽₩₺₴₪฿₫]|zł|kr|Kč|Ft|lei)"
-_PRICE_TEXT = rf"^\s*(?:{_CURRENCY}\s*)?([+-]?\d[\d.,]*)\s*{_CURRENCY}?\s*$"
+# (a space, no-break space or narrow no-break space may group thousands, "1 234,56", as French exports write)
+_GROUP_SPACE = "[ \u00a0\u202f]"  # the characters themselves: RE2 reads no \\u escapes
+_PRICE_TEXT = rf"^\s*(?:{_CURRENCY}\s*)?([+-]?\d[\d.,]*(?:{_GROUP_SPACE}\d{{3}}[\d.,]*)*)\s*{_CURRENCY}?\s*$"
 
 
 def price_sql(text: str) -> str:
     """SQL reading the price text ``text`` as DOUBLE: as a number, or else without a currency symbol or code
     and with its separators read by their places: "1.234,56" and "1,234.56" are 1234.56 (the last
     separator is the decimal one), "12,50" is 12.5 (a comma before one or two digits is a decimal comma),
-    "1,234" is 1234 (a comma before groups of three digits groups thousands). "1.234" stays 1.234. NULL
-    where none of these reads it (a bad_price)."""
+    "1,234" is 1234 (a comma before groups of three digits groups thousands), "0,0508" and "12,5083" are
+    decimals (a comma after 0, or before other than three digits), "1 234,56" is 1234.56 (spaces grouping
+    thousands). "1.234" stays 1.234. NULL where none of these reads it (a bad_price)."""
     m = f"regexp_extract({text}, {sql_literal(_PRICE_TEXT)}, 1)"
+    for space in _GROUP_SPACE[1:-1]:  # the spaces the pattern let group thousands (as characters: Spark's chr
+        m = f"replace({m}, '{space}', '')"  # is chr(n % 256))
     number = (f"CASE WHEN regexp_matches({m}, '^[+-]?[1-9]\\d{{0,2}}(\\.\\d{{3}})+,\\d+$') "
               f"THEN replace(replace({m}, '.', ''), ',', '.') "
               f"WHEN regexp_matches({m}, '^[+-]?[1-9]\\d{{0,2}}(,\\d{{3}})+(\\.\\d+)?$') THEN replace({m}, ',', '') "
-              f"WHEN regexp_matches({m}, '^[+-]?\\d+,\\d{{1,2}}$') THEN replace({m}, ',', '.') ELSE {m} END")
+              f"WHEN regexp_matches({m}, '^[+-]?(\\d+,(\\d{{1,2}}|\\d{{4,}})|0,\\d+)$') THEN replace({m}, ',', '.') "
+              f"ELSE {m} END")
     return f"coalesce(TRY_CAST({text} AS DOUBLE), TRY_CAST({number} AS DOUBLE))"
 
 

@@ -452,12 +452,14 @@ def test_lines_that_are_not_utf8_are_rejected_as_such(tmp_path):
 def test_prices_with_a_currency_or_a_decimal_comma_are_read(tmp_path):
     """A European export: ';'-separated, decimal commas, thousands dots, currency symbols and codes."""
     prices = {"12,50": 12.5, "€9.99": 9.99, "1.234,00": 1234.0, "1,234.50": 1234.5, "EUR 12,5": 12.5,
-              "12,50 zł": 12.5, "$1,234": 1234.0, "3.5": 3.5, "1.234": 1.234}
+              "12,50 zł": 12.5, "$1,234": 1234.0, "3.5": 3.5, "1.234": 1.234, "0,0508": 0.0508, "12,5083": 12.5083,
+              "1 234,56": 1234.56, "1\u00a0234,56 €": 1234.56, "1\u202f234 567,8": 1234567.8}
     src = tmp_path / "eu.csv"
-    rows = "".join(f"u{i};2024-03-01T10:{i:02d}:00Z;view;{p}\n" for i, p in enumerate([*prices, "12..5", "abc"]))
+    rows = "".join(f"u{i};2024-03-01T10:{i:02d}:00Z;view;{p}\n" for i, p in enumerate([*prices, "12..5", "abc",
+                                                                                       "12 50"]))
     src.write_text("user_id;ts;event;price\n" + rows, encoding="utf-8")
     r = ingest(tmp_path / "ws", [src], DataConfig(format="csv"), progress=False)
-    assert r.accepted == len(prices) and r.rejected == {"bad_price": 2}
+    assert r.accepted == len(prices) and r.rejected == {"bad_price": 3}
     got = [p for (p,) in Workspace(tmp_path / "ws").connect().sql("SELECT price FROM events ORDER BY ts").fetchall()]
     assert got == pytest.approx(list(prices.values()))
 

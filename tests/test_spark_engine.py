@@ -267,6 +267,25 @@ def test_float_ids_on_spark_are_named_as_duckdb_names_them(spark, tiny_events, t
     assert sorted(c["user_id"]) == sorted(a["user_id"])
 
 
+@needs_spark
+def test_text_prices_and_times_read_alike_on_spark(spark, tmp_path, monkeypatch):
+    """Prices as shops write them (decimal commas, currency, spaces grouping thousands) and times with an offset
+    after a space: the same values on both engines, from one definition."""
+    monkeypatch.setenv("PURCHASE_INTENT_PSEUDONYM_KEY", KEY)
+    prices = ["12,50", "€9.99", "1.234,00", "0,0508", "1 234,56", "1\u00a0234,56 €", "1\u202f234 567,8", "abc"]
+    df = pd.DataFrame({"user_id": [f"u{i}" for i in range(len(prices))], "event": "purchase", "price": prices,
+                       "ts": [f"2024-01-14 06:{i:02d}:36 +0100" for i in range(len(prices))]})
+    df.to_parquet(tmp_path / "prices.parquet")
+    for w, engine in (("duck", None), ("spark", SPARK)):
+        pipeline.ingest(tmp_path / "prices.parquet", DataConfig(format="parquet"), tmp_path / w, progress=False,
+                        **({"engine": engine} if engine else {}))
+    a, b = (_events(Workspace(tmp_path / w)) for w in ("duck", "spark"))
+    pd.testing.assert_frame_equal(a[["user_id", "ts", "price"]], b[["user_id", "ts", "price"]])
+    a = a.sort_values("ts")
+    assert a["price"].round(4).tolist() == [12.5, 9.99, 1234.0, 0.0508, 1234.56, 1234.56, 1234567.8]
+    assert str(a["ts"].iloc[0]) == "2024-01-14 05:00:36"
+
+
 # --- whole workspaces: the simulator and the Taobao slice -----------------------------------------------
 
 
