@@ -278,6 +278,8 @@ def test_malformed_bodies_and_limits(shop):
         for raw in (b"{", b"", b"nan", b'{"events": [{"ts": NaN, "event": "view"}]}', b"\xff\xfe"):
             r = c.post("/v1/score", content=raw, headers=h)
             assert r.status_code == 422, (raw, r.text)
+        r = c.post("/v1/score", content='{"events": [], "user_id": "Müller"}'.encode("latin-1"), headers=h)
+        assert r.status_code == 422 and "the body is not UTF-8" in r.json()["message"], r.text
         r = c.post("/v1/score", json={"events": [GOOD] * 4}, headers=AUTH)
         assert r.status_code == 422 and "events" in r.json()["message"]
         r = c.post("/v1/score/batch", json={"users": [_with()] * 3}, headers=AUTH)

@@ -68,8 +68,20 @@ async def read_body(request: Request, model):
     try:
         return model.model_validate_json(raw)
     except ValidationError as e:
+        errors = e.errors(include_url=False)
+        if any(err["type"] == "json_invalid" for err in errors) and not _is_utf8(raw):
+            errors = [{"loc": (), "msg": "the body is not UTF-8: send the JSON encoded as UTF-8",
+                       "type": "json_invalid"}]
         raise RequestValidationError([{"loc": ("body", *err["loc"]), "msg": err["msg"], "type": err["type"]}
-                                      for err in e.errors(include_url=False)]) from None
+                                      for err in errors]) from None
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _stage_header(response: Response, st: ServeState, timings: dict[str, float]) -> None:
