@@ -22,9 +22,10 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Optional
@@ -233,6 +234,12 @@ def score(run: str, out: str | Path | None = None, cfg: ScoreConfig | None = Non
         loaded = runs.load_run(run, ws)
     if loaded.task != "user":
         raise ValueError(f"run {run!r} is a {loaded.task}-task run; batch scores rank users (user task)")
+    n_reasons = len(loaded.meta.get("feature_names") or ())
+    if cfg.reasons > n_reasons and loaded.vocab is None and not loaded.members:  # one reason per feature at most
+        if progress:
+            print(f"note: --reasons {cfg.reasons}: the run's model reads {n_reasons} features, so a user has at most "
+                  f"{n_reasons} reasons; writing {n_reasons} reason columns", file=sys.stderr)
+        cfg = replace(cfg, reasons=n_reasons)
     name, version = loaded.model_name, loaded.version
     lookback_text = loaded.meta["label_config"]["lookback"]
     lookback = loaded.lookback

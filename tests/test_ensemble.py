@@ -174,3 +174,11 @@ def test_report_names_the_members(ws, tmp_path):
     html = out.read_text()
     v = runs.read_meta(ws.run_dir("lightgbm"))["version"]
     assert "is an ensemble" in html and f"lightgbm (lightgbm, {v})" in html
+
+
+def test_more_reasons_than_features_are_capped_with_a_note(ws, tmp_path, capsys):
+    """--reasons 500 on a LightGBM run of 60 features: 60 reason columns and a note, not 500 mostly empty."""
+    n = len(runs.read_meta(ws.run_dir("lightgbm"))["feature_names"])
+    r = score("lightgbm", tmp_path / "s.parquet", ScoreConfig(reasons=n + 40), workspace=ws)
+    cols = [c for c in pd.read_parquet(r.out).columns if c.startswith("reason_") and not c.endswith("contribution")]
+    assert len(cols) == n and f"a user has at most {n} reasons" in capsys.readouterr().err
