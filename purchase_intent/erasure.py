@@ -73,7 +73,7 @@ import pyarrow as pa
 
 from . import memory, runs, storage
 from .pretrain import PRETRAINED_RUN
-from .privacy import KEY_ENV, PSEUDONYM_HEX, key_id, load_key, pseudonymise_raw
+from .privacy import KEY_ENV, PSEUDONYM_HEX, earlier_pseudonyms, id_text, key_id, load_key, pseudonymise_raw
 from .score import summary_path
 from .workspace import TMP_PREFIX, Workspace, as_workspace, atomic_dir, link_tree
 
@@ -126,7 +126,27 @@ def resolve_pseudonyms(ws: Workspace, users: Iterable[str] = (),
             raise ValueError("the pseudonymisation key differs from the one this workspace was built with; "
                              f"set {KEY_ENV} back, or give --pseudonym")
         raw_ids = dict(zip(users, pseudonymise_raw(users, key)))
+        # a file read before ids were read as ingest reads them now stored '13085.0' under its own pseudonym:
+        # each raw id is looked up as written and as pandas writes a whole number too, and those stored are erased
+        others = {u: earlier_pseudonyms(u, key) for u in users}
+        if any(others.values()):
+            stored = _stored_users(ws, [*raw_ids.values(), *(p for ps in others.values() for p in ps)])
+            for u, ps in others.items():
+                for p in (p for p in ps if p in stored):
+                    if raw_ids[u] in stored:
+                        pseudonyms.append(p)
+                    else:
+                        raw_ids[u] = p
     return list(dict.fromkeys(pseudonyms + list(raw_ids.values()))), raw_ids
+
+
+def _stored_users(ws: Workspace, pids: list[str]) -> set[str]:
+    """Which of the pseudonyms ``pids`` hold events in the workspace."""
+    if not ws.part_paths():
+        return set()
+    with ws.connect() as con:
+        return {r[0] for r in con.execute("SELECT DISTINCT user_id FROM events WHERE list_contains($p, user_id)",
+                                          {"p": pids}).fetchall()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,8 +212,8 @@ def _raw_id_owner(text: str, raw_ids: dict[str, str]) -> Optional[str]:
     broken to find its id field in, so ingest could not pseudonymise it), or None."""
     if not raw_ids or _PSEUDONYM.search(text):
         return None
-    fields = {f.strip().strip("\"'").strip() for f in _FIELD_SEPARATORS.split(text)}
-    return next((p for raw, p in raw_ids.items() if raw in fields), None)
+    fields = {id_text(f.strip().strip("\"'").strip()) for f in _FIELD_SEPARATORS.split(text)}
+    return next((p for raw, p in raw_ids.items() if id_text(raw) in fields), None)
 
 
 def _reject_changes(ws: Workspace, pids: list[str], raw_ids: dict[str, str]) -> list[_Change]:

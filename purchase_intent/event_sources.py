@@ -91,7 +91,7 @@ _NOT_CSV = [
     (b"PK\x03\x04", "a zip archive (or an Excel .xlsx workbook, which is one): unzip it, or save the sheet as CSV "
                     "(UTF-8), then ingest the CSV"),
     (b"\xd0\xcf\x11\xe0", "an Excel .xls workbook: save the sheet as CSV (UTF-8), then ingest the CSV"),
-    (b"BZh", "bzip2-compressed: decompress it (bunzip2) or recompress it with gzip, which ingest reads"),
+    (b"BZh", "bzip2-compressed: decompress it (bunzip2) or recompress it with gzip, which ingest reads"),  # + 1AY&SY
     (b"\xfd7zXZ\x00", "xz-compressed: decompress it (unxz) or recompress it with gzip, which ingest reads"),
     (b"\x28\xb5\x2f\xfd", "zstd-compressed: decompress it (unzstd) or recompress it with gzip, which ingest reads"),
     (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive: extract it, then ingest the CSV"),
@@ -111,8 +111,9 @@ def check_looks_like_csv(path: Path, header: bool = True) -> None:
     if head.startswith(b"PAR1"):
         raise ValueError(f"{path} is a Parquet file, not CSV: use --format parquet")
     for magic, what in _NOT_CSV:
-        if head.startswith(magic):
-            raise ValueError(f"{path} is {what}, not CSV")
+        if head.startswith(magic) and (magic != b"BZh" or re.match(rb"BZh[1-9]1AY&SY", head)):
+            kind, _, advice = what.partition(": ")
+            raise ValueError(f"{path} is {kind}, not CSV: {advice}")
     first = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
     if first in (b"{", b"["):
         raise ValueError(f"{path} looks like JSON, not CSV: use --format jsonl (one JSON object per line), or "
@@ -158,7 +159,8 @@ def text_sql(src: Source, column: str) -> str:
 
 
 # a field that is a value, never a column's name: a number, or a date or time (2014-04-01T13:45:01.000Z, 1/4/2010)
-_DATA_FIELD = re.compile(r"[+-]?[0-9]+([.,][0-9]+)?|[0-9]{1,4}[-/.][0-9]{1,2}[-/.][0-9]{1,4}([ T][0-9:.+\-Z ]*)?")
+_DATE_FIELD = re.compile(r"[0-9]{1,4}[-/.][0-9]{1,2}[-/.][0-9]{1,4}([ T][0-9:.+\-Z ]*)?")
+_DATA_FIELD = re.compile(rf"[+-]?[0-9]+([.,][0-9]+)?|{_DATE_FIELD.pattern}")
 
 
 def _header(first: str, delim: str, path: Path) -> list[str]:
@@ -169,10 +171,14 @@ def _header(first: str, delim: str, path: Path) -> list[str]:
         raise ValueError(f"{path}: cannot read the header line: {e}") from None
     if not any(c.strip() for c in cols) or "\0" in first:
         raise ValueError(f"{path}: the first line is not a header naming the columns: {first[:80]!r}")
-    if len(cols) > 1 and all(_DATA_FIELD.fullmatch(c.strip()) for c in cols):
-        raise ValueError(f"{path}: the first line is a row of data, not a header naming the columns: {first[:80]!r}; "
-                         f"the file has no header line (Yoochoose's clicks, for one): write one in first, e.g. "
-                         f"sed -i '1i session_id,ts,item_id,category' FILE, naming each column")
+    # numbers and a date: a row of data (pandas' header of numbered columns, 0,1,2,3, has no date); its values,
+    # ids among them, are not shown
+    if (len(cols) > 1 and all(_DATA_FIELD.fullmatch(c.strip()) for c in cols)
+            and any(_DATE_FIELD.fullmatch(c.strip()) for c in cols)):
+        raise ValueError(f"{path}: the first line is a row of data (numbers and a date), not a header naming the "
+                         f"columns: the file has no header line (Yoochoose's clicks, for one); write one in first, "
+                         f"e.g. sed -i '1i session_id,ts,item_id,category' FILE, naming each of its {len(cols)} "
+                         f"columns")
     if cols and cols[0] == "" and "" not in cols[1:] and "unnamed_0" not in cols:
         cols[0] = "unnamed_0"  # pandas' to_csv writes its index under an empty name: kept as an extra column
     dupes = sorted({c for c in cols if cols.count(c) > 1})

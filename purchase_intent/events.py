@@ -83,8 +83,8 @@ MAP_ROW_BYTES = 128
 # earlier one gets a note when new files join it (their ids or event names may have been read otherwise)
 READER = 2
 _READER_CHANGES = {  # what the reader of each earlier version did otherwise, up to this one
-    0: "kept whole-number ids written as floats ('1001.0') apart from '1001' and matched event names in "
-       "their case only",
+    0: "kept whole-number ids written as floats ('1001.0') apart from '1001', stored ids written 'NA', 'null' or "
+       "'undefined' as one user instead of as missing, and matched event names in their case only",
     1: "kept whole-number ids written as floats in a text column ('1001.0', as pandas writes them to CSV) apart "
        "from '1001', and stored ids written 'NA', 'null' or 'undefined' as one user instead of as missing",
 }
@@ -105,8 +105,8 @@ class IngestRejectedError(ValueError):
 
 
 class IngestNothingAcceptedError(ValueError):
-    """Rows were read and every one was rejected: nothing was stored (the same files can then be read again
-    with other settings, which a stored load of no event would refuse)."""
+    """Rows were read and every one was rejected, some for a reason of :data:`MISREAD`: nothing was stored (the
+    same files can then be read again with other settings, which a stored load of no event would refuse)."""
 
     def __init__(self, report: "IngestReport"):
         self.report = report
@@ -125,6 +125,11 @@ SAMPLED = {
     "unknown_event": (RAW_EVENT, "--event-map RAW=CANON maps a name"),
 }
 SAMPLES_SHOWN = 3
+# reasons that say the reading is wrong (a layout, a unit, a column map, an encoding), not the rows: an ingest
+# whose every row is rejected with one of them fails and stores nothing, so that it can be read again otherwise
+# (an all-anonymous file, or one of Segment identify calls only, is stored as the empty load it is)
+MISREAD = {"bad_ts", "implausible_ts", "missing_ts", "bad_price", "unknown_event", "malformed_line", "not_utf8",
+           "bad_field_type"}
 
 
 @dataclass
@@ -199,8 +204,9 @@ class IngestReport:
                  f"filtered  {self.filtered:>12,}"]
         for reason, texts in self.samples.items():
             shown = ", ".join(repr(t[:40]) for t in texts)
+            what = "names" if SAMPLED[reason][0] == RAW_EVENT else "values shaped"
             lines.insert(lines.index(next(x for x in lines if x.startswith("filtered"))),
-                         f"  ({reason}: {shown}: {SAMPLED[reason][1]})")
+                         f"  ({reason}: {what} {shown}: {SAMPLED[reason][1]})")
         if rej.get("not_utf8"):
             lines.insert(2, "  (not_utf8: lines whose bytes are not UTF-8, e.g. a Latin-1 or cp1252 export; convert "
                             "the file, e.g. iconv -f cp1252 -t utf-8 IN > OUT, and ingest that into a new workspace)")
@@ -372,11 +378,12 @@ def stage_sql(src: Source, mapping: dict[str, str], events: dict[str, str], extr
         SELECT *, {_ts_sql("_ts_raw", "_ts_num", ts_unit, ts_format)} AS _ts, {ev_case} AS _event,
                {price_num or price_sql("_price_raw")} AS _price
         FROM (  -- each text field is trimmed and parsed once
-          SELECT *, {_id_sql(col('user_id'))} AS _user, {ts_text} AS _ts_num,
+          SELECT *, {_id_of_trimmed('_user_t')} AS _user, {ts_text} AS _ts_num,
                  NULLIF(trim({col('event')}), '') AS _raw_event, {price_text} AS _price_raw,
                  NULLIF({col('item_id')}, '') AS _item, NULLIF({col('category')}, '') AS _cat,
-                 {_id_sql(col('session_id'))} AS _session
-          FROM ({src.sql})
+                 {_id_of_trimmed('_session_t')} AS _session
+          FROM (SELECT *, trim({col('user_id')}) AS _user_t, trim({col('session_id')}) AS _session_t
+                FROM ({src.sql}))
         )
       )
     )"""
@@ -409,23 +416,28 @@ def price_sql(text: str) -> str:
     return f"coalesce(TRY_CAST({text} AS DOUBLE), TRY_CAST({number} AS DOUBLE))"
 
 
-# what exports write for a missing id (R and pandas: NA, NaN, None; SQL dumps: NULL, \N; JavaScript trackers:
-# undefined, null), in lower case (as ids are compared)
-MISSING_IDS = ("na", "n/a", "nan", "none", "null", "nil", "undefined", "\\n")
+# what exporters write for a missing id, as they spell it (R, pandas: NA, NaN, nan, None; SQL dumps: NULL, \N;
+# JavaScript trackers: undefined, null); case-sensitive, so that a shopper named Nil or Nan stays one
+MISSING_IDS = ("NA", "N/A", "n/a", "NaN", "nan", "None", "null", "NULL", "undefined", "\\N")
 
 
 def _id_sql(text: str) -> str:
-    """A user or session id as ingest reads it: trimmed, empty as NULL, and a whole number written as a float
-    (``13085.0``, as pandas writes an integer column with a missing value to CSV) as the integer, so that it is
-    the user ``13085`` of a file written otherwise (a Parquet DOUBLE column's ids: ``event_sources.text_sql``).
-    The texts that exports write for a missing value (:data:`MISSING_IDS`: ``NA``, ``null``, ``undefined``,
-    ``\\N``, in any case) are missing too, not one user who would hold every anonymous row.
-    Only a text with a dot is matched against the pattern (no backslash: Spark's SQL reads it as an escape)."""
-    t = f"trim({text})"
-    missing = ", ".join("chr(92) || 'n'" if m == "\\n" else sql_literal(m) for m in MISSING_IDS)
-    whole = f"CASE WHEN contains({t}, '.') AND regexp_matches({t}, '^-?[0-9]+[.]0+$') " \
-            f"THEN regexp_replace({t}, '[.]0+$', '') WHEN lower({t}) IN ({missing}) THEN NULL ELSE {t} END"
-    return f"NULLIF({whole}, '')"
+    """A user or session id as ingest reads it: trimmed, then :func:`_id_of_trimmed`."""
+    return _id_of_trimmed(f"trim({text})")
+
+
+def _id_of_trimmed(t: str) -> str:
+    """The id of the trimmed text ``t`` (SQL): empty as NULL, and a whole number written as a float (``13085.0``,
+    as pandas writes an integer column with a missing value to CSV) as the integer, so that it is the user
+    ``13085`` of a file written otherwise (a Parquet DOUBLE column's ids: ``event_sources.text_sql``). The texts
+    exporters write for a missing value (:data:`MISSING_IDS`: ``NA``, ``null``, ``undefined``, ``\\N``) are
+    missing too, not one user who would hold every anonymous row. Only a text with a dot is matched against the
+    pattern (no backslash, which Spark's SQL reads as an escape; no line break, before which Java's ``$``
+    matches); ``t`` is read once per row where the caller names a column (stage_sql trims in a subquery)."""
+    missing = ", ".join("chr(92) || 'N'" if m == "\\N" else sql_literal(m) for m in MISSING_IDS)
+    return (f"NULLIF(CASE WHEN contains({t}, '.') AND regexp_matches({t}, '^-?[0-9]+[.]0+$') "
+            f"AND NOT contains({t}, chr(10)) THEN split_part({t}, '.', 1) "
+            f"WHEN {t} IN ({missing}) THEN NULL ELSE {t} END, '')")
 
 
 def distinct_ids_sql(src: Source, mapping: dict[str, str], canon: str) -> str:
@@ -452,8 +464,9 @@ def _pseudonym_map(con: duckdb.DuckDBPyConnection, name: str, ids: str, key: byt
 
 
 def _samples(con: duckdb.DuckDBPyConnection, src: Source, mapping: dict, report: FileReport) -> dict[str, list[str]]:
-    """A few distinct texts of the field behind each :data:`SAMPLED` reason that rejected at least half of the
-    file's rows (where a reading setting is most likely wrong; found at once then, even in a streamed file)."""
+    """A few distinct shapes (:func:`value_shape`; event names as they are) of the field behind each
+    :data:`SAMPLED` reason that rejected at least half of the file's rows (where a reading setting is most likely
+    wrong; found at once then, even in a streamed file)."""
     out = {}
     for reason, (canon, _) in SAMPLED.items():
         if report.rejected.get(reason, 0) * 2 < max(report.rows_read, 1):
@@ -466,9 +479,16 @@ def _samples(con: duckdb.DuckDBPyConnection, src: Source, mapping: dict, report:
             continue
         rows = con.execute(f"SELECT DISTINCT f FROM (SELECT {field_sql} AS f FROM staged WHERE reason = $r "
                            f"AND {field_sql} IS NOT NULL LIMIT 100) LIMIT {SAMPLES_SHOWN}", {"r": reason}).fetchall()
-        if rows:
-            out[reason] = sorted(str(r[0]) for r in rows)
+        if rows:  # a time's or price's shape (a mis-mapped column may hold ids, which are never shown)
+            texts = (str(r[0]) for r in rows)
+            out[reason] = sorted(dict.fromkeys(texts if canon == RAW_EVENT else map(value_shape, texts)))
     return out
+
+
+def value_shape(text: str) -> str:
+    """``text`` with each digit as 9 and each letter as a or A (``1/4/2010 14:28`` -> ``9/9/9999 99:99``): the
+    layout of a value, which --ts-format needs, without the value."""
+    return re.sub(r"[^\W\d_]", lambda m: "A" if m.group(0).isupper() else "a", re.sub(r"\d", "9", text))
 
 
 def sessions_per_row(n_sessions: int) -> bool:
@@ -546,16 +566,12 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
                             ("item_id", "category", *extras.values())) if streamed else ""
             rows_by = con.execute(
                 f"SELECT coalesce(reason, ''), CASE WHEN reason IS NULL AND _unmapped THEN {RAW_EVENT} END, "
-                f"count(*), approx_count_distinct(session_raw), min(ts), max(ts){touch} FROM staged "
-                f"GROUP BY ALL").fetchall()
+                f"count(*), approx_count_distinct(session_raw){touch} FROM staged GROUP BY ALL").fetchall()
         except duckdb.Error as e:
             raise ValueError(f"cannot read {path} as {cfg.format}: {_first_line(e)}") from None
 
         counts, unmapped, n_sessions = {}, {}, 0
-        first = last = None
-        for reason, raw_event, n, sessions, lo, hi, *_ in rows_by:
-            if reason == "" and lo is not None:  # the accepted events' times
-                first, last = min(first or lo, lo), max(last or hi, hi)
+        for reason, raw_event, n, sessions, *_ in rows_by:
             counts[reason] = counts.get(reason, 0) + n
             n_sessions += sessions  # an estimate (HyperLogLog), summed over the groups: at least the true count
             if raw_event is not None:
@@ -568,8 +584,6 @@ def _ingest_file(path: Path | DatabaseQuery, sha: Optional[str], cfg: DataConfig
         report.rejected = {r: counts[r] for r in REASONS if counts.get(r)}
         report.rows_read = report.accepted + report.filtered + sum(report.rejected.values())
         report.unmapped = dict(sorted(unmapped.items(), key=lambda kv: (-kv[1], kv[0])))
-        if first is not None:
-            report.manifest["ts_range"] = [first.isoformat(), last.isoformat()]
         if kind == "database" and (sha in known or not report.rows_read):  # the same rows as a load before, or none
             return FileReport(source=str(path), sha256=sha, rows_read=report.rows_read, skipped=True)
         report.samples = _samples(con, src, mapping, report)
@@ -678,22 +692,28 @@ def _check_same_settings(path: Path, entry: dict, settings: dict) -> None:
                          f"ingested. Ingest it into a new workspace (--workspace NEW) to read it with them")
 
 
-def _check_not_grown(path: Path, fr: FileReport, entries: list[dict]) -> None:
-    """Raise ValueError (one line) when ``path`` was ingested before with other contents and its accepted events
-    start at or before the newest event of that load: an export that grew (rows appended) would store its
-    earlier rows twice. A file at the same path with only newer events (a daily export written over) is added."""
-    first = (fr.manifest.get("ts_range") or [None])[0]
+def _check_not_grown(path: Path, sha: str, entries: list[dict]) -> None:
+    """Raise ValueError (one line) when ``path`` was ingested before and has grown since: its first bytes are
+    the file of that load (an export rows were appended to), so reading it whole would store the earlier rows
+    twice. A file written over with other contents at the same path (the next day's export) is a new file."""
     source = str(path.resolve())
-    ends = [datetime.fromisoformat(e["ts_range"][1]) for e in entries
-            if e.get("source") == source and e.get("ts_range")]
-    if first is None or not ends or datetime.fromisoformat(first) > max(ends):
-        return
-    last = max(ends)
-    after = (last + timedelta(microseconds=1)).isoformat()
-    raise ValueError(f"{path} was ingested before with other contents, events up to {last.isoformat()}, and now "
-                     f"holds events from {first}: if it grew, its earlier rows would be stored twice; nothing was "
-                     f"ingested. Add only its newer events with --since {after}, or, for a corrected export, "
-                     f"ingest every file into a new workspace")
+    size = path.stat().st_size
+    for e in entries:
+        n = e.get("size")
+        if e.get("source") != source or not n or n >= size or e.get("sha256") == sha:
+            continue
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            left = n
+            while left and (chunk := f.read(min(left, 1 << 22))):
+                h.update(chunk)
+                left -= len(chunk)
+        if h.hexdigest() == e["sha256"]:
+            raise ValueError(f"{path} has grown since it was ingested ({e.get('ingested_at', 'before')}): its first "
+                             f"{n:,} bytes are that file, so reading it whole would store those rows twice; nothing "
+                             f"was ingested. Ingest only what was appended, e.g. tail -c +{n + 1} {path} > NEW (a "
+                             f"CSV's header line first: head -n 1 {path} > NEW, then tail -c +{n + 1} {path} >> NEW), "
+                             f"or every file into a new workspace")
 
 
 def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str | Path, cfg: DataConfig,
@@ -790,6 +810,8 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
                         if progress:
                             print(f"skipped {p} (already ingested)", file=sys.stderr)
                         continue
+                    if isinstance(p, Path):
+                        _check_not_grown(p, sha, manifest["files"])
                     fr = (ingest_file or _ingest_file)(p, sha, cfg, key, stage, now, frozenset(known))
                     report.files.append(fr)
                     if fr.skipped:  # a query: the same rows as an earlier load, or none
@@ -797,8 +819,8 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
                             print(f"skipped {p} ({'already ingested' if fr.rows_read else 'no new rows'})",
                                   file=sys.stderr)
                         continue
-                    if isinstance(p, Path):
-                        _check_not_grown(p, fr, manifest["files"])
+                    if isinstance(p, Path):  # the size, so that the file grown by appended rows is known
+                        fr.manifest.setdefault("size", p.stat().st_size)
                     known.add(fr.sha256)
                     if progress:
                         print(f"{p}: {fr.accepted:,} accepted, {sum(fr.rejected.values()):,} rejected, "
@@ -806,7 +828,7 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
                 if cfg.strict and report.rejected:
                     raise IngestRejectedError(report)
                 new = [f for f in report.files if not f.skipped]
-                if new and not any(f.accepted for f in new) and any(f.rejected for f in new):
+                if new and not any(f.accepted for f in new) and MISREAD.intersection(report.rejected):
                     raise IngestNothingAcceptedError(report)
                 if not new:
                     return report

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from . import runs
-from .privacy import pseudonym_for
+from .privacy import earlier_pseudonyms, pseudonym_for, workspace_key
 from .reason_text import event_text, feature_text
 from .sequences import SEQUENCE_FIELDS, SequenceVocab, time_edges
 from .vocabulary import EVENT_CODES
@@ -305,6 +305,9 @@ def _resolve_user(con, workspace, user_id: str) -> str:
     pseudo = pseudonym_for(workspace, [user_id]).get(user_id)
     if pseudo is not None and known(pseudo):
         return pseudo
+    for earlier in earlier_pseudonyms(user_id, workspace_key(workspace)):  # as a file read earlier stored it
+        if known(earlier):
+            return earlier
     prefix = user_id.lower()
     if 12 <= len(prefix) < 32 and all(c in "0123456789abcdef" for c in prefix):  # the report's 12-character ones
         found = [r[0] for r in con.execute("SELECT DISTINCT user_id FROM events WHERE starts_with(user_id, ?) "

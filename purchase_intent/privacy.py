@@ -219,6 +219,16 @@ def id_text(raw: str) -> str:
     return t[:t.index(".")] if "." in t and _WHOLE_FLOAT.fullmatch(t) else t
 
 
+def earlier_pseudonyms(raw: str, key: Key) -> list[str]:
+    """Pseudonyms that a file read before ingest read ids as :func:`id_text` does may hold ``raw`` under: of the
+    id as written, and of a whole number as pandas writes it as a float (``13085`` -> ``13085.0``); the ones
+    that differ from its pseudonym now. Look-ups try them where the pseudonym now finds nothing."""
+    t = id_text(raw)
+    texts = dict.fromkeys([raw, f"{t}.0" if re.fullmatch(r"-?[0-9]+", t) else raw])
+    now = pseudonymise_raw([raw], key)[0]
+    return [p for p in dict.fromkeys(pseudonymise(list(texts), key)) if p != now]
+
+
 def pseudonymise_raw(ids: Iterable[str], key: Key) -> list[str]:
     """Pseudonyms of raw ids as ingest stores them: :func:`pseudonymise` of each :func:`id_text`."""
     return pseudonymise([None if i is None else id_text(i) for i in ids], key)

@@ -279,10 +279,18 @@ def save_run(run_dir: Path, meta: dict, model: Any) -> None:
         (tmp / RUN_JSON).write_text(json.dumps(meta, indent=2))
 
 
+def _is_table_comparison(folder: Path) -> bool:
+    """Whether ``folder`` is the out_dir of ``run --table`` (``tabular.run_table``: metrics.json with its table)."""
+    try:
+        return "table" in json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def read_meta(run_dir: Path) -> dict:
     """run.json of a run directory."""
     path = Path(run_dir) / RUN_JSON
-    if not path.exists() and (Path(run_dir) / "metrics.json").exists():  # the out_dir of tabular.run_table
+    if not path.exists() and _is_table_comparison(Path(run_dir)):
         raise FileNotFoundError(f"{run_dir} holds the comparison of `run --table` (rows that are already one per "
                                 "session or user), which scores nothing: train a model on events to score users")
     if not path.exists():
@@ -359,7 +367,8 @@ def load_run_dir(run_dir: Path) -> Run:
     from .models import load_model  # PyTorch and the model libraries: imported once a run is loaded
     from .models.onnx_inference import inference_mode
 
-    inference_mode()  # a bad $PURCHASE_INTENT_INFERENCE is named as such, not as a damaged run
+    if is_sequence_model(meta["model"]):  # a bad $PURCHASE_INTENT_INFERENCE named as such, not as a damaged run
+        inference_mode()
     try:
         model = load_model(meta["model"], Path(run_dir) / MODEL_DIR)
     except (ValueError, KeyError, OSError, RuntimeError) as e:  # a truncated or foreign model file

@@ -392,3 +392,29 @@ def test_kill_9_at_random_points_leaves_old_or_new(shop, tmp_path):
     finally:
         zygote.stdin.close()
         zygote.wait(timeout=60)
+
+
+def test_forget_finds_a_float_id_an_earlier_reader_stored_as_written(tmp_path, monkeypatch):
+    """A workspace whose files were read when '13085.0' was stored as written (its own pseudonym): forget
+    --user 13085 and --user 13085.0 both find and erase it; a broken line holding '13085.0' as read goes too."""
+    from purchase_intent import events as ev
+    from purchase_intent.config import DataConfig
+
+    monkeypatch.setenv("PURCHASE_INTENT_PSEUDONYM_KEY", "ab" * 32)
+    src = tmp_path / "log.csv"
+    src.write_text("user_id,ts,event,category\n13085.0,2024-03-01T10:00:00Z,view,a\n7.0,2024-03-01T11:00:00Z,view,b\n"
+                   '13085.0,2024-03-01T12:00:00Z,view,"c\n')
+    for user in ("13085", "13085.0"):
+        ws = tmp_path / f"ws-{user}"
+        with monkeypatch.context() as m:  # the reader of b2b97d0: ids as written
+            m.setattr(ev, "_id_of_trimmed", lambda t: f"NULLIF({t}, '')")
+            ev.ingest(ws, [src], DataConfig(format="csv"), progress=False)
+        stored = Workspace(ws).connect().sql("SELECT DISTINCT user_id FROM events").fetchall()
+        assert pseudonym_for(ws, ["13085"])["13085"] not in {r[0] for r in stored}  # stored as '13085.0'
+        from purchase_intent.explain import _resolve_user  # explain --user finds it too
+        assert _resolve_user(Workspace(ws).connect(), Workspace(ws), user) in {r[0] for r in stored}
+        r = erasure.forget(ws, users=[user])
+        assert sum(n["events"] for n in r.removed.values()) == 1
+        assert Workspace(ws).connect().sql("SELECT count(*) FROM events").fetchall() == [(1,)]
+        rejects = "".join(p.read_text() for p in (ws / "rejects").glob("*.csv"))
+        assert "13085" not in rejects

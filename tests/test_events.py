@@ -289,22 +289,25 @@ def test_a_file_given_again_with_other_settings_is_refused_not_skipped(tmp_path,
 
 
 def test_an_export_that_grew_at_the_same_path_is_not_stored_twice(tmp_path):
-    """Rows appended to a file ingested before: refused (its earlier rows would be stored twice), with the --since
-    that adds only the newer ones; a file at the same path written over with newer events only is added."""
+    """Rows appended to a file ingested before: refused (its earlier rows would be stored twice), naming the bytes
+    to ingest; those alone are then added. A file at the same path written over (the next day's export, even with
+    a late event of the day before) is a new file."""
     log = tmp_path / "orders.csv"
     log.write_text("user_id,ts,event\nu1,2024-03-01T10:00:00Z,view\nu2,2024-03-02T10:00:00Z,purchase\n")
+    size = log.stat().st_size
     ws = tmp_path / "ws"
     ingest(ws, [log], DataConfig(format="csv"), progress=False)
     with open(log, "a") as f:
-        f.write("u3,2024-03-03T10:00:00Z,purchase\n")
-    with pytest.raises(ValueError, match=r"ingested before with other contents, events up to 2024-03-02T10:00:00, "
-                                         r".* --since 2024-03-02T10:00:00.000001"):
+        f.write("u3,2024-03-02T10:00:00Z,purchase\n")  # the same second as the last stored event
+    with pytest.raises(ValueError, match=rf"has grown since it was ingested .* first {size:,} bytes .* "
+                                         rf"tail -c \+{size + 1} "):
         ingest(ws, [log], DataConfig(format="csv"), progress=False)
-    r = ingest(ws, [log], DataConfig(format="csv", since="2024-03-02T10:00:00.000001"), progress=False)
-    assert (r.accepted, r.filtered) == (1, 2)
-    log.write_text("user_id,ts,event\nu4,2024-03-04T10:00:00Z,view\n")  # the next day's export, written over
-    assert ingest(ws, [log], DataConfig(format="csv"), progress=False).accepted == 1
-    assert Workspace(ws).connect().sql("SELECT count(*) FROM events").fetchall() == [(4,)]
+    new = tmp_path / "new.csv"
+    new.write_bytes(log.read_bytes()[:log.read_bytes().index(b"\n") + 1] + log.read_bytes()[size:])
+    assert ingest(ws, [new], DataConfig(format="csv"), progress=False).accepted == 1
+    log.write_text("user_id,ts,event\nu4,2024-03-02T09:00:00Z,view\nu4,2024-03-03T10:00:00Z,view\n")  # written over
+    assert ingest(ws, [log], DataConfig(format="csv"), progress=False).accepted == 2
+    assert Workspace(ws).connect().sql("SELECT count(*) FROM events").fetchall() == [(5,)]
 
 
 def test_event_names_match_in_any_case(tmp_path):
@@ -356,9 +359,9 @@ def test_whole_number_ids_written_as_floats_in_a_csv_are_the_integers(tmp_path, 
     are missing (a missing_user reject; no session)."""
     monkeypatch.setenv(KEY_ENV, "ab" * 32)
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
-    ids = ["13085.0", " -7.00 ", "1.5", "1.0e3", "a.0", "1.", ".0", "12345678901234567890.0"]
+    ids = ["13085.0", " -7.00 ", "1.5", "1.0e3", "a.0", "1.", ".0", "12345678901234567890.0", "Nil", "Nan", "none"]
     a.write_text("user_id,ts,event,session_id\n" + "".join(
-        f"{u},2024-03-01T10:0{i}:00Z,view,{u}\n" for i, u in enumerate(ids)))
+        f"{u},2024-03-01T10:{i:02d}:00Z,view,{u}\n" for i, u in enumerate(ids)))
     missing = ["NA", "null", "NULL", "None", "nan", "undefined", "\\N", "n/a", " NA "]
     b.write_text("user_id,ts,event,session_id\n13085,2024-03-02T10:00:00Z,purchase,13085\n" + "".join(
         f"{u},2024-03-02T11:00:00Z,view,NA\n" for u in missing) + "13085,2024-03-02T12:00:00Z,view,undefined\n")
@@ -366,7 +369,7 @@ def test_whole_number_ids_written_as_floats_in_a_csv_are_the_integers(tmp_path, 
     assert r.accepted == len(ids) + 2 and r.rejected == {"missing_user": len(missing)}
     assert Workspace(tmp_path / "ws").connect().sql(
         "SELECT count(*) FROM events WHERE session_id IS NULL").fetchall() == [(1,)]
-    expect = ["13085", "-7", "1.5", "1.0e3", "a.0", "1.", ".0", "12345678901234567890"]
+    expect = ["13085", "-7", "1.5", "1.0e3", "a.0", "1.", ".0", "12345678901234567890", "Nil", "Nan", "none"]
     names = pseudonym_for(tmp_path / "ws", expect)
     stored = Workspace(tmp_path / "ws").connect().sql(
         "SELECT user_id, session_id, count(*) FROM events GROUP BY ALL").fetchall()
@@ -392,7 +395,8 @@ def test_a_file_of_another_format_given_as_csv_is_named_so(tmp_path, tiny_events
     for name, what in [("log.parquet", "is a Parquet file, not CSV: use --format parquet"),
                        ("log.jsonl", "looks like JSON, not CSV: use --format jsonl"),
                        ("log.jsonl.gz", "looks like JSON"), ("empty.csv", "is empty"),
-                       ("log.csv.zip", "is a zip archive .* unzip it"), ("log.csv.bz2", "is bzip2-compressed")]:
+                       ("log.csv.zip", "is a zip archive .*, not CSV: unzip it"),
+                       ("log.csv.bz2", "is bzip2-compressed")]:
         for fmt in ("csv", "taobao"):
             if fmt == "taobao" and name == "empty.csv":  # no header expected: an empty day is 0 rows
                 assert ingest(tmp_path / "ws0", [tmp_path / name], DataConfig(format=fmt), progress=False).accepted == 0
@@ -407,15 +411,22 @@ def test_a_csv_without_a_header_line_is_named_so(tmp_path):
     lost, uncounted); a header with a number among names is a header."""
     src = tmp_path / "yoochoose-clicks.dat"
     src.write_text("1,2014-04-01T13:45:01.000Z,214536508,2\n1,2014-04-01T13:46:01.000Z,214536509,S\n")
-    with pytest.raises(ValueError, match="the first line is a row of data, not a header .* sed -i '1i"):
+    with pytest.raises(ValueError, match="the first line is a row of data .*, not a header .* sed -i '1i"):
         ingest(tmp_path / "ws", [src], DataConfig(format="csv"), progress=False)
-    for first in ("12/1/2009 7:45;13085.0;3.5", "20240101,42"):
+    for first in ("12/1/2009 7:45;13085.0;3.5", "42,2024-01-01"):
         (tmp_path / "x.csv").write_text(first + "\n")
         with pytest.raises(ValueError, match="row of data"):
             ingest(tmp_path / "ws", [tmp_path / "x.csv"], DataConfig(format="csv"), progress=False)
     ok = tmp_path / "ok.csv"
     ok.write_text("user_id,ts,event,2024\nu1,2024-03-01T10:00:00Z,view,1\n")
     assert ingest(tmp_path / "ws", [ok], DataConfig(format="csv"), progress=False).accepted == 1
+    numbered = tmp_path / "numbered.csv"  # pandas' to_csv after read_csv(header=None): columns named 0, 1, 2
+    numbered.write_text("0,1,2\nu1,2024-03-01T10:00:00Z,view\n")
+    cfg = DataConfig(format="csv", mapping={"user_id": "0", "ts": "1", "event": "2"})
+    assert ingest(tmp_path / "ws2", [numbered], cfg, progress=False).accepted == 1
+    with pytest.raises(ValueError) as e:
+        ingest(tmp_path / "ws", [src], DataConfig(format="csv"), progress=False)
+    assert "214536508" not in str(e.value)  # the row's values (ids) are not shown
 
 
 def test_a_bad_time_window_is_refused_naming_the_flag(tmp_path):
@@ -568,7 +579,7 @@ def test_an_ingest_that_accepts_no_row_stores_nothing_and_shows_the_values(tmp_p
         ingest(ws, [us], DataConfig(format="csv"), progress=False)
     msg = str(e.value)
     assert msg.startswith("no row was accepted, nothing was stored")
-    assert "bad_ts" in msg and "'1/1/2010 14:28', '1/2/2010 14:28', '1/3/2010 14:28'" in msg and "--ts-format" in msg
+    assert "bad_ts" in msg and "values shaped '9/9/9999 99:99'" in msg and "--ts-format" in msg
     assert "secret-user" not in msg and "rejects:" not in msg
     assert not Workspace(ws).read_manifest().get("files") and not list((ws / "events").glob("*.parquet"))
     assert not (ws / "rejects").exists() or not list((ws / "rejects").iterdir())
@@ -576,6 +587,11 @@ def test_an_ingest_that_accepts_no_row_stores_nothing_and_shows_the_values(tmp_p
     assert r.accepted == 9 and r.rejected == {"missing_ts": 1}
     # a file with some rows accepted is stored as before, a hint shown only where most rows fail
     assert "(bad_ts" not in r.summary()
+    # every row rejected for what is no misreading (no user in any row): stored as the empty load it is
+    anon = tmp_path / "anon.csv"
+    anon.write_text("user_id,ts,event\nNA,2024-03-01T10:00:00Z,view\n,2024-03-01T11:00:00Z,view\n")
+    r = ingest(ws, [anon], DataConfig(format="csv"), progress=False)
+    assert (r.accepted, r.rejected) == (0, {"missing_user": 2})
 
 
 def test_a_transactions_only_log_takes_all_events(tmp_path):

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from ..models.onnx_inference import fallback_counts as onnx_fallbacks
+from ..privacy import earlier_pseudonyms
 from ..times import ONE_US
 from .schemas import (
     MAX_ID_CHARS,
@@ -189,6 +190,10 @@ def score_known(user_id: str, request: Request, response: Response, at: Optional
     n_total = con.execute(count, {"u": uid}).fetchall()[0][0]
     if not n_total and not pseudonymised and con.execute(count, {"u": user_id}).fetchall()[0][0]:
         uid, n_total = user_id, 1  # the stored pseudonym itself (as `explain --user` takes either)
+    for earlier in ([] if n_total or pseudonymised else earlier_pseudonyms(user_id, st.key)):
+        if con.execute(count, {"u": earlier}).fetchall()[0][0]:  # as a file read by an earlier reader stored it
+            uid, n_total = earlier, 1
+            break
     if not n_total:
         raise ApiError(404, "path.user_id", "no events of this user in the workspace", kind="not_found")
     if cutoff is None:
