@@ -53,18 +53,31 @@ def _substitute_json(text: str, keys: list[str], key: bytes, drop: tuple[str, ..
         obj = json.loads(text)
     except ValueError:
         obj = None
-    if not isinstance(obj, dict):  # unparsable: replace `"key": "value"` / `"key": 123` textually
+    if not isinstance(obj, (dict, list)):  # unparsable: replace `"key": "value"` / `"key": 123` textually
         for k in keys:
             pattern = r'("%s"\s*:\s*)("((?:[^"\\]|\\.)*)"|-?[0-9][0-9.eE+-]*)' % re.escape(k)
             text = re.sub(pattern, lambda m: m.group(1) + '"' + pseudonymise_raw(
                 [m.group(3) if m.group(3) is not None else m.group(2)], key)[0] + '"', text)
         return text
-    for k in keys:
-        if obj.get(k) is not None:
-            obj[k] = pseudonymise_raw([str(obj[k])], key)[0]
-    for k in drop:
-        obj.pop(k, None)
-    return json.dumps(obj, separators=(",", ":"))
+    return json.dumps(_substitute_obj(obj, set(keys), set(drop), key), separators=(",", ":"))
+
+
+def _substitute_obj(obj, keys: set[str], drop: set[str], key: bytes):
+    """``obj`` with the values of ``keys`` pseudonymised and ``drop`` removed at any depth (a Segment batch
+    body nests its calls, each with its userId and context)."""
+    if isinstance(obj, list):
+        return [_substitute_obj(v, keys, drop, key) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    out = {}
+    for k, v in obj.items():
+        if k in drop:
+            continue
+        if k in keys and v is not None:  # (an id that is an object, a bad_field_type, is pseudonymised whole)
+            out[k] = pseudonymise_raw([str(v)], key)[0]
+        else:
+            out[k] = _substitute_obj(v, keys, drop, key)
+    return out
 
 
 def _lines_as_text(path: str, numbers: set[int]) -> dict[int, str]:

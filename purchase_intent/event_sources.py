@@ -284,7 +284,23 @@ def _json_key(key: str) -> str:
     return sql_literal(key) if not key.startswith(("$", "/")) else sql_literal('$."' + key.replace('"', '\\"') + '"')
 
 
+def check_json_lines(path: Path) -> None:
+    """Raise ValueError (one line) for a JSON file that is not one object per line: an array (``[{...}, ...]``,
+    as an API or a JSON export writes it) or an object spread over several lines (pretty-printed), which would be
+    rejected line by line as malformed."""
+    with (gzip.open if is_gzip(path) else open)(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    first = head.split(b"\n", 1)[0].strip()
+    if head[:1] == b"[":
+        raise ValueError(f"{path} is a JSON array, not JSON Lines (one object per line): convert it, e.g. "
+                         f"jq -c '.[]' {path} > {path.stem}.jsonl")
+    if first == b"{" or (first.startswith(b"{") and not first.endswith(b"}") and b"\n" in head):
+        raise ValueError(f"{path} holds JSON objects over several lines (pretty-printed), not JSON Lines (one "
+                         f"object per line): convert it, e.g. jq -c . {path} > {path.stem}.jsonl")
+
+
 def jsonl_source(con: duckdb.DuckDBPyConnection, path: Path, kind: str) -> Source:
+    check_json_lines(path)
     con.register("jsonl_lines", read_lines(path))
     con.execute("CREATE TEMP TABLE lines AS SELECT line, raw, ok, CASE WHEN ok THEN raw::JSON END AS j FROM ("
                 "SELECT *, CASE WHEN json_valid(raw) THEN json_type(raw) = 'OBJECT' ELSE false END AS ok "
@@ -338,6 +354,7 @@ def _json_lines(con: duckdb.DuckDBPyConnection, path: Path) -> None:
         con.execute(f"CREATE TEMP TABLE lines AS SELECT row_number() OVER () AS line, j::VARCHAR AS raw, "
                     f"true AS ok, j FROM (SELECT to_json(t) AS j FROM read_parquet({sql_literal(path)}) t)")
         return
+    check_json_lines(path)
     con.register("json_lines", read_lines(path))
     con.execute("CREATE TEMP TABLE lines AS SELECT line, raw, ok, CASE WHEN ok THEN raw::JSON END AS j FROM ("
                 "SELECT *, CASE WHEN json_valid(raw) THEN json_type(raw) = 'OBJECT' ELSE false END AS ok "
@@ -402,13 +419,18 @@ def ga4_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
     sid = f"coalesce({_text('sid_int')}, NULLIF({_text('sid_str')}, ''))"
     sql = f"""SELECT line AS _pos, why IS NOT NULL AS _bad, why AS _why, raw AS _raw_text,
         {uid} AS user_id, {_text('ts')} AS ts, {_text('name')} AS event,
-        json_extract_string(it, '$.item_id') AS item_id, json_extract_string(it, '$.item_category') AS category,
+        {_set("json_extract_string(it, '$.item_id')")} AS item_id,
+        {_set("json_extract_string(it, '$.item_category')")} AS category,
         json_extract_string(it, '$.price') AS price,
         CASE WHEN {sid} IS NOT NULL THEN {uid} || ':' || {sid} END AS session_id
         FROM ga4 {_one_per_item(items, 'why')}"""
     return Source(sql, list(CANONICAL_COLUMNS), pos_is_line=True, has_why=True,
-                  raw_id_keys=["user_id", "user_pseudo_id"],
-                  raw_drop_keys=("user_properties", "device", "geo", "privacy_info"))
+                  raw_id_keys=GA4_ID_KEYS, raw_drop_keys=GA4_DROP_KEYS)
+
+
+def _set(text: str) -> str:
+    """GA4's placeholder for a value it did not get, ``(not set)``, as missing (not one item of every product)."""
+    return f"NULLIF({text}, '(not set)')"
 
 
 def _ga4_parquet(con: duckdb.DuckDBPyConnection, path: Path) -> Optional[Source]:
@@ -427,7 +449,7 @@ def _ga4_parquet(con: duckdb.DuckDBPyConnection, path: Path) -> Optional[Source]
     sid = "coalesce(CAST(sv.int_value AS VARCHAR), NULLIF(sv.string_value, ''))"
     sql = f"""SELECT line AS _pos, false AS _bad, NULL::VARCHAR AS _why, NULL::VARCHAR AS _raw_text,
         {uid} AS user_id, CAST(event_timestamp AS VARCHAR) AS ts, event_name AS event,
-        CAST(it.item_id AS VARCHAR) AS item_id, CAST(it.item_category AS VARCHAR) AS category,
+        {_set("CAST(it.item_id AS VARCHAR)")} AS item_id, {_set("CAST(it.item_category AS VARCHAR)")} AS category,
         CAST(it.price AS VARCHAR) AS price, CASE WHEN {sid} IS NOT NULL THEN {uid} || ':' || {sid} END AS session_id
         FROM (SELECT row_number() OVER () AS line, user_id, user_pseudo_id, event_timestamp, event_name, items,
                      list_filter(event_params, lambda p: p.key = 'ga_session_id')[1].value AS sv
@@ -438,6 +460,15 @@ def _ga4_parquet(con: duckdb.DuckDBPyConnection, path: Path) -> Optional[Source]
     except duckdb.Error:
         return None
     return Source(sql, list(CANONICAL_COLUMNS), pos_is_line=True, rejects_as="parquet")
+
+
+# the keys of a rejected record whose values are ids (pseudonymised) or hold personal data (dropped), at any
+# depth of the record (a Segment batch body nests its calls): what the rejects file never keeps as sent
+GA4_ID_KEYS = ["user_id", "user_pseudo_id"]
+GA4_DROP_KEYS = ("user_properties", "device", "geo", "privacy_info", "collected_traffic_source",
+                 "session_traffic_source_last_click")  # (the last two hold ad click ids: gclid, dclid)
+SEGMENT_ID_KEYS = ["userId", "anonymousId", "previousId", "rudderId", "groupId"]
+SEGMENT_DROP_KEYS = ("context", "traits", "request_ip")
 
 
 def segment_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
@@ -453,7 +484,7 @@ def segment_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
     _json_lines(con, path)
     _fields(con, "seg_fields", {"uid": "$.userId", "aid": "$.anonymousId", "ts": "$.timestamp", "name": "$.event",
                                 "type": "$.type", "props": "$.properties", "products": "$.properties.products",
-                                "sid": "$.context.sessionId"})
+                                "sid": "$.context.sessionId", "ots": "$.originalTimestamp", "rat": "$.receivedAt"})
     products = "TRY_CAST(products AS JSON[])"
     con.execute(f"""CREATE TEMP TABLE seg AS SELECT *, CASE
         WHEN NOT ok THEN 'malformed_line'
@@ -467,14 +498,18 @@ def segment_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
              f"THEN lower({_text('type')}) END)")
     sid = f"NULLIF({_text('sid')}, '')"
 
-    def prop(key: str) -> str:  # the product's own field, else the top-level property (one-product events)
-        return f"coalesce(json_extract_string(it, '$.{key}'), json_extract_string(props, '$.{key}'))"
+    def prop(key: str) -> str:  # a product's own field; the top-level property of an event without products[]
+        return (f"CASE WHEN it IS NULL THEN json_extract_string(props, '$.{key}') "
+                f"ELSE json_extract_string(it, '$.{key}') END")
+    # the spec's timestamp, which Segment sets from receivedAt and the client's clock; a call stored without it
+    # (a raw HTTP API body) is read at its originalTimestamp, else when it was received
+    ts = f"coalesce({_text('ts')}, {_text('ots')}, {_text('rat')})"
     sql = f"""SELECT line AS _pos, why IS NOT NULL AS _bad, why AS _why, raw AS _raw_text,
-        {uid} AS user_id, {_text('ts')} AS ts, {event} AS event,
+        {uid} AS user_id, {ts} AS ts, {event} AS event,
         coalesce(json_extract_string(it, '$.product_id'), json_extract_string(it, '$.id'),
                  json_extract_string(props, '$.product_id')) AS item_id,
         {prop('category')} AS category, {prop('price')} AS price,
         CASE WHEN {sid} IS NOT NULL THEN {uid} || ':' || {sid} END AS session_id
         FROM seg {_one_per_item(products, 'why')}"""
-    return Source(sql, list(CANONICAL_COLUMNS), pos_is_line=True, has_why=True, raw_id_keys=["userId", "anonymousId"],
-                  raw_drop_keys=("context", "traits"))
+    return Source(sql, list(CANONICAL_COLUMNS), pos_is_line=True, has_why=True, raw_id_keys=SEGMENT_ID_KEYS,
+                  raw_drop_keys=SEGMENT_DROP_KEYS)

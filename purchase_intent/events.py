@@ -665,6 +665,26 @@ def _folder_files(path: Path) -> list[Path]:
     return files
 
 
+_GA4_DAY = re.compile(r"events_(intraday_)?(\d{8})(\..*)?$")
+
+
+def _without_superseded_intraday(paths: list, progress: bool) -> list:
+    """GA4's ``events_intraday_YYYYMMDD`` tables hold a day's events until its daily ``events_YYYYMMDD`` table
+    is written, which holds them all again: an intraday file whose daily file is among ``paths`` is left out
+    (BigQuery's ``events_*`` wildcard exports both), with a note."""
+    days = {m.group(2) for p in paths if isinstance(p, Path) and (m := _GA4_DAY.match(p.name)) and not m.group(1)}
+    out = []
+    for p in paths:
+        m = _GA4_DAY.match(p.name) if isinstance(p, Path) else None
+        if m and m.group(1) and m.group(2) in days:
+            if progress:
+                print(f"skipped {p} (the intraday table of a day whose daily table events_{m.group(2)} is given too, "
+                      f"which holds its events)", file=sys.stderr)
+            continue
+        out.append(p)
+    return out
+
+
 def read_settings(cfg: DataConfig) -> dict:
     """The settings of ``cfg`` that decide what a file's rows become, as they apply (the format's preset merged
     in, a column or event mapped to itself left out, times as UTC ISO text), as the manifest records them with
@@ -777,6 +797,8 @@ def ingest(workspace: Workspace | str | Path, paths: Iterable[str | Path] | str 
         paths = [paths]
     paths = [p if isinstance(p, DatabaseQuery) else Path(p) for p in paths]
     paths = [f for p in paths for f in (_folder_files(p) if isinstance(p, Path) else [p])]
+    if cfg.format == "ga4":
+        paths = _without_superseded_intraday(paths, progress)
     for p in paths:
         if isinstance(p, Path) and not p.is_file():
             raise FileNotFoundError(f"no such file: {p}")

@@ -169,3 +169,23 @@ def test_typed_parquet_rows_without_user_or_time_are_rejects(tmp_path):
     assert json.loads(rows[2]["raw"])["item_id"] == "SKU_2" and "123.456" not in r.rejects_paths[0].read_text()
     df = _events(tmp_path / "ws")
     assert df["session_id"].notna().all() and df["item_id"].tolist() == ["SKU_1"]
+
+
+def test_intraday_tables_of_a_day_with_its_daily_table_and_not_set_items(tmp_path, monkeypatch):
+    """A folder holding events_D and events_intraday_D (BigQuery's events_* wildcard exports both): the day is
+    read once; GA4's '(not set)' item and category are missing, not one item; a click id is not kept in rejects."""
+    monkeypatch.setenv("PURCHASE_INTENT_PSEUDONYM_KEY", "ab" * 32)
+    folder = tmp_path / "export"
+    folder.mkdir()
+    day = [_row(event_timestamp=1709287200000000 + i) for i in range(4)]
+    _ndjson(folder / "events_20240301.json", day)
+    _ndjson(folder / "events_intraday_20240301.json", day[:2])
+    _ndjson(folder / "events_intraday_20240302.json", [_row(
+        event_timestamp=1709373600000000, items=[{"item_id": "(not set)", "item_category": "(not set)", "price": 5}]),
+        _row(event_timestamp=1709373600000001, user_pseudo_id=None,
+             collected_traffic_source={"gclid": "gclid-secret-1"})])
+    r = ingest(tmp_path / "ws", [folder], DataConfig(format="ga4"), progress=False)
+    assert r.accepted == 5 and r.rejected == {"missing_user": 1} and len(r.files) == 2
+    got = Workspace(tmp_path / "ws").connect().sql("SELECT item_id, category FROM events ORDER BY ts").fetchall()
+    assert got[-1] == (None, None) and got[0] == ("SKU_1", "Shoes")
+    assert "gclid-secret-1" not in "".join(p.read_text() for p in (tmp_path / "ws" / "rejects").glob("*.csv"))

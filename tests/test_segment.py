@@ -121,3 +121,36 @@ def test_strict_events(tmp_path, strict):
     r = ingest(tmp_path / "ws", [path], DataConfig(format="segment", strict_events=strict), progress=False)
     assert (r.accepted, r.rejected, r.unmapped) == ((1, {"unknown_event": 1}, {}) if strict else
                                                    (2, {}, {"Coupon Applied": 1}))
+
+
+def test_calls_as_the_http_api_sends_them(tmp_path):
+    """A track without `timestamp` (originalTimestamp, else receivedAt); an order's product without a price
+    takes no order-level price; a batch body, an alias and RudderStack's fields are rejects whose ids are
+    pseudonymised and whose context is dropped at any depth; a JSON array is named so."""
+    batch = {"batch": [_track(userId="u-secret-3", context={"ip": "203.0.113.7", "traits": {"email": "x@y.z"}})],
+             "sentAt": "2024-03-01T10:00:00Z"}
+    src = _jsonl(tmp_path / "api.jsonl", [
+        {**_track(userId="u1"), "timestamp": None, "originalTimestamp": "2024-03-01T09:00:00Z",
+         "receivedAt": "2024-03-01T09:00:05Z"},
+        {k: v for k, v in _track(userId="u2").items() if k != "timestamp"} | {"receivedAt": "2024-03-01T11:00:00Z"},
+        _track(userId="u3", event="Order Completed",
+               properties={"price": 99, "products": [{"product_id": "p9", "category": "Bags"}]}),
+        batch,
+        {"type": "alias", "previousId": "anon-secret-7", "userId": "u7", "timestamp": "2024-03-01T10:00:00Z"},
+        {"type": "identify", "userId": None, "anonymousId": None, "rudderId": "rudder-secret-8",
+         "request_ip": "198.51.100.4", "timestamp": "2024-03-01T10:00:00Z"},
+    ])
+    r = ingest(tmp_path / "ws", [src], DataConfig(format="segment"), progress=False)
+    assert r.accepted == 3 and sum(r.rejected.values()) == 3
+    got = Workspace(tmp_path / "ws").connect().sql("SELECT ts, price FROM events ORDER BY ts").fetchall()
+    assert [str(t) for t, _ in got] == ["2024-03-01 09:00:00", "2024-03-01 10:00:00", "2024-03-01 11:00:00"]
+    assert [p for _, p in got][1] is None  # the product's price, not the order's 99
+    text = "".join(p.read_text() for p in (tmp_path / "ws" / "rejects").glob("*.csv"))
+    for secret in ("u-secret-3", "203.0.113.7", "x@y.z", "anon-secret-7", "rudder-secret-8", "198.51.100.4"):
+        assert secret not in text, secret
+    (tmp_path / "array.json").write_text(json.dumps([_track(userId="u1"), _track(userId="u2")]))
+    with pytest.raises(ValueError, match="is a JSON array, not JSON Lines .* jq -c"):
+        ingest(tmp_path / "ws2", [tmp_path / "array.json"], DataConfig(format="segment"), progress=False)
+    (tmp_path / "pretty.json").write_text(json.dumps(_track(userId="u1"), indent=2))
+    with pytest.raises(ValueError, match="over several lines"):
+        ingest(tmp_path / "ws2", [tmp_path / "pretty.json"], DataConfig(format="jsonl"), progress=False)
