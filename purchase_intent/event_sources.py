@@ -479,12 +479,15 @@ def segment_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
     ``alias`` calls are no behaviour and are rejected as ``not_an_event``); one event per element of
     ``properties.products[]`` (``product_id``, else ``id``; ``category``; ``price``), else
     ``properties.product_id`` / ``category`` / ``price``. The session is RudderStack's
-    ``context.sessionId`` where present (Segment's spec has none), per user.
+    ``context.sessionId`` where present (Segment's spec has none), per user. A call whose ``messageId`` an
+    earlier line of the file has (Segment delivers at least once, and its archives keep the retries) is
+    rejected as ``duplicate_message``.
     """
     _json_lines(con, path)
     _fields(con, "seg_fields", {"uid": "$.userId", "aid": "$.anonymousId", "ts": "$.timestamp", "name": "$.event",
                                 "type": "$.type", "props": "$.properties", "products": "$.properties.products",
-                                "sid": "$.context.sessionId", "ots": "$.originalTimestamp", "rat": "$.receivedAt"})
+                                "sid": "$.context.sessionId", "ots": "$.originalTimestamp", "rat": "$.receivedAt",
+                                "mid": "$.messageId"})
     products = "TRY_CAST(products AS JSON[])"
     con.execute(f"""CREATE TEMP TABLE seg AS SELECT *, CASE
         WHEN NOT ok THEN 'malformed_line'
@@ -492,6 +495,8 @@ def segment_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
           OR list_bool_or(list_transform({products}, lambda x: json_type(x) <> 'OBJECT'))
           OR {_wrong(['uid', 'aid', 'name', 'ts', 'type', 'sid'])} THEN 'bad_field_type'
         WHEN lower({_text('type')}) IN ('identify', 'group', 'alias') THEN 'not_an_event'
+        WHEN {_text('mid')} IS NOT NULL
+          AND row_number() OVER (PARTITION BY {_text('mid')} ORDER BY line) > 1 THEN 'duplicate_message'
         END AS why FROM seg_fields""")
     uid = f"coalesce(NULLIF({_text('uid')}, ''), {_text('aid')})"
     event = (f"coalesce({_text('name')}, CASE WHEN lower({_text('type')}) IN ('page', 'screen') "

@@ -61,8 +61,8 @@ from .times import parse_time
 from .vocabulary import CANONICAL_COLUMNS, CANONICAL_EVENTS, RAW_EVENT
 from .workspace import Workspace, atomic_write_json, fsync_dir, tmp_path
 
-REASONS = ("malformed_line", "not_utf8", "bad_field_type", "not_an_event", "missing_user", "missing_ts", "bad_ts",
-           "implausible_ts", "unknown_event", "bad_price", "negative_price")
+REASONS = ("malformed_line", "not_utf8", "bad_field_type", "not_an_event", "duplicate_message", "missing_user",
+           "missing_ts", "bad_ts", "implausible_ts", "unknown_event", "bad_price", "negative_price")
 MIN_TS = datetime(1990, 1, 1)
 # the lines DuckDB's CSV reader rejects (its reject_errors table) by reason: not_utf8 (bytes that are not
 # UTF-8: a Latin-1 or cp1252 export) or malformed_line

@@ -31,8 +31,7 @@ def segment_tracks(users: int = 80, days: int = 7, seed: int = 2) -> list[dict]:
     for r in log.itertuples(index=False):
         signed_in = r.event in ("cart", "purchase")
         base = {"type": "track", "userId": r.user_id if signed_in else "", "anonymousId": f"anon-{r.user_id}",
-                "context": {"ip": "203.0.113.9", "traits": {"email": "someone@example.com"}},
-                "messageId": f"m{len(out)}"}
+                "context": {"ip": "203.0.113.9", "traits": {"email": "someone@example.com"}}}
         product = {"product_id": r.item_id, "category": r.category, "price": float(r.price), "quantity": 1}
         if r.event == "purchase":
             for i, step in enumerate(("Checkout Started", "Checkout Step Completed", "Payment Info Entered")):
@@ -42,7 +41,7 @@ def segment_tracks(users: int = 80, days: int = 7, seed: int = 2) -> list[dict]:
                         "properties": {"order_id": f"o{len(out)}", "products": [product]}})
         else:
             out.append({**base, "event": SPEC[r.event], "timestamp": _iso(int(r.ts)), "properties": product})
-    return out
+    return [{**call, "messageId": f"m{i}"} for i, call in enumerate(out)]  # one id per call, as the spec says
 
 
 def _jsonl(path: Path, rows: list) -> Path:
@@ -140,10 +139,14 @@ def test_calls_as_the_http_api_sends_them(tmp_path):
         {"type": "identify", "userId": None, "anonymousId": None, "rudderId": "rudder-secret-8",
          "request_ip": "198.51.100.4", "timestamp": "2024-03-01T10:00:00Z"},
     ])
+    dup = _track(userId="u4", event="Order Completed", messageId="m-1", timestamp="2024-03-01T12:00:00Z")
+    with open(src, "a") as f:  # the same call delivered twice (at least once): one purchase
+        f.write(json.dumps(dup) + "\n" + json.dumps(dup) + "\n")
     r = ingest(tmp_path / "ws", [src], DataConfig(format="segment"), progress=False)
-    assert r.accepted == 3 and sum(r.rejected.values()) == 3
+    assert r.accepted == 4 and r.rejected == {"not_an_event": 2, "missing_user": 1, "duplicate_message": 1}
     got = Workspace(tmp_path / "ws").connect().sql("SELECT ts, price FROM events ORDER BY ts").fetchall()
-    assert [str(t) for t, _ in got] == ["2024-03-01 09:00:00", "2024-03-01 10:00:00", "2024-03-01 11:00:00"]
+    assert [str(t) for t, _ in got] == ["2024-03-01 09:00:00", "2024-03-01 10:00:00", "2024-03-01 11:00:00",
+                                        "2024-03-01 12:00:00"]
     assert [p for _, p in got][1] is None  # the product's price, not the order's 99
     text = "".join(p.read_text() for p in (tmp_path / "ws" / "rejects").glob("*.csv"))
     for secret in ("u-secret-3", "203.0.113.7", "x@y.z", "anon-secret-7", "rudder-secret-8", "198.51.100.4"):
