@@ -317,7 +317,7 @@ def _resolve_user(con, workspace, user_id: str) -> str:
         if found:
             raise ValueError(f"{user_id!r} begins more than one user's pseudonym: give more of it")
     raise ValueError(f"user {user_id!r} has no events in the workspace (neither as given, nor pseudonymised, nor as "
-                     f"the start of a pseudonym)")
+                     f"the start of a pseudonym, of 12 or more characters)")
 
 
 def explain_user(run: str, user_id: str, at: Any = None, workspace=None, top: int = 5, ig_steps: int = 32) -> dict:

@@ -172,11 +172,17 @@ def training_window(ws: Workspace, run: Run) -> dict[str, Any]:
         raise MonitorError(f"run {run.name!r} was trained on build {meta.get('build_id')}, the workspace now holds "
                            f"{info.get('build_id') or 'no build'}, and the run has no {TRAIN_WINDOW_JSON}: its "
                            "training window is unknown; train it again (or monitor the run that `retrain` promoted)")
-    train = info["split"]["splits"]["train"]
-    window = {"first_cutoff": train["first_cutoff"], "last_cutoff": train["last_cutoff"], "n": train["n"],
-              "positives": train["positives"], "build_id": info["build_id"]}
+    window = window_of_build(info)
     atomic_write_json(path, window)
     return window
+
+
+def window_of_build(info: dict) -> dict[str, Any]:
+    """The training window of the build ``info`` (build.json): what ``train`` keeps with a run, so that a later
+    rebuild (``retrain`` of another run) leaves it known."""
+    train = info["split"]["splits"]["train"]
+    return {"first_cutoff": train["first_cutoff"], "last_cutoff": train["last_cutoff"], "n": train["n"],
+            "positives": train["positives"], "build_id": info["build_id"]}
 
 
 def _active_users(con, cutoff: datetime, lookback) -> list[str]:
@@ -324,6 +330,11 @@ def _monitor(run: str, ws: Workspace, cfg: MonitorConfig, out: str | Path | None
         matured = end <= hi + ONE_US + end_tolerance(horizon)
         ref = window_from_build(loaded, ws, ref_cutoff, con)  # the stored training features, when they are the run's
         ref_source = "build" if ref is not None else "events"
+        if ref is None and loaded.dir.resolve().parent != ws.runs_dir.resolve():
+            raise MonitorError(f"run {run!r} was trained in another workspace ({loaded.dir.parent.parent}): its "
+                               f"training window cannot be rebuilt from this workspace's events, which are not the "
+                               f"ones it learned from; monitor it in its own workspace, with the new events ingested "
+                               f"there")
         if ref is None:
             ref = build_window(loaded, con, ref_cutoff, True, cfg)
         new = build_window(loaded, con, latest_cutoff, matured, cfg)

@@ -44,7 +44,7 @@ from .report import write_report
 from .runs import Built, jsonable, load_built, write_json
 from .sequences import CUTOFF_KEY, SequenceVocab, fit_vocab, sequence_config
 from .simulate import SimConfig, write_events
-from .workspace import Workspace, as_workspace
+from .workspace import Workspace, as_workspace, atomic_write_json
 
 BASELINES = ("logreg", "lightgbm")
 
@@ -310,6 +310,9 @@ def train(name: str, run: str | None = None, params: dict | None = None, train_c
         meta["prior"] = describe_prior(model.prior_)
     meta["version"] = f"{name}-" + hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]
     runs.save_run(run_dir, meta, model)
+    from .monitor import TRAIN_WINDOW_JSON, window_of_build  # kept with the run: `monitor` after another's retrain
+
+    atomic_write_json(run_dir / TRAIN_WINDOW_JSON, window_of_build(built.info))
     log(f"saved run {run_dir} ({seconds:.1f}s)", quiet)
     return run_dir
 

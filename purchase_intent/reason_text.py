@@ -54,6 +54,11 @@ def window_text(w: str) -> str:
     return f"in the last {w}"
 
 
+def _plural(n: float, noun: str) -> str:
+    """``noun``, or its plural unless ``n`` is 1 ("1 day", "2 days", "1.5 days")."""
+    return noun if n == 1 else noun + "s"
+
+
 def ago_text(hours: float) -> str:
     """3.2 -> "3 hours ago", 50 -> "2 days ago"."""
     if hours < 1:
@@ -106,15 +111,15 @@ def feature_text(name: str, value: float) -> str:
         rest = name[4:]
         if rest.startswith("n_") and rest[2:] in events:
             return _count_text(rest[2:], 0 if nan else v, "all").replace(" in total", "") + " in this session so far"
-        texts = {"ses_minutes": f"has been in this session for {_num(round(v, 1))} minutes",
-                 "ses_n_items": f"looked at {_num(v)} distinct items in this session",
-                 "ses_n_items_carted": f"added {_num(v)} distinct items to the cart in this session"}
+        texts = {"ses_minutes": f"has been in this session for {_num(round(v, 1))} {_plural(round(v, 1), 'minute')}",
+                 "ses_n_items": f"looked at {_num(v)} distinct {_plural(v, 'item')} in this session",
+                 "ses_n_items_carted": f"added {_num(v)} distinct {_plural(v, 'item')} to the cart in this session"}
         if name in texts and not nan:
             return texts[name]
     texts = {
-        "days_since_first_event": lambda: f"was first seen {_num(round(v))} days ago",
-        "n_items": lambda: f"looked at {_num(v)} distinct items",
-        "n_categories": lambda: f"browsed {_num(v)} categories",
+        "days_since_first_event": lambda: f"was first seen {_num(round(v))} {_plural(round(v), 'day')} ago",
+        "n_items": lambda: f"looked at {_num(v)} distinct {_plural(v, 'item')}",
+        "n_categories": lambda: f"browsed {_num(v)} {'category' if v == 1 else 'categories'}",
         "n_items_carted_not_bought": lambda: f"has {_num(v)} {'item' if v == 1 else 'items'} in the cart never bought",
         "view_to_cart": lambda: (f"adds to the cart once every {_num(round(1 / v, 1))} views" if v > 0
                                  else "views without adding to the cart"),
@@ -126,7 +131,7 @@ def feature_text(name: str, value: float) -> str:
         "price_std": lambda: f"looks at items whose prices vary by ±{_num(v)}",
         "cart_price_mean": lambda: f"adds items costing {_num(v)} on average to the cart",
         "n_sessions": lambda: f"visited in {_num(v)} {'session' if v == 1 else 'sessions'}",
-        "events_per_session": lambda: f"does {_num(round(v, 1))} things per visit on average",
+        "events_per_session": lambda: f"does {_num(round(v, 1))} {_plural(round(v, 1), 'thing')} per visit on average",
         "minutes_per_session": lambda: f"stays {_num(round(v, 1))} minutes per visit on average",
     }
     if name in texts and not nan:

@@ -246,3 +246,17 @@ def test_a_session_task_sequence_run_is_monitored_too(session_shop):
     names = {f["name"] for f in res["features"]}
     assert names == set(runs.load_run("seq", ws).meta["feature_names"])
     assert res["score"]["psi"] is not None
+
+
+def test_a_run_of_another_workspace_is_refused_and_train_keeps_its_window(shop, tmp_path, capsys):
+    """monitor --run PATH from another workspace would rebuild the training window from this workspace's events
+    (it compared the new shop with itself: STABLE); train writes train_window.json, so that a rebuild does not
+    leave the run's window unknown."""
+    root, ws = shop
+    assert (ws.run_dir("logreg") / monitor.TRAIN_WINDOW_JSON).exists()
+    other = Workspace(tmp_path / "other")
+    write_events(SimConfig(n_users=400, days=49, seed=9), tmp_path / "other.csv")
+    pipeline.ingest(tmp_path / "other.csv", DataConfig(format="csv"), other, progress=False)
+    rc = cli.main(["--workspace", str(other.root), "monitor", "--run", str(ws.run_dir("logreg"))])
+    err = capsys.readouterr().err
+    assert rc == 1 and "was trained in another workspace" in err and err.count("\n") == 1

@@ -276,6 +276,7 @@ def test_a_model_does_not_depend_on_the_workspace_key(tmp_path, monkeypatch):
         pipeline.build(LabelConfig(lookback="7d", horizon="3d", step="3d"), workspace=tmp_path / w, quiet=True)
         pipeline.train("lightgbm", train_cfg=TrainConfig(min_positives=1, min_negatives=1), workspace=tmp_path / w,
                        quiet=True)
+        assert (Workspace(tmp_path / w).run_dir("lightgbm") / "train_window.json").exists()  # kept by train
         m = pipeline.evaluate("lightgbm", tmp_path / w, n_boot=10, quiet=True)
         p = runs.read_predictions(Workspace(tmp_path / w).run_dir("lightgbm"))
         got.append((m["test"]["roc_auc"], np.sort(p.loc[p["split"] == "test", "probability"].to_numpy())))

@@ -304,7 +304,9 @@ def test_malformed_bodies_and_limits(shop):
         assert r.status_code == 401 and "API key" in r.json()["message"] and r.json()["detail"][0]["msg"]
         assert c.get("/v1/users/nobody/score", headers=AUTH).status_code == 404
         r = c.get("/v1/users/nobody/score", params={"at": "soon"}, headers=AUTH)
-        assert r.status_code == 422 and "at" in r.json()["message"]
+        assert r.status_code == 422 and "at" in r.json()["message"] and "%2B" not in r.json()["message"]
+        r = c.get("/v1/users/nobody/score?at=2024-02-26T01:00:00+01:00", headers=AUTH)  # the + unescaped
+        assert r.status_code == 422 and "write the offset's + as %2B" in r.json()["message"]
         assert c.post("/v1/score", json=_with(), headers=AUTH).status_code == 200
 
 

@@ -182,7 +182,8 @@ def score_known(user_id: str, request: Request, response: Response, at: Optional
         try:
             cutoff = parse_timestamp(float(at) if _is_number(at) else at)
         except ValueError as e:
-            raise ApiError(422, "query.at", str(e)) from None
+            hint = " (a + in a URL reads as a space: write the offset's + as %2B)" if " " in at else ""
+            raise ApiError(422, "query.at", f"{e}{hint}") from None
     loaded = st.current
     uid = user_id if pseudonymised else st.pseudonymise([user_id])[0]
     con = st.workspace_con()
