@@ -665,7 +665,7 @@ def _folder_files(path: Path) -> list[Path]:
     return files
 
 
-_GA4_DAY = re.compile(r"events_(intraday_)?(\d{8})(\..*)?$")
+_GA4_DAY = re.compile(r"events_(intraday_)?(\d{8})(?!\d)")  # (a sharded extract: events_20240301-000000000000.json)
 
 
 def _without_superseded_intraday(paths: list, progress: bool) -> list:
