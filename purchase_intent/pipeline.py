@@ -39,6 +39,7 @@ from .evaluate import binary_metrics, comparison_table, expected_calibration_err
 from .event_database import DatabaseQuery
 from .models import DP_MODELS, DP_REFUSED, MODELS, PRETRAINED_MODELS, NotEnoughData, check_min_data
 from .models.prior import describe as describe_prior
+from .monitor import TRAIN_WINDOW_JSON, window_of_build
 from .prepare import build, ingest, log  # ingest and build: the Python API's, from here as before
 from .report import write_report
 from .runs import Built, jsonable, load_built, write_json
@@ -310,9 +311,7 @@ def train(name: str, run: str | None = None, params: dict | None = None, train_c
         meta["prior"] = describe_prior(model.prior_)
     meta["version"] = f"{name}-" + hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]
     runs.save_run(run_dir, meta, model)
-    from .monitor import TRAIN_WINDOW_JSON, window_of_build  # kept with the run: `monitor` after another's retrain
-
-    atomic_write_json(run_dir / TRAIN_WINDOW_JSON, window_of_build(built.info))
+    atomic_write_json(run_dir / TRAIN_WINDOW_JSON, window_of_build(built.info))  # monitor's, after a rebuild
     log(f"saved run {run_dir} ({seconds:.1f}s)", quiet)
     return run_dir
 
