@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import os
 import sys
@@ -70,6 +71,12 @@ def _params_by_model(params: dict[str, Any], models: Sequence[str], known_of) ->
     out: dict[str, dict[str, Any]] = {m: {} for m in trained}
     for k, v in params.items():
         takers = [m for m in trained if known[m] is None or k in known[m]]
+        if not takers and not k.startswith("dp_") and len(trained) > 1:
+            names = {n: m for m in trained for n in known[m] or ()}
+            close = difflib.get_close_matches(k, list(names), n=1)
+            hint = f": did you mean {close[0]} ({names[close[0]]})?" if close else \
+                "; `purchase-intent train --model M --param X=1` lists a model's parameters"
+            raise SystemExit(f"error: --param {k}: no model of {','.join(trained)} has it{hint}")
         for m in (trained if k.startswith("dp_") or not takers else takers):
             out[m][k] = v
     return out

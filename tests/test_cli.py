@@ -180,16 +180,20 @@ def test_run_checks_parameters_before_ingesting(events_csv, tmp_path, capsys):
 
 
 def test_run_gives_each_model_the_parameters_it_has():
-    """max_epochs to the Transformer only, num_leaves to LightGBM only; dp_* and a name no model has to all (whose
-    checks refuse them: a model without DP must not train without it)."""
+    """max_epochs to the Transformer only, num_leaves to LightGBM only; dp_* to all (a model without DP must refuse
+    it, not train without it); a name no model has is one line with the closest one."""
     from purchase_intent.commands import _params_by_model
     from purchase_intent.pipeline import check_params, model_parameters
 
     models = ["logreg", "lightgbm", "transformer", "ensemble"]
-    got = _params_by_model({"max_epochs": 1, "num_leaves": 7, "dp_epsilon": 8, "nope": 1}, models, model_parameters)
-    assert got["transformer"] == {"max_epochs": 1, "dp_epsilon": 8, "nope": 1}
-    assert got["lightgbm"] == {"num_leaves": 7, "dp_epsilon": 8, "nope": 1} and "ensemble" not in got
-    assert got["logreg"] == {"dp_epsilon": 8, "nope": 1}
+    got = _params_by_model({"max_epochs": 1, "num_leaves": 7, "dp_epsilon": 8}, models, model_parameters)
+    assert got["transformer"] == {"max_epochs": 1, "dp_epsilon": 8}
+    assert got["lightgbm"] == {"num_leaves": 7, "dp_epsilon": 8} and "ensemble" not in got
+    assert got["logreg"] == {"dp_epsilon": 8}
+    with pytest.raises(SystemExit, match=r"--param max_epoch: no model of logreg,lightgbm,transformer has it: did "
+                                         r"you mean max_epochs \(transformer\)\?"):
+        _params_by_model({"max_epoch": 1}, models, model_parameters)
+    assert _params_by_model({"nope": 1}, ["lightgbm"], model_parameters) == {"lightgbm": {"nope": 1}}  # its check
     ok = _params_by_model({"max_epochs": 1, "num_leaves": 7}, models, model_parameters)
     for m, p in ok.items():
         check_params(m, p)  # each model has what it is given
