@@ -657,10 +657,14 @@ def _fsync_file(path: Path) -> None:
 
 
 def _folder_files(path: Path) -> list[Path]:
-    """A folder's files in name order (the daily ``events_YYYYMMDD`` files of an export), or ``[path]``."""
+    """A folder's files in name order (the daily ``events_YYYYMMDD`` files of an export), those of its sub-folders
+    too, by their path in it (Segment's S3 archive: ``segment-logs/SOURCE/DAY/*.gz``), or ``[path]``. Names
+    starting with ``.`` or ``_`` (``_SUCCESS``, ``.crc`` files) are left out, at any depth."""
     if not path.is_dir():
         return [path]
-    files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith((".", "_")))
+    files = sorted((f for f in path.rglob("*") if f.is_file()
+                    and not any(part.startswith((".", "_")) for part in f.relative_to(path).parts)),
+                   key=lambda f: f.relative_to(path).parts)
     if not files:
         raise FileNotFoundError(f"no files in the folder {path}: give the export's files or their folder")
     return files

@@ -795,3 +795,18 @@ def test_sessions_pseudonymised_per_row_equal_the_session_map(tmp_path, monkeypa
         out[per_row] = (events, r.rejects_paths[0].read_text() if r.rejects_paths else None)
     assert out[True][0].equals(out[False][0])
     assert out[True][1] == out[False][1] and (out[True][1] is not None) == (fmt == "csv")
+
+
+def test_a_folder_is_read_with_its_sub_folders_in_path_order(tmp_path):
+    """Segment's S3 archive keeps an hour per file in a folder per day: every file is read, by its path; _SUCCESS
+    and hidden files are not."""
+    root = tmp_path / "segment-logs" / "src1"
+    for day, users in (("2024-03-02", ["u3"]), ("2024-03-01", ["u1", "u2"])):
+        (root / day).mkdir(parents=True)
+        for i, u in enumerate(users):
+            (root / day / f"{i}.csv").write_text(f"user_id,ts,event\n{u},{day}T10:0{i}:00Z,view\n")
+    (root / "_SUCCESS").write_text("")
+    (root / "2024-03-01" / ".0.csv.crc").write_text("x")
+    r = ingest(tmp_path / "ws", [tmp_path / "segment-logs"], DataConfig(format="csv"), progress=False)
+    assert r.accepted == 3 and [Path(f.source).name for f in r.files] == ["0.csv", "1.csv", "0.csv"]
+    assert [Path(f.source).parent.name for f in r.files] == ["2024-03-01", "2024-03-01", "2024-03-02"]
