@@ -409,6 +409,7 @@ def ga4_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
         WHEN {_wrong(['items', 'params'], "('ARRAY', 'NULL')")}
           OR list_bool_or(list_transform({items}, lambda x: json_type(x) <> 'OBJECT'))
           OR {_wrong(['uid', 'pid', 'name', 'sid_int', 'sid_str'])} THEN 'bad_field_type'
+        WHEN coalesce(NULLIF({_text('uid')}, ''), NULLIF({_text('pid')}, '')) IS NULL THEN 'missing_user'
         END AS why
         FROM (SELECT *, json_extract(sp, '$.value.int_value') AS sid_int,
                      json_extract(sp, '$.value.string_value') AS sid_str
@@ -495,6 +496,7 @@ def segment_source(con: duckdb.DuckDBPyConnection, path: Path) -> Source:
           OR list_bool_or(list_transform({products}, lambda x: json_type(x) <> 'OBJECT'))
           OR {_wrong(['uid', 'aid', 'name', 'ts', 'type', 'sid'])} THEN 'bad_field_type'
         WHEN lower({_text('type')}) IN ('identify', 'group', 'alias') THEN 'not_an_event'
+        WHEN coalesce(NULLIF({_text('uid')}, ''), NULLIF({_text('aid')}, '')) IS NULL THEN 'missing_user'
         WHEN {_text('mid')} IS NOT NULL
           AND row_number() OVER (PARTITION BY {_text('mid')} ORDER BY line) > 1 THEN 'duplicate_message'
         END AS why FROM seg_fields""")

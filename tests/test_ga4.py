@@ -182,8 +182,8 @@ def test_intraday_tables_of_a_day_with_its_daily_table_and_not_set_items(tmp_pat
     _ndjson(folder / "events_intraday_20240301.json", day[:2])
     _ndjson(folder / "events_intraday_20240302.json", [_row(
         event_timestamp=1709373600000000, items=[{"item_id": "(not set)", "item_category": "(not set)", "price": 5}]),
-        _row(event_timestamp=1709373600000001, user_pseudo_id=None,
-             collected_traffic_source={"gclid": "gclid-secret-1"})])
+        _row(event_timestamp=1709373600000001, user_pseudo_id=None,  # a consent-mode record of 3 items: 1 reject
+             collected_traffic_source={"gclid": "gclid-secret-1"}, items=[{"item_id": f"S{i}"} for i in range(3)])])
     r = ingest(tmp_path / "ws", [folder], DataConfig(format="ga4"), progress=False)
     assert r.accepted == 5 and r.rejected == {"missing_user": 1} and len(r.files) == 2
     got = Workspace(tmp_path / "ws").connect().sql("SELECT item_id, category FROM events ORDER BY ts").fetchall()
