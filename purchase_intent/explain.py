@@ -323,7 +323,8 @@ def _resolve_user(con, workspace, user_id: str) -> str:
 def explain_user(run: str, user_id: str, at: Any = None, workspace=None, top: int = 5, ig_steps: int = 32) -> dict:
     """Score one user at time ``at`` (default: end of the data) with run ``run`` and give the reasons.
 
-    Returns ``{"user_id", "at", "probability", "logit", "base", "model", "version", "reasons"}``;
+    Returns ``{"user_id", "at", "probability", "logit", "base", "model", "version", "active", "reasons"}``
+    (``active``: an event in the lookback before ``at``, as the API says and batch scoring requires);
     ``user_id`` may be the raw id (looked up through the workspace's pseudonymisation key) or the
     stored pseudonym. User task runs only (a session run needs the session, see the API).
     """
@@ -335,7 +336,8 @@ def explain_user(run: str, user_id: str, at: Any = None, workspace=None, top: in
     con = ws.connect()
     uid = _resolve_user(con, ws, str(user_id))
     cutoff = pd.Timestamp(runs.resolve_cutoff(con, at))
-    first = con.execute("SELECT min(ts) FROM events WHERE user_id = ?", [uid]).fetchall()[0][0]
+    first, last = con.execute("SELECT min(ts), max(ts) FILTER (WHERE ts < ?) FROM events WHERE user_id = ?",
+                              [cutoff.to_pydatetime(), uid]).fetchall()[0]
     if first is not None and pd.Timestamp(first) >= cutoff:  # as score: no history, nothing to explain
         raise ValueError(f"user {user_id!r} has no event before {cutoff.isoformat()} (the first is at "
                          f"{pd.Timestamp(first).isoformat()}): nothing to score or explain at that time")
@@ -345,8 +347,10 @@ def explain_user(run: str, user_id: str, at: Any = None, workspace=None, top: in
     p = float(np.asarray(model.predict_proba(X))[0, 1])
     attr = attribute(meta, model, X, ig_steps=ig_steps)
     events = None if attr.events is None else sequence_events(con, ex, attr.tokens["mask"].shape[1])
+    # as the API's "active": an event in the lookback before the cutoff (batch scoring ranks active users only)
+    active = last is not None and pd.Timestamp(last) >= cutoff - loaded.lookback
     return {"user_id": uid, "at": cutoff.isoformat(), "probability": p, "logit": float(attr.total()[0]),
-            "base": float(attr.base[0]), "model": meta["model"], "version": meta.get("version"),
+            "base": float(attr.base[0]), "model": meta["model"], "version": meta.get("version"), "active": active,
             "reasons": reasons(attr, X, top=top, events=events)[0]}
 
 
@@ -355,6 +359,9 @@ def format_explanation(e: dict) -> str:
     lines = [f"user {e['user_id']} at {e['at']}: probability of buying {e['probability']:.1%} "
              f"({e['model']}, {e['version']})",
              f"reference log-odds {e['base']:+.3f}; the reasons below move it (log-odds, + raises the score):"]
+    if e.get("active") is False:
+        lines.insert(1, "note: no event in the run's lookback before this time: batch scores (`score`) leave the "
+                        "user out")
     for r in e["reasons"]:
         what = r.get("feature") or f"{r.get('event', 'event')} event"
         lines.append(f"  {r['contribution']:+7.3f}  {r['text']}  [{what}]")

@@ -113,7 +113,10 @@ def test_explain_user_cli(ws, capsys):
     cutoff = pd.Timestamp(con.execute("SELECT max(ts) FROM events").fetchone()[0]) + pd.Timedelta("1us")
     e = explain.explain_user("lightgbm", uid, workspace=ws, top=3)
     assert e["user_id"] == uid and pd.Timestamp(e["at"]) == cutoff
-    assert len(e["reasons"]) == 3 and 0 < e["probability"] < 1
+    assert len(e["reasons"]) == 3 and 0 < e["probability"] < 1 and e["active"] is True
+    late = explain.explain_user("logreg", uid, at=str(cutoff + pd.Timedelta(days=400)), workspace=ws)
+    assert late["active"] is False  # no event in the lookback: batch scores leave the user out
+    assert "batch scores (`score`) leave the user out" in explain.format_explanation(late)
     assert e["logit"] == pytest.approx(math.log(e["probability"] / (1 - e["probability"])), abs=1e-6)
     # the same user a week earlier sees fewer events, so the reasons may differ but still add up
     earlier = explain.explain_user("logreg", uid, at=str(cutoff - pd.Timedelta(days=7)), workspace=ws)
