@@ -141,12 +141,16 @@ def resolve_pseudonyms(ws: Workspace, users: Iterable[str] = (),
 
 
 def _stored_users(ws: Workspace, pids: list[str]) -> set[str]:
-    """Which of the pseudonyms ``pids`` hold events in the workspace."""
-    if not ws.part_paths():
-        return set()
-    with ws.connect() as con:
-        return {r[0] for r in con.execute("SELECT DISTINCT user_id FROM events WHERE list_contains($p, user_id)",
-                                          {"p": pids}).fetchall()}
+    """Which of the pseudonyms ``pids`` hold events or rejected rows in the workspace."""
+    found: set[str] = set()
+    if ws.part_paths():
+        with ws.connect() as con:
+            found = {r[0] for r in con.execute("SELECT DISTINCT user_id FROM events WHERE list_contains($p, user_id)",
+                                               {"p": pids}).fetchall()}
+    for path in sorted(ws.rejects_dir.glob("*.csv")) if ws.rejects_dir.is_dir() else []:
+        text = "\n".join(",".join(row) for row in csv_rows(path))
+        found |= {p for p in pids if p in text}
+    return found
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import pytest
 
 from purchase_intent import erasure, report, runs
 from purchase_intent.cli import main
-from purchase_intent.privacy import pseudonym_for
+from purchase_intent.privacy import load_key, pseudonym_for, pseudonymise
 from purchase_intent.simulate import SimConfig, write_events
 from purchase_intent.workspace import Workspace
 
@@ -403,6 +403,7 @@ def test_forget_finds_a_float_id_an_earlier_reader_stored_as_written(tmp_path, m
     monkeypatch.setenv("PURCHASE_INTENT_PSEUDONYM_KEY", "ab" * 32)
     src = tmp_path / "log.csv"
     src.write_text("user_id,ts,event,category\n13085.0,2024-03-01T10:00:00Z,view,a\n7.0,2024-03-01T11:00:00Z,view,b\n"
+                   "555.0,yesterday,view,d\n"  # a user with a rejected row only
                    '13085.0,2024-03-01T12:00:00Z,view,"c\n')
     for user in ("13085", "13085.0"):
         ws = tmp_path / f"ws-{user}"
@@ -418,3 +419,7 @@ def test_forget_finds_a_float_id_an_earlier_reader_stored_as_written(tmp_path, m
         assert Workspace(ws).connect().sql("SELECT count(*) FROM events").fetchall() == [(1,)]
         rejects = "".join(p.read_text() for p in (ws / "rejects").glob("*.csv"))
         assert "13085" not in rejects
+        old_pid = pseudonymise(["555.0"], load_key(ws))[0]  # as the earlier reader stored the reject
+        assert old_pid in rejects
+        assert erasure.forget(ws, users=["555"]).removed[old_pid]["rejects"] == 1
+        assert old_pid not in "".join(p.read_text() for p in (ws / "rejects").glob("*.csv"))
