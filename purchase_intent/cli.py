@@ -128,6 +128,9 @@ def _add_data_flags(p: argparse.ArgumentParser, positional: bool) -> None:
                    help="time zone of timestamps written without one (e.g. Asia/Shanghai; default UTC); times with an "
                         "offset and epoch numbers are absolute and keep their meaning")
     p.add_argument("--strict", action="store_true", help="fail (and store nothing) if any row is rejected")
+    p.add_argument("--keep-extras", action="store_true",
+                   help="also store the columns no --map names, as text (left out by default: no model reads them, "
+                        "and they may identify people: e-mails, IP addresses)")
     p.add_argument("--strict-events", action="store_true",
                    help="reject (unknown_event) the rows whose event name no map names, instead of storing them "
                         "as other")

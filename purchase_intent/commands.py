@@ -112,7 +112,7 @@ def _sources(a: argparse.Namespace) -> list:
 def _data_cfg(a: argparse.Namespace) -> DataConfig:
     return DataConfig(format=a.format, mapping=_pairs(a.map, "--map"), event_map=_pairs(a.event_map, "--event-map"),
                       ts_unit=a.ts_unit, ts_zone=a.ts_zone, ts_format=a.ts_format, all_events=a.all_events,
-                      strict=a.strict,
+                      keep_extras=a.keep_extras, strict=a.strict,
                       strict_events=a.strict_events, since=a.since, until=a.until)
 
 

@@ -32,6 +32,7 @@ class DataConfig:
     ts_format: Optional[str] = None  # strptime layout of text timestamps (e.g. %m/%d/%Y %H:%M); None = ISO 8601
     # a log without an event column (transactions only): every row is this canonical event, e.g. "purchase"
     all_events: Optional[str] = None
+    keep_extras: bool = False  # store the columns no map names (as text); no model reads them
     strict: bool = False  # any rejected row makes the command fail (and store nothing)
     # an event name no map names is rejected (unknown_event) instead of stored as other with its raw name
     strict_events: bool = False

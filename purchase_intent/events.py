@@ -308,7 +308,7 @@ def resolve_columns(cfg: DataConfig, preset: dict, columns: list[str]
         raise ValueError(f"--event-map targets {bad} are not canonical events {list(CANONICAL_EVENTS)}")
     taken, extras = {*CANONICAL_COLUMNS, RAW_EVENT}, {}
     for c in columns:
-        if c in mapping.values():
+        if c in mapping.values() or not cfg.keep_extras:  # (no model reads them; they may identify people)
             continue
         name = snake_case(c)
         while name in taken:
@@ -701,7 +701,7 @@ def read_settings(cfg: DataConfig) -> dict:
     return {"format": cfg.format, "mapping": dict(sorted(mapping.items())), "event_map": dict(sorted(events.items())),
             "ts_unit": cfg.ts_unit or preset.get("ts_unit"), "ts_zone": cfg.ts_zone or "UTC",
             "ts_format": cfg.ts_format,
-            "all_events": cfg.all_events,
+            "all_events": cfg.all_events, "keep_extras": bool(cfg.keep_extras),
             "strict_events": bool(cfg.strict_events), **window}
 
 

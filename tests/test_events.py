@@ -65,7 +65,7 @@ def test_every_reject_reason_with_line_numbers(tmp_path):
     con = Workspace(tmp_path).connect()
     df = con.sql("SELECT * FROM events ORDER BY ts").df()
     assert list(df.columns[:7]) == ["user_id", "ts", "event", "item_id", "category", "price", "session_id"]
-    assert "brand_name" in df.columns  # extra column kept, snake_case
+    assert "brand_name" not in df.columns  # an extra column is left out unless --keep-extras
     assert df["ts"].astype(str).tolist() == ["2024-03-01 10:00:00", "2024-03-01 10:00:00",
                                             "2024-03-01 10:00:00", "2024-03-02 08:00:00"]
     assert sorted(df["event"]) == ["cart", "purchase", "view", "wishlist"]
@@ -73,8 +73,8 @@ def test_every_reject_reason_with_line_numbers(tmp_path):
 
 
 def test_raw_ids_absent_from_workspace(tmp_path):
-    ingest(tmp_path, [DATA / "rejects.csv"], DataConfig(format="csv"), progress=False)
-    ingest(tmp_path, [DATA / "mapped.jsonl"], JSONL_CFG, progress=False)
+    ingest(tmp_path, [DATA / "rejects.csv"], DataConfig(format="csv", keep_extras=True), progress=False)
+    ingest(tmp_path, [DATA / "mapped.jsonl"], dataclasses.replace(JSONL_CFG, keep_extras=True), progress=False)
     con = Workspace(tmp_path).connect()
     values = set()
     for col in ("user_id", "session_id", "item_id", "category", "brand_name", "page_type"):
@@ -88,7 +88,7 @@ def test_raw_ids_absent_from_workspace(tmp_path):
 
 
 def test_jsonl_mapping_iso_zones(tmp_path):
-    r = ingest(tmp_path, [DATA / "mapped.jsonl"], JSONL_CFG, progress=False)
+    r = ingest(tmp_path, [DATA / "mapped.jsonl"], dataclasses.replace(JSONL_CFG, keep_extras=True), progress=False)
     assert r.accepted == 4 and r.rejected == {"malformed_line": 1}
     assert [int(x["line"]) for x in _rejects(r.rejects_paths[0])] == [5]  # line 4 is blank
     df = Workspace(tmp_path).connect().sql("SELECT * FROM events ORDER BY item_id").df()
@@ -147,7 +147,7 @@ def test_parquet_numbers_are_read_as_their_text_would_be(tmp_path, monkeypatch, 
         w.writerows(["" if v is None else v for v in row.values()] for row in text.to_pylist())
     stored = {}
     for fmt in ("parquet", "csv"):
-        r = ingest(tmp_path / fmt, [tmp_path / f"in.{fmt}"], DataConfig(format=fmt), progress=False)
+        r = ingest(tmp_path / fmt, [tmp_path / f"in.{fmt}"], DataConfig(format=fmt, keep_extras=True), progress=False)
         rows = Workspace(tmp_path / fmt).connect().sql(
             "SELECT user_id, ts, event, item_id, price, session_id, raw_event, qty FROM events "
             "ORDER BY ts, item_id").fetchall()
@@ -209,7 +209,7 @@ def test_presets_retailrocket_rees46(tmp_path):
     rr = tmp_path / "events.csv"
     rr.write_text("timestamp,visitorid,event,itemid,transactionid\n1433221332117,257597,view,355908,\n"
                   "1433224214164,992329,addtocart,248676,\n1433221999827,111016,transaction,318965,4000\n")
-    r = ingest(tmp_path / "ws", [rr], DataConfig(format="retailrocket"), progress=False)
+    r = ingest(tmp_path / "ws", [rr], DataConfig(format="retailrocket", keep_extras=True), progress=False)
     assert r.accepted == 3
     df = Workspace(tmp_path / "ws").connect().sql("SELECT * FROM events ORDER BY ts").df()
     assert df["event"].tolist() == ["view", "purchase", "cart"] and df["transactionid"].tolist()[1] == "4000"
@@ -219,7 +219,7 @@ def test_presets_retailrocket_rees46(tmp_path):
                     "2019-10-01 00:00:00 UTC,view,44600062,2103807459595387724,,shiseido,35.79,541312140,72d76fde\n"
                     "2019-10-01 00:00:04 UTC,remove_from_cart,3900821,2053013552326770905,"
                     "appliances.water_heater,aqua,33.20,554748717,9333dfbd\n")
-    r = ingest(tmp_path / "ws", [rees], DataConfig(format="rees46"), progress=False)
+    r = ingest(tmp_path / "ws", [rees], DataConfig(format="rees46", keep_extras=True), progress=False)
     assert r.accepted == 2
     df = Workspace(tmp_path / "ws").connect().sql("SELECT * FROM events WHERE brand IS NOT NULL ORDER BY ts").df()
     assert df["event"].tolist() == ["view", "remove_from_cart"]
@@ -615,6 +615,22 @@ def test_a_transactions_only_log_takes_all_events(tmp_path):
         ingest(tmp_path / "ws3", [spaced], DataConfig(format="csv", mapping=cols), progress=False)
 
 
+def test_extra_columns_are_stored_only_when_asked(tmp_path):
+    """A column no map names (an e-mail address) is not stored unless --keep-extras: no model reads it, and it
+    may identify people."""
+    src = tmp_path / "log.csv"
+    src.write_text("user_id,ts,event,email,Device Type\nu1,2024-03-01T10:00:00Z,view,jane@example.com,phone\n")
+    ingest(tmp_path / "ws", [src], DataConfig(format="csv"), progress=False)
+    cols = Workspace(tmp_path / "ws").connect().sql("SELECT * FROM events").columns
+    assert "email" not in cols and "device_type" not in cols
+    assert not any(b"jane@example.com" in p.read_bytes() for p in (tmp_path / "ws").rglob("*") if p.is_file())
+    ingest(tmp_path / "ws2", [src], DataConfig(format="csv", keep_extras=True), progress=False)
+    assert Workspace(tmp_path / "ws2").connect().sql("SELECT email, device_type FROM events").fetchall() == [
+        ("jane@example.com", "phone")]
+    with pytest.raises(ValueError, match="keep_extras False then, True now"):  # another reading of a known file
+        ingest(tmp_path / "ws", [src], DataConfig(format="csv", keep_extras=True), progress=False)
+
+
 def test_excel_sep_line_and_a_pandas_index_column(tmp_path):
     """Excel's 'sep=;' first line names the delimiter (line numbers count it); pandas' unnamed index column is
     kept as the extra column unnamed_0; another unnamed column is still refused."""
@@ -624,7 +640,7 @@ def test_excel_sep_line_and_a_pandas_index_column(tmp_path):
     assert r.accepted == 1 and [(int(x["line"]), x["reason"]) for x in _rejects(r.rejects_paths[0])] == [(4, "bad_ts")]
     pdidx = tmp_path / "pandas.csv"
     pdidx.write_text(",user_id,ts,event\n0,u1,2024-03-01T10:00:00Z,view\n1,u2,2024-03-01T11:00:00Z,purchase\n")
-    assert ingest(tmp_path / "ws2", [pdidx], DataConfig(format="csv"), progress=False).accepted == 2
+    assert ingest(tmp_path / "ws2", [pdidx], DataConfig(format="csv", keep_extras=True), progress=False).accepted == 2
     got = Workspace(tmp_path / "ws2").connect().sql("SELECT unnamed_0 FROM events ORDER BY ts").fetchall()
     assert got == [("0",), ("1",)]
     bad = tmp_path / "bad.csv"
