@@ -120,12 +120,13 @@ def cutoffs_between(lo: datetime, hi: datetime, cfg: LabelConfig) -> list[dateti
 
 def _split_fits(cutoffs: list[datetime], horizon: timedelta, n_test: int, n_valid: int) -> bool:
     """Whether cutoffs (one period each) hold the test, valid and train splits under the gap rule of
-    ``splits.split_examples``: valid periods' label windows close by the first test cutoff."""
+    ``splits.split_examples``: valid periods' label windows close by the first test cutoff, and a train
+    period's by the first valid one (a train cutoff whose window reaches past it is dropped into the gap)."""
     if n_test < 1 or len(cutoffs) < n_test + n_valid + 1:
         return False
     first_test = cutoffs[-n_test]
     valid = [c for c in cutoffs[:-n_test] if c + horizon <= first_test][-n_valid:] if n_valid else []
-    return len(valid) == n_valid and any(c < (valid[0] if valid else first_test) for c in cutoffs)
+    return len(valid) == n_valid and any(c + horizon <= (valid[0] if valid else first_test) for c in cutoffs)
 
 
 def _smaller_steps(step: timedelta) -> list[timedelta]:

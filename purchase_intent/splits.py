@@ -138,6 +138,10 @@ def split_examples(examples, cfg: LabelConfig) -> tuple[np.ndarray, SplitInfo]:
     test = periods[-n_test:]
     train, valid = _before(cols, periods[:-n_test], test, n_valid)
     split, n_gap = _assign(cols, [("train", train), ("valid", valid), ("test", test)])
+    if not (split == "train").any():  # every train period's label windows reach past the next split
+        raise TooFewPeriods(f"no train example is left: the label windows of the {len(train)} train period(s) all "
+                            f"reach past the first validation cutoff, so their examples fall in the gap: use more "
+                            f"data, a shorter --horizon or a longer --step")
     return split, _info(cols, split, n_gap)
 
 

@@ -208,3 +208,24 @@ def test_suggest_step_is_none_when_no_step_fits():
 
     rows = [("u1", f"2024-03-{d:02d}T10:00:00", "view") for d in range(1, 9)]  # 8 days: lookback 7d leaves none
     assert suggest_step(_con(rows), LabelConfig(lookback="7d", horizon="3d", step="7d")) is None
+
+
+def test_a_suggested_step_leaves_train_examples_past_the_gap():
+    """A horizon longer than a smaller step: a train cutoff whose label window reaches past the first valid
+    cutoff is dropped into the gap. On 9 days (lookback 3d, horizon 2d) '--step 12h' was suggested, and it built
+    no train example; no step fits there; on 10 days the 1d step's train periods all fell in the gap (an empty train
+    split, now refused at build), and 12 days fit."""
+    from purchase_intent.labels import suggest_step
+
+    def log(days: int):
+        return _con([(f"u{u}", f"2024-03-{d:02d}T{h:02d}:00:00", "view") for u in range(3)
+                     for d in range(1, days + 1) for h in (1, 13)])
+
+    cfg = LabelConfig(lookback="3d", horizon="2d", step="1d")
+    assert suggest_step(log(9), cfg) is None
+    with pytest.raises(ValueError):
+        split_examples(build_examples(log(9), cfg), cfg)
+    with pytest.raises(ValueError, match="no train example is left"):  # periods, but every train one in the gap
+        split_examples(build_examples(log(10), cfg), cfg)
+    split, _ = split_examples(build_examples(log(12), cfg), cfg)
+    assert {"train", "valid", "test"} <= set(split)
