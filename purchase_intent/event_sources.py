@@ -86,6 +86,12 @@ def is_gzip(path: Path) -> bool:
         return f.read(2) == b"\x1f\x8b"
 
 
+def _head(path: Path, n: int = 4096) -> bytes:
+    """The first ``n`` bytes of the file's content (decompressed when it is gzip)."""
+    with (gzip.open if is_gzip(path) else open)(path, "rb") as f:
+        return f.read(n)
+
+
 # files that public shop logs are often downloaded as (a Kaggle zip, an Excel workbook), by their first bytes
 _NOT_CSV = [
     (b"PK\x03\x04", "a zip archive (or an Excel .xlsx workbook, which is one): unzip it, or save the sheet as CSV "
@@ -102,8 +108,7 @@ def check_looks_like_csv(path: Path, header: bool = True) -> None:
     """Raise ValueError (one line) for a file given as CSV that is Parquet or JSON, or empty where a header
     line is expected, naming the --format to use, instead of reading its first bytes as a header. (An empty
     file of a format without a header, e.g. one day of a Taobao log, is 0 rows.)"""
-    with (gzip.open if is_gzip(path) else open)(path, "rb") as f:
-        head = f.read(4096)
+    head = _head(path)
     if not head.strip():
         if header:
             raise ValueError(f"{path} is empty (no header line, no rows)")
@@ -288,8 +293,7 @@ def check_json_lines(path: Path) -> None:
     """Raise ValueError (one line) for a JSON file that is not one object per line: an array (``[{...}, ...]``,
     as an API or a JSON export writes it) or an object spread over several lines (pretty-printed), which would be
     rejected line by line as malformed."""
-    with (gzip.open if is_gzip(path) else open)(path, "rb") as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    head = _head(path).lstrip(b"\xef\xbb\xbf \t\r\n")
     first = head.split(b"\n", 1)[0].strip()
     if head[:1] == b"[":
         raise ValueError(f"{path} is a JSON array, not JSON Lines (one object per line): convert it, e.g. "

@@ -264,11 +264,14 @@ def _ts_sql(col: str, num: str, unit: Optional[str], fmt: Optional[str] = None) 
 
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, size: Optional[int] = None) -> str:
+    """The sha256 of the file, or of its first ``size`` bytes."""
     h = hashlib.sha256()
+    left = size
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
+        while (left is None or left > 0) and (chunk := f.read(1 << 22 if left is None else min(left, 1 << 22))):
             h.update(chunk)
+            left = None if left is None else left - len(chunk)
     return h.hexdigest()
 
 
@@ -307,8 +310,10 @@ def resolve_columns(cfg: DataConfig, preset: dict, columns: list[str]
     if bad:
         raise ValueError(f"--event-map targets {bad} are not canonical events {list(CANONICAL_EVENTS)}")
     taken, extras = {*CANONICAL_COLUMNS, RAW_EVENT}, {}
+    if not cfg.keep_extras:  # no model reads them, and they may identify people
+        return mapping, events, extras
     for c in columns:
-        if c in mapping.values() or not cfg.keep_extras:  # (no model reads them; they may identify people)
+        if c in mapping.values():
             continue
         name = snake_case(c)
         while name in taken:
@@ -727,13 +732,7 @@ def _check_not_grown(path: Path, sha: str, entries: list[dict]) -> None:
         n = e.get("size")
         if e.get("source") != source or not n or n >= size or e.get("sha256") == sha:
             continue
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            left = n
-            while left and (chunk := f.read(min(left, 1 << 22))):
-                h.update(chunk)
-                left -= len(chunk)
-        if h.hexdigest() == e["sha256"]:
+        if _sha256(path, n) == e["sha256"]:
             raise ValueError(f"{path} has grown since it was ingested ({e.get('ingested_at', 'before')}): its first "
                              f"{n:,} bytes are that file, so reading it whole would store those rows twice; nothing "
                              f"was ingested. Ingest only what was appended, e.g. tail -c +{n + 1} {path} > NEW (a "
